@@ -1,0 +1,498 @@
+//! The RPC client: `call`, `multicall` and `cast` over any transport, with
+//! oslo-style per-call overrides (`prepare()`), one reply queue per client and a
+//! waiter per call keyed by `_msg_id`.
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+use tokio::sync::{OnceCell, mpsc};
+use tokio::time::{Instant, timeout_at};
+use tracing::Instrument;
+
+use crate::context::Context;
+use crate::error::{Error, RemoteError, Result, TimeoutKind};
+use crate::reply::{PendingReplies, ReplyRouter};
+use crate::target::{Target, Version};
+use crate::transport::{Address, Outgoing, Publisher, Transport};
+use crate::wire::{self, Reply, Request};
+
+/// How long a call waits for its reply unless told otherwise (oslo's
+/// `rpc_response_timeout`).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Module of the dispatcher failures, as oslo.messaging names it on the wire.
+pub(crate) const DISPATCHER_MODULE: &str = "oslo_messaging.rpc.dispatcher";
+
+/// Calls methods on servers of a topic.
+///
+/// Cloning is cheap; clones share the connection and the reply queue. Per-call
+/// settings are changed on a copy, in the style of oslo.messaging's `prepare()`:
+///
+/// ```
+/// # async fn demo(client: rpc_core::Client) -> rpc_core::Result<()> {
+/// use std::time::Duration;
+/// use rpc_core::{Context, Version};
+/// let sum: i64 = client
+///     .prepare()
+///     .server("host-1")
+///     .version(Version::new(1, 2))
+///     .timeout(Duration::from_secs(5))
+///     .call(&Context::new(), "add", serde_json::json!({"a": 1, "b": 2}))
+///     .await?;
+/// # let _ = sum; Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    shared: Arc<ClientShared>,
+    target: Target,
+    timeout: Duration,
+    call_monitor: Option<Duration>,
+}
+
+struct ClientShared {
+    transport: Arc<dyn Transport>,
+    publisher: OnceCell<Arc<dyn Publisher>>,
+    replies: OnceCell<ReplyRouter>,
+    exchange: String,
+    max_message_size: Option<usize>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("transport", &self.shared.transport.name())
+            .field("target", &self.target)
+            .field("timeout", &self.timeout)
+            .field("call_monitor", &self.call_monitor)
+            .finish()
+    }
+}
+
+impl Client {
+    /// A client of `target` over `transport`, with the default 60 s timeout.
+    pub fn new(transport: Arc<dyn Transport>, target: Target) -> Self {
+        let capabilities = transport.capabilities();
+        let exchange = transport.default_exchange().to_owned();
+        Client {
+            shared: Arc::new(ClientShared {
+                transport,
+                publisher: OnceCell::new(),
+                replies: OnceCell::new(),
+                exchange,
+                max_message_size: capabilities.max_message_size,
+            }),
+            target,
+            timeout: DEFAULT_TIMEOUT,
+            call_monitor: None,
+        }
+    }
+
+    /// A copy to change per-call settings on (oslo's `prepare()`); the copy shares the
+    /// connection and reply queue.
+    pub fn prepare(&self) -> Client {
+        self.clone()
+    }
+
+    /// Sends to one named server of the topic.
+    pub fn server(mut self, server: impl Into<String>) -> Self {
+        self.target.server = Some(server.into());
+        self
+    }
+
+    /// Sends to every server of the topic (casts only).
+    pub fn fanout(mut self, fanout: bool) -> Self {
+        self.target.fanout = fanout;
+        self
+    }
+
+    /// Sets the topic.
+    pub fn topic(mut self, topic: impl Into<String>) -> Self {
+        self.target.topic = topic.into();
+        self
+    }
+
+    /// Sets the exchange.
+    pub fn exchange(mut self, exchange: impl Into<String>) -> Self {
+        self.target.exchange = Some(exchange.into());
+        self
+    }
+
+    /// Sets the interface namespace.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.target.namespace = Some(namespace.into());
+        self
+    }
+
+    /// Sets the interface version the request asks for.
+    pub fn version(mut self, version: Version) -> Self {
+        self.target.version = Some(version);
+        self
+    }
+
+    /// Sets the overall deadline of a call, publish included, and of a cast's publish.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Asks the server for heartbeats every `interval / 2` and fails the call when
+    /// nothing is heard for `interval` (oslo's `call_monitor_timeout`). Servers send
+    /// heartbeats only for intervals of 2 s or more.
+    pub fn call_monitor(mut self, interval: Option<Duration>) -> Self {
+        self.call_monitor = interval;
+        self
+    }
+
+    /// The target requests go to.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// The transport this client sends through.
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.shared.transport
+    }
+
+    /// Calls `method` and waits for its result.
+    ///
+    /// `args` must serialize to a JSON object (the keyword arguments); `()` and
+    /// [`crate::NoArgs`] send `{}`. A server method that streams returns its last item.
+    pub async fn call<A, R>(&self, ctx: &Context, method: &str, args: A) -> Result<R>
+    where
+        A: Serialize,
+        R: DeserializeOwned,
+    {
+        self.check_callable()?;
+        let span = tracing::debug_span!("rpc.call", msg_id = tracing::field::Empty,
+            topic = %self.target, method);
+        async {
+            let mut pending = self.send_call(ctx, method, args).await?;
+            let mut last = Value::Null;
+            loop {
+                let reply = pending.next_reply().await?;
+                if let Some(failure) = reply.failure {
+                    return Err(failure_to_error(failure));
+                }
+                if !reply.result.is_null() {
+                    last = reply.result;
+                }
+                if reply.ending {
+                    return decode_result(last);
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Calls `method` and streams every result the server sends, in order, until the
+    /// server ends the stream. The request is sent before this returns.
+    ///
+    /// The overall timeout covers the whole stream; the call monitor, when set, covers
+    /// each gap between replies. After an error the stream ends.
+    pub async fn multicall<A, R>(
+        &self,
+        ctx: &Context,
+        method: &str,
+        args: A,
+    ) -> Result<ReplyStream<R>>
+    where
+        A: Serialize,
+        R: DeserializeOwned + Send + 'static,
+    {
+        self.check_callable()?;
+        let span = tracing::debug_span!("rpc.multicall", msg_id = tracing::field::Empty,
+            topic = %self.target, method);
+        let pending = self.send_call(ctx, method, args).instrument(span).await?;
+        Ok(ReplyStream::new(pending))
+    }
+
+    /// Sends `method` without waiting for any result; returns once the transport has
+    /// accepted the message. With [`Client::fanout`] every server of the topic gets it.
+    pub async fn cast<A: Serialize>(&self, ctx: &Context, method: &str, args: A) -> Result<()> {
+        self.target.require_topic()?;
+        let span = tracing::debug_span!("rpc.cast", topic = %self.target, method);
+        async {
+            let deadline = Instant::now() + self.timeout;
+            let request = self.request(ctx, method, args)?;
+            let body = self.encode(&request)?;
+            let address = Address::for_target(&self.target, &self.shared.exchange);
+            tracing::debug!(size = body.len(), %address, "sending cast");
+            self.publish(&address, Outgoing::new(body), deadline, "")
+                .await
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn check_callable(&self) -> Result<()> {
+        self.target.require_topic()?;
+        if self.target.fanout {
+            return Err(Error::InvalidTarget(
+                "call and multicall cannot use a fanout target; use cast".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn request<A: Serialize>(&self, ctx: &Context, method: &str, args: A) -> Result<Request> {
+        Ok(Request {
+            method: method.to_owned(),
+            args: encode_args(args)?,
+            namespace: self.target.namespace.clone(),
+            version: self.target.version.map(|v| v.to_string()),
+            context: ctx.clone(),
+            unique_id: Some(wire::new_id()),
+            ..Request::default()
+        })
+    }
+
+    fn encode(&self, request: &Request) -> Result<Bytes> {
+        let body = wire::encode_request(request)?;
+        if let Some(limit) = self.shared.max_message_size {
+            if body.len() > limit {
+                return Err(Error::MessageTooLarge {
+                    size: body.len(),
+                    limit,
+                });
+            }
+        }
+        Ok(Bytes::from(body))
+    }
+
+    /// Registers a waiter, sends the request, and returns the waiter.
+    async fn send_call<A: Serialize>(
+        &self,
+        ctx: &Context,
+        method: &str,
+        args: A,
+    ) -> Result<PendingCall> {
+        let started = Instant::now();
+        let deadline = started + self.timeout;
+        let mut request = self.request(ctx, method, args)?;
+        let router = match timeout_at(deadline, self.replies()).await {
+            Ok(router) => router?,
+            Err(_) => {
+                return Err(self.timeout_error("", started, TimeoutKind::Publish));
+            }
+        };
+        let msg_id = wire::new_id();
+        tracing::Span::current().record("msg_id", msg_id.as_str());
+        // The waiter exists before the request leaves, so no reply can be missed.
+        let (replies, rx) = router.register(&msg_id)?;
+        request.msg_id = Some(msg_id.clone());
+        request.reply_to = Some(router.address().to_owned());
+        request.call_monitor = self.call_monitor.map(|d| d.as_secs_f64());
+        let body = self.encode(&request)?;
+        let address = Address::for_target(&self.target, &self.shared.exchange);
+        tracing::debug!(size = body.len(), %address, "sending call");
+        let outgoing = Outgoing {
+            body,
+            time_to_live: Some(self.timeout),
+            mandatory: false,
+        };
+        self.publish(&address, outgoing, deadline, &msg_id).await?;
+        Ok(PendingCall {
+            rx,
+            _waiter: replies,
+            msg_id,
+            topic: self.target.to_string(),
+            started,
+            deadline,
+            call_monitor: self.call_monitor,
+            last_heard: Instant::now(),
+        })
+    }
+
+    async fn publish(
+        &self,
+        address: &Address,
+        outgoing: Outgoing,
+        deadline: Instant,
+        msg_id: &str,
+    ) -> Result<()> {
+        let started = Instant::now();
+        let send = async {
+            let publisher = self
+                .shared
+                .publisher
+                .get_or_try_init(|| self.shared.transport.publisher())
+                .await?;
+            publisher.send(address, outgoing).await
+        };
+        match timeout_at(deadline, send).await {
+            Ok(sent) => sent,
+            Err(_) => Err(self.timeout_error(msg_id, started, TimeoutKind::Publish)),
+        }
+    }
+
+    async fn replies(&self) -> Result<&ReplyRouter> {
+        self.shared
+            .replies
+            .get_or_try_init(|| async {
+                let queue = self.shared.transport.reply_queue().await?;
+                Ok::<_, Error>(ReplyRouter::start(queue))
+            })
+            .await
+    }
+
+    fn timeout_error(&self, msg_id: &str, started: Instant, kind: TimeoutKind) -> Error {
+        Error::Timeout {
+            msg_id: msg_id.to_owned(),
+            topic: self.target.to_string(),
+            waited: started.elapsed(),
+            kind,
+        }
+    }
+}
+
+/// Accepts anything that serializes to a JSON object; `()` means no arguments.
+fn encode_args<A: Serialize>(args: A) -> Result<Map<String, Value>> {
+    match serde_json::to_value(args) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(Value::Null) => Ok(Map::new()),
+        Ok(other) => Err(Error::InvalidArguments(format!(
+            "arguments must serialize to a JSON object of keyword arguments, not {}",
+            match other {
+                Value::Array(_) => "an array",
+                Value::String(_) => "a string",
+                Value::Number(_) => "a number",
+                _ => "a boolean",
+            }
+        ))),
+        Err(err) => Err(Error::InvalidArguments(err.to_string())),
+    }
+}
+
+fn decode_result<R: DeserializeOwned>(value: Value) -> Result<R> {
+    R::deserialize(value).map_err(|e| {
+        Error::Codec(crate::error::CodecError::new(format!(
+            "result does not decode into the expected type: {e}"
+        )))
+    })
+}
+
+/// Turns the dispatcher's own failures back into their variants.
+pub(crate) fn failure_to_error(failure: RemoteError) -> Error {
+    if failure.base_module() == DISPATCHER_MODULE {
+        let arg = |i: usize| {
+            failure
+                .args
+                .get(i)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .unwrap_or_default()
+        };
+        match failure.base_class() {
+            "NoSuchMethod" => return Error::NoSuchMethod { method: arg(0) },
+            "UnsupportedVersion" => {
+                return Error::UnsupportedVersion {
+                    version: arg(0),
+                    method: arg(1),
+                };
+            }
+            _ => {}
+        }
+    }
+    Error::Remote(failure)
+}
+
+/// A call whose request is out: waits for its replies, heartbeats and deadlines.
+struct PendingCall {
+    rx: mpsc::UnboundedReceiver<Reply>,
+    _waiter: PendingReplies,
+    msg_id: String,
+    topic: String,
+    started: Instant,
+    deadline: Instant,
+    call_monitor: Option<Duration>,
+    last_heard: Instant,
+}
+
+impl PendingCall {
+    /// The next reply that is not a heartbeat.
+    async fn next_reply(&mut self) -> Result<Reply> {
+        loop {
+            let (wake, kind) = match self.call_monitor {
+                Some(interval) if self.last_heard + interval < self.deadline => {
+                    (self.last_heard + interval, TimeoutKind::CallMonitor)
+                }
+                _ => (self.deadline, TimeoutKind::Reply),
+            };
+            match timeout_at(wake, self.rx.recv()).await {
+                Ok(Some(reply)) => {
+                    self.last_heard = Instant::now();
+                    if reply.is_heartbeat() {
+                        tracing::trace!(msg_id = %self.msg_id, "heartbeat");
+                        continue;
+                    }
+                    return Ok(reply);
+                }
+                Ok(None) => return Err(Error::Closed),
+                Err(_) => {
+                    return Err(Error::Timeout {
+                        msg_id: self.msg_id.clone(),
+                        topic: self.topic.clone(),
+                        waited: self.started.elapsed(),
+                        kind,
+                    });
+                }
+            }
+        }
+    }
+}
+
+type BoxedStream<R> = Pin<Box<dyn Stream<Item = Result<R>> + Send>>;
+
+/// The results of a [`Client::multicall`], in the order the server sent them.
+pub struct ReplyStream<R> {
+    inner: BoxedStream<R>,
+}
+
+impl<R: DeserializeOwned + Send + 'static> ReplyStream<R> {
+    fn new(pending: PendingCall) -> Self {
+        let stream = futures::stream::unfold(Some(pending), |state| async move {
+            let mut pending = state?;
+            loop {
+                let reply = match pending.next_reply().await {
+                    Ok(reply) => reply,
+                    Err(err) => return Some((Err(err), None)),
+                };
+                if let Some(failure) = reply.failure {
+                    return Some((Err(failure_to_error(failure)), None));
+                }
+                match (reply.result.is_null(), reply.ending) {
+                    (true, true) => return None,
+                    (false, true) => return Some((decode_result(reply.result), None)),
+                    (false, false) => return Some((decode_result(reply.result), Some(pending))),
+                    (true, false) => continue,
+                }
+            }
+        });
+        ReplyStream {
+            inner: Box::pin(stream),
+        }
+    }
+}
+
+impl<R> Stream for ReplyStream<R> {
+    type Item = Result<R>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
+impl<R> fmt::Debug for ReplyStream<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplyStream").finish_non_exhaustive()
+    }
+}

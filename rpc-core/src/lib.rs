@@ -1,0 +1,38 @@
+//! The core of mqrpc: OpenStack-style RPC written once for every broker.
+//!
+//! - [`Client`]: `call` (request/reply), `multicall` (streamed replies) and `cast`
+//!   (fire and forget), to a topic, one named server, or every server (fanout).
+//! - [`Server`]: listens on a [`Target`], dispatches to [`Endpoint`]s by namespace and
+//!   [`Version`] with oslo.messaging's rules, replies, heartbeats, shuts down gracefully.
+//! - [`wire`]: oslo.messaging's message format 2.0, so Rust and Python peers interoperate.
+//! - [`transport`]: the small object-safe traits a backend implements to route bytes.
+//!
+//! Backends live in their own crates (`transport-memory`, ...); the `mqrpc` facade
+//! picks one by URL. See the `mqrpc` crate for a runnable example.
+
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod client;
+mod context;
+mod dispatcher;
+mod endpoint;
+mod error;
+mod reply;
+mod server;
+mod target;
+pub mod transport;
+pub mod wire;
+
+pub use client::{Client, DEFAULT_TIMEOUT, ReplyStream};
+pub use context::Context;
+pub use endpoint::{Endpoint, NoArgs};
+pub use error::{
+    BoxError, CodecError, ERROR_KWARG, Error, IntoRemoteError, RemoteError, Result, TimeoutKind,
+};
+pub use server::{AckMode, DEFAULT_CONCURRENCY, DEFAULT_GRACE_PERIOD, Server, ServerBuilder};
+pub use target::{DEFAULT_EXCHANGE, ParseVersionError, Target, Version};
+pub use transport::{
+    Acker, Address, Capabilities, Consumer, Delivery, ListenOptions, Outgoing, Publisher,
+    ReplyQueue, Transport,
+};

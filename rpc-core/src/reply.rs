@@ -1,0 +1,134 @@
+//! The reply side of a client: one task consumes the client's reply queue and hands
+//! each reply to the waiter registered under its `_msg_id`. Late or unknown replies
+//! are dropped with a debug log. Waiting is event-driven, never polled.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use dashmap::DashMap;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::error::{Error, Result};
+use crate::transport::{Consumer, ReplyQueue};
+use crate::wire::{self, Reply};
+
+type Waiters = Arc<DashMap<String, mpsc::UnboundedSender<Reply>>>;
+
+/// Routes the replies of one client's reply queue to the calls waiting for them.
+pub(crate) struct ReplyRouter {
+    address: String,
+    waiters: Waiters,
+    closed: Arc<AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl ReplyRouter {
+    /// Starts consuming `queue`.
+    pub(crate) fn start(queue: ReplyQueue) -> Self {
+        let waiters: Waiters = Arc::new(DashMap::new());
+        let closed = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(route(
+            queue.consumer,
+            waiters.clone(),
+            closed.clone(),
+            queue.address.clone(),
+        ));
+        ReplyRouter {
+            address: queue.address,
+            waiters,
+            closed,
+            task,
+        }
+    }
+
+    /// The address servers reply to.
+    pub(crate) fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Registers a waiter for `msg_id`; it is removed when the returned guard drops.
+    pub(crate) fn register(
+        &self,
+        msg_id: &str,
+    ) -> Result<(PendingReplies, mpsc::UnboundedReceiver<Reply>)> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        // Unbounded so that one slow multicall reader never stalls the replies of
+        // every other call; a call's replies are bounded by what its server sends.
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.waiters.insert(msg_id.to_owned(), tx);
+        let guard = PendingReplies {
+            waiters: self.waiters.clone(),
+            msg_id: msg_id.to_owned(),
+        };
+        Ok((guard, rx))
+    }
+}
+
+impl Drop for ReplyRouter {
+    fn drop(&mut self) {
+        // The consumer goes with the task, which releases the reply queue.
+        self.task.abort();
+    }
+}
+
+/// Unregisters a call's waiter when the call ends, however it ends.
+pub(crate) struct PendingReplies {
+    waiters: Waiters,
+    msg_id: String,
+}
+
+impl Drop for PendingReplies {
+    fn drop(&mut self) {
+        self.waiters.remove(&self.msg_id);
+    }
+}
+
+async fn route(
+    mut consumer: Box<dyn Consumer>,
+    waiters: Waiters,
+    closed: Arc<AtomicBool>,
+    address: String,
+) {
+    loop {
+        let delivery = match consumer.recv().await {
+            Some(Ok(delivery)) => delivery,
+            Some(Err(err)) => {
+                tracing::warn!(error = %err, queue = %address, "reply queue reported an error");
+                continue;
+            }
+            None => break,
+        };
+        let (body, acker) = delivery.into_parts();
+        if let Err(err) = acker.ack().await {
+            tracing::debug!(error = %err, "could not ack a reply");
+        }
+        let reply = match wire::decode_reply(&body) {
+            Ok(reply) => reply,
+            Err(err) => {
+                tracing::warn!(size = body.len(), error = %err, queue = %address,
+                    "dropping malformed reply");
+                continue;
+            }
+        };
+        // Clone the sender out so no map shard stays locked while sending.
+        let waiter = waiters.get(&reply.msg_id).map(|w| w.value().clone());
+        match waiter {
+            Some(tx) => {
+                if tx.send(reply).is_err() {
+                    tracing::debug!("dropping reply: its call just ended");
+                }
+            }
+            None => {
+                tracing::debug!(msg_id = %reply.msg_id, queue = %address,
+                    "no call is waiting for this reply (late or foreign); dropped");
+            }
+        }
+    }
+    tracing::warn!(queue = %address, "reply queue closed; failing calls in flight");
+    closed.store(true, Ordering::Release);
+    // Dropping the senders wakes every waiter with `Closed`.
+    waiters.clear();
+}

@@ -1,0 +1,557 @@
+//! The RPC server: consumes a target's three addresses, bounds work with a concurrency
+//! limit, dispatches each request, replies (with call-monitor heartbeats), turns
+//! panics into failures and shuts down gracefully.
+
+use std::collections::{HashSet, VecDeque};
+use std::fmt;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{FutureExt, StreamExt};
+use serde_json::Value;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::dispatcher::Dispatcher;
+use crate::endpoint::{Endpoint, Invocation, panic_failure};
+use crate::error::{Error, RemoteError, Result};
+use crate::target::Target;
+use crate::transport::{Acker, Address, Consumer, ListenOptions, Outgoing, Publisher, Transport};
+use crate::wire::{self, Reply, Request};
+
+/// How many requests a server handles at once unless told otherwise (oslo's
+/// `executor_thread_pool_size`).
+pub const DEFAULT_CONCURRENCY: usize = 64;
+/// How long `shutdown()` lets in-flight handlers run unless told otherwise.
+pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
+/// How many recent `_unique_id`s a server remembers to drop duplicates.
+const DEDUP_WINDOW: usize = 1024;
+/// Call-monitor intervals below this get no heartbeats (as in oslo.messaging).
+const MIN_CALL_MONITOR_SECS: f64 = 2.0;
+
+/// When a server acknowledges a request to the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum AckMode {
+    /// On receipt, before the handler runs: at-most-once, oslo.messaging's behaviour.
+    #[default]
+    BeforeDispatch,
+    /// After the handler finished and its reply was sent: at-least-once; a server
+    /// that dies mid-request leaves the message to be delivered again. Duplicates are
+    /// suppressed by `_unique_id` over a bounded window.
+    AfterHandling,
+}
+
+/// Configures and starts a [`Server`].
+#[must_use = "a builder does nothing until start() is awaited"]
+pub struct ServerBuilder {
+    transport: Arc<dyn Transport>,
+    target: Target,
+    endpoints: Vec<Endpoint>,
+    concurrency: usize,
+    ack_mode: AckMode,
+    grace_period: Duration,
+}
+
+impl fmt::Debug for ServerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerBuilder")
+            .field("transport", &self.transport.name())
+            .field("target", &self.target)
+            .field("endpoints", &self.endpoints)
+            .field("concurrency", &self.concurrency)
+            .field("ack_mode", &self.ack_mode)
+            .field("grace_period", &self.grace_period)
+            .finish()
+    }
+}
+
+impl ServerBuilder {
+    /// Adds an endpoint; endpoints are tried in the order they are added.
+    pub fn endpoint(mut self, endpoint: Endpoint) -> Self {
+        self.endpoints.push(endpoint);
+        self
+    }
+
+    /// At most this many handlers run at once, and no more deliveries than that are
+    /// taken from the broker (default 64; 0 is taken as 1).
+    pub fn concurrency(mut self, limit: usize) -> Self {
+        self.concurrency = limit.max(1);
+        self
+    }
+
+    /// When requests are acknowledged (default [`AckMode::BeforeDispatch`]).
+    pub fn ack_mode(mut self, mode: AckMode) -> Self {
+        self.ack_mode = mode;
+        self
+    }
+
+    /// How long [`Server::shutdown`] waits for in-flight handlers (default 30 s).
+    pub fn grace_period(mut self, grace: Duration) -> Self {
+        self.grace_period = grace;
+        self
+    }
+
+    /// Subscribes to the topic, `topic.server` and the fanout, and starts serving.
+    /// When this returns, messages sent to the target reach this server.
+    pub async fn start(self) -> Result<Server> {
+        self.target.validate_for_listen()?;
+        let options = ListenOptions::new(self.concurrency);
+        let publisher = self.transport.publisher().await?;
+        let consumer = self.transport.listen(&self.target, &options).await?;
+        let max_message_size = self.transport.capabilities().max_message_size;
+        let token = CancellationToken::new();
+        let serving = Serving {
+            dispatcher: Arc::new(Dispatcher::new(self.endpoints)),
+            replier: Replier {
+                publisher,
+                max_message_size,
+            },
+            ack_mode: self.ack_mode,
+            topic: Arc::from(self.target.topic.as_str()),
+        };
+        let task = tokio::spawn(serve(
+            consumer,
+            serving,
+            self.concurrency,
+            self.grace_period,
+            token.clone(),
+        ));
+        tracing::debug!(target = %self.target, "server started");
+        Ok(Server {
+            target: self.target,
+            token,
+            task: Some(task),
+        })
+    }
+}
+
+/// A running server. [`Server::shutdown`] stops it gracefully; dropping it stops
+/// consuming at once and lets in-flight handlers finish in the background.
+#[derive(Debug)]
+pub struct Server {
+    target: Target,
+    token: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Starts configuring a server of `target` (which needs topic and server) over
+    /// `transport`.
+    pub fn builder(transport: Arc<dyn Transport>, target: Target) -> ServerBuilder {
+        ServerBuilder {
+            transport,
+            target,
+            endpoints: Vec::new(),
+            concurrency: DEFAULT_CONCURRENCY,
+            ack_mode: AckMode::default(),
+            grace_period: DEFAULT_GRACE_PERIOD,
+        }
+    }
+
+    /// The target this server listens on.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// Stops consuming, lets in-flight handlers finish (within the grace period; the
+    /// rest are aborted), then closes the consumer.
+    pub async fn shutdown(mut self) -> Result<()> {
+        self.token.cancel();
+        if let Some(task) = self.task.take() {
+            task.await
+                .map_err(|e| Error::transport("server task failed", e))?;
+        }
+        tracing::debug!(target = %self.target, "server stopped");
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+/// What every request task needs.
+#[derive(Clone)]
+struct Serving {
+    dispatcher: Arc<Dispatcher>,
+    replier: Replier,
+    ack_mode: AckMode,
+    topic: Arc<str>,
+}
+
+async fn serve(
+    mut consumer: Box<dyn Consumer>,
+    serving: Serving,
+    concurrency: usize,
+    grace_period: Duration,
+    token: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(concurrency));
+    let mut tasks = JoinSet::new();
+    let mut seen = RecentIds::new(DEDUP_WINDOW);
+    loop {
+        while tasks.try_join_next().is_some() {}
+        // Take a delivery only when a handler slot is free, so waiting work stays in
+        // the broker and not in this process.
+        let permit = tokio::select! {
+            biased;
+            _ = token.cancelled() => break,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let next = tokio::select! {
+            biased;
+            _ = token.cancelled() => break,
+            next = consumer.recv() => next,
+        };
+        match next {
+            Some(Ok(delivery)) => {
+                let (body, acker) = delivery.into_parts();
+                if let Some(work) = accept(body, acker, &serving, &mut seen).await {
+                    tasks.spawn(work.run(serving.clone(), permit));
+                }
+            }
+            Some(Err(err)) => {
+                tracing::warn!(error = %err, topic = %serving.topic, "consumer reported an error");
+            }
+            None => {
+                tracing::warn!(topic = %serving.topic, "consumer closed; server stops serving");
+                break;
+            }
+        }
+    }
+    if let Err(err) = consumer.stop().await {
+        tracing::warn!(error = %err, "could not stop consuming cleanly");
+    }
+    let in_flight = tasks.len();
+    let drained = tokio::time::timeout(grace_period, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            in_flight,
+            remaining = tasks.len(),
+            ?grace_period,
+            "grace period over; aborting handlers still running"
+        );
+        tasks.shutdown().await;
+    }
+    drop(consumer);
+}
+
+/// Decodes and settles a delivery as the ack mode says; returns the work to run.
+async fn accept(
+    body: Bytes,
+    acker: Box<dyn Acker>,
+    serving: &Serving,
+    seen: &mut RecentIds,
+) -> Option<Work> {
+    let request = match wire::decode_request(&body) {
+        Ok(request) => request,
+        Err(err) => {
+            // A poison message is dropped for good, never retried.
+            tracing::warn!(size = body.len(), error = %err, topic = %serving.topic,
+                "rejecting malformed message");
+            tracing::trace!(prefix = %String::from_utf8_lossy(&body[..body.len().min(64)]),
+                "malformed message prefix");
+            if let Err(err) = acker.reject(false).await {
+                tracing::debug!(error = %err, "could not reject malformed message");
+            }
+            return None;
+        }
+    };
+    if let Some(unique_id) = &request.unique_id {
+        if !seen.insert(unique_id) {
+            tracing::info!(unique_id, method = %request.method, "dropping duplicate request");
+            if let Err(err) = acker.ack().await {
+                tracing::debug!(error = %err, "could not ack duplicate");
+            }
+            return None;
+        }
+    }
+    let acker = match serving.ack_mode {
+        AckMode::BeforeDispatch => {
+            if let Err(err) = acker.ack().await {
+                tracing::warn!(error = %err, method = %request.method,
+                    "discarding request: acknowledgement failed");
+                return None;
+            }
+            None
+        }
+        AckMode::AfterHandling => Some(acker),
+    };
+    Some(Work { request, acker })
+}
+
+/// One accepted request and, in after-handling mode, its unsettled acker.
+struct Work {
+    request: Request,
+    acker: Option<Box<dyn Acker>>,
+}
+
+impl Work {
+    async fn run(self, serving: Serving, permit: OwnedSemaphorePermit) {
+        let Work { request, acker } = self;
+        let span = tracing::debug_span!("rpc.dispatch",
+            msg_id = request.msg_id.as_deref().unwrap_or(""),
+            topic = %serving.topic, method = %request.method);
+        async {
+            let Request {
+                method,
+                args,
+                namespace,
+                version,
+                context,
+                msg_id,
+                reply_to,
+                call_monitor,
+                ..
+            } = request;
+            let invocation = serving.dispatcher.dispatch(
+                namespace.as_deref(),
+                version.as_deref(),
+                &method,
+                context,
+                args,
+            );
+            match (msg_id, reply_to) {
+                (Some(msg_id), Some(reply_to)) => {
+                    let call = Call {
+                        replier: &serving.replier,
+                        msg_id: &msg_id,
+                        reply_to: &reply_to,
+                    };
+                    call.answer(invocation, call_monitor).await;
+                }
+                (msg_id, _) => {
+                    if msg_id.is_some() {
+                        tracing::warn!("call without a reply address (_reply_q); no reply sent");
+                    }
+                    run_cast(invocation).await;
+                }
+            }
+            if let Some(acker) = acker {
+                if let Err(err) = acker.ack().await {
+                    tracing::warn!(error = %err, "could not ack handled request");
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+        drop(permit);
+    }
+}
+
+async fn run_cast(invocation: std::result::Result<Invocation, RemoteError>) {
+    let failure = match invocation {
+        Err(failure) => Some(failure),
+        Ok(Invocation::Unary(future)) => match AssertUnwindSafe(future).catch_unwind().await {
+            Ok(Ok(_)) => None,
+            Ok(Err(failure)) => Some(failure),
+            Err(panic) => Some(panic_failure(&*panic)),
+        },
+        Ok(Invocation::Stream(stream)) => {
+            let mut stream = AssertUnwindSafe(stream).catch_unwind();
+            let mut failure = None;
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(f)) => {
+                        failure = Some(f);
+                        break;
+                    }
+                    Err(panic) => {
+                        failure = Some(panic_failure(&*panic));
+                        break;
+                    }
+                }
+            }
+            failure
+        }
+    };
+    if let Some(failure) = failure {
+        tracing::warn!(class = %failure.class, message = %failure.message, "cast failed");
+    }
+}
+
+/// Answers one call.
+struct Call<'a> {
+    replier: &'a Replier,
+    msg_id: &'a str,
+    reply_to: &'a str,
+}
+
+impl Call<'_> {
+    async fn answer(&self, invocation: std::result::Result<Invocation, RemoteError>, call_monitor: Option<f64>) {
+        let work = self.reply_all(invocation);
+        let interval = call_monitor
+            .filter(|t| t.is_finite() && *t >= MIN_CALL_MONITOR_SECS)
+            .map(|t| Duration::from_secs_f64(t / 2.0));
+        match interval {
+            Some(interval) => {
+                let mut work = std::pin::pin!(work);
+                tokio::select! {
+                    _ = &mut work => {}
+                    _ = self.heartbeats(interval) => work.await,
+                }
+            }
+            None => work.await,
+        }
+    }
+
+    /// Sends a heartbeat every `interval`; returns only when one cannot be sent.
+    async fn heartbeats(&self, interval: Duration) {
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        loop {
+            ticks.tick().await;
+            if let Err(err) = self.replier.send(self.reply_to, &Reply::heartbeat(self.msg_id)).await {
+                tracing::debug!(error = %err, "heartbeat not delivered; heartbeats stop");
+                return;
+            }
+        }
+    }
+
+    async fn reply_all(&self, invocation: std::result::Result<Invocation, RemoteError>) {
+        match invocation {
+            Err(failure) => {
+                self.reply(Reply::failure(self.msg_id, failure)).await;
+            }
+            Ok(Invocation::Unary(future)) => {
+                let reply = match AssertUnwindSafe(future).catch_unwind().await {
+                    Ok(Ok(value)) => Reply::result(self.msg_id, value),
+                    Ok(Err(failure)) => Reply::failure(self.msg_id, failure),
+                    Err(panic) => {
+                        tracing::error!("handler panicked; sending the failure to the caller");
+                        Reply::failure(self.msg_id, panic_failure(&*panic))
+                    }
+                };
+                self.reply(reply).await;
+            }
+            Ok(Invocation::Stream(stream)) => {
+                let mut stream = AssertUnwindSafe(stream).catch_unwind();
+                while let Some(item) = stream.next().await {
+                    match item {
+                        Ok(Ok(Value::Null)) => {
+                            tracing::warn!("streamed item is null (reads as a heartbeat); skipped");
+                        }
+                        Ok(Ok(value)) => {
+                            if !self.reply(Reply::item(self.msg_id, value)).await {
+                                return;
+                            }
+                        }
+                        Ok(Err(failure)) => {
+                            self.reply(Reply::failure(self.msg_id, failure)).await;
+                            return;
+                        }
+                        Err(panic) => {
+                            tracing::error!("streaming handler panicked; sending the failure");
+                            self.reply(Reply::failure(self.msg_id, panic_failure(&*panic))).await;
+                            return;
+                        }
+                    }
+                }
+                self.reply(Reply::end(self.msg_id)).await;
+            }
+        }
+    }
+
+    /// Sends a reply; a reply that cannot be delivered is logged and dropped.
+    async fn reply(&self, reply: Reply) -> bool {
+        match self.replier.send(self.reply_to, &reply).await {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::warn!(error = %err, reply_to = %self.reply_to, "reply dropped");
+                false
+            }
+        }
+    }
+}
+
+/// Encodes and publishes replies.
+#[derive(Clone)]
+struct Replier {
+    publisher: Arc<dyn Publisher>,
+    max_message_size: Option<usize>,
+}
+
+impl Replier {
+    async fn send(&self, reply_to: &str, reply: &Reply) -> Result<()> {
+        let mut body = wire::encode_reply(reply)?;
+        if let Some(limit) = self.max_message_size {
+            if body.len() > limit {
+                // The caller learns why instead of waiting for its timeout.
+                let failure = RemoteError::new(
+                    "MessageTooLarge",
+                    format!("reply of {} bytes exceeds the transport limit of {limit} bytes", body.len()),
+                );
+                body = wire::encode_reply(&Reply::failure(&reply.msg_id, failure))?;
+            }
+        }
+        let outgoing = Outgoing {
+            body: Bytes::from(body),
+            time_to_live: None,
+            mandatory: true,
+        };
+        self.publisher
+            .send(&Address::Reply(reply_to.to_owned()), outgoing)
+            .await
+    }
+}
+
+/// The last `capacity` ids seen, to drop redelivered duplicates.
+struct RecentIds {
+    order: VecDeque<String>,
+    ids: HashSet<String>,
+    capacity: usize,
+}
+
+impl RecentIds {
+    fn new(capacity: usize) -> Self {
+        RecentIds {
+            order: VecDeque::with_capacity(capacity),
+            ids: HashSet::with_capacity(capacity),
+            capacity,
+        }
+    }
+
+    /// Records `id`; false when it was already there.
+    fn insert(&mut self, id: &str) -> bool {
+        if self.ids.contains(id) {
+            return false;
+        }
+        if self.order.len() == self.capacity {
+            if let Some(oldest) = self.order.pop_front() {
+                self.ids.remove(&oldest);
+            }
+        }
+        self.order.push_back(id.to_owned());
+        self.ids.insert(id.to_owned());
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RecentIds;
+
+    #[test]
+    fn recent_ids_forget_the_oldest() {
+        let mut ids = RecentIds::new(2);
+        assert!(ids.insert("a"));
+        assert!(!ids.insert("a"));
+        assert!(ids.insert("b"));
+        assert!(ids.insert("c"));
+        assert!(ids.insert("a"), "a fell out of the window");
+        assert!(!ids.insert("c"));
+    }
+}

@@ -1,0 +1,295 @@
+//! The backend SPI: what a broker must do for mqrpc. A backend routes opaque bytes
+//! to addresses and acknowledges deliveries; everything else (encoding, timeouts,
+//! dispatch, heartbeats, limits) is written once in this crate.
+//!
+//! The traits are object-safe, so a transport chosen at run time is an
+//! `Arc<dyn Transport>`.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::target::Target;
+
+/// Where a message is sent.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Address {
+    /// The shared queue of a topic: one of its servers gets the message.
+    Topic {
+        /// Exchange (scope) of the topic.
+        exchange: String,
+        /// The topic.
+        topic: String,
+    },
+    /// The queue of one named server of a topic.
+    Server {
+        /// Exchange (scope) of the topic.
+        exchange: String,
+        /// The topic.
+        topic: String,
+        /// The server.
+        server: String,
+    },
+    /// Every server of a topic gets a copy.
+    Fanout {
+        /// Exchange (scope) of the topic.
+        exchange: String,
+        /// The topic.
+        topic: String,
+    },
+    /// A client's private reply queue, by the address its transport gave it.
+    Reply(String),
+}
+
+impl Address {
+    /// The address a target sends to (fanout, then server, then topic), using
+    /// `default_exchange` when the target names none.
+    pub fn for_target(target: &Target, default_exchange: &str) -> Address {
+        let exchange = target.exchange_or(default_exchange).to_owned();
+        let topic = target.topic.clone();
+        if target.fanout {
+            Address::Fanout { exchange, topic }
+        } else if let Some(server) = &target.server {
+            Address::Server {
+                exchange,
+                topic,
+                server: server.clone(),
+            }
+        } else {
+            Address::Topic { exchange, topic }
+        }
+    }
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Address::Topic { exchange, topic } => write!(f, "{exchange}/{topic}"),
+            Address::Server {
+                exchange,
+                topic,
+                server,
+            } => write!(f, "{exchange}/{topic}.{server}"),
+            Address::Fanout { exchange, topic } => write!(f, "{exchange}/{topic}_fanout"),
+            Address::Reply(queue) => write!(f, "reply queue {queue}"),
+        }
+    }
+}
+
+/// An encoded message with its delivery hints.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The encoded body (see [`crate::wire`]).
+    pub body: Bytes,
+    /// How long the message is worth delivering (calls: the call timeout). Brokers
+    /// that support it drop the message after that.
+    pub time_to_live: Option<Duration>,
+    /// Fail with [`crate::Error::Undeliverable`] when no queue takes the message
+    /// (used for replies).
+    pub mandatory: bool,
+}
+
+impl Outgoing {
+    /// A message with no hints.
+    pub fn new(body: impl Into<Bytes>) -> Self {
+        Outgoing {
+            body: body.into(),
+            time_to_live: None,
+            mandatory: false,
+        }
+    }
+}
+
+/// What a transport can and cannot do; the conformance suite reads it to decide which
+/// cases apply, and rpc-core reads `max_message_size`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// A message sent to a topic or server queue while no server listens is kept and
+    /// delivered once one listens (AMQP queues, Redis streams, the memory bus).
+    pub keeps_messages_without_listener: bool,
+    /// A send to an address nobody listens on fails at once with
+    /// [`crate::Error::NoResponders`] (NATS).
+    pub reports_no_responders: bool,
+    /// A delivery that was neither acked nor rejected when its consumer went away is
+    /// delivered again (the at-least-once path of `AckMode::AfterHandling`).
+    pub redelivers_unacked: bool,
+    /// The largest encoded message the transport carries, if it has a limit.
+    pub max_message_size: Option<usize>,
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Capabilities {
+            keeps_messages_without_listener: true,
+            reports_no_responders: false,
+            redelivers_unacked: true,
+            max_message_size: None,
+        }
+    }
+}
+
+impl Capabilities {
+    /// Sets `keeps_messages_without_listener`.
+    pub fn keeps_messages_without_listener(mut self, value: bool) -> Self {
+        self.keeps_messages_without_listener = value;
+        self
+    }
+
+    /// Sets `reports_no_responders`.
+    pub fn reports_no_responders(mut self, value: bool) -> Self {
+        self.reports_no_responders = value;
+        self
+    }
+
+    /// Sets `redelivers_unacked`.
+    pub fn redelivers_unacked(mut self, value: bool) -> Self {
+        self.redelivers_unacked = value;
+        self
+    }
+
+    /// Sets `max_message_size`.
+    pub fn max_message_size(mut self, value: Option<usize>) -> Self {
+        self.max_message_size = value;
+        self
+    }
+}
+
+/// How a server's consumer should be set up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ListenOptions {
+    /// At most this many deliveries handed out and not yet acked (AMQP prefetch).
+    pub prefetch: usize,
+}
+
+impl ListenOptions {
+    /// Options with the given prefetch.
+    pub fn new(prefetch: usize) -> Self {
+        ListenOptions { prefetch }
+    }
+}
+
+/// A connection to a broker (or to the in-process bus).
+#[async_trait]
+pub trait Transport: Send + Sync + fmt::Debug + 'static {
+    /// Short backend name (`memory`, `amqp`, `redis`, `nats`) for logs and tests.
+    fn name(&self) -> &'static str;
+
+    /// What this transport can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// The exchange used when a target names none.
+    fn default_exchange(&self) -> &str {
+        crate::target::DEFAULT_EXCHANGE
+    }
+
+    /// A handle for sending; cheap to clone and safe to share between tasks.
+    async fn publisher(&self) -> Result<Arc<dyn Publisher>>;
+
+    /// Starts consuming, for a server, its three addresses at once: the topic's shared
+    /// queue, its own `topic.server` queue and the topic's fanout. When this returns,
+    /// messages sent to those addresses reach the consumer.
+    async fn listen(&self, target: &Target, options: &ListenOptions) -> Result<Box<dyn Consumer>>;
+
+    /// Creates a private reply queue for one client.
+    async fn reply_queue(&self) -> Result<ReplyQueue>;
+}
+
+/// Sends encoded messages.
+#[async_trait]
+pub trait Publisher: Send + Sync + 'static {
+    /// Sends one message; returns once the broker has accepted it (confirmed where the
+    /// broker has confirms). Dropping the future may or may not have sent it.
+    async fn send(&self, address: &Address, message: Outgoing) -> Result<()>;
+}
+
+/// A stream of deliveries.
+#[async_trait]
+pub trait Consumer: Send + 'static {
+    /// The next delivery. `None` means the consumer is finished for good; `Some(Err)`
+    /// reports a problem the consumer could not hide while it keeps trying.
+    ///
+    /// Cancel-safe: dropping the future loses no message.
+    async fn recv(&mut self) -> Option<Result<Delivery>>;
+
+    /// Stops taking new deliveries while letting deliveries already handed out be
+    /// acked or rejected. Messages not yet handed out stay with the broker.
+    async fn stop(&mut self) -> Result<()>;
+}
+
+/// A client's private reply queue: the address to put in requests, and its consumer.
+pub struct ReplyQueue {
+    /// The address servers reply to (`_reply_q` on the wire).
+    pub address: String,
+    /// The queue's consumer.
+    pub consumer: Box<dyn Consumer>,
+}
+
+impl fmt::Debug for ReplyQueue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplyQueue")
+            .field("address", &self.address)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settles one delivery with the broker.
+#[async_trait]
+pub trait Acker: Send + 'static {
+    /// The message was taken; the broker forgets it.
+    async fn ack(self: Box<Self>) -> Result<()>;
+
+    /// The message was refused; with `requeue` the broker delivers it again, without
+    /// it the broker drops it (or dead-letters it).
+    async fn reject(self: Box<Self>, requeue: bool) -> Result<()>;
+}
+
+/// One received message: its body and the handle that settles it.
+pub struct Delivery {
+    body: Bytes,
+    acker: Box<dyn Acker>,
+}
+
+impl Delivery {
+    /// A delivery of `body`, settled through `acker`.
+    pub fn new(body: impl Into<Bytes>, acker: Box<dyn Acker>) -> Self {
+        Delivery {
+            body: body.into(),
+            acker,
+        }
+    }
+
+    /// The encoded message.
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// Splits into the body and the acker, to settle the message before or after
+    /// handling it.
+    pub fn into_parts(self) -> (Bytes, Box<dyn Acker>) {
+        (self.body, self.acker)
+    }
+
+    /// Acknowledges the message.
+    pub async fn ack(self) -> Result<()> {
+        self.acker.ack().await
+    }
+
+    /// Rejects the message.
+    pub async fn reject(self, requeue: bool) -> Result<()> {
+        self.acker.reject(requeue).await
+    }
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("size", &self.body.len())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,535 @@
+//! The wire format shared by every backend, byte-compatible with oslo.messaging's
+//! message format 2.0: an envelope `{"oslo.version": "2.0", "oslo.message": "<inner>"}`
+//! whose inner JSON carries the request or reply keys, with the context flattened into
+//! `_context_*` keys.
+//!
+//! Decoding never panics: anything that is not a well-formed message is a
+//! [`CodecError`].
+
+use std::borrow::Cow;
+
+use serde::ser::{SerializeMap, Serializer};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::context::Context;
+use crate::error::{CodecError, RemoteError};
+use crate::target::Version;
+
+/// The envelope version this library writes and the major version it reads.
+pub const ENVELOPE_VERSION: &str = "2.0";
+const CONTEXT_PREFIX: &str = "_context_";
+
+/// A new correlation or de-duplication id: a uuid4 in hex, as oslo.messaging writes it.
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// A request: a call (it has a `msg_id` and a reply address) or a cast.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Request {
+    /// The method to run.
+    pub method: String,
+    /// Keyword arguments.
+    pub args: Map<String, Value>,
+    /// Interface namespace; `None` is the null namespace.
+    pub namespace: Option<String>,
+    /// Requested interface version as sent (`None` means 1.0).
+    pub version: Option<String>,
+    /// The caller's context.
+    pub context: Context,
+    /// Correlation id of a call (`_msg_id`); `None` for a cast.
+    pub msg_id: Option<String>,
+    /// Where replies go (`_reply_q`); `None` for a cast.
+    pub reply_to: Option<String>,
+    /// Call-monitor interval in seconds (`_timeout`): the server heartbeats every half
+    /// of it. Not the call timeout.
+    pub call_monitor: Option<f64>,
+    /// De-duplication id (`_unique_id`).
+    pub unique_id: Option<String>,
+}
+
+impl Request {
+    /// Whether the sender waits for a reply.
+    pub fn is_call(&self) -> bool {
+        self.msg_id.is_some()
+    }
+
+    /// Parses the requested version; `None` in the request means 1.0.
+    pub fn parsed_version(&self) -> Result<Version, String> {
+        match &self.version {
+            None => Ok(Version::DEFAULT),
+            Some(text) => text.parse().map_err(|_| text.clone()),
+        }
+    }
+}
+
+/// A reply: a result, a failure, a streamed item, an end marker or a heartbeat.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Reply {
+    /// The result (null on failure, on heartbeats and on the end of a stream).
+    pub result: Value,
+    /// The failure, when the method failed.
+    pub failure: Option<RemoteError>,
+    /// Whether this is the last reply for the request.
+    pub ending: bool,
+    /// The request's `_msg_id`.
+    pub msg_id: String,
+    /// This reply's own `_unique_id`.
+    pub unique_id: String,
+}
+
+impl Reply {
+    /// The final reply of a call with its result.
+    pub fn result(msg_id: &str, result: Value) -> Self {
+        Reply {
+            result,
+            failure: None,
+            ending: true,
+            msg_id: msg_id.to_owned(),
+            unique_id: new_id(),
+        }
+    }
+
+    /// One streamed item of a multicall.
+    pub fn item(msg_id: &str, item: Value) -> Self {
+        Reply {
+            ending: false,
+            ..Reply::result(msg_id, item)
+        }
+    }
+
+    /// The final reply of a failed call.
+    pub fn failure(msg_id: &str, failure: RemoteError) -> Self {
+        Reply {
+            failure: Some(failure),
+            ..Reply::result(msg_id, Value::Null)
+        }
+    }
+
+    /// The end marker of a multicall stream.
+    pub fn end(msg_id: &str) -> Self {
+        Reply::result(msg_id, Value::Null)
+    }
+
+    /// A call-monitor heartbeat.
+    pub fn heartbeat(msg_id: &str) -> Self {
+        Reply {
+            ending: false,
+            ..Reply::result(msg_id, Value::Null)
+        }
+    }
+
+    /// Whether this reply only says "still working".
+    pub fn is_heartbeat(&self) -> bool {
+        !self.ending && self.result.is_null() && self.failure.is_none()
+    }
+}
+
+/// Serializes the request's inner object without building an intermediate map.
+struct InnerRequest<'a>(&'a Request);
+
+impl Serialize for InnerRequest<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let req = self.0;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("method", &req.method)?;
+        map.serialize_entry("args", &req.args)?;
+        if let Some(namespace) = &req.namespace {
+            map.serialize_entry("namespace", namespace)?;
+        }
+        if let Some(version) = &req.version {
+            map.serialize_entry("version", version)?;
+        }
+        if let Some(msg_id) = &req.msg_id {
+            map.serialize_entry("_msg_id", msg_id)?;
+            map.serialize_entry("_reply_q", &req.reply_to)?;
+            // oslo always sends the key on calls, null when no monitor is asked for.
+            map.serialize_entry("_timeout", &req.call_monitor)?;
+        }
+        let unique_id = req.unique_id.clone().unwrap_or_else(new_id);
+        map.serialize_entry("_unique_id", &unique_id)?;
+        for (key, value) in req.context.iter() {
+            map.serialize_entry(&format!("{CONTEXT_PREFIX}{key}"), value)?;
+        }
+        map.end()
+    }
+}
+
+/// Serializes the reply's inner object; every key is always present.
+struct InnerReply<'a>(&'a Reply);
+
+impl Serialize for InnerReply<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let reply = self.0;
+        // The failure is a JSON document inside the JSON document, as oslo sends it.
+        let failure = match &reply.failure {
+            Some(failure) => Some(
+                failure
+                    .to_failure_json()
+                    .map_err(serde::ser::Error::custom)?,
+            ),
+            None => None,
+        };
+        let mut map = serializer.serialize_map(Some(5))?;
+        map.serialize_entry("result", &reply.result)?;
+        map.serialize_entry("failure", &failure)?;
+        map.serialize_entry("ending", &reply.ending)?;
+        map.serialize_entry("_msg_id", &reply.msg_id)?;
+        map.serialize_entry("_unique_id", &reply.unique_id)?;
+        map.end()
+    }
+}
+
+#[derive(Serialize)]
+struct EnvelopeOut<'a> {
+    #[serde(rename = "oslo.version")]
+    version: &'a str,
+    #[serde(rename = "oslo.message")]
+    message: &'a str,
+}
+
+#[derive(Deserialize)]
+struct EnvelopeIn<'a> {
+    #[serde(rename = "oslo.version", borrow, default)]
+    version: Option<Cow<'a, str>>,
+    #[serde(rename = "oslo.message", borrow, default)]
+    message: Option<Cow<'a, str>>,
+}
+
+fn wrap(inner: &str) -> Result<Vec<u8>, CodecError> {
+    let envelope = EnvelopeOut {
+        version: ENVELOPE_VERSION,
+        message: inner,
+    };
+    Ok(serde_json::to_vec(&envelope)?)
+}
+
+/// Encodes a request into an enveloped body.
+pub fn encode_request(request: &Request) -> Result<Vec<u8>, CodecError> {
+    let inner = serde_json::to_string(&InnerRequest(request))?;
+    wrap(&inner)
+}
+
+/// Encodes a reply into an enveloped body.
+pub fn encode_reply(reply: &Reply) -> Result<Vec<u8>, CodecError> {
+    let inner = serde_json::to_string(&InnerReply(reply))?;
+    wrap(&inner)
+}
+
+/// Opens the envelope (or takes a bare 1.0 body as it is) and returns the inner object.
+fn unwrap_envelope(body: &[u8]) -> Result<Map<String, Value>, CodecError> {
+    let envelope: EnvelopeIn<'_> = serde_json::from_slice(body)
+        .map_err(|e| CodecError::new(format!("body is not a JSON object: {e}")))?;
+    match (envelope.version, envelope.message) {
+        (Some(version), Some(message)) => {
+            let parsed: Version = version
+                .parse()
+                .map_err(|_| CodecError::new(format!("bad envelope version {version:?}")))?;
+            if parsed.major != 2 || parsed.minor > 0 {
+                return Err(CodecError::new(format!(
+                    "unsupported envelope version {version} (this library reads 2.0)"
+                )));
+            }
+            serde_json::from_str(&message)
+                .map_err(|e| CodecError::new(format!("oslo.message is not a JSON object: {e}")))
+        }
+        // Not an envelope: oslo takes any other object as an unenveloped 1.0 message.
+        _ => serde_json::from_slice(body)
+            .map_err(|e| CodecError::new(format!("body is not a JSON object: {e}"))),
+    }
+}
+
+fn take_string(map: &mut Map<String, Value>, key: &str) -> Result<Option<String>, CodecError> {
+    match map.remove(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(CodecError::new(format!(
+            "{key} must be a string, found {}",
+            kind_of(&other)
+        ))),
+    }
+}
+
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Decodes a request body (enveloped 2.0 or bare 1.0).
+pub fn decode_request(body: &[u8]) -> Result<Request, CodecError> {
+    let mut map = unwrap_envelope(body)?;
+    let method = take_string(&mut map, "method")?
+        .ok_or_else(|| CodecError::new("request has no method"))?;
+    let args = match map.remove("args") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(args)) => args,
+        Some(other) => {
+            return Err(CodecError::new(format!(
+                "args must be an object, found {}",
+                kind_of(&other)
+            )));
+        }
+    };
+    let namespace = take_string(&mut map, "namespace")?;
+    let version = take_string(&mut map, "version")?;
+    let msg_id = take_string(&mut map, "_msg_id")?;
+    let reply_to = take_string(&mut map, "_reply_q")?;
+    let call_monitor = match map.remove("_timeout") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => n.as_f64(),
+        // oslo logs and ignores a monitor value it cannot read; so do we.
+        Some(other) => {
+            tracing::debug!(found = kind_of(&other), "ignoring non-numeric _timeout");
+            None
+        }
+    };
+    let unique_id = take_string(&mut map, "_unique_id")?;
+    let mut context = Map::new();
+    for (key, value) in map {
+        if let Some(name) = key.strip_prefix(CONTEXT_PREFIX) {
+            context.insert(name.to_owned(), value);
+        }
+    }
+    Ok(Request {
+        method,
+        args,
+        namespace,
+        version,
+        context: Context::from(context),
+        msg_id,
+        reply_to,
+        call_monitor,
+        unique_id,
+    })
+}
+
+/// Decodes a reply body.
+pub fn decode_reply(body: &[u8]) -> Result<Reply, CodecError> {
+    let mut map = unwrap_envelope(body)?;
+    let msg_id = take_string(&mut map, "_msg_id")?
+        .ok_or_else(|| CodecError::new("reply has no _msg_id"))?;
+    let result = map.remove("result").unwrap_or(Value::Null);
+    let failure = match map.remove("failure") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(text)) => Some(decode_failure(&text)),
+        Some(Value::Object(object)) => Some(
+            RemoteError::from_failure_value(Value::Object(object))
+                .map_err(|e| CodecError::new(format!("bad failure object: {e}")))?,
+        ),
+        Some(other) => {
+            return Err(CodecError::new(format!(
+                "failure must be a string, found {}",
+                kind_of(&other)
+            )));
+        }
+    };
+    // Before 2015 a reply without `ending` was followed by a separate end marker; a
+    // missing key therefore means "more may come" only when there is nothing in it.
+    let ending = match map.remove("ending") {
+        Some(Value::Bool(ending)) => ending,
+        None | Some(Value::Null) => true,
+        Some(other) => {
+            return Err(CodecError::new(format!(
+                "ending must be a boolean, found {}",
+                kind_of(&other)
+            )));
+        }
+    };
+    let unique_id = take_string(&mut map, "_unique_id")?.unwrap_or_default();
+    Ok(Reply {
+        result,
+        failure,
+        ending,
+        msg_id,
+        unique_id,
+    })
+}
+
+/// A failure document that does not parse still reaches the caller, as its text.
+fn decode_failure(text: &str) -> RemoteError {
+    let parsed = serde_json::from_str(text).and_then(RemoteError::from_failure_value);
+    parsed.unwrap_or_else(|_| RemoteError {
+        class: "RemoteError".to_owned(),
+        module: String::new(),
+        message: text.to_owned(),
+        traceback: Vec::new(),
+        args: Vec::new(),
+        kwargs: Map::new(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn inner_of(body: &[u8]) -> Value {
+        let outer: Value = serde_json::from_slice(body).expect("outer json");
+        assert_eq!(outer["oslo.version"], "2.0");
+        let text = outer["oslo.message"].as_str().expect("inner is a string");
+        serde_json::from_str(text).expect("inner json")
+    }
+
+    fn envelope(inner: Value) -> Vec<u8> {
+        serde_json::to_vec(&json!({"oslo.version": "2.0", "oslo.message": inner.to_string()}))
+            .expect("encode")
+    }
+
+    #[test]
+    fn call_with_context_matches_oslo_document() {
+        let request = Request {
+            method: "echo".into(),
+            args: json!({"x": 1}).as_object().cloned().expect("object"),
+            version: Some("1.2".into()),
+            context: Context::new().with("user", "u1").with("request_id", "req-1"),
+            msg_id: Some("d68e".into()),
+            reply_to: Some("reply_ef03".into()),
+            unique_id: Some("1ff1".into()),
+            ..Request::default()
+        };
+        let body = encode_request(&request).expect("encode");
+        assert_eq!(
+            inner_of(&body),
+            json!({
+                "method": "echo", "args": {"x": 1}, "version": "1.2",
+                "_msg_id": "d68e", "_reply_q": "reply_ef03", "_timeout": null,
+                "_unique_id": "1ff1", "_context_user": "u1", "_context_request_id": "req-1"
+            })
+        );
+        assert_eq!(decode_request(&body).expect("decode"), request);
+    }
+
+    #[test]
+    fn decodes_python_call_with_unknown_context_keys() {
+        let body = envelope(json!({
+            "method": "add", "args": {"a": 1, "b": 2}, "namespace": "calc",
+            "_msg_id": "m1", "_reply_q": "reply_q1", "_timeout": 4,
+            "_unique_id": "u1", "_context_user": "u1",
+            "_context_traceparent": "00-abc-def-01", "_context_roles": ["admin"]
+        }));
+        let request = decode_request(&body).expect("decode");
+        assert_eq!(request.method, "add");
+        assert_eq!(request.namespace.as_deref(), Some("calc"));
+        assert_eq!(request.version, None);
+        assert_eq!(request.call_monitor, Some(4.0));
+        assert_eq!(request.reply_to.as_deref(), Some("reply_q1"));
+        assert_eq!(request.context.get("traceparent"), Some(&json!("00-abc-def-01")));
+        assert_eq!(request.context.get("roles"), Some(&json!(["admin"])));
+        assert_eq!(request.context.len(), 3);
+    }
+
+    #[test]
+    fn cast_has_no_call_keys() {
+        let request = Request {
+            method: "bump".into(),
+            ..Request::default()
+        };
+        let inner = inner_of(&encode_request(&request).expect("encode"));
+        let object = inner.as_object().expect("object");
+        assert_eq!(object["args"], json!({}));
+        assert!(object["_unique_id"].as_str().is_some_and(|id| id.len() == 32));
+        for key in ["_msg_id", "_reply_q", "_timeout", "namespace", "version"] {
+            assert!(!object.contains_key(key), "cast must not carry {key}");
+        }
+        assert!(!decode_request(&encode_request(&request).expect("encode")).expect("decode").is_call());
+    }
+
+    #[test]
+    fn reply_with_failure_is_a_string_inside_the_json() {
+        let failure = RemoteError::new("ValueError", "bad thing");
+        let reply = Reply {
+            unique_id: "u2".into(),
+            ..Reply::failure("m1", failure.clone())
+        };
+        let body = encode_reply(&reply).expect("encode");
+        let inner = inner_of(&body);
+        assert_eq!(inner["result"], Value::Null);
+        assert_eq!(inner["ending"], true);
+        assert_eq!(inner["_msg_id"], "m1");
+        let text = inner["failure"].as_str().expect("failure is a string");
+        let doc: Value = serde_json::from_str(text).expect("failure json");
+        assert_eq!(
+            doc,
+            json!({"class": "ValueError", "module": "builtins", "message": "bad thing",
+                   "tb": [], "args": ["bad thing"], "kwargs": {}})
+        );
+        assert_eq!(decode_reply(&body).expect("decode"), reply);
+    }
+
+    #[test]
+    fn decodes_python_failure_with_traceback() {
+        let failure = json!({"class": "ValueError", "module": "builtins",
+            "message": "('bad thing', 42)",
+            "tb": ["Traceback (most recent call last):\n", "ValueError: bad\n"],
+            "args": ["bad thing", 42], "kwargs": {}});
+        let body = envelope(json!({"result": null, "failure": failure.to_string(),
+            "ending": true, "_msg_id": "m9", "_unique_id": "u9"}));
+        let reply = decode_reply(&body).expect("decode");
+        let failure = reply.failure.expect("failure");
+        assert_eq!(failure.class, "ValueError");
+        assert_eq!(failure.traceback.len(), 2);
+        assert_eq!(failure.args, vec![json!("bad thing"), json!(42)]);
+    }
+
+    #[test]
+    fn heartbeat_document() {
+        let body = envelope(json!({"result": null, "failure": null, "ending": false,
+            "_msg_id": "m1", "_unique_id": "u1"}));
+        let reply = decode_reply(&body).expect("decode");
+        assert!(reply.is_heartbeat());
+        let ours = inner_of(&encode_reply(&Reply::heartbeat("m1")).expect("encode"));
+        assert_eq!(ours["ending"], false);
+        assert_eq!(ours["result"], Value::Null);
+        assert_eq!(ours["failure"], Value::Null);
+    }
+
+    #[test]
+    fn bare_version_1_body_is_accepted() {
+        let body = br#"{"method": "ping", "args": {"n": 3}, "_context_user": "bob"}"#;
+        let request = decode_request(body).expect("decode");
+        assert_eq!(request.method, "ping");
+        assert_eq!(request.args["n"], 3);
+        assert_eq!(request.context.get_as::<String>("user").as_deref(), Some("bob"));
+        assert!(!request.is_call());
+    }
+
+    #[test]
+    fn envelope_3_is_rejected() {
+        let body = serde_json::to_vec(&json!({"oslo.version": "3.0",
+            "oslo.message": json!({"method": "x", "args": {}}).to_string()}))
+        .expect("encode");
+        let err = decode_request(&body).expect_err("3.0 must be refused");
+        assert!(err.reason().contains("unsupported envelope version 3.0"), "{err}");
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let cases: Vec<&[u8]> = vec![
+            b"",
+            b"not json",
+            b"\xff\xfe\x00",
+            b"[1, 2, 3]",
+            b"42",
+            b"{\"oslo.version\": \"2.0\", \"oslo.message\": \"{broken\"}",
+            b"{\"oslo.version\": \"2.0\", \"oslo.message\": \"[]\"}",
+            b"{\"oslo.version\": 2, \"oslo.message\": \"{}\"}",
+            b"{\"oslo.version\": \"x.y\", \"oslo.message\": \"{}\"}",
+            b"{\"args\": {}}",
+            b"{\"method\": 7}",
+            b"{\"method\": \"m\", \"args\": [1]}",
+            b"{\"method\": \"m\", \"_msg_id\": {}}",
+        ];
+        for body in cases {
+            assert!(decode_request(body).is_err(), "{:?}", String::from_utf8_lossy(body));
+        }
+        assert!(decode_reply(b"{\"result\": 1}").is_err(), "a reply needs _msg_id");
+        assert!(decode_reply(b"{\"_msg_id\": \"m\", \"ending\": \"yes\"}").is_err());
+    }
+}

@@ -1,0 +1,87 @@
+//! mqrpc: OpenStack-style RPC for Rust over pluggable message brokers.
+//!
+//! A service calls a method on a *topic* and a server listening on it answers:
+//! [`Client::call`] waits for the reply, [`Client::multicall`] streams several,
+//! [`Client::cast`] fires and forgets, a fanout cast reaches every server of the topic,
+//! and a call can be directed at one named server. The backend is chosen by URL with
+//! [`connect`]; on RabbitMQ the messages are oslo.messaging's, so Rust and Python
+//! services share a deployment.
+//!
+//! ```
+//! use mqrpc::{Client, Context, Endpoint, RemoteError, Server, Target};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Add { a: i64, b: i64 }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> mqrpc::Result<()> {
+//! let transport = mqrpc::connect("memory://").await?;
+//! let server = Server::builder(transport.clone(), Target::new("calc").server("s1"))
+//!     .endpoint(Endpoint::new().method("add", |_ctx: Context, args: Add| async move {
+//!         Ok::<_, RemoteError>(args.a + args.b)
+//!     }))
+//!     .start()
+//!     .await?;
+//!
+//! let client = Client::new(transport, Target::new("calc"));
+//! let sum: i64 = client.call(&Context::new(), "add", serde_json::json!({"a": 2, "b": 3})).await?;
+//! assert_eq!(sum, 5);
+//! server.shutdown().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Features
+//! One Cargo feature per backend: `memory` (default), `amqp`, `redis`, `nats`, and
+//! `full` for all of them.
+
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+
+pub use rpc_core::*;
+
+#[cfg(feature = "memory")]
+pub use transport_memory::MemoryTransport;
+
+/// The URL schemes mqrpc knows and the Cargo feature that provides each.
+const SCHEMES: &[(&str, &str)] = &[
+    ("memory", "memory"),
+    ("amqp", "amqp"),
+    ("amqps", "amqp"),
+    ("rabbit", "amqp"),
+    ("redis", "redis"),
+    ("rediss", "redis"),
+    ("nats", "nats"),
+    ("tls", "nats"),
+];
+
+const KNOWN_SCHEMES: &str = "memory:// (feature memory), amqp://, amqps://, rabbit:// (feature amqp), \
+redis://, rediss:// (feature redis), nats://, tls:// (feature nats)";
+
+/// Opens a transport for `url`; the scheme picks the backend.
+///
+/// - `memory://` is a new private in-process bus; `memory://NAME` is the bus of that
+///   name, shared by every `connect` in this process.
+///
+/// A scheme whose backend is not compiled in fails with
+/// [`Error::BackendNotEnabled`] naming the Cargo feature to enable; an unknown
+/// scheme fails with [`Error::UnknownScheme`]. Credentials in the URL never appear
+/// in errors.
+pub async fn connect(url: &str) -> Result<Arc<dyn Transport>> {
+    let scheme = url
+        .split_once("://")
+        .map(|(scheme, _)| scheme.to_ascii_lowercase())
+        .ok_or_else(|| Error::InvalidUrl("expected SCHEME://...".to_owned()))?;
+    let Some(&(_, feature)) = SCHEMES.iter().find(|(known, _)| *known == scheme) else {
+        return Err(Error::UnknownScheme {
+            scheme,
+            known: KNOWN_SCHEMES,
+        });
+    };
+    match feature {
+        #[cfg(feature = "memory")]
+        "memory" => Ok(Arc::new(MemoryTransport::connect(url)?)),
+        _ => Err(Error::BackendNotEnabled { scheme, feature }),
+    }
+}
