@@ -1,0 +1,10 @@
+//! The conformance suite: one generic body (`suite`) that every backend runs, with a
+//! module per backend. A backend module only says how to open its transport.
+//!
+//! Run one backend with `cargo test --test conformance memory::`.
+
+#[macro_use]
+mod suite;
+mod service;
+
+mod memory;

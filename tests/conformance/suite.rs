@@ -1,0 +1,804 @@
+//! The generic conformance body. Each case takes a [`Backend`] (how to open a
+//! transport of the backend under test) and states one behaviour every backend must
+//! have. Cases that depend on a capability read it from the transport and print a
+//! SKIP line naming the capability when it does not apply: never a silent pass.
+//!
+//! A backend module writes `conformance_suite!(name, async_fn_returning_backend)`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use mqrpc::{
+    AckMode, Address, Client, Context, Error, ListenOptions, Outgoing, Server, Target,
+    TimeoutKind, Transport, Version,
+};
+use serde_json::{Value, json};
+
+use crate::service::{self, Recorder, ServiceError};
+
+type ConnectFuture = Pin<Box<dyn Future<Output = Arc<dyn Transport>> + Send>>;
+
+/// How a case opens transports of the backend under test. Each call opens a new
+/// connection (a new "process"), all reaching the same broker.
+#[derive(Clone)]
+pub struct Backend {
+    pub name: &'static str,
+    connect: Arc<dyn Fn() -> ConnectFuture + Send + Sync>,
+}
+
+impl Backend {
+    pub fn new<F, Fut>(name: &'static str, connect: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Arc<dyn Transport>> + Send + 'static,
+    {
+        Backend {
+            name,
+            connect: Arc::new(move || Box::pin(connect())),
+        }
+    }
+
+    pub async fn transport(&self) -> Arc<dyn Transport> {
+        (self.connect)().await
+    }
+}
+
+/// Whether the broker tests must fail rather than skip when a broker is missing.
+#[allow(dead_code)]
+pub fn brokers_required() -> bool {
+    std::env::var("MQRPC_REQUIRE_BROKERS").is_ok_and(|v| v == "1")
+}
+
+/// Says loudly that a case does not apply to a backend, and why.
+fn skip(backend: &Backend, case: &str, why: &str) {
+    eprintln!("SKIP {}::{case}: {why}", backend.name);
+}
+
+/// A topic name no other test uses.
+fn unique_topic(case: &str) -> String {
+    format!("{case}_{}", &mqrpc::wire::new_id()[..12])
+}
+
+/// Every case runs under this bound, so a bug hangs no CI run.
+const CASE_LIMIT: Duration = Duration::from_secs(120);
+/// How long a case waits for a message it expects.
+const ARRIVAL: Duration = Duration::from_secs(20);
+/// How long a case waits after the expected messages so duplicates would show.
+const SETTLE: Duration = Duration::from_millis(300);
+/// Allowed lateness of a timeout.
+const TIMEOUT_MARGIN: Duration = Duration::from_millis(750);
+
+/// Runs a case body with the case bound.
+pub async fn bounded(case: &str, body: impl Future<Output = ()>) {
+    if tokio::time::timeout(CASE_LIMIT, body).await.is_err() {
+        panic!("{case} did not finish within {CASE_LIMIT:?}");
+    }
+}
+
+/// Test servers of one topic and what they recorded.
+struct Fixture {
+    backend: Backend,
+    topic: String,
+    recorder: Arc<Recorder>,
+    servers: Vec<Server>,
+}
+
+impl Fixture {
+    fn new(backend: &Backend, case: &str) -> Self {
+        Fixture {
+            backend: backend.clone(),
+            topic: unique_topic(case),
+            recorder: Recorder::new(),
+            servers: Vec::new(),
+        }
+    }
+
+    /// Starts servers `s1..=sN`, each on a connection of its own.
+    async fn start(&mut self, n: usize) {
+        for i in 1..=n {
+            self.start_with(&format!("s{i}"), |b| b).await;
+        }
+    }
+
+    async fn start_with(
+        &mut self,
+        server: &str,
+        configure: impl FnOnce(mqrpc::ServerBuilder) -> mqrpc::ServerBuilder,
+    ) {
+        let transport = self.backend.transport().await;
+        let target = Target::new(&self.topic).server(server);
+        let builder = Server::builder(transport, target)
+            .endpoint(service::endpoint(server, &self.recorder));
+        let started = configure(builder).start().await.expect("server starts");
+        self.servers.push(started);
+    }
+
+    /// A client of the topic on a connection of its own.
+    async fn client(&self) -> Client {
+        Client::new(self.backend.transport().await, Target::new(&self.topic))
+            .timeout(Duration::from_secs(30))
+    }
+
+    async fn shutdown(self) {
+        for server in self.servers {
+            server.shutdown().await.expect("server shuts down");
+        }
+    }
+}
+
+fn ctx() -> Context {
+    Context::new()
+}
+
+pub async fn typed_call(backend: Backend) {
+    let mut fx = Fixture::new(&backend, "typed_call");
+    fx.start(1).await;
+    let client = fx.client().await;
+    let sum: i64 = client
+        .call(&ctx(), "add", json!({"a": 2, "b": 40}))
+        .await
+        .expect("add");
+    assert_eq!(sum, 42);
+
+    #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+    struct Point {
+        x: i32,
+        tags: Vec<String>,
+    }
+    let point = Point {
+        x: -3,
+        tags: vec!["a".into(), "ü".into()],
+    };
+    let back: Point = client
+        .call(&ctx(), "echo", json!({"payload": point}))
+        .await
+        .expect("echo");
+    assert_eq!(back, point);
+
+    let wrong: Result<String, _> = client.call(&ctx(), "add", json!({"a": 1, "b": 2})).await;
+    assert!(matches!(wrong, Err(Error::Codec(_))), "{wrong:?}");
+    fx.shutdown().await;
+}
+
+pub async fn context_round_trip_keeps_unknown_keys(backend: Backend) {
+    let mut fx = Fixture::new(&backend, "context");
+    fx.start(1).await;
+    let client = fx.client().await;
+    let sent = Context::new()
+        .with("user", "alice")
+        .with("request_id", "req-7")
+        .with("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        .with("roles", vec!["admin", "member"])
+        .with("nested", json!({"deep": {"n": 1, "none": null}}))
+        .with("is_admin", true);
+    let received: Context = client
+        .call(&sent, "context", mqrpc::NoArgs {})
+        .await
+        .expect("context");
+    assert_eq!(received, sent);
+    fx.shutdown().await;
+}
+
+pub async fn cast_to_topic_with_n_servers_is_handled_once(backend: Backend) {
+    let mut fx = Fixture::new(&backend, "cast_once");
+    fx.start(3).await;
+    let client = fx.client().await;
+    const CASTS: u64 = 30;
+    for id in 0..CASTS {
+        client
+            .cast(&ctx(), "record", json!({ "id": id }))
+            .await
+            .expect("cast");
+    }
+    fx.recorder.wait_for(CASTS as usize, ARRIVAL).await;
+    let records = fx.recorder.settled(SETTLE).await;
+    assert_eq!(records.len(), CASTS as usize, "{records:?}");
+    let per_id = Recorder::per_id(&records);
+    assert!((0..CASTS).all(|id| per_id.get(&id) == Some(&1)), "{per_id:?}");
+    fx.shutdown().await;
+}
+
+pub async fn directed_call_reaches_only_its_server(backend: Backend) {
+    let mut fx = Fixture::new(&backend, "directed");
+    fx.start(3).await;
+    let client = fx.client().await;
+    let to_s2 = client.prepare().server("s2");
+    for _ in 0..10 {
+        let who: String = to_s2
+            .call(&ctx(), "whoami", mqrpc::NoArgs {})
+            .await
+            .expect("whoami");
+        assert_eq!(who, "s2");
+    }
+    for id in 0..5 {
+        to_s2
+            .cast(&ctx(), "record", json!({ "id": id }))
+            .await
+            .expect("cast");
+    }
+    fx.recorder.wait_for(5, ARRIVAL).await;
+    let records = fx.recorder.settled(SETTLE).await;
+    assert_eq!(records.len(), 5, "{records:?}");
+    assert!(records.iter().all(|(server, _)| server == "s2"), "{records:?}");
+    fx.shutdown().await;
+}
+
+pub async fn fanout_cast_reaches_every_server_once(backend: Backend) {
+    let mut fx = Fixture::new(&backend, "fanout");
+    fx.start(3).await;
+    let client = fx.client().await;
+    client
+        .prepare()
+        .fanout(true)
+        .cast(&ctx(), "record", json!({"id": 7}))
+        .await
+        .expect("fanout cast");
+    fx.recorder.wait_for(3, ARRIVAL).await;
+    let records = fx.recorder.settled(SETTLE).await;
+    let mut servers: Vec<_> = records.iter().map(|(s, _)| s.clone()).collect();
+    servers.sort();
+    assert_eq!(servers, ["s1", "s2", "s3"], "{records:?}");
+    fx.shutdown().await;
+}
+
+pub async fn call_on_fanout_target_is_invalid(backend: Backend) {
+    let mut fx = Fixture::new(&backend, "fanout_call");
+    fx.start(1).await;
+    let client = fx.client().await.fanout(true);
+    let result: Result<i64, _> = client.call(&ctx(), "add", json!({"a": 1, "b": 1})).await;
+    assert!(matches!(result, Err(Error::InvalidTarget(_))), "{result:?}");
+    let stream = client.multicall::<_, u64>(&ctx(), "count", json!({"n": 1})).await;
+    assert!(matches!(stream, Err(Error::InvalidTarget(_))));
+    fx.shutdown().await;
+}
+
+pub async fn multicall_streams_items_in_order_then_ends(backend: Backend) {
+    let mut fx = Fixture::new(&backend, "multicall");
+    fx.start(1).await;
+    let client = fx.client().await;
+    let stream = client
+        .multicall::<_, u64>(&ctx(), "count", json!({"n": 50}))
+        .await
+        .expect("multicall");
+    let items: Vec<u64> = stream.map(|item| item.expect("item")).collect().await;
+    assert_eq!(items, (0..50).collect::<Vec<_>>());
+
+    // A plain call of a streaming method returns its last item.
+    let last: u64 = client
+        .call(&ctx(), "count", json!({"n": 4}))
+        .await
+        .expect("call");
+    assert_eq!(last, 3);
+
+    // A multicall of a unary method yields its one result.
+    let single: Vec<i64> = client
+        .multicall::<_, i64>(&ctx(), "add", json!({"a": 1, "b": 2}))
+        .await
+        .expect("multicall")
+        .map(|item| item.expect("item"))
+        .collect()
+        .await;
+    assert_eq!(single, vec![3]);
+
+    // An error ends the stream after the items before it.
+    let mut failing = client
+        .multicall::<_, u64>(&ctx(), "count_then_fail", json!({"n": 2}))
+        .await
+        .expect("multicall");
+    assert_eq!(failing.next().await.map(|r| r.expect("0")), Some(0));
+    assert_eq!(failing.next().await.map(|r| r.expect("1")), Some(1));
+    let err = failing.next().await.expect("an error item").expect_err("error");
+    let remote = err.as_remote().expect("remote error");
+    assert_eq!(remote.decode::<ServiceError>(), Some(ServiceError::Refused));
+    assert!(failing.next().await.is_none(), "the stream ends after the error");
+    fx.shutdown().await;
+}
+
+pub async fn remote_error_decodes_to_the_handler_type(backend: Backend) {
+    let mut fx = Fixture::new(&backend, "typed_error");
+    fx.start(1).await;
+    let client = fx.client().await;
+    let err = client
+        .call::<_, ()>(&ctx(), "fail", json!({"kind": "range"}))
+        .await
+        .expect_err("fails");
+    let remote = err.as_remote().expect("remote error");
+    assert_eq!(remote.class, "ServiceError");
+    assert_eq!(remote.message, "11 is above 10");
+    assert_eq!(
+        remote.decode::<ServiceError>(),
+        Some(ServiceError::OutOfRange { value: 11, max: 10 })
+    );
+    let err = client
+        .call::<_, ()>(&ctx(), "fail", json!({"kind": "refused"}))
+        .await
+        .expect_err("fails");
+    assert_eq!(
+        err.as_remote().and_then(|r| r.decode::<ServiceError>()),
+        Some(ServiceError::Refused)
+    );
+
+    // A failure built by hand keeps class and module for Python callers.
+    let err = client
+        .call::<_, ()>(&ctx(), "value_error", mqrpc::NoArgs {})
+        .await
+        .expect_err("fails");
+    let remote = err.as_remote().expect("remote error");
+    assert_eq!((remote.module.as_str(), remote.class.as_str()), ("builtins", "ValueError"));
+    assert_eq!(remote.message, "bad value");
+    assert_eq!(remote.decode::<ServiceError>(), None);
+
+    // Arguments that do not fit the method are the caller's TypeError.
+    let err = client
+        .call::<_, i64>(&ctx(), "add", json!({"a": "one"}))
+        .await
+        .expect_err("bad args");
+    assert_eq!(err.as_remote().map(|r| r.class.as_str()), Some("TypeError"));
+    fx.shutdown().await;
+}
+
+pub async fn handler_panic_is_a_remote_failure_and_server_keeps_serving(backend: Backend) {
+    let mut fx = Fixture::new(&backend, "panic");
+    fx.start(1).await;
+    let client = fx.client().await;
+    for _ in 0..3 {
+        let err = client
+            .call::<_, ()>(&ctx(), "panic", mqrpc::NoArgs {})
+            .await
+            .expect_err("panics");
+        let remote = err.as_remote().expect("remote error");
+        assert_eq!(remote.class, "RuntimeError");
+        assert!(remote.message.contains("deliberate test panic"), "{remote}");
+    }
+    let sum: i64 = client
+        .call(&ctx(), "add", json!({"a": 1, "b": 1}))
+        .await
+        .expect("still serving");
+    assert_eq!(sum, 2);
+    fx.shutdown().await;
+}
+
+pub async fn unknown_method_is_no_such_method(backend: Backend) {
+    let mut fx = Fixture::new(&backend, "no_such_method");
+    fx.start(1).await;
+    let client = fx.client().await;
+    let err = client
+        .call::<_, Value>(&ctx(), "does_not_exist", json!({}))
+        .await
+        .expect_err("missing");
+    assert!(
+        matches!(&err, Error::NoSuchMethod { method } if method == "does_not_exist"),
+        "{err:?}"
+    );
+    fx.shutdown().await;
+}
+
+pub async fn version_rules_follow_oslo(backend: Backend) {
+    let mut fx = Fixture::new(&backend, "versions");
+    fx.start(1).await;
+    let client = fx.client().await;
+    for ok in [Version::new(1, 0), Version::new(1, 2), Version::new(1, 3)] {
+        let sum: i64 = client
+            .prepare()
+            .version(ok)
+            .call(&ctx(), "add", json!({"a": 1, "b": 2}))
+            .await
+            .unwrap_or_else(|e| panic!("version {ok} should be served: {e}"));
+        assert_eq!(sum, 3);
+    }
+    for refused in [Version::new(1, 4), Version::new(2, 0), Version::with_revision(1, 3, 1)] {
+        let err = client
+            .prepare()
+            .version(refused)
+            .call::<_, i64>(&ctx(), "add", json!({"a": 1, "b": 2}))
+            .await
+            .expect_err("unsupported");
+        assert!(
+            matches!(&err, Error::UnsupportedVersion { version, method }
+                if *version == refused.to_string() && method == "add"),
+            "{refused}: {err:?}"
+        );
+    }
+    // A namespace no endpoint has is an unsupported version, as in oslo.
+    let err = client
+        .prepare()
+        .namespace("elsewhere")
+        .call::<_, i64>(&ctx(), "add", json!({"a": 1, "b": 2}))
+        .await
+        .expect_err("namespace");
+    assert!(matches!(err, Error::UnsupportedVersion { .. }), "{err:?}");
+    fx.shutdown().await;
+}
+
+pub async fn private_methods_are_never_dispatched(backend: Backend) {
+    let mut fx = Fixture::new(&backend, "private");
+    fx.start(1).await;
+    let client = fx.client().await;
+    let err = client
+        .call::<_, Value>(&ctx(), "_private", json!({}))
+        .await
+        .expect_err("denied");
+    assert!(matches!(&err, Error::NoSuchMethod { method } if method == "_private"), "{err:?}");
+    assert!(!fx.recorder.private_called.load(Ordering::SeqCst));
+    fx.shutdown().await;
+}
+
+pub async fn timeout_fires_and_late_reply_does_not_disturb_next_call(backend: Backend) {
+    let mut fx = Fixture::new(&backend, "timeout");
+    fx.start(1).await;
+    let client = fx.client().await;
+    let timeout = Duration::from_millis(400);
+    let started = Instant::now();
+    let err = client
+        .prepare()
+        .timeout(timeout)
+        .call::<_, f64>(&ctx(), "sleep", json!({"seconds": 1.2}))
+        .await
+        .expect_err("times out");
+    let waited = started.elapsed();
+    assert!(
+        matches!(err, Error::Timeout { kind: TimeoutKind::Reply, .. }),
+        "{err:?}"
+    );
+    assert!(waited >= timeout, "fired early: {waited:?}");
+    assert!(waited < timeout + TIMEOUT_MARGIN, "fired late: {waited:?}");
+    // The late reply of the first call lands while this one waits.
+    let second: String = client
+        .call(&ctx(), "delayed_echo", json!({"seconds": 1.2, "payload": "second"}))
+        .await
+        .expect("second call");
+    assert_eq!(second, "second");
+    fx.shutdown().await;
+}
+
+pub async fn thousand_concurrent_calls_each_get_their_own_reply(backend: Backend) {
+    let mut fx = Fixture::new(&backend, "concurrent");
+    fx.start(2).await;
+    let client = fx.client().await;
+    let calls = (0..1000u64).map(|i| {
+        let client = client.clone();
+        async move {
+            let back: u64 = client
+                .call(&ctx(), "echo", json!({ "payload": i }))
+                .await
+                .expect("echo");
+            assert_eq!(back, i);
+        }
+    });
+    futures::future::join_all(calls).await;
+    fx.shutdown().await;
+}
+
+pub async fn one_mib_payload_round_trips(backend: Backend) {
+    let mut fx = Fixture::new(&backend, "big_payload");
+    fx.start(1).await;
+    let client = fx.client().await;
+    let payload: String = (0..1024 * 1024)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let back: String = client
+        .call(&ctx(), "echo", json!({ "payload": payload }))
+        .await
+        .expect("echo 1 MiB");
+    assert_eq!(back.len(), payload.len());
+    assert!(back == payload);
+    fx.shutdown().await;
+}
+
+pub async fn oversized_message_is_refused_with_a_clear_error(backend: Backend) {
+    let transport = backend.transport().await;
+    let Some(limit) = transport.capabilities().max_message_size else {
+        skip(&backend, "oversized_message", "capability `max_message_size` is not set (no limit)");
+        return;
+    };
+    let client = Client::new(transport, Target::new(unique_topic("oversized")));
+    let payload = "x".repeat(limit + 1);
+    let err = client
+        .cast(&ctx(), "echo", json!({ "payload": payload }))
+        .await
+        .expect_err("too large");
+    assert!(matches!(err, Error::MessageTooLarge { .. }), "{err:?}");
+}
+
+pub async fn heartbeats_keep_a_long_call_alive(backend: Backend) {
+    let mut fx = Fixture::new(&backend, "heartbeat");
+    fx.start(1).await;
+    let client = fx.client().await;
+    // The handler runs past the monitor interval; only heartbeats keep the call alive.
+    let slept: f64 = client
+        .prepare()
+        .call_monitor(Some(Duration::from_secs(2)))
+        .timeout(Duration::from_secs(20))
+        .call(&ctx(), "sleep", json!({"seconds": 4.5}))
+        .await
+        .expect("heartbeats keep the call alive");
+    assert_eq!(slept, 4.5);
+    fx.shutdown().await;
+}
+
+pub async fn silent_server_fails_the_call_monitor(backend: Backend) {
+    let transport = backend.transport().await;
+    let topic = unique_topic("silent");
+    // A listener that takes requests and never answers, as a hung server would.
+    let mut silent = transport
+        .listen(&Target::new(&topic).server("mute"), &ListenOptions::new(8))
+        .await
+        .expect("listen");
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some(Ok(delivery)) = silent.recv().await {
+            held.push(delivery);
+        }
+    });
+    let client = Client::new(backend.transport().await, Target::new(&topic));
+    let started = Instant::now();
+    let err = client
+        .prepare()
+        .call_monitor(Some(Duration::from_secs(2)))
+        .timeout(Duration::from_secs(60))
+        .call::<_, f64>(&ctx(), "sleep", json!({"seconds": 1}))
+        .await
+        .expect_err("silence fails the call");
+    assert!(
+        matches!(err, Error::Timeout { kind: TimeoutKind::CallMonitor, .. }),
+        "{err:?}"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(2) + TIMEOUT_MARGIN,
+        "the monitor fires after its interval, long before the timeout: {waited:?}"
+    );
+    holder.abort();
+}
+
+pub async fn graceful_shutdown_completes_in_flight_calls(backend: Backend) {
+    let mut fx = Fixture::new(&backend, "shutdown");
+    fx.start(1).await;
+    let client = fx.client().await;
+    let in_flight = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .call::<_, f64>(&ctx(), "sleep", json!({"seconds": 1.0}))
+                .await
+        })
+    };
+    tokio::time::timeout(ARRIVAL, fx.recorder.started.notified())
+        .await
+        .expect("handler started");
+    let server = fx.servers.pop().expect("one server");
+    server.shutdown().await.expect("shutdown");
+    let result = in_flight.await.expect("task");
+    assert_eq!(result.expect("in-flight call completes"), 1.0);
+
+    // The stopped server takes no more work.
+    let after = client
+        .prepare()
+        .timeout(Duration::from_millis(500))
+        .call::<_, i64>(&ctx(), "add", json!({"a": 1, "b": 1}))
+        .await
+        .expect_err("nobody serves");
+    assert!(
+        matches!(after, Error::Timeout { .. } | Error::NoResponders { .. }),
+        "{after:?}"
+    );
+}
+
+pub async fn malformed_bytes_are_rejected_and_the_server_keeps_serving(backend: Backend) {
+    let mut fx = Fixture::new(&backend, "malformed");
+    fx.start(1).await;
+    let transport = backend.transport().await;
+    let publisher = transport.publisher().await.expect("publisher");
+    let exchange = transport.default_exchange().to_owned();
+    let poison: Vec<&[u8]> = vec![
+        b"\x00\xffnot json at all",
+        b"{\"oslo.version\": \"3.0\", \"oslo.message\": \"{}\"}",
+        b"{\"oslo.version\": \"2.0\", \"oslo.message\": \"{truncated\"}",
+        b"{\"method\": 42}",
+        b"[]",
+    ];
+    let addresses = [
+        Address::Topic {
+            exchange: exchange.clone(),
+            topic: fx.topic.clone(),
+        },
+        Address::Server {
+            exchange: exchange.clone(),
+            topic: fx.topic.clone(),
+            server: "s1".into(),
+        },
+        Address::Fanout {
+            exchange,
+            topic: fx.topic.clone(),
+        },
+    ];
+    for address in &addresses {
+        for body in &poison {
+            publisher
+                .send(address, Outgoing::new(body.to_vec()))
+                .await
+                .expect("broker takes any bytes");
+        }
+    }
+    let client = fx.client().await;
+    for _ in 0..3 {
+        let sum: i64 = client
+            .call(&ctx(), "add", json!({"a": 20, "b": 22}))
+            .await
+            .expect("server still answers");
+        assert_eq!(sum, 42);
+    }
+    fx.shutdown().await;
+}
+
+pub async fn concurrency_limit_bounds_in_flight_handlers(backend: Backend) {
+    let mut fx = Fixture::new(&backend, "concurrency");
+    fx.start_with("s1", |b| b.concurrency(2)).await;
+    let client = fx.client().await;
+    let calls = (0..6).map(|_| {
+        let client = client.clone();
+        async move {
+            client
+                .call::<_, f64>(&ctx(), "sleep", json!({"seconds": 0.2}))
+                .await
+                .expect("sleep")
+        }
+    });
+    futures::future::join_all(calls).await;
+    let max = fx.recorder.max_in_flight.load(Ordering::SeqCst);
+    assert!((1..=2).contains(&max), "at most 2 handlers at once, saw {max}");
+    fx.shutdown().await;
+}
+
+pub async fn namespaces_select_the_endpoint(backend: Backend) {
+    let topic = unique_topic("namespaces");
+    let transport = backend.transport().await;
+    let server = Server::builder(transport, Target::new(&topic).server("s1"))
+        .endpoint(mqrpc::Endpoint::new().namespace("left").method(
+            "side",
+            |_ctx: Context, _args: mqrpc::NoArgs| async move { Ok::<_, mqrpc::RemoteError>("left") },
+        ))
+        .endpoint(mqrpc::Endpoint::new().method(
+            "side",
+            |_ctx: Context, _args: mqrpc::NoArgs| async move { Ok::<_, mqrpc::RemoteError>("null") },
+        ))
+        .start()
+        .await
+        .expect("server");
+    let client = Client::new(backend.transport().await, Target::new(&topic));
+    let null: String = client.call(&ctx(), "side", json!({})).await.expect("null ns");
+    let left: String = client
+        .prepare()
+        .namespace("left")
+        .call(&ctx(), "side", json!({}))
+        .await
+        .expect("left ns");
+    assert_eq!((null.as_str(), left.as_str()), ("null", "left"));
+    server.shutdown().await.expect("shutdown");
+}
+
+pub async fn cast_before_any_server_waits_for_one(backend: Backend) {
+    let transport = backend.transport().await;
+    if !transport.capabilities().keeps_messages_without_listener {
+        skip(
+            &backend,
+            "cast_before_any_server_waits_for_one",
+            "capability `keeps_messages_without_listener` is not set",
+        );
+        return;
+    }
+    let mut fx = Fixture::new(&backend, "early_cast");
+    // The queue exists once a server has listened; a fresh topic is declared by a
+    // first server that then goes away.
+    fx.start(1).await;
+    fx.servers.pop().expect("server").shutdown().await.expect("shutdown");
+    let client = fx.client().await;
+    client
+        .cast(&ctx(), "record", json!({"id": 1}))
+        .await
+        .expect("cast");
+    fx.start(1).await;
+    fx.recorder.wait_for(1, ARRIVAL).await;
+    fx.shutdown().await;
+}
+
+pub async fn send_to_missing_server_is_reported_at_once(backend: Backend) {
+    let transport = backend.transport().await;
+    if !transport.capabilities().reports_no_responders {
+        skip(
+            &backend,
+            "send_to_missing_server_is_reported_at_once",
+            "capability `reports_no_responders` is not set",
+        );
+        return;
+    }
+    let client = Client::new(transport, Target::new(unique_topic("no_responders")));
+    let err = client
+        .call::<_, i64>(&ctx(), "add", json!({"a": 1, "b": 1}))
+        .await
+        .expect_err("nobody listens");
+    assert!(matches!(err, Error::NoResponders { .. }), "{err:?}");
+}
+
+pub async fn unsettled_delivery_is_redelivered_to_another_server(backend: Backend) {
+    let transport = backend.transport().await;
+    if !transport.capabilities().redelivers_unacked {
+        skip(
+            &backend,
+            "unsettled_delivery_is_redelivered",
+            "capability `redelivers_unacked` is not set",
+        );
+        return;
+    }
+    let mut fx = Fixture::new(&backend, "redeliver");
+    // A server that takes the message and dies before acknowledging it.
+    let mut dying = transport
+        .listen(&Target::new(&fx.topic).server("dying"), &ListenOptions::new(1))
+        .await
+        .expect("listen");
+    let client = fx.client().await;
+    client
+        .cast(&ctx(), "record", json!({"id": 99}))
+        .await
+        .expect("cast");
+    let taken = tokio::time::timeout(ARRIVAL, dying.recv())
+        .await
+        .expect("delivered")
+        .expect("open")
+        .expect("delivery");
+    drop(taken);
+    drop(dying);
+    drop(transport);
+    fx.start_with("s1", |b| b.ack_mode(AckMode::AfterHandling)).await;
+    fx.recorder.wait_for(1, ARRIVAL).await;
+    let records = fx.recorder.settled(SETTLE).await;
+    assert_eq!(records, vec![("s1".to_owned(), 99)]);
+    fx.shutdown().await;
+}
+
+/// Expands to one `#[tokio::test]` per conformance case for a backend. `$backend` is
+/// an async fn returning `Option<Backend>` (`None`: broker absent, already reported).
+macro_rules! conformance_suite {
+    ($backend:path) => {
+        conformance_suite!(@cases $backend;
+            typed_call,
+            context_round_trip_keeps_unknown_keys,
+            cast_to_topic_with_n_servers_is_handled_once,
+            directed_call_reaches_only_its_server,
+            fanout_cast_reaches_every_server_once,
+            call_on_fanout_target_is_invalid,
+            multicall_streams_items_in_order_then_ends,
+            remote_error_decodes_to_the_handler_type,
+            handler_panic_is_a_remote_failure_and_server_keeps_serving,
+            unknown_method_is_no_such_method,
+            version_rules_follow_oslo,
+            private_methods_are_never_dispatched,
+            timeout_fires_and_late_reply_does_not_disturb_next_call,
+            thousand_concurrent_calls_each_get_their_own_reply,
+            one_mib_payload_round_trips,
+            oversized_message_is_refused_with_a_clear_error,
+            heartbeats_keep_a_long_call_alive,
+            silent_server_fails_the_call_monitor,
+            graceful_shutdown_completes_in_flight_calls,
+            malformed_bytes_are_rejected_and_the_server_keeps_serving,
+            concurrency_limit_bounds_in_flight_handlers,
+            namespaces_select_the_endpoint,
+            cast_before_any_server_waits_for_one,
+            send_to_missing_server_is_reported_at_once,
+            unsettled_delivery_is_redelivered_to_another_server,
+        );
+    };
+    (@cases $backend:path; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let Some(backend) = $backend().await else { return };
+                $crate::suite::bounded(stringify!($case), $crate::suite::$case(backend)).await;
+            }
+        )*
+    };
+}
