@@ -82,6 +82,73 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Transport>> {
     match feature {
         #[cfg(feature = "memory")]
         "memory" => Ok(Arc::new(MemoryTransport::connect(url)?)),
+        _ if reserved_feature_enabled(feature) => Err(Error::InvalidUrl(format!(
+            "the {scheme}:// backend (Cargo feature `{feature}`) is reserved and not \
+             implemented in this release"
+        ))),
         _ => Err(Error::BackendNotEnabled { scheme, feature }),
+    }
+}
+
+/// Features whose name is reserved for a backend that has not landed yet.
+fn reserved_feature_enabled(feature: &str) -> bool {
+    match feature {
+        "amqp" => cfg!(feature = "amqp"),
+        "redis" => cfg!(feature = "redis"),
+        "nats" => cfg!(feature = "nats"),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unknown_scheme_lists_the_known_ones() {
+        let err = connect("kafka://localhost:9092")
+            .await
+            .expect_err("unknown");
+        assert!(matches!(&err, Error::UnknownScheme { scheme, .. } if scheme == "kafka"));
+        assert!(err.to_string().contains("amqp://"), "{err}");
+        let err = connect("no scheme here").await.expect_err("no scheme");
+        assert!(matches!(err, Error::InvalidUrl(_)));
+    }
+
+    #[tokio::test]
+    async fn backend_errors_name_the_feature_and_hide_credentials() {
+        for (url, feature) in [
+            ("amqp://user:s3cret@127.0.0.1:5672/", "amqp"),
+            ("rabbit://user:s3cret@h1,h2/vhost", "amqp"),
+            ("redis://:s3cret@127.0.0.1:6379/0", "redis"),
+            ("nats://user:s3cret@127.0.0.1:4222", "nats"),
+        ] {
+            let err = connect(url).await.expect_err("no backend yet");
+            let text = err.to_string();
+            assert!(!text.contains("s3cret"), "credentials leaked: {text}");
+            assert!(
+                !format!("{err:?}").contains("s3cret"),
+                "credentials leaked: {err:?}"
+            );
+            assert!(text.contains(&format!("`{feature}`")), "{text}");
+            if !reserved_feature_enabled(feature) {
+                assert!(matches!(err, Error::BackendNotEnabled { .. }), "{err:?}");
+            }
+        }
+    }
+
+    #[cfg(feature = "memory")]
+    #[tokio::test]
+    async fn memory_names_share_a_bus_and_bare_memory_is_private() {
+        let a = MemoryTransport::connect("memory://shared-test").expect("a");
+        let b = MemoryTransport::connect("memory://shared-test").expect("b");
+        let c = MemoryTransport::connect("memory://").expect("c");
+        let d = MemoryTransport::connect("memory://").expect("d");
+        assert!(a.same_bus(&b));
+        assert!(!c.same_bus(&d));
+        assert!(!a.same_bus(&c));
+        assert!(connect("memory://x?capacity=0").await.is_err());
+        assert!(connect("memory://x?bogus=1").await.is_err());
+        assert_eq!(connect("memory://y").await.expect("y").name(), "memory");
     }
 }

@@ -402,7 +402,7 @@ pub(crate) fn failure_to_error(failure: RemoteError) -> Error {
             _ => {}
         }
     }
-    Error::Remote(failure)
+    Error::Remote(Box::new(failure))
 }
 
 /// A call whose request is out: waits for its replies, heartbeats and deadlines.

@@ -5,6 +5,10 @@
 //! gives `NoSuchMethod`, no compatible endpoint gives `UnsupportedVersion`, and names
 //! starting with `_` are never dispatched (oslo's default access policy).
 
+// A `RemoteError` here is the failure document itself, built once per failed
+// request and sent as it is; boxing it would only add an allocation.
+#![allow(clippy::result_large_err)]
+
 use serde_json::{Map, Value};
 
 use crate::client::DISPATCHER_MODULE;
@@ -107,7 +111,12 @@ mod tests {
         endpoint
     }
 
-    async fn outcome(d: &Dispatcher, ns: Option<&str>, v: Option<&str>, m: &str) -> Result<Value, RemoteError> {
+    async fn outcome(
+        d: &Dispatcher,
+        ns: Option<&str>,
+        v: Option<&str>,
+        m: &str,
+    ) -> Result<Value, RemoteError> {
         match d.dispatch(ns, v, m, Context::new(), Map::new())? {
             Invocation::Unary(future) => future.await,
             Invocation::Stream(_) => panic!("unexpected stream"),
@@ -122,23 +131,37 @@ mod tests {
             endpoint(Version::new(2, 0), Some("ns"), &["a"]),
         ]);
         assert_eq!(outcome(&d, None, None, "a").await, Ok(Value::from("a")));
-        assert_eq!(outcome(&d, None, Some("1.2"), "b").await, Ok(Value::from("b")));
-        assert_eq!(outcome(&d, Some("ns"), Some("2.0"), "a").await, Ok(Value::from("a")));
+        assert_eq!(
+            outcome(&d, None, Some("1.2"), "b").await,
+            Ok(Value::from("b"))
+        );
+        assert_eq!(
+            outcome(&d, Some("ns"), Some("2.0"), "a").await,
+            Ok(Value::from("a"))
+        );
     }
 
     #[tokio::test]
     async fn no_such_method_versus_unsupported_version() {
         let d = Dispatcher::new(vec![endpoint(Version::new(1, 3), None, &["a", "_hidden"])]);
-        let missing = outcome(&d, None, Some("1.1"), "zzz").await.expect_err("missing");
+        let missing = outcome(&d, None, Some("1.1"), "zzz")
+            .await
+            .expect_err("missing");
         assert_eq!(missing.class, "NoSuchMethod");
         assert_eq!(missing.message, "Endpoint does not support RPC method zzz");
-        let private = outcome(&d, None, None, "_hidden").await.expect_err("private");
+        let private = outcome(&d, None, None, "_hidden")
+            .await
+            .expect_err("private");
         assert_eq!(private.class, "NoSuchMethod");
         for version in ["1.4", "2.0", "junk"] {
-            let err = outcome(&d, None, Some(version), "a").await.expect_err("version");
+            let err = outcome(&d, None, Some(version), "a")
+                .await
+                .expect_err("version");
             assert_eq!(err.class, "UnsupportedVersion", "{version}");
         }
-        let wrong_ns = outcome(&d, Some("other"), None, "a").await.expect_err("namespace");
+        let wrong_ns = outcome(&d, Some("other"), None, "a")
+            .await
+            .expect_err("namespace");
         assert_eq!(wrong_ns.class, "UnsupportedVersion");
         assert_eq!(
             wrong_ns.message,

@@ -1,6 +1,10 @@
 //! `Endpoint`: a namespace, a version and named methods. Methods are async closures
 //! or fns with serde-typed arguments and results; streaming methods answer multicalls.
 
+// A `RemoteError` here is the failure document itself, built once per failed
+// request and sent as it is; boxing it would only add an allocation.
+#![allow(clippy::result_large_err)]
+
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
@@ -149,7 +153,9 @@ impl Endpoint {
         let method: Method = Arc::new(move |ctx, args| {
             let args = match decode_args::<A>(&method_name, args) {
                 Ok(args) => args,
-                Err(failure) => return Invocation::Stream(futures::stream::iter([Err(failure)]).boxed()),
+                Err(failure) => {
+                    return Invocation::Stream(futures::stream::iter([Err(failure)]).boxed());
+                }
             };
             match std::panic::catch_unwind(AssertUnwindSafe(|| handler(ctx, args))) {
                 Ok(stream) => Invocation::Stream(
@@ -160,7 +166,9 @@ impl Endpoint {
                         })
                         .boxed(),
                 ),
-                Err(panic) => Invocation::Stream(futures::stream::iter([Err(panic_failure(&*panic))]).boxed()),
+                Err(panic) => {
+                    Invocation::Stream(futures::stream::iter([Err(panic_failure(&*panic))]).boxed())
+                }
             }
         });
         self.methods.insert(name, method);
@@ -168,7 +176,10 @@ impl Endpoint {
     }
 }
 
-fn decode_args<A: DeserializeOwned>(method: &str, args: Map<String, Value>) -> Result<A, RemoteError> {
+fn decode_args<A: DeserializeOwned>(
+    method: &str,
+    args: Map<String, Value>,
+) -> Result<A, RemoteError> {
     A::deserialize(Value::Object(args))
         .map_err(|e| RemoteError::new("TypeError", format!("{method}() got bad arguments: {e}")))
 }

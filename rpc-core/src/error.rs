@@ -34,7 +34,7 @@ pub enum Error {
     },
     /// The server ran the method and it failed; the failure travelled back.
     #[error("{0}")]
-    Remote(RemoteError),
+    Remote(Box<RemoteError>),
     /// A server speaking the requested version exists but has no such method (or the
     /// method is private).
     #[error("endpoint does not support RPC method {method}")]
@@ -96,7 +96,9 @@ pub enum Error {
     #[error("invalid URL: {0}")]
     InvalidUrl(String),
     /// The URL names a backend that this build does not contain.
-    #[error("the {scheme}:// backend is not compiled in: enable the Cargo feature `{feature}` of mqrpc")]
+    #[error(
+        "the {scheme}:// backend is not compiled in: enable the Cargo feature `{feature}` of mqrpc"
+    )]
     BackendNotEnabled {
         /// The URL scheme.
         scheme: String,

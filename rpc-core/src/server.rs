@@ -2,6 +2,10 @@
 //! limit, dispatches each request, replies (with call-monitor heartbeats), turns
 //! panics into failures and shuts down gracefully.
 
+// A `RemoteError` here is the failure document itself, built once per failed
+// request and sent as it is; boxing it would only add an allocation.
+#![allow(clippy::result_large_err)]
+
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::panic::AssertUnwindSafe;
@@ -392,7 +396,11 @@ struct Call<'a> {
 }
 
 impl Call<'_> {
-    async fn answer(&self, invocation: std::result::Result<Invocation, RemoteError>, call_monitor: Option<f64>) {
+    async fn answer(
+        &self,
+        invocation: std::result::Result<Invocation, RemoteError>,
+        call_monitor: Option<f64>,
+    ) {
         let work = self.reply_all(invocation);
         let interval = call_monitor
             .filter(|t| t.is_finite() && *t >= MIN_CALL_MONITOR_SECS)
@@ -414,7 +422,11 @@ impl Call<'_> {
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         loop {
             ticks.tick().await;
-            if let Err(err) = self.replier.send(self.reply_to, &Reply::heartbeat(self.msg_id)).await {
+            if let Err(err) = self
+                .replier
+                .send(self.reply_to, &Reply::heartbeat(self.msg_id))
+                .await
+            {
                 tracing::debug!(error = %err, "heartbeat not delivered; heartbeats stop");
                 return;
             }
@@ -455,7 +467,8 @@ impl Call<'_> {
                         }
                         Err(panic) => {
                             tracing::error!("streaming handler panicked; sending the failure");
-                            self.reply(Reply::failure(self.msg_id, panic_failure(&*panic))).await;
+                            self.reply(Reply::failure(self.msg_id, panic_failure(&*panic)))
+                                .await;
                             return;
                         }
                     }
@@ -492,7 +505,10 @@ impl Replier {
                 // The caller learns why instead of waiting for its timeout.
                 let failure = RemoteError::new(
                     "MessageTooLarge",
-                    format!("reply of {} bytes exceeds the transport limit of {limit} bytes", body.len()),
+                    format!(
+                        "reply of {} bytes exceeds the transport limit of {limit} bytes",
+                        body.len()
+                    ),
                 );
                 body = wire::encode_reply(&Reply::failure(&reply.msg_id, failure))?;
             }

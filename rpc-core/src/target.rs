@@ -238,7 +238,17 @@ mod tests {
 
     #[test]
     fn rejects_malformed_versions() {
-        for bad in ["", "1", "1.", ".1", "a.b", "1.2.3.4", "1.-2", "1. 2", "99999999999.0"] {
+        for bad in [
+            "",
+            "1",
+            "1.",
+            ".1",
+            "a.b",
+            "1.2.3.4",
+            "1.-2",
+            "1. 2",
+            "99999999999.0",
+        ] {
             assert!(bad.parse::<Version>().is_err(), "{bad:?} should not parse");
         }
     }

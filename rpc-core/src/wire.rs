@@ -265,8 +265,8 @@ fn kind_of(value: &Value) -> &'static str {
 /// Decodes a request body (enveloped 2.0 or bare 1.0).
 pub fn decode_request(body: &[u8]) -> Result<Request, CodecError> {
     let mut map = unwrap_envelope(body)?;
-    let method = take_string(&mut map, "method")?
-        .ok_or_else(|| CodecError::new("request has no method"))?;
+    let method =
+        take_string(&mut map, "method")?.ok_or_else(|| CodecError::new("request has no method"))?;
     let args = match map.remove("args") {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(args)) => args,
@@ -313,8 +313,8 @@ pub fn decode_request(body: &[u8]) -> Result<Request, CodecError> {
 /// Decodes a reply body.
 pub fn decode_reply(body: &[u8]) -> Result<Reply, CodecError> {
     let mut map = unwrap_envelope(body)?;
-    let msg_id = take_string(&mut map, "_msg_id")?
-        .ok_or_else(|| CodecError::new("reply has no _msg_id"))?;
+    let msg_id =
+        take_string(&mut map, "_msg_id")?.ok_or_else(|| CodecError::new("reply has no _msg_id"))?;
     let result = map.remove("result").unwrap_or(Value::Null);
     let failure = match map.remove("failure") {
         None | Some(Value::Null) => None,
@@ -388,7 +388,9 @@ mod tests {
             method: "echo".into(),
             args: json!({"x": 1}).as_object().cloned().expect("object"),
             version: Some("1.2".into()),
-            context: Context::new().with("user", "u1").with("request_id", "req-1"),
+            context: Context::new()
+                .with("user", "u1")
+                .with("request_id", "req-1"),
             msg_id: Some("d68e".into()),
             reply_to: Some("reply_ef03".into()),
             unique_id: Some("1ff1".into()),
@@ -420,7 +422,10 @@ mod tests {
         assert_eq!(request.version, None);
         assert_eq!(request.call_monitor, Some(4.0));
         assert_eq!(request.reply_to.as_deref(), Some("reply_q1"));
-        assert_eq!(request.context.get("traceparent"), Some(&json!("00-abc-def-01")));
+        assert_eq!(
+            request.context.get("traceparent"),
+            Some(&json!("00-abc-def-01"))
+        );
         assert_eq!(request.context.get("roles"), Some(&json!(["admin"])));
         assert_eq!(request.context.len(), 3);
     }
@@ -434,11 +439,19 @@ mod tests {
         let inner = inner_of(&encode_request(&request).expect("encode"));
         let object = inner.as_object().expect("object");
         assert_eq!(object["args"], json!({}));
-        assert!(object["_unique_id"].as_str().is_some_and(|id| id.len() == 32));
+        assert!(
+            object["_unique_id"]
+                .as_str()
+                .is_some_and(|id| id.len() == 32)
+        );
         for key in ["_msg_id", "_reply_q", "_timeout", "namespace", "version"] {
             assert!(!object.contains_key(key), "cast must not carry {key}");
         }
-        assert!(!decode_request(&encode_request(&request).expect("encode")).expect("decode").is_call());
+        assert!(
+            !decode_request(&encode_request(&request).expect("encode"))
+                .expect("decode")
+                .is_call()
+        );
     }
 
     #[test]
@@ -496,7 +509,10 @@ mod tests {
         let request = decode_request(body).expect("decode");
         assert_eq!(request.method, "ping");
         assert_eq!(request.args["n"], 3);
-        assert_eq!(request.context.get_as::<String>("user").as_deref(), Some("bob"));
+        assert_eq!(
+            request.context.get_as::<String>("user").as_deref(),
+            Some("bob")
+        );
         assert!(!request.is_call());
     }
 
@@ -506,7 +522,10 @@ mod tests {
             "oslo.message": json!({"method": "x", "args": {}}).to_string()}))
         .expect("encode");
         let err = decode_request(&body).expect_err("3.0 must be refused");
-        assert!(err.reason().contains("unsupported envelope version 3.0"), "{err}");
+        assert!(
+            err.reason().contains("unsupported envelope version 3.0"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -527,9 +546,16 @@ mod tests {
             b"{\"method\": \"m\", \"_msg_id\": {}}",
         ];
         for body in cases {
-            assert!(decode_request(body).is_err(), "{:?}", String::from_utf8_lossy(body));
+            assert!(
+                decode_request(body).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
         }
-        assert!(decode_reply(b"{\"result\": 1}").is_err(), "a reply needs _msg_id");
+        assert!(
+            decode_reply(b"{\"result\": 1}").is_err(),
+            "a reply needs _msg_id"
+        );
         assert!(decode_reply(b"{\"_msg_id\": \"m\", \"ending\": \"yes\"}").is_err());
     }
 }

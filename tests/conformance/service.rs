@@ -172,24 +172,30 @@ pub fn endpoint(server: &str, recorder: &Arc<Recorder>) -> Endpoint {
                 Ok::<_, RemoteError>(args.seconds)
             }
         })
-        .method("delayed_echo", move |_ctx: Context, args: DelayedEchoArgs| {
-            let rec = rec_delay.clone();
-            async move {
-                rec.started.notify_one();
-                tokio::time::sleep(Duration::from_secs_f64(args.seconds)).await;
-                Ok::<_, RemoteError>(args.payload)
-            }
-        })
+        .method(
+            "delayed_echo",
+            move |_ctx: Context, args: DelayedEchoArgs| {
+                let rec = rec_delay.clone();
+                async move {
+                    rec.started.notify_one();
+                    tokio::time::sleep(Duration::from_secs_f64(args.seconds)).await;
+                    Ok::<_, RemoteError>(args.payload)
+                }
+            },
+        )
         .method("fail", |_ctx: Context, args: FailArgs| async move {
-            match args.kind.as_str() {
-                "refused" => Err(ServiceError::Refused),
-                _ => Err(ServiceError::OutOfRange { value: 11, max: 10 }),
-            }
-            .map(|()| ())
+            let error = match args.kind.as_str() {
+                "refused" => ServiceError::Refused,
+                _ => ServiceError::OutOfRange { value: 11, max: 10 },
+            };
+            Err::<(), _>(error)
         })
-        .method("value_error", |_ctx: Context, _args: mqrpc::NoArgs| async move {
-            Err::<(), _>(RemoteError::new("ValueError", "bad value"))
-        })
+        .method(
+            "value_error",
+            |_ctx: Context, _args: mqrpc::NoArgs| async move {
+                Err::<(), _>(RemoteError::new("ValueError", "bad value"))
+            },
+        )
         .method("panic", |_ctx: Context, _args: mqrpc::NoArgs| async move {
             if true {
                 panic!("deliberate test panic");

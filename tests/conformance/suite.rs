@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use mqrpc::{
-    AckMode, Address, Client, Context, Error, ListenOptions, Outgoing, Server, Target,
-    TimeoutKind, Transport, Version,
+    AckMode, Address, Client, Context, Error, ListenOptions, Outgoing, Server, Target, TimeoutKind,
+    Transport, Version,
 };
 use serde_json::{Value, json};
 
@@ -111,8 +111,8 @@ impl Fixture {
     ) {
         let transport = self.backend.transport().await;
         let target = Target::new(&self.topic).server(server);
-        let builder = Server::builder(transport, target)
-            .endpoint(service::endpoint(server, &self.recorder));
+        let builder =
+            Server::builder(transport, target).endpoint(service::endpoint(server, &self.recorder));
         let started = configure(builder).start().await.expect("server starts");
         self.servers.push(started);
     }
@@ -171,7 +171,10 @@ pub async fn context_round_trip_keeps_unknown_keys(backend: Backend) {
     let sent = Context::new()
         .with("user", "alice")
         .with("request_id", "req-7")
-        .with("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        .with(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
         .with("roles", vec!["admin", "member"])
         .with("nested", json!({"deep": {"n": 1, "none": null}}))
         .with("is_admin", true);
@@ -198,7 +201,10 @@ pub async fn cast_to_topic_with_n_servers_is_handled_once(backend: Backend) {
     let records = fx.recorder.settled(SETTLE).await;
     assert_eq!(records.len(), CASTS as usize, "{records:?}");
     let per_id = Recorder::per_id(&records);
-    assert!((0..CASTS).all(|id| per_id.get(&id) == Some(&1)), "{per_id:?}");
+    assert!(
+        (0..CASTS).all(|id| per_id.get(&id) == Some(&1)),
+        "{per_id:?}"
+    );
     fx.shutdown().await;
 }
 
@@ -223,7 +229,10 @@ pub async fn directed_call_reaches_only_its_server(backend: Backend) {
     fx.recorder.wait_for(5, ARRIVAL).await;
     let records = fx.recorder.settled(SETTLE).await;
     assert_eq!(records.len(), 5, "{records:?}");
-    assert!(records.iter().all(|(server, _)| server == "s2"), "{records:?}");
+    assert!(
+        records.iter().all(|(server, _)| server == "s2"),
+        "{records:?}"
+    );
     fx.shutdown().await;
 }
 
@@ -251,7 +260,9 @@ pub async fn call_on_fanout_target_is_invalid(backend: Backend) {
     let client = fx.client().await.fanout(true);
     let result: Result<i64, _> = client.call(&ctx(), "add", json!({"a": 1, "b": 1})).await;
     assert!(matches!(result, Err(Error::InvalidTarget(_))), "{result:?}");
-    let stream = client.multicall::<_, u64>(&ctx(), "count", json!({"n": 1})).await;
+    let stream = client
+        .multicall::<_, u64>(&ctx(), "count", json!({"n": 1}))
+        .await;
     assert!(matches!(stream, Err(Error::InvalidTarget(_))));
     fx.shutdown().await;
 }
@@ -291,10 +302,17 @@ pub async fn multicall_streams_items_in_order_then_ends(backend: Backend) {
         .expect("multicall");
     assert_eq!(failing.next().await.map(|r| r.expect("0")), Some(0));
     assert_eq!(failing.next().await.map(|r| r.expect("1")), Some(1));
-    let err = failing.next().await.expect("an error item").expect_err("error");
+    let err = failing
+        .next()
+        .await
+        .expect("an error item")
+        .expect_err("error");
     let remote = err.as_remote().expect("remote error");
     assert_eq!(remote.decode::<ServiceError>(), Some(ServiceError::Refused));
-    assert!(failing.next().await.is_none(), "the stream ends after the error");
+    assert!(
+        failing.next().await.is_none(),
+        "the stream ends after the error"
+    );
     fx.shutdown().await;
 }
 
@@ -328,7 +346,10 @@ pub async fn remote_error_decodes_to_the_handler_type(backend: Backend) {
         .await
         .expect_err("fails");
     let remote = err.as_remote().expect("remote error");
-    assert_eq!((remote.module.as_str(), remote.class.as_str()), ("builtins", "ValueError"));
+    assert_eq!(
+        (remote.module.as_str(), remote.class.as_str()),
+        ("builtins", "ValueError")
+    );
     assert_eq!(remote.message, "bad value");
     assert_eq!(remote.decode::<ServiceError>(), None);
 
@@ -390,7 +411,11 @@ pub async fn version_rules_follow_oslo(backend: Backend) {
             .unwrap_or_else(|e| panic!("version {ok} should be served: {e}"));
         assert_eq!(sum, 3);
     }
-    for refused in [Version::new(1, 4), Version::new(2, 0), Version::with_revision(1, 3, 1)] {
+    for refused in [
+        Version::new(1, 4),
+        Version::new(2, 0),
+        Version::with_revision(1, 3, 1),
+    ] {
         let err = client
             .prepare()
             .version(refused)
@@ -422,7 +447,10 @@ pub async fn private_methods_are_never_dispatched(backend: Backend) {
         .call::<_, Value>(&ctx(), "_private", json!({}))
         .await
         .expect_err("denied");
-    assert!(matches!(&err, Error::NoSuchMethod { method } if method == "_private"), "{err:?}");
+    assert!(
+        matches!(&err, Error::NoSuchMethod { method } if method == "_private"),
+        "{err:?}"
+    );
     assert!(!fx.recorder.private_called.load(Ordering::SeqCst));
     fx.shutdown().await;
 }
@@ -441,14 +469,24 @@ pub async fn timeout_fires_and_late_reply_does_not_disturb_next_call(backend: Ba
         .expect_err("times out");
     let waited = started.elapsed();
     assert!(
-        matches!(err, Error::Timeout { kind: TimeoutKind::Reply, .. }),
+        matches!(
+            err,
+            Error::Timeout {
+                kind: TimeoutKind::Reply,
+                ..
+            }
+        ),
         "{err:?}"
     );
     assert!(waited >= timeout, "fired early: {waited:?}");
     assert!(waited < timeout + TIMEOUT_MARGIN, "fired late: {waited:?}");
     // The late reply of the first call lands while this one waits.
     let second: String = client
-        .call(&ctx(), "delayed_echo", json!({"seconds": 1.2, "payload": "second"}))
+        .call(
+            &ctx(),
+            "delayed_echo",
+            json!({"seconds": 1.2, "payload": "second"}),
+        )
         .await
         .expect("second call");
     assert_eq!(second, "second");
@@ -492,7 +530,11 @@ pub async fn one_mib_payload_round_trips(backend: Backend) {
 pub async fn oversized_message_is_refused_with_a_clear_error(backend: Backend) {
     let transport = backend.transport().await;
     let Some(limit) = transport.capabilities().max_message_size else {
-        skip(&backend, "oversized_message", "capability `max_message_size` is not set (no limit)");
+        skip(
+            &backend,
+            "oversized_message",
+            "capability `max_message_size` is not set (no limit)",
+        );
         return;
     };
     let client = Client::new(transport, Target::new(unique_topic("oversized")));
@@ -544,7 +586,13 @@ pub async fn silent_server_fails_the_call_monitor(backend: Backend) {
         .await
         .expect_err("silence fails the call");
     assert!(
-        matches!(err, Error::Timeout { kind: TimeoutKind::CallMonitor, .. }),
+        matches!(
+            err,
+            Error::Timeout {
+                kind: TimeoutKind::CallMonitor,
+                ..
+            }
+        ),
         "{err:?}"
     );
     let waited = started.elapsed();
@@ -650,7 +698,10 @@ pub async fn concurrency_limit_bounds_in_flight_handlers(backend: Backend) {
     });
     futures::future::join_all(calls).await;
     let max = fx.recorder.max_in_flight.load(Ordering::SeqCst);
-    assert!((1..=2).contains(&max), "at most 2 handlers at once, saw {max}");
+    assert!(
+        (1..=2).contains(&max),
+        "at most 2 handlers at once, saw {max}"
+    );
     fx.shutdown().await;
 }
 
@@ -658,19 +709,27 @@ pub async fn namespaces_select_the_endpoint(backend: Backend) {
     let topic = unique_topic("namespaces");
     let transport = backend.transport().await;
     let server = Server::builder(transport, Target::new(&topic).server("s1"))
-        .endpoint(mqrpc::Endpoint::new().namespace("left").method(
-            "side",
-            |_ctx: Context, _args: mqrpc::NoArgs| async move { Ok::<_, mqrpc::RemoteError>("left") },
-        ))
-        .endpoint(mqrpc::Endpoint::new().method(
-            "side",
-            |_ctx: Context, _args: mqrpc::NoArgs| async move { Ok::<_, mqrpc::RemoteError>("null") },
-        ))
+        .endpoint(
+            mqrpc::Endpoint::new()
+                .namespace("left")
+                .method("side", |_ctx: Context, _args: mqrpc::NoArgs| async move {
+                    Ok::<_, mqrpc::RemoteError>("left")
+                }),
+        )
+        .endpoint(
+            mqrpc::Endpoint::new()
+                .method("side", |_ctx: Context, _args: mqrpc::NoArgs| async move {
+                    Ok::<_, mqrpc::RemoteError>("null")
+                }),
+        )
         .start()
         .await
         .expect("server");
     let client = Client::new(backend.transport().await, Target::new(&topic));
-    let null: String = client.call(&ctx(), "side", json!({})).await.expect("null ns");
+    let null: String = client
+        .call(&ctx(), "side", json!({}))
+        .await
+        .expect("null ns");
     let left: String = client
         .prepare()
         .namespace("left")
@@ -695,7 +754,12 @@ pub async fn cast_before_any_server_waits_for_one(backend: Backend) {
     // The queue exists once a server has listened; a fresh topic is declared by a
     // first server that then goes away.
     fx.start(1).await;
-    fx.servers.pop().expect("server").shutdown().await.expect("shutdown");
+    fx.servers
+        .pop()
+        .expect("server")
+        .shutdown()
+        .await
+        .expect("shutdown");
     let client = fx.client().await;
     client
         .cast(&ctx(), "record", json!({"id": 1}))
@@ -737,7 +801,10 @@ pub async fn unsettled_delivery_is_redelivered_to_another_server(backend: Backen
     let mut fx = Fixture::new(&backend, "redeliver");
     // A server that takes the message and dies before acknowledging it.
     let mut dying = transport
-        .listen(&Target::new(&fx.topic).server("dying"), &ListenOptions::new(1))
+        .listen(
+            &Target::new(&fx.topic).server("dying"),
+            &ListenOptions::new(1),
+        )
         .await
         .expect("listen");
     let client = fx.client().await;
@@ -753,7 +820,8 @@ pub async fn unsettled_delivery_is_redelivered_to_another_server(backend: Backen
     drop(taken);
     drop(dying);
     drop(transport);
-    fx.start_with("s1", |b| b.ack_mode(AckMode::AfterHandling)).await;
+    fx.start_with("s1", |b| b.ack_mode(AckMode::AfterHandling))
+        .await;
     fx.recorder.wait_for(1, ARRIVAL).await;
     let records = fx.recorder.settled(SETTLE).await;
     assert_eq!(records, vec![("s1".to_owned(), 99)]);

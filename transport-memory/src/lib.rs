@@ -259,9 +259,11 @@ impl Transport for MemoryTransport {
         let topic = self
             .bus
             .queue(QueueKey::Topic(exchange.clone(), target.topic.clone()));
-        let direct = self
-            .bus
-            .queue(QueueKey::Server(exchange.clone(), target.topic.clone(), server));
+        let direct = self.bus.queue(QueueKey::Server(
+            exchange.clone(),
+            target.topic.clone(),
+            server,
+        ));
         let (fanout_tx, fanout_rx) = async_channel::bounded(self.bus.capacity);
         let group = self.bus.fanout_group(&exchange, &target.topic);
         let id = self.bus.next_id.fetch_add(1, Ordering::Relaxed);
@@ -324,20 +326,25 @@ impl Publisher for MemoryPublisher {
                 server,
             } => {
                 self.bus
-                    .queue(QueueKey::Server(exchange.clone(), topic.clone(), server.clone()))
+                    .queue(QueueKey::Server(
+                        exchange.clone(),
+                        topic.clone(),
+                        server.clone(),
+                    ))
                     .tx
             }
             Address::Fanout { exchange, topic } => {
-                let members: Vec<Sender<Bytes>> = match self.bus.fanouts.get(&(exchange.clone(), topic.clone())) {
-                    Some(group) => group
-                        .members
-                        .read()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .iter()
-                        .map(|(_, tx)| tx.clone())
-                        .collect(),
-                    None => Vec::new(),
-                };
+                let members: Vec<Sender<Bytes>> =
+                    match self.bus.fanouts.get(&(exchange.clone(), topic.clone())) {
+                        Some(group) => group
+                            .members
+                            .read()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .iter()
+                            .map(|(_, tx)| tx.clone())
+                            .collect(),
+                        None => Vec::new(),
+                    };
                 if members.is_empty() {
                     tracing::debug!(%address, "fanout with no server listening; dropped");
                 }
