@@ -28,6 +28,9 @@ use crate::wire::{self, Reply, Request};
 /// `rpc_response_timeout`).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The shortest call-monitor interval servers honour (oslo.messaging's rule).
+pub const MIN_CALL_MONITOR: Duration = Duration::from_secs(2);
+
 /// Module of the dispatcher failures, as oslo.messaging names it on the wire.
 pub(crate) const DISPATCHER_MODULE: &str = "oslo_messaging.rpc.dispatcher";
 
@@ -144,10 +147,11 @@ impl Client {
     }
 
     /// Asks the server for heartbeats every `interval / 2` and fails the call when
-    /// nothing is heard for `interval` (oslo's `call_monitor_timeout`). Servers send
-    /// heartbeats only for intervals of 2 s or more.
+    /// nothing is heard for `interval` (oslo's `call_monitor_timeout`), while the
+    /// overall timeout still applies. Servers heartbeat only for intervals of 2 s or
+    /// more, so shorter intervals are raised to 2 s.
     pub fn call_monitor(mut self, interval: Option<Duration>) -> Self {
-        self.call_monitor = interval;
+        self.call_monitor = interval.map(|i| i.max(MIN_CALL_MONITOR));
         self
     }
 
@@ -381,28 +385,54 @@ fn decode_result<R: DeserializeOwned>(value: Value) -> Result<R> {
 }
 
 /// Turns the dispatcher's own failures back into their variants.
+///
+/// A Rust server sends the method (and version) as the positional arguments; a Python
+/// server sends only the message text, so the names are read from it then.
 pub(crate) fn failure_to_error(failure: RemoteError) -> Error {
     if failure.base_module() == DISPATCHER_MODULE {
-        let arg = |i: usize| {
-            failure
-                .args
-                .get(i)
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-                .unwrap_or_default()
-        };
         match failure.base_class() {
-            "NoSuchMethod" => return Error::NoSuchMethod { method: arg(0) },
+            "NoSuchMethod" => {
+                let raw = positional(&failure, 0, 1).unwrap_or_else(|| failure.message.clone());
+                let method = raw
+                    .strip_prefix("Endpoint does not support RPC method ")
+                    .map_or(raw.clone(), str::to_owned);
+                return Error::NoSuchMethod { method };
+            }
             "UnsupportedVersion" => {
-                return Error::UnsupportedVersion {
-                    version: arg(0),
-                    method: arg(1),
-                };
+                let (version, method) =
+                    match (positional(&failure, 0, 2), positional(&failure, 1, 2)) {
+                        (Some(version), Some(method)) => (version, method),
+                        _ => parse_unsupported_version(&failure.message),
+                    };
+                return Error::UnsupportedVersion { version, method };
             }
             _ => {}
         }
     }
     Error::Remote(Box::new(failure))
+}
+
+/// Positional argument `i` when the failure has exactly `count` string arguments.
+fn positional(failure: &RemoteError, i: usize, count: usize) -> Option<String> {
+    if failure.args.len() != count {
+        return None;
+    }
+    failure
+        .args
+        .get(i)
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+}
+
+/// Reads oslo's "Endpoint does not support RPC version V. Attempted method: M".
+fn parse_unsupported_version(message: &str) -> (String, String) {
+    let rest = message
+        .strip_prefix("Endpoint does not support RPC version ")
+        .unwrap_or(message);
+    match rest.split_once(". Attempted method: ") {
+        Some((version, method)) => (version.to_owned(), method.trim().to_owned()),
+        None => (String::new(), String::new()),
+    }
 }
 
 /// A call whose request is out: waits for its replies, heartbeats and deadlines.
@@ -494,5 +524,44 @@ impl<R> Stream for ReplyStream<R> {
 impl<R> fmt::Debug for ReplyStream<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ReplyStream").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dispatcher_failure(class: &str, message: &str, args: &[&str]) -> RemoteError {
+        let mut failure = RemoteError::new(class, message).with_module(DISPATCHER_MODULE);
+        failure.args = args.iter().map(|a| Value::from(*a)).collect();
+        failure
+    }
+
+    #[test]
+    fn dispatcher_failures_from_rust_and_python_servers() {
+        let rust = dispatcher_failure(
+            "NoSuchMethod",
+            "Endpoint does not support RPC method m",
+            &["m"],
+        );
+        assert!(matches!(failure_to_error(rust), Error::NoSuchMethod { method } if method == "m"));
+        let text = "Endpoint does not support RPC method m";
+        let python = dispatcher_failure("NoSuchMethod", text, &[text]);
+        assert!(
+            matches!(failure_to_error(python), Error::NoSuchMethod { method } if method == "m")
+        );
+        let text = "Endpoint does not support RPC version 2.0. Attempted method: add";
+        let python = dispatcher_failure("UnsupportedVersion", text, &[text]);
+        assert!(matches!(failure_to_error(python),
+            Error::UnsupportedVersion { version, method } if version == "2.0" && method == "add"));
+        let mut remote = dispatcher_failure("NoSuchMethod", text, &[]);
+        remote.class = "NoSuchMethod_Remote".into();
+        remote.module = format!("{DISPATCHER_MODULE}_Remote");
+        assert!(matches!(
+            failure_to_error(remote),
+            Error::NoSuchMethod { .. }
+        ));
+        let other = RemoteError::new("ValueError", "x");
+        assert!(matches!(failure_to_error(other), Error::Remote(_)));
     }
 }

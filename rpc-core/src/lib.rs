@@ -24,7 +24,7 @@ mod target;
 pub mod transport;
 pub mod wire;
 
-pub use client::{Client, DEFAULT_TIMEOUT, ReplyStream};
+pub use client::{Client, DEFAULT_TIMEOUT, MIN_CALL_MONITOR, ReplyStream};
 pub use context::Context;
 pub use endpoint::{Endpoint, NoArgs};
 pub use error::{

@@ -52,9 +52,6 @@ impl ReplyRouter {
         &self,
         msg_id: &str,
     ) -> Result<(PendingReplies, mpsc::UnboundedReceiver<Reply>)> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(Error::Closed);
-        }
         // Unbounded so that one slow multicall reader never stalls the replies of
         // every other call; a call's replies are bounded by what its server sends.
         let (tx, rx) = mpsc::unbounded_channel();
@@ -63,6 +60,11 @@ impl ReplyRouter {
             waiters: self.waiters.clone(),
             msg_id: msg_id.to_owned(),
         };
+        // Checked after inserting: the router sets `closed` before it clears the
+        // waiters, so a waiter inserted after the clear sees the flag here.
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
         Ok((guard, rx))
     }
 }
@@ -128,7 +130,7 @@ async fn route(
         }
     }
     tracing::warn!(queue = %address, "reply queue closed; failing calls in flight");
-    closed.store(true, Ordering::Release);
+    closed.store(true, Ordering::SeqCst);
     // Dropping the senders wakes every waiter with `Closed`.
     waiters.clear();
 }

@@ -36,6 +36,9 @@ pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
 const DEDUP_WINDOW: usize = 1024;
 /// Call-monitor intervals below this get no heartbeats (as in oslo.messaging).
 const MIN_CALL_MONITOR_SECS: f64 = 2.0;
+/// How long one reply may wait for the transport before it is dropped, so a stuck
+/// reply queue cannot hold a handler slot forever.
+const REPLY_SEND_LIMIT: Duration = Duration::from_secs(30);
 
 /// When a server acknowledges a request to the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -518,9 +521,14 @@ impl Replier {
             time_to_live: None,
             mandatory: true,
         };
-        self.publisher
-            .send(&Address::Reply(reply_to.to_owned()), outgoing)
-            .await
+        let address = Address::Reply(reply_to.to_owned());
+        let send = self.publisher.send(&address, outgoing);
+        match tokio::time::timeout(REPLY_SEND_LIMIT, send).await {
+            Ok(sent) => sent,
+            Err(_) => Err(Error::transport_msg(format!(
+                "reply not accepted by the transport within {REPLY_SEND_LIMIT:?}"
+            ))),
+        }
     }
 }
 

@@ -330,8 +330,9 @@ pub fn decode_reply(body: &[u8]) -> Result<Reply, CodecError> {
             )));
         }
     };
-    // Before 2015 a reply without `ending` was followed by a separate end marker; a
-    // missing key therefore means "more may come" only when there is nothing in it.
+    // Every oslo.messaging since 2015 sends `ending`; a reply without it is taken as
+    // final (the separate end marker of older servers then arrives late and is
+    // dropped).
     let ending = match map.remove("ending") {
         Some(Value::Bool(ending)) => ending,
         None | Some(Value::Null) => true,
