@@ -28,7 +28,7 @@ impl Dispatcher {
         Dispatcher { endpoints }
     }
 
-    /// Starts `method`, or says why it cannot run.
+    /// Starts `method`; an [`Invocation::Failed`] says why it cannot run.
     pub(crate) fn dispatch(
         &self,
         namespace: Option<&str>,
@@ -36,12 +36,12 @@ impl Dispatcher {
         method: &str,
         ctx: Context,
         args: Map<String, Value>,
-    ) -> Result<Invocation, RemoteError> {
+    ) -> Invocation {
         let requested = match version {
             None => Version::DEFAULT,
             Some(text) => match text.parse::<Version>() {
                 Ok(version) => version,
-                Err(_) => return Err(unsupported_version(text, method)),
+                Err(_) => return Invocation::Failed(unsupported_version(text, method)),
             },
         };
         let mut compatible = false;
@@ -51,19 +51,16 @@ impl Dispatcher {
             }
             if !method.starts_with('_') {
                 if let Some(handler) = endpoint.methods.get(method) {
-                    return Ok(handler(ctx, args));
+                    return handler(ctx, args);
                 }
             }
             compatible = true;
         }
-        if compatible {
-            Err(no_such_method(method))
+        Invocation::Failed(if compatible {
+            no_such_method(method)
         } else {
-            Err(unsupported_version(
-                version.unwrap_or(&Version::DEFAULT.to_string()),
-                method,
-            ))
-        }
+            unsupported_version(version.unwrap_or(&Version::DEFAULT.to_string()), method)
+        })
     }
 }
 
@@ -117,8 +114,9 @@ mod tests {
         v: Option<&str>,
         m: &str,
     ) -> Result<Value, RemoteError> {
-        match d.dispatch(ns, v, m, Context::new(), Map::new())? {
+        match d.dispatch(ns, v, m, Context::new(), Map::new()) {
             Invocation::Unary(future) => future.await,
+            Invocation::Failed(failure) => Err(failure),
             Invocation::Stream(_) => panic!("unexpected stream"),
         }
     }

@@ -30,6 +30,8 @@ pub struct NoArgs {}
 pub(crate) enum Invocation {
     Unary(BoxFuture<'static, Result<Value, RemoteError>>),
     Stream(BoxStream<'static, Result<Value, RemoteError>>),
+    /// The method could not start (bad arguments, or it panicked while starting).
+    Failed(RemoteError),
 }
 
 type Method = Arc<dyn Fn(Context, Map<String, Value>) -> Invocation + Send + Sync>;
@@ -97,7 +99,7 @@ impl Endpoint {
     ///
     /// Arguments that do not decode into `A` fail the call with a `TypeError`, as a
     /// Python server does. Names starting with `_` are never dispatched.
-    pub fn method<A, T, E, F, Fut>(mut self, name: impl Into<String>, handler: F) -> Self
+    pub fn method<A, T, E, F, Fut>(self, name: impl Into<String>, handler: F) -> Self
     where
         A: DeserializeOwned + Send + 'static,
         T: Serialize + Send + 'static,
@@ -105,32 +107,9 @@ impl Endpoint {
         F: Fn(Context, A) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
-        let name = name.into();
-        let method_name = name.clone();
-        let method: Method = Arc::new(move |ctx, args| {
-            let args = match decode_args::<A>(&method_name, args) {
-                Ok(args) => args,
-                Err(failure) => {
-                    return Invocation::Unary(futures::future::ready(Err(failure)).boxed());
-                }
-            };
-            // A panic while building the future is caught like one inside it.
-            match std::panic::catch_unwind(AssertUnwindSafe(|| handler(ctx, args))) {
-                Ok(future) => Invocation::Unary(
-                    future
-                        .map(|outcome| match outcome {
-                            Ok(value) => encode_result(&value),
-                            Err(err) => Err(err.into_remote_error()),
-                        })
-                        .boxed(),
-                ),
-                Err(panic) => {
-                    Invocation::Unary(futures::future::ready(Err(panic_failure(&*panic))).boxed())
-                }
-            }
-        });
-        self.methods.insert(name, method);
-        self
+        self.register(name, handler, |future: Fut| {
+            Invocation::Unary(future.map(reply_value).boxed())
+        })
     }
 
     /// Registers a streaming method: it returns a stream of results, each sent to the
@@ -140,7 +119,7 @@ impl Endpoint {
     ///
     /// An item must not serialize to JSON `null`: on the wire that is a heartbeat.
     /// Such items are skipped with a warning.
-    pub fn stream_method<A, T, E, F, S>(mut self, name: impl Into<String>, handler: F) -> Self
+    pub fn stream_method<A, T, E, F, S>(self, name: impl Into<String>, handler: F) -> Self
     where
         A: DeserializeOwned + Send + 'static,
         T: Serialize + Send + 'static,
@@ -148,31 +127,48 @@ impl Endpoint {
         F: Fn(Context, A) -> S + Send + Sync + 'static,
         S: Stream<Item = Result<T, E>> + Send + 'static,
     {
+        self.register(name, handler, |stream: S| {
+            Invocation::Stream(stream.map(reply_value).boxed())
+        })
+    }
+
+    /// Erases a typed handler: decodes the arguments, catches a panic raised while
+    /// the handler builds its future or stream, and wraps what it built.
+    fn register<A, F, R>(
+        mut self,
+        name: impl Into<String>,
+        handler: F,
+        wrap: fn(R) -> Invocation,
+    ) -> Self
+    where
+        A: DeserializeOwned + Send + 'static,
+        F: Fn(Context, A) -> R + Send + Sync + 'static,
+        R: 'static,
+    {
         let name = name.into();
         let method_name = name.clone();
         let method: Method = Arc::new(move |ctx, args| {
-            let args = match decode_args::<A>(&method_name, args) {
-                Ok(args) => args,
-                Err(failure) => {
-                    return Invocation::Stream(futures::stream::iter([Err(failure)]).boxed());
-                }
-            };
-            match std::panic::catch_unwind(AssertUnwindSafe(|| handler(ctx, args))) {
-                Ok(stream) => Invocation::Stream(
-                    stream
-                        .map(|item| match item {
-                            Ok(value) => encode_result(&value),
-                            Err(err) => Err(err.into_remote_error()),
-                        })
-                        .boxed(),
-                ),
-                Err(panic) => {
-                    Invocation::Stream(futures::stream::iter([Err(panic_failure(&*panic))]).boxed())
-                }
+            let built = decode_args::<A>(&method_name, args).and_then(|args| {
+                std::panic::catch_unwind(AssertUnwindSafe(|| handler(ctx, args)))
+                    .map_err(|panic| panic_failure(&*panic))
+            });
+            match built {
+                Ok(built) => wrap(built),
+                Err(failure) => Invocation::Failed(failure),
             }
         });
         self.methods.insert(name, method);
         self
+    }
+}
+
+/// A handler's outcome as the JSON result or the failure to send.
+fn reply_value<T: Serialize, E: IntoRemoteError>(
+    outcome: Result<T, E>,
+) -> Result<Value, RemoteError> {
+    match outcome {
+        Ok(value) => encode_result(&value),
+        Err(err) => Err(err.into_remote_error()),
     }
 }
 

@@ -359,15 +359,15 @@ impl Work {
     }
 }
 
-async fn run_cast(invocation: std::result::Result<Invocation, RemoteError>) {
+async fn run_cast(invocation: Invocation) {
     let failure = match invocation {
-        Err(failure) => Some(failure),
-        Ok(Invocation::Unary(future)) => match AssertUnwindSafe(future).catch_unwind().await {
+        Invocation::Failed(failure) => Some(failure),
+        Invocation::Unary(future) => match AssertUnwindSafe(future).catch_unwind().await {
             Ok(Ok(_)) => None,
             Ok(Err(failure)) => Some(failure),
             Err(panic) => Some(panic_failure(&*panic)),
         },
-        Ok(Invocation::Stream(stream)) => {
+        Invocation::Stream(stream) => {
             let mut stream = AssertUnwindSafe(stream).catch_unwind();
             let mut failure = None;
             while let Some(item) = stream.next().await {
@@ -399,11 +399,7 @@ struct Call<'a> {
 }
 
 impl Call<'_> {
-    async fn answer(
-        &self,
-        invocation: std::result::Result<Invocation, RemoteError>,
-        call_monitor: Option<f64>,
-    ) {
+    async fn answer(&self, invocation: Invocation, call_monitor: Option<f64>) {
         let work = self.reply_all(invocation);
         let interval = call_monitor
             .filter(|t| t.is_finite() && *t >= MIN_CALL_MONITOR_SECS)
@@ -436,12 +432,12 @@ impl Call<'_> {
         }
     }
 
-    async fn reply_all(&self, invocation: std::result::Result<Invocation, RemoteError>) {
+    async fn reply_all(&self, invocation: Invocation) {
         match invocation {
-            Err(failure) => {
+            Invocation::Failed(failure) => {
                 self.reply(Reply::failure(self.msg_id, failure)).await;
             }
-            Ok(Invocation::Unary(future)) => {
+            Invocation::Unary(future) => {
                 let reply = match AssertUnwindSafe(future).catch_unwind().await {
                     Ok(Ok(value)) => Reply::result(self.msg_id, value),
                     Ok(Err(failure)) => Reply::failure(self.msg_id, failure),
@@ -452,7 +448,7 @@ impl Call<'_> {
                 };
                 self.reply(reply).await;
             }
-            Ok(Invocation::Stream(stream)) => {
+            Invocation::Stream(stream) => {
                 let mut stream = AssertUnwindSafe(stream).catch_unwind();
                 while let Some(item) = stream.next().await {
                     match item {
