@@ -253,7 +253,9 @@ async fn serve(
         );
         tasks.shutdown().await;
     }
-    drop(consumer);
+    if let Err(err) = consumer.close().await {
+        tracing::warn!(error = %err, "could not close the consumer cleanly");
+    }
 }
 
 /// Decodes and settles a delivery as the ack mode says; returns the work to run.

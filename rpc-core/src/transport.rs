@@ -220,6 +220,13 @@ pub trait Consumer: Send + 'static {
     /// Stops taking new deliveries while letting deliveries already handed out be
     /// acked or rejected. Messages not yet handed out stay with the broker.
     async fn stop(&mut self) -> Result<()>;
+
+    /// Releases what the consumer holds at the broker (channels, a server's own fanout
+    /// queue) once its deliveries are settled. Dropping a consumer releases it too, in
+    /// the background; `close` waits until it is done.
+    async fn close(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A client's private reply queue: the address to put in requests, and its consumer.

@@ -8,3 +8,6 @@ mod suite;
 mod service;
 
 mod memory;
+
+#[cfg(feature = "amqp")]
+mod amqp;

@@ -1,0 +1,273 @@
+#!/usr/bin/env python3
+"""oslo.messaging peer for the mqrpc interop tests.
+
+Runs a real oslo.messaging RPC server or client (rabbit driver) so that the
+Rust side can be tested against it on one RabbitMQ. Needs only the standard
+library and oslo.messaging (>= 18.2; see scripts/oslo-venv.sh).
+
+Subcommands
+-----------
+
+``server --url URL --topic T --server S [--exchange E]``
+    An RPC server on Target(topic=T, server=S, exchange=E) with one endpoint
+    (version 1.3, null namespace) offering:
+
+    ========================== ============================================
+    echo(payload)              returns payload
+    add(a, b)                  returns a + b
+    whoami()                   returns S
+    fail(message)              raises ValueError(message)
+    sleep(seconds)             sleeps, returns seconds
+    record(id)                 prints {"event": "record", "server": S,
+                               "id": id, "method": "record"}, returns None
+    context()                  returns the context dict it received
+    _private()                 returns "private"; refused (NoSuchMethod) by
+                               oslo's default access policy
+    ========================== ============================================
+
+    Prints ``{"event": "ready"}`` once the server is consuming. Stops
+    gracefully (stop + wait) on SIGTERM/SIGINT or when stdin reaches EOF
+    (unless --ignore-stdin), then prints ``{"event": "stopped"}`` and exits 0.
+
+``client --url URL --topic T [--exchange E]``
+    Reads one JSON request per stdin line, handles them one at a time in
+    order, and writes one JSON line per request to stdout::
+
+        {"id": 1, "method": "add", "args": {"a": 1, "b": 2},
+         "server": null, "version": null, "namespace": null,
+         "fanout": false, "cast": false, "timeout": 10,
+         "call_monitor_timeout": null, "context": {"user": "u"}}
+
+    Every key but ``id`` and ``method`` is optional; null means "not set".
+    Answers are ``{"id": 1, "ok": <result>}`` (casts: ``"ok": null``) or
+    ``{"id": 1, "error": {"type", "module", "message", "mro",
+    "is_value_error"}}``. Exits 0 at EOF.
+
+stdout carries only these JSON lines; logging goes to stderr at WARNING.
+"""
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+import warnings
+
+# Keep stderr readable: oslo.service imports eventlet (deprecated) even when
+# only the threading executor is used, and passing executor= is deprecated
+# although 'threading' is already what oslo.messaging would pick.
+warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
+warnings.filterwarnings("ignore",
+                        message="Using the 'executor' argument is deprecated")
+
+from oslo_config import cfg  # noqa: E402
+import oslo_messaging  # noqa: E402
+
+_STDOUT_LOCK = threading.Lock()
+
+
+def emit(obj):
+    """Write one JSON line to stdout and flush (thread-safe)."""
+    line = json.dumps(obj, default=_json_default)
+    with _STDOUT_LOCK:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
+def _json_default(value):
+    # Results come back JSON-decoded already; this only guards odd objects
+    # (e.g. a context object) so that one answer never kills the peer.
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return repr(value)
+
+
+def make_transport(url):
+    cfg.CONF([], project="mqrpc-interop")
+    return oslo_messaging.get_rpc_transport(cfg.CONF, url=url)
+
+
+# --------------------------------------------------------------------------
+# server
+# --------------------------------------------------------------------------
+
+
+class InteropEndpoint:
+    target = oslo_messaging.Target(version="1.3")
+
+    def __init__(self, server_name):
+        self.server_name = server_name
+
+    def echo(self, ctxt, payload):
+        return payload
+
+    def add(self, ctxt, a, b):
+        return a + b
+
+    def whoami(self, ctxt):
+        return self.server_name
+
+    def fail(self, ctxt, message):
+        raise ValueError(message)
+
+    def sleep(self, ctxt, seconds):
+        time.sleep(seconds)
+        return seconds
+
+    def record(self, ctxt, id):  # noqa: A002 (the wire argument is "id")
+        emit({"event": "record", "server": self.server_name, "id": id,
+              "method": "record"})
+        return None
+
+    def context(self, ctxt):
+        return ctxt
+
+    def _private(self, ctxt):
+        return "private"
+
+
+def run_server(args):
+    transport = make_transport(args.url)
+    target = oslo_messaging.Target(topic=args.topic, server=args.server,
+                                   exchange=args.exchange or None)
+    server = oslo_messaging.get_rpc_server(
+        transport, target, [InteropEndpoint(args.server)],
+        executor="threading")
+
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    if not args.ignore_stdin:
+        def watch_stdin():
+            try:
+                for _ in sys.stdin:
+                    pass
+            finally:
+                stop.set()
+
+        threading.Thread(target=watch_stdin, name="stdin-watch",
+                         daemon=True).start()
+
+    server.start()
+    emit({"event": "ready"})
+
+    # Wait with a timeout so that signal handlers always get to run.
+    while not stop.wait(0.5):
+        pass
+
+    server.stop()
+    server.wait()
+    transport.cleanup()
+    emit({"event": "stopped"})
+    return 0
+
+
+# --------------------------------------------------------------------------
+# client
+# --------------------------------------------------------------------------
+
+# Request keys passed to RPCClient.prepare() when present and not null.
+_PREPARE_KEYS = ("server", "version", "namespace", "fanout", "timeout",
+                 "call_monitor_timeout")
+
+
+def error_dict(exc):
+    cls = type(exc)
+    return {
+        "type": cls.__name__,
+        "module": cls.__module__,
+        "message": str(exc),
+        "mro": [c.__name__ for c in cls.__mro__],
+        "is_value_error": isinstance(exc, ValueError),
+    }
+
+
+def handle_request(transport, args, req):
+    target = oslo_messaging.Target(topic=args.topic,
+                                   exchange=args.exchange or None)
+    client = oslo_messaging.get_rpc_client(transport, target)
+    prepare = {k: req[k] for k in _PREPARE_KEYS if req.get(k) is not None}
+    cctxt = client.prepare(**prepare)
+    context = req.get("context") or {}
+    kwargs = req.get("args") or {}
+    if req.get("cast"):
+        cctxt.cast(context, req["method"], **kwargs)
+        return None
+    return cctxt.call(context, req["method"], **kwargs)
+
+
+def run_client(args):
+    transport = make_transport(args.url)
+    try:
+        for line in sys.stdin:
+            line = line.strip()
+            if not line:
+                continue
+            req_id = None
+            try:
+                req = json.loads(line)
+                if not isinstance(req, dict):
+                    raise TypeError("request must be a JSON object")
+                req_id = req.get("id")
+                if "method" not in req:
+                    raise KeyError("method")
+                result = handle_request(transport, args, req)
+            except Exception as exc:  # every failure becomes an answer
+                emit({"id": req_id, "error": error_dict(exc)})
+            else:
+                emit({"id": req_id, "ok": result})
+    finally:
+        transport.cleanup()
+    return 0
+
+
+# --------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="oslo_peer.py",
+        description="oslo.messaging RPC peer for mqrpc interop tests")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    srv = sub.add_parser("server", help="run an oslo RPC server")
+    srv.add_argument("--url", required=True,
+                     help="transport URL, e.g. rabbit://guest:guest@127.0.0.1:5672/")
+    srv.add_argument("--topic", required=True)
+    srv.add_argument("--server", required=True)
+    srv.add_argument("--exchange", default=None,
+                     help="target exchange (default: control_exchange 'openstack')")
+    srv.add_argument("--ignore-stdin", action="store_true",
+                     help="do not stop at stdin EOF (stop on SIGTERM/SIGINT only)")
+
+    cli = sub.add_parser("client", help="send JSON-line requests from stdin")
+    cli.add_argument("--url", required=True)
+    cli.add_argument("--topic", required=True)
+    cli.add_argument("--exchange", default=None)
+
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "server":
+        return run_server(args)
+    return run_client(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

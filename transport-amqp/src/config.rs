@@ -1,0 +1,346 @@
+//! URL parsing: `amqp://`, `amqps://` and oslo.messaging's `rabbit://`, with several
+//! comma-separated hosts, oslo's virtual-host rules and query options. Passwords
+//! never appear in `Debug` output or in errors.
+
+use std::fmt;
+use std::time::Duration;
+
+use percent_encoding::percent_decode_str;
+use rpc_core::{Error, Result};
+
+/// Default `x-expires` of reply and fanout queues: oslo's
+/// `rabbit_transient_queues_ttl` of 1800 s.
+pub const DEFAULT_TRANSIENT_TTL: Duration = Duration::from_secs(1800);
+/// AMQP heartbeat asked of the broker unless the URL says otherwise.
+pub const DEFAULT_HEARTBEAT: u16 = 30;
+/// RabbitMQ's own default `max_message_size` (128 MiB).
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 128 * 1024 * 1024;
+
+/// One broker host of the URL.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Host {
+    /// Host name or address (IPv6 without brackets).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// User name.
+    pub username: String,
+    /// Password (never printed).
+    pub password: String,
+}
+
+impl fmt::Debug for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Host")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Everything an AMQP URL configures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AmqpConfig {
+    /// Brokers to try, in order (rotated on each reconnection).
+    pub hosts: Vec<Host>,
+    /// Virtual host.
+    pub vhost: String,
+    /// TLS (`amqps://`, or `ssl=true` on `rabbit://`).
+    pub tls: bool,
+    /// The control exchange (oslo's `control_exchange`, default `openstack`).
+    pub exchange: String,
+    /// Durable exchange and topic/server queues (`amqp_durable_queues`).
+    pub durable: bool,
+    /// Quorum topic/server queues (`rabbit_quorum_queue`; implies durable).
+    pub quorum: bool,
+    /// AMQP heartbeat in seconds (0 disables).
+    pub heartbeat: u16,
+    /// Prefetch of server consumers; `None` uses the server's concurrency limit.
+    pub prefetch: Option<u16>,
+    /// `x-expires` of reply and fanout queues; `None` disables it.
+    pub transient_ttl: Option<Duration>,
+    /// `x-expires` of topic and server queues; `None` (the default, as in oslo) keeps
+    /// them until deleted.
+    pub topic_ttl: Option<Duration>,
+    /// The largest message sent.
+    pub max_message_size: usize,
+    /// Longest wait between reconnection attempts.
+    pub max_backoff: Duration,
+}
+
+impl AmqpConfig {
+    /// Parses an AMQP URL.
+    ///
+    /// `SCHEME://[user[:password]@]host[:port][,[user[:password]@]host[:port]...][/vhost][?options]`
+    /// where SCHEME is `amqp`, `amqps` or `rabbit`. The virtual host follows
+    /// oslo.messaging: none or empty means `/`, `//` and `/%2F` mean `/`. Options
+    /// (oslo's option names are accepted too): `exchange` (`control_exchange`),
+    /// `durable` (`amqp_durable_queues`), `quorum` (`rabbit_quorum_queue`), `heartbeat`
+    /// (`heartbeat_timeout_threshold`), `prefetch` (`rabbit_qos_prefetch_count`),
+    /// `transient_ttl` (`rabbit_transient_queues_ttl`, seconds, 0 = none), `topic_ttl`
+    /// (seconds of `x-expires` on topic and server queues; not set by default), `ssl`,
+    /// `max_message_size`, `max_backoff` (seconds).
+    pub fn parse(url: &str) -> Result<Self> {
+        let bad = |what: &str| Error::InvalidUrl(format!("AMQP URL: {what}"));
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| bad("expected amqp://, amqps:// or rabbit://"))?;
+        let mut tls = match scheme.to_ascii_lowercase().as_str() {
+            "amqp" | "rabbit" | "kombu" => false,
+            "amqps" => true,
+            other => return Err(bad(&format!("unsupported scheme {other:?}"))),
+        };
+        let (rest, query) = match rest.split_once('?') {
+            Some((rest, query)) => (rest, Some(query)),
+            None => (rest, None),
+        };
+        let (netlocs, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+            None => (rest, None),
+        };
+        let vhost = match path {
+            None | Some("") => "/".to_owned(),
+            Some(path) => decode(path, "virtual host")?,
+        };
+        let mut config = AmqpConfig {
+            hosts: Vec::new(),
+            vhost,
+            tls,
+            exchange: rpc_core::DEFAULT_EXCHANGE.to_owned(),
+            durable: false,
+            quorum: false,
+            heartbeat: DEFAULT_HEARTBEAT,
+            prefetch: None,
+            transient_ttl: Some(DEFAULT_TRANSIENT_TTL),
+            topic_ttl: None,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            max_backoff: Duration::from_secs(10),
+        };
+        for pair in query
+            .unwrap_or_default()
+            .split('&')
+            .filter(|p| !p.is_empty())
+        {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = decode(value, key)?;
+            config.set_option(key, &value, &mut tls)?;
+        }
+        config.tls = tls;
+        let default_port = if tls { 5671 } else { 5672 };
+        for netloc in netlocs.split(',') {
+            config.hosts.push(parse_host(netloc, default_port)?);
+        }
+        Ok(config)
+    }
+
+    fn set_option(&mut self, key: &str, value: &str, tls: &mut bool) -> Result<()> {
+        let bad = || {
+            Error::InvalidUrl(format!(
+                "AMQP URL: option {key} has an invalid value {value:?}"
+            ))
+        };
+        let flag = || match value.to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Ok(true),
+            "0" | "false" | "no" | "off" => Ok(false),
+            _ => Err(bad()),
+        };
+        match key {
+            "exchange" | "control_exchange" => {
+                if value.is_empty() {
+                    return Err(bad());
+                }
+                self.exchange = value.to_owned();
+            }
+            "durable" | "amqp_durable_queues" => self.durable = flag()?,
+            "quorum" | "rabbit_quorum_queue" => self.quorum = flag()?,
+            "ssl" | "tls" => *tls = flag()?,
+            "heartbeat" | "heartbeat_timeout_threshold" => {
+                self.heartbeat = value.parse().map_err(|_| bad())?;
+            }
+            "prefetch" | "rabbit_qos_prefetch_count" => {
+                let n: u16 = value.parse().map_err(|_| bad())?;
+                self.prefetch = (n > 0).then_some(n);
+            }
+            "transient_ttl" | "rabbit_transient_queues_ttl" => {
+                let secs: u64 = value.parse().map_err(|_| bad())?;
+                self.transient_ttl = (secs > 0).then(|| Duration::from_secs(secs));
+            }
+            "topic_ttl" => {
+                let secs: u64 = value.parse().map_err(|_| bad())?;
+                self.topic_ttl = (secs > 0).then(|| Duration::from_secs(secs));
+            }
+            "max_message_size" => {
+                self.max_message_size = value.parse().ok().filter(|n| *n > 0).ok_or_else(bad)?;
+            }
+            "max_backoff" => {
+                let secs: f64 = value.parse().map_err(|_| bad())?;
+                if !(secs.is_finite() && secs > 0.0) {
+                    return Err(bad());
+                }
+                self.max_backoff = Duration::from_secs_f64(secs);
+            }
+            other => {
+                return Err(Error::InvalidUrl(format!(
+                    "AMQP URL: unknown option {other:?} (known: exchange, durable, quorum, \
+                     heartbeat, prefetch, transient_ttl, topic_ttl, ssl, max_message_size, \
+                     max_backoff)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether topic and server queues (and the topic exchange) are durable.
+    pub fn durable_queues(&self) -> bool {
+        self.durable || self.quorum
+    }
+}
+
+fn decode(text: &str, what: &str) -> Result<String> {
+    percent_decode_str(text)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| Error::InvalidUrl(format!("AMQP URL: {what} is not valid UTF-8")))
+}
+
+fn parse_host(netloc: &str, default_port: u16) -> Result<Host> {
+    let bad = |what: &str| Error::InvalidUrl(format!("AMQP URL: {what}"));
+    // oslo splits user info on the last `@`, and the password on the first `:`.
+    let (userinfo, hostport) = match netloc.rsplit_once('@') {
+        Some((userinfo, hostport)) => (Some(userinfo), hostport),
+        None => (None, netloc),
+    };
+    let (username, password) = match userinfo {
+        None => ("guest".to_owned(), "guest".to_owned()),
+        Some(info) => match info.split_once(':') {
+            Some((user, pass)) => (decode(user, "user")?, decode(pass, "password")?),
+            None => (decode(info, "user")?, String::new()),
+        },
+    };
+    let (host, port) = if let Some(rest) = hostport.strip_prefix('[') {
+        let (host, after) = rest
+            .split_once(']')
+            .ok_or_else(|| bad("unclosed [ in an IPv6 host"))?;
+        let port = match after.strip_prefix(':') {
+            Some(port) => Some(port),
+            None if after.is_empty() => None,
+            None => return Err(bad("unexpected text after an IPv6 host")),
+        };
+        (host.to_owned(), port)
+    } else {
+        match hostport.split_once(':') {
+            Some((host, port)) => (host.to_owned(), Some(port)),
+            None => (hostport.to_owned(), None),
+        }
+    };
+    let port = match port {
+        None | Some("") => default_port,
+        Some(port) => port.parse().map_err(|_| bad("the port is not a number"))?,
+    };
+    let host = if host.is_empty() {
+        "localhost".to_owned()
+    } else {
+        decode(&host, "host")?
+    };
+    Ok(Host {
+        host,
+        port,
+        username,
+        password,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(url: &str) -> AmqpConfig {
+        AmqpConfig::parse(url).unwrap_or_else(|e| panic!("{url}: {e}"))
+    }
+
+    #[test]
+    fn defaults_follow_oslo() {
+        let c = parse("rabbit://");
+        assert_eq!(c.hosts.len(), 1);
+        assert_eq!(c.hosts[0].host, "localhost");
+        assert_eq!(c.hosts[0].port, 5672);
+        assert_eq!(
+            (c.hosts[0].username.as_str(), c.hosts[0].password.as_str()),
+            ("guest", "guest")
+        );
+        assert_eq!(c.vhost, "/");
+        assert_eq!(c.exchange, "openstack");
+        assert!(!c.tls);
+    }
+
+    #[test]
+    fn virtual_host_rules() {
+        assert_eq!(parse("amqp://h").vhost, "/");
+        assert_eq!(parse("amqp://h/").vhost, "/");
+        assert_eq!(parse("amqp://h//").vhost, "/");
+        assert_eq!(parse("amqp://h/%2F").vhost, "/");
+        assert_eq!(parse("amqp://h/nova").vhost, "nova");
+        assert_eq!(parse("amqp://h/a%2Fb").vhost, "a/b");
+    }
+
+    #[test]
+    fn several_hosts_with_their_own_credentials() {
+        let c = parse("rabbit://u1:p%40ss@h1:5673,u2:p2@[::1]:5674,h3/vh?heartbeat=5");
+        let hosts: Vec<String> = c.hosts.iter().map(ToString::to_string).collect();
+        assert_eq!(hosts, ["h1:5673", "[::1]:5674", "h3:5672"]);
+        assert_eq!(c.hosts[0].password, "p@ss");
+        assert_eq!(c.hosts[1].username, "u2");
+        assert_eq!(c.vhost, "vh");
+        assert_eq!(c.heartbeat, 5);
+    }
+
+    #[test]
+    fn user_may_contain_at_sign() {
+        let c = parse("amqp://user@corp:secret@host");
+        assert_eq!(c.hosts[0].username, "user@corp");
+        assert_eq!(c.hosts[0].password, "secret");
+    }
+
+    #[test]
+    fn options_and_tls() {
+        let c = parse("amqps://h?exchange=nova&durable=true&quorum=1&prefetch=10&transient_ttl=0");
+        assert!(c.tls);
+        assert_eq!(c.hosts[0].port, 5671);
+        assert_eq!(c.exchange, "nova");
+        assert!(c.durable_queues());
+        assert_eq!(c.prefetch, Some(10));
+        assert_eq!(c.transient_ttl, None);
+        assert!(parse("rabbit://h?ssl=true").tls);
+        assert!(parse("rabbit://h?amqp_durable_queues=true").durable);
+    }
+
+    #[test]
+    fn bad_urls_are_clear_errors_without_secrets() {
+        for url in [
+            "http://h",
+            "amqp://u:s3cret@h:port",
+            "amqp://u:s3cret@h?bogus=1",
+            "amqp://u:s3cret@h?heartbeat=x",
+            "amqp://u:s3cret@[::1",
+            "amqp://u:s3cret@h?exchange=",
+        ] {
+            let err = AmqpConfig::parse(url).expect_err(url);
+            assert!(matches!(err, Error::InvalidUrl(_)), "{url}: {err:?}");
+            assert!(!err.to_string().contains("s3cret"), "{err}");
+        }
+        let debug = format!("{:?}", parse("amqp://u:s3cret@h"));
+        assert!(!debug.contains("s3cret"), "{debug}");
+    }
+}

@@ -1,0 +1,323 @@
+//! Consumers: a server's three queues on one channel with bounded prefetch, and a
+//! client's reply queue. A task per consumer forwards deliveries into a channel the
+//! consumer reads (so `recv` is cancel-safe) and, when the connection is lost,
+//! reconnects and declares and subscribes everything again.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::SelectAll;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Consumer as LapinConsumer};
+use rpc_core::{Acker, Consumer, Delivery, Error, Result};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::link::Link;
+use crate::topology::{self, lapin_error, short};
+
+/// What a consumer subscribes to.
+#[derive(Debug, Clone)]
+pub(crate) enum Subscription {
+    /// A server: `<topic>`, `<topic>.<server>` and a fanout queue of its own.
+    Server {
+        exchange: String,
+        topic: String,
+        server: String,
+        fanout_queue: String,
+        prefetch: u16,
+    },
+    /// A client's reply queue, consumed without acks.
+    Reply { queue: String },
+}
+
+/// The receiving end handed to rpc-core.
+pub(crate) struct AmqpConsumer {
+    rx: mpsc::Receiver<Result<Delivery>>,
+    stop: CancellationToken,
+    close_on_drop: Option<DropGuard>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl AmqpConsumer {
+    /// Starts the consumer task and waits until the first subscription is active.
+    pub(crate) async fn start(
+        link: Arc<Link>,
+        subscription: Subscription,
+        buffer: usize,
+    ) -> Result<Self> {
+        let (tx, rx) = mpsc::channel(buffer.max(1));
+        let stop = CancellationToken::new();
+        let closed = CancellationToken::new();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let task = ConsumerTask {
+            link,
+            subscription,
+            tx,
+            stop: stop.clone(),
+            closed: closed.clone(),
+        };
+        let task = tokio::spawn(task.run(ready_tx));
+        match ready_rx.await {
+            Ok(Ok(())) => Ok(AmqpConsumer {
+                rx,
+                stop,
+                close_on_drop: Some(closed.drop_guard()),
+                task: Some(task),
+            }),
+            Ok(Err(err)) => Err(err),
+            Err(_) => Err(Error::Closed),
+        }
+    }
+}
+
+#[async_trait]
+impl Consumer for AmqpConsumer {
+    async fn recv(&mut self) -> Option<Result<Delivery>> {
+        self.rx.recv().await
+    }
+
+    async fn stop(&mut self) -> Result<()> {
+        self.stop.cancel();
+        Ok(())
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        self.stop.cancel();
+        // Dropping the guard cancels `closed`; the task then cleans up and ends.
+        drop(self.close_on_drop.take());
+        if let Some(task) = self.task.take() {
+            task.await
+                .map_err(|e| Error::transport("consumer task failed", e))?;
+        }
+        Ok(())
+    }
+}
+
+/// One subscription on one channel.
+struct Session {
+    channel: Channel,
+    stream: SelectAll<LapinConsumer>,
+    tags: Vec<String>,
+}
+
+struct ConsumerTask {
+    link: Arc<Link>,
+    subscription: Subscription,
+    tx: mpsc::Sender<Result<Delivery>>,
+    stop: CancellationToken,
+    closed: CancellationToken,
+}
+
+impl ConsumerTask {
+    async fn run(self, ready: oneshot::Sender<Result<()>>) {
+        let mut ready = Some(ready);
+        let mut attempt = 0u32;
+        loop {
+            let opened = tokio::select! {
+                _ = self.closed.cancelled() => return,
+                _ = self.stop.cancelled() => return self.finish(None).await,
+                opened = self.open() => opened,
+            };
+            let mut session = match opened {
+                Ok(session) => session,
+                Err(err) => {
+                    if let Some(ready) = ready.take() {
+                        let _ = ready.send(Err(err));
+                        return;
+                    }
+                    let wait = self.link.backoff(attempt);
+                    attempt = attempt.saturating_add(1);
+                    tracing::warn!(error = %err, ?wait, "re-subscribing failed; will retry");
+                    tokio::select! {
+                        _ = self.closed.cancelled() => return,
+                        _ = tokio::time::sleep(wait) => continue,
+                    }
+                }
+            };
+            if let Some(ready) = ready.take() {
+                let _ = ready.send(Ok(()));
+            } else {
+                tracing::info!(subscription = ?self.subscription, "re-subscribed after reconnection");
+            }
+            attempt = 0;
+            let stopped = loop {
+                let next = tokio::select! {
+                    biased;
+                    _ = self.closed.cancelled() => return,
+                    _ = self.stop.cancelled() => break true,
+                    next = async {
+                        // Take a delivery only when there is room to hand it over.
+                        let permit = self.tx.reserve().await;
+                        (permit, session.stream.next().await)
+                    } => next,
+                };
+                match next {
+                    (Err(_), _) => return,
+                    (Ok(permit), Some(Ok(delivery))) => {
+                        permit.send(Ok(self.wrap(delivery, &session.channel)));
+                    }
+                    (Ok(_), Some(Err(err))) => {
+                        tracing::warn!(error = %err, "consumer lost its channel; reconnecting");
+                        break false;
+                    }
+                    (Ok(_), None) => {
+                        tracing::warn!("the broker cancelled the consumer; subscribing again");
+                        break false;
+                    }
+                }
+            };
+            if stopped {
+                return self.finish(Some(session)).await;
+            }
+        }
+    }
+
+    fn wrap(&self, delivery: lapin::message::Delivery, channel: &Channel) -> Delivery {
+        let acker: Box<dyn Acker> = match self.subscription {
+            Subscription::Reply { .. } => Box::new(NoAck),
+            Subscription::Server { .. } => Box::new(AmqpAcker {
+                acker: delivery.acker,
+                _channel: channel.clone(),
+            }),
+        };
+        Delivery::new(delivery.data, acker)
+    }
+
+    async fn open(&self) -> Result<Session> {
+        let connected = self.link.connection().await?;
+        let channel = connected
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| lapin_error("opening a consumer channel", e))?;
+        let config = &self.link.config;
+        let (queues, no_ack) = match &self.subscription {
+            Subscription::Server {
+                exchange,
+                topic,
+                server,
+                fanout_queue,
+                prefetch,
+            } => {
+                channel
+                    .basic_qos(*prefetch, BasicQosOptions::default())
+                    .await
+                    .map_err(|e| lapin_error("setting prefetch", e))?;
+                let direct = topology::server_queue(topic, server);
+                let fanout = topology::fanout_exchange(topic);
+                topology::declare_topic_exchange(&channel, config, exchange).await?;
+                topology::declare_shared_queue(&channel, config, exchange, topic).await?;
+                topology::declare_shared_queue(&channel, config, exchange, &direct).await?;
+                topology::declare_fanout_exchange(&channel, topic).await?;
+                topology::declare_transient_queue(&channel, config, fanout_queue).await?;
+                topology::bind(&channel, fanout_queue, &fanout, topic).await?;
+                (vec![topic.clone(), direct, fanout_queue.clone()], false)
+            }
+            Subscription::Reply { queue } => {
+                topology::declare_transient_queue(&channel, config, queue).await?;
+                (vec![queue.clone()], true)
+            }
+        };
+        let mut stream = SelectAll::new();
+        let mut tags = Vec::new();
+        for queue in queues {
+            let consumer = channel
+                .basic_consume(
+                    short(&queue)?,
+                    "".into(),
+                    BasicConsumeOptions {
+                        no_ack,
+                        ..BasicConsumeOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| lapin_error(&format!("consuming {queue}"), e))?;
+            tags.push(consumer.tag().to_string());
+            stream.push(consumer);
+        }
+        Ok(Session {
+            channel,
+            stream,
+            tags,
+        })
+    }
+
+    /// Stops consuming but keeps the channel open, so deliveries already handed out
+    /// can still be acked; closes it (deleting a server's fanout queue, as oslo does on
+    /// a graceful close) when the consumer is dropped.
+    async fn finish(self, session: Option<Session>) {
+        let Some(session) = session else { return };
+        for tag in &session.tags {
+            let cancelled = session
+                .channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await;
+            if let Err(err) = cancelled {
+                tracing::debug!(error = %err, "basic.cancel failed");
+            }
+        }
+        drop(session.stream);
+        drop(self.tx);
+        self.closed.cancelled().await;
+        if let Subscription::Server { fanout_queue, .. } = &self.subscription {
+            if let Ok(name) = short(fanout_queue) {
+                let deleted = session
+                    .channel
+                    .queue_delete(name, QueueDeleteOptions::default())
+                    .await;
+                if let Err(err) = deleted {
+                    tracing::debug!(error = %err, "could not delete the fanout queue");
+                }
+            }
+        }
+        let _ = session.channel.close(200, "consumer closed".into()).await;
+    }
+}
+
+/// Settles a server delivery on the channel it came from.
+struct AmqpAcker {
+    acker: lapin::Acker,
+    // Keeps the channel open until the delivery is settled.
+    _channel: Channel,
+}
+
+#[async_trait]
+impl Acker for AmqpAcker {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        self.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map(drop)
+            .map_err(|e| lapin_error("acknowledging", e))
+    }
+
+    async fn reject(self: Box<Self>, requeue: bool) -> Result<()> {
+        self.acker
+            .reject(BasicRejectOptions { requeue })
+            .await
+            .map(drop)
+            .map_err(|e| lapin_error("rejecting", e))
+    }
+}
+
+/// Replies are consumed without acks: nothing to settle.
+struct NoAck;
+
+#[async_trait]
+impl Acker for NoAck {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+
+    async fn reject(self: Box<Self>, _requeue: bool) -> Result<()> {
+        Ok(())
+    }
+}

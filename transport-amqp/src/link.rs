@@ -1,0 +1,187 @@
+//! The connection to the broker, re-opened when lost: capped exponential backoff with
+//! jitter, rotating through the URL's hosts. Everyone who needs the connection asks
+//! the `Link`; only one task reconnects at a time.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
+use lapin::{Connection, ConnectionProperties};
+use rand::Rng;
+use rpc_core::{Error, Result};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AmqpConfig, Host};
+
+/// First wait between reconnection attempts.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// A TCP connect or AMQP handshake that takes longer than this is abandoned.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A live connection and the count of connections opened before it.
+#[derive(Clone)]
+pub(crate) struct Connected {
+    pub(crate) connection: Arc<Connection>,
+    pub(crate) generation: usize,
+}
+
+pub(crate) struct Link {
+    pub(crate) config: Arc<AmqpConfig>,
+    current: Mutex<Option<Connected>>,
+    next_host: AtomicUsize,
+    generation: AtomicUsize,
+    name: String,
+    pub(crate) closed: CancellationToken,
+}
+
+impl Link {
+    /// Opens the first connection, trying each host once; fails if none answers.
+    pub(crate) async fn open(config: AmqpConfig) -> Result<Arc<Link>> {
+        let link = Arc::new(Link {
+            config: Arc::new(config),
+            current: Mutex::new(None),
+            next_host: AtomicUsize::new(0),
+            generation: AtomicUsize::new(0),
+            name: format!(
+                "mqrpc:{}:{}",
+                std::process::id(),
+                &rpc_core::wire::new_id()[..8]
+            ),
+            closed: CancellationToken::new(),
+        });
+        let mut current = link.current.lock().await;
+        let mut last_error = None;
+        for _ in 0..link.config.hosts.len() {
+            match link.connect_next().await {
+                Ok(connected) => {
+                    *current = Some(connected);
+                    last_error = None;
+                    break;
+                }
+                Err(err) => last_error = Some(err),
+            }
+        }
+        drop(current);
+        match last_error {
+            Some(err) => Err(err),
+            None => Ok(link),
+        }
+    }
+
+    /// The connection name shown by the broker (`rabbitmqctl list_connections name`).
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A connected connection, reconnecting (with backoff, forever) if needed. Callers
+    /// bound the wait with their own deadline; a closed link fails with `Closed`.
+    pub(crate) async fn connection(&self) -> Result<Connected> {
+        let mut current = tokio::select! {
+            _ = self.closed.cancelled() => return Err(Error::Closed),
+            guard = self.current.lock() => guard,
+        };
+        if let Some(connected) = current.as_ref() {
+            if connected.connection.status().connected() {
+                return Ok(connected.clone());
+            }
+            tracing::warn!(connection = %self.name, "connection to the broker lost; reconnecting");
+        }
+        *current = None;
+        let mut attempt = 0u32;
+        loop {
+            if self.closed.is_cancelled() {
+                return Err(Error::Closed);
+            }
+            match self.connect_next().await {
+                Ok(connected) => {
+                    tracing::info!(connection = %self.name, attempt, "reconnected to the broker");
+                    *current = Some(connected.clone());
+                    return Ok(connected);
+                }
+                Err(err) => {
+                    let wait = self.backoff(attempt);
+                    tracing::warn!(error = %err, ?wait, attempt, "broker connection attempt failed");
+                    attempt = attempt.saturating_add(1);
+                    tokio::select! {
+                        _ = self.closed.cancelled() => return Err(Error::Closed),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Capped exponential backoff with full jitter in the upper half.
+    pub(crate) fn backoff(&self, attempt: u32) -> Duration {
+        let cap = self.config.max_backoff;
+        let exp = FIRST_BACKOFF
+            .checked_mul(1u32 << attempt.min(16))
+            .unwrap_or(cap)
+            .min(cap);
+        let jitter: f64 = rand::rng().random_range(0.5..=1.0);
+        exp.mul_f64(jitter)
+    }
+
+    async fn connect_next(&self) -> Result<Connected> {
+        let hosts = &self.config.hosts;
+        let host = &hosts[self.next_host.fetch_add(1, Ordering::Relaxed) % hosts.len()];
+        let uri = self.uri(host);
+        let properties =
+            ConnectionProperties::default().with_connection_name(self.name.clone().into());
+        let connection =
+            match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri, properties))
+                .await
+            {
+                Ok(Ok(connection)) => connection,
+                Ok(Err(err)) => {
+                    return Err(Error::transport(format!("cannot connect to {host}"), err));
+                }
+                Err(_) => {
+                    return Err(Error::transport_msg(format!(
+                        "cannot connect to {host}: no answer within {CONNECT_TIMEOUT:?}"
+                    )));
+                }
+            };
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::debug!(connection = %self.name, %host, generation, "connected to the broker");
+        Ok(Connected {
+            connection: Arc::new(connection),
+            generation,
+        })
+    }
+
+    fn uri(&self, host: &Host) -> AMQPUri {
+        AMQPUri {
+            scheme: if self.config.tls {
+                AMQPScheme::AMQPS
+            } else {
+                AMQPScheme::AMQP
+            },
+            authority: AMQPAuthority {
+                userinfo: AMQPUserInfo {
+                    username: host.username.clone(),
+                    password: host.password.clone(),
+                },
+                host: host.host.clone(),
+                port: host.port,
+            },
+            vhost: self.config.vhost.clone(),
+            query: AMQPQueryString {
+                heartbeat: Some(self.config.heartbeat),
+                connection_timeout: Some(CONNECT_TIMEOUT.as_millis() as u64),
+                ..AMQPQueryString::default()
+            },
+        }
+    }
+
+    /// Closes the connection; everyone waiting on the link gets `Closed`.
+    pub(crate) async fn close(&self) {
+        self.closed.cancel();
+        let current = self.current.lock().await.take();
+        if let Some(connected) = current {
+            let _ = connected.connection.close(200, "closing".into()).await;
+        }
+    }
+}

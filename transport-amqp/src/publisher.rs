@@ -1,0 +1,233 @@
+//! Publishing with publisher confirms on one shared channel. Every publish awaits its
+//! own confirm, so many publishes are in flight at once (pipelined), not one round
+//! trip at a time. A lost connection is re-opened and the publish retried until the
+//! caller's deadline; a refusal by the broker is returned as it is.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Confirmation};
+use rpc_core::{Address, Error, Outgoing, Publisher, Result};
+
+use crate::link::Link;
+use crate::topology::{self, lapin_error, short};
+
+/// A confirm-mode channel and the exchanges already declared on it.
+#[derive(Clone)]
+struct PublishChannel {
+    channel: Channel,
+    connection: Arc<lapin::Connection>,
+    generation: usize,
+    declared: Arc<Mutex<HashSet<String>>>,
+}
+
+pub(crate) struct AmqpPublisher {
+    link: Arc<Link>,
+    current: Mutex<Option<PublishChannel>>,
+    opening: tokio::sync::Mutex<()>,
+}
+
+/// Why one publish attempt failed.
+enum Failure {
+    /// The connection went away: reconnect and try again.
+    Connection(Error),
+    /// The broker refused (or the request is bad): give up.
+    Refused(Error),
+}
+
+impl AmqpPublisher {
+    pub(crate) fn new(link: Arc<Link>) -> Self {
+        AmqpPublisher {
+            link,
+            current: Mutex::new(None),
+            opening: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn cached(&self) -> Option<PublishChannel> {
+        let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        current
+            .as_ref()
+            .filter(|c| c.channel.status().connected())
+            .cloned()
+    }
+
+    /// The publish channel, opened (with confirms) when missing or dead.
+    async fn channel(&self) -> Result<PublishChannel> {
+        if let Some(channel) = self.cached() {
+            return Ok(channel);
+        }
+        let _opening = self.opening.lock().await;
+        if let Some(channel) = self.cached() {
+            return Ok(channel);
+        }
+        let connected = self.link.connection().await?;
+        let channel = connected
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| lapin_error("opening a publish channel", e))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| lapin_error("enabling publisher confirms", e))?;
+        let fresh = PublishChannel {
+            channel,
+            connection: connected.connection.clone(),
+            generation: connected.generation,
+            declared: Arc::new(Mutex::new(HashSet::new())),
+        };
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(fresh.clone());
+        Ok(fresh)
+    }
+
+    fn forget(&self, failed: &PublishChannel) {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if current.as_ref().is_some_and(|c| {
+            c.channel.id() == failed.channel.id() && c.generation == failed.generation
+        }) {
+            *current = None;
+        }
+    }
+
+    /// Declares the exchange a publish needs, once per channel.
+    async fn ensure_exchange(&self, pc: &PublishChannel, address: &Address) -> Result<()> {
+        let (name, fanout_topic) = match address {
+            Address::Topic { exchange, .. } | Address::Server { exchange, .. } => {
+                (exchange.clone(), None)
+            }
+            Address::Fanout { topic, .. } => (topology::fanout_exchange(topic), Some(topic)),
+            Address::Reply(_) => return Ok(()),
+        };
+        let known = pc
+            .declared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&name);
+        if known {
+            return Ok(());
+        }
+        match fanout_topic {
+            Some(topic) => topology::declare_fanout_exchange(&pc.channel, topic).await?,
+            None => topology::declare_topic_exchange(&pc.channel, &self.link.config, &name).await?,
+        }
+        pc.declared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name);
+        Ok(())
+    }
+
+    async fn attempt(
+        &self,
+        address: &Address,
+        message: &Outgoing,
+    ) -> std::result::Result<(), Failure> {
+        let pc = self.channel().await.map_err(Failure::Connection)?;
+        // With the connection still up, the broker refused this publish (and may have
+        // closed the channel); with it down, the publish is worth retrying.
+        let classify = |err: Error| {
+            if pc.connection.status().connected() || self.link.closed.is_cancelled() {
+                Failure::Refused(err)
+            } else {
+                Failure::Connection(err)
+            }
+        };
+        let outcome = async {
+            self.ensure_exchange(&pc, address).await?;
+            let (exchange, routing_key) = route(address);
+            let mut properties = BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_content_encoding("utf-8".into())
+                .with_delivery_mode(if self.link.config.durable_queues() {
+                    2
+                } else {
+                    1
+                });
+            if let Some(ttl) = message.time_to_live {
+                properties = properties.with_expiration(ttl.as_millis().max(1).to_string().into());
+            }
+            let confirm = pc
+                .channel
+                .basic_publish(
+                    short(&exchange)?,
+                    short(&routing_key)?,
+                    BasicPublishOptions {
+                        mandatory: message.mandatory,
+                        ..BasicPublishOptions::default()
+                    },
+                    &message.body,
+                    properties,
+                )
+                .await
+                .map_err(|e| lapin_error("publishing", e))?;
+            match confirm
+                .await
+                .map_err(|e| lapin_error("waiting for the publisher confirm", e))?
+            {
+                Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+                Confirmation::Ack(Some(_returned)) => Err(Error::Undeliverable {
+                    address: address.to_string(),
+                }),
+                Confirmation::Nack(_) => Err(Error::transport_msg(format!(
+                    "the broker refused the message to {address} (nack)"
+                ))),
+            }
+        }
+        .await;
+        outcome.map_err(|err| match err {
+            Error::Undeliverable { .. } | Error::InvalidTarget(_) => Failure::Refused(err),
+            err => {
+                if !pc.channel.status().connected() {
+                    self.forget(&pc);
+                }
+                classify(err)
+            }
+        })
+    }
+}
+
+/// The exchange and routing key of an address, as oslo publishes.
+fn route(address: &Address) -> (String, String) {
+    match address {
+        Address::Topic { exchange, topic } => (exchange.clone(), topic.clone()),
+        Address::Server {
+            exchange,
+            topic,
+            server,
+        } => (exchange.clone(), topology::server_queue(topic, server)),
+        Address::Fanout { topic, .. } => (topology::fanout_exchange(topic), String::new()),
+        Address::Reply(queue) => (String::new(), queue.clone()),
+    }
+}
+
+#[async_trait]
+impl Publisher for AmqpPublisher {
+    async fn send(&self, address: &Address, message: Outgoing) -> Result<()> {
+        let limit = self.link.config.max_message_size;
+        if message.body.len() > limit {
+            return Err(Error::MessageTooLarge {
+                size: message.body.len(),
+                limit,
+            });
+        }
+        let mut attempt = 0u32;
+        loop {
+            match self.attempt(address, &message).await {
+                Ok(()) => return Ok(()),
+                Err(Failure::Refused(err)) => return Err(err),
+                Err(Failure::Connection(err)) => {
+                    if self.link.closed.is_cancelled() {
+                        return Err(Error::Closed);
+                    }
+                    let wait = self.link.backoff(attempt);
+                    tracing::warn!(error = %err, %address, ?wait, "publish failed; retrying after reconnection");
+                    attempt = attempt.saturating_add(1);
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+}

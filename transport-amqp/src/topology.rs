@@ -1,0 +1,153 @@
+//! oslo.messaging's RabbitMQ topology: the names and flags of exchanges, queues and
+//! bindings, and the declarations that create them (idempotent, repeated after every
+//! reconnection).
+//!
+//! | entity | name | kind / binding |
+//! |---|---|---|
+//! | control exchange | `openstack` (or the URL's `exchange`) | topic |
+//! | topic queue | `<topic>` | bound with key `<topic>` |
+//! | server queue | `<topic>.<server>` | bound with key `<topic>.<server>` |
+//! | fanout exchange | `<topic>_fanout` | fanout, auto-delete |
+//! | fanout queue | `<topic>_fanout_<uuid>` | one per server, `x-expires` |
+//! | reply queue | `reply_<uuid>` | reached through the default exchange, `x-expires` |
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, ExchangeKind};
+use rpc_core::{Error, Result};
+
+use crate::config::AmqpConfig;
+
+/// An AMQP short string (at most 255 bytes), or a clear error naming what was too long.
+pub(crate) fn short(text: &str) -> Result<ShortString> {
+    ShortString::try_new(text).map_err(|_| {
+        Error::InvalidTarget(format!(
+            "AMQP names are at most 255 bytes; {} bytes given (starting {:?})",
+            text.len(),
+            text.chars().take(40).collect::<String>()
+        ))
+    })
+}
+
+pub(crate) fn server_queue(topic: &str, server: &str) -> String {
+    format!("{topic}.{server}")
+}
+
+pub(crate) fn fanout_exchange(topic: &str) -> String {
+    format!("{topic}_fanout")
+}
+
+pub(crate) fn fanout_queue(topic: &str) -> String {
+    format!("{topic}_fanout_{}", rpc_core::wire::new_id())
+}
+
+pub(crate) fn reply_queue() -> String {
+    format!("reply_{}", rpc_core::wire::new_id())
+}
+
+pub(crate) fn lapin_error(what: &str, err: lapin::Error) -> Error {
+    Error::transport(what.to_owned(), err)
+}
+
+/// Declares the control (topic) exchange.
+pub(crate) async fn declare_topic_exchange(
+    channel: &Channel,
+    config: &AmqpConfig,
+    exchange: &str,
+) -> Result<()> {
+    channel
+        .exchange_declare(
+            short(exchange)?,
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: config.durable_queues(),
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| lapin_error(&format!("declaring exchange {exchange}"), e))
+}
+
+/// Declares a topic's fanout exchange (auto-delete, as oslo declares it).
+pub(crate) async fn declare_fanout_exchange(channel: &Channel, topic: &str) -> Result<()> {
+    let name = fanout_exchange(topic);
+    channel
+        .exchange_declare(
+            short(&name)?,
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                auto_delete: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| lapin_error(&format!("declaring exchange {name}"), e))
+}
+
+/// Declares a queue (`<topic>` or `<topic>.<server>`) bound to the exchange with its own
+/// name as key.
+pub(crate) async fn declare_shared_queue(
+    channel: &Channel,
+    config: &AmqpConfig,
+    exchange: &str,
+    name: &str,
+) -> Result<()> {
+    let mut arguments = expiry(config.topic_ttl);
+    if config.quorum {
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+    }
+    channel
+        .queue_declare(
+            short(name)?,
+            QueueDeclareOptions {
+                durable: config.durable_queues(),
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await
+        .map_err(|e| lapin_error(&format!("declaring queue {name}"), e))?;
+    bind(channel, name, exchange, name).await
+}
+
+/// Declares a transient queue (fanout or reply) with oslo's `x-expires`.
+pub(crate) async fn declare_transient_queue(
+    channel: &Channel,
+    config: &AmqpConfig,
+    name: &str,
+) -> Result<()> {
+    let arguments = expiry(config.transient_ttl);
+    channel
+        .queue_declare(short(name)?, QueueDeclareOptions::default(), arguments)
+        .await
+        .map_err(|e| lapin_error(&format!("declaring queue {name}"), e))?;
+    Ok(())
+}
+
+/// Queue arguments with `x-expires` when a time-to-live is set.
+fn expiry(ttl: Option<std::time::Duration>) -> FieldTable {
+    let mut arguments = FieldTable::default();
+    if let Some(ttl) = ttl {
+        let millis = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        arguments.insert("x-expires".into(), AMQPValue::LongLongInt(millis));
+    }
+    arguments
+}
+
+pub(crate) async fn bind(channel: &Channel, queue: &str, exchange: &str, key: &str) -> Result<()> {
+    channel
+        .queue_bind(
+            short(queue)?,
+            short(exchange)?,
+            short(key)?,
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| lapin_error(&format!("binding queue {queue} to {exchange}"), e))
+}
