@@ -45,7 +45,7 @@ pub use rpc_core::*;
 pub use transport_memory::MemoryTransport;
 
 #[cfg(feature = "amqp")]
-pub use transport_amqp::AmqpTransport;
+pub use transport_amqp::{AmqpConfig, AmqpTransport};
 
 /// The URL schemes mqrpc knows and the Cargo feature that provides each.
 const SCHEMES: &[(&str, &str)] = &[

@@ -3,7 +3,7 @@
 
 use crate::suite::{Backend, broker_unavailable};
 
-fn url() -> String {
+pub(crate) fn url() -> String {
     std::env::var("MQRPC_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/".to_owned())
 }
@@ -24,3 +24,134 @@ pub async fn backend() -> Option<Backend> {
 }
 
 conformance_suite!(backend);
+
+mod faults {
+    use std::time::{Duration, Instant};
+
+    use mqrpc::{AmqpConfig, AmqpTransport, Client, Context, Server, Target};
+    use serde_json::json;
+    use std::sync::Arc;
+
+    use crate::proxy::TcpProxy;
+    use crate::service::{self, Recorder};
+
+    /// A transport whose every connection passes through `proxy`.
+    async fn through(proxy: &TcpProxy) -> AmqpTransport {
+        let mut config = AmqpConfig::parse(&super::url()).expect("AMQP URL");
+        for host in &mut config.hosts {
+            host.host = "127.0.0.1".to_owned();
+            host.port = proxy.port();
+        }
+        config.heartbeat = 5;
+        config.max_backoff = Duration::from_millis(500);
+        AmqpTransport::with_config(config)
+            .await
+            .expect("connect through proxy")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn amqp_calls_succeed_again_after_connections_are_cut() {
+        let Some(_) = super::backend().await else {
+            return;
+        };
+        let config = AmqpConfig::parse(&super::url()).expect("AMQP URL");
+        let upstream = format!("{}:{}", config.hosts[0].host, config.hosts[0].port);
+        let upstream = tokio::net::lookup_host(upstream)
+            .await
+            .expect("resolve broker")
+            .next()
+            .expect("an address");
+        let proxy = TcpProxy::start(upstream).await;
+
+        let topic = format!("reconnect_{}", &mqrpc::wire::new_id()[..12]);
+        let recorder = Recorder::new();
+        let server_side = through(&proxy).await;
+        let client_side = through(&proxy).await;
+        let server = Server::builder(
+            Arc::new(server_side.clone()),
+            Target::new(&topic).server("s1"),
+        )
+        .endpoint(service::endpoint("s1", &recorder))
+        .start()
+        .await
+        .expect("server");
+        let client = Client::new(Arc::new(client_side.clone()), Target::new(&topic))
+            .timeout(Duration::from_secs(3));
+        let ctx = Context::new();
+        let sum: i64 = client
+            .call(&ctx, "add", json!({"a": 1, "b": 2}))
+            .await
+            .expect("before the cut");
+        assert_eq!(sum, 3);
+
+        // A call in flight when the connections go must end by its deadline either way.
+        let in_flight = {
+            let client = client.clone().timeout(Duration::from_secs(6));
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let result = client
+                    .call::<_, f64>(&Context::new(), "sleep", json!({"seconds": 1.0}))
+                    .await;
+                (result, started.elapsed())
+            })
+        };
+        tokio::time::timeout(Duration::from_secs(10), recorder.started.notified())
+            .await
+            .expect("handler started");
+        let cut_at = Instant::now();
+        proxy.cut();
+
+        let (result, waited) = in_flight.await.expect("in-flight task");
+        assert!(
+            waited < Duration::from_secs(6) + Duration::from_secs(1),
+            "in-flight call hung: {waited:?}"
+        );
+        eprintln!("amqp in-flight call across the cut: {result:?} after {waited:?}");
+
+        let mut recovered = None;
+        for _ in 0..20 {
+            match client
+                .call::<_, i64>(&ctx, "add", json!({"a": 20, "b": 22}))
+                .await
+            {
+                Ok(sum) => {
+                    assert_eq!(sum, 42);
+                    recovered = Some(cut_at.elapsed());
+                    break;
+                }
+                Err(err) => eprintln!("amqp call after the cut failed (retrying): {err}"),
+            }
+        }
+        let recovered = recovered.expect("calls succeed again after reconnection");
+        eprintln!("amqp recovered {recovered:?} after the cut");
+
+        // Every subscription came back: the topic, the server's own queue and the fanout.
+        let who: String = client
+            .prepare()
+            .server("s1")
+            .call(&ctx, "whoami", mqrpc::NoArgs {})
+            .await
+            .expect("directed");
+        assert_eq!(who, "s1");
+        client
+            .prepare()
+            .fanout(true)
+            .cast(&ctx, "record", json!({"id": 1}))
+            .await
+            .expect("fanout");
+        client
+            .cast(&ctx, "record", json!({"id": 2}))
+            .await
+            .expect("cast");
+        recorder.wait_for(2, Duration::from_secs(20)).await;
+        assert!(
+            server_side.connections_opened() >= 2,
+            "the server reconnected"
+        );
+        assert!(
+            client_side.connections_opened() >= 2,
+            "the client reconnected"
+        );
+        server.shutdown().await.expect("shutdown");
+    }
+}

@@ -5,6 +5,7 @@
 
 #[macro_use]
 mod suite;
+mod proxy;
 mod service;
 
 mod memory;

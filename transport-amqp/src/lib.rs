@@ -81,6 +81,11 @@ impl AmqpTransport {
         self.link.name()
     }
 
+    /// How many connections this transport has opened: 1, plus one per reconnection.
+    pub fn connections_opened(&self) -> usize {
+        self.link.connections_opened()
+    }
+
     /// Closes the connection. Consumers and publishers of this transport fail with
     /// `Error::Closed` afterwards.
     pub async fn close(&self) {

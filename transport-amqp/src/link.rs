@@ -70,6 +70,11 @@ impl Link {
         }
     }
 
+    /// How many connections this link has opened (1 until the first reconnection).
+    pub(crate) fn connections_opened(&self) -> usize {
+        self.generation.load(Ordering::Relaxed)
+    }
+
     /// The connection name shown by the broker (`rabbitmqctl list_connections name`).
     pub(crate) fn name(&self) -> &str {
         &self.name
