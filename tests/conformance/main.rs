@@ -12,3 +12,5 @@ mod memory;
 
 #[cfg(feature = "amqp")]
 mod amqp;
+#[cfg(feature = "amqp")]
+mod interop_amqp;
