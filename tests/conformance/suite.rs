@@ -695,6 +695,41 @@ pub async fn malformed_bytes_are_rejected_and_the_server_keeps_serving(backend: 
     fx.shutdown().await;
 }
 
+pub async fn reply_to_a_vanished_queue_is_dropped_and_the_server_keeps_serving(backend: Backend) {
+    let mut fx = Fixture::new(&backend, "vanished_reply");
+    fx.start(1).await;
+    let transport = backend.transport().await;
+    let publisher = transport.publisher().await.expect("publisher");
+    // A call whose caller is gone: its reply queue does not exist (any more).
+    let orphan = mqrpc::wire::Request {
+        method: "record".into(),
+        args: json!({"id": 5}).as_object().cloned().expect("object"),
+        msg_id: Some(mqrpc::wire::new_id()),
+        reply_to: Some(format!("reply_{}", mqrpc::wire::new_id())),
+        unique_id: Some(mqrpc::wire::new_id()),
+        ..mqrpc::wire::Request::default()
+    };
+    let body = mqrpc::wire::encode_request(&orphan).expect("encode");
+    let address = Address::Topic {
+        exchange: transport.default_exchange().to_owned(),
+        topic: fx.topic.clone(),
+    };
+    publisher
+        .send(&address, Outgoing::new(body))
+        .await
+        .expect("send the orphan call");
+    fx.recorder.wait_for(1, ARRIVAL).await;
+    let client = fx.client().await;
+    for _ in 0..3 {
+        let sum: i64 = client
+            .call(&ctx(), "add", json!({"a": 2, "b": 2}))
+            .await
+            .expect("server still answers");
+        assert_eq!(sum, 4);
+    }
+    fx.shutdown().await;
+}
+
 pub async fn concurrency_limit_bounds_in_flight_handlers(backend: Backend) {
     let mut fx = Fixture::new(&backend, "concurrency");
     fx.start_with("s1", |b| b.concurrency(2)).await;
@@ -865,6 +900,7 @@ macro_rules! conformance_suite {
             silent_server_fails_the_call_monitor,
             graceful_shutdown_completes_in_flight_calls,
             malformed_bytes_are_rejected_and_the_server_keeps_serving,
+            reply_to_a_vanished_queue_is_dropped_and_the_server_keeps_serving,
             concurrency_limit_bounds_in_flight_handlers,
             namespaces_select_the_endpoint,
             cast_before_any_server_waits_for_one,
