@@ -237,6 +237,16 @@ impl Client {
         .await
     }
 
+    /// Releases the client's reply queue at the broker (a reply stream, a queue).
+    /// Calls still waiting fail with [`Error::Closed`], and so do later calls on this
+    /// client and its clones. Dropping the last clone releases it too, in the
+    /// background.
+    pub async fn close(&self) {
+        if let Some(router) = self.shared.replies.get() {
+            router.close().await;
+        }
+    }
+
     fn check_callable(&self) -> Result<()> {
         self.target.require_topic()?;
         if self.target.fanout {

@@ -2,12 +2,13 @@
 //! each reply to the waiter registered under its `_msg_id`. Late or unknown replies
 //! are dropped with a debug log. Waiting is event-driven, never polled.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::transport::{Consumer, ReplyQueue};
@@ -20,7 +21,8 @@ pub(crate) struct ReplyRouter {
     address: String,
     waiters: Waiters,
     closed: Arc<AtomicBool>,
-    task: JoinHandle<()>,
+    shutdown: CancellationToken,
+    task: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl ReplyRouter {
@@ -28,17 +30,20 @@ impl ReplyRouter {
     pub(crate) fn start(queue: ReplyQueue) -> Self {
         let waiters: Waiters = Arc::new(DashMap::new());
         let closed = Arc::new(AtomicBool::new(false));
+        let shutdown = CancellationToken::new();
         let task = tokio::spawn(route(
             queue.consumer,
             waiters.clone(),
             closed.clone(),
+            shutdown.clone(),
             queue.address.clone(),
         ));
         ReplyRouter {
             address: queue.address,
             waiters,
             closed,
-            task,
+            shutdown,
+            task: Mutex::new(Some(task)),
         }
     }
 
@@ -69,10 +74,24 @@ impl ReplyRouter {
     }
 }
 
+impl ReplyRouter {
+    /// Stops consuming, releases the reply queue at the broker and fails the calls
+    /// still waiting with `Closed`.
+    pub(crate) async fn close(&self) {
+        self.shutdown.cancel();
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+}
+
 impl Drop for ReplyRouter {
     fn drop(&mut self) {
         // The consumer goes with the task, which releases the reply queue.
-        self.task.abort();
+        if let Some(task) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            task.abort();
+        }
     }
 }
 
@@ -92,10 +111,20 @@ async fn route(
     mut consumer: Box<dyn Consumer>,
     waiters: Waiters,
     closed: Arc<AtomicBool>,
+    shutdown: CancellationToken,
     address: String,
 ) {
     loop {
-        let delivery = match consumer.recv().await {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => {
+                if let Err(err) = consumer.close().await {
+                    tracing::debug!(error = %err, queue = %address, "closing the reply queue failed");
+                }
+                break;
+            }
+            next = consumer.recv() => next,
+        };
+        let delivery = match next {
             Some(Ok(delivery)) => delivery,
             Some(Err(err)) => {
                 tracing::warn!(error = %err, queue = %address, "reply queue reported an error");
@@ -129,7 +158,9 @@ async fn route(
             }
         }
     }
-    tracing::warn!(queue = %address, "reply queue closed; failing calls in flight");
+    if !shutdown.is_cancelled() {
+        tracing::warn!(queue = %address, "reply queue closed; failing calls in flight");
+    }
     closed.store(true, Ordering::SeqCst);
     // Dropping the senders wakes every waiter with `Closed`.
     waiters.clear();

@@ -14,3 +14,6 @@ mod memory;
 mod amqp;
 #[cfg(feature = "amqp")]
 mod interop_amqp;
+
+#[cfg(feature = "redis")]
+mod redis;

@@ -1,0 +1,115 @@
+//! The conformance suite on Redis streams. `MQRPC_REDIS_URL` names the server
+//! (default `redis://127.0.0.1:6379/`); the suite adds its own key prefix and short
+//! claim and expiry times so its keys never outlive it by much.
+
+use std::time::Duration;
+
+use crate::suite::{Backend, broker_unavailable};
+
+pub(crate) fn base_url() -> String {
+    std::env::var("MQRPC_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_owned())
+}
+
+/// The suite's URL: a prefix of its own, claims after 1 s (for the redelivery case),
+/// streams that expire 5 min after their last server.
+pub(crate) fn url_with_prefix(prefix: &str) -> String {
+    let base = base_url();
+    let separator = if base.contains('?') { '&' } else { '?' };
+    format!(
+        "{base}{separator}prefix={prefix}&claim_idle_ms=1000&stream_ttl=300&block_ms=2000&reply_ttl=30"
+    )
+}
+
+pub async fn backend() -> Option<Backend> {
+    let url = url_with_prefix("mqrpc-test");
+    if let Err(err) = mqrpc::connect(&url).await {
+        return broker_unavailable("redis", &err);
+    }
+    Some(Backend::new("redis", move || {
+        let url = url.clone();
+        async move {
+            mqrpc::connect(&url)
+                .await
+                .expect("Redis answered a moment ago")
+        }
+    }))
+}
+
+conformance_suite!(backend);
+
+/// Keys under `prefix`, read with `redis-cli --scan` as an operator would.
+fn keys_under(prefix: &str) -> Vec<String> {
+    let url = base_url();
+    let output = std::process::Command::new("redis-cli")
+        .args(["-u", &url, "--scan", "--pattern", &format!("{prefix}:*")])
+        .output()
+        .expect("redis-cli runs");
+    assert!(output.status.success(), "redis-cli failed: {output:?}");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_leaves_no_reply_or_fanout_keys_after_shutdown() {
+    let Some(_) = backend().await else { return };
+    use mqrpc::{Client, Context, Server, Target};
+    use serde_json::json;
+    let prefix = format!("mqrpc-cleanup-{}", &mqrpc::wire::new_id()[..12]);
+    let url = url_with_prefix(&prefix);
+    let recorder = crate::service::Recorder::new();
+    let mut servers = Vec::new();
+    for name in ["s1", "s2"] {
+        let transport = mqrpc::connect(&url).await.expect("redis");
+        let server = Server::builder(transport, Target::new("cleanup").server(name))
+            .endpoint(crate::service::endpoint(name, &recorder))
+            .start()
+            .await
+            .expect("server");
+        servers.push(server);
+    }
+    let client = Client::new(
+        mqrpc::connect(&url).await.expect("redis"),
+        Target::new("cleanup"),
+    );
+    let sum: i64 = client
+        .call(&Context::new(), "add", json!({"a": 1, "b": 2}))
+        .await
+        .expect("call");
+    assert_eq!(sum, 3);
+    client
+        .prepare()
+        .fanout(true)
+        .cast(&Context::new(), "record", json!({"id": 1}))
+        .await
+        .expect("fanout");
+    recorder.wait_for(2, Duration::from_secs(20)).await;
+    let during = keys_under(&prefix);
+    assert!(during.iter().any(|k| k.contains(":reply:")), "{during:?}");
+    assert!(during.iter().any(|k| k.ends_with(":fanout")), "{during:?}");
+
+    client.close().await;
+    for server in servers {
+        server.shutdown().await.expect("shutdown");
+    }
+    let after = keys_under(&prefix);
+    assert!(
+        after
+            .iter()
+            .all(|k| !k.contains(":reply:") && !k.ends_with(":fanout")),
+        "reply or fanout keys left behind: {after:?}"
+    );
+    // What remains are the topic and server streams, which expire (stream_ttl).
+    for key in &after {
+        let ttl = std::process::Command::new("redis-cli")
+            .args(["-u", &base_url(), "TTL", key])
+            .output()
+            .expect("redis-cli runs");
+        let ttl: i64 = String::from_utf8_lossy(&ttl.stdout)
+            .trim()
+            .parse()
+            .expect("a TTL");
+        assert!(ttl > 0, "{key} has no expiry ({ttl})");
+    }
+}

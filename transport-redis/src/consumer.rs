@@ -1,0 +1,763 @@
+//! Consumers. A server reads its topic and server streams through the shared group
+//! `servers`, and the fanout stream through a group of its own, each with a blocking
+//! `XREADGROUP` on a connection of its own; a housekeeping task takes over entries
+//! that dead consumers left pending (`XAUTOCLAIM`), keeps the streams' TTLs fresh and
+//! prunes groups and consumers of servers that died. A client reads its reply stream
+//! with a blocking `XREAD`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::Value;
+use redis::aio::ConnectionManager;
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use rpc_core::{Acker, Consumer, Delivery, Error, Result, Target};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::publisher::{BODY_FIELD, EXPIRES_FIELD, backoff, is_connection_error, now_millis};
+use crate::{Shared, connection_manager, redis_error};
+
+/// The consumer group all servers of a topic share.
+const GROUP: &str = "servers";
+/// Most entries taken in one read.
+const MAX_BATCH: usize = 32;
+
+/// Destroys a server's fanout group, and the stream with the last group.
+const DROP_FANOUT_GROUP: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('XGROUP', 'DESTROY', KEYS[1], ARGV[1])
+if #redis.call('XINFO', 'GROUPS', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) end
+return 1
+";
+
+/// Removes a consumer from a group unless it still has pending entries.
+const DROP_IDLE_CONSUMER: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #pending == 0 then redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) end
+return #pending
+";
+
+/// The keys of one server instance.
+#[derive(Debug, Clone)]
+struct ServerKeys {
+    topic: String,
+    server: String,
+    fanout: String,
+    /// This instance's consumer name, and the name of its fanout group.
+    instance: String,
+}
+
+fn is_missing_group(err: &redis::RedisError) -> bool {
+    err.code() == Some("NOGROUP")
+}
+
+/// Creates a group, accepting one that exists already (`BUSYGROUP`).
+async fn create_group(
+    conn: &mut ConnectionManager,
+    key: &str,
+    group: &str,
+    start: &str,
+) -> Result<()> {
+    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(key)
+        .arg(group)
+        .arg(start)
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await;
+    match created {
+        Ok(()) => Ok(()),
+        Err(err) if err.code() == Some("BUSYGROUP") => Ok(()),
+        Err(err) => Err(redis_error(
+            &format!("creating group {group} on {key}"),
+            err,
+        )),
+    }
+}
+
+impl ServerKeys {
+    /// Creates the groups (the shared one from the start of the streams, so messages
+    /// sent before any server listened are handled; the fanout one at `$`) and sets
+    /// the streams' TTLs.
+    async fn declare(&self, conn: &mut ConnectionManager, ttl: Duration) -> Result<()> {
+        create_group(conn, &self.topic, GROUP, "0").await?;
+        create_group(conn, &self.server, GROUP, "0").await?;
+        create_group(conn, &self.fanout, &self.instance, "$").await?;
+        self.refresh(conn, ttl).await
+    }
+
+    async fn refresh(&self, conn: &mut ConnectionManager, ttl: Duration) -> Result<()> {
+        let mut pipe = redis::pipe();
+        for key in [&self.topic, &self.server, &self.fanout] {
+            pipe.cmd("EXPIRE")
+                .arg(key)
+                .arg(ttl.as_secs().max(1))
+                .ignore();
+        }
+        pipe.query_async::<()>(conn)
+            .await
+            .map_err(|e| redis_error("refreshing stream TTLs", e))
+    }
+}
+
+/// Turns a stream entry into a delivery; an expired call is acked and skipped.
+async fn delivery(
+    shared: &Arc<Shared>,
+    key: &str,
+    group: &str,
+    entry: StreamId,
+) -> Option<Delivery> {
+    let StreamId { id, map, .. } = entry;
+    let body = field_bytes(&map, BODY_FIELD).unwrap_or_default();
+    let acker = RedisAcker {
+        conn: shared.commands.clone(),
+        key: key.to_owned(),
+        group: group.to_owned(),
+        id,
+        body: body.clone(),
+        settled: false,
+    };
+    let expires = field_bytes(&map, EXPIRES_FIELD)
+        .and_then(|raw| String::from_utf8(raw).ok())
+        .and_then(|text| text.parse::<u64>().ok());
+    if expires.is_some_and(|at| at < now_millis()) {
+        tracing::debug!(stream = key, "dropping a call whose caller stopped waiting");
+        if let Err(err) = Box::new(acker).ack().await {
+            tracing::debug!(error = %err, "could not ack an expired entry");
+        }
+        return None;
+    }
+    Some(Delivery::new(body, Box::new(acker)))
+}
+
+fn field_bytes(map: &HashMap<String, Value>, field: &str) -> Option<Vec<u8>> {
+    match map.get(field)? {
+        Value::BulkString(bytes) => Some(bytes.clone()),
+        Value::SimpleString(text) => Some(text.clone().into_bytes()),
+        _ => None,
+    }
+}
+
+/// A server's consumer.
+pub(crate) struct ServerConsumer {
+    rx: mpsc::Receiver<Result<Delivery>>,
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    keys: ServerKeys,
+    cleaned: bool,
+}
+
+impl ServerConsumer {
+    pub(crate) async fn start(
+        shared: Arc<Shared>,
+        target: &Target,
+        prefetch: usize,
+    ) -> Result<Self> {
+        let config = &shared.config;
+        let exchange = target.exchange_or(&config.exchange);
+        let server = target.server.clone().unwrap_or_default();
+        let keys = ServerKeys {
+            topic: config.topic_key(exchange, &target.topic),
+            server: config.server_key(exchange, &target.topic, &server),
+            fanout: config.fanout_key(exchange, &target.topic),
+            instance: format!("{server}:{}", &rpc_core::wire::new_id()[..12]),
+        };
+        let mut conn = shared.commands.clone();
+        keys.declare(&mut conn, config.stream_ttl).await?;
+        let blocking_timeout = config.block + Duration::from_secs(5);
+        let shared_reader = connection_manager(&shared.client, blocking_timeout)
+            .await
+            .map_err(|e| redis_error("opening a reading connection", e))?;
+        let fanout_reader = connection_manager(&shared.client, blocking_timeout)
+            .await
+            .map_err(|e| redis_error("opening a reading connection", e))?;
+        let (tx, rx) = mpsc::channel(prefetch.clamp(1, MAX_BATCH));
+        let stop = CancellationToken::new();
+        let reader = |conn, group: &str, streams: Vec<String>| Reader {
+            shared: shared.clone(),
+            conn,
+            group: group.to_owned(),
+            consumer: keys.instance.clone(),
+            streams,
+            keys: keys.clone(),
+            tx: tx.clone(),
+            stop: stop.clone(),
+        };
+        let tasks = vec![
+            tokio::spawn(
+                reader(
+                    shared_reader,
+                    GROUP,
+                    vec![keys.topic.clone(), keys.server.clone()],
+                )
+                .run(),
+            ),
+            tokio::spawn(reader(fanout_reader, &keys.instance, vec![keys.fanout.clone()]).run()),
+            tokio::spawn(
+                Housekeeping {
+                    shared: shared.clone(),
+                    keys: keys.clone(),
+                    tx,
+                    stop: stop.clone(),
+                }
+                .run(),
+            ),
+        ];
+        tracing::debug!(instance = %keys.instance, topic = %keys.topic, "listening on Redis streams");
+        Ok(ServerConsumer {
+            rx,
+            stop,
+            tasks,
+            shared,
+            keys,
+            cleaned: false,
+        })
+    }
+}
+
+/// Leaves the groups this instance joined: its fanout group (and the fanout stream
+/// with the last group), and its consumer entries unless they hold pending work.
+async fn leave(shared: &Shared, keys: &ServerKeys) -> Result<()> {
+    let mut conn = shared.commands.clone();
+    redis::Script::new(DROP_FANOUT_GROUP)
+        .key(&keys.fanout)
+        .arg(&keys.instance)
+        .invoke_async::<i64>(&mut conn)
+        .await
+        .map_err(|e| redis_error("leaving the fanout", e))?;
+    for key in [&keys.topic, &keys.server] {
+        redis::Script::new(DROP_IDLE_CONSUMER)
+            .key(key)
+            .arg(GROUP)
+            .arg(&keys.instance)
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map_err(|e| redis_error("leaving the group", e))?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Consumer for ServerConsumer {
+    async fn recv(&mut self) -> Option<Result<Delivery>> {
+        self.rx.recv().await
+    }
+
+    async fn stop(&mut self) -> Result<()> {
+        self.stop.cancel();
+        Ok(())
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        self.stop.cancel();
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+        self.cleaned = true;
+        leave(&self.shared, &self.keys).await
+    }
+}
+
+impl Drop for ServerConsumer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if self.cleaned {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let shared = self.shared.clone();
+            let keys = self.keys.clone();
+            runtime.spawn(async move {
+                if let Err(err) = leave(&shared, &keys).await {
+                    tracing::debug!(error = %err, "could not leave Redis groups");
+                }
+            });
+        }
+    }
+}
+
+/// One blocking `XREADGROUP` loop.
+struct Reader {
+    shared: Arc<Shared>,
+    conn: ConnectionManager,
+    group: String,
+    consumer: String,
+    streams: Vec<String>,
+    keys: ServerKeys,
+    tx: mpsc::Sender<Result<Delivery>>,
+    stop: CancellationToken,
+}
+
+impl Reader {
+    async fn run(mut self) {
+        let block_ms = self.shared.config.block.as_millis().max(1);
+        let mut attempt = 0u32;
+        loop {
+            // Read only as much as there is room for: waiting work stays in Redis.
+            let room = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                permit = self.tx.reserve() => match permit {
+                    Ok(permit) => { drop(permit); self.tx.capacity().max(1) }
+                    Err(_) => return,
+                },
+            };
+            let mut cmd = redis::cmd("XREADGROUP");
+            cmd.arg("GROUP")
+                .arg(&self.group)
+                .arg(&self.consumer)
+                .arg("COUNT")
+                .arg(room.min(MAX_BATCH))
+                .arg("BLOCK")
+                .arg(u64::try_from(block_ms).unwrap_or(u64::MAX))
+                .arg("STREAMS")
+                .arg(&self.streams);
+            for _ in &self.streams {
+                cmd.arg(">");
+            }
+            let read: redis::RedisResult<Option<StreamReadReply>> = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                read = cmd.query_async(&mut self.conn) => read,
+            };
+            match read {
+                Ok(None) => {}
+                Ok(Some(reply)) => {
+                    attempt = 0;
+                    for stream in reply.keys {
+                        for entry in stream.ids {
+                            let Some(delivery) =
+                                delivery(&self.shared, &stream.key, &self.group, entry).await
+                            else {
+                                continue;
+                            };
+                            if self.tx.send(Ok(delivery)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                Err(err) if is_missing_group(&err) => {
+                    // The streams vanished (a Redis restart, or expiry): declare again.
+                    tracing::warn!(streams = ?self.streams, "consumer group missing; creating it again");
+                    let mut conn = self.shared.commands.clone();
+                    if let Err(err) = self
+                        .keys
+                        .declare(&mut conn, self.shared.config.stream_ttl)
+                        .await
+                    {
+                        tracing::warn!(error = %err, "could not re-create consumer groups");
+                        tokio::time::sleep(backoff(attempt)).await;
+                        attempt = attempt.saturating_add(1);
+                    }
+                }
+                Err(err) => {
+                    let wait = backoff(attempt);
+                    attempt = attempt.saturating_add(1);
+                    if is_connection_error(&err) {
+                        tracing::warn!(error = %err, ?wait, "reading from Redis failed; retrying");
+                    } else {
+                        tracing::error!(error = %err, ?wait, "XREADGROUP refused; retrying");
+                    }
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Claims abandoned entries, refreshes TTLs and prunes dead servers' groups.
+struct Housekeeping {
+    shared: Arc<Shared>,
+    keys: ServerKeys,
+    tx: mpsc::Sender<Result<Delivery>>,
+    stop: CancellationToken,
+}
+
+impl Housekeeping {
+    async fn run(self) {
+        let config = &self.shared.config;
+        let tick = (config.claim_idle / 2)
+            .min(config.stream_ttl / 3)
+            .min(config.prune_idle / 2)
+            .clamp(Duration::from_millis(100), Duration::from_secs(10));
+        let mut ticks = tokio::time::interval(tick);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_refresh = tokio::time::Instant::now();
+        let mut last_prune = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            for key in [&self.keys.topic, &self.keys.server] {
+                if let Err(err) = self.claim(key).await {
+                    tracing::debug!(error = %err, stream = %key, "claiming abandoned entries failed");
+                }
+            }
+            let mut conn = self.shared.commands.clone();
+            if last_refresh.elapsed() >= config.stream_ttl / 3 {
+                last_refresh = tokio::time::Instant::now();
+                if let Err(err) = self.keys.refresh(&mut conn, config.stream_ttl).await {
+                    tracing::debug!(error = %err, "refreshing TTLs failed");
+                }
+            }
+            if last_prune.elapsed() >= config.prune_idle / 2 {
+                last_prune = tokio::time::Instant::now();
+                if let Err(err) = self.prune(&mut conn).await {
+                    tracing::debug!(error = %err, "pruning dead servers' groups failed");
+                }
+            }
+        }
+    }
+
+    /// Takes over entries pending longer than `claim_idle` (their consumer died or
+    /// hangs) and hands them to this server.
+    async fn claim(&self, key: &str) -> Result<()> {
+        let room = self.tx.capacity();
+        if room == 0 {
+            return Ok(());
+        }
+        let mut conn = self.shared.commands.clone();
+        let claimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+            .arg(key)
+            .arg(GROUP)
+            .arg(&self.keys.instance)
+            .arg(u64::try_from(self.shared.config.claim_idle.as_millis()).unwrap_or(u64::MAX))
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(room.min(MAX_BATCH))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| redis_error("XAUTOCLAIM", e))?;
+        if !claimed.claimed.is_empty() {
+            tracing::info!(
+                stream = key,
+                count = claimed.claimed.len(),
+                "took over entries a dead consumer left pending"
+            );
+        }
+        for entry in claimed.claimed {
+            if let Some(delivery) = delivery(&self.shared, key, GROUP, entry).await {
+                if self.tx.send(Ok(delivery)).await.is_err() {
+                    return Err(Error::Closed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes fanout groups whose consumers have all been idle past `prune_idle`, and
+    /// shared-group consumers idle that long with nothing pending.
+    async fn prune(&self, conn: &mut ConnectionManager) -> Result<()> {
+        let limit = u128::from(
+            u64::try_from(self.shared.config.prune_idle.as_millis()).unwrap_or(u64::MAX),
+        );
+        let groups: redis::streams::StreamInfoGroupsReply = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&self.keys.fanout)
+            .query_async(conn)
+            .await
+            .map_err(|e| redis_error("XINFO GROUPS", e))?;
+        for group in groups.groups {
+            if group.name == self.keys.instance || group.consumers == 0 {
+                continue;
+            }
+            let consumers: redis::streams::StreamInfoConsumersReply = redis::cmd("XINFO")
+                .arg("CONSUMERS")
+                .arg(&self.keys.fanout)
+                .arg(&group.name)
+                .query_async(conn)
+                .await
+                .map_err(|e| redis_error("XINFO CONSUMERS", e))?;
+            if consumers.consumers.iter().all(|c| c.idle as u128 > limit) {
+                tracing::info!(group = %group.name, "removing the fanout group of a server that is gone");
+                redis::Script::new(DROP_FANOUT_GROUP)
+                    .key(&self.keys.fanout)
+                    .arg(&group.name)
+                    .invoke_async::<i64>(conn)
+                    .await
+                    .map_err(|e| redis_error("removing a fanout group", e))?;
+            }
+        }
+        for key in [&self.keys.topic, &self.keys.server] {
+            let consumers: redis::streams::StreamInfoConsumersReply = redis::cmd("XINFO")
+                .arg("CONSUMERS")
+                .arg(key)
+                .arg(GROUP)
+                .query_async(conn)
+                .await
+                .map_err(|e| redis_error("XINFO CONSUMERS", e))?;
+            for consumer in consumers.consumers {
+                if consumer.name != self.keys.instance
+                    && consumer.pending == 0
+                    && consumer.idle as u128 > limit
+                {
+                    redis::Script::new(DROP_IDLE_CONSUMER)
+                        .key(key)
+                        .arg(GROUP)
+                        .arg(&consumer.name)
+                        .invoke_async::<i64>(conn)
+                        .await
+                        .map_err(|e| redis_error("removing an idle consumer", e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Settles one stream entry.
+struct RedisAcker {
+    conn: ConnectionManager,
+    key: String,
+    group: String,
+    id: String,
+    body: Vec<u8>,
+    settled: bool,
+}
+
+impl RedisAcker {
+    async fn xack(&mut self) -> Result<()> {
+        self.settled = true;
+        redis::cmd("XACK")
+            .arg(&self.key)
+            .arg(&self.group)
+            .arg(&self.id)
+            .query_async::<()>(&mut self.conn)
+            .await
+            .map_err(|e| redis_error("XACK", e))
+    }
+}
+
+#[async_trait]
+impl Acker for RedisAcker {
+    async fn ack(mut self: Box<Self>) -> Result<()> {
+        self.xack().await
+    }
+
+    async fn reject(mut self: Box<Self>, requeue: bool) -> Result<()> {
+        if requeue {
+            // Streams cannot put an entry back: add it again, then settle the old one.
+            redis::cmd("XADD")
+                .arg(&self.key)
+                .arg("*")
+                .arg(BODY_FIELD)
+                .arg(&self.body)
+                .query_async::<()>(&mut self.conn)
+                .await
+                .map_err(|e| redis_error("requeueing", e))?;
+        }
+        self.xack().await
+    }
+}
+
+/// A client's reply stream.
+pub(crate) struct ReplyConsumer {
+    rx: mpsc::Receiver<Result<Delivery>>,
+    stop: CancellationToken,
+    task: Option<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    key: String,
+}
+
+/// Creates an empty stream (a group created with `MKSTREAM`, then destroyed) with a TTL.
+async fn create_reply_stream(conn: &mut ConnectionManager, key: &str, ttl: Duration) -> Result<()> {
+    redis::pipe()
+        .atomic()
+        .cmd("XGROUP")
+        .arg("CREATE")
+        .arg(key)
+        .arg("init")
+        .arg("$")
+        .arg("MKSTREAM")
+        .ignore()
+        .cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(key)
+        .arg("init")
+        .ignore()
+        .cmd("EXPIRE")
+        .arg(key)
+        .arg(ttl.as_secs().max(1))
+        .ignore()
+        .query_async::<()>(conn)
+        .await
+        .map_err(|e| redis_error("creating the reply stream", e))
+}
+
+impl ReplyConsumer {
+    pub(crate) async fn start(shared: Arc<Shared>) -> Result<(String, Self)> {
+        let key = format!(
+            "{}{}",
+            shared.config.reply_prefix(),
+            rpc_core::wire::new_id()
+        );
+        let mut conn = shared.commands.clone();
+        create_reply_stream(&mut conn, &key, shared.config.reply_ttl).await?;
+        let block = shared.config.block.min(shared.config.reply_ttl / 3);
+        let reader = connection_manager(&shared.client, block + Duration::from_secs(5))
+            .await
+            .map_err(|e| redis_error("opening a reading connection", e))?;
+        let (tx, rx) = mpsc::channel(1024);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(read_replies(
+            shared.clone(),
+            reader,
+            key.clone(),
+            block,
+            tx,
+            stop.clone(),
+        ));
+        Ok((
+            key.clone(),
+            ReplyConsumer {
+                rx,
+                stop,
+                task: Some(task),
+                shared,
+                key,
+            },
+        ))
+    }
+}
+
+async fn read_replies(
+    shared: Arc<Shared>,
+    mut reader: ConnectionManager,
+    key: String,
+    block: Duration,
+    tx: mpsc::Sender<Result<Delivery>>,
+    stop: CancellationToken,
+) {
+    let ttl = shared.config.reply_ttl;
+    let mut last_id = "0-0".to_owned();
+    let mut last_refresh = tokio::time::Instant::now();
+    let mut attempt = 0u32;
+    loop {
+        if last_refresh.elapsed() >= ttl / 3 {
+            let mut conn = shared.commands.clone();
+            let refreshed: redis::RedisResult<i64> = redis::cmd("EXPIRE")
+                .arg(&key)
+                .arg(ttl.as_secs().max(1))
+                .query_async(&mut conn)
+                .await;
+            match refreshed {
+                Ok(1) => last_refresh = tokio::time::Instant::now(),
+                Ok(_) => {
+                    // The stream is gone (a Redis restart): make it again.
+                    tracing::warn!(stream = %key, "reply stream vanished; creating it again");
+                    last_id = "0-0".to_owned();
+                    if create_reply_stream(&mut conn, &key, ttl).await.is_ok() {
+                        last_refresh = tokio::time::Instant::now();
+                    }
+                }
+                Err(err) => tracing::debug!(error = %err, "refreshing the reply stream TTL failed"),
+            }
+        }
+        let mut xread = redis::cmd("XREAD");
+        xread
+            .arg("COUNT")
+            .arg(256)
+            .arg("BLOCK")
+            .arg(u64::try_from(block.as_millis().max(1)).unwrap_or(u64::MAX))
+            .arg("STREAMS")
+            .arg(&key)
+            .arg(&last_id);
+        let read: redis::RedisResult<Option<StreamReadReply>> = tokio::select! {
+            _ = stop.cancelled() => return,
+            read = xread.query_async(&mut reader) => read,
+        };
+        match read {
+            Ok(None) => {}
+            Ok(Some(reply)) => {
+                attempt = 0;
+                for entry in reply.keys.into_iter().flat_map(|stream| stream.ids) {
+                    last_id.clone_from(&entry.id);
+                    let body = field_bytes(&entry.map, BODY_FIELD).unwrap_or_default();
+                    if tx
+                        .send(Ok(Delivery::new(body, Box::new(NoAck))))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+            Err(err) => {
+                let wait = backoff(attempt);
+                attempt = attempt.saturating_add(1);
+                tracing::warn!(error = %err, ?wait, "reading replies failed; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn delete_reply_stream(shared: &Shared, key: &str) {
+    let mut conn = shared.commands.clone();
+    let deleted: redis::RedisResult<()> = redis::cmd("DEL").arg(key).query_async(&mut conn).await;
+    if let Err(err) = deleted {
+        tracing::debug!(error = %err, stream = key, "could not delete the reply stream; it expires");
+    }
+}
+
+#[async_trait]
+impl Consumer for ReplyConsumer {
+    async fn recv(&mut self) -> Option<Result<Delivery>> {
+        self.rx.recv().await
+    }
+
+    async fn stop(&mut self) -> Result<()> {
+        self.stop.cancel();
+        Ok(())
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+            delete_reply_stream(&self.shared, &self.key).await;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ReplyConsumer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if self.task.take().is_none() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let shared = self.shared.clone();
+            let key = self.key.clone();
+            runtime.spawn(async move { delete_reply_stream(&shared, &key).await });
+        }
+    }
+}
+
+/// Replies are read without a group: nothing to settle.
+struct NoAck;
+
+#[async_trait]
+impl Acker for NoAck {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+
+    async fn reject(self: Box<Self>, _requeue: bool) -> Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,160 @@
+//! The Redis streams transport of mqrpc.
+//!
+//! - A topic is a stream read by one consumer group that all its servers share
+//!   (competing consumers); a named server has a stream of its own; a topic's fanout
+//!   is a stream read by one group per server instance, created at `$`.
+//! - Replies go to a stream per client, read without a group and kept alive by a
+//!   TTL the client refreshes; servers write replies with `NOMKSTREAM`, so a reply to
+//!   a client that is gone fails as undeliverable instead of creating a key.
+//! - Blocking reads run on connections of their own; publishing shares one
+//!   multiplexed, auto-reconnecting connection (pipelined).
+//! - Entries left pending by a dead consumer longer than `claim_idle_ms` are taken
+//!   over with `XAUTOCLAIM`; streams are capped with an approximate `MAXLEN`.
+//!
+//! ```no_run
+//! # async fn demo() -> rpc_core::Result<()> {
+//! let transport = transport_redis::RedisTransport::connect("redis://127.0.0.1:6379/").await?;
+//! # let _ = transport; Ok(()) }
+//! ```
+
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod config;
+mod consumer;
+mod publisher;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use rpc_core::{
+    Capabilities, Consumer, Error, ListenOptions, Publisher, ReplyQueue, Result, Target, Transport,
+};
+
+pub use config::RedisConfig;
+
+use consumer::{ReplyConsumer, ServerConsumer};
+use publisher::RedisPublisher;
+
+/// A connection to Redis. Cheap to clone; clones share the publishing connection.
+#[derive(Clone)]
+pub struct RedisTransport {
+    shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) config: RedisConfig,
+    pub(crate) client: redis::Client,
+    /// Commands that never block: publishes, acks, claims, housekeeping.
+    pub(crate) commands: ConnectionManager,
+    publisher: Arc<RedisPublisher>,
+}
+
+impl std::fmt::Debug for RedisTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTransport")
+            .field("config", &self.shared.config)
+            .finish()
+    }
+}
+
+/// A non-blocking command answered later than this counts as a lost connection.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub(crate) fn redis_error(what: &str, err: redis::RedisError) -> Error {
+    Error::transport(what.to_owned(), err)
+}
+
+impl RedisTransport {
+    /// Connects to the Redis of a `redis://` or `rediss://` URL (see
+    /// [`RedisConfig::parse`]).
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::with_config(RedisConfig::parse(url)?).await
+    }
+
+    /// Connects with a parsed configuration.
+    pub async fn with_config(config: RedisConfig) -> Result<Self> {
+        let client = redis::Client::open(config.connection_url.as_str())
+            .map_err(|e| Error::InvalidUrl(format!("Redis URL: {}", e.kind_description())))?;
+        let commands = connection_manager(&client, COMMAND_TIMEOUT)
+            .await
+            .map_err(|e| redis_error("cannot connect to Redis", e))?;
+        let publisher = Arc::new(RedisPublisher::new(commands.clone(), config.clone()));
+        Ok(RedisTransport {
+            shared: Arc::new(Shared {
+                config,
+                client,
+                commands,
+                publisher,
+            }),
+        })
+    }
+
+    /// The parsed configuration.
+    pub fn config(&self) -> &RedisConfig {
+        &self.shared.config
+    }
+}
+
+trait KindDescription {
+    fn kind_description(&self) -> String;
+}
+
+impl KindDescription for redis::RedisError {
+    /// The error without its detail, which can quote the URL (and its password).
+    fn kind_description(&self) -> String {
+        format!("{:?}", self.kind())
+    }
+}
+
+/// An auto-reconnecting connection whose commands time out after `response_timeout`.
+pub(crate) async fn connection_manager(
+    client: &redis::Client,
+    response_timeout: Duration,
+) -> redis::RedisResult<ConnectionManager> {
+    let config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(response_timeout))
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_max_delay(Duration::from_secs(5))
+        .set_number_of_retries(3);
+    client.get_connection_manager_with_config(config).await
+}
+
+#[async_trait]
+impl Transport for RedisTransport {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+            .keeps_messages_without_listener(true)
+            .reports_no_responders(false)
+            .redelivers_unacked(true)
+            .max_message_size(Some(self.shared.config.max_message_size))
+    }
+
+    fn default_exchange(&self) -> &str {
+        &self.shared.config.exchange
+    }
+
+    async fn publisher(&self) -> Result<Arc<dyn Publisher>> {
+        Ok(self.shared.publisher.clone())
+    }
+
+    async fn listen(&self, target: &Target, options: &ListenOptions) -> Result<Box<dyn Consumer>> {
+        target.validate_for_listen()?;
+        let consumer = ServerConsumer::start(self.shared.clone(), target, options.prefetch).await?;
+        Ok(Box::new(consumer))
+    }
+
+    async fn reply_queue(&self) -> Result<ReplyQueue> {
+        let (address, consumer) = ReplyConsumer::start(self.shared.clone()).await?;
+        Ok(ReplyQueue {
+            address,
+            consumer: Box::new(consumer),
+        })
+    }
+}

@@ -1,0 +1,155 @@
+//! Publishing: `XADD` with an approximate `MAXLEN`, pipelined with `EXPIRE ... NX` so
+//! every stream mqrpc creates carries a time-to-live. Replies use `NOMKSTREAM`: a
+//! reply to a stream that no longer exists is undeliverable, never a new key.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use rand::Rng;
+use redis::aio::ConnectionManager;
+use rpc_core::{Address, Error, Outgoing, Publisher, Result};
+
+use crate::config::RedisConfig;
+use crate::redis_error;
+
+/// Field of an entry holding the encoded message.
+pub(crate) const BODY_FIELD: &str = "b";
+/// Field of an entry holding the time (Unix ms) after which it is not worth handling.
+pub(crate) const EXPIRES_FIELD: &str = "x";
+/// Approximate cap of a reply stream.
+const REPLY_MAXLEN: usize = 1000;
+
+pub(crate) struct RedisPublisher {
+    conn: ConnectionManager,
+    config: RedisConfig,
+    reply_prefix: String,
+}
+
+pub(crate) fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Whether an error means the connection is gone (worth retrying after reconnecting).
+pub(crate) fn is_connection_error(err: &redis::RedisError) -> bool {
+    err.is_io_error()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+        || err.is_timeout()
+}
+
+/// Capped exponential backoff with jitter.
+pub(crate) fn backoff(attempt: u32) -> Duration {
+    let base = Duration::from_millis(50).saturating_mul(1 << attempt.min(7));
+    base.min(Duration::from_secs(5))
+        .mul_f64(rand::rng().random_range(0.5..=1.0))
+}
+
+impl RedisPublisher {
+    pub(crate) fn new(conn: ConnectionManager, config: RedisConfig) -> Self {
+        RedisPublisher {
+            reply_prefix: config.reply_prefix(),
+            conn,
+            config,
+        }
+    }
+
+    fn stream_key(&self, address: &Address) -> Option<String> {
+        let c = &self.config;
+        match address {
+            Address::Topic { exchange, topic } => Some(c.topic_key(exchange, topic)),
+            Address::Server {
+                exchange,
+                topic,
+                server,
+            } => Some(c.server_key(exchange, topic, server)),
+            Address::Fanout { exchange, topic } => Some(c.fanout_key(exchange, topic)),
+            Address::Reply(_) => None,
+        }
+    }
+
+    async fn attempt(&self, address: &Address, message: &Outgoing) -> redis::RedisResult<bool> {
+        let mut conn = self.conn.clone();
+        match self.stream_key(address) {
+            Some(key) => {
+                let mut xadd = redis::cmd("XADD");
+                xadd.arg(&key)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(self.config.maxlen)
+                    .arg("*")
+                    .arg(BODY_FIELD)
+                    .arg(message.body.as_ref());
+                if let Some(ttl) = message.time_to_live {
+                    let expires = now_millis()
+                        .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+                    xadd.arg(EXPIRES_FIELD).arg(expires);
+                }
+                let mut pipe = redis::pipe();
+                pipe.add_command(xadd)
+                    .ignore()
+                    .cmd("EXPIRE")
+                    .arg(&key)
+                    .arg(self.config.stream_ttl.as_secs().max(1))
+                    .arg("NX")
+                    .ignore();
+                pipe.query_async::<()>(&mut conn).await?;
+                Ok(true)
+            }
+            None => {
+                let Address::Reply(key) = address else {
+                    return Ok(false);
+                };
+                if !key.starts_with(&self.reply_prefix) {
+                    // A request may name any reply address; only reply streams are written.
+                    return Ok(false);
+                }
+                let id: Option<String> = redis::cmd("XADD")
+                    .arg(key)
+                    .arg("NOMKSTREAM")
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(REPLY_MAXLEN)
+                    .arg("*")
+                    .arg(BODY_FIELD)
+                    .arg(message.body.as_ref())
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(id.is_some())
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Publisher for RedisPublisher {
+    async fn send(&self, address: &Address, message: Outgoing) -> Result<()> {
+        let limit = self.config.max_message_size;
+        if message.body.len() > limit {
+            return Err(Error::MessageTooLarge {
+                size: message.body.len(),
+                limit,
+            });
+        }
+        let mut attempt = 0u32;
+        loop {
+            match self.attempt(address, &message).await {
+                Ok(true) => return Ok(()),
+                Ok(false) if message.mandatory => {
+                    return Err(Error::Undeliverable {
+                        address: address.to_string(),
+                    });
+                }
+                Ok(false) => return Ok(()),
+                Err(err) if is_connection_error(&err) => {
+                    let wait = backoff(attempt);
+                    attempt = attempt.saturating_add(1);
+                    tracing::warn!(error = %err, %address, ?wait, "publish failed; retrying after reconnection");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(err) => return Err(redis_error(&format!("publishing to {address}"), err)),
+            }
+        }
+    }
+}
