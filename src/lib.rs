@@ -56,13 +56,14 @@ const SCHEMES: &[(&str, &str)] = &[
     ("amqp", "amqp"),
     ("amqps", "amqp"),
     ("rabbit", "amqp"),
+    ("kombu", "amqp"),
     ("redis", "redis"),
     ("rediss", "redis"),
     ("nats", "nats"),
     ("tls", "nats"),
 ];
 
-const KNOWN_SCHEMES: &str = "memory:// (feature memory), amqp://, amqps://, rabbit:// (feature amqp), \
+const KNOWN_SCHEMES: &str = "memory:// (feature memory), amqp://, amqps://, rabbit://, kombu:// (feature amqp), \
 redis://, rediss:// (feature redis), nats://, tls:// (feature nats)";
 
 /// Opens a transport for `url`; the scheme picks the backend.

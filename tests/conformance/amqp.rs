@@ -8,8 +8,16 @@ pub(crate) fn url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/".to_owned())
 }
 
+/// The suite's URL: test topics are unique, so their queues expire (`topic_ttl`)
+/// instead of piling up on the shared broker.
+pub(crate) fn suite_url() -> String {
+    let base = url();
+    let separator = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{separator}topic_ttl=300")
+}
+
 pub async fn backend() -> Option<Backend> {
-    let url = url();
+    let url = suite_url();
     if let Err(err) = mqrpc::connect(&url).await {
         return broker_unavailable("amqp", &err);
     }
@@ -37,7 +45,7 @@ mod faults {
 
     /// A transport whose every connection passes through `proxy`.
     async fn through(proxy: &TcpProxy) -> AmqpTransport {
-        let mut config = AmqpConfig::parse(&super::url()).expect("AMQP URL");
+        let mut config = AmqpConfig::parse(&super::suite_url()).expect("AMQP URL");
         for host in &mut config.hosts {
             host.host = "127.0.0.1".to_owned();
             host.port = proxy.port();

@@ -13,8 +13,9 @@ use rpc_core::{Error, Result};
 pub const DEFAULT_TRANSIENT_TTL: Duration = Duration::from_secs(1800);
 /// AMQP heartbeat asked of the broker unless the URL says otherwise.
 pub const DEFAULT_HEARTBEAT: u16 = 30;
-/// RabbitMQ's own default `max_message_size` (128 MiB).
-pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 128 * 1024 * 1024;
+/// The largest message sent unless the URL says otherwise: RabbitMQ 4's default
+/// `max_message_size` (16 MiB; 3.x brokers accept up to 128 MiB).
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
 
 /// One broker host of the URL.
 #[derive(Clone, PartialEq, Eq)]

@@ -132,6 +132,10 @@ impl ConsumerTask {
                         let _ = ready.send(Err(err));
                         return;
                     }
+                    if matches!(err, Error::Closed) {
+                        // The transport was closed: this consumer is finished for good.
+                        return;
+                    }
                     let wait = self.link.backoff(attempt);
                     attempt = attempt.saturating_add(1);
                     tracing::warn!(error = %err, ?wait, "re-subscribing failed; will retry");
@@ -150,7 +154,7 @@ impl ConsumerTask {
             let stopped = loop {
                 let next = tokio::select! {
                     biased;
-                    _ = self.closed.cancelled() => return,
+                    _ = self.closed.cancelled() => break true,
                     _ = self.stop.cancelled() => break true,
                     next = async {
                         // Take a delivery only when there is room to hand it over.

@@ -86,8 +86,8 @@ impl AmqpTransport {
         self.link.connections_opened()
     }
 
-    /// Closes the connection. Consumers and publishers of this transport fail with
-    /// `Error::Closed` afterwards.
+    /// Closes the connection. Publishes then fail with `Error::Closed` and consumers
+    /// of this transport end (`recv` returns `None`).
     pub async fn close(&self) {
         self.link.close().await;
     }

@@ -35,6 +35,10 @@ enum Failure {
     Connection(Error),
     /// The broker refused (or the request is bad): give up.
     Refused(Error),
+    /// The broker closed the channel over this publish (say a 404 for an exchange
+    /// that was auto-deleted since it was declared): worth one try on a new channel,
+    /// which declares its exchanges again.
+    ChannelClosed(Error),
 }
 
 impl AmqpPublisher {
@@ -180,10 +184,14 @@ impl AmqpPublisher {
         outcome.map_err(|err| match err {
             Error::Undeliverable { .. } | Error::InvalidTarget(_) => Failure::Refused(err),
             err => {
-                if !pc.channel.status().connected() {
+                let channel_closed = !pc.channel.status().connected();
+                if channel_closed {
                     self.forget(&pc);
                 }
-                classify(err)
+                match classify(err) {
+                    Failure::Refused(err) if channel_closed => Failure::ChannelClosed(err),
+                    failure => failure,
+                }
             }
         })
     }
@@ -214,10 +222,18 @@ impl Publisher for AmqpPublisher {
             });
         }
         let mut attempt = 0u32;
+        let mut retried_on_new_channel = false;
         loop {
             match self.attempt(address, &message).await {
                 Ok(()) => return Ok(()),
                 Err(Failure::Refused(err)) => return Err(err),
+                Err(Failure::ChannelClosed(err)) => {
+                    if retried_on_new_channel {
+                        return Err(err);
+                    }
+                    tracing::debug!(error = %err, %address, "channel closed by the broker; retrying once");
+                    retried_on_new_channel = true;
+                }
                 Err(Failure::Connection(err)) => {
                     if self.link.closed.is_cancelled() {
                         return Err(Error::Closed);
