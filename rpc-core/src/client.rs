@@ -21,7 +21,7 @@ use crate::context::Context;
 use crate::error::{Error, RemoteError, Result, TimeoutKind};
 use crate::reply::{PendingReplies, ReplyRouter};
 use crate::target::{Target, Version};
-use crate::transport::{Address, Outgoing, Publisher, Transport};
+use crate::transport::{Address, CallHint, Outgoing, Publisher, Transport};
 use crate::wire::{self, Reply, Request};
 
 /// How long a call waits for its reply unless told otherwise (oslo's
@@ -33,6 +33,13 @@ pub const MIN_CALL_MONITOR: Duration = Duration::from_secs(2);
 
 /// Module of the dispatcher failures, as oslo.messaging names it on the wire.
 pub(crate) const DISPATCHER_MODULE: &str = "oslo_messaging.rpc.dispatcher";
+
+/// Module of failures a transport reports through the reply path.
+pub const TRANSPORT_FAILURE_MODULE: &str = "mqrpc.transport";
+/// Class of the failure a transport sends a caller when nothing listens on the
+/// address of its request; the client turns it into [`Error::NoResponders`], with the
+/// address as the first argument.
+pub const NO_RESPONDERS_CLASS: &str = "NoResponders";
 
 /// Calls methods on servers of a topic.
 ///
@@ -183,7 +190,7 @@ impl Client {
             loop {
                 let reply = pending.next_reply().await?;
                 if let Some(failure) = reply.failure {
-                    return Err(failure_to_error(failure));
+                    return Err(pending.failure(failure));
                 }
                 if !reply.result.is_null() {
                     last = reply.result;
@@ -312,6 +319,10 @@ impl Client {
             body,
             time_to_live: Some(self.timeout),
             mandatory: false,
+            call: Some(CallHint {
+                reply_to: router.address().to_owned(),
+                msg_id: msg_id.clone(),
+            }),
         };
         self.publish(&address, outgoing, deadline, &msg_id).await?;
         Ok(PendingCall {
@@ -399,6 +410,10 @@ fn decode_result<R: DeserializeOwned>(value: Value) -> Result<R> {
 /// A Rust server sends the method (and version) as the positional arguments; a Python
 /// server sends only the message text, so the names are read from it then.
 pub(crate) fn failure_to_error(failure: RemoteError) -> Error {
+    if failure.module == TRANSPORT_FAILURE_MODULE && failure.class == NO_RESPONDERS_CLASS {
+        let address = positional(&failure, 0, 1).unwrap_or_default();
+        return Error::NoResponders { address };
+    }
     if failure.base_module() == DISPATCHER_MODULE {
         match failure.base_class() {
             "NoSuchMethod" => {
@@ -458,6 +473,17 @@ struct PendingCall {
 }
 
 impl PendingCall {
+    /// The error for a failure reply, naming this call's target where the failure
+    /// could not.
+    fn failure(&self, failure: RemoteError) -> Error {
+        match failure_to_error(failure) {
+            Error::NoResponders { address } if address.is_empty() => Error::NoResponders {
+                address: self.topic.clone(),
+            },
+            err => err,
+        }
+    }
+
     /// The next reply that is not a heartbeat.
     async fn next_reply(&mut self) -> Result<Reply> {
         loop {
@@ -507,7 +533,7 @@ impl<R: DeserializeOwned + Send + 'static> ReplyStream<R> {
                     Err(err) => return Some((Err(err), None)),
                 };
                 if let Some(failure) = reply.failure {
-                    return Some((Err(failure_to_error(failure)), None));
+                    return Some((Err(pending.failure(failure)), None));
                 }
                 match (reply.result.is_null(), reply.ending) {
                     (true, true) => return None,

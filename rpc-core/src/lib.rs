@@ -24,7 +24,10 @@ mod target;
 pub mod transport;
 pub mod wire;
 
-pub use client::{Client, DEFAULT_TIMEOUT, MIN_CALL_MONITOR, ReplyStream};
+pub use client::{
+    Client, DEFAULT_TIMEOUT, MIN_CALL_MONITOR, NO_RESPONDERS_CLASS, ReplyStream,
+    TRANSPORT_FAILURE_MODULE,
+};
 pub use context::Context;
 pub use endpoint::{Endpoint, NoArgs};
 pub use error::{
@@ -33,6 +36,6 @@ pub use error::{
 pub use server::{AckMode, DEFAULT_CONCURRENCY, DEFAULT_GRACE_PERIOD, Server, ServerBuilder};
 pub use target::{DEFAULT_EXCHANGE, ParseVersionError, Target, Version};
 pub use transport::{
-    Acker, Address, Capabilities, Consumer, Delivery, ListenOptions, Outgoing, Publisher,
+    Acker, Address, CallHint, Capabilities, Consumer, Delivery, ListenOptions, Outgoing, Publisher,
     ReplyQueue, Transport,
 };

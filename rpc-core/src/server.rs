@@ -518,6 +518,7 @@ impl Replier {
             body: Bytes::from(body),
             time_to_live: None,
             mandatory: true,
+            call: None,
         };
         let address = Address::Reply(reply_to.to_owned());
         let send = self.publisher.send(&address, outgoing);

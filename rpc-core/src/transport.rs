@@ -91,6 +91,19 @@ pub struct Outgoing {
     /// Fail with [`crate::Error::Undeliverable`] when no queue takes the message
     /// (used for replies).
     pub mandatory: bool,
+    /// Set on a call's request: where its replies go and under which `_msg_id`, for
+    /// transports that report a missing listener through the reply path (NATS "no
+    /// responders").
+    pub call: Option<CallHint>,
+}
+
+/// The reply address and correlation id of a call, as the request carries them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallHint {
+    /// The caller's reply address (`_reply_q`).
+    pub reply_to: String,
+    /// The call's `_msg_id`.
+    pub msg_id: String,
 }
 
 impl Outgoing {
@@ -100,6 +113,7 @@ impl Outgoing {
             body: body.into(),
             time_to_live: None,
             mandatory: false,
+            call: None,
         }
     }
 }

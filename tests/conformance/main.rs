@@ -17,3 +17,6 @@ mod interop_amqp;
 
 #[cfg(feature = "redis")]
 mod redis;
+
+#[cfg(feature = "nats")]
+mod nats;

@@ -1,0 +1,134 @@
+//! The conformance suite on NATS, twice: core NATS (at-most-once, "no responders"),
+//! and JetStream mode (casts kept while no server runs and redelivered until acked).
+//! `MQRPC_NATS_URL` names the server (default `nats://127.0.0.1:4222`).
+
+use crate::suite::{Backend, broker_unavailable};
+
+pub(crate) fn base_url() -> String {
+    std::env::var("MQRPC_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
+fn with_options(options: &str) -> String {
+    let base = base_url();
+    let separator = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{separator}{options}")
+}
+
+async fn backend_at(name: &'static str, url: String) -> Option<Backend> {
+    if let Err(err) = mqrpc::connect(&url).await {
+        return broker_unavailable(name, &err);
+    }
+    Some(Backend::new(name, move || {
+        let url = url.clone();
+        async move {
+            mqrpc::connect(&url)
+                .await
+                .expect("NATS answered a moment ago")
+        }
+    }))
+}
+
+pub mod core {
+    pub async fn backend() -> Option<crate::suite::Backend> {
+        super::backend_at("nats", super::with_options("prefix=mqrpc-test")).await
+    }
+
+    conformance_suite!(backend);
+}
+
+pub mod jetstream {
+    pub async fn backend() -> Option<crate::suite::Backend> {
+        let url = super::with_options("prefix=mqrpc-test-js&jetstream=true&ack_wait=2&max_age=600");
+        super::backend_at("nats-jetstream", url).await
+    }
+
+    conformance_suite!(backend);
+}
+
+mod faults {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use mqrpc::{Client, Context, NatsConfig, NatsTransport, Server, Target};
+    use serde_json::json;
+
+    use crate::proxy::TcpProxy;
+    use crate::service::{self, Recorder};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nats_calls_succeed_again_after_the_connection_is_cut() {
+        let Some(_) = super::core::backend().await else {
+            return;
+        };
+        let config = NatsConfig::parse(&super::base_url()).expect("NATS URL");
+        let upstream = config.servers[0]
+            .split_once("://")
+            .map(|(_, a)| a.to_owned())
+            .expect("address");
+        let upstream = tokio::net::lookup_host(upstream)
+            .await
+            .expect("resolve NATS")
+            .next()
+            .expect("an address");
+        let proxy = TcpProxy::start(upstream).await;
+        let url = format!("nats://127.0.0.1:{}?prefix=mqrpc-test", proxy.port());
+        let topic = format!("reconnect_{}", &mqrpc::wire::new_id()[..12]);
+        let recorder = Recorder::new();
+        let server_side = NatsTransport::connect(&url)
+            .await
+            .expect("through the proxy");
+        let server = Server::builder(Arc::new(server_side), Target::new(&topic).server("s1"))
+            .endpoint(service::endpoint("s1", &recorder))
+            .start()
+            .await
+            .expect("server");
+        let client = Client::new(
+            Arc::new(NatsTransport::connect(&url).await.expect("client")),
+            Target::new(&topic),
+        )
+        .timeout(Duration::from_secs(3));
+        let ctx = Context::new();
+        let sum: i64 = client
+            .call(&ctx, "add", json!({"a": 1, "b": 2}))
+            .await
+            .expect("before the cut");
+        assert_eq!(sum, 3);
+
+        let cut_at = Instant::now();
+        proxy.cut();
+        let mut recovered = None;
+        for _ in 0..30 {
+            match client
+                .call::<_, i64>(&ctx, "add", json!({"a": 20, "b": 22}))
+                .await
+            {
+                Ok(sum) => {
+                    assert_eq!(sum, 42);
+                    recovered = Some(cut_at.elapsed());
+                    break;
+                }
+                Err(err) => {
+                    eprintln!("nats call after the cut failed (retrying): {err}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        let recovered = recovered.expect("calls succeed again after reconnection");
+        eprintln!("nats recovered {recovered:?} after the cut");
+        let who: String = client
+            .prepare()
+            .server("s1")
+            .call(&ctx, "whoami", mqrpc::NoArgs {})
+            .await
+            .expect("directed");
+        assert_eq!(who, "s1");
+        client
+            .prepare()
+            .fanout(true)
+            .cast(&ctx, "record", json!({"id": 1}))
+            .await
+            .expect("fanout");
+        recorder.wait_for(1, Duration::from_secs(20)).await;
+        server.shutdown().await.expect("shutdown");
+    }
+}

@@ -1,0 +1,339 @@
+//! URL parsing (`nats://`, `tls://`, several comma-separated servers, user/password,
+//! token, credentials file) and the subject layout, with every name escaped so that
+//! a `.`, `*`, `>` or white space in a topic or server cannot alias another subject.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use percent_encoding::percent_decode_str;
+use rpc_core::{Error, Result};
+
+/// How a client authenticates.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub enum Auth {
+    /// No credentials.
+    #[default]
+    None,
+    /// User and password.
+    UserPassword(String, String),
+    /// A token.
+    Token(String),
+    /// A `.creds` file (JWT and NKey seed).
+    CredentialsFile(PathBuf),
+}
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Auth::None => f.write_str("None"),
+            Auth::UserPassword(user, _) => write!(f, "UserPassword({user:?}, <redacted>)"),
+            Auth::Token(_) => f.write_str("Token(<redacted>)"),
+            Auth::CredentialsFile(path) => write!(f, "CredentialsFile({path:?})"),
+        }
+    }
+}
+
+/// Everything a NATS URL configures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsConfig {
+    /// Servers as `nats://host:port` or `tls://host:port`.
+    pub servers: Vec<String>,
+    /// Credentials.
+    pub auth: Auth,
+    /// TLS required (`tls://`, or `tls=true`).
+    pub tls: bool,
+    /// First token(s) of every subject (default `mqrpc`).
+    pub prefix: String,
+    /// The control exchange (default `openstack`), part of each topic's subjects.
+    pub exchange: String,
+    /// Casts to a topic or server go through JetStream (kept while no server runs,
+    /// acked by the server) instead of core NATS.
+    pub jetstream: bool,
+    /// How long JetStream waits for a server's ack before delivering a cast again.
+    pub ack_wait: Duration,
+    /// How long JetStream keeps casts nobody took.
+    pub max_age: Duration,
+    /// Messages a subscription buffers before the client counts a slow consumer.
+    pub subscription_capacity: usize,
+}
+
+impl NatsConfig {
+    /// Parses `nats://[user:password@|token@]host[:port][,host[:port]...][?options]`
+    /// or the same with `tls://`.
+    ///
+    /// Options: `prefix`, `exchange`, `token`, `creds` (path of a credentials file),
+    /// `tls`, `jetstream` (casts through JetStream), `ack_wait` and `max_age`
+    /// (seconds, JetStream mode), `subscription_capacity`.
+    pub fn parse(url: &str) -> Result<Self> {
+        let bad = |what: String| Error::InvalidUrl(format!("NATS URL: {what}"));
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| bad("expected nats:// or tls://".to_owned()))?;
+        let mut tls = match scheme.to_ascii_lowercase().as_str() {
+            "nats" => false,
+            "tls" => true,
+            other => return Err(bad(format!("unsupported scheme {other:?}"))),
+        };
+        let (rest, query) = match rest.split_once('?') {
+            Some((rest, query)) => (rest, query),
+            None => (rest, ""),
+        };
+        let netlocs = rest.trim_end_matches('/');
+        let mut config = NatsConfig {
+            servers: Vec::new(),
+            auth: Auth::None,
+            tls,
+            prefix: "mqrpc".to_owned(),
+            exchange: rpc_core::DEFAULT_EXCHANGE.to_owned(),
+            jetstream: false,
+            ack_wait: Duration::from_secs(30),
+            max_age: Duration::from_secs(24 * 3600),
+            subscription_capacity: 65_536,
+        };
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = decode(value)?;
+            let flag = || match value.to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => Ok(true),
+                "0" | "false" | "no" | "off" => Ok(false),
+                _ => Err(bad(format!("option {key} must be true or false"))),
+            };
+            let seconds = || {
+                value
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|s| s.is_finite() && *s > 0.0)
+                    .map(Duration::from_secs_f64)
+                    .ok_or_else(|| {
+                        bad(format!("option {key} must be a positive number of seconds"))
+                    })
+            };
+            match key {
+                "prefix" | "exchange" => {
+                    if value.is_empty()
+                        || value.contains(['*', '>', ' '])
+                        || value.starts_with('.')
+                        || value.ends_with('.')
+                    {
+                        return Err(bad(format!("option {key} is not a valid subject prefix")));
+                    }
+                    if key == "prefix" {
+                        config.prefix = value;
+                    } else {
+                        config.exchange = value;
+                    }
+                }
+                "token" => config.auth = Auth::Token(value),
+                "creds" => config.auth = Auth::CredentialsFile(PathBuf::from(value)),
+                "tls" => tls = flag()?,
+                "jetstream" => config.jetstream = flag()?,
+                "ack_wait" => config.ack_wait = seconds()?,
+                "max_age" => config.max_age = seconds()?,
+                "subscription_capacity" => {
+                    config.subscription_capacity =
+                        value.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                            bad(format!("option {key} must be a positive integer"))
+                        })?;
+                }
+                other => {
+                    return Err(bad(format!(
+                        "unknown option {other:?} (known: prefix, exchange, token, creds, tls, \
+                         jetstream, ack_wait, max_age, subscription_capacity)"
+                    )));
+                }
+            }
+        }
+        config.tls = tls;
+        let scheme = if tls { "tls" } else { "nats" };
+        for netloc in netlocs.split(',') {
+            let (userinfo, hostport) = match netloc.rsplit_once('@') {
+                Some((userinfo, hostport)) => (Some(userinfo), hostport),
+                None => (None, netloc),
+            };
+            if let Some(info) = userinfo {
+                let auth = match info.split_once(':') {
+                    Some((user, pass)) => Auth::UserPassword(decode(user)?, decode(pass)?),
+                    None => Auth::Token(decode(info)?),
+                };
+                if config.auth == Auth::None {
+                    config.auth = auth;
+                }
+            }
+            let hostport = if hostport.is_empty() {
+                "127.0.0.1:4222"
+            } else {
+                hostport
+            };
+            let with_port = if hostport
+                .rsplit_once(':')
+                .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+            {
+                hostport.to_owned()
+            } else {
+                format!("{hostport}:4222")
+            };
+            if with_port.contains(['/', '@', ' ']) {
+                return Err(bad("a server address is malformed".to_owned()));
+            }
+            config.servers.push(format!("{scheme}://{with_port}"));
+        }
+        Ok(config)
+    }
+
+    fn base(&self, exchange: &str, topic: &str) -> String {
+        format!("{}.{}.{}", self.prefix, token(exchange), token(topic))
+    }
+
+    /// The subject all servers of a topic share (a queue group).
+    pub fn topic_subject(&self, exchange: &str, topic: &str) -> String {
+        self.base(exchange, topic)
+    }
+
+    /// The subject of one named server.
+    pub fn server_subject(&self, exchange: &str, topic: &str, server: &str) -> String {
+        format!("{}.s.{}", self.base(exchange, topic), token(server))
+    }
+
+    /// The fanout subject of a topic.
+    pub fn fanout_subject(&self, exchange: &str, topic: &str) -> String {
+        format!("{}.fanout", self.base(exchange, topic))
+    }
+
+    /// Prefix of every client inbox.
+    pub fn reply_prefix(&self) -> String {
+        format!("{}.reply.", self.prefix)
+    }
+
+    /// The JetStream subject of a cast to a topic or server (`None` for fanout and
+    /// replies, which always use core NATS).
+    pub fn jetstream_subject(&self, address: &rpc_core::Address) -> Option<String> {
+        match address {
+            rpc_core::Address::Topic { exchange, topic } => Some(format!(
+                "{}.js.{}.{}",
+                self.prefix,
+                token(exchange),
+                token(topic)
+            )),
+            rpc_core::Address::Server {
+                exchange,
+                topic,
+                server,
+            } => Some(format!(
+                "{}.js.{}.{}.s.{}",
+                self.prefix,
+                token(exchange),
+                token(topic),
+                token(server)
+            )),
+            _ => None,
+        }
+    }
+
+    /// The JetStream stream holding casts of an exchange.
+    pub fn jetstream_stream(&self, exchange: &str) -> String {
+        format!("{}_{}_casts", name_safe(&self.prefix), name_safe(exchange))
+    }
+}
+
+fn decode(text: &str) -> Result<String> {
+    percent_decode_str(text)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| Error::InvalidUrl("NATS URL: a value is not valid UTF-8".to_owned()))
+}
+
+/// One subject token: `%`, `.`, `*`, `>` and white space are percent-escaped.
+pub(crate) fn token(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        match c {
+            '%' | '.' | '*' | '>' => out.push_str(&format!("%{:02X}", c as u32)),
+            c if c.is_whitespace() || c.is_control() => {
+                let mut buf = [0u8; 4];
+                for byte in c.encode_utf8(&mut buf).bytes() {
+                    out.push_str(&format!("%{byte:02X}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    if out.is_empty() {
+        out.push_str("%00");
+    }
+    out
+}
+
+/// A JetStream stream or consumer name: letters, digits, `_` and `-` only; anything
+/// else becomes `_XX` (its bytes in hex), so different names stay different.
+pub(crate) fn name_safe(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for byte in name.bytes() {
+        match byte {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' => out.push(byte as char),
+            _ => out.push_str(&format!("_{byte:02X}")),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn servers_and_credentials() {
+        let c = NatsConfig::parse("nats://u:p%40ss@h1:4223,h2?prefix=t").expect("parse");
+        assert_eq!(c.servers, ["nats://h1:4223", "nats://h2:4222"]);
+        assert_eq!(c.auth, Auth::UserPassword("u".into(), "p@ss".into()));
+        assert_eq!(c.prefix, "t");
+        let c = NatsConfig::parse("tls://s3cret@h").expect("parse");
+        assert!(c.tls);
+        assert_eq!(c.servers, ["tls://h:4222"]);
+        assert_eq!(c.auth, Auth::Token("s3cret".into()));
+        assert!(!format!("{c:?}").contains("s3cret"));
+        let c = NatsConfig::parse("nats://h?creds=/etc/x.creds&jetstream=true").expect("parse");
+        assert_eq!(c.auth, Auth::CredentialsFile("/etc/x.creds".into()));
+        assert!(c.jetstream);
+    }
+
+    #[test]
+    fn bad_urls_are_clear_errors_without_secrets() {
+        for url in [
+            "http://h",
+            "nats://u:s3cret@h?bogus=1",
+            "nats://u:s3cret@h?prefix=a.*",
+            "nats://u:s3cret@h?ack_wait=x",
+        ] {
+            let err = NatsConfig::parse(url).expect_err(url);
+            assert!(matches!(err, Error::InvalidUrl(_)), "{err:?}");
+            assert!(!err.to_string().contains("s3cret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn names_cannot_alias_other_subjects() {
+        let c = NatsConfig::parse("nats://h").expect("parse");
+        assert_eq!(c.topic_subject("openstack", "calc"), "mqrpc.openstack.calc");
+        assert_eq!(
+            c.server_subject("openstack", "calc", "h1"),
+            "mqrpc.openstack.calc.s.h1"
+        );
+        assert_eq!(
+            c.fanout_subject("openstack", "calc"),
+            "mqrpc.openstack.calc.fanout"
+        );
+        assert_eq!(c.topic_subject("x", "a.b"), "mqrpc.x.a%2Eb");
+        assert_eq!(c.topic_subject("x", "a b>*"), "mqrpc.x.a%20b%3E%2A");
+        assert_ne!(
+            c.server_subject("x", "a", "b.c"),
+            c.server_subject("x", "a.b", "c")
+        );
+        assert_ne!(
+            c.fanout_subject("x", "t"),
+            c.server_subject("x", "t", "fanout")
+        );
+        assert_eq!(name_safe("a_b.x"), "a_5Fb_2Ex");
+        assert_eq!(c.jetstream_stream("openstack"), "mqrpc_openstack_casts");
+    }
+}

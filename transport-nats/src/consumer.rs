@@ -1,0 +1,306 @@
+//! Consumers: a server's queue-group subscriptions (topic and its own subject), its
+//! plain fanout subscription and, in JetStream mode, its pull consumers for casts;
+//! a client's single wildcard inbox subscription.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use async_nats::jetstream::{self, AckKind};
+use async_trait::async_trait;
+use futures::stream::{BoxStream, SelectAll};
+use futures::{StreamExt, TryStreamExt};
+use rpc_core::wire::{Reply, encode_reply};
+use rpc_core::{
+    Acker, Consumer, Delivery, Error, NO_RESPONDERS_CLASS, RemoteError, Result,
+    TRANSPORT_FAILURE_MODULE, Target,
+};
+
+use crate::config::{NatsConfig, name_safe};
+use crate::publisher::{NO_RESPONDERS_TOKEN, REPLY_TOKEN};
+use crate::{Shared, nats_error};
+
+/// The queue group all servers of a subject share.
+const QUEUE_GROUP: &str = "mqrpc";
+
+/// Creates (or finds) the work-queue stream holding an exchange's casts.
+pub(crate) async fn ensure_stream(
+    js: &jetstream::Context,
+    config: &NatsConfig,
+    exchange: &str,
+) -> Result<jetstream::stream::Stream> {
+    let name = config.jetstream_stream(exchange);
+    let subject = config
+        .jetstream_subject(&rpc_core::Address::Topic {
+            exchange: exchange.to_owned(),
+            topic: "x".to_owned(),
+        })
+        .and_then(|s| s.rsplit_once('.').map(|(base, _)| format!("{base}.>")))
+        .unwrap_or_default();
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: name.clone(),
+        subjects: vec![subject],
+        retention: jetstream::stream::RetentionPolicy::WorkQueue,
+        max_age: config.max_age,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| nats_error(&format!("creating JetStream stream {name}"), e))
+}
+
+type Deliveries = BoxStream<'static, Result<Delivery>>;
+
+/// A server's subscriptions, merged.
+pub(crate) struct ServerConsumer {
+    streams: SelectAll<Deliveries>,
+    shared: Arc<Shared>,
+    slow_seen: u64,
+    stopped: bool,
+}
+
+fn plain(subscriber: async_nats::Subscriber) -> Deliveries {
+    subscriber
+        .map(|message| Ok(Delivery::new(message.payload, Box::new(NoAck))))
+        .boxed()
+}
+
+impl ServerConsumer {
+    pub(crate) async fn start(
+        shared: Arc<Shared>,
+        target: &Target,
+        prefetch: usize,
+    ) -> Result<Self> {
+        let config = &shared.config;
+        let client = &shared.client;
+        let exchange = target.exchange_or(&config.exchange).to_owned();
+        let server = target.server.clone().unwrap_or_default();
+        let subscribe_error = |e| nats_error("subscribing", e);
+        let topic = client
+            .queue_subscribe(
+                config.topic_subject(&exchange, &target.topic),
+                QUEUE_GROUP.to_owned(),
+            )
+            .await
+            .map_err(subscribe_error)?;
+        let direct = client
+            .queue_subscribe(
+                config.server_subject(&exchange, &target.topic, &server),
+                QUEUE_GROUP.to_owned(),
+            )
+            .await
+            .map_err(subscribe_error)?;
+        let fanout = client
+            .subscribe(config.fanout_subject(&exchange, &target.topic))
+            .await
+            .map_err(subscribe_error)?;
+        let mut streams = SelectAll::new();
+        for subscriber in [topic, direct, fanout] {
+            streams.push(plain(subscriber));
+        }
+        if let Some(js) = &shared.jetstream {
+            let stream = ensure_stream(js, config, &exchange).await?;
+            for address in [
+                rpc_core::Address::Topic {
+                    exchange: exchange.clone(),
+                    topic: target.topic.clone(),
+                },
+                rpc_core::Address::Server {
+                    exchange: exchange.clone(),
+                    topic: target.topic.clone(),
+                    server: server.clone(),
+                },
+            ] {
+                let Some(subject) = config.jetstream_subject(&address) else {
+                    continue;
+                };
+                let durable = name_safe(&subject);
+                let consumer: jetstream::consumer::PullConsumer = stream
+                    .get_or_create_consumer(
+                        &durable,
+                        jetstream::consumer::pull::Config {
+                            durable_name: Some(durable.clone()),
+                            filter_subject: subject,
+                            ack_wait: config.ack_wait,
+                            max_ack_pending: i64::try_from(prefetch.max(1)).unwrap_or(i64::MAX),
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .map_err(|e| nats_error("creating a JetStream consumer", e))?;
+                let messages = consumer
+                    .stream()
+                    .max_messages_per_batch(prefetch.clamp(1, 256))
+                    .messages()
+                    .await
+                    .map_err(|e| nats_error("pulling from JetStream", e))?;
+                streams.push(
+                    messages
+                        .map_err(|e| nats_error("JetStream pull", e))
+                        .map_ok(|message| {
+                            let payload = message.payload.clone();
+                            Delivery::new(payload, Box::new(JetStreamAcker { message }))
+                        })
+                        .boxed(),
+                );
+            }
+        }
+        // Once the server has processed the subscriptions, messages sent from any
+        // connection reach this consumer.
+        client
+            .flush()
+            .await
+            .map_err(|e| nats_error("flushing subscriptions", e))?;
+        let slow_seen = shared.slow_consumers.load(Ordering::Relaxed);
+        Ok(ServerConsumer {
+            streams,
+            shared,
+            slow_seen,
+            stopped: false,
+        })
+    }
+}
+
+#[async_trait]
+impl Consumer for ServerConsumer {
+    async fn recv(&mut self) -> Option<Result<Delivery>> {
+        if self.stopped {
+            return None;
+        }
+        let slow = self.shared.slow_consumers.load(Ordering::Relaxed);
+        if slow != self.slow_seen {
+            self.slow_seen = slow;
+            return Some(Err(Error::transport_msg(
+                "NATS slow consumer: the client dropped messages it could not buffer \
+                 (raise subscription_capacity or the server's concurrency)",
+            )));
+        }
+        self.streams.next().await
+    }
+
+    async fn stop(&mut self) -> Result<()> {
+        self.stopped = true;
+        // Dropping a subscriber unsubscribes it; dropping a pull stream stops pulling.
+        self.streams = SelectAll::new();
+        self.shared
+            .client
+            .flush()
+            .await
+            .map_err(|e| nats_error("flushing unsubscriptions", e))?;
+        Ok(())
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        // Replies of the last handlers may still sit in the client's write buffer;
+        // the connection can go away with the server right after this.
+        self.shared
+            .client
+            .flush()
+            .await
+            .map_err(|e| nats_error("flushing the last replies", e))
+    }
+}
+
+/// A client's inbox: one wildcard subscription for every reply.
+pub(crate) struct ReplyConsumer {
+    subscriber: async_nats::Subscriber,
+    no_responders_prefix: String,
+}
+
+impl ReplyConsumer {
+    pub(crate) async fn start(shared: Arc<Shared>) -> Result<(String, Self)> {
+        let base = format!(
+            "{}{}",
+            shared.config.reply_prefix(),
+            rpc_core::wire::new_id()
+        );
+        let subscriber = shared
+            .client
+            .subscribe(format!("{base}.>"))
+            .await
+            .map_err(|e| nats_error("subscribing to the inbox", e))?;
+        shared
+            .client
+            .flush()
+            .await
+            .map_err(|e| nats_error("flushing the inbox subscription", e))?;
+        Ok((
+            format!("{base}.{REPLY_TOKEN}"),
+            ReplyConsumer {
+                subscriber,
+                no_responders_prefix: format!("{base}.{NO_RESPONDERS_TOKEN}."),
+            },
+        ))
+    }
+}
+
+#[async_trait]
+impl Consumer for ReplyConsumer {
+    async fn recv(&mut self) -> Option<Result<Delivery>> {
+        let message = self.subscriber.next().await?;
+        if let Some(msg_id) = message
+            .subject
+            .as_str()
+            .strip_prefix(&self.no_responders_prefix)
+        {
+            // The server's answer to a call nobody listened for: a failure for that call.
+            let mut failure = RemoteError::new(
+                NO_RESPONDERS_CLASS,
+                "no server listens on the call's subject",
+            )
+            .with_module(TRANSPORT_FAILURE_MODULE);
+            // The client names the call's target in the error.
+            failure.args = Vec::new();
+            return Some(
+                encode_reply(&Reply::failure(msg_id, failure))
+                    .map(|body| Delivery::new(body, Box::new(NoAck)))
+                    .map_err(Error::from),
+            );
+        }
+        Some(Ok(Delivery::new(message.payload, Box::new(NoAck))))
+    }
+
+    async fn stop(&mut self) -> Result<()> {
+        let _ = self.subscriber.unsubscribe().await;
+        Ok(())
+    }
+}
+
+/// Core NATS has nothing to settle.
+struct NoAck;
+
+#[async_trait]
+impl Acker for NoAck {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+
+    async fn reject(self: Box<Self>, _requeue: bool) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Settles a JetStream cast.
+struct JetStreamAcker {
+    message: jetstream::Message,
+}
+
+#[async_trait]
+impl Acker for JetStreamAcker {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        self.message
+            .ack()
+            .await
+            .map_err(|e| Error::transport_msg(format!("JetStream ack failed: {e}")))
+    }
+
+    async fn reject(self: Box<Self>, requeue: bool) -> Result<()> {
+        let kind = if requeue {
+            AckKind::Nak(None)
+        } else {
+            AckKind::Term
+        };
+        self.message
+            .ack_with(kind)
+            .await
+            .map_err(|e| Error::transport_msg(format!("JetStream reject failed: {e}")))
+    }
+}

@@ -1,0 +1,193 @@
+//! The NATS transport of mqrpc.
+//!
+//! - A topic is a subject its servers share through a queue group; a named server has
+//!   a subject of its own (also a queue group, for several instances of one name); a
+//!   fanout is a subject every server subscribes to plainly.
+//! - Each client has one inbox and a single wildcard subscription for all its replies.
+//!   A call's request carries a NATS reply subject under that inbox, so when nothing
+//!   listens the server answers "no responders" at once and the call fails with
+//!   `Error::NoResponders` instead of waiting for its timeout.
+//! - Core NATS is at-most-once and keeps nothing for absent servers. With
+//!   `jetstream=true`, casts to a topic or server go through a JetStream work-queue
+//!   stream instead: kept while no server runs, delivered again until a server acks.
+//! - Reconnection is async-nats' own: it reconnects and re-subscribes by itself.
+//!
+//! ```no_run
+//! # async fn demo() -> rpc_core::Result<()> {
+//! let transport = transport_nats::NatsTransport::connect("nats://127.0.0.1:4222").await?;
+//! # let _ = transport; Ok(()) }
+//! ```
+
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod config;
+mod consumer;
+mod publisher;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_trait::async_trait;
+use rpc_core::{
+    Capabilities, Consumer, Error, ListenOptions, Publisher, ReplyQueue, Result, Target, Transport,
+};
+
+pub use config::{Auth, NatsConfig};
+
+use consumer::{ReplyConsumer, ServerConsumer};
+use publisher::NatsPublisher;
+
+/// A connection to NATS. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct NatsTransport {
+    shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) config: NatsConfig,
+    pub(crate) client: async_nats::Client,
+    pub(crate) jetstream: Option<jetstream::Context>,
+    /// Slow-consumer events the client reported (messages it dropped).
+    pub(crate) slow_consumers: Arc<AtomicU64>,
+    publisher: Arc<NatsPublisher>,
+}
+
+impl std::fmt::Debug for NatsTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsTransport")
+            .field("config", &self.shared.config)
+            .finish()
+    }
+}
+
+pub(crate) fn nats_error(what: &str, err: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::transport(what.to_owned(), err)
+}
+
+impl NatsTransport {
+    /// Connects to the NATS server(s) of a `nats://` or `tls://` URL (see
+    /// [`NatsConfig::parse`]). Fails when no server answers.
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::with_config(NatsConfig::parse(url)?).await
+    }
+
+    /// Connects with a parsed configuration.
+    pub async fn with_config(config: NatsConfig) -> Result<Self> {
+        let slow_consumers = Arc::new(AtomicU64::new(0));
+        let counter = slow_consumers.clone();
+        let mut options = async_nats::ConnectOptions::new()
+            .name(format!("mqrpc:{}", std::process::id()))
+            .subscription_capacity(config.subscription_capacity)
+            .connection_timeout(Duration::from_secs(5))
+            .require_tls(config.tls)
+            .event_callback(move |event| {
+                let counter = counter.clone();
+                async move {
+                    match event {
+                        async_nats::Event::SlowConsumer(sid) => {
+                            counter.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(
+                                subscription = sid,
+                                "NATS slow consumer: the client dropped messages"
+                            );
+                        }
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!("disconnected from NATS; reconnecting")
+                        }
+                        async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                        other => tracing::debug!(event = %other, "NATS event"),
+                    }
+                }
+            });
+        options = match &config.auth {
+            Auth::None => options,
+            Auth::UserPassword(user, password) => {
+                options.user_and_password(user.clone(), password.clone())
+            }
+            Auth::Token(token) => options.token(token.clone()),
+            Auth::CredentialsFile(path) => {
+                options.credentials_file(path.clone()).await.map_err(|e| {
+                    Error::InvalidUrl(format!("NATS credentials file {}: {e}", path.display()))
+                })?
+            }
+        };
+        let servers: Vec<async_nats::ServerAddr> = config
+            .servers
+            .iter()
+            .map(|s| s.parse())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| Error::InvalidUrl("NATS URL: a server address is malformed".to_owned()))?;
+        let client = options
+            .connect(servers)
+            .await
+            .map_err(|e| nats_error("cannot connect to NATS", e))?;
+        let jetstream = config.jetstream.then(|| jetstream::new(client.clone()));
+        let publisher = Arc::new(NatsPublisher::new(
+            client.clone(),
+            config.clone(),
+            jetstream.clone(),
+        ));
+        let shared = Arc::new(Shared {
+            config,
+            client,
+            jetstream,
+            slow_consumers,
+            publisher,
+        });
+        if let Some(js) = &shared.jetstream {
+            consumer::ensure_stream(js, &shared.config, &shared.config.exchange).await?;
+        }
+        Ok(NatsTransport { shared })
+    }
+
+    /// The parsed configuration.
+    pub fn config(&self) -> &NatsConfig {
+        &self.shared.config
+    }
+
+    /// The largest message the connected server accepts (its `max_payload`).
+    pub fn max_payload(&self) -> usize {
+        self.shared.client.server_info().max_payload
+    }
+}
+
+#[async_trait]
+impl Transport for NatsTransport {
+    fn name(&self) -> &'static str {
+        "nats"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let jetstream = self.shared.config.jetstream;
+        Capabilities::default()
+            .keeps_messages_without_listener(jetstream)
+            .reports_no_responders(true)
+            .redelivers_unacked(jetstream)
+            .max_message_size(Some(self.max_payload()))
+    }
+
+    fn default_exchange(&self) -> &str {
+        &self.shared.config.exchange
+    }
+
+    async fn publisher(&self) -> Result<Arc<dyn Publisher>> {
+        Ok(self.shared.publisher.clone())
+    }
+
+    async fn listen(&self, target: &Target, options: &ListenOptions) -> Result<Box<dyn Consumer>> {
+        target.validate_for_listen()?;
+        let consumer = ServerConsumer::start(self.shared.clone(), target, options.prefetch).await?;
+        Ok(Box::new(consumer))
+    }
+
+    async fn reply_queue(&self) -> Result<ReplyQueue> {
+        let (address, consumer) = ReplyConsumer::start(self.shared.clone()).await?;
+        Ok(ReplyQueue {
+            address,
+            consumer: Box::new(consumer),
+        })
+    }
+}

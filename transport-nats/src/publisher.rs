@@ -1,0 +1,126 @@
+//! Publishing. Calls carry a NATS reply subject under the caller's inbox so "no
+//! responders" reaches the caller at once; casts are flushed so `cast` returns once
+//! the server has the message (or, in JetStream mode, once the stream stored it);
+//! replies are published plainly.
+
+use async_nats::jetstream;
+use async_trait::async_trait;
+use rpc_core::{Address, Error, Outgoing, Publisher, Result};
+
+use crate::config::NatsConfig;
+use crate::nats_error;
+
+/// Suffix of a client's reply address under its inbox.
+pub(crate) const REPLY_TOKEN: &str = "r";
+/// Token under the inbox where "no responders" answers for a call arrive.
+pub(crate) const NO_RESPONDERS_TOKEN: &str = "nr";
+
+pub(crate) struct NatsPublisher {
+    client: async_nats::Client,
+    config: NatsConfig,
+    jetstream: Option<jetstream::Context>,
+    reply_prefix: String,
+}
+
+impl NatsPublisher {
+    pub(crate) fn new(
+        client: async_nats::Client,
+        config: NatsConfig,
+        jetstream: Option<jetstream::Context>,
+    ) -> Self {
+        NatsPublisher {
+            reply_prefix: config.reply_prefix(),
+            client,
+            config,
+            jetstream,
+        }
+    }
+
+    fn subject(&self, address: &Address) -> Option<String> {
+        let c = &self.config;
+        match address {
+            Address::Topic { exchange, topic } => Some(c.topic_subject(exchange, topic)),
+            Address::Server {
+                exchange,
+                topic,
+                server,
+            } => Some(c.server_subject(exchange, topic, server)),
+            Address::Fanout { exchange, topic } => Some(c.fanout_subject(exchange, topic)),
+            Address::Reply(_) => None,
+        }
+    }
+}
+
+fn publish_error(
+    address: &Address,
+    err: async_nats::PublishError,
+    size: usize,
+    limit: usize,
+) -> Error {
+    if err.kind() == async_nats::client::PublishErrorKind::MaxPayloadExceeded {
+        return Error::MessageTooLarge { size, limit };
+    }
+    nats_error(&format!("publishing to {address}"), err)
+}
+
+#[async_trait]
+impl Publisher for NatsPublisher {
+    async fn send(&self, address: &Address, message: Outgoing) -> Result<()> {
+        let limit = self.client.server_info().max_payload;
+        let size = message.body.len();
+        if size > limit {
+            return Err(Error::MessageTooLarge { size, limit });
+        }
+        let Some(subject) = self.subject(address) else {
+            // A reply. Requests may name any reply address; only inboxes are written.
+            let Address::Reply(inbox) = address else {
+                return Ok(());
+            };
+            if !inbox.starts_with(&self.reply_prefix) {
+                return Err(Error::Undeliverable {
+                    address: address.to_string(),
+                });
+            }
+            return self
+                .client
+                .publish(inbox.clone(), message.body)
+                .await
+                .map_err(|e| publish_error(address, e, size, limit));
+        };
+        if let Some(call) = &message.call {
+            // The NATS reply subject exists only for "no responders"; servers answer
+            // the `_reply_q` inside the message.
+            let base = call
+                .reply_to
+                .strip_suffix(&format!(".{REPLY_TOKEN}"))
+                .unwrap_or(&call.reply_to);
+            let no_responders = format!("{base}.{NO_RESPONDERS_TOKEN}.{}", call.msg_id);
+            return self
+                .client
+                .publish_with_reply(subject, no_responders, message.body)
+                .await
+                .map_err(|e| publish_error(address, e, size, limit));
+        }
+        if let (Some(js), Some(js_subject)) =
+            (&self.jetstream, self.config.jetstream_subject(address))
+        {
+            let ack = js
+                .publish(js_subject, message.body)
+                .await
+                .map_err(|e| nats_error(&format!("publishing to JetStream for {address}"), e))?;
+            ack.await.map_err(|e| {
+                nats_error(&format!("JetStream did not store the cast to {address}"), e)
+            })?;
+            return Ok(());
+        }
+        self.client
+            .publish(subject, message.body)
+            .await
+            .map_err(|e| publish_error(address, e, size, limit))?;
+        // A flush round trip: when it returns, the server has the cast.
+        self.client
+            .flush()
+            .await
+            .map_err(|e| nats_error(&format!("flushing the cast to {address}"), e))
+    }
+}
