@@ -326,6 +326,7 @@ impl Client {
         };
         self.publish(&address, outgoing, deadline, &msg_id).await?;
         Ok(PendingCall {
+            _client: self.shared.clone(),
             rx,
             _waiter: replies,
             msg_id,
@@ -462,6 +463,9 @@ fn parse_unsupported_version(message: &str) -> (String, String) {
 
 /// A call whose request is out: waits for its replies, heartbeats and deadlines.
 struct PendingCall {
+    /// Keeps the reply queue alive while the call waits, even if every `Client`
+    /// handle is gone (a multicall stream outliving its client).
+    _client: Arc<ClientShared>,
     rx: mpsc::UnboundedReceiver<Reply>,
     _waiter: PendingReplies,
     msg_id: String,

@@ -404,8 +404,11 @@ impl Call<'_> {
     async fn answer(&self, invocation: Invocation, call_monitor: Option<f64>) {
         let work = self.reply_all(invocation);
         let interval = call_monitor
-            .filter(|t| t.is_finite() && *t >= MIN_CALL_MONITOR_SECS)
-            .map(|t| Duration::from_secs_f64(t / 2.0));
+            .filter(|t| *t >= MIN_CALL_MONITOR_SECS)
+            // The value comes from the network: no panic on absurd ones, and no
+            // heartbeat interval beyond a day.
+            .and_then(|t| Duration::try_from_secs_f64(t / 2.0).ok())
+            .map(|d| d.min(Duration::from_secs(86_400)));
         match interval {
             Some(interval) => {
                 let mut work = std::pin::pin!(work);

@@ -328,6 +328,21 @@ pub async fn multicall_streams_items_in_order_then_ends(backend: Backend) {
     fx.shutdown().await;
 }
 
+pub async fn multicall_stream_outlives_its_client(backend: Backend) {
+    let mut fx = Fixture::new(&backend, "multicall_alone");
+    fx.start(1).await;
+    // The stream is all that is left of the client.
+    let stream = fx
+        .client()
+        .await
+        .multicall::<_, u64>(&ctx(), "count", json!({"n": 5}))
+        .await
+        .expect("multicall");
+    let items: Vec<u64> = stream.map(|item| item.expect("item")).collect().await;
+    assert_eq!(items, vec![0, 1, 2, 3, 4]);
+    fx.shutdown().await;
+}
+
 pub async fn remote_error_decodes_to_the_handler_type(backend: Backend) {
     let mut fx = Fixture::new(&backend, "typed_error");
     fx.start(1).await;
@@ -901,6 +916,7 @@ macro_rules! conformance_suite {
             fanout_cast_reaches_every_server_once,
             call_on_fanout_target_is_invalid,
             multicall_streams_items_in_order_then_ends,
+            multicall_stream_outlives_its_client,
             remote_error_decodes_to_the_handler_type,
             handler_panic_is_a_remote_failure_and_server_keeps_serving,
             unknown_method_is_no_such_method,

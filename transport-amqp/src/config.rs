@@ -187,10 +187,10 @@ impl AmqpConfig {
             }
             "max_backoff" => {
                 let secs: f64 = value.parse().map_err(|_| bad())?;
-                if !(secs.is_finite() && secs > 0.0) {
-                    return Err(bad());
-                }
-                self.max_backoff = Duration::from_secs_f64(secs);
+                self.max_backoff = Duration::try_from_secs_f64(secs)
+                    .ok()
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(bad)?;
             }
             other => {
                 return Err(Error::InvalidUrl(format!(

@@ -7,13 +7,13 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use futures::stream::SelectAll;
+use futures::stream::{BoxStream, SelectAll};
+use lapin::Channel;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
     QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Channel, Consumer as LapinConsumer};
 use rpc_core::{Acker, Consumer, Delivery, Error, Result};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -21,6 +21,9 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::link::Link;
 use crate::topology::{self, lapin_error, short};
+
+/// How long each clean-up step on close may wait for the broker.
+const CLEANUP_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What a consumer subscribes to.
 #[derive(Debug, Clone)]
@@ -64,11 +67,14 @@ impl AmqpConsumer {
             closed: closed.clone(),
         };
         let task = tokio::spawn(task.run(ready_tx));
+        // If this future is dropped before the subscription is ready, the guard stops
+        // the task instead of leaving it reconnecting for nobody.
+        let guard = closed.drop_guard();
         match ready_rx.await {
             Ok(Ok(())) => Ok(AmqpConsumer {
                 rx,
                 stop,
-                close_on_drop: Some(closed.drop_guard()),
+                close_on_drop: Some(guard),
                 task: Some(task),
             }),
             Ok(Err(err)) => Err(err),
@@ -85,6 +91,15 @@ impl Consumer for AmqpConsumer {
 
     async fn stop(&mut self) -> Result<()> {
         self.stop.cancel();
+        // Deliveries taken from the broker but not handed to the server go back, so
+        // other servers can take them during this server's grace period.
+        while let Ok(delivery) = self.rx.try_recv() {
+            if let Ok(delivery) = delivery {
+                if let Err(err) = delivery.reject(true).await {
+                    tracing::debug!(error = %err, "could not requeue a buffered delivery");
+                }
+            }
+        }
         Ok(())
     }
 
@@ -100,10 +115,14 @@ impl Consumer for AmqpConsumer {
     }
 }
 
+/// Deliveries of one consumer; its end (the broker cancelled it) is an error item,
+/// so losing one of several consumers is noticed, not silently absorbed by the merge.
+type Deliveries = BoxStream<'static, std::result::Result<lapin::message::Delivery, String>>;
+
 /// One subscription on one channel.
 struct Session {
     channel: Channel,
-    stream: SelectAll<LapinConsumer>,
+    stream: SelectAll<Deliveries>,
     tags: Vec<String>,
 }
 
@@ -211,7 +230,8 @@ impl ConsumerTask {
                 prefetch,
             } => {
                 channel
-                    .basic_qos(*prefetch, BasicQosOptions::default())
+                    // One limit for the channel's three consumers together.
+                    .basic_qos(*prefetch, BasicQosOptions { global: true })
                     .await
                     .map_err(|e| lapin_error("setting prefetch", e))?;
                 let direct = topology::server_queue(topic, server);
@@ -245,7 +265,13 @@ impl ConsumerTask {
                 .await
                 .map_err(|e| lapin_error(&format!("consuming {queue}"), e))?;
             tags.push(consumer.tag().to_string());
-            stream.push(consumer);
+            let ended = format!("the broker cancelled the consumer of {queue}");
+            stream.push(
+                consumer
+                    .map(|item| item.map_err(|e| e.to_string()))
+                    .chain(futures::stream::once(async move { Err(ended) }))
+                    .boxed(),
+            );
         }
         Ok(Session {
             channel,
@@ -260,12 +286,13 @@ impl ConsumerTask {
     async fn finish(self, session: Option<Session>) {
         let Some(session) = session else { return };
         for tag in &session.tags {
-            let cancelled = session
+            let cancel = session
                 .channel
-                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                .await;
-            if let Err(err) = cancelled {
-                tracing::debug!(error = %err, "basic.cancel failed");
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+            match tokio::time::timeout(CLEANUP_LIMIT, cancel).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => tracing::debug!(error = %err, "basic.cancel failed"),
+                Err(_) => tracing::debug!("basic.cancel unanswered"),
             }
         }
         drop(session.stream);
@@ -273,16 +300,20 @@ impl ConsumerTask {
         self.closed.cancelled().await;
         if let Subscription::Server { fanout_queue, .. } = &self.subscription {
             if let Ok(name) = short(fanout_queue) {
-                let deleted = session
+                let delete = session
                     .channel
-                    .queue_delete(name, QueueDeleteOptions::default())
-                    .await;
-                if let Err(err) = deleted {
-                    tracing::debug!(error = %err, "could not delete the fanout queue");
+                    .queue_delete(name, QueueDeleteOptions::default());
+                match tokio::time::timeout(CLEANUP_LIMIT, delete).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(err)) => {
+                        tracing::debug!(error = %err, "could not delete the fanout queue")
+                    }
+                    Err(_) => tracing::debug!("fanout queue deletion unanswered"),
                 }
             }
         }
-        let _ = session.channel.close(200, "consumer closed".into()).await;
+        let close = session.channel.close(200, "consumer closed".into());
+        let _ = tokio::time::timeout(CLEANUP_LIMIT, close).await;
     }
 }
 
@@ -296,19 +327,29 @@ struct AmqpAcker {
 #[async_trait]
 impl Acker for AmqpAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
-        self.acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map(drop)
-            .map_err(|e| lapin_error("acknowledging", e))
+        settled(
+            self.acker.ack(BasicAckOptions::default()).await,
+            "acknowledging",
+        )
     }
 
     async fn reject(self: Box<Self>, requeue: bool) -> Result<()> {
-        self.acker
-            .reject(BasicRejectOptions { requeue })
-            .await
-            .map(drop)
-            .map_err(|e| lapin_error("rejecting", e))
+        settled(
+            self.acker.reject(BasicRejectOptions { requeue }).await,
+            "rejecting",
+        )
+    }
+}
+
+/// lapin answers `Ok(false)` when the delivery's channel is gone: the broker has
+/// already requeued the message, so the settlement failed.
+fn settled(outcome: lapin::Result<bool>, what: &str) -> Result<()> {
+    match outcome {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Error::transport_msg(format!(
+            "{what} failed: the delivery's channel is closed (the broker requeued it)"
+        ))),
+        Err(err) => Err(lapin_error(what, err)),
     }
 }
 

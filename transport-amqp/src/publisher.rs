@@ -77,6 +77,7 @@ impl AmqpPublisher {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(|e| lapin_error("enabling publisher confirms", e))?;
+        tokio::spawn(drain_dropped_confirms(channel.clone()));
         let fresh = PublishChannel {
             channel,
             connection: connected.connection.clone(),
@@ -167,14 +168,32 @@ impl AmqpPublisher {
                 )
                 .await
                 .map_err(|e| lapin_error("publishing", e))?;
-            match confirm
-                .await
-                .map_err(|e| lapin_error("waiting for the publisher confirm", e))?
-            {
+            let confirmation = match confirm.await {
+                Ok(confirmation) => confirmation,
+                // The message left; whether the broker routed it is unknown. Sending it
+                // again could run a request twice, so only replies are retried.
+                Err(err) if !matches!(address, Address::Reply(_)) => {
+                    return Err(Error::transport(
+                        format!(
+                            "the broker connection failed before it confirmed the message to \
+                             {address}; it may or may not have been delivered"
+                        ),
+                        err,
+                    ));
+                }
+                Err(err) => return Err(lapin_error("waiting for the publisher confirm", err)),
+            };
+            match confirmation {
                 Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-                Confirmation::Ack(Some(_returned)) => Err(Error::Undeliverable {
-                    address: address.to_string(),
-                }),
+                // lapin pairs returns with confirms by order, not by tag: a return is
+                // this message's only if it carries this body (each has its own
+                // `_unique_id`).
+                Confirmation::Ack(Some(returned)) if returned.delivery.data == message.body[..] => {
+                    Err(Error::Undeliverable {
+                        address: address.to_string(),
+                    })
+                }
+                Confirmation::Ack(Some(_)) => Ok(()),
                 Confirmation::Nack(_) => Err(Error::transport_msg(format!(
                     "the broker refused the message to {address} (nack)"
                 ))),
@@ -183,6 +202,14 @@ impl AmqpPublisher {
         .await;
         outcome.map_err(|err| match err {
             Error::Undeliverable { .. } | Error::InvalidTarget(_) => Failure::Refused(err),
+            Error::Transport { ref message, .. }
+                if message.contains("may or may not have been delivered") =>
+            {
+                if !pc.channel.status().connected() {
+                    self.forget(&pc);
+                }
+                Failure::Refused(err)
+            }
             err => {
                 let channel_closed = !pc.channel.status().connected();
                 if channel_closed {
@@ -194,6 +221,17 @@ impl AmqpPublisher {
                 }
             }
         })
+    }
+}
+
+/// lapin keeps the confirm of every publish whose future was dropped (a deadline
+/// that fired, a heartbeat that was no longer needed) until `wait_for_confirms`
+/// runs; this drains them while the channel lives.
+async fn drain_dropped_confirms(channel: Channel) {
+    let period = std::time::Duration::from_secs(30);
+    while channel.status().connected() {
+        tokio::time::sleep(period).await;
+        let _ = tokio::time::timeout(period, channel.wait_for_confirms()).await;
     }
 }
 
