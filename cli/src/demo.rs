@@ -1,0 +1,108 @@
+//! `mqrpc serve`: a demo server for smoke tests and benchmarks, version 1.3.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use mqrpc::{Context, Endpoint, RemoteError, Server, Target, Version};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::ServeArgs;
+
+#[derive(Deserialize)]
+struct Echo {
+    payload: Value,
+}
+
+#[derive(Deserialize)]
+struct Add {
+    a: f64,
+    b: f64,
+}
+
+#[derive(Deserialize)]
+struct Sleep {
+    seconds: f64,
+}
+
+#[derive(Deserialize)]
+struct Fail {
+    message: String,
+}
+
+#[derive(Deserialize)]
+struct Count {
+    n: u64,
+}
+
+/// A number as JSON: an integer when it is one, so `add(1, 2)` prints `3`.
+fn number(x: f64) -> Value {
+    if x.fract() == 0.0 && x.abs() < 9.0e15 {
+        Value::from(x as i64)
+    } else {
+        Value::from(x)
+    }
+}
+
+/// The demo endpoint: `echo(payload)`, `add(a, b)`, `sleep(seconds)`, `fail(message)`
+/// (a Python `ValueError`), `count(n)` streaming 0..n, `bump()` and `bumps()`.
+pub(crate) fn endpoint(bumps: Arc<AtomicU64>) -> Endpoint {
+    let read = bumps.clone();
+    Endpoint::new()
+        .version(Version::new(1, 3))
+        .method("echo", |_ctx: Context, args: Echo| async move {
+            Ok::<_, RemoteError>(args.payload)
+        })
+        .method("add", |_ctx: Context, args: Add| async move {
+            Ok::<_, RemoteError>(number(args.a + args.b))
+        })
+        .method("sleep", |_ctx: Context, args: Sleep| async move {
+            let pause = Duration::try_from_secs_f64(args.seconds).map_err(|_| {
+                RemoteError::new("ValueError", "seconds must be a non-negative number")
+            })?;
+            tokio::time::sleep(pause).await;
+            Ok::<_, RemoteError>(number(args.seconds))
+        })
+        .method("fail", |_ctx: Context, args: Fail| async move {
+            Err::<(), _>(RemoteError::new("ValueError", args.message))
+        })
+        .stream_method("count", |_ctx: Context, args: Count| {
+            futures::stream::iter((0..args.n).map(Ok::<u64, RemoteError>))
+        })
+        .method("bump", move |_ctx: Context, _args: mqrpc::NoArgs| {
+            bumps.fetch_add(1, Ordering::Relaxed);
+            async move { Ok::<_, RemoteError>(()) }
+        })
+        .method("bumps", move |_ctx: Context, _args: mqrpc::NoArgs| {
+            let count = read.load(Ordering::Relaxed);
+            async move { Ok::<_, RemoteError>(count) }
+        })
+}
+
+pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
+    let server_name = args
+        .server
+        .unwrap_or_else(|| format!("mqrpc-{}", std::process::id()));
+    let transport = mqrpc::connect(&args.url).await.context("connecting")?;
+    let server = Server::builder(transport, Target::new(&args.topic).server(&server_name))
+        .endpoint(endpoint(Arc::new(AtomicU64::new(0))))
+        .concurrency(args.concurrency)
+        .start()
+        .await
+        .context("starting the server")?;
+    eprintln!(
+        "mqrpc: serving topic {} as server {} (Ctrl-C stops)",
+        args.topic, server_name
+    );
+    println!(
+        "{}",
+        serde_json::json!({"event": "ready", "topic": args.topic, "server": server_name})
+    );
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    server.shutdown().await.context("shutting down")?;
+    Ok(())
+}

@@ -1,0 +1,191 @@
+//! `mqrpc`: call, cast, listen to and serve mqrpc topics on any backend, and measure
+//! them (`mqrpc bench`). The URL picks the backend: `memory://`, `amqp://`,
+//! `rabbit://`, `redis://`, `nats://`.
+
+mod demo;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use futures::StreamExt;
+use mqrpc::{Client, Context, Error, Target, Version};
+use serde_json::Value;
+
+/// OpenStack-style RPC from the command line.
+#[derive(Parser, Debug)]
+#[command(name = "mqrpc", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Call METHOD and print its JSON result (or the remote error, exit status 1).
+    Call(CallArgs),
+    /// Cast METHOD (fire and forget); prints nothing on success.
+    Cast(CallArgs),
+    /// Call METHOD and print each streamed result on its own line (multicall).
+    Multicall(CallArgs),
+    /// Run a demo server (version 1.3): echo, add, sleep, fail, count, bump, bumps.
+    Serve(ServeArgs),
+}
+
+/// Where to send and what.
+#[derive(Args, Debug)]
+struct CallArgs {
+    /// Broker URL (memory://, amqp://, rabbit://, redis://, nats://, ...).
+    #[arg(long, env = "MQRPC_URL")]
+    url: String,
+    /// Topic.
+    #[arg(long)]
+    topic: String,
+    /// Send to this server of the topic only.
+    #[arg(long)]
+    server: Option<String>,
+    /// Send to every server of the topic (casts only).
+    #[arg(long)]
+    fanout: bool,
+    /// Interface version asked for (`X.Y` or `X.Y.Z`).
+    #[arg(long)]
+    version: Option<Version>,
+    /// Interface namespace.
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Overall deadline, e.g. `30s`, `500ms`.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Ask the server for heartbeats, failing after this much silence (e.g. `10s`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    call_monitor: Option<Duration>,
+    /// Context as a JSON object.
+    #[arg(long, default_value = "{}")]
+    context: String,
+    /// Method name.
+    method: String,
+    /// Keyword arguments as a JSON object.
+    #[arg(default_value = "{}")]
+    args: String,
+}
+
+/// What to serve.
+#[derive(Args, Debug)]
+pub(crate) struct ServeArgs {
+    /// Broker URL.
+    #[arg(long, env = "MQRPC_URL")]
+    pub(crate) url: String,
+    /// Topic.
+    #[arg(long)]
+    pub(crate) topic: String,
+    /// This server's name (default: `mqrpc-<process id>`).
+    #[arg(long)]
+    pub(crate) server: Option<String>,
+    /// Handlers running at once.
+    #[arg(long, default_value_t = mqrpc::DEFAULT_CONCURRENCY)]
+    pub(crate) concurrency: usize,
+}
+
+fn parse_object(text: &str, what: &str) -> Result<serde_json::Map<String, Value>> {
+    match serde_json::from_str::<Value>(text).with_context(|| format!("{what} is not JSON"))? {
+        Value::Object(map) => Ok(map),
+        other => bail!("{what} must be a JSON object, not {other}"),
+    }
+}
+
+fn client(transport: std::sync::Arc<dyn mqrpc::Transport>, args: &CallArgs) -> Client {
+    let mut target = Target::new(&args.topic);
+    target.server.clone_from(&args.server);
+    target.fanout = args.fanout;
+    target.namespace.clone_from(&args.namespace);
+    target.version = args.version;
+    Client::new(transport, target)
+        .timeout(args.timeout)
+        .call_monitor(args.call_monitor)
+}
+
+/// Prints an RPC error the way an operator needs it, and gives the exit status.
+fn report(err: &Error) -> ExitCode {
+    match err {
+        Error::Remote(remote) => {
+            let document = serde_json::json!({
+                "error": {
+                    "class": remote.class,
+                    "module": remote.module,
+                    "message": remote.message,
+                    "traceback": remote.traceback,
+                    "kwargs": remote.kwargs,
+                }
+            });
+            println!("{document}");
+        }
+        other => eprintln!("mqrpc: {other}"),
+    }
+    ExitCode::FAILURE
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Call(args) => {
+            let (client, ctx, kwargs) = prepare(&args).await?;
+            match client.call::<_, Value>(&ctx, &args.method, kwargs).await {
+                Ok(result) => {
+                    println!("{result}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(err) => Ok(report(&err)),
+            }
+        }
+        Command::Cast(args) => {
+            let (client, ctx, kwargs) = prepare(&args).await?;
+            match client.cast(&ctx, &args.method, kwargs).await {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(err) => Ok(report(&err)),
+            }
+        }
+        Command::Multicall(args) => {
+            let (client, ctx, kwargs) = prepare(&args).await?;
+            let mut stream = match client
+                .multicall::<_, Value>(&ctx, &args.method, kwargs)
+                .await
+            {
+                Ok(stream) => stream,
+                Err(err) => return Ok(report(&err)),
+            };
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(value) => println!("{value}"),
+                    Err(err) => return Ok(report(&err)),
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve(args) => demo::serve(args).await.map(|()| ExitCode::SUCCESS),
+    }
+}
+
+async fn prepare(args: &CallArgs) -> Result<(Client, Context, serde_json::Map<String, Value>)> {
+    let kwargs = parse_object(&args.args, "ARGS")?;
+    let ctx = Context::from(parse_object(&args.context, "--context")?);
+    let transport = mqrpc::connect(&args.url).await.context("connecting")?;
+    Ok((client(transport, args), ctx, kwargs))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MQRPC_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()).await {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("mqrpc: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
