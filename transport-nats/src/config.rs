@@ -103,8 +103,8 @@ impl NatsConfig {
                 value
                     .parse::<f64>()
                     .ok()
-                    .filter(|s| s.is_finite() && *s > 0.0)
-                    .map(Duration::from_secs_f64)
+                    .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                    .filter(|d| !d.is_zero())
                     .ok_or_else(|| {
                         bad(format!("option {key} must be a positive number of seconds"))
                     })
@@ -200,9 +200,15 @@ impl NatsConfig {
         format!("{}.fanout", self.base(exchange, topic))
     }
 
-    /// Prefix of every client inbox.
+    /// Prefix of every client inbox. The `%` token cannot come out of escaping a
+    /// name (every escaped `%` is followed by two hex digits), so no exchange aliases it.
     pub fn reply_prefix(&self) -> String {
-        format!("{}.reply.", self.prefix)
+        format!("{}.%reply.", self.prefix)
+    }
+
+    /// A subject nobody subscribes to, for round trips to the server.
+    pub(crate) fn ping_subject(&self) -> String {
+        format!("{}.%ping.{}", self.prefix, rpc_core::wire::new_id())
     }
 
     /// The JetStream subject of a cast to a topic or server (`None` for fanout and

@@ -36,7 +36,8 @@ pub(crate) async fn ensure_stream(
         })
         .and_then(|s| s.rsplit_once('.').map(|(base, _)| format!("{base}.>")))
         .unwrap_or_default();
-    js.get_or_create_stream(jetstream::stream::Config {
+    // Create, or bring an existing stream's subjects and limits up to date.
+    js.create_or_update_stream(jetstream::stream::Config {
         name: name.clone(),
         subjects: vec![subject],
         retention: jetstream::stream::RetentionPolicy::WorkQueue,
@@ -44,7 +45,10 @@ pub(crate) async fn ensure_stream(
         ..Default::default()
     })
     .await
-    .map_err(|e| nats_error(&format!("creating JetStream stream {name}"), e))
+    .map_err(|e| nats_error(&format!("creating JetStream stream {name}"), e))?;
+    js.get_stream(&name)
+        .await
+        .map_err(|e| nats_error(&format!("opening JetStream stream {name}"), e))
 }
 
 type Deliveries = BoxStream<'static, Result<Delivery>>;
@@ -120,15 +124,23 @@ impl ServerConsumer {
                             durable_name: Some(durable.clone()),
                             filter_subject: subject,
                             ack_wait: config.ack_wait,
-                            max_ack_pending: i64::try_from(prefetch.max(1)).unwrap_or(i64::MAX),
+                            // The consumer is shared by every server of the subject and
+                            // removed once none has pulled for a while.
+                            inactive_threshold: config
+                                .max_age
+                                .max(std::time::Duration::from_secs(3600)),
                             ..Default::default()
                         },
                     )
                     .await
-                    .map_err(|e| nats_error("creating a JetStream consumer", e))?;
+                    .map_err(|e| {
+                        nats_error(&format!("creating the JetStream consumer {durable}"), e)
+                    })?;
                 let messages = consumer
                     .stream()
-                    .max_messages_per_batch(prefetch.clamp(1, 256))
+                    // Small batches: a busy server must not sit on casts other
+                    // servers could take (they would be redelivered after ack_wait).
+                    .max_messages_per_batch(prefetch.clamp(1, 4))
                     .messages()
                     .await
                     .map_err(|e| nats_error("pulling from JetStream", e))?;
@@ -145,10 +157,7 @@ impl ServerConsumer {
         }
         // Once the server has processed the subscriptions, messages sent from any
         // connection reach this consumer.
-        client
-            .flush()
-            .await
-            .map_err(|e| nats_error("flushing subscriptions", e))?;
+        crate::round_trip(client, config).await?;
         let slow_seen = shared.slow_consumers.load(Ordering::Relaxed);
         Ok(ServerConsumer {
             streams,
@@ -180,22 +189,20 @@ impl Consumer for ServerConsumer {
         self.stopped = true;
         // Dropping a subscriber unsubscribes it; dropping a pull stream stops pulling.
         self.streams = SelectAll::new();
-        self.shared
-            .client
-            .flush()
-            .await
-            .map_err(|e| nats_error("flushing unsubscriptions", e))?;
+        // Bounded: while the connection is down the client does not flush at all.
+        let _ = tokio::time::timeout(crate::ROUND_TRIP_LIMIT, self.shared.client.flush()).await;
         Ok(())
     }
 
     async fn close(&mut self) -> Result<()> {
         // Replies of the last handlers may still sit in the client's write buffer;
         // the connection can go away with the server right after this.
-        self.shared
-            .client
-            .flush()
-            .await
-            .map_err(|e| nats_error("flushing the last replies", e))
+        match tokio::time::timeout(crate::ROUND_TRIP_LIMIT, self.shared.client.flush()).await {
+            Ok(flushed) => flushed.map_err(|e| nats_error("flushing the last replies", e)),
+            Err(_) => Err(Error::transport_msg(
+                "the last replies could not be flushed (disconnected)",
+            )),
+        }
     }
 }
 
@@ -217,11 +224,7 @@ impl ReplyConsumer {
             .subscribe(format!("{base}.>"))
             .await
             .map_err(|e| nats_error("subscribing to the inbox", e))?;
-        shared
-            .client
-            .flush()
-            .await
-            .map_err(|e| nats_error("flushing the inbox subscription", e))?;
+        crate::round_trip(&shared.client, &shared.config).await?;
         Ok((
             format!("{base}.{REPLY_TOKEN}"),
             ReplyConsumer {

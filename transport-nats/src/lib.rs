@@ -63,6 +63,28 @@ impl std::fmt::Debug for NatsTransport {
     }
 }
 
+/// How long a round trip to the server or a flush may take before it counts as failed.
+pub(crate) const ROUND_TRIP_LIMIT: Duration = Duration::from_secs(5);
+
+/// A round trip through the server: once it returns, the server has processed every
+/// command this client sent before (subscriptions, publishes). `flush` only writes
+/// the socket; a request to a subject nobody listens on comes back "no responders"
+/// after the server handled what came before it.
+pub(crate) async fn round_trip(
+    shared_client: &async_nats::Client,
+    config: &NatsConfig,
+) -> Result<()> {
+    let request = shared_client.request(config.ping_subject(), bytes::Bytes::new());
+    match tokio::time::timeout(ROUND_TRIP_LIMIT, request).await {
+        Ok(Err(err)) if err.kind() == async_nats::client::RequestErrorKind::NoResponders => Ok(()),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(err)) => Err(nats_error("round trip to the NATS server", err)),
+        Err(_) => Err(Error::transport_msg(format!(
+            "the NATS server did not answer within {ROUND_TRIP_LIMIT:?}"
+        ))),
+    }
+}
+
 pub(crate) fn nats_error(what: &str, err: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::transport(what.to_owned(), err)
 }
@@ -139,6 +161,7 @@ impl NatsTransport {
         });
         if let Some(js) = &shared.jetstream {
             consumer::ensure_stream(js, &shared.config, &shared.config.exchange).await?;
+            shared.publisher.streams_ready(&shared.config.exchange);
         }
         Ok(NatsTransport { shared })
     }

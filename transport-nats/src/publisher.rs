@@ -3,6 +3,9 @@
 //! the server has the message (or, in JetStream mode, once the stream stored it);
 //! replies are published plainly.
 
+use std::collections::HashSet;
+use std::sync::Mutex;
+
 use async_nats::jetstream;
 use async_trait::async_trait;
 use rpc_core::{Address, Error, Outgoing, Publisher, Result};
@@ -20,6 +23,8 @@ pub(crate) struct NatsPublisher {
     config: NatsConfig,
     jetstream: Option<jetstream::Context>,
     reply_prefix: String,
+    /// Exchanges whose JetStream stream is known to exist.
+    streams: Mutex<HashSet<String>>,
 }
 
 impl NatsPublisher {
@@ -33,7 +38,34 @@ impl NatsPublisher {
             client,
             config,
             jetstream,
+            streams: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Records that the stream of `exchange` exists.
+    pub(crate) fn streams_ready(&self, exchange: &str) {
+        self.streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(exchange.to_owned());
+    }
+
+    /// Creates the stream of `exchange` on its first cast.
+    async fn ensure_stream(&self, js: &jetstream::Context, address: &Address) -> Result<()> {
+        let exchange = match address {
+            Address::Topic { exchange, .. } | Address::Server { exchange, .. } => exchange,
+            _ => return Ok(()),
+        };
+        let known = self
+            .streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(exchange);
+        if !known {
+            crate::consumer::ensure_stream(js, &self.config, exchange).await?;
+            self.streams_ready(exchange);
+        }
+        Ok(())
     }
 
     fn subject(&self, address: &Address) -> Option<String> {
@@ -104,6 +136,7 @@ impl Publisher for NatsPublisher {
         if let (Some(js), Some(js_subject)) =
             (&self.jetstream, self.config.jetstream_subject(address))
         {
+            self.ensure_stream(js, address).await?;
             let ack = js
                 .publish(js_subject, message.body)
                 .await
@@ -117,10 +150,7 @@ impl Publisher for NatsPublisher {
             .publish(subject, message.body)
             .await
             .map_err(|e| publish_error(address, e, size, limit))?;
-        // A flush round trip: when it returns, the server has the cast.
-        self.client
-            .flush()
-            .await
-            .map_err(|e| nats_error(&format!("flushing the cast to {address}"), e))
+        // When the round trip returns, the server has the cast.
+        crate::round_trip(&self.client, &self.config).await
     }
 }

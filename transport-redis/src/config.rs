@@ -144,6 +144,11 @@ impl RedisConfig {
         format!("{}:fanout", self.base(exchange, topic))
     }
 
+    /// The key a live server instance refreshes, so its fanout group is not pruned.
+    pub fn alive_key(&self, instance: &str) -> String {
+        format!("{}:alive:{}", escape(&self.prefix), escape(instance))
+    }
+
     /// Prefix of every reply stream.
     pub fn reply_prefix(&self) -> String {
         format!("{}:reply:", escape(&self.prefix))

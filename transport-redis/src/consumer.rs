@@ -5,8 +5,8 @@
 //! prunes groups and consumers of servers that died. A client reads its reply stream
 //! with a blocking `XREAD`.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -106,22 +106,38 @@ impl ServerKeys {
     }
 }
 
+/// Entries of the shared group this instance holds (read and not yet settled), by
+/// stream and id. Housekeeping keeps their idle time fresh so no other server claims
+/// them while this one lives, and never hands them out a second time.
+type InFlight = Arc<Mutex<HashSet<(String, String)>>>;
+
+fn lock(in_flight: &InFlight) -> std::sync::MutexGuard<'_, HashSet<(String, String)>> {
+    in_flight.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Turns a stream entry into a delivery; an expired call is acked and skipped.
+/// Entries of the shared group are tracked in `in_flight` until settled.
 async fn delivery(
     shared: &Arc<Shared>,
     key: &str,
     group: &str,
     entry: StreamId,
+    in_flight: Option<&InFlight>,
 ) -> Option<Delivery> {
     let StreamId { id, map, .. } = entry;
     let body = field_bytes(&map, BODY_FIELD).unwrap_or_default();
+    if let Some(in_flight) = in_flight {
+        lock(in_flight).insert((key.to_owned(), id.clone()));
+    }
     let acker = RedisAcker {
         conn: shared.commands.clone(),
         key: key.to_owned(),
         group: group.to_owned(),
         id,
         body: body.clone(),
-        settled: false,
+        // A topic or server stream has one group: a settled entry is of no more use.
+        delete: group == GROUP,
+        in_flight: in_flight.cloned(),
     };
     let expires = field_bytes(&map, EXPIRES_FIELD)
         .and_then(|raw| String::from_utf8(raw).ok())
@@ -180,7 +196,9 @@ impl ServerConsumer {
             .map_err(|e| redis_error("opening a reading connection", e))?;
         let (tx, rx) = mpsc::channel(prefetch.clamp(1, MAX_BATCH));
         let stop = CancellationToken::new();
+        let in_flight: InFlight = Arc::default();
         let reader = |conn, group: &str, streams: Vec<String>| Reader {
+            in_flight: (group == GROUP).then(|| in_flight.clone()),
             shared: shared.clone(),
             conn,
             group: group.to_owned(),
@@ -204,6 +222,7 @@ impl ServerConsumer {
                 Housekeeping {
                     shared: shared.clone(),
                     keys: keys.clone(),
+                    in_flight: in_flight.clone(),
                     tx,
                     stop: stop.clone(),
                 }
@@ -226,6 +245,11 @@ impl ServerConsumer {
 /// with the last group), and its consumer entries unless they hold pending work.
 async fn leave(shared: &Shared, keys: &ServerKeys) -> Result<()> {
     let mut conn = shared.commands.clone();
+    redis::cmd("DEL")
+        .arg(shared.config.alive_key(&keys.instance))
+        .query_async::<()>(&mut conn)
+        .await
+        .map_err(|e| redis_error("DEL", e))?;
     redis::Script::new(DROP_FANOUT_GROUP)
         .key(&keys.fanout)
         .arg(&keys.instance)
@@ -257,6 +281,8 @@ impl Consumer for ServerConsumer {
 
     async fn close(&mut self) -> Result<()> {
         self.stop.cancel();
+        // Wakes a task blocked handing over a delivery nobody will take any more.
+        self.rx.close();
         for task in self.tasks.drain(..) {
             let _ = task.await;
         }
@@ -285,6 +311,7 @@ impl Drop for ServerConsumer {
 
 /// One blocking `XREADGROUP` loop.
 struct Reader {
+    in_flight: Option<InFlight>,
     shared: Arc<Shared>,
     conn: ConnectionManager,
     group: String,
@@ -331,13 +358,16 @@ impl Reader {
                     attempt = 0;
                     for stream in reply.keys {
                         for entry in stream.ids {
+                            let in_flight = self.in_flight.as_ref();
                             let Some(delivery) =
-                                delivery(&self.shared, &stream.key, &self.group, entry).await
+                                delivery(&self.shared, &stream.key, &self.group, entry, in_flight)
+                                    .await
                             else {
                                 continue;
                             };
-                            if self.tx.send(Ok(delivery)).await.is_err() {
-                                return;
+                            tokio::select! {
+                                _ = self.stop.cancelled() => return,
+                                sent = self.tx.send(Ok(delivery)) => if sent.is_err() { return },
                             }
                         }
                     }
@@ -376,6 +406,7 @@ impl Reader {
 
 /// Claims abandoned entries, refreshes TTLs and prunes dead servers' groups.
 struct Housekeeping {
+    in_flight: InFlight,
     shared: Arc<Shared>,
     keys: ServerKeys,
     tx: mpsc::Sender<Result<Delivery>>,
@@ -398,12 +429,15 @@ impl Housekeeping {
                 _ = self.stop.cancelled() => return,
                 _ = ticks.tick() => {}
             }
+            let mut conn = self.shared.commands.clone();
+            if let Err(err) = self.keep_alive(&mut conn).await {
+                tracing::debug!(error = %err, "keeping held entries fresh failed");
+            }
             for key in [&self.keys.topic, &self.keys.server] {
                 if let Err(err) = self.claim(key).await {
                     tracing::debug!(error = %err, stream = %key, "claiming abandoned entries failed");
                 }
             }
-            let mut conn = self.shared.commands.clone();
             if last_refresh.elapsed() >= config.stream_ttl / 3 {
                 last_refresh = tokio::time::Instant::now();
                 if let Err(err) = self.keys.refresh(&mut conn, config.stream_ttl).await {
@@ -446,13 +480,53 @@ impl Housekeeping {
             );
         }
         for entry in claimed.claimed {
-            if let Some(delivery) = delivery(&self.shared, key, GROUP, entry).await {
-                if self.tx.send(Ok(delivery)).await.is_err() {
-                    return Err(Error::Closed);
+            if lock(&self.in_flight).contains(&(key.to_owned(), entry.id.clone())) {
+                // Ours already, read and not yet settled: not a second time.
+                continue;
+            }
+            if let Some(delivery) =
+                delivery(&self.shared, key, GROUP, entry, Some(&self.in_flight)).await
+            {
+                tokio::select! {
+                    _ = self.stop.cancelled() => return Err(Error::Closed),
+                    sent = self.tx.send(Ok(delivery)) => if sent.is_err() { return Err(Error::Closed) },
                 }
             }
         }
         Ok(())
+    }
+
+    /// Resets the idle time of the entries this instance holds, so other servers see
+    /// them as taken, however long their handlers run; and says this instance lives.
+    async fn keep_alive(&self, conn: &mut ConnectionManager) -> Result<()> {
+        let held: Vec<(String, String)> = lock(&self.in_flight).iter().cloned().collect();
+        let mut pipe = redis::pipe();
+        for key in [&self.keys.topic, &self.keys.server] {
+            let ids: Vec<&String> = held
+                .iter()
+                .filter(|(k, _)| k == key)
+                .map(|(_, id)| id)
+                .collect();
+            if !ids.is_empty() {
+                pipe.cmd("XCLAIM")
+                    .arg(key)
+                    .arg(GROUP)
+                    .arg(&self.keys.instance)
+                    .arg(0)
+                    .arg(&ids)
+                    .arg("JUSTID")
+                    .ignore();
+            }
+        }
+        pipe.cmd("SET")
+            .arg(self.shared.config.alive_key(&self.keys.instance))
+            .arg(1)
+            .arg("PX")
+            .arg(u64::try_from(self.shared.config.prune_idle.as_millis()).unwrap_or(u64::MAX))
+            .ignore();
+        pipe.query_async::<()>(conn)
+            .await
+            .map_err(|e| redis_error("refreshing held entries", e))
     }
 
     /// Removes fanout groups whose consumers have all been idle past `prune_idle`, and
@@ -468,7 +542,16 @@ impl Housekeeping {
             .await
             .map_err(|e| redis_error("XINFO GROUPS", e))?;
         for group in groups.groups {
-            if group.name == self.keys.instance || group.consumers == 0 {
+            if group.name == self.keys.instance {
+                continue;
+            }
+            // A live server refreshes its key every tick, even while too busy to read.
+            let alive: bool = redis::cmd("EXISTS")
+                .arg(self.shared.config.alive_key(&group.name))
+                .query_async(conn)
+                .await
+                .map_err(|e| redis_error("EXISTS", e))?;
+            if alive {
                 continue;
             }
             let consumers: redis::streams::StreamInfoConsumersReply = redis::cmd("XINFO")
@@ -478,7 +561,7 @@ impl Housekeeping {
                 .query_async(conn)
                 .await
                 .map_err(|e| redis_error("XINFO CONSUMERS", e))?;
-            if consumers.consumers.iter().all(|c| c.idle as u128 > limit) {
+            if group.consumers == 0 || consumers.consumers.iter().all(|c| c.idle as u128 > limit) {
                 tracing::info!(group = %group.name, "removing the fanout group of a server that is gone");
                 redis::Script::new(DROP_FANOUT_GROUP)
                     .key(&self.keys.fanout)
@@ -522,19 +605,39 @@ struct RedisAcker {
     group: String,
     id: String,
     body: Vec<u8>,
-    settled: bool,
+    /// Delete the entry once settled (streams read by a single group).
+    delete: bool,
+    in_flight: Option<InFlight>,
 }
 
 impl RedisAcker {
     async fn xack(&mut self) -> Result<()> {
-        self.settled = true;
-        redis::cmd("XACK")
+        let mut pipe = redis::pipe();
+        pipe.cmd("XACK")
             .arg(&self.key)
             .arg(&self.group)
             .arg(&self.id)
+            .ignore();
+        if self.delete {
+            pipe.cmd("XDEL").arg(&self.key).arg(&self.id).ignore();
+        }
+        let settled = pipe
             .query_async::<()>(&mut self.conn)
             .await
-            .map_err(|e| redis_error("XACK", e))
+            .map_err(|e| redis_error("XACK", e));
+        if let Some(in_flight) = self.in_flight.take() {
+            lock(&in_flight).remove(&(self.key.clone(), self.id.clone()));
+        }
+        settled
+    }
+}
+
+impl Drop for RedisAcker {
+    fn drop(&mut self) {
+        // Unsettled: the entry stays pending and, once idle, another server claims it.
+        if let Some(in_flight) = self.in_flight.take() {
+            lock(&in_flight).remove(&(self.key.clone(), self.id.clone()));
+        }
     }
 }
 
@@ -696,6 +799,10 @@ async fn read_replies(
                 let wait = backoff(attempt);
                 attempt = attempt.saturating_add(1);
                 tracing::warn!(error = %err, ?wait, "reading replies failed; retrying");
+                // A lost connection may mean a restarted Redis: check the stream at once.
+                last_refresh = tokio::time::Instant::now()
+                    .checked_sub(ttl)
+                    .unwrap_or_else(tokio::time::Instant::now);
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(wait) => {}
@@ -726,6 +833,7 @@ impl Consumer for ReplyConsumer {
 
     async fn close(&mut self) -> Result<()> {
         self.stop.cancel();
+        self.rx.close();
         if let Some(task) = self.task.take() {
             let _ = task.await;
             delete_reply_stream(&self.shared, &self.key).await;

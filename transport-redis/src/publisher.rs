@@ -142,7 +142,9 @@ impl Publisher for RedisPublisher {
                     });
                 }
                 Ok(false) => return Ok(()),
-                Err(err) if is_connection_error(&err) => {
+                // Only a refused connection proves the command was not applied; after
+                // any other failure the entry may exist, and a second would run twice.
+                Err(err) if err.is_connection_refusal() => {
                     let wait = backoff(attempt);
                     attempt = attempt.saturating_add(1);
                     tracing::warn!(error = %err, %address, ?wait, "publish failed; retrying after reconnection");
