@@ -239,10 +239,12 @@ impl ReplyConsumer {
 impl Consumer for ReplyConsumer {
     async fn recv(&mut self) -> Option<Result<Delivery>> {
         let message = self.subscriber.next().await?;
+        let no_responders = message.status == Some(async_nats::StatusCode::NO_RESPONDERS);
         if let Some(msg_id) = message
             .subject
             .as_str()
             .strip_prefix(&self.no_responders_prefix)
+            .filter(|_| no_responders)
         {
             // The server's answer to a call nobody listened for: a failure for that call.
             let mut failure = RemoteError::new(

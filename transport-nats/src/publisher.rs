@@ -1,5 +1,5 @@
 //! Publishing. Calls carry a NATS reply subject under the caller's inbox so "no
-//! responders" reaches the caller at once; casts are flushed so `cast` returns once
+//! responders" reaches the caller at once; casts end with a round trip so `cast` returns once
 //! the server has the message (or, in JetStream mode, once the stream stored it);
 //! replies are published plainly.
 

@@ -25,7 +25,9 @@ pub struct RedisConfig {
     /// How long one blocking read waits before it is issued again.
     pub block: Duration,
     /// Entries pending this long on a consumer are taken over by another server
-    /// (`XAUTOCLAIM`); must exceed the longest handler in after-handling ack mode.
+    /// (`XAUTOCLAIM`). A live server refreshes the entries it holds, so only servers
+    /// that stopped (died, lost Redis, shutting down) lose theirs; keep it above the
+    /// shutdown grace period in after-handling ack mode.
     pub claim_idle: Duration,
     /// Topic, server and fanout streams expire after this long without a live server
     /// refreshing them.
