@@ -2,6 +2,7 @@
 //! them (`mqrpc bench`). The URL picks the backend: `memory://`, `amqp://`,
 //! `rabbit://`, `redis://`, `nats://`.
 
+mod bench;
 mod demo;
 
 use std::process::ExitCode;
@@ -31,6 +32,8 @@ enum Command {
     Multicall(CallArgs),
     /// Run a demo server (version 1.3): echo, add, sleep, fail, count, bump, bumps.
     Serve(ServeArgs),
+    /// Measure latency and throughput (with --raw, beside the broker's bare client).
+    Bench(bench::BenchArgs),
 }
 
 /// Where to send and what.
@@ -162,6 +165,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve(args) => demo::serve(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Bench(args) => bench::run(args).await.map(|()| ExitCode::SUCCESS),
     }
 }
 

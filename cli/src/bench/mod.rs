@@ -1,0 +1,381 @@
+//! `mqrpc bench`: sequential latency, throughput at several concurrencies, cast
+//! throughput, payload sizes and competing servers for one backend, and with `--raw`
+//! the same request/reply done by the broker's bare client in the same run. Prints a
+//! markdown table and writes JSON and an SVG plot.
+
+mod caller;
+mod raw;
+mod report;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use async_trait::async_trait;
+use bytes::Bytes;
+use clap::Args;
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use mqrpc::{Client, Context, Server, Target};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use caller::{Caller, Pair};
+
+/// What to measure.
+#[derive(Args, Debug)]
+pub(crate) struct BenchArgs {
+    /// Broker URL.
+    #[arg(long, env = "MQRPC_URL")]
+    pub(crate) url: String,
+    /// Also measure the broker's bare client doing the same request/reply.
+    #[arg(long)]
+    pub(crate) raw: bool,
+    /// A short run (fewer calls per figure), for smoke tests.
+    #[arg(long)]
+    pub(crate) quick: bool,
+    /// Concurrencies of the throughput figures.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+    pub(crate) concurrency: Vec<usize>,
+    /// Numbers of competing servers.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,32")]
+    pub(crate) servers: Vec<usize>,
+    /// Directory for the JSON and SVG files.
+    #[arg(long, default_value = "target/bench")]
+    pub(crate) out: PathBuf,
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Latency {
+    pub(crate) calls: u64,
+    pub(crate) p50_us: f64,
+    pub(crate) p99_us: f64,
+    pub(crate) p999_us: f64,
+}
+
+/// Calls per second at one concurrency, with the mean latency seen there.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Rate {
+    pub(crate) x: usize,
+    pub(crate) calls_per_s: f64,
+    pub(crate) mean_latency_us: f64,
+}
+
+/// Everything measured for one side (mqrpc or raw).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct Figures {
+    pub(crate) latency: Option<Latency>,
+    pub(crate) throughput: Vec<Rate>,
+    pub(crate) payloads: Vec<Rate>,
+    pub(crate) servers: Vec<Rate>,
+    pub(crate) casts_per_s: Option<f64>,
+}
+
+/// The result of one run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Run {
+    pub(crate) backend: String,
+    pub(crate) quick: bool,
+    pub(crate) mqrpc: Figures,
+    pub(crate) raw: Option<Figures>,
+}
+
+const SMALL: usize = 100;
+const PAYLOADS: [usize; 3] = [100, 10 * 1024, 1024 * 1024];
+
+fn payload(size: usize) -> Bytes {
+    Bytes::from(vec![b'x'; size])
+}
+
+/// mqrpc's echo call, the same round trip the raw clients make.
+struct MqrpcCaller {
+    client: Client,
+}
+
+#[derive(Deserialize)]
+struct Echoed(String);
+
+#[async_trait]
+impl Caller for MqrpcCaller {
+    async fn call(&self, payload: Bytes) -> Result<Bytes> {
+        let text = String::from_utf8(payload.to_vec()).context("payload is text")?;
+        let Echoed(back) = self
+            .client
+            .call(&Context::new(), "echo", json!({ "payload": text }))
+            .await?;
+        Ok(Bytes::from(back))
+    }
+}
+
+/// Servers of the demo endpoint on a topic, each on a connection of its own.
+struct Servers {
+    servers: Vec<Server>,
+}
+
+impl Servers {
+    async fn start(url: &str, topic: &str, n: usize) -> Result<Servers> {
+        let mut servers = Vec::with_capacity(n);
+        for i in 0..n {
+            let transport = mqrpc::connect(url).await.context("connecting a server")?;
+            let server =
+                Server::builder(transport, Target::new(topic).server(format!("bench-{i}")))
+                    .endpoint(crate::demo::endpoint(Arc::default()))
+                    .start()
+                    .await
+                    .context("starting a server")?;
+            servers.push(server);
+        }
+        Ok(Servers { servers })
+    }
+
+    async fn stop(self) {
+        for server in self.servers {
+            let _ = server.shutdown().await;
+        }
+    }
+}
+
+fn new_topic() -> String {
+    format!("bench_{}", &mqrpc::wire::new_id()[..12])
+}
+
+async fn mqrpc_client(url: &str, topic: &str) -> Result<Client> {
+    let transport = mqrpc::connect(url).await.context("connecting the client")?;
+    Ok(Client::new(transport, Target::new(topic)).timeout(Duration::from_secs(60)))
+}
+
+async fn latency(caller: &dyn Caller, size: usize, calls: u64) -> Result<Latency> {
+    let body = payload(size);
+    let mut histogram = Histogram::<u64>::new(3).context("histogram")?;
+    for _ in 0..calls {
+        let started = Instant::now();
+        let back = caller.call(body.clone()).await?;
+        histogram
+            .record(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX))
+            .context("recording")?;
+        if back.len() != size {
+            bail!("echo returned {} bytes instead of {size}", back.len());
+        }
+    }
+    let us = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    Ok(Latency {
+        calls,
+        p50_us: us(0.5),
+        p99_us: us(0.99),
+        p999_us: us(0.999),
+    })
+}
+
+async fn throughput(
+    caller: Arc<dyn Caller>,
+    size: usize,
+    concurrency: usize,
+    total: usize,
+) -> Result<Rate> {
+    let body = payload(size);
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.max(1) {
+        let (caller, body, next) = (caller.clone(), body.clone(), next.clone());
+        workers.spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < total {
+                caller.call(body.clone()).await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+    while let Some(done) = workers.join_next().await {
+        done.context("worker")??;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let calls_per_s = total as f64 / elapsed;
+    Ok(Rate {
+        x: concurrency,
+        calls_per_s,
+        mean_latency_us: elapsed * concurrency.min(total) as f64 / total as f64 * 1e6,
+    })
+}
+
+/// Calls per figure: enough to be steady, few enough to end quickly.
+fn calls_for(quick: bool, concurrency: usize, size: usize) -> usize {
+    let base = if quick { 200 } else { 5000 };
+    let scaled = base.max(concurrency * if quick { 4 } else { 40 });
+    match size {
+        s if s >= 1024 * 1024 => {
+            if quick {
+                8
+            } else {
+                100
+            }
+        }
+        s if s >= 10 * 1024 => scaled / 2,
+        _ => scaled,
+    }
+}
+
+async fn casts(url: &str, quick: bool) -> Result<f64> {
+    let topic = new_topic();
+    let servers = Servers::start(url, &topic, 1).await?;
+    let client = mqrpc_client(url, &topic).await?;
+    let total: u64 = if quick { 500 } else { 20_000 };
+    let started = Instant::now();
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..64 {
+        let (client, next) = (client.clone(), next.clone());
+        workers.spawn(async move {
+            while (next.fetch_add(1, Ordering::Relaxed) as u64) < total {
+                client
+                    .cast(&Context::new(), "bump", mqrpc::NoArgs {})
+                    .await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+    while let Some(done) = workers.join_next().await {
+        done.context("worker")??;
+    }
+    // Casts count once the server handled them, not once they were sent.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let handled: u64 = client
+            .call(&Context::new(), "bumps", mqrpc::NoArgs {})
+            .await?;
+        if handled >= total {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {handled} of {total} casts handled after two minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    servers.stop().await;
+    Ok(rate)
+}
+
+async fn measure(
+    pair: &Pair,
+    args: &BenchArgs,
+    max_message: Option<usize>,
+    progress: &ProgressBar,
+) -> Result<Figures> {
+    let mut figures = Figures::default();
+    let caller = pair.caller.clone();
+    // Warm up connections, reply queues and caches.
+    throughput(caller.clone(), SMALL, 16, 200).await?;
+    progress.set_message("sequential latency");
+    figures.latency =
+        Some(latency(caller.as_ref(), SMALL, if args.quick { 200 } else { 5000 }).await?);
+    progress.inc(1);
+    for &concurrency in &args.concurrency {
+        progress.set_message(format!("throughput at concurrency {concurrency}"));
+        let total = calls_for(args.quick, concurrency, SMALL);
+        figures
+            .throughput
+            .push(throughput(caller.clone(), SMALL, concurrency, total).await?);
+        progress.inc(1);
+    }
+    for size in PAYLOADS {
+        progress.set_message(format!("payload {size} B"));
+        if max_message.is_some_and(|limit| size + 4096 > limit) {
+            progress.println(format!(
+                "skipping the {size} B payload: above the transport's limit"
+            ));
+        } else {
+            let mut rate =
+                throughput(caller.clone(), size, 16, calls_for(args.quick, 16, size)).await?;
+            rate.x = size;
+            figures.payloads.push(rate);
+        }
+        progress.inc(1);
+    }
+    Ok(figures)
+}
+
+pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
+    // Every server and client connects on its own; a bare `memory://` would give each
+    // a private bus of its own, so the run shares a named one.
+    if args.url == "memory://" || args.url.starts_with("memory://?") {
+        args.url = args.url.replacen(
+            "memory://",
+            &format!("memory://bench-{}", std::process::id()),
+            1,
+        );
+    }
+    let probe = mqrpc::connect(&args.url).await.context("connecting")?;
+    let backend = probe.name().to_owned();
+    let max_message = probe.capabilities().max_message_size;
+    drop(probe);
+    let steps = (1 + args.concurrency.len() + PAYLOADS.len()) as u64 * if args.raw { 2 } else { 1 }
+        + args.servers.len() as u64
+        + 1;
+    let progress = ProgressBar::new(steps);
+    progress.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+
+    let topic = new_topic();
+    let servers = Servers::start(&args.url, &topic, 1).await?;
+    let mqrpc_pair = Pair {
+        caller: Arc::new(MqrpcCaller {
+            client: mqrpc_client(&args.url, &topic).await?,
+        }),
+        _keep: Box::new(()),
+    };
+    let mut mqrpc = measure(&mqrpc_pair, &args, max_message, &progress).await?;
+    drop(mqrpc_pair);
+    servers.stop().await;
+
+    for &n in &args.servers {
+        progress.set_message(format!("{n} competing servers"));
+        let topic = new_topic();
+        let servers = Servers::start(&args.url, &topic, n).await?;
+        let caller: Arc<dyn Caller> = Arc::new(MqrpcCaller {
+            client: mqrpc_client(&args.url, &topic).await?,
+        });
+        throughput(caller.clone(), SMALL, 16, 200).await?;
+        let mut rate = throughput(caller, SMALL, 64, calls_for(args.quick, 64, SMALL)).await?;
+        rate.x = n;
+        mqrpc.servers.push(rate);
+        servers.stop().await;
+        progress.inc(1);
+    }
+    progress.set_message("casts");
+    mqrpc.casts_per_s = Some(casts(&args.url, args.quick).await?);
+    progress.inc(1);
+
+    let raw = if args.raw {
+        match raw::pair(&args.url).await? {
+            Some(pair) => Some(measure(&pair, &args, max_message, &progress).await?),
+            None => {
+                progress.println(format!("no bare client to compare with for {backend}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    progress.finish_and_clear();
+    let run = Run {
+        backend,
+        quick: args.quick,
+        mqrpc,
+        raw,
+    };
+    println!("{}", report::markdown(&run));
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let json_path = args.out.join(format!("bench-{}.json", run.backend));
+    std::fs::write(&json_path, serde_json::to_string_pretty(&run)?)
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    let svg_path = args.out.join(format!("bench-{}.svg", run.backend));
+    report::plot(&run, &svg_path)?;
+    eprintln!("wrote {} and {}", json_path.display(), svg_path.display());
+    Ok(())
+}

@@ -1,0 +1,177 @@
+//! The benchmark's outputs: a markdown table (with mqrpc/raw ratios) and an SVG plot
+//! of throughput and mean latency against concurrency.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context as _, Result};
+use plotters::prelude::*;
+
+use super::{Figures, Rate, Run};
+
+fn ratio(ours: f64, raw: Option<f64>) -> String {
+    match raw {
+        Some(raw) if raw > 0.0 => format!("{:.2}", ours / raw),
+        _ => "-".to_owned(),
+    }
+}
+
+fn raw_rate(raw: Option<&Figures>, pick: impl Fn(&Figures) -> &Vec<Rate>, x: usize) -> Option<f64> {
+    raw.and_then(|figures| {
+        pick(figures)
+            .iter()
+            .find(|r| r.x == x)
+            .map(|r| r.calls_per_s)
+    })
+}
+
+/// The run as a markdown table.
+pub(crate) fn markdown(run: &Run) -> String {
+    let raw = run.raw.as_ref();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "## {}{}\n",
+        run.backend,
+        if run.quick { " (quick run)" } else { "" }
+    );
+    let _ = writeln!(out, "| figure | mqrpc | raw | mqrpc/raw |");
+    let _ = writeln!(out, "|---|---|---|---|");
+    if let Some(latency) = &run.mqrpc.latency {
+        let raw_latency = raw.and_then(|r| r.latency.as_ref());
+        for (name, ours, theirs) in [
+            (
+                "latency p50 (µs)",
+                latency.p50_us,
+                raw_latency.map(|l| l.p50_us),
+            ),
+            (
+                "latency p99 (µs)",
+                latency.p99_us,
+                raw_latency.map(|l| l.p99_us),
+            ),
+            (
+                "latency p99.9 (µs)",
+                latency.p999_us,
+                raw_latency.map(|l| l.p999_us),
+            ),
+        ] {
+            let theirs_text = theirs.map_or("-".to_owned(), |t| format!("{t:.0}"));
+            let _ = writeln!(
+                out,
+                "| {name} | {ours:.0} | {theirs_text} | {} |",
+                ratio(ours, theirs)
+            );
+        }
+    }
+    for rate in &run.mqrpc.throughput {
+        let theirs = raw_rate(raw, |f| &f.throughput, rate.x);
+        let _ = writeln!(
+            out,
+            "| calls/s at concurrency {} | {:.0} | {} | {} |",
+            rate.x,
+            rate.calls_per_s,
+            theirs.map_or("-".to_owned(), |t| format!("{t:.0}")),
+            ratio(rate.calls_per_s, theirs)
+        );
+    }
+    for rate in &run.mqrpc.payloads {
+        let theirs = raw_rate(raw, |f| &f.payloads, rate.x);
+        let _ = writeln!(
+            out,
+            "| calls/s, {} B payload, concurrency 16 | {:.0} | {} | {} |",
+            rate.x,
+            rate.calls_per_s,
+            theirs.map_or("-".to_owned(), |t| format!("{t:.0}")),
+            ratio(rate.calls_per_s, theirs)
+        );
+    }
+    for rate in &run.mqrpc.servers {
+        let _ = writeln!(
+            out,
+            "| calls/s with {} competing servers, concurrency 64 | {:.0} | - | - |",
+            rate.x, rate.calls_per_s
+        );
+    }
+    if let Some(casts) = run.mqrpc.casts_per_s {
+        let _ = writeln!(
+            out,
+            "| casts/s (sent and handled), concurrency 64 | {casts:.0} | - | - |"
+        );
+    }
+    out
+}
+
+/// Throughput and mean latency against concurrency, for mqrpc and the raw client.
+pub(crate) fn plot(run: &Run, path: &Path) -> Result<()> {
+    let root = SVGBackend::new(path, (960, 420)).into_drawing_area();
+    root.fill(&WHITE).context("drawing")?;
+    let (left, right) = root.split_horizontally(480);
+    let mut series: Vec<(&str, &Figures, RGBColor)> = vec![("mqrpc", &run.mqrpc, BLUE)];
+    if let Some(raw) = &run.raw {
+        series.push(("raw", raw, RED));
+    }
+    let max_x = run
+        .mqrpc
+        .throughput
+        .iter()
+        .map(|r| r.x)
+        .max()
+        .unwrap_or(1)
+        .max(2) as f64;
+    for (area, title, pick) in [
+        (
+            &left,
+            "calls/s vs concurrency",
+            (|r: &Rate| r.calls_per_s) as fn(&Rate) -> f64,
+        ),
+        (&right, "mean latency (µs) vs concurrency", |r: &Rate| {
+            r.mean_latency_us
+        }),
+    ] {
+        let max_y = series
+            .iter()
+            .flat_map(|(_, f, _)| f.throughput.iter().map(pick))
+            .fold(1.0_f64, f64::max)
+            * 1.1;
+        let mut chart = ChartBuilder::on(area)
+            .caption(format!("{} — {title}", run.backend), ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(60)
+            .build_cartesian_2d((1.0_f64..max_x).log_scale(), 0.0..max_y)
+            .context("chart")?;
+        chart
+            .configure_mesh()
+            .x_desc("concurrency")
+            .draw()
+            .context("mesh")?;
+        for (name, figures, color) in &series {
+            let points: Vec<(f64, f64)> = figures
+                .throughput
+                .iter()
+                .map(|r| (r.x.max(1) as f64, pick(r)))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(points.clone(), color))
+                .context("line")?
+                .label(*name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+            chart
+                .draw_series(
+                    points
+                        .into_iter()
+                        .map(|p| Circle::new(p, 3, color.filled())),
+                )
+                .context("points")?;
+        }
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE)
+            .draw()
+            .context("legend")?;
+    }
+    root.present().context("writing the plot")?;
+    Ok(())
+}

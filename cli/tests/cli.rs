@@ -1,0 +1,172 @@
+//! The `mqrpc` binary as an operator runs it: `serve` and `call`/`cast`/`multicall`
+//! as separate processes on a broker (NATS), and `bench` on the memory bus.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MQRPC: &str = env!("CARGO_BIN_EXE_mqrpc");
+
+fn nats_url() -> String {
+    std::env::var("MQRPC_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
+fn nats_available() -> bool {
+    let address = nats_url()
+        .split_once("://")
+        .map(|(_, rest)| rest.split(['?', '/']).next().unwrap_or(rest).to_owned())
+        .unwrap_or_default();
+    let reachable = std::net::TcpStream::connect(&address).is_ok();
+    if !reachable {
+        assert!(
+            std::env::var("MQRPC_REQUIRE_BROKERS").as_deref() != Ok("1"),
+            "NATS unreachable at {address} and MQRPC_REQUIRE_BROKERS=1"
+        );
+        eprintln!("SKIP cli on nats: NATS unreachable at {address}");
+    }
+    reachable
+}
+
+fn mqrpc(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(MQRPC).args(args).output().expect("run mqrpc");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+struct Serving(Child);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn serve_and_call_as_processes_on_nats() {
+    if !nats_available() {
+        return;
+    }
+    let url = nats_url();
+    let topic = format!("cli_{}", std::process::id());
+    let mut child = Command::new(MQRPC)
+        .args(["serve", "--url", &url, "--topic", &topic, "--server", "s1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start mqrpc serve");
+    let stdout = child.stdout.take().expect("stdout");
+    let serving = Serving(child);
+    let mut ready = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut ready)
+        .expect("read the ready line");
+    assert!(ready.contains("\"ready\""), "{ready:?}");
+
+    let common = [
+        "--url",
+        url.as_str(),
+        "--topic",
+        topic.as_str(),
+        "--timeout",
+        "10s",
+    ];
+    let call = |method: &str, args: &str, extra: &[&str]| {
+        let mut all = vec!["call"];
+        all.extend_from_slice(&common);
+        all.extend_from_slice(extra);
+        all.extend_from_slice(&[method, args]);
+        mqrpc(&all)
+    };
+
+    let (code, out, _) = call("add", r#"{"a": 1, "b": 2}"#, &[]);
+    assert_eq!((code, out.trim()), (0, "3"));
+    let (code, out, _) = call(
+        "echo",
+        r#"{"payload": {"k": [1, "x"]}}"#,
+        &["--server", "s1"],
+    );
+    assert_eq!((code, out.trim()), (0, r#"{"k":[1,"x"]}"#));
+    let (code, out, _) = call("fail", r#"{"message": "boom"}"#, &[]);
+    assert_eq!(code, 1);
+    let error: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON error");
+    assert_eq!(error["error"]["class"], "ValueError");
+    assert_eq!(error["error"]["module"], "builtins");
+    assert_eq!(error["error"]["message"], "boom");
+    let (code, _, err) = call("add", "{}", &["--version", "2.0"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("version 2.0"), "{err}");
+
+    let mut multicall = vec!["multicall"];
+    multicall.extend_from_slice(&common);
+    multicall.extend_from_slice(&["count", r#"{"n": 3}"#]);
+    let (code, out, _) = mqrpc(&multicall);
+    assert_eq!(
+        (code, out.lines().collect::<Vec<_>>()),
+        (0, vec!["0", "1", "2"])
+    );
+
+    let mut cast = vec!["cast"];
+    cast.extend_from_slice(&common);
+    cast.push("bump");
+    assert_eq!(mqrpc(&cast).0, 0);
+    // The cast and the next call may be handled in either order: wait for the count.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, out, _) = call("bumps", "{}", &[]);
+        assert_eq!(code, 0);
+        if out.trim() == "1" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the cast was not handled: {out}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let (code, _, err) = mqrpc(&[
+        "call",
+        "--url",
+        &url,
+        "--topic",
+        &format!("{topic}_nobody"),
+        "add",
+        "{}",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no server listens"), "{err}");
+    drop(serving);
+}
+
+#[test]
+fn bench_runs_on_the_memory_bus_and_writes_its_files() {
+    let out = std::env::temp_dir().join(format!("mqrpc-bench-{}", std::process::id()));
+    let (code, stdout, stderr) = mqrpc(&[
+        "bench",
+        "--url",
+        "memory://",
+        "--quick",
+        "--concurrency",
+        "1,8",
+        "--servers",
+        "1,2",
+        "--out",
+        out.to_str().expect("utf-8 path"),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("| calls/s at concurrency 8 |"), "{stdout}");
+    assert!(stdout.contains("latency p50"), "{stdout}");
+    let json: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.join("bench-memory.json")).expect("json written"),
+    )
+    .expect("json");
+    assert!(
+        json["mqrpc"]["throughput"][1]["calls_per_s"]
+            .as_f64()
+            .is_some_and(|r| r > 0.0)
+    );
+    let svg = std::fs::read_to_string(out.join("bench-memory.svg")).expect("svg written");
+    assert!(svg.contains("<svg"));
+    let _ = std::fs::remove_dir_all(out);
+}
