@@ -30,6 +30,9 @@ enum Command {
     Cast(CallArgs),
     /// Call METHOD and print each streamed result on its own line (multicall).
     Multicall(CallArgs),
+    /// Print the messages passing on a topic, one JSON line each, without taking them
+    /// from its servers.
+    Listen(ListenArgs),
     /// Run a demo server (version 1.3): echo, add, sleep, fail, count, bump, bumps.
     Serve(ServeArgs),
     /// Measure latency and throughput (with --raw, beside the broker's bare client).
@@ -71,6 +74,20 @@ struct CallArgs {
     /// Keyword arguments as a JSON object.
     #[arg(default_value = "{}")]
     args: String,
+}
+
+/// What to watch.
+#[derive(Args, Debug)]
+struct ListenArgs {
+    /// Broker URL.
+    #[arg(long, env = "MQRPC_URL")]
+    url: String,
+    /// Topic.
+    #[arg(long)]
+    topic: String,
+    /// Stop after this many messages.
+    #[arg(long)]
+    count: Option<u64>,
 }
 
 /// What to serve.
@@ -164,8 +181,53 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Listen(args) => listen(args).await.map(|()| ExitCode::SUCCESS),
         Command::Serve(args) => demo::serve(args).await.map(|()| ExitCode::SUCCESS),
         Command::Bench(args) => bench::run(args).await.map(|()| ExitCode::SUCCESS),
+    }
+}
+
+/// One message seen on the topic, as printed by `listen`.
+fn describe(body: &[u8]) -> Value {
+    match mqrpc::wire::decode_request(body) {
+        Ok(request) => serde_json::json!({
+            "method": request.method,
+            "args": request.args,
+            "context": request.context,
+            "namespace": request.namespace,
+            "version": request.version,
+            "kind": if request.is_call() { "call" } else { "cast" },
+            "msg_id": request.msg_id,
+            "reply_to": request.reply_to,
+        }),
+        Err(err) => serde_json::json!({"malformed": err.reason(), "size": body.len()}),
+    }
+}
+
+async fn listen(args: ListenArgs) -> Result<()> {
+    let transport = mqrpc::connect(&args.url).await.context("connecting")?;
+    let mut tap = transport
+        .monitor(&Target::new(&args.topic))
+        .await
+        .context("watching the topic")?;
+    eprintln!("mqrpc: listening on topic {} (Ctrl-C stops)", args.topic);
+    let mut seen = 0u64;
+    loop {
+        let next = tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            next = tap.recv() => next,
+        };
+        match next {
+            None => return Ok(()),
+            Some(Err(err)) => eprintln!("mqrpc: {err}"),
+            Some(Ok(delivery)) => {
+                println!("{}", describe(delivery.body()));
+                seen += 1;
+                if args.count.is_some_and(|limit| seen >= limit) {
+                    return Ok(());
+                }
+            }
+        }
     }
 }
 

@@ -82,8 +82,30 @@ fn serve_and_call_as_processes_on_nats() {
         mqrpc(&all)
     };
 
+    // A listener sees the traffic without taking it from the server.
+    let mut listener = Command::new(MQRPC)
+        .args(["listen", "--url", &url, "--topic", &topic, "--count", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start mqrpc listen");
+    let mut started = String::new();
+    BufReader::new(listener.stderr.take().expect("stderr"))
+        .read_line(&mut started)
+        .expect("the listener says it listens");
+    assert!(started.contains("listening"), "{started:?}");
+
     let (code, out, _) = call("add", r#"{"a": 1, "b": 2}"#, &[]);
     assert_eq!((code, out.trim()), (0, "3"));
+    let seen = listener
+        .wait_with_output()
+        .expect("listener ends after one message");
+    let line: serde_json::Value = serde_json::from_slice(&seen.stdout).expect("a JSON line");
+    assert_eq!(
+        (line["method"].as_str(), line["kind"].as_str()),
+        (Some("add"), Some("call"))
+    );
+    assert_eq!(line["args"], serde_json::json!({"a": 1, "b": 2}));
     let (code, out, _) = call(
         "echo",
         r#"{"payload": {"k": [1, "x"]}}"#,

@@ -89,6 +89,9 @@ pub enum Error {
         /// The address that had no listener.
         address: String,
     },
+    /// The transport cannot do this.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
     /// The client, server or transport was closed.
     #[error("closed")]
     Closed,

@@ -212,6 +212,17 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
 
     /// Creates a private reply queue for one client.
     async fn reply_queue(&self) -> Result<ReplyQueue>;
+
+    /// Watches a topic without taking part: a copy of what is sent to the topic, to
+    /// its servers and to its fanout from now on, while servers still get every
+    /// message as before (what `mqrpc listen` prints). Deliveries need no settling.
+    async fn monitor(&self, target: &Target) -> Result<Box<dyn Consumer>> {
+        let _ = target;
+        Err(crate::Error::Unsupported(format!(
+            "the {} transport cannot watch a topic",
+            self.name()
+        )))
+    }
 }
 
 /// Sends encoded messages.

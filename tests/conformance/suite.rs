@@ -759,6 +759,53 @@ pub async fn reply_to_a_vanished_queue_is_dropped_and_the_server_keeps_serving(b
     fx.shutdown().await;
 }
 
+pub async fn monitor_sees_a_topics_traffic_without_taking_it(backend: Backend) {
+    let mut fx = Fixture::new(&backend, "monitor");
+    fx.start(1).await;
+    let transport = backend.transport().await;
+    let mut tap = match transport.monitor(&Target::new(&fx.topic)).await {
+        Ok(tap) => tap,
+        Err(Error::Unsupported(why)) => {
+            skip(&backend, "monitor_sees_a_topics_traffic", &why);
+            return;
+        }
+        Err(err) => panic!("monitor: {err}"),
+    };
+    let client = fx.client().await;
+    let sum: i64 = client
+        .call(&ctx(), "add", json!({"a": 1, "b": 2}))
+        .await
+        .expect("the server still answers");
+    assert_eq!(sum, 3);
+    let who: String = client
+        .prepare()
+        .server("s1")
+        .call(&ctx(), "whoami", mqrpc::NoArgs {})
+        .await
+        .expect("directed");
+    assert_eq!(who, "s1");
+    client
+        .prepare()
+        .fanout(true)
+        .cast(&ctx(), "record", json!({"id": 1}))
+        .await
+        .expect("fanout");
+    fx.recorder.wait_for(1, ARRIVAL).await;
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let delivery = tokio::time::timeout(ARRIVAL, tap.recv())
+            .await
+            .expect("the watcher sees the traffic")
+            .expect("open")
+            .expect("delivery");
+        let request = mqrpc::wire::decode_request(delivery.body()).expect("a request");
+        seen.push(request.method);
+    }
+    seen.sort();
+    assert_eq!(seen, ["add", "record", "whoami"]);
+    fx.shutdown().await;
+}
+
 pub async fn concurrency_limit_bounds_in_flight_handlers(backend: Backend) {
     let mut fx = Fixture::new(&backend, "concurrency");
     fx.start_with("s1", |b| b.concurrency(2)).await;
@@ -932,6 +979,7 @@ macro_rules! conformance_suite {
             malformed_bytes_are_rejected_and_the_server_keeps_serving,
             reply_to_a_vanished_queue_is_dropped_and_the_server_keeps_serving,
             concurrency_limit_bounds_in_flight_handlers,
+            monitor_sees_a_topics_traffic_without_taking_it,
             namespaces_select_the_endpoint,
             cast_before_any_server_waits_for_one,
             send_to_missing_server_is_reported_at_once,

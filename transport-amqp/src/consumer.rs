@@ -38,6 +38,13 @@ pub(crate) enum Subscription {
     },
     /// A client's reply queue, consumed without acks.
     Reply { queue: String },
+    /// A watcher of a topic: a queue of its own (exclusive, auto-delete) bound to the
+    /// topic's routing keys and its fanout, consumed without acks.
+    Monitor {
+        exchange: String,
+        topic: String,
+        queue: String,
+    },
 }
 
 /// The receiving end handed to rpc-core.
@@ -204,7 +211,7 @@ impl ConsumerTask {
 
     fn wrap(&self, delivery: lapin::message::Delivery, channel: &Channel) -> Delivery {
         let acker: Box<dyn Acker> = match self.subscription {
-            Subscription::Reply { .. } => Box::new(NoAck),
+            Subscription::Reply { .. } | Subscription::Monitor { .. } => Box::new(NoAck),
             Subscription::Server { .. } => Box::new(AmqpAcker {
                 acker: delivery.acker,
                 _channel: channel.clone(),
@@ -246,6 +253,19 @@ impl ConsumerTask {
             }
             Subscription::Reply { queue } => {
                 topology::declare_transient_queue(&channel, config, queue).await?;
+                (vec![queue.clone()], true)
+            }
+            Subscription::Monitor {
+                exchange,
+                topic,
+                queue,
+            } => {
+                topology::declare_topic_exchange(&channel, config, exchange).await?;
+                topology::declare_fanout_exchange(&channel, topic).await?;
+                topology::declare_private_queue(&channel, queue).await?;
+                topology::bind(&channel, queue, exchange, topic).await?;
+                topology::bind(&channel, queue, exchange, &format!("{topic}.*")).await?;
+                topology::bind(&channel, queue, &topology::fanout_exchange(topic), topic).await?;
                 (vec![queue.clone()], true)
             }
         };

@@ -134,6 +134,16 @@ impl Transport for AmqpTransport {
         Ok(Box::new(consumer))
     }
 
+    async fn monitor(&self, target: &Target) -> Result<Box<dyn Consumer>> {
+        let subscription = Subscription::Monitor {
+            exchange: target.exchange_or(self.default_exchange()).to_owned(),
+            topic: target.topic.clone(),
+            queue: format!("mqrpc-listen-{}", rpc_core::wire::new_id()),
+        };
+        let consumer = AmqpConsumer::start(self.link.clone(), subscription, REPLY_BUFFER).await?;
+        Ok(Box::new(consumer))
+    }
+
     async fn reply_queue(&self) -> Result<ReplyQueue> {
         let queue = topology::reply_queue();
         let subscription = Subscription::Reply {

@@ -139,6 +139,23 @@ fn expiry(ttl: Option<std::time::Duration>) -> FieldTable {
     arguments
 }
 
+/// Declares a queue only this connection uses, deleted with it.
+pub(crate) async fn declare_private_queue(channel: &Channel, name: &str) -> Result<()> {
+    channel
+        .queue_declare(
+            short(name)?,
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| lapin_error(&format!("declaring queue {name}"), e))?;
+    Ok(())
+}
+
 pub(crate) async fn bind(channel: &Channel, queue: &str, exchange: &str, key: &str) -> Result<()> {
     channel
         .queue_bind(

@@ -191,6 +191,8 @@ struct Bus {
     max_message_size: usize,
     queues: DashMap<QueueKey, Queue>,
     fanouts: DashMap<(String, String), Arc<FanoutGroup>>,
+    /// Watchers of a topic (`monitor`), who get a copy of everything sent to it.
+    taps: DashMap<(String, String), Arc<FanoutGroup>>,
     replies: DashMap<String, Sender<Bytes>>,
     next_id: AtomicU64,
     rejected: AtomicU64,
@@ -204,6 +206,7 @@ impl Bus {
             max_message_size: options.max_message_size,
             queues: DashMap::new(),
             fanouts: DashMap::new(),
+            taps: DashMap::new(),
             replies: DashMap::new(),
             next_id: AtomicU64::new(1),
             rejected: AtomicU64::new(0),
@@ -286,6 +289,28 @@ impl Transport for MemoryTransport {
         }))
     }
 
+    async fn monitor(&self, target: &Target) -> Result<Box<dyn Consumer>> {
+        let exchange = target.exchange_or(self.default_exchange()).to_owned();
+        let group = self
+            .bus
+            .taps
+            .entry((exchange, target.topic.clone()))
+            .or_default()
+            .clone();
+        let (tx, rx) = async_channel::bounded(self.bus.capacity);
+        let id = self.bus.next_id.fetch_add(1, Ordering::Relaxed);
+        group
+            .members
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((id, tx.clone()));
+        Ok(Box::new(TapConsumer {
+            queue: Queue { tx, rx },
+            bus: self.bus.clone(),
+            _membership: FanoutMembership { group, id },
+        }))
+    }
+
     async fn reply_queue(&self) -> Result<ReplyQueue> {
         let address = format!("reply_{}", rpc_core::wire::new_id());
         let (tx, rx) = async_channel::bounded(self.bus.capacity);
@@ -313,6 +338,24 @@ impl Publisher for MemoryPublisher {
                 size: message.body.len(),
                 limit: self.bus.max_message_size,
             });
+        }
+        if let Address::Topic { exchange, topic }
+        | Address::Server {
+            exchange, topic, ..
+        }
+        | Address::Fanout { exchange, topic } = address
+        {
+            if let Some(taps) = self.bus.taps.get(&(exchange.clone(), topic.clone())) {
+                for (_, tx) in taps
+                    .members
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                {
+                    // A watcher that does not keep up misses copies; the servers do not wait.
+                    let _ = tx.try_send(message.body.clone());
+                }
+            }
         }
         let queue_tx = match address {
             Address::Topic { exchange, topic } => {
@@ -436,6 +479,33 @@ impl Consumer for ServerConsumer {
     async fn stop(&mut self) -> Result<()> {
         // Messages not taken yet stay in the shared queues for other servers.
         self.sources = None;
+        Ok(())
+    }
+}
+
+/// A watcher's copy of a topic's traffic.
+struct TapConsumer {
+    queue: Queue,
+    bus: Arc<Bus>,
+    _membership: FanoutMembership,
+}
+
+#[async_trait]
+impl Consumer for TapConsumer {
+    async fn recv(&mut self) -> Option<Result<Delivery>> {
+        let body = self.queue.rx.recv().await.ok()?;
+        Some(Ok(Delivery::new(
+            body,
+            Box::new(MemoryAcker {
+                body: None,
+                requeue_to: self.queue.tx.clone(),
+                bus: self.bus.clone(),
+            }),
+        )))
+    }
+
+    async fn stop(&mut self) -> Result<()> {
+        self.queue.rx.close();
         Ok(())
     }
 }

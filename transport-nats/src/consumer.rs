@@ -309,3 +309,43 @@ impl Acker for JetStreamAcker {
             .map_err(|e| Error::transport_msg(format!("JetStream reject failed: {e}")))
     }
 }
+
+/// A watcher of a topic: plain (not queue-group) subscriptions to the topic, every
+/// server subject of it and its fanout, so servers still get every message.
+pub(crate) struct Monitor {
+    streams: SelectAll<Deliveries>,
+}
+
+impl Monitor {
+    pub(crate) async fn start(shared: Arc<Shared>, target: &Target) -> Result<Self> {
+        let config = &shared.config;
+        let exchange = target.exchange_or(&config.exchange).to_owned();
+        let mut streams = SelectAll::new();
+        for subject in [
+            config.topic_subject(&exchange, &target.topic),
+            format!("{}.s.*", config.topic_subject(&exchange, &target.topic)),
+            config.fanout_subject(&exchange, &target.topic),
+        ] {
+            let subscriber = shared
+                .client
+                .subscribe(subject)
+                .await
+                .map_err(|e| nats_error("subscribing", e))?;
+            streams.push(plain(subscriber));
+        }
+        crate::round_trip(&shared.client, config).await?;
+        Ok(Monitor { streams })
+    }
+}
+
+#[async_trait]
+impl Consumer for Monitor {
+    async fn recv(&mut self) -> Option<Result<Delivery>> {
+        self.streams.next().await
+    }
+
+    async fn stop(&mut self) -> Result<()> {
+        self.streams = SelectAll::new();
+        Ok(())
+    }
+}

@@ -206,6 +206,12 @@ impl Transport for NatsTransport {
         Ok(Box::new(consumer))
     }
 
+    async fn monitor(&self, target: &Target) -> Result<Box<dyn Consumer>> {
+        Ok(Box::new(
+            consumer::Monitor::start(self.shared.clone(), target).await?,
+        ))
+    }
+
     async fn reply_queue(&self) -> Result<ReplyQueue> {
         let (address, consumer) = ReplyConsumer::start(self.shared.clone()).await?;
         Ok(ReplyQueue {

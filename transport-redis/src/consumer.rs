@@ -135,8 +135,6 @@ async fn delivery(
         group: group.to_owned(),
         id,
         body: body.clone(),
-        // A topic or server stream has one group: a settled entry is of no more use.
-        delete: group == GROUP,
         in_flight: in_flight.cloned(),
     };
     let expires = field_bytes(&map, EXPIRES_FIELD)
@@ -605,23 +603,17 @@ struct RedisAcker {
     group: String,
     id: String,
     body: Vec<u8>,
-    /// Delete the entry once settled (streams read by a single group).
-    delete: bool,
     in_flight: Option<InFlight>,
 }
 
 impl RedisAcker {
     async fn xack(&mut self) -> Result<()> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("XACK")
+        // Settled entries stay in the stream (trimmed by MAXLEN), so `monitor` can
+        // read a topic's traffic after the servers took it.
+        let settled = redis::cmd("XACK")
             .arg(&self.key)
             .arg(&self.group)
             .arg(&self.id)
-            .ignore();
-        if self.delete {
-            pipe.cmd("XDEL").arg(&self.key).arg(&self.id).ignore();
-        }
-        let settled = pipe
             .query_async::<()>(&mut self.conn)
             .await
             .map_err(|e| redis_error("XACK", e));
@@ -867,5 +859,129 @@ impl Acker for NoAck {
 
     async fn reject(self: Box<Self>, _requeue: bool) -> Result<()> {
         Ok(())
+    }
+}
+
+/// A watcher of a topic: reads the topic, server and fanout streams without a group,
+/// from their ends at the time it starts, so servers still get every entry.
+pub(crate) struct MonitorConsumer {
+    rx: mpsc::Receiver<Result<Delivery>>,
+    stop: CancellationToken,
+}
+
+impl MonitorConsumer {
+    pub(crate) async fn start(shared: Arc<Shared>, target: &Target) -> Result<Self> {
+        let config = &shared.config;
+        let exchange = target.exchange_or(&config.exchange);
+        let mut conn = shared.commands.clone();
+        let mut keys = vec![
+            config.topic_key(exchange, &target.topic),
+            config.fanout_key(exchange, &target.topic),
+        ];
+        let pattern = config.server_key(exchange, &target.topic, "*");
+        let servers: Vec<String> = redis::cmd("KEYS")
+            .arg(&pattern)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| redis_error("listing server streams", e))?;
+        keys.extend(servers);
+        let mut ids = Vec::with_capacity(keys.len());
+        for key in &keys {
+            let last: Vec<StreamId> = redis::cmd("XREVRANGE")
+                .arg(key)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .query_async::<redis::streams::StreamRangeReply>(&mut conn)
+                .await
+                .map(|reply| reply.ids)
+                .map_err(|e| redis_error("reading a stream's end", e))?;
+            ids.push(
+                last.first()
+                    .map_or_else(|| "0-0".to_owned(), |entry| entry.id.clone()),
+            );
+        }
+        let block = config.block;
+        let reader = connection_manager(&shared.client, block + Duration::from_secs(5))
+            .await
+            .map_err(|e| redis_error("opening a reading connection", e))?;
+        let (tx, rx) = mpsc::channel(1024);
+        let stop = CancellationToken::new();
+        tokio::spawn(watch(reader, keys, ids, block, tx, stop.clone()));
+        Ok(MonitorConsumer { rx, stop })
+    }
+}
+
+async fn watch(
+    mut reader: ConnectionManager,
+    keys: Vec<String>,
+    mut ids: Vec<String>,
+    block: Duration,
+    tx: mpsc::Sender<Result<Delivery>>,
+    stop: CancellationToken,
+) {
+    let mut attempt = 0u32;
+    loop {
+        let mut xread = redis::cmd("XREAD");
+        xread
+            .arg("COUNT")
+            .arg(256)
+            .arg("BLOCK")
+            .arg(u64::try_from(block.as_millis().max(1)).unwrap_or(u64::MAX))
+            .arg("STREAMS")
+            .arg(&keys)
+            .arg(&ids);
+        let read: redis::RedisResult<Option<StreamReadReply>> = tokio::select! {
+            _ = stop.cancelled() => return,
+            read = xread.query_async(&mut reader) => read,
+        };
+        match read {
+            Ok(None) => {}
+            Ok(Some(reply)) => {
+                attempt = 0;
+                for stream in reply.keys {
+                    let Some(slot) = keys.iter().position(|k| *k == stream.key) else {
+                        continue;
+                    };
+                    for entry in stream.ids {
+                        ids[slot].clone_from(&entry.id);
+                        let body = field_bytes(&entry.map, BODY_FIELD).unwrap_or_default();
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            sent = tx.send(Ok(Delivery::new(body, Box::new(NoAck)))) => if sent.is_err() { return },
+                        }
+                    }
+                }
+            }
+            Err(err) => {
+                let wait = backoff(attempt);
+                attempt = attempt.saturating_add(1);
+                tracing::warn!(error = %err, ?wait, "watching the topic failed; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Consumer for MonitorConsumer {
+    async fn recv(&mut self) -> Option<Result<Delivery>> {
+        self.rx.recv().await
+    }
+
+    async fn stop(&mut self) -> Result<()> {
+        self.stop.cancel();
+        self.rx.close();
+        Ok(())
+    }
+}
+
+impl Drop for MonitorConsumer {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }

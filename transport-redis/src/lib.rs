@@ -150,6 +150,12 @@ impl Transport for RedisTransport {
         Ok(Box::new(consumer))
     }
 
+    async fn monitor(&self, target: &Target) -> Result<Box<dyn Consumer>> {
+        Ok(Box::new(
+            consumer::MonitorConsumer::start(self.shared.clone(), target).await?,
+        ))
+    }
+
     async fn reply_queue(&self) -> Result<ReplyQueue> {
         let (address, consumer) = ReplyConsumer::start(self.shared.clone()).await?;
         Ok(ReplyQueue {
