@@ -20,7 +20,9 @@ pub struct RedisConfig {
     pub prefix: String,
     /// The control exchange (default `openstack`), part of each topic's keys.
     pub exchange: String,
-    /// Approximate cap of each stream's length (`XADD MAXLEN ~`).
+    /// Approximate cap of each stream's length (`XADD MAXLEN ~`, default 100 000).
+    /// Topic and server streams hold only unsettled entries, so this bounds a backlog:
+    /// beyond it the oldest waiting entries are dropped.
     pub maxlen: usize,
     /// How long one blocking read waits before it is issued again.
     pub block: Duration,
@@ -74,7 +76,7 @@ impl RedisConfig {
             connection_url: String::new(),
             prefix: "mqrpc".to_owned(),
             exchange: rpc_core::DEFAULT_EXCHANGE.to_owned(),
-            maxlen: 10_000,
+            maxlen: 100_000,
             block: Duration::from_secs(5),
             claim_idle: Duration::from_secs(30),
             stream_ttl: Duration::from_secs(24 * 3600),

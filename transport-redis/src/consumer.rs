@@ -34,6 +34,18 @@ if #redis.call('XINFO', 'GROUPS', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) 
 return 1
 ";
 
+/// Acks an entry of a topic or server stream and deletes it when the stream has no
+/// group but the servers' (a watcher's group keeps entries for it to read).
+static SETTLE_SHARED: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if #redis.call('XINFO', 'GROUPS', KEYS[1]) == 1 then redis.call('XDEL', KEYS[1], ARGV[2]) end
+return 1
+",
+    )
+});
+
 /// Removes a consumer from a group unless it still has pending entries.
 const DROP_IDLE_CONSUMER: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -608,15 +620,25 @@ struct RedisAcker {
 
 impl RedisAcker {
     async fn xack(&mut self) -> Result<()> {
-        // Settled entries stay in the stream (trimmed by MAXLEN), so `monitor` can
-        // read a topic's traffic after the servers took it.
-        let settled = redis::cmd("XACK")
-            .arg(&self.key)
-            .arg(&self.group)
-            .arg(&self.id)
-            .query_async::<()>(&mut self.conn)
-            .await
-            .map_err(|e| redis_error("XACK", e));
+        let settled = if self.group == GROUP {
+            // A topic or server stream is read by one group: a settled entry is of no
+            // more use, unless a watcher (`monitor`) registered a group to keep them.
+            SETTLE_SHARED
+                .key(&self.key)
+                .arg(&self.group)
+                .arg(&self.id)
+                .invoke_async::<i64>(&mut self.conn)
+                .await
+                .map(drop)
+        } else {
+            redis::cmd("XACK")
+                .arg(&self.key)
+                .arg(&self.group)
+                .arg(&self.id)
+                .query_async::<()>(&mut self.conn)
+                .await
+        };
+        let settled = settled.map_err(|e| redis_error("XACK", e));
         if let Some(in_flight) = self.in_flight.take() {
             lock(&in_flight).remove(&(self.key.clone(), self.id.clone()));
         }
@@ -867,6 +889,10 @@ impl Acker for NoAck {
 pub(crate) struct MonitorConsumer {
     rx: mpsc::Receiver<Result<Delivery>>,
     stop: CancellationToken,
+    shared: Arc<Shared>,
+    /// Streams where this watcher registered a group so servers keep settled entries.
+    kept: Vec<String>,
+    group: String,
 }
 
 impl MonitorConsumer {
@@ -885,6 +911,25 @@ impl MonitorConsumer {
             .await
             .map_err(|e| redis_error("listing server streams", e))?;
         keys.extend(servers);
+        // A group on the topic and server streams tells servers to keep settled entries
+        // (they delete them only when their group is the stream's only one).
+        let group = format!("monitor:{}", rpc_core::wire::new_id());
+        let kept: Vec<String> = keys
+            .iter()
+            .filter(|k| !k.ends_with(":fanout"))
+            .cloned()
+            .collect();
+        for key in &kept {
+            create_group(&mut conn, key, &group, "$").await?;
+            // MKSTREAM may have created the stream: it expires like any other.
+            redis::cmd("EXPIRE")
+                .arg(key)
+                .arg(config.stream_ttl.as_secs().max(1))
+                .arg("NX")
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| redis_error("EXPIRE", e))?;
+        }
         let mut ids = Vec::with_capacity(keys.len());
         for key in &keys {
             let last: Vec<StreamId> = redis::cmd("XREVRANGE")
@@ -909,7 +954,13 @@ impl MonitorConsumer {
         let (tx, rx) = mpsc::channel(1024);
         let stop = CancellationToken::new();
         tokio::spawn(watch(reader, keys, ids, block, tx, stop.clone()));
-        Ok(MonitorConsumer { rx, stop })
+        Ok(MonitorConsumer {
+            rx,
+            stop,
+            shared,
+            kept,
+            group,
+        })
     }
 }
 
@@ -983,5 +1034,26 @@ impl Consumer for MonitorConsumer {
 impl Drop for MonitorConsumer {
     fn drop(&mut self) {
         self.stop.cancel();
+        let kept = std::mem::take(&mut self.kept);
+        if kept.is_empty() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let mut conn = self.shared.commands.clone();
+            let group = self.group.clone();
+            runtime.spawn(async move {
+                for key in kept {
+                    let destroyed: redis::RedisResult<()> = redis::cmd("XGROUP")
+                        .arg("DESTROY")
+                        .arg(&key)
+                        .arg(&group)
+                        .query_async(&mut conn)
+                        .await;
+                    if let Err(err) = destroyed {
+                        tracing::debug!(error = %err, "could not remove the watcher's group");
+                    }
+                }
+            });
+        }
     }
 }
