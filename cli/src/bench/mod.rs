@@ -39,6 +39,9 @@ pub(crate) struct BenchArgs {
     /// Concurrencies of the throughput figures.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
     pub(crate) concurrency: Vec<usize>,
+    /// Payload sizes in bytes.
+    #[arg(long, value_delimiter = ',', default_value = "100,10240,1048576")]
+    pub(crate) payloads: Vec<usize>,
     /// Numbers of competing servers.
     #[arg(long, value_delimiter = ',', default_value = "1,4,32")]
     pub(crate) servers: Vec<usize>,
@@ -84,7 +87,6 @@ pub(crate) struct Run {
 }
 
 const SMALL: usize = 100;
-const PAYLOADS: [usize; 3] = [100, 10 * 1024, 1024 * 1024];
 
 fn payload(size: usize) -> Bytes {
     Bytes::from(vec![b'x'; size])
@@ -280,7 +282,7 @@ async fn measure(
             .push(throughput(caller.clone(), SMALL, concurrency, total).await?);
         progress.inc(1);
     }
-    for size in PAYLOADS {
+    for &size in &args.payloads {
         progress.set_message(format!("payload {size} B"));
         if max_message.is_some_and(|limit| size + 4096 > limit) {
             progress.println(format!(
@@ -311,7 +313,7 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
     let backend = probe.name().to_owned();
     let max_message = probe.capabilities().max_message_size;
     drop(probe);
-    let steps = (1 + args.concurrency.len() + PAYLOADS.len()) as u64 * if args.raw { 2 } else { 1 }
+    let steps = (1 + args.concurrency.len() + args.payloads.len()) as u64 * if args.raw { 2 } else { 1 }
         + args.servers.len() as u64
         + 1;
     let progress = ProgressBar::new(steps);
