@@ -18,7 +18,9 @@ fn request(size: usize) -> Request {
             .cloned()
             .unwrap_or_default(),
         version: Some("1.3".into()),
-        context: Context::new().with("user", "bench").with("request_id", "req-1"),
+        context: Context::new()
+            .with("user", "bench")
+            .with("request_id", "req-1"),
         msg_id: Some(rpc_core::wire::new_id()),
         reply_to: Some(format!("reply_{}", rpc_core::wire::new_id())),
         unique_id: Some(rpc_core::wire::new_id()),
@@ -37,15 +39,21 @@ fn wire(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("encode_request", size), &req, |b, req| {
             b.iter(|| encode_request(black_box(req)))
         });
-        group.bench_with_input(BenchmarkId::new("decode_request", size), &body, |b, body| {
-            b.iter(|| decode_request(black_box(body)))
-        });
-        group.bench_with_input(BenchmarkId::new("encode_reply", size), &reply, |b, reply| {
-            b.iter(|| encode_reply(black_box(reply)))
-        });
-        group.bench_with_input(BenchmarkId::new("decode_reply", size), &reply_body, |b, body| {
-            b.iter(|| decode_reply(black_box(body)))
-        });
+        group.bench_with_input(
+            BenchmarkId::new("decode_request", size),
+            &body,
+            |b, body| b.iter(|| decode_request(black_box(body))),
+        );
+        group.bench_with_input(
+            BenchmarkId::new("encode_reply", size),
+            &reply,
+            |b, reply| b.iter(|| encode_reply(black_box(reply))),
+        );
+        group.bench_with_input(
+            BenchmarkId::new("decode_reply", size),
+            &reply_body,
+            |b, body| b.iter(|| decode_reply(black_box(body))),
+        );
     }
     group.finish();
 }

@@ -288,29 +288,40 @@ async fn accept(
             return None;
         }
     }
-    let acker = match serving.ack_mode {
-        AckMode::BeforeDispatch => {
-            if let Err(err) = acker.ack().await {
-                tracing::warn!(error = %err, method = %request.method,
-                    "discarding request: acknowledgement failed");
-                return None;
-            }
-            None
-        }
-        AckMode::AfterHandling => Some(acker),
-    };
-    Some(Work { request, acker })
+    Some(Work {
+        request,
+        acker,
+        ack_mode: serving.ack_mode,
+    })
 }
 
-/// One accepted request and, in after-handling mode, its unsettled acker.
+/// One accepted request and its unsettled acker. The ack happens in the request's
+/// own task (before dispatch, or after handling), never in the receiving loop, so a
+/// broker round trip per ack does not serialise the server.
 struct Work {
     request: Request,
-    acker: Option<Box<dyn Acker>>,
+    acker: Box<dyn Acker>,
+    ack_mode: AckMode,
 }
 
 impl Work {
     async fn run(self, serving: Serving, permit: OwnedSemaphorePermit) {
-        let Work { request, acker } = self;
+        let Work {
+            request,
+            acker,
+            ack_mode,
+        } = self;
+        let acker = match ack_mode {
+            AckMode::BeforeDispatch => {
+                if let Err(err) = acker.ack().await {
+                    tracing::warn!(error = %err, method = %request.method,
+                        "discarding request: acknowledgement failed");
+                    return;
+                }
+                None
+            }
+            AckMode::AfterHandling => Some(acker),
+        };
         let span = tracing::debug_span!("rpc.dispatch",
             msg_id = request.msg_id.as_deref().unwrap_or(""),
             topic = %serving.topic, method = %request.method);
