@@ -263,6 +263,51 @@ async fn casts(url: &str, quick: bool) -> Result<f64> {
     Ok(rate)
 }
 
+/// Resident set size of this process, from /proc (Linux).
+fn resident_bytes() -> Option<f64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: f64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096.0)
+}
+
+/// Memory held per call in flight: 10 000 calls to a handler that sleeps, measured
+/// while they all wait (client, transport and server sides together).
+async fn in_flight_memory(url: &str, quick: bool) -> Result<Option<f64>> {
+    let calls: usize = if quick { 1000 } else { 10_000 };
+    let topic = new_topic();
+    let transport = mqrpc::connect(url).await.context("connecting a server")?;
+    let server = Server::builder(transport, Target::new(&topic).server("bench-memory"))
+        .endpoint(crate::demo::endpoint(Arc::default()))
+        .concurrency(calls)
+        .start()
+        .await
+        .context("starting a server")?;
+    let client = mqrpc_client(url, &topic).await?;
+    // Warm up allocators and connections before the baseline.
+    let _: serde_json::Value = client
+        .call(&Context::new(), "sleep", json!({"seconds": 0.0}))
+        .await?;
+    let Some(before) = resident_bytes() else {
+        return Ok(None);
+    };
+    let mut waiting = tokio::task::JoinSet::new();
+    for _ in 0..calls {
+        let client = client.clone();
+        waiting.spawn(async move {
+            client
+                .call::<_, serde_json::Value>(&Context::new(), "sleep", json!({"seconds": 3.0}))
+                .await
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let during = resident_bytes().unwrap_or(before);
+    while let Some(done) = waiting.join_next().await {
+        done.context("call task")??;
+    }
+    let _ = server.shutdown().await;
+    Ok(Some((during - before).max(0.0) / calls as f64))
+}
+
 async fn measure(
     pair: &Pair,
     args: &BenchArgs,
