@@ -14,11 +14,15 @@ fn round_trip(c: &mut Criterion) {
         .build()
         .unwrap_or_else(|e| panic!("runtime: {e}"));
     let (client, server) = runtime.block_on(async {
-        let transport = mqrpc::connect("memory://criterion").await.unwrap_or_else(|e| panic!("{e}"));
+        let transport = mqrpc::connect("memory://criterion")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         let server = Server::builder(transport.clone(), Target::new("bench").server("s1"))
-            .endpoint(Endpoint::new().method("echo", |_ctx: Context, args: Value| async move {
-                Ok::<_, RemoteError>(args)
-            }))
+            .endpoint(
+                Endpoint::new().method("echo", |_ctx: Context, args: Value| async move {
+                    Ok::<_, RemoteError>(args)
+                }),
+            )
             .start()
             .await
             .unwrap_or_else(|e| panic!("{e}"));

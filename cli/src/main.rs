@@ -214,21 +214,24 @@ async fn listen(args: ListenArgs) -> Result<()> {
     let mut seen = 0u64;
     loop {
         let next = tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = tokio::signal::ctrl_c() => break,
             next = tap.recv() => next,
         };
         match next {
-            None => return Ok(()),
+            None => break,
             Some(Err(err)) => eprintln!("mqrpc: {err}"),
             Some(Ok(delivery)) => {
                 println!("{}", describe(delivery.body()));
                 seen += 1;
                 if args.count.is_some_and(|limit| seen >= limit) {
-                    return Ok(());
+                    break;
                 }
             }
         }
     }
+    // Leaves the broker as it was (a Redis watcher removes its groups).
+    tap.stop().await.context("stopping the watcher")?;
+    Ok(())
 }
 
 async fn prepare(args: &CallArgs) -> Result<(Client, Context, serde_json::Map<String, Value>)> {

@@ -321,11 +321,23 @@ impl Monitor {
         let config = &shared.config;
         let exchange = target.exchange_or(&config.exchange).to_owned();
         let mut streams = SelectAll::new();
-        for subject in [
+        let mut subjects = vec![
             config.topic_subject(&exchange, &target.topic),
             format!("{}.s.*", config.topic_subject(&exchange, &target.topic)),
             config.fanout_subject(&exchange, &target.topic),
-        ] {
+        ];
+        if shared.jetstream.is_some() {
+            // JetStream casts are ordinary messages on their subjects too.
+            let topic = rpc_core::Address::Topic {
+                exchange: exchange.clone(),
+                topic: target.topic.clone(),
+            };
+            if let Some(js_topic) = config.jetstream_subject(&topic) {
+                subjects.push(format!("{js_topic}.s.*"));
+                subjects.push(js_topic);
+            }
+        }
+        for subject in subjects {
             let subscriber = shared
                 .client
                 .subscribe(subject)

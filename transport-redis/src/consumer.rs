@@ -1027,7 +1027,24 @@ impl Consumer for MonitorConsumer {
     async fn stop(&mut self) -> Result<()> {
         self.stop.cancel();
         self.rx.close();
+        let kept = std::mem::take(&mut self.kept);
+        drop_watch_groups(self.shared.commands.clone(), kept, self.group.clone()).await;
         Ok(())
+    }
+}
+
+/// Removes a watcher's keep-groups, so servers delete settled entries again.
+async fn drop_watch_groups(mut conn: ConnectionManager, kept: Vec<String>, group: String) {
+    for key in kept {
+        let destroyed: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("DESTROY")
+            .arg(&key)
+            .arg(&group)
+            .query_async(&mut conn)
+            .await;
+        if let Err(err) = destroyed {
+            tracing::debug!(error = %err, "could not remove the watcher's group");
+        }
     }
 }
 
@@ -1039,21 +1056,11 @@ impl Drop for MonitorConsumer {
             return;
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let mut conn = self.shared.commands.clone();
-            let group = self.group.clone();
-            runtime.spawn(async move {
-                for key in kept {
-                    let destroyed: redis::RedisResult<()> = redis::cmd("XGROUP")
-                        .arg("DESTROY")
-                        .arg(&key)
-                        .arg(&group)
-                        .query_async(&mut conn)
-                        .await;
-                    if let Err(err) = destroyed {
-                        tracing::debug!(error = %err, "could not remove the watcher's group");
-                    }
-                }
-            });
+            runtime.spawn(drop_watch_groups(
+                self.shared.commands.clone(),
+                kept,
+                self.group.clone(),
+            ));
         }
     }
 }

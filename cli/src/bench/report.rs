@@ -99,6 +99,12 @@ pub(crate) fn markdown(run: &Run) -> String {
             "| casts/s (sent and handled), concurrency 64 | {casts:.0} | - | - |"
         );
     }
+    if let Some(bytes) = run.mqrpc.bytes_per_in_flight_call {
+        let _ = writeln!(
+            out,
+            "| resident bytes per call in flight | {bytes:.0} | - | - |"
+        );
+    }
     out
 }
 
