@@ -36,6 +36,6 @@ pub use error::{
 pub use server::{AckMode, DEFAULT_CONCURRENCY, DEFAULT_GRACE_PERIOD, Server, ServerBuilder};
 pub use target::{DEFAULT_EXCHANGE, ParseVersionError, Target, Version};
 pub use transport::{
-    Acker, Address, CallHint, Capabilities, Consumer, Delivery, ListenOptions, Outgoing, Publisher,
-    ReplyQueue, Transport,
+    Acker, Address, CallHint, Capabilities, Consumer, Delivery, ListenOptions, NoAck, Outgoing,
+    Publisher, ReplyQueue, Transport,
 };

@@ -281,6 +281,22 @@ pub trait Acker: Send + 'static {
     async fn reject(self: Box<Self>, requeue: bool) -> Result<()>;
 }
 
+/// The acker of a delivery with nothing to settle (replies read without acks, core
+/// NATS, copies for a watcher): `ack` and `reject` do nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoAck;
+
+#[async_trait]
+impl Acker for NoAck {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+
+    async fn reject(self: Box<Self>, _requeue: bool) -> Result<()> {
+        Ok(())
+    }
+}
+
 /// One received message: its body and the handle that settles it.
 pub struct Delivery {
     body: Bytes,

@@ -14,7 +14,7 @@ use lapin::options::{
     QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
-use rpc_core::{Acker, Consumer, Delivery, Error, Result};
+use rpc_core::{Acker, Consumer, Delivery, Error, NoAck, Result};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -370,19 +370,5 @@ fn settled(outcome: lapin::Result<bool>, what: &str) -> Result<()> {
             "{what} failed: the delivery's channel is closed (the broker requeued it)"
         ))),
         Err(err) => Err(lapin_error(what, err)),
-    }
-}
-
-/// Replies are consumed without acks: nothing to settle.
-struct NoAck;
-
-#[async_trait]
-impl Acker for NoAck {
-    async fn ack(self: Box<Self>) -> Result<()> {
-        Ok(())
-    }
-
-    async fn reject(self: Box<Self>, _requeue: bool) -> Result<()> {
-        Ok(())
     }
 }

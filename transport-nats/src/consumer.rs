@@ -11,7 +11,7 @@ use futures::stream::{BoxStream, SelectAll};
 use futures::{StreamExt, TryStreamExt};
 use rpc_core::wire::{Reply, encode_reply};
 use rpc_core::{
-    Acker, Consumer, Delivery, Error, NO_RESPONDERS_CLASS, RemoteError, Result,
+    Acker, Consumer, Delivery, Error, NO_RESPONDERS_CLASS, NoAck, RemoteError, Result,
     TRANSPORT_FAILURE_MODULE, Target,
 };
 
@@ -265,20 +265,6 @@ impl Consumer for ReplyConsumer {
 
     async fn stop(&mut self) -> Result<()> {
         let _ = self.subscriber.unsubscribe().await;
-        Ok(())
-    }
-}
-
-/// Core NATS has nothing to settle.
-struct NoAck;
-
-#[async_trait]
-impl Acker for NoAck {
-    async fn ack(self: Box<Self>) -> Result<()> {
-        Ok(())
-    }
-
-    async fn reject(self: Box<Self>, _requeue: bool) -> Result<()> {
         Ok(())
     }
 }

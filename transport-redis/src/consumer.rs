@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use redis::Value;
 use redis::aio::ConnectionManager;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
-use rpc_core::{Acker, Consumer, Delivery, Error, Result, Target};
+use rpc_core::{Acker, Consumer, Delivery, Error, NoAck, Result, Target};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -867,20 +867,6 @@ impl Drop for ReplyConsumer {
             let key = self.key.clone();
             runtime.spawn(async move { delete_reply_stream(&shared, &key).await });
         }
-    }
-}
-
-/// Replies are read without a group: nothing to settle.
-struct NoAck;
-
-#[async_trait]
-impl Acker for NoAck {
-    async fn ack(self: Box<Self>) -> Result<()> {
-        Ok(())
-    }
-
-    async fn reject(self: Box<Self>, _requeue: bool) -> Result<()> {
-        Ok(())
     }
 }
 
