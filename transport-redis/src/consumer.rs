@@ -197,6 +197,16 @@ impl ServerConsumer {
         };
         let mut conn = shared.commands.clone();
         keys.declare(&mut conn, config.stream_ttl).await?;
+        // Alive from the start: another server pruning before this one's first
+        // housekeeping tick must not take its new fanout group for a dead one's.
+        redis::cmd("SET")
+            .arg(config.alive_key(&keys.instance))
+            .arg(1)
+            .arg("PX")
+            .arg(u64::try_from(config.prune_idle.as_millis()).unwrap_or(u64::MAX))
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| redis_error("marking the server alive", e))?;
         let blocking_timeout = config.block + Duration::from_secs(5);
         let shared_reader = connection_manager(&shared.client, blocking_timeout)
             .await
