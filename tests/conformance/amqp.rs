@@ -116,37 +116,7 @@ mod faults {
         );
         eprintln!("amqp in-flight call across the cut: {result:?} after {waited:?}");
 
-        let mut recovered = None;
-        for _ in 0..20 {
-            match client
-                .call::<_, i64>(&ctx, "add", json!({"a": 20, "b": 22}))
-                .await
-            {
-                Ok(sum) => {
-                    assert_eq!(sum, 42);
-                    recovered = Some(cut_at.elapsed());
-                    break;
-                }
-                Err(err) => eprintln!("amqp call after the cut failed (retrying): {err}"),
-            }
-        }
-        let recovered = recovered.expect("calls succeed again after reconnection");
-        eprintln!("amqp recovered {recovered:?} after the cut");
-
-        // Every subscription came back: the topic, the server's own queue and the fanout.
-        let who: String = client
-            .prepare()
-            .server("s1")
-            .call(&ctx, "whoami", mqrpc::NoArgs {})
-            .await
-            .expect("directed");
-        assert_eq!(who, "s1");
-        client
-            .prepare()
-            .fanout(true)
-            .cast(&ctx, "record", json!({"id": 1}))
-            .await
-            .expect("fanout");
+        crate::suite::calls_work_again(&client, cut_at, "amqp", 20).await;
         client
             .cast(&ctx, "record", json!({"id": 2}))
             .await

@@ -96,38 +96,7 @@ mod faults {
 
         let cut_at = Instant::now();
         proxy.cut();
-        let mut recovered = None;
-        for _ in 0..30 {
-            match client
-                .call::<_, i64>(&ctx, "add", json!({"a": 20, "b": 22}))
-                .await
-            {
-                Ok(sum) => {
-                    assert_eq!(sum, 42);
-                    recovered = Some(cut_at.elapsed());
-                    break;
-                }
-                Err(err) => {
-                    eprintln!("nats call after the cut failed (retrying): {err}");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        }
-        let recovered = recovered.expect("calls succeed again after reconnection");
-        eprintln!("nats recovered {recovered:?} after the cut");
-        let who: String = client
-            .prepare()
-            .server("s1")
-            .call(&ctx, "whoami", mqrpc::NoArgs {})
-            .await
-            .expect("directed");
-        assert_eq!(who, "s1");
-        client
-            .prepare()
-            .fanout(true)
-            .cast(&ctx, "record", json!({"id": 1}))
-            .await
-            .expect("fanout");
+        crate::suite::calls_work_again(&client, cut_at, "nats", 30).await;
         recorder.wait_for(1, Duration::from_secs(20)).await;
         server.shutdown().await.expect("shutdown");
     }

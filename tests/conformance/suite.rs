@@ -84,6 +84,52 @@ const SETTLE: Duration = Duration::from_millis(300);
 /// Allowed lateness of a timeout.
 const TIMEOUT_MARGIN: Duration = Duration::from_millis(750);
 
+/// After a fault, calls `add` until it works again (at most `tries` attempts, a short
+/// pause after each failure) and then checks that every subscription of server `s1`
+/// came back: its own queue (a directed call) and its fanout. Returns how long after
+/// `cut_at` calls worked again.
+#[allow(dead_code)]
+pub async fn calls_work_again(
+    client: &Client,
+    cut_at: Instant,
+    backend: &str,
+    tries: usize,
+) -> Duration {
+    let mut recovered = None;
+    for _ in 0..tries {
+        match client
+            .call::<_, i64>(&ctx(), "add", json!({"a": 20, "b": 22}))
+            .await
+        {
+            Ok(sum) => {
+                assert_eq!(sum, 42);
+                recovered = Some(cut_at.elapsed());
+                break;
+            }
+            Err(err) => {
+                eprintln!("{backend} call after the cut failed (retrying): {err}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let recovered = recovered.expect("calls succeed again after reconnection");
+    eprintln!("{backend} recovered {recovered:?} after the cut");
+    let who: String = client
+        .prepare()
+        .server("s1")
+        .call(&ctx(), "whoami", mqrpc::NoArgs {})
+        .await
+        .expect("directed");
+    assert_eq!(who, "s1");
+    client
+        .prepare()
+        .fanout(true)
+        .cast(&ctx(), "record", json!({"id": 1}))
+        .await
+        .expect("fanout");
+    recovered
+}
+
 /// Runs a case body with the case bound.
 pub async fn bounded(case: &str, body: impl Future<Output = ()>) {
     if tokio::time::timeout(CASE_LIMIT, body).await.is_err() {

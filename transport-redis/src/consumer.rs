@@ -757,6 +757,64 @@ impl ReplyConsumer {
     }
 }
 
+/// What one grouped-less read of some streams came to.
+enum ReadOutcome {
+    /// Entries (maybe none) were handed over; read again.
+    Read,
+    /// The consumer is stopping or gone.
+    Stopped,
+    /// Redis failed the read.
+    Failed(redis::RedisError),
+}
+
+/// One blocking `XREAD` of `keys` after `ids`, handing every entry over as a
+/// delivery with nothing to settle and advancing `ids`.
+async fn read_after(
+    reader: &mut ConnectionManager,
+    keys: &[String],
+    ids: &mut [String],
+    block: Duration,
+    tx: &mpsc::Sender<Result<Delivery>>,
+    stop: &CancellationToken,
+) -> ReadOutcome {
+    let mut xread = redis::cmd("XREAD");
+    xread
+        .arg("COUNT")
+        .arg(256)
+        .arg("BLOCK")
+        .arg(u64::try_from(block.as_millis().max(1)).unwrap_or(u64::MAX))
+        .arg("STREAMS")
+        .arg(keys)
+        .arg(&*ids);
+    let read: redis::RedisResult<Option<StreamReadReply>> = tokio::select! {
+        _ = stop.cancelled() => return ReadOutcome::Stopped,
+        read = xread.query_async(reader) => read,
+    };
+    let reply = match read {
+        Ok(None) => return ReadOutcome::Read,
+        Ok(Some(reply)) => reply,
+        Err(err) => return ReadOutcome::Failed(err),
+    };
+    for stream in reply.keys {
+        let Some(slot) = keys.iter().position(|k| *k == stream.key) else {
+            continue;
+        };
+        for entry in stream.ids {
+            ids[slot].clone_from(&entry.id);
+            let body = field_bytes(&entry.map, BODY_FIELD).unwrap_or_default();
+            tokio::select! {
+                _ = stop.cancelled() => return ReadOutcome::Stopped,
+                sent = tx.send(Ok(Delivery::new(body, Box::new(NoAck)))) => {
+                    if sent.is_err() {
+                        return ReadOutcome::Stopped;
+                    }
+                }
+            }
+        }
+    }
+    ReadOutcome::Read
+}
+
 async fn read_replies(
     shared: Arc<Shared>,
     mut reader: ConnectionManager,
@@ -766,7 +824,8 @@ async fn read_replies(
     stop: CancellationToken,
 ) {
     let ttl = shared.config.reply_ttl;
-    let mut last_id = "0-0".to_owned();
+    let keys = [key.clone()];
+    let mut last_id = ["0-0".to_owned()];
     let mut last_refresh = tokio::time::Instant::now();
     let mut attempt = 0u32;
     loop {
@@ -782,7 +841,7 @@ async fn read_replies(
                 Ok(_) => {
                     // The stream is gone (a Redis restart): make it again.
                     tracing::warn!(stream = %key, "reply stream vanished; creating it again");
-                    last_id = "0-0".to_owned();
+                    last_id = ["0-0".to_owned()];
                     if create_reply_stream(&mut conn, &key, ttl).await.is_ok() {
                         last_refresh = tokio::time::Instant::now();
                     }
@@ -790,36 +849,10 @@ async fn read_replies(
                 Err(err) => tracing::debug!(error = %err, "refreshing the reply stream TTL failed"),
             }
         }
-        let mut xread = redis::cmd("XREAD");
-        xread
-            .arg("COUNT")
-            .arg(256)
-            .arg("BLOCK")
-            .arg(u64::try_from(block.as_millis().max(1)).unwrap_or(u64::MAX))
-            .arg("STREAMS")
-            .arg(&key)
-            .arg(&last_id);
-        let read: redis::RedisResult<Option<StreamReadReply>> = tokio::select! {
-            _ = stop.cancelled() => return,
-            read = xread.query_async(&mut reader) => read,
-        };
-        match read {
-            Ok(None) => {}
-            Ok(Some(reply)) => {
-                attempt = 0;
-                for entry in reply.keys.into_iter().flat_map(|stream| stream.ids) {
-                    last_id.clone_from(&entry.id);
-                    let body = field_bytes(&entry.map, BODY_FIELD).unwrap_or_default();
-                    if tx
-                        .send(Ok(Delivery::new(body, Box::new(NoAck))))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            }
-            Err(err) => {
+        match read_after(&mut reader, &keys, &mut last_id, block, &tx, &stop).await {
+            ReadOutcome::Read => attempt = 0,
+            ReadOutcome::Stopped => return,
+            ReadOutcome::Failed(err) => {
                 let wait = backoff(attempt);
                 attempt = attempt.saturating_add(1);
                 tracing::warn!(error = %err, ?wait, "reading replies failed; retrying");
@@ -970,38 +1003,10 @@ async fn watch(
 ) {
     let mut attempt = 0u32;
     loop {
-        let mut xread = redis::cmd("XREAD");
-        xread
-            .arg("COUNT")
-            .arg(256)
-            .arg("BLOCK")
-            .arg(u64::try_from(block.as_millis().max(1)).unwrap_or(u64::MAX))
-            .arg("STREAMS")
-            .arg(&keys)
-            .arg(&ids);
-        let read: redis::RedisResult<Option<StreamReadReply>> = tokio::select! {
-            _ = stop.cancelled() => return,
-            read = xread.query_async(&mut reader) => read,
-        };
-        match read {
-            Ok(None) => {}
-            Ok(Some(reply)) => {
-                attempt = 0;
-                for stream in reply.keys {
-                    let Some(slot) = keys.iter().position(|k| *k == stream.key) else {
-                        continue;
-                    };
-                    for entry in stream.ids {
-                        ids[slot].clone_from(&entry.id);
-                        let body = field_bytes(&entry.map, BODY_FIELD).unwrap_or_default();
-                        tokio::select! {
-                            _ = stop.cancelled() => return,
-                            sent = tx.send(Ok(Delivery::new(body, Box::new(NoAck)))) => if sent.is_err() { return },
-                        }
-                    }
-                }
-            }
-            Err(err) => {
+        match read_after(&mut reader, &keys, &mut ids, block, &tx, &stop).await {
+            ReadOutcome::Read => attempt = 0,
+            ReadOutcome::Stopped => return,
+            ReadOutcome::Failed(err) => {
                 let wait = backoff(attempt);
                 attempt = attempt.saturating_add(1);
                 tracing::warn!(error = %err, ?wait, "watching the topic failed; retrying");
