@@ -215,11 +215,13 @@ impl NatsConfig {
     /// replies, which always use core NATS).
     pub fn jetstream_subject(&self, address: &rpc_core::Address) -> Option<String> {
         match address {
+            // JetStream refuses consumer filters with `%` (nats-server 2.9), so these
+            // subjects escape names with `name_safe` instead of `token`.
             rpc_core::Address::Topic { exchange, topic } => Some(format!(
                 "{}.js.{}.{}",
                 self.prefix,
-                token(exchange),
-                token(topic)
+                name_safe(exchange),
+                name_safe(topic)
             )),
             rpc_core::Address::Server {
                 exchange,
@@ -228,9 +230,9 @@ impl NatsConfig {
             } => Some(format!(
                 "{}.js.{}.{}.s.{}",
                 self.prefix,
-                token(exchange),
-                token(topic),
-                token(server)
+                name_safe(exchange),
+                name_safe(topic),
+                name_safe(server)
             )),
             _ => None,
         }
@@ -341,5 +343,13 @@ mod tests {
         );
         assert_eq!(name_safe("a_b.x"), "a_5Fb_2Ex");
         assert_eq!(c.jetstream_stream("openstack"), "mqrpc_openstack_casts");
+        let server = rpc_core::Address::Server {
+            exchange: "x".into(),
+            topic: "a.b%c".into(),
+            server: "h 1".into(),
+        };
+        let js = c.jetstream_subject(&server).expect("a JetStream subject");
+        assert_eq!(js, "mqrpc.js.x.a_2Eb_25c.s.h_201");
+        assert!(!js.contains('%'), "JetStream filters cannot hold %");
     }
 }
