@@ -173,7 +173,7 @@ impl NatsTransport {
 
     /// The largest message the connected server accepts (its `max_payload`).
     pub fn max_payload(&self) -> usize {
-        self.shared.client.server_info().max_payload
+        self.shared.client.max_payload()
     }
 }
 
