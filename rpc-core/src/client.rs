@@ -73,6 +73,7 @@ struct ClientShared {
     replies: OnceCell<ReplyRouter>,
     exchange: String,
     max_message_size: Option<usize>,
+    broker: String,
 }
 
 impl fmt::Debug for Client {
@@ -91,8 +92,10 @@ impl Client {
     pub fn new(transport: Arc<dyn Transport>, target: Target) -> Self {
         let capabilities = transport.capabilities();
         let exchange = transport.default_exchange().to_owned();
+        let broker = transport.describe();
         Client {
             shared: Arc::new(ClientShared {
+                broker,
                 transport,
                 publisher: OnceCell::new(),
                 replies: OnceCell::new(),
@@ -374,6 +377,7 @@ impl Client {
         Error::Timeout {
             msg_id: msg_id.to_owned(),
             topic: self.target.to_string(),
+            broker: self.shared.broker.clone(),
             waited: started.elapsed(),
             kind,
         }
@@ -511,6 +515,7 @@ impl PendingCall {
                     return Err(Error::Timeout {
                         msg_id: self.msg_id.clone(),
                         topic: self.topic.clone(),
+                        broker: self._client.broker.clone(),
                         waited: self.started.elapsed(),
                         kind,
                     });

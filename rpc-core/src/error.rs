@@ -21,12 +21,17 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// No reply arrived in time. `kind` tells which clock ran out.
-    #[error("timed out after {waited:?} waiting for {kind} of message {msg_id} on topic {topic:?}")]
+    #[error(
+        "timed out after {waited:?} waiting for {kind} of message {msg_id} on topic {topic:?} via {broker}"
+    )]
     Timeout {
         /// The `_msg_id` of the request (empty for a cast).
         msg_id: String,
         /// The topic (and server, when directed) the request went to.
         topic: String,
+        /// The broker the request went through, without credentials
+        /// ([`crate::Transport::describe`]).
+        broker: String,
         /// How long the caller waited.
         waited: Duration,
         /// Which deadline expired.

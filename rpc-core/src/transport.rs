@@ -197,6 +197,12 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     /// What this transport can do.
     fn capabilities(&self) -> Capabilities;
 
+    /// Where this transport connects, without credentials, for errors and logs
+    /// (`amqp 127.0.0.1:5672/`, `nats nats://h1:4222`, ...).
+    fn describe(&self) -> String {
+        self.name().to_owned()
+    }
+
     /// The exchange used when a target names none.
     fn default_exchange(&self) -> &str {
         crate::target::DEFAULT_EXCHANGE

@@ -551,6 +551,16 @@ pub async fn timeout_fires_and_late_reply_does_not_disturb_next_call(backend: Ba
         ),
         "{err:?}"
     );
+    // The error says where it waited: the topic and the broker, never credentials.
+    let text = err.to_string();
+    assert!(text.contains(&fx.topic), "{text}");
+    if let Error::Timeout { broker, .. } = &err {
+        assert!(
+            !broker.is_empty() && text.contains(broker.as_str()),
+            "{text}"
+        );
+    }
+    assert!(!text.contains("guest:guest"), "{text}");
     assert!(waited >= timeout, "fired early: {waited:?}");
     assert!(waited < timeout + TIMEOUT_MARGIN, "fired late: {waited:?}");
     // The late reply of the first call lands while this one waits.

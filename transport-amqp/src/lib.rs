@@ -111,6 +111,12 @@ impl Transport for AmqpTransport {
         &self.link.config.exchange
     }
 
+    fn describe(&self) -> String {
+        let config = &self.link.config;
+        let hosts: Vec<String> = config.hosts.iter().map(ToString::to_string).collect();
+        format!("amqp {} vhost {:?}", hosts.join(","), config.vhost)
+    }
+
     async fn publisher(&self) -> Result<Arc<dyn Publisher>> {
         Ok(self.publisher.clone())
     }

@@ -241,6 +241,14 @@ impl Transport for MemoryTransport {
         "memory"
     }
 
+    fn describe(&self) -> String {
+        if self.bus.name.is_empty() {
+            "memory:// (private bus)".to_owned()
+        } else {
+            format!("memory://{}", self.bus.name)
+        }
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities::default()
             .keeps_messages_without_listener(true)

@@ -196,6 +196,10 @@ impl Transport for NatsTransport {
         &self.shared.config.exchange
     }
 
+    fn describe(&self) -> String {
+        format!("nats {}", self.shared.config.servers.join(","))
+    }
+
     async fn publisher(&self) -> Result<Arc<dyn Publisher>> {
         Ok(self.shared.publisher.clone())
     }

@@ -140,6 +140,19 @@ impl Transport for RedisTransport {
         &self.shared.config.exchange
     }
 
+    fn describe(&self) -> String {
+        // The connection URL holds the password: print only host, port and db.
+        match url::Url::parse(&self.shared.config.connection_url) {
+            Ok(url) => format!(
+                "redis {}:{}{}",
+                url.host_str().unwrap_or("?"),
+                url.port().unwrap_or(6379),
+                url.path()
+            ),
+            Err(_) => "redis".to_owned(),
+        }
+    }
+
     async fn publisher(&self) -> Result<Arc<dyn Publisher>> {
         Ok(self.shared.publisher.clone())
     }
