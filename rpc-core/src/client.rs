@@ -65,6 +65,7 @@ pub struct Client {
     target: Target,
     timeout: Duration,
     call_monitor: Option<Duration>,
+    retry: Option<RetryPolicy>,
 }
 
 struct ClientShared {
@@ -105,6 +106,7 @@ impl Client {
             target,
             timeout: DEFAULT_TIMEOUT,
             call_monitor: None,
+            retry: None,
         }
     }
 
@@ -165,6 +167,15 @@ impl Client {
         self
     }
 
+    /// Retries `call` after a timeout, a transport error or "no responders", with
+    /// capped exponential backoff and jitter (opt-in, default none). Use it only for
+    /// idempotent methods: every attempt is a new request that a server may run even
+    /// when its reply was lost. Each attempt has the full timeout.
+    pub fn retry(mut self, policy: Option<RetryPolicy>) -> Self {
+        self.retry = policy;
+        self
+    }
+
     /// The target requests go to.
     pub fn target(&self) -> &Target {
         &self.target
@@ -185,10 +196,35 @@ impl Client {
         R: DeserializeOwned,
     {
         self.check_callable()?;
+        let kwargs = encode_args(args)?;
+        let mut retries = 0u32;
+        loop {
+            let outcome = self.call_once(ctx, method, &kwargs).await;
+            let Some(policy) = &self.retry else {
+                return outcome;
+            };
+            match outcome {
+                Err(err) if retries + 1 < policy.attempts && is_retryable(&err) => {
+                    let wait = policy.backoff(retries);
+                    tracing::debug!(error = %err, ?wait, method, "retrying an idempotent call");
+                    tokio::time::sleep(wait).await;
+                    retries += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn call_once<R: DeserializeOwned>(
+        &self,
+        ctx: &Context,
+        method: &str,
+        kwargs: &Map<String, Value>,
+    ) -> Result<R> {
         let span = tracing::debug_span!("rpc.call", msg_id = tracing::field::Empty,
             topic = %self.target, method);
         async {
-            let mut pending = self.send_call(ctx, method, args).await?;
+            let mut pending = self.send_call(ctx, method, kwargs).await?;
             let mut last = Value::Null;
             loop {
                 let reply = pending.next_reply().await?;
@@ -384,6 +420,61 @@ impl Client {
     }
 }
 
+/// Retries of idempotent calls: how many attempts in all, and the backoff between
+/// them (doubling from `first_backoff` up to `max_backoff`, each wait drawn between
+/// half and all of that, so clients that failed together do not retry together).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (at least 1).
+    pub attempts: u32,
+    /// Wait before the first retry.
+    pub first_backoff: Duration,
+    /// Longest wait between attempts.
+    pub max_backoff: Duration,
+}
+
+impl RetryPolicy {
+    /// `attempts` attempts in all, waits from 100 ms up to 5 s.
+    pub fn new(attempts: u32) -> Self {
+        RetryPolicy {
+            attempts: attempts.max(1),
+            first_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+
+    /// Sets the first and the longest wait.
+    pub fn backoff_between(mut self, first: Duration, max: Duration) -> Self {
+        self.first_backoff = first;
+        self.max_backoff = max.max(first);
+        self
+    }
+
+    /// The wait before retry number `retry` (0 for the first retry).
+    pub fn backoff(&self, retry: u32) -> Duration {
+        use std::hash::{BuildHasher, Hasher};
+        let full = self
+            .first_backoff
+            .checked_mul(1u32 << retry.min(20))
+            .unwrap_or(self.max_backoff)
+            .min(self.max_backoff);
+        // Jitter from the std hasher's random keys: no extra dependency.
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(retry);
+        let fraction = 0.5 + (hasher.finish() % 1000) as f64 / 2000.0;
+        full.mul_f64(fraction)
+    }
+}
+
+/// Errors after which an idempotent call is worth sending again.
+fn is_retryable(err: &Error) -> bool {
+    matches!(
+        err,
+        Error::Timeout { .. } | Error::Transport { .. } | Error::NoResponders { .. }
+    )
+}
+
 /// Accepts anything that serializes to a JSON object; `()` means no arguments.
 fn encode_args<A: Serialize>(args: A) -> Result<Map<String, Value>> {
     match serde_json::to_value(args) {
@@ -575,6 +666,26 @@ impl<R> fmt::Debug for ReplyStream<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_backoff_doubles_with_jitter_and_caps() {
+        let policy = RetryPolicy::new(5)
+            .backoff_between(Duration::from_millis(100), Duration::from_millis(300));
+        for retry in 0..6 {
+            let wait = policy.backoff(retry);
+            let full =
+                Duration::from_millis(100 * (1 << retry.min(20))).min(Duration::from_millis(300));
+            assert!(
+                wait >= full / 2 && wait <= full,
+                "retry {retry}: {wait:?} of {full:?}"
+            );
+        }
+        assert_eq!(RetryPolicy::new(0).attempts, 1);
+        assert!(is_retryable(&Error::NoResponders {
+            address: "x".into()
+        }));
+        assert!(!is_retryable(&Error::NoSuchMethod { method: "m".into() }));
+    }
 
     fn dispatcher_failure(class: &str, message: &str, args: &[&str]) -> RemoteError {
         let mut failure = RemoteError::new(class, message).with_module(DISPATCHER_MODULE);

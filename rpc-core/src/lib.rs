@@ -25,7 +25,7 @@ pub mod transport;
 pub mod wire;
 
 pub use client::{
-    Client, DEFAULT_TIMEOUT, MIN_CALL_MONITOR, NO_RESPONDERS_CLASS, ReplyStream,
+    Client, DEFAULT_TIMEOUT, MIN_CALL_MONITOR, NO_RESPONDERS_CLASS, ReplyStream, RetryPolicy,
     TRANSPORT_FAILURE_MODULE,
 };
 pub use context::Context;

@@ -105,6 +105,12 @@ struct RecordArgs {
 }
 
 #[derive(Deserialize)]
+struct SlowRecordArgs {
+    id: u64,
+    seconds: f64,
+}
+
+#[derive(Deserialize)]
 struct CountArgs {
     n: u64,
 }
@@ -139,6 +145,8 @@ pub fn endpoint(server: &str, recorder: &Arc<Recorder>) -> Endpoint {
     let rec_sleep = recorder.clone();
     let rec_delay = recorder.clone();
     let rec_private = recorder.clone();
+    let rec_slow = recorder.clone();
+    let slow_name = server.to_owned();
     Endpoint::new()
         .version(SERVICE_VERSION)
         .method("add", |_ctx: Context, args: AddArgs| async move {
@@ -201,6 +209,13 @@ pub fn endpoint(server: &str, recorder: &Arc<Recorder>) -> Endpoint {
                 panic!("deliberate test panic");
             }
             Ok::<(), RemoteError>(())
+        })
+        .method("slow_record", move |_ctx: Context, args: SlowRecordArgs| {
+            rec_slow.record(&slow_name, args.id);
+            async move {
+                tokio::time::sleep(Duration::from_secs_f64(args.seconds)).await;
+                Ok::<_, RemoteError>(args.id)
+            }
         })
         .method("_private", move |_ctx: Context, _args: mqrpc::NoArgs| {
             rec_private.private_called.store(true, Ordering::SeqCst);

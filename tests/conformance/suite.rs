@@ -576,6 +576,37 @@ pub async fn timeout_fires_and_late_reply_does_not_disturb_next_call(backend: Ba
     fx.shutdown().await;
 }
 
+pub async fn retry_policy_sends_an_idempotent_call_again(backend: Backend) {
+    let mut fx = Fixture::new(&backend, "retry");
+    fx.start(1).await;
+    let client = fx.client().await;
+    let policy = mqrpc::RetryPolicy::new(3)
+        .backoff_between(Duration::from_millis(50), Duration::from_millis(100));
+    // Each attempt times out (the handler takes longer), so all three go out.
+    let err = client
+        .prepare()
+        .timeout(Duration::from_millis(300))
+        .retry(Some(policy))
+        .call::<_, u64>(&ctx(), "slow_record", json!({"id": 7, "seconds": 0.8}))
+        .await
+        .expect_err("every attempt times out");
+    assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+    fx.recorder.wait_for(3, ARRIVAL).await;
+    let records = fx.recorder.settled(SETTLE).await;
+    assert_eq!(records.len(), 3, "three attempts, no more: {records:?}");
+    // A call that succeeds is sent once.
+    let back: u64 = client
+        .prepare()
+        .retry(Some(mqrpc::RetryPolicy::new(3)))
+        .call(&ctx(), "slow_record", json!({"id": 8, "seconds": 0.0}))
+        .await
+        .expect("succeeds at once");
+    assert_eq!(back, 8);
+    fx.recorder.wait_for(4, ARRIVAL).await;
+    assert_eq!(fx.recorder.settled(SETTLE).await.len(), 4);
+    fx.shutdown().await;
+}
+
 pub async fn thousand_concurrent_calls_each_get_their_own_reply(backend: Backend) {
     let mut fx = Fixture::new(&backend, "concurrent");
     fx.start(2).await;
@@ -1027,6 +1058,7 @@ macro_rules! conformance_suite {
             private_methods_are_never_dispatched,
             timeout_fires_and_late_reply_does_not_disturb_next_call,
             thousand_concurrent_calls_each_get_their_own_reply,
+            retry_policy_sends_an_idempotent_call_again,
             one_mib_payload_round_trips,
             oversized_message_is_refused_with_a_clear_error,
             heartbeats_keep_a_long_call_alive,
