@@ -188,6 +188,17 @@ impl Fixture {
     }
 }
 
+/// Three calls of `add(a, b)` all answered: the server keeps serving.
+async fn still_answers(client: &Client, a: i64, b: i64) {
+    for _ in 0..3 {
+        let sum: i64 = client
+            .call(&ctx(), "add", json!({"a": a, "b": b}))
+            .await
+            .expect("server still answers");
+        assert_eq!(sum, a + b);
+    }
+}
+
 fn ctx() -> Context {
     Context::new()
 }
@@ -800,14 +811,7 @@ pub async fn malformed_bytes_are_rejected_and_the_server_keeps_serving(backend: 
                 .expect("broker takes any bytes");
         }
     }
-    let client = fx.client().await;
-    for _ in 0..3 {
-        let sum: i64 = client
-            .call(&ctx(), "add", json!({"a": 20, "b": 22}))
-            .await
-            .expect("server still answers");
-        assert_eq!(sum, 42);
-    }
+    still_answers(&fx.client().await, 20, 22).await;
     fx.shutdown().await;
 }
 
@@ -835,14 +839,7 @@ pub async fn reply_to_a_vanished_queue_is_dropped_and_the_server_keeps_serving(b
         .await
         .expect("send the orphan call");
     fx.recorder.wait_for(1, ARRIVAL).await;
-    let client = fx.client().await;
-    for _ in 0..3 {
-        let sum: i64 = client
-            .call(&ctx(), "add", json!({"a": 2, "b": 2}))
-            .await
-            .expect("server still answers");
-        assert_eq!(sum, 4);
-    }
+    still_answers(&fx.client().await, 2, 2).await;
     fx.shutdown().await;
 }
 

@@ -35,8 +35,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use dashmap::DashMap;
 use rpc_core::{
-    Acker, Address, Capabilities, Consumer, Delivery, Error, ListenOptions, Outgoing, Publisher,
-    ReplyQueue, Result, Target, Transport,
+    Acker, Address, Capabilities, Consumer, Delivery, Error, ListenOptions, NoAck, Outgoing,
+    Publisher, ReplyQueue, Result, Target, Transport,
 };
 
 /// Messages a queue holds before a send waits, unless the URL says otherwise.
@@ -179,6 +179,14 @@ struct Queue {
     rx: Receiver<Bytes>,
 }
 
+impl Queue {
+    /// The next message, as a delivery with nothing to settle (replies, watcher copies).
+    async fn next_copy(&self) -> Option<Result<Delivery>> {
+        let body = self.rx.recv().await.ok()?;
+        Some(Ok(Delivery::new(body, Box::new(NoAck))))
+    }
+}
+
 /// The servers listening to one topic's fanout.
 #[derive(Default)]
 struct FanoutGroup {
@@ -314,7 +322,6 @@ impl Transport for MemoryTransport {
             .push((id, tx.clone()));
         Ok(Box::new(TapConsumer {
             queue: Queue { tx, rx },
-            bus: self.bus.clone(),
             _membership: FanoutMembership { group, id },
         }))
     }
@@ -494,22 +501,13 @@ impl Consumer for ServerConsumer {
 /// A watcher's copy of a topic's traffic.
 struct TapConsumer {
     queue: Queue,
-    bus: Arc<Bus>,
     _membership: FanoutMembership,
 }
 
 #[async_trait]
 impl Consumer for TapConsumer {
     async fn recv(&mut self) -> Option<Result<Delivery>> {
-        let body = self.queue.rx.recv().await.ok()?;
-        Some(Ok(Delivery::new(
-            body,
-            Box::new(MemoryAcker {
-                body: None,
-                requeue_to: self.queue.tx.clone(),
-                bus: self.bus.clone(),
-            }),
-        )))
+        self.queue.next_copy().await
     }
 
     async fn stop(&mut self) -> Result<()> {
@@ -534,15 +532,7 @@ impl Drop for ReplyConsumer {
 #[async_trait]
 impl Consumer for ReplyConsumer {
     async fn recv(&mut self) -> Option<Result<Delivery>> {
-        let body = self.queue.rx.recv().await.ok()?;
-        Some(Ok(Delivery::new(
-            body,
-            Box::new(MemoryAcker {
-                body: None,
-                requeue_to: self.queue.tx.clone(),
-                bus: self.bus.clone(),
-            }),
-        )))
+        self.queue.next_copy().await
     }
 
     async fn stop(&mut self) -> Result<()> {
