@@ -9,11 +9,12 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::Stream;
+use futures::channel::mpsc;
+use futures::{Stream, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
-use tokio::sync::{OnceCell, mpsc};
+use tokio::sync::OnceCell;
 use tokio::time::{Instant, timeout_at};
 use tracing::Instrument;
 
@@ -592,7 +593,7 @@ impl PendingCall {
                 }
                 _ => (self.deadline, TimeoutKind::Reply),
             };
-            match timeout_at(wake, self.rx.recv()).await {
+            match timeout_at(wake, self.rx.next()).await {
                 Ok(Some(reply)) => {
                     self.last_heard = Instant::now();
                     if reply.is_heartbeat() {

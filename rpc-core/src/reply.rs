@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
-use tokio::sync::mpsc;
+use futures::channel::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -59,7 +59,8 @@ impl ReplyRouter {
     ) -> Result<(PendingReplies, mpsc::UnboundedReceiver<Reply>)> {
         // Unbounded so that one slow multicall reader never stalls the replies of
         // every other call; a call's replies are bounded by what its server sends.
-        let (tx, rx) = mpsc::unbounded_channel();
+        // futures' channel allocates per message, not a block of slots per call.
+        let (tx, rx) = mpsc::unbounded();
         self.waiters.insert(msg_id.to_owned(), tx);
         let guard = PendingReplies {
             waiters: self.waiters.clone(),
@@ -148,7 +149,7 @@ async fn route(
         let waiter = waiters.get(&reply.msg_id).map(|w| w.value().clone());
         match waiter {
             Some(tx) => {
-                if tx.send(reply).is_err() {
+                if tx.unbounded_send(reply).is_err() {
                     tracing::debug!("dropping reply: its call just ended");
                 }
             }

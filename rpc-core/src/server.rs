@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use serde_json::Value;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -107,7 +107,8 @@ impl ServerBuilder {
     /// When this returns, messages sent to the target reach this server.
     pub async fn start(self) -> Result<Server> {
         self.target.validate_for_listen()?;
-        let options = ListenOptions::new(self.concurrency);
+        let options = ListenOptions::new(self.concurrency)
+            .settle_on_receipt(self.ack_mode == AckMode::BeforeDispatch);
         let publisher = self.transport.publisher().await?;
         let consumer = self.transport.listen(&self.target, &options).await?;
         let max_message_size = self.transport.capabilities().max_message_size;
@@ -200,31 +201,38 @@ async fn serve(
     grace_period: Duration,
     token: CancellationToken,
 ) {
-    let permits = Arc::new(Semaphore::new(concurrency));
-    let mut tasks = JoinSet::new();
+    // Handlers run as futures of this task, not as tasks of their own: a request
+    // then costs no spawn and no cross-thread wake-up between taking it and handling
+    // it. They still run concurrently; CPU-heavy handlers should move their work to
+    // `spawn_blocking` (as in any async server).
+    let mut running = FuturesUnordered::new();
     let mut seen = RecentIds::new(DEDUP_WINDOW);
-    loop {
-        while tasks.try_join_next().is_some() {}
+    'serving: loop {
         // Take a delivery only when a handler slot is free, so waiting work stays in
         // the broker and not in this process.
-        let permit = tokio::select! {
-            biased;
-            _ = token.cancelled() => break,
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
+        while running.len() >= concurrency {
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => break 'serving,
+                _ = running.next() => {}
+            }
+        }
+        // One receive future per delivery, kept while handlers finish beside it.
+        let mut receiving = consumer.recv();
+        let next = loop {
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => break 'serving,
+                Some(()) = running.next(), if !running.is_empty() => {}
+                next = &mut receiving => break next,
+            }
         };
-        let next = tokio::select! {
-            biased;
-            _ = token.cancelled() => break,
-            next = consumer.recv() => next,
-        };
+        drop(receiving);
         match next {
             Some(Ok(delivery)) => {
                 let (body, acker) = delivery.into_parts();
                 if let Some(work) = accept(body, acker, &serving, &mut seen).await {
-                    tasks.spawn(work.run(serving.clone(), permit));
+                    running.push(work.run(serving.clone()));
                 }
             }
             Some(Err(err)) => {
@@ -239,19 +247,19 @@ async fn serve(
     if let Err(err) = consumer.stop().await {
         tracing::warn!(error = %err, "could not stop consuming cleanly");
     }
-    let in_flight = tasks.len();
+    let in_flight = running.len();
     let drained = tokio::time::timeout(grace_period, async {
-        while tasks.join_next().await.is_some() {}
+        while running.next().await.is_some() {}
     })
     .await;
     if drained.is_err() {
         tracing::warn!(
             in_flight,
-            remaining = tasks.len(),
+            remaining = running.len(),
             ?grace_period,
-            "grace period over; aborting handlers still running"
+            "grace period over; dropping handlers still running"
         );
-        tasks.shutdown().await;
+        drop(running);
     }
     if let Err(err) = consumer.close().await {
         tracing::warn!(error = %err, "could not close the consumer cleanly");
@@ -305,7 +313,7 @@ struct Work {
 }
 
 impl Work {
-    async fn run(self, serving: Serving, permit: OwnedSemaphorePermit) {
+    async fn run(self, serving: Serving) {
         let Work {
             request,
             acker,
@@ -368,7 +376,6 @@ impl Work {
         }
         .instrument(span)
         .await;
-        drop(permit);
     }
 }
 

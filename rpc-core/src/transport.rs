@@ -179,12 +179,26 @@ impl Capabilities {
 pub struct ListenOptions {
     /// At most this many deliveries handed out and not yet acked (AMQP prefetch).
     pub prefetch: usize,
+    /// The server acks every delivery on receipt, before handling it (at-most-once).
+    /// A transport whose ack costs a broker round trip may then take deliveries as
+    /// settled when it reads them (Redis `XREADGROUP ... NOACK`), so no round trip
+    /// stands between a request and its handler. Default false.
+    pub settle_on_receipt: bool,
 }
 
 impl ListenOptions {
     /// Options with the given prefetch.
     pub fn new(prefetch: usize) -> Self {
-        ListenOptions { prefetch }
+        ListenOptions {
+            prefetch,
+            settle_on_receipt: false,
+        }
+    }
+
+    /// Deliveries count as settled once read (see [`ListenOptions::settle_on_receipt`]).
+    pub fn settle_on_receipt(mut self, yes: bool) -> Self {
+        self.settle_on_receipt = yes;
+        self
     }
 }
 

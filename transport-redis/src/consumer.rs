@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use redis::Value;
 use redis::aio::ConnectionManager;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
-use rpc_core::{Acker, Consumer, Delivery, Error, NoAck, Result, Target};
+use rpc_core::{Acker, Consumer, Delivery, Error, ListenOptions, NoAck, Result, Target};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -45,6 +45,19 @@ return 1
 ",
     )
 });
+
+/// Deletes entries read with `NOACK` once handled, unless a watcher keeps them.
+static DELETE_SETTLED: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+if #redis.call('XINFO', 'GROUPS', KEYS[1]) == 1 then return redis.call('XDEL', KEYS[1], unpack(ARGV)) end
+return 0
+",
+    )
+});
+
+/// How many entry ids one `DELETE_SETTLED` call takes (Lua's stack bounds `unpack`).
+const DELETE_CHUNK: usize = 512;
 
 /// Removes a consumer from a group unless it still has pending entries.
 const DROP_IDLE_CONSUMER: &str = r"
@@ -123,6 +136,47 @@ impl ServerKeys {
 /// them while this one lives, and never hands them out a second time.
 type InFlight = Arc<Mutex<HashSet<(String, String)>>>;
 
+/// How the deliveries of one reader are settled.
+#[derive(Clone)]
+enum Settle {
+    /// Read into the group's pending list; acking is an `XACK` (and an `XDEL` when
+    /// only the servers' group reads the stream). Shared-group entries are tracked.
+    Ack(Option<InFlight>),
+    /// Read with `NOACK` (the server acks on receipt anyway): nothing is pending, no
+    /// round trip stands before the handler, and handled shared-group entries are
+    /// deleted in batches by a background task.
+    OnRead(Option<mpsc::UnboundedSender<(String, String)>>),
+}
+
+/// Deletes handled `NOACK` entries, batching what arrives together; ends when every
+/// acker and reader holding a sender is gone.
+async fn delete_settled(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(String, String)>) {
+    let mut conn = shared.commands.clone();
+    let mut batch: HashMap<String, Vec<String>> = HashMap::new();
+    while let Some((key, id)) = rx.recv().await {
+        batch.entry(key).or_default().push(id);
+        let mut taken = 1;
+        while taken < DELETE_CHUNK * 4 {
+            let Ok((key, id)) = rx.try_recv() else { break };
+            batch.entry(key).or_default().push(id);
+            taken += 1;
+        }
+        for (key, ids) in batch.drain() {
+            for chunk in ids.chunks(DELETE_CHUNK) {
+                if let Err(err) = DELETE_SETTLED
+                    .key(&key)
+                    .arg(chunk)
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+                {
+                    // The stream's MAXLEN trims what could not be deleted.
+                    tracing::debug!(error = %err, stream = %key, "deleting handled entries failed");
+                }
+            }
+        }
+    }
+}
+
 fn lock(in_flight: &InFlight) -> std::sync::MutexGuard<'_, HashSet<(String, String)>> {
     in_flight.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -134,11 +188,11 @@ async fn delivery(
     key: &str,
     group: &str,
     entry: StreamId,
-    in_flight: Option<&InFlight>,
+    settle: &Settle,
 ) -> Option<Delivery> {
     let StreamId { id, map, .. } = entry;
     let body = field_bytes(&map, BODY_FIELD).unwrap_or_default();
-    if let Some(in_flight) = in_flight {
+    if let Settle::Ack(Some(in_flight)) = settle {
         lock(in_flight).insert((key.to_owned(), id.clone()));
     }
     let acker = RedisAcker {
@@ -147,7 +201,7 @@ async fn delivery(
         group: group.to_owned(),
         id,
         body: body.clone(),
-        in_flight: in_flight.cloned(),
+        settle: settle.clone(),
     };
     let expires = field_bytes(&map, EXPIRES_FIELD)
         .and_then(|raw| String::from_utf8(raw).ok())
@@ -184,8 +238,9 @@ impl ServerConsumer {
     pub(crate) async fn start(
         shared: Arc<Shared>,
         target: &Target,
-        prefetch: usize,
+        options: &ListenOptions,
     ) -> Result<Self> {
+        let prefetch = options.prefetch;
         let config = &shared.config;
         let exchange = target.exchange_or(&config.exchange);
         let server = target.server.clone().unwrap_or_default();
@@ -217,8 +272,17 @@ impl ServerConsumer {
         let (tx, rx) = mpsc::channel(prefetch.clamp(1, MAX_BATCH));
         let stop = CancellationToken::new();
         let in_flight: InFlight = Arc::default();
+        let deletes = options.settle_on_receipt.then(|| {
+            let (deletes, rx) = mpsc::unbounded_channel();
+            tokio::spawn(delete_settled(shared.clone(), rx));
+            deletes
+        });
         let reader = |conn, group: &str, streams: Vec<String>| Reader {
-            in_flight: (group == GROUP).then(|| in_flight.clone()),
+            settle: match &deletes {
+                // Fanout entries are trimmed by MAXLEN: other servers still read them.
+                Some(deletes) => Settle::OnRead((group == GROUP).then(|| deletes.clone())),
+                None => Settle::Ack((group == GROUP).then(|| in_flight.clone())),
+            },
             shared: shared.clone(),
             conn,
             group: group.to_owned(),
@@ -331,7 +395,7 @@ impl Drop for ServerConsumer {
 
 /// One blocking `XREADGROUP` loop.
 struct Reader {
-    in_flight: Option<InFlight>,
+    settle: Settle,
     shared: Arc<Shared>,
     conn: ConnectionManager,
     group: String,
@@ -362,9 +426,11 @@ impl Reader {
                 .arg("COUNT")
                 .arg(room.min(MAX_BATCH))
                 .arg("BLOCK")
-                .arg(u64::try_from(block_ms).unwrap_or(u64::MAX))
-                .arg("STREAMS")
-                .arg(&self.streams);
+                .arg(u64::try_from(block_ms).unwrap_or(u64::MAX));
+            if matches!(self.settle, Settle::OnRead(_)) {
+                cmd.arg("NOACK");
+            }
+            cmd.arg("STREAMS").arg(&self.streams);
             for _ in &self.streams {
                 cmd.arg(">");
             }
@@ -378,10 +444,14 @@ impl Reader {
                     attempt = 0;
                     for stream in reply.keys {
                         for entry in stream.ids {
-                            let in_flight = self.in_flight.as_ref();
-                            let Some(delivery) =
-                                delivery(&self.shared, &stream.key, &self.group, entry, in_flight)
-                                    .await
+                            let Some(delivery) = delivery(
+                                &self.shared,
+                                &stream.key,
+                                &self.group,
+                                entry,
+                                &self.settle,
+                            )
+                            .await
                             else {
                                 continue;
                             };
@@ -504,8 +574,14 @@ impl Housekeeping {
                 // Ours already, read and not yet settled: not a second time.
                 continue;
             }
-            if let Some(delivery) =
-                delivery(&self.shared, key, GROUP, entry, Some(&self.in_flight)).await
+            if let Some(delivery) = delivery(
+                &self.shared,
+                key,
+                GROUP,
+                entry,
+                &Settle::Ack(Some(self.in_flight.clone())),
+            )
+            .await
             {
                 tokio::select! {
                     _ = self.stop.cancelled() => return Err(Error::Closed),
@@ -625,11 +701,21 @@ struct RedisAcker {
     group: String,
     id: String,
     body: Vec<u8>,
-    in_flight: Option<InFlight>,
+    settle: Settle,
 }
 
 impl RedisAcker {
     async fn xack(&mut self) -> Result<()> {
+        let in_flight = match &mut self.settle {
+            Settle::OnRead(deletes) => {
+                if let Some(deletes) = deletes.take() {
+                    // The deleter is gone only once the consumer is: MAXLEN trims.
+                    let _ = deletes.send((self.key.clone(), self.id.clone()));
+                }
+                return Ok(());
+            }
+            Settle::Ack(in_flight) => in_flight.take(),
+        };
         let settled = if self.group == GROUP {
             // A topic or server stream is read by one group: a settled entry is of no
             // more use, unless a watcher (`monitor`) registered a group to keep them.
@@ -649,7 +735,7 @@ impl RedisAcker {
                 .await
         };
         let settled = settled.map_err(|e| redis_error("XACK", e));
-        if let Some(in_flight) = self.in_flight.take() {
+        if let Some(in_flight) = in_flight {
             lock(&in_flight).remove(&(self.key.clone(), self.id.clone()));
         }
         settled
@@ -659,8 +745,8 @@ impl RedisAcker {
 impl Drop for RedisAcker {
     fn drop(&mut self) {
         // Unsettled: the entry stays pending and, once idle, another server claims it.
-        if let Some(in_flight) = self.in_flight.take() {
-            lock(&in_flight).remove(&(self.key.clone(), self.id.clone()));
+        if let Settle::Ack(Some(in_flight)) = &self.settle {
+            lock(in_flight).remove(&(self.key.clone(), self.id.clone()));
         }
     }
 }

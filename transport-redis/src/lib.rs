@@ -159,7 +159,7 @@ impl Transport for RedisTransport {
 
     async fn listen(&self, target: &Target, options: &ListenOptions) -> Result<Box<dyn Consumer>> {
         target.validate_for_listen()?;
-        let consumer = ServerConsumer::start(self.shared.clone(), target, options.prefetch).await?;
+        let consumer = ServerConsumer::start(self.shared.clone(), target, options).await?;
         Ok(Box::new(consumer))
     }
 

@@ -207,8 +207,8 @@ async fn throughput(
 
 /// Calls per figure: enough to be steady, few enough to end quickly.
 fn calls_for(quick: bool, concurrency: usize, size: usize) -> usize {
-    let base = if quick { 200 } else { 5000 };
-    let scaled = base.max(concurrency * if quick { 4 } else { 40 });
+    let base = if quick { 200 } else { 20_000 };
+    let scaled = base.max(concurrency * if quick { 4 } else { 100 });
     match size {
         s if s >= 1024 * 1024 => {
             if quick {
