@@ -133,3 +133,71 @@ mod faults {
         server.shutdown().await.expect("shutdown");
     }
 }
+
+/// Issue #7 on RabbitMQ: cuts, a black hole, latency, confirmed casts, load.
+mod reliability {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use mqrpc::{AmqpConfig, AmqpTransport, Transport};
+
+    use crate::faults::{self, Rig};
+
+    async fn rig() -> Option<Rig> {
+        super::backend().await?;
+        let config = AmqpConfig::parse(&super::url()).expect("AMQP URL");
+        let upstream = faults::upstream(&format!(
+            "{}:{}",
+            config.hosts[0].host, config.hosts[0].port
+        ))
+        .await;
+        Some(
+            Rig::new("amqp", upstream, |port| async move {
+                let mut config = AmqpConfig::parse(&super::suite_url()).expect("AMQP URL");
+                for host in &mut config.hosts {
+                    host.host = "127.0.0.1".to_owned();
+                    host.port = port;
+                }
+                config.heartbeat = 5;
+                config.max_backoff = Duration::from_millis(500);
+                let transport = AmqpTransport::with_config(config)
+                    .await
+                    .expect("connect through proxy");
+                Arc::new(transport) as Arc<dyn Transport>
+            })
+            .await,
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn amqp_twenty_cuts_during_traffic() {
+        let Some(rig) = rig().await else { return };
+        faults::twenty_cuts(&rig).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn amqp_black_hole_times_out_naming_the_broker() {
+        let Some(rig) = rig().await else { return };
+        faults::black_hole(&rig).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn amqp_added_latency() {
+        let Some(rig) = rig().await else { return };
+        faults::added_latency(&rig).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn amqp_confirmed_casts_survive_cuts() {
+        let Some(rig) = rig().await else { return };
+        faults::confirmed_casts_survive_cuts(&rig, 300).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn amqp_load_100k_calls_at_256() {
+        let Some(backend) = super::backend().await else {
+            return;
+        };
+        faults::load(&backend, 100_000, 256).await;
+    }
+}

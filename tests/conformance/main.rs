@@ -5,6 +5,8 @@
 
 #[macro_use]
 mod suite;
+#[cfg(any(feature = "amqp", feature = "redis", feature = "nats"))]
+mod faults;
 mod proxy;
 mod service;
 

@@ -101,3 +101,86 @@ mod faults {
         server.shutdown().await.expect("shutdown");
     }
 }
+
+/// Issue #7 on NATS: cuts, a black hole, latency and load on core NATS, confirmed
+/// casts in JetStream mode, and a restart of a nats-server the test owns.
+mod reliability {
+    use std::sync::Arc;
+
+    use mqrpc::Transport;
+
+    use crate::faults::{self, OwnBroker, Rig};
+
+    async fn connect(url: String) -> Arc<dyn Transport> {
+        mqrpc::connect(&url).await.expect("connect to NATS")
+    }
+
+    async fn rig(name: &'static str, options: &'static str) -> Option<Rig> {
+        super::core::backend().await?;
+        let upstream = faults::upstream(&faults::host_port(&super::base_url(), 4222)).await;
+        Some(
+            Rig::new(name, upstream, move |port| {
+                connect(format!("nats://127.0.0.1:{port}?{options}"))
+            })
+            .await,
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nats_twenty_cuts_during_traffic() {
+        let Some(rig) = rig("nats", "prefix=mqrpc-test").await else {
+            return;
+        };
+        faults::twenty_cuts(&rig).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nats_black_hole_times_out_naming_the_broker() {
+        let Some(rig) = rig("nats", "prefix=mqrpc-test").await else {
+            return;
+        };
+        faults::black_hole(&rig).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nats_added_latency() {
+        let Some(rig) = rig("nats", "prefix=mqrpc-test").await else {
+            return;
+        };
+        faults::added_latency(&rig).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nats_jetstream_confirmed_casts_survive_cuts() {
+        let options = "prefix=mqrpc-test-js&jetstream=true&ack_wait=2&max_age=600";
+        let Some(rig) = rig("nats-jetstream", options).await else {
+            return;
+        };
+        faults::confirmed_casts_survive_cuts(&rig, 300).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nats_load_100k_calls_at_256() {
+        let Some(backend) = super::core::backend().await else {
+            return;
+        };
+        faults::load(&backend, 100_000, 256).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nats_server_restart_is_survived() {
+        let Some(mut broker) = OwnBroker::start("nats-server", |port| {
+            ["-a", "127.0.0.1", "-p", &port.to_string()]
+                .map(str::to_owned)
+                .to_vec()
+        })
+        .await
+        else {
+            return;
+        };
+        faults::broker_restart("nats", &mut broker, |port| {
+            connect(format!("nats://127.0.0.1:{port}?prefix=mqrpc-restart"))
+        })
+        .await;
+    }
+}

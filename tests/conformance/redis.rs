@@ -113,3 +113,86 @@ async fn redis_leaves_no_reply_or_fanout_keys_after_shutdown() {
         assert!(ttl > 0, "{key} has no expiry ({ttl})");
     }
 }
+
+/// Issue #7 on Redis: cuts, a black hole, latency, confirmed casts, load, and a
+/// restart of a redis-server the test owns.
+mod reliability {
+    use std::sync::Arc;
+
+    use mqrpc::Transport;
+
+    use crate::faults::{self, OwnBroker, Rig};
+
+    fn url_at(port: u16, prefix: &str) -> String {
+        format!(
+            "redis://127.0.0.1:{port}/?prefix={prefix}&claim_idle_ms=1000&stream_ttl=300&block_ms=2000&reply_ttl=30"
+        )
+    }
+
+    async fn connect(port: u16, prefix: &'static str) -> Arc<dyn Transport> {
+        mqrpc::connect(&url_at(port, prefix))
+            .await
+            .expect("connect to Redis")
+    }
+
+    async fn rig() -> Option<Rig> {
+        super::backend().await?;
+        let upstream = faults::upstream(&faults::host_port(&super::base_url(), 6379)).await;
+        Some(Rig::new("redis", upstream, |port| connect(port, "mqrpc-test")).await)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_twenty_cuts_during_traffic() {
+        let Some(rig) = rig().await else { return };
+        faults::twenty_cuts(&rig).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_black_hole_times_out_naming_the_broker() {
+        let Some(rig) = rig().await else { return };
+        faults::black_hole(&rig).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_added_latency() {
+        let Some(rig) = rig().await else { return };
+        faults::added_latency(&rig).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_confirmed_casts_survive_cuts() {
+        let Some(rig) = rig().await else { return };
+        faults::confirmed_casts_survive_cuts(&rig, 300).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_load_100k_calls_at_256() {
+        let Some(backend) = super::backend().await else {
+            return;
+        };
+        faults::load(&backend, 100_000, 256).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_server_restart_is_survived() {
+        let Some(mut broker) = OwnBroker::start("redis-server", |port| {
+            [
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]
+            .map(str::to_owned)
+            .to_vec()
+        })
+        .await
+        else {
+            return;
+        };
+        faults::broker_restart("redis", &mut broker, |port| connect(port, "mqrpc-restart")).await;
+    }
+}

@@ -137,6 +137,55 @@ pub async fn bounded(case: &str, body: impl Future<Output = ()>) {
     }
 }
 
+/// How many copies of each case run at once: `MQRPC_STRESS` (default 1). Stress mode
+/// (`MQRPC_STRESS=20`, see `scripts/stress.sh`) runs every case that many times
+/// concurrently against the same broker, each copy on topics of its own.
+pub fn stress_copies() -> usize {
+    std::env::var("MQRPC_STRESS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1usize)
+        .max(1)
+}
+
+/// Runs `copies` of a case at once, each bounded; all must pass.
+pub async fn stressed<F, Fut>(case: &str, backend: Backend, body: F)
+where
+    F: Fn(Backend) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let copies = stress_copies();
+    if copies == 1 {
+        return bounded(case, body(backend)).await;
+    }
+    // Each copy is a task of its own so that copies run on both workers and a failed
+    // copy is reported by name.
+    let limit = CASE_LIMIT * 3;
+    let mut running = tokio::task::JoinSet::new();
+    for _ in 0..copies {
+        running.spawn(tokio::time::timeout(limit, body(backend.clone())));
+    }
+    let mut failed = 0;
+    while let Some(done) = running.join_next().await {
+        match done {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                failed += 1;
+                eprintln!("{case}: a copy did not finish within {limit:?}");
+            }
+            Err(err) => {
+                failed += 1;
+                eprintln!("{case}: a copy failed: {err}");
+            }
+        }
+    }
+    assert_eq!(
+        failed, 0,
+        "{case}: {failed} of {copies} stressed copies failed"
+    );
+    eprintln!("STRESS {} {case}: {copies} copies passed", backend.name);
+}
+
 /// Test servers of one topic and what they recorded.
 struct Fixture {
     backend: Backend,
@@ -1076,7 +1125,7 @@ macro_rules! conformance_suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
                 let Some(backend) = $backend().await else { return };
-                $crate::suite::bounded(stringify!($case), $crate::suite::$case(backend)).await;
+                $crate::suite::stressed(stringify!($case), backend, $crate::suite::$case).await;
             }
         )*
     };

@@ -87,6 +87,10 @@ pub(crate) struct Run {
     pub(crate) quick: bool,
     pub(crate) mqrpc: Figures,
     pub(crate) raw: Option<Figures>,
+    /// AMQP with `--raw`: bare lapin with publisher confirms at concurrency 64, to
+    /// show what confirms cost the broker apart from mqrpc.
+    #[serde(default)]
+    pub(crate) raw_confirmed: Option<Rate>,
 }
 
 const SMALL: usize = 100;
@@ -371,6 +375,10 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
 
+    // First, while the allocator holds no memory freed by earlier figures (mimalloc
+    // keeps freed pages, which would hide the growth).
+    progress.set_message("memory per call in flight");
+    let bytes_per_in_flight_call = in_flight_memory(&args.url, args.quick).await?;
     let topic = new_topic();
     let servers = Servers::start(&args.url, &topic, 1).await?;
     let mqrpc_pair = Pair {
@@ -380,6 +388,7 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
         _keep: Box::new(()),
     };
     let mut mqrpc = measure(&mqrpc_pair, &args, max_message, &progress).await?;
+    mqrpc.bytes_per_in_flight_call = bytes_per_in_flight_call;
     drop(mqrpc_pair);
     servers.stop().await;
 
@@ -400,8 +409,6 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
     progress.set_message("casts");
     mqrpc.casts_per_s = Some(casts(&args.url, args.quick).await?);
     progress.inc(1);
-    progress.set_message("memory per call in flight");
-    mqrpc.bytes_per_in_flight_call = in_flight_memory(&args.url, args.quick).await?;
 
     let raw = if args.raw {
         match raw::pair(&args.url).await? {
@@ -414,12 +421,29 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
     } else {
         None
     };
+    let raw_confirmed = if args.raw && backend == "amqp" {
+        progress.set_message("raw lapin with confirms");
+        let pair = raw::amqp_confirmed_pair(&args.url).await?;
+        throughput(pair.caller.clone(), SMALL, 16, 200).await?;
+        Some(
+            throughput(
+                pair.caller.clone(),
+                SMALL,
+                64,
+                calls_for(args.quick, 64, SMALL),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
     progress.finish_and_clear();
     let run = Run {
         backend,
         quick: args.quick,
         mqrpc,
         raw,
+        raw_confirmed,
     };
     println!("{}", report::markdown(&run));
     std::fs::create_dir_all(&args.out)

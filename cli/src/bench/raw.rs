@@ -26,7 +26,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -64,7 +65,7 @@ pub(crate) async fn pair(url: &str) -> Result<Option<Pair>> {
         .map(|(scheme, _)| scheme.to_ascii_lowercase())
         .with_context(|| format!("not a URL: {url:?}"))?;
     let pair = match scheme.as_str() {
-        "amqp" | "amqps" | "rabbit" => amqp_pair(&amqp_url(url)?)
+        "amqp" | "amqps" | "rabbit" => amqp_pair(&amqp_url(url)?, false)
             .await
             .context("raw RabbitMQ (lapin) echo pair")?,
         "redis" | "rediss" => redis_pair(strip_query(url))
@@ -77,6 +78,14 @@ pub(crate) async fn pair(url: &str) -> Result<Option<Pair>> {
         other => bail!("no bare client for the scheme {other}://"),
     };
     Ok(Some(pair))
+}
+
+/// The bare lapin echo pair with publisher confirms on both publish channels (each
+/// publish awaits its confirm), for AMQP only: it shows what confirms cost the broker.
+pub(crate) async fn amqp_confirmed_pair(url: &str) -> Result<Pair> {
+    amqp_pair(&amqp_url(url)?, true)
+        .await
+        .context("raw RabbitMQ (lapin) echo pair with confirms")
 }
 
 /// `url` without its `?query`.
@@ -323,7 +332,7 @@ async fn amqp_echo(publish: &Channel, delivery: Delivery) {
     }
 }
 
-async fn amqp_pair(url: &str) -> Result<Pair> {
+async fn amqp_pair(url: &str, confirms: bool) -> Result<Pair> {
     let id = Uuid::new_v4().simple().to_string();
     let request_queue = format!("raw-bench-{id}");
     let reply_queue = format!("raw-bench-{id}-reply");
@@ -338,6 +347,12 @@ async fn amqp_pair(url: &str) -> Result<Pair> {
         .create_channel()
         .await
         .context("server: cannot open a channel")?;
+    if confirms {
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .context("server: cannot enable confirms")?;
+    }
     consume
         .queue_declare(
             request_queue.as_str().into(),
@@ -389,6 +404,12 @@ async fn amqp_pair(url: &str) -> Result<Pair> {
         .create_channel()
         .await
         .context("client: cannot open a channel")?;
+    if confirms {
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .context("client: cannot enable confirms")?;
+    }
     consume
         .queue_declare(
             reply_queue.as_str().into(),

@@ -93,6 +93,20 @@ pub(crate) fn markdown(run: &Run) -> String {
             rate.x, rate.calls_per_s
         );
     }
+    if let Some(confirmed) = &run.raw_confirmed {
+        let ours = run.mqrpc.throughput.iter().find(|r| r.x == confirmed.x);
+        let _ = writeln!(
+            out,
+            "| calls/s at concurrency {}, raw with publisher confirms | {} | {:.0} | {} |",
+            confirmed.x,
+            ours.map_or("-".to_owned(), |r| format!("{:.0}", r.calls_per_s)),
+            confirmed.calls_per_s,
+            ours.map_or("-".to_owned(), |r| ratio(
+                r.calls_per_s,
+                Some(confirmed.calls_per_s)
+            ))
+        );
+    }
     if let Some(casts) = run.mqrpc.casts_per_s {
         let _ = writeln!(
             out,
