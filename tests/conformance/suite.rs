@@ -592,6 +592,8 @@ pub async fn timeout_fires_and_late_reply_does_not_disturb_next_call(backend: Ba
     let mut fx = Fixture::new(&backend, "timeout");
     fx.start(1).await;
     let client = fx.client().await;
+    // Set up the reply queue first: the timeout below is about the reply.
+    still_answers(&client, 1, 2).await;
     let timeout = Duration::from_millis(400);
     let started = Instant::now();
     let err = client
@@ -640,6 +642,9 @@ pub async fn retry_policy_sends_an_idempotent_call_again(backend: Backend) {
     let mut fx = Fixture::new(&backend, "retry");
     fx.start(1).await;
     let client = fx.client().await;
+    // The reply queue exists before the timed attempts, so each of them is sent
+    // (its setup would otherwise count against the first attempt's deadline).
+    still_answers(&client, 1, 2).await;
     let policy = mqrpc::RetryPolicy::new(3)
         .backoff_between(Duration::from_millis(50), Duration::from_millis(100));
     // Each attempt times out (the handler takes longer), so all three go out.

@@ -37,7 +37,10 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    /// Opens the first connection, trying each host once; fails if none answers.
+    /// Opens the first connection. Each host is tried in turn; a broker that resets
+    /// or stalls the handshake (RabbitMQ under a storm of connections) is tried again
+    /// with backoff within `CONNECT_TIMEOUT` overall, while a refusal (nothing
+    /// listening, bad credentials) fails at once once every host refused.
     pub(crate) async fn open(config: AmqpConfig) -> Result<Arc<Link>> {
         let link = Arc::new(Link {
             config: Arc::new(config),
@@ -52,21 +55,31 @@ impl Link {
             closed: CancellationToken::new(),
         });
         let mut current = link.current.lock().await;
-        let mut last_error = None;
-        for _ in 0..link.config.hosts.len() {
-            match link.connect_next().await {
-                Ok(connected) => {
-                    *current = Some(connected);
-                    last_error = None;
-                    break;
+        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        let mut attempt = 0u32;
+        loop {
+            let mut transient = None;
+            let mut refused = None;
+            for _ in 0..link.config.hosts.len() {
+                match link.try_connect_next().await {
+                    Ok(connected) => {
+                        *current = Some(connected);
+                        drop(current);
+                        return Ok(link);
+                    }
+                    Err((err, true)) => transient = Some(err),
+                    Err((err, false)) => refused = Some(err),
                 }
-                Err(err) => last_error = Some(err),
             }
-        }
-        drop(current);
-        match last_error {
-            Some(err) => Err(err),
-            None => Ok(link),
+            let wait = link.backoff(attempt);
+            attempt = attempt.saturating_add(1);
+            match transient {
+                Some(err) if tokio::time::Instant::now() + wait < deadline => {
+                    tracing::debug!(error = %err, ?wait, "broker reset the connection; trying again");
+                    tokio::time::sleep(wait).await;
+                }
+                _ => return Err(refused.or(transient).unwrap_or(Error::Closed)),
+            }
         }
     }
 
@@ -130,6 +143,12 @@ impl Link {
     }
 
     async fn connect_next(&self) -> Result<Connected> {
+        self.try_connect_next().await.map_err(|(err, _)| err)
+    }
+
+    /// Connects to the next host; a failure says whether it was transient (the broker
+    /// reset or stalled the handshake) rather than a refusal.
+    async fn try_connect_next(&self) -> std::result::Result<Connected, (Error, bool)> {
         let hosts = &self.config.hosts;
         let host = &hosts[self.next_host.fetch_add(1, Ordering::Relaxed) % hosts.len()];
         let uri = self.uri(host);
@@ -141,12 +160,19 @@ impl Link {
             {
                 Ok(Ok(connection)) => connection,
                 Ok(Err(err)) => {
-                    return Err(Error::transport(format!("cannot connect to {host}"), err));
+                    let transient = is_reset(&err);
+                    return Err((
+                        Error::transport(format!("cannot connect to {host}"), err),
+                        transient,
+                    ));
                 }
                 Err(_) => {
-                    return Err(Error::transport_msg(format!(
-                        "cannot connect to {host}: no answer within {CONNECT_TIMEOUT:?}"
-                    )));
+                    return Err((
+                        Error::transport_msg(format!(
+                            "cannot connect to {host}: no answer within {CONNECT_TIMEOUT:?}"
+                        )),
+                        false,
+                    ));
                 }
             };
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
@@ -188,5 +214,20 @@ impl Link {
         if let Some(connected) = current {
             let _ = connected.connection.close(200, "closing".into()).await;
         }
+    }
+}
+
+/// Whether the broker accepted the TCP connection and then dropped it mid-handshake.
+fn is_reset(err: &lapin::Error) -> bool {
+    use std::io::ErrorKind;
+    match err.kind() {
+        lapin::ErrorKind::IOError(io) => matches!(
+            io.kind(),
+            ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::BrokenPipe
+                | ErrorKind::UnexpectedEof
+        ),
+        _ => false,
     }
 }

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Stress mode of the conformance suite (issue #7): every case of the suite runs
+# MQRPC_STRESS copies at once (default 20) against the same broker, one case at a
+# time, for each backend. Not run by CI: it takes several minutes and loads both
+# cores. Needs the brokers of scripts/brokers.sh.
+#
+#   scripts/stress.sh                 # all backends, 20 copies
+#   MQRPC_STRESS=5 scripts/stress.sh redis::
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export MQRPC_STRESS="${MQRPC_STRESS:-20}"
+export MQRPC_REQUIRE_BROKERS=1
+backends=("$@")
+if [ ${#backends[@]} -eq 0 ]; then
+    backends=(memory:: amqp:: redis:: nats::core:: nats::jetstream::)
+fi
+cargo test --all-features --test conformance --no-run
+failed=0
+for backend in "${backends[@]}"; do
+    echo "== stress: ${MQRPC_STRESS} copies of every case on ${backend%::}"
+    started=$(date +%s)
+    # Only the generic suite: the fault, load and interop tests are not stressed.
+    if ! cargo test --all-features --test conformance -- "$backend" \
+        --skip reliability --skip interop --skip faults --skip leaves_no \
+        --test-threads=1 >"target/stress-${backend//:/}.log" 2>&1; then
+        failed=1
+    fi
+    grep -E '^test result|FAILED|a copy' "target/stress-${backend//:/}.log" || true
+    echo "   ${backend%::}: $(( $(date +%s) - started )) s (log: target/stress-${backend//:/}.log)"
+done
+exit "$failed"
