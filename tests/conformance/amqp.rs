@@ -194,6 +194,24 @@ mod reliability {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn amqp_rabbitmq_restart_is_survived() {
+        let Some(mut broker) = faults::OwnBroker::rabbitmq().await else {
+            return;
+        };
+        faults::broker_restart("amqp", &mut broker, |port| async move {
+            let url = format!("amqp://guest:guest@127.0.0.1:{port}/?max_backoff=0.5");
+            let mut config = AmqpConfig::parse(&url).expect("AMQP URL");
+            config.heartbeat = 5;
+            Arc::new(
+                AmqpTransport::with_config(config)
+                    .await
+                    .expect("connect to the test's RabbitMQ"),
+            ) as Arc<dyn Transport>
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn amqp_load_100k_calls_at_256() {
         let Some(backend) = super::backend().await else {
             return;

@@ -546,24 +546,74 @@ pub struct OwnBroker {
     pub port: u16,
     program: &'static str,
     args: Vec<String>,
+    envs: Vec<(String, String)>,
+    /// A data directory of the test's own, removed with the broker.
+    dir: Option<std::path::PathBuf>,
     child: Option<tokio::process::Child>,
+}
+
+/// A free loopback port (bound, read, released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 impl OwnBroker {
     /// Starts `program` with `args(port)`; `None` (a loud SKIP, or a failure under
     /// `MQRPC_REQUIRE_BROKERS=1`) when the program is not installed.
     pub async fn start(program: &'static str, args: impl Fn(u16) -> Vec<String>) -> Option<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let mut broker = OwnBroker {
+        let port = free_port();
+        OwnBroker {
             port,
             program,
             args: args(port),
+            envs: Vec::new(),
+            dir: None,
             child: None,
-        };
-        if let Err(err) = broker.spawn().await {
+        }
+        .spawned()
+        .await
+    }
+
+    /// A RabbitMQ node of the test's own: its own node name, AMQP and distribution
+    /// ports and data directory, started as the current user (no service wrapper) so
+    /// that killing its process group kills the node.
+    pub async fn rabbitmq() -> Option<Self> {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("mqrpc-rabbit-{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a data directory");
+        let path = |name: &str| dir.join(name).display().to_string();
+        let envs = [
+            ("RABBITMQ_NODENAME", format!("mqrpc-test-{port}@localhost")),
+            ("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1".to_owned()),
+            ("RABBITMQ_NODE_PORT", port.to_string()),
+            ("RABBITMQ_DIST_PORT", free_port().to_string()),
+            ("RABBITMQ_MNESIA_BASE", path("mnesia")),
+            ("RABBITMQ_LOG_BASE", path("log")),
+            ("RABBITMQ_ENABLED_PLUGINS_FILE", path("plugins")),
+            ("RABBITMQ_FEATURE_FLAGS_FILE", path("feature_flags")),
+            ("RABBITMQ_CONFIG_FILE", path("rabbitmq")),
+        ]
+        .map(|(k, v)| (k.to_owned(), v))
+        .to_vec();
+        OwnBroker {
+            port,
+            program: "/usr/lib/rabbitmq/bin/rabbitmq-server",
+            args: Vec::new(),
+            envs,
+            dir: Some(dir),
+            child: None,
+        }
+        .spawned()
+        .await
+    }
+
+    async fn spawned(mut self) -> Option<Self> {
+        let program = self.program;
+        if let Err(err) = self.spawn().await {
             assert!(
                 !crate::suite::brokers_required(),
                 "{program} is needed for the restart test: {err}"
@@ -571,19 +621,22 @@ impl OwnBroker {
             eprintln!("SKIP broker restart: {program}: {err}");
             return None;
         }
-        Some(broker)
+        Some(self)
     }
 
     async fn spawn(&mut self) -> std::io::Result<()> {
         let child = tokio::process::Command::new(self.program)
             .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
+            // A group of its own, so that killing it kills what the program started.
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()?;
         self.child = Some(child);
         let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(20) {
+        while started.elapsed() < Duration::from_secs(60) {
             if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
                 .await
                 .is_ok()
@@ -598,9 +651,10 @@ impl OwnBroker {
         )))
     }
 
-    /// Kills the process (SIGKILL: a crash, nothing flushed) and waits for it.
+    /// Kills the process group (SIGKILL: a crash, nothing flushed) and waits for it.
     pub async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            kill_group(&child);
             let _ = child.kill().await;
         }
     }
@@ -649,4 +703,24 @@ where
     crate::suite::calls_work_again(&client, Instant::now(), name, 20).await;
     recorder.wait_for(1, Duration::from_secs(20)).await;
     server.shutdown().await.expect("shutdown");
+}
+
+/// SIGKILL to the process group the child leads (its PID: see `process_group(0)`).
+fn kill_group(child: &tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pid}")])
+            .status();
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        if let Some(child) = &self.child {
+            kill_group(child);
+        }
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
