@@ -18,6 +18,9 @@ mod context;
 mod dispatcher;
 mod endpoint;
 mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod reply;
 mod server;
 mod target;

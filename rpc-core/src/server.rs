@@ -62,6 +62,7 @@ pub struct ServerBuilder {
     concurrency: usize,
     ack_mode: AckMode,
     grace_period: Duration,
+    max_message_size: Option<usize>,
 }
 
 impl fmt::Debug for ServerBuilder {
@@ -73,6 +74,7 @@ impl fmt::Debug for ServerBuilder {
             .field("concurrency", &self.concurrency)
             .field("ack_mode", &self.ack_mode)
             .field("grace_period", &self.grace_period)
+            .field("max_message_size", &self.max_message_size)
             .finish()
     }
 }
@@ -103,6 +105,13 @@ impl ServerBuilder {
         self
     }
 
+    /// Requests larger than this many bytes are rejected on receipt, unread (default:
+    /// the transport's own limit, [`crate::Capabilities::max_message_size`]).
+    pub fn max_message_size(mut self, limit: usize) -> Self {
+        self.max_message_size = Some(limit);
+        self
+    }
+
     /// Subscribes to the topic, `topic.server` and the fanout, and starts serving.
     /// When this returns, messages sent to the target reach this server.
     pub async fn start(self) -> Result<Server> {
@@ -112,6 +121,7 @@ impl ServerBuilder {
         let publisher = self.transport.publisher().await?;
         let consumer = self.transport.listen(&self.target, &options).await?;
         let max_message_size = self.transport.capabilities().max_message_size;
+        let max_request = self.max_message_size.or(max_message_size);
         let token = CancellationToken::new();
         let serving = Serving {
             dispatcher: Arc::new(Dispatcher::new(self.endpoints)),
@@ -121,6 +131,7 @@ impl ServerBuilder {
             },
             ack_mode: self.ack_mode,
             topic: Arc::from(self.target.topic.as_str()),
+            max_request,
         };
         let task = tokio::spawn(serve(
             consumer,
@@ -158,6 +169,7 @@ impl Server {
             concurrency: DEFAULT_CONCURRENCY,
             ack_mode: AckMode::default(),
             grace_period: DEFAULT_GRACE_PERIOD,
+            max_message_size: None,
         }
     }
 
@@ -192,6 +204,8 @@ struct Serving {
     replier: Replier,
     ack_mode: AckMode,
     topic: Arc<str>,
+    /// Larger requests are rejected unread.
+    max_request: Option<usize>,
 }
 
 async fn serve(
@@ -273,6 +287,15 @@ async fn accept(
     serving: &Serving,
     seen: &mut RecentIds,
 ) -> Option<Work> {
+    if let Some(limit) = serving.max_request.filter(|limit| body.len() > *limit) {
+        // Dropped for good and never parsed: its size alone is reason enough.
+        tracing::warn!(size = body.len(), limit, topic = %serving.topic,
+            "rejecting a request above the message size limit");
+        if let Err(err) = acker.reject(false).await {
+            tracing::debug!(error = %err, "could not reject an oversized message");
+        }
+        return None;
+    }
     let request = match wire::decode_request(&body) {
         Ok(request) => request,
         Err(err) => {

@@ -146,6 +146,15 @@ impl Serialize for InnerRequest<'_> {
             map.serialize_entry("_reply_q", &req.reply_to)?;
             // oslo always sends the key on calls, null when no monitor is asked for.
             map.serialize_entry("_timeout", &req.call_monitor)?;
+        } else {
+            // A cast carries neither, but a request decoded with them (found by the
+            // fuzzer) must encode back to what it was.
+            if let Some(reply_to) = &req.reply_to {
+                map.serialize_entry("_reply_q", reply_to)?;
+            }
+            if let Some(call_monitor) = &req.call_monitor {
+                map.serialize_entry("_timeout", call_monitor)?;
+            }
         }
         let unique_id = req.unique_id.clone().unwrap_or_else(new_id);
         map.serialize_entry("_unique_id", &unique_id)?;
@@ -217,8 +226,46 @@ pub fn encode_reply(reply: &Reply) -> Result<Vec<u8>, CodecError> {
     wrap(&inner)
 }
 
+/// How deep JSON arrays and objects may nest in a message (the envelope and its
+/// inner document each), far below what would exhaust a decoder's stack.
+pub const MAX_DEPTH: usize = 64;
+
+/// Fails when arrays and objects in `json` nest deeper than [`MAX_DEPTH`]; brackets
+/// inside strings do not count. Cheap: one pass over the bytes, no allocation.
+fn check_depth(json: &[u8]) -> Result<(), CodecError> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &byte in json {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(CodecError::new(format!(
+                        "JSON nests deeper than {MAX_DEPTH} levels"
+                    )));
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Opens the envelope (or takes a bare 1.0 body as it is) and returns the inner object.
 fn unwrap_envelope(body: &[u8]) -> Result<Map<String, Value>, CodecError> {
+    check_depth(body)?;
     let envelope: EnvelopeIn<'_> = serde_json::from_slice(body)
         .map_err(|e| CodecError::new(format!("body is not a JSON object: {e}")))?;
     match (envelope.version, envelope.message) {
@@ -231,6 +278,7 @@ fn unwrap_envelope(body: &[u8]) -> Result<Map<String, Value>, CodecError> {
                     "unsupported envelope version {version} (this library reads 2.0)"
                 )));
             }
+            check_depth(message.as_bytes())?;
             serde_json::from_str(&message)
                 .map_err(|e| CodecError::new(format!("oslo.message is not a JSON object: {e}")))
         }
@@ -381,6 +429,41 @@ mod tests {
     fn envelope(inner: Value) -> Vec<u8> {
         serde_json::to_vec(&json!({"oslo.version": "2.0", "oslo.message": inner.to_string()}))
             .expect("encode")
+    }
+
+    #[test]
+    fn nesting_is_limited_in_the_envelope_and_in_the_inner_document() {
+        let nested = |levels: usize| "[".repeat(levels) + &"]".repeat(levels);
+        let inner = format!(
+            r#"{{"method": "echo", "args": {{"x": {}}}}}"#,
+            nested(MAX_DEPTH - 2)
+        );
+        let body = serde_json::to_vec(&json!({"oslo.version": "2.0", "oslo.message": inner}))
+            .expect("encode");
+        decode_request(&body).expect("MAX_DEPTH levels in all are fine");
+        let inner = format!(
+            r#"{{"method": "echo", "args": {{"x": {}}}}}"#,
+            nested(MAX_DEPTH)
+        );
+        let body = serde_json::to_vec(&json!({"oslo.version": "2.0", "oslo.message": inner}))
+            .expect("encode");
+        let err = decode_request(&body).expect_err("too deep inside");
+        assert!(err.to_string().contains("nests deeper than 64"), "{err}");
+        let bare = format!(
+            r#"{{"method": "echo", "args": {{"x": {}}}}}"#,
+            nested(10_000)
+        );
+        let err = decode_request(bare.as_bytes()).expect_err("too deep, bare");
+        assert!(err.to_string().contains("nests deeper"), "{err}");
+        // Brackets inside strings are text, not nesting.
+        let text = "[".repeat(1000);
+        let request = Request {
+            method: "echo".into(),
+            args: json!({"x": text}).as_object().cloned().expect("object"),
+            ..Request::default()
+        };
+        let body = encode_request(&request).expect("encode");
+        assert_eq!(decode_request(&body).expect("decode").args["x"], text);
     }
 
     #[test]

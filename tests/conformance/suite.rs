@@ -720,6 +720,34 @@ pub async fn one_mib_payload_round_trips(backend: Backend) {
     fx.shutdown().await;
 }
 
+pub async fn oversized_request_is_rejected_on_receipt(backend: Backend) {
+    let mut fx = Fixture::new(&backend, "receive_limit");
+    fx.start_with("s1", |b| b.max_message_size(4096)).await;
+    let client = fx.client().await;
+    // The transport's own limit lets it through; the server's smaller one does not.
+    client
+        .cast(&ctx(), "record", json!({"id": 1, "pad": "x".repeat(8192)}))
+        .await
+        .expect("the transport takes it");
+    let err = client
+        .clone()
+        .timeout(Duration::from_secs(2))
+        .call::<_, ()>(&ctx(), "record", json!({"id": 2, "pad": "x".repeat(8192)}))
+        .await
+        .expect_err("never answered");
+    assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+    client
+        .cast(&ctx(), "record", json!({"id": 3}))
+        .await
+        .expect("small cast");
+    fx.recorder.wait_for(1, ARRIVAL).await;
+    let records = fx.recorder.settled(SETTLE).await;
+    let ids: Vec<u64> = records.iter().map(|(_, id)| *id).collect();
+    assert_eq!(ids, [3], "only the small request was handled");
+    still_answers(&client, 1, 1).await;
+    fx.shutdown().await;
+}
+
 pub async fn oversized_message_is_refused_with_a_clear_error(backend: Backend) {
     let transport = backend.transport().await;
     let Some(limit) = transport.capabilities().max_message_size else {
@@ -835,12 +863,26 @@ pub async fn malformed_bytes_are_rejected_and_the_server_keeps_serving(backend: 
     let transport = backend.transport().await;
     let publisher = transport.publisher().await.expect("publisher");
     let exchange = transport.default_exchange().to_owned();
+    let deep = format!(
+        r#"{{"method": "record", "args": {{"id": {}1{}}}}}"#,
+        "[".repeat(5000),
+        "]".repeat(5000)
+    );
+    let deep_inner = serde_json::to_string(&json!({
+        "oslo.version": "2.0",
+        "oslo.message": format!(r#"{{"method": "record", "args": {{"id": {}1{}}}}}"#,
+            "[".repeat(200), "]".repeat(200)),
+    }))
+    .expect("json");
     let poison: Vec<&[u8]> = vec![
         b"\x00\xffnot json at all",
         b"{\"oslo.version\": \"3.0\", \"oslo.message\": \"{}\"}",
         b"{\"oslo.version\": \"2.0\", \"oslo.message\": \"{truncated\"}",
         b"{\"method\": 42}",
         b"[]",
+        // Nesting far beyond wire::MAX_DEPTH (64), in the body and in oslo.message.
+        deep.as_bytes(),
+        deep_inner.as_bytes(),
     ];
     let addresses = [
         Address::Topic {
@@ -1112,6 +1154,7 @@ macro_rules! conformance_suite {
             retry_policy_sends_an_idempotent_call_again,
             one_mib_payload_round_trips,
             oversized_message_is_refused_with_a_clear_error,
+            oversized_request_is_rejected_on_receipt,
             heartbeats_keep_a_long_call_alive,
             silent_server_fails_the_call_monitor,
             graceful_shutdown_completes_in_flight_calls,
