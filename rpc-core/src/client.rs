@@ -18,6 +18,7 @@ use tokio::sync::OnceCell;
 use tokio::time::{Instant, timeout_at};
 use tracing::Instrument;
 
+use crate::auth::MessageAuth;
 use crate::context::Context;
 use crate::error::{Error, RemoteError, Result, TimeoutKind};
 use crate::reply::{PendingReplies, ReplyRouter};
@@ -76,6 +77,7 @@ struct ClientShared {
     exchange: String,
     max_message_size: Option<usize>,
     broker: String,
+    auth: Option<MessageAuth>,
 }
 
 impl fmt::Debug for Client {
@@ -103,12 +105,30 @@ impl Client {
                 replies: OnceCell::new(),
                 exchange,
                 max_message_size: capabilities.max_message_size,
+                auth: None,
             }),
             target,
             timeout: DEFAULT_TIMEOUT,
             call_monitor: None,
             retry: None,
         }
+    }
+
+    /// Signs every request with `auth` and accepts only replies that it verifies
+    /// (opt-in message authentication; see [`MessageAuth`]). The returned client has a
+    /// reply queue of its own; set this before making copies with `prepare`.
+    pub fn message_auth(self, auth: MessageAuth) -> Self {
+        let old = &self.shared;
+        let shared = Arc::new(ClientShared {
+            transport: old.transport.clone(),
+            publisher: OnceCell::new(),
+            replies: OnceCell::new(),
+            exchange: old.exchange.clone(),
+            max_message_size: old.max_message_size,
+            broker: old.broker.clone(),
+            auth: Some(auth),
+        });
+        Client { shared, ..self }
     }
 
     /// A copy to change per-call settings on (oslo's `prepare()`); the copy shares the
@@ -317,7 +337,10 @@ impl Client {
     }
 
     fn encode(&self, request: &Request) -> Result<Bytes> {
-        let body = wire::encode_request(request)?;
+        let mut body = wire::encode_request(request)?;
+        if let Some(auth) = &self.shared.auth {
+            body = auth.seal(body);
+        }
         if let Some(limit) = self.shared.max_message_size {
             if body.len() > limit {
                 return Err(Error::MessageTooLarge {
@@ -405,7 +428,7 @@ impl Client {
             .replies
             .get_or_try_init(|| async {
                 let queue = self.shared.transport.reply_queue().await?;
-                Ok::<_, Error>(ReplyRouter::start(queue))
+                Ok::<_, Error>(ReplyRouter::start(queue, self.shared.auth.clone()))
             })
             .await
     }
@@ -507,6 +530,11 @@ fn decode_result<R: DeserializeOwned>(value: Value) -> Result<R> {
 /// A Rust server sends the method (and version) as the positional arguments; a Python
 /// server sends only the message text, so the names are read from it then.
 pub(crate) fn failure_to_error(failure: RemoteError) -> Error {
+    if failure.module == crate::auth::AUTH_FAILURE_MODULE
+        && failure.class == crate::auth::AUTH_FAILURE_CLASS
+    {
+        return Error::Authentication(failure.message);
+    }
     if failure.module == TRANSPORT_FAILURE_MODULE && failure.class == NO_RESPONDERS_CLASS {
         let address = positional(&failure, 0, 1).unwrap_or_default();
         return Error::NoResponders { address };

@@ -58,6 +58,13 @@ pub enum Error {
     /// The target cannot be used for this operation (no topic, `call` on a fanout, ...).
     #[error("invalid target: {0}")]
     InvalidTarget(String),
+    /// Message authentication refused the request (the server said so) or its reply
+    /// (this client did): a wrong or unknown key, a stale or replayed message.
+    #[error("message authentication failed: {0}")]
+    Authentication(String),
+    /// A setting is invalid (a message authentication key, ...).
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
     /// The arguments do not encode to a JSON object of keyword arguments.
     #[error("invalid arguments: {0}")]
     InvalidArguments(String),

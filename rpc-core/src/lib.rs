@@ -13,6 +13,7 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod auth;
 mod client;
 mod context;
 mod dispatcher;
@@ -27,6 +28,10 @@ mod target;
 pub mod transport;
 pub mod wire;
 
+pub use auth::{
+    AUTH_FAILURE_CLASS, AUTH_FAILURE_MODULE, AuthFailure, DEFAULT_FRESHNESS, MIN_KEY_LEN,
+    MessageAuth, Rejections,
+};
 pub use client::{
     Client, DEFAULT_TIMEOUT, MIN_CALL_MONITOR, NO_RESPONDERS_CLASS, ReplyStream, RetryPolicy,
     TRANSPORT_FAILURE_MODULE,

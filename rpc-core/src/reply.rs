@@ -10,6 +10,7 @@ use futures::channel::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{AuthFailure, MessageAuth, refusal};
 use crate::error::{Error, Result};
 use crate::transport::{Consumer, ReplyQueue};
 use crate::wire::{self, Reply};
@@ -27,7 +28,7 @@ pub(crate) struct ReplyRouter {
 
 impl ReplyRouter {
     /// Starts consuming `queue`.
-    pub(crate) fn start(queue: ReplyQueue) -> Self {
+    pub(crate) fn start(queue: ReplyQueue, auth: Option<MessageAuth>) -> Self {
         let waiters: Waiters = Arc::new(DashMap::new());
         let closed = Arc::new(AtomicBool::new(false));
         let shutdown = CancellationToken::new();
@@ -37,6 +38,7 @@ impl ReplyRouter {
             closed.clone(),
             shutdown.clone(),
             queue.address.clone(),
+            auth,
         ));
         ReplyRouter {
             address: queue.address,
@@ -114,6 +116,7 @@ async fn route(
     closed: Arc<AtomicBool>,
     shutdown: CancellationToken,
     address: String,
+    auth: Option<MessageAuth>,
 ) {
     loop {
         let next = tokio::select! {
@@ -137,8 +140,21 @@ async fn route(
         if let Err(err) = acker.ack().await {
             tracing::debug!(error = %err, "could not ack a reply");
         }
+        let refused = auth.as_ref().and_then(|auth| auth.open(&body).err());
         let reply = match wire::decode_reply(&body) {
+            Ok(reply) if refused.is_some() => {
+                let failure = refused.unwrap_or(AuthFailure::Unsigned);
+                tracing::warn!(reason = %failure, size = body.len(), queue = %address,
+                    "refusing a reply that fails authentication");
+                // The call it names fails now, saying why, instead of timing out.
+                Reply::failure(&reply.msg_id, refusal("reply", &failure))
+            }
             Ok(reply) => reply,
+            Err(_) if refused.is_some() => {
+                tracing::warn!(size = body.len(), queue = %address,
+                    "refusing a reply that fails authentication and does not decode");
+                continue;
+            }
             Err(err) => {
                 tracing::warn!(size = body.len(), error = %err, queue = %address,
                     "dropping malformed reply");

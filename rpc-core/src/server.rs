@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::auth::{MessageAuth, refusal};
 use crate::dispatcher::Dispatcher;
 use crate::endpoint::{Endpoint, Invocation, panic_failure};
 use crate::error::{Error, RemoteError, Result};
@@ -63,6 +64,7 @@ pub struct ServerBuilder {
     ack_mode: AckMode,
     grace_period: Duration,
     max_message_size: Option<usize>,
+    auth: Option<MessageAuth>,
 }
 
 impl fmt::Debug for ServerBuilder {
@@ -75,6 +77,7 @@ impl fmt::Debug for ServerBuilder {
             .field("ack_mode", &self.ack_mode)
             .field("grace_period", &self.grace_period)
             .field("max_message_size", &self.max_message_size)
+            .field("auth", &self.auth)
             .finish()
     }
 }
@@ -112,6 +115,15 @@ impl ServerBuilder {
         self
     }
 
+    /// Accepts only requests that `auth` verifies and signs every reply (opt-in
+    /// message authentication; see [`MessageAuth`]). A refused request is counted,
+    /// logged without its payload, dropped, and answered with
+    /// [`crate::AUTH_FAILURE_CLASS`] when it names a reply address.
+    pub fn message_auth(mut self, auth: MessageAuth) -> Self {
+        self.auth = Some(auth);
+        self
+    }
+
     /// Subscribes to the topic, `topic.server` and the fanout, and starts serving.
     /// When this returns, messages sent to the target reach this server.
     pub async fn start(self) -> Result<Server> {
@@ -128,7 +140,9 @@ impl ServerBuilder {
             replier: Replier {
                 publisher,
                 max_message_size,
+                auth: self.auth.clone(),
             },
+            auth: self.auth,
             ack_mode: self.ack_mode,
             topic: Arc::from(self.target.topic.as_str()),
             max_request,
@@ -170,6 +184,7 @@ impl Server {
             ack_mode: AckMode::default(),
             grace_period: DEFAULT_GRACE_PERIOD,
             max_message_size: None,
+            auth: None,
         }
     }
 
@@ -206,6 +221,7 @@ struct Serving {
     topic: Arc<str>,
     /// Larger requests are rejected unread.
     max_request: Option<usize>,
+    auth: Option<MessageAuth>,
 }
 
 async fn serve(
@@ -293,6 +309,33 @@ async fn accept(
             "rejecting a request above the message size limit");
         if let Err(err) = acker.reject(false).await {
             tracing::debug!(error = %err, "could not reject an oversized message");
+        }
+        return None;
+    }
+    if let Some(failure) = serving
+        .auth
+        .as_ref()
+        .and_then(|auth| auth.open(&body).err())
+    {
+        tracing::warn!(reason = %failure, size = body.len(), topic = %serving.topic,
+            "rejecting a request that fails authentication");
+        if let Err(err) = acker.reject(false).await {
+            tracing::debug!(error = %err, "could not reject an unauthenticated message");
+        }
+        // A caller with a wrong key learns why instead of timing out.
+        if let Ok(Request {
+            msg_id: Some(msg_id),
+            reply_to: Some(reply_to),
+            ..
+        }) = wire::decode_request(&body)
+        {
+            let replier = serving.replier.clone();
+            tokio::spawn(async move {
+                let reply = Reply::failure(&msg_id, refusal("request", &failure));
+                if let Err(err) = replier.send(&reply_to, &reply).await {
+                    tracing::debug!(error = %err, "could not tell the caller its request was refused");
+                }
+            });
         }
         return None;
     }
@@ -540,6 +583,7 @@ impl Call<'_> {
 struct Replier {
     publisher: Arc<dyn Publisher>,
     max_message_size: Option<usize>,
+    auth: Option<MessageAuth>,
 }
 
 impl Replier {
@@ -557,6 +601,9 @@ impl Replier {
                 );
                 body = wire::encode_reply(&Reply::failure(&reply.msg_id, failure))?;
             }
+        }
+        if let Some(auth) = &self.auth {
+            body = auth.seal(body);
         }
         let outgoing = Outgoing {
             body: Bytes::from(body),

@@ -720,6 +720,113 @@ pub async fn one_mib_payload_round_trips(backend: Backend) {
     fx.shutdown().await;
 }
 
+pub async fn signed_messages_interoperate_and_forgeries_are_refused(backend: Backend) {
+    use mqrpc::MessageAuth;
+    const K0: &[u8] = b"last month's key, 32 bytes long.";
+    const K1: &[u8] = b"this month's key, 32 bytes long.";
+    let server_auth = MessageAuth::new("k1", K1)
+        .and_then(|a| a.accept("k0", K0))
+        .expect("keys");
+    let mut fx = Fixture::new(&backend, "signed");
+    let configured = server_auth.clone();
+    fx.start_with("s1", move |b| b.message_auth(configured))
+        .await;
+    let signed = fx
+        .client()
+        .await
+        .message_auth(MessageAuth::new("k1", K1).expect("key"));
+    still_answers(&signed, 2, 3).await;
+    // A peer still on last month's key, accepting this month's: both ways verify.
+    let rotating = fx.client().await.message_auth(
+        MessageAuth::new("k0", K0)
+            .and_then(|a| a.accept("k1", K1))
+            .expect("keys"),
+    );
+    still_answers(&rotating, 4, 5).await;
+
+    // Unsigned and wrong-key requests are refused, and the callers are told why.
+    let unsigned = fx.client().await;
+    let err = unsigned
+        .call::<_, i64>(&ctx(), "add", json!({"a": 1, "b": 1}))
+        .await
+        .expect_err("unsigned");
+    match &err {
+        Error::Authentication(why) => assert!(why.contains("not signed"), "{why}"),
+        other => panic!("expected an authentication error, got {other:?}"),
+    }
+    let forger = fx.client().await.message_auth(
+        MessageAuth::new("k1", b"a guess at the key, 32 bytes....".to_vec()).expect("key"),
+    );
+    let err = forger
+        .call::<_, i64>(&ctx(), "add", json!({"a": 1, "b": 1}))
+        .await
+        .expect_err("wrong key");
+    assert!(matches!(err, Error::Authentication(_)), "{err:?}");
+    assert!(err.to_string().contains("does not verify"), "{err}");
+    unsigned
+        .cast(&ctx(), "record", json!({"id": 66}))
+        .await
+        .expect("the broker takes it");
+
+    // A signed cast captured on the wire and sent again is a replay.
+    let tap = backend.transport().await;
+    let mut tap = tap.monitor(&Target::new(&fx.topic)).await.ok();
+    signed
+        .cast(&ctx(), "record", json!({"id": 7}))
+        .await
+        .expect("signed cast");
+    fx.recorder.wait_for(1, ARRIVAL).await;
+    let mut replayed = false;
+    if let Some(tap) = tap.as_mut() {
+        while let Ok(Some(Ok(delivery))) =
+            tokio::time::timeout(Duration::from_secs(3), tap.recv()).await
+        {
+            let is_seven = mqrpc::wire::decode_request(delivery.body())
+                .is_ok_and(|r| r.method == "record" && r.args.get("id") == Some(&json!(7)));
+            if is_seven {
+                let publisher = backend
+                    .transport()
+                    .await
+                    .publisher()
+                    .await
+                    .expect("publisher");
+                let address = Address::Topic {
+                    exchange: backend.transport().await.default_exchange().to_owned(),
+                    topic: fx.topic.clone(),
+                };
+                publisher
+                    .send(&address, Outgoing::new(delivery.body().to_vec()))
+                    .await
+                    .expect("the broker takes the copy");
+                replayed = true;
+                break;
+            }
+        }
+    }
+    still_answers(&signed, 1, 1).await;
+    let records = fx.recorder.settled(SETTLE * 3).await;
+    let ids: Vec<u64> = records.iter().map(|(_, id)| *id).collect();
+    assert_eq!(ids, [7], "only the signed cast ran, once");
+    let refused = server_auth.rejections();
+    assert_eq!(refused.unsigned, 2, "{refused:?}");
+    assert_eq!(refused.forged, 1, "{refused:?}");
+    if replayed {
+        // The copy may still be on its way; wait for the server to count it.
+        let deadline = Instant::now() + ARRIVAL;
+        while server_auth.rejections().replayed == 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(server_auth.rejections().replayed, 1);
+    } else {
+        skip(
+            &backend,
+            "signed_messages replay",
+            "the watcher does not see casts here",
+        );
+    }
+    fx.shutdown().await;
+}
+
 pub async fn oversized_request_is_rejected_on_receipt(backend: Backend) {
     let mut fx = Fixture::new(&backend, "receive_limit");
     fx.start_with("s1", |b| b.max_message_size(4096)).await;
@@ -1155,6 +1262,7 @@ macro_rules! conformance_suite {
             one_mib_payload_round_trips,
             oversized_message_is_refused_with_a_clear_error,
             oversized_request_is_rejected_on_receipt,
+            signed_messages_interoperate_and_forgeries_are_refused,
             heartbeats_keep_a_long_call_alive,
             silent_server_fails_the_call_monitor,
             graceful_shutdown_completes_in_flight_calls,
