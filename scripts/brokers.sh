@@ -158,6 +158,9 @@ wait_for() {
     done
 }
 
+# The TLS tests generate their certificates with openssl.
+ensure_binary openssl openssl
+
 start_rabbitmq
 start_redis
 start_nats

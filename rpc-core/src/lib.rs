@@ -25,6 +25,7 @@ pub mod fuzzing;
 mod reply;
 mod server;
 mod target;
+mod tls;
 pub mod transport;
 pub mod wire;
 
@@ -43,6 +44,7 @@ pub use error::{
 };
 pub use server::{AckMode, DEFAULT_CONCURRENCY, DEFAULT_GRACE_PERIOD, Server, ServerBuilder};
 pub use target::{DEFAULT_EXCHANGE, ParseVersionError, Target, Version};
+pub use tls::{TlsFiles, TlsPem};
 pub use transport::{
     Acker, Address, CallHint, Capabilities, Consumer, Delivery, ListenOptions, NoAck, Outgoing,
     Publisher, ReplyQueue, Transport,

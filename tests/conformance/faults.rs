@@ -553,7 +553,7 @@ pub struct OwnBroker {
 }
 
 /// A free loopback port (bound, read, released).
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
@@ -581,10 +581,16 @@ impl OwnBroker {
     /// ports and data directory, started as the current user (no service wrapper) so
     /// that killing its process group kills the node.
     pub async fn rabbitmq() -> Option<Self> {
+        Self::rabbitmq_with("").await
+    }
+
+    /// [`OwnBroker::rabbitmq`] with `conf` as its `rabbitmq.conf`.
+    pub async fn rabbitmq_with(conf: &str) -> Option<Self> {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("mqrpc-rabbit-{port}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("a data directory");
+        std::fs::write(dir.join("rabbitmq.conf"), conf).expect("rabbitmq.conf");
         let path = |name: &str| dir.join(name).display().to_string();
         let envs = [
             ("RABBITMQ_NODENAME", format!("mqrpc-test-{port}@localhost")),
@@ -656,6 +662,22 @@ impl OwnBroker {
         if let Some(mut child) = self.child.take() {
             kill_group(&child);
             let _ = child.kill().await;
+        }
+    }
+
+    /// Waits until `port` accepts connections too (a second listener).
+    pub async fn wait_for_port(&self, port: u16) {
+        let started = Instant::now();
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{} did not listen on {port}",
+                self.program
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

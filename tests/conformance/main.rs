@@ -9,6 +9,8 @@ mod suite;
 mod faults;
 mod proxy;
 mod service;
+#[cfg(any(feature = "amqp", feature = "redis", feature = "nats"))]
+mod tls;
 
 mod memory;
 

@@ -79,6 +79,9 @@ pub struct AmqpConfig {
     pub max_message_size: usize,
     /// Longest wait between reconnection attempts.
     pub max_backoff: Duration,
+    /// CA and client certificate files (`tls_ca_file`, `tls_cert_file`,
+    /// `tls_key_file`, or oslo's `ssl_*` names); naming any turns TLS on.
+    pub tls_files: rpc_core::TlsFiles,
 }
 
 impl AmqpConfig {
@@ -92,7 +95,9 @@ impl AmqpConfig {
     /// (`heartbeat_timeout_threshold`), `prefetch` (`rabbit_qos_prefetch_count`),
     /// `transient_ttl` (`rabbit_transient_queues_ttl`, seconds, 0 = none), `topic_ttl`
     /// (seconds of `x-expires` on topic and server queues; not set by default), `ssl`,
-    /// `max_message_size`, `max_backoff` (seconds).
+    /// `max_message_size`, `max_backoff` (seconds), and the TLS files `tls_ca_file`,
+    /// `tls_cert_file`, `tls_key_file` (`ssl_ca_file`, `ssl_cert_file`,
+    /// `ssl_key_file`), which turn TLS on.
     pub fn parse(url: &str) -> Result<Self> {
         let bad = |what: &str| Error::InvalidUrl(format!("AMQP URL: {what}"));
         let (scheme, rest) = url
@@ -128,6 +133,7 @@ impl AmqpConfig {
             topic_ttl: None,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             max_backoff: Duration::from_secs(10),
+            tls_files: rpc_core::TlsFiles::default(),
         };
         for pair in query
             .unwrap_or_default()
@@ -138,7 +144,9 @@ impl AmqpConfig {
             let value = decode(value, key)?;
             config.set_option(key, &value, &mut tls)?;
         }
-        config.tls = tls;
+        config.tls_files.validate()?;
+        config.tls = tls || config.tls_files.any();
+        let tls = config.tls;
         let default_port = if tls { 5671 } else { 5672 };
         for netloc in netlocs.split(',') {
             config.hosts.push(parse_host(netloc, default_port)?);
@@ -157,6 +165,9 @@ impl AmqpConfig {
             "0" | "false" | "no" | "off" => Ok(false),
             _ => Err(bad()),
         };
+        if self.tls_files.set_option(key, value).is_some() {
+            return Ok(());
+        }
         match key {
             "exchange" | "control_exchange" => {
                 if value.is_empty() {
@@ -196,7 +207,8 @@ impl AmqpConfig {
                 return Err(Error::InvalidUrl(format!(
                     "AMQP URL: unknown option {other:?} (known: exchange, durable, quorum, \
                      heartbeat, prefetch, transient_ttl, topic_ttl, ssl, max_message_size, \
-                     max_backoff)"
+                     max_backoff, {})",
+                    rpc_core::TlsFiles::OPTION_NAMES
                 )));
             }
         }

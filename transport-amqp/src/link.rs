@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
 use lapin::{Connection, ConnectionProperties};
 use rand::Rng;
@@ -33,6 +34,8 @@ pub(crate) struct Link {
     next_host: AtomicUsize,
     generation: AtomicUsize,
     name: String,
+    /// The CA and client identity from the URL's TLS files, read once.
+    tls: OwnedTLSConfig,
     pub(crate) closed: CancellationToken,
 }
 
@@ -42,7 +45,20 @@ impl Link {
     /// with backoff within `CONNECT_TIMEOUT` overall, while a refusal (nothing
     /// listening, bad credentials) fails at once once every host refused.
     pub(crate) async fn open(config: AmqpConfig) -> Result<Arc<Link>> {
+        let pem = config.tls_files.load()?;
+        let tls = OwnedTLSConfig {
+            identity: pem
+                .identity
+                .map(|(pem, key)| OwnedIdentity::PKCS8 { pem, key }),
+            cert_chain: match pem.ca {
+                Some(ca) => Some(String::from_utf8(ca).map_err(|_| {
+                    Error::InvalidConfig("the TLS CA file is not PEM text".to_owned())
+                })?),
+                None => None,
+            },
+        };
         let link = Arc::new(Link {
+            tls,
             config: Arc::new(config),
             current: Mutex::new(None),
             next_host: AtomicUsize::new(0),
@@ -155,9 +171,7 @@ impl Link {
         let properties =
             ConnectionProperties::default().with_connection_name(self.name.clone().into());
         let connection =
-            match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri, properties))
-                .await
-            {
+            match tokio::time::timeout(CONNECT_TIMEOUT, self.connect_uri(uri, properties)).await {
                 Ok(Ok(connection)) => connection,
                 Ok(Err(err)) => {
                     let transient = is_reset(&err);
@@ -181,6 +195,15 @@ impl Link {
             connection: Arc::new(connection),
             generation,
         })
+    }
+
+    async fn connect_uri(
+        &self,
+        uri: AMQPUri,
+        properties: ConnectionProperties,
+    ) -> lapin::Result<Connection> {
+        let runtime = lapin::runtime::default_runtime()?;
+        Connection::connect_uri_with_config(uri, properties, self.tls.clone(), runtime).await
     }
 
     fn uri(&self, host: &Host) -> AMQPUri {

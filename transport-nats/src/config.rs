@@ -56,6 +56,9 @@ pub struct NatsConfig {
     pub max_age: Duration,
     /// Messages a subscription buffers before the client counts a slow consumer.
     pub subscription_capacity: usize,
+    /// CA and client certificate files (`tls_ca_file`, `tls_cert_file`,
+    /// `tls_key_file`); naming any requires TLS.
+    pub tls_files: rpc_core::TlsFiles,
 }
 
 impl NatsConfig {
@@ -90,6 +93,7 @@ impl NatsConfig {
             ack_wait: Duration::from_secs(30),
             max_age: Duration::from_secs(24 * 3600),
             subscription_capacity: 65_536,
+            tls_files: rpc_core::TlsFiles::default(),
         };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -109,6 +113,9 @@ impl NatsConfig {
                         bad(format!("option {key} must be a positive number of seconds"))
                     })
             };
+            if config.tls_files.set_option(key, &value).is_some() {
+                continue;
+            }
             match key {
                 "prefix" | "exchange" => {
                     if value.is_empty()
@@ -139,11 +146,14 @@ impl NatsConfig {
                 other => {
                     return Err(bad(format!(
                         "unknown option {other:?} (known: prefix, exchange, token, creds, tls, \
-                         jetstream, ack_wait, max_age, subscription_capacity)"
+                         jetstream, ack_wait, max_age, subscription_capacity, {})",
+                        rpc_core::TlsFiles::OPTION_NAMES
                     )));
                 }
             }
         }
+        config.tls_files.validate()?;
+        let tls = tls || config.tls_files.any();
         config.tls = tls;
         let scheme = if tls { "tls" } else { "nats" };
         for netloc in netlocs.split(',') {

@@ -124,6 +124,18 @@ impl NatsTransport {
                     }
                 }
             });
+        // Read here so that a missing file is a clear error, not a failed handshake.
+        let pem = config.tls_files.load()?;
+        if let (Some(_), Some(path)) = (&pem.ca, &config.tls_files.ca_file) {
+            options = options.add_root_certificates(path.clone());
+        }
+        if let (Some(_), Some(cert), Some(key)) = (
+            &pem.identity,
+            &config.tls_files.cert_file,
+            &config.tls_files.key_file,
+        ) {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
         options = match &config.auth {
             Auth::None => options,
             Auth::UserPassword(user, password) => {

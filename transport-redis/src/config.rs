@@ -41,6 +41,9 @@ pub struct RedisConfig {
     pub prune_idle: Duration,
     /// The largest message sent.
     pub max_message_size: usize,
+    /// CA and client certificate files (`tls_ca_file`, `tls_cert_file`,
+    /// `tls_key_file`); naming any turns TLS on (`rediss://`).
+    pub tls_files: rpc_core::TlsFiles,
 }
 
 impl fmt::Debug for RedisConfig {
@@ -56,6 +59,7 @@ impl fmt::Debug for RedisConfig {
             .field("reply_ttl", &self.reply_ttl)
             .field("prune_idle", &self.prune_idle)
             .field("max_message_size", &self.max_message_size)
+            .field("tls_files", &self.tls_files)
             .finish()
     }
 }
@@ -65,7 +69,8 @@ impl RedisConfig {
     ///
     /// Options: `prefix`, `exchange`, `maxlen`, `block_ms`, `claim_idle_ms`,
     /// `stream_ttl` (seconds), `reply_ttl` (seconds), `prune_idle` (seconds),
-    /// `max_message_size` (bytes). Unknown options are errors.
+    /// `max_message_size` (bytes), and the TLS files `tls_ca_file`, `tls_cert_file`,
+    /// `tls_key_file`, which turn TLS on. Unknown options are errors.
     pub fn parse(url: &str) -> Result<Self> {
         let bad = |what: String| Error::InvalidUrl(format!("Redis URL: {what}"));
         let mut parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
@@ -83,6 +88,7 @@ impl RedisConfig {
             reply_ttl: Duration::from_secs(60),
             prune_idle: Duration::from_secs(300),
             max_message_size: 64 * 1024 * 1024,
+            tls_files: rpc_core::TlsFiles::default(),
         };
         let pairs: Vec<(String, String)> = parsed.query_pairs().into_owned().collect();
         for (key, value) in &pairs {
@@ -93,6 +99,9 @@ impl RedisConfig {
                     .filter(|n| *n > 0)
                     .ok_or_else(|| bad(format!("option {key} must be a positive integer")))
             };
+            if config.tls_files.set_option(key, value).is_some() {
+                continue;
+            }
             match key.as_str() {
                 "prefix" | "exchange" => {
                     if value.is_empty() {
@@ -114,10 +123,17 @@ impl RedisConfig {
                 other => {
                     return Err(bad(format!(
                         "unknown option {other:?} (known: prefix, exchange, maxlen, block_ms, \
-                         claim_idle_ms, stream_ttl, reply_ttl, prune_idle, max_message_size)"
+                         claim_idle_ms, stream_ttl, reply_ttl, prune_idle, max_message_size, {})",
+                        rpc_core::TlsFiles::OPTION_NAMES
                     )));
                 }
             }
+        }
+        config.tls_files.validate()?;
+        if config.tls_files.any() && parsed.scheme() == "redis" {
+            parsed
+                .set_scheme("rediss")
+                .map_err(|()| bad("cannot switch to rediss://".to_owned()))?;
         }
         parsed.set_query(None);
         config.connection_url = parsed.to_string();

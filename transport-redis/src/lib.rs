@@ -76,8 +76,23 @@ impl RedisTransport {
 
     /// Connects with a parsed configuration.
     pub async fn with_config(config: RedisConfig) -> Result<Self> {
-        let client = redis::Client::open(config.connection_url.as_str())
-            .map_err(|e| Error::InvalidUrl(format!("Redis URL: {}", e.kind_description())))?;
+        let url = config.connection_url.as_str();
+        let client = if config.tls_files.any() {
+            let pem = config.tls_files.load()?;
+            let certificates = redis::TlsCertificates {
+                client_tls: pem
+                    .identity
+                    .map(|(client_cert, client_key)| redis::ClientTlsConfig {
+                        client_cert,
+                        client_key,
+                    }),
+                root_cert: pem.ca,
+            };
+            redis::Client::build_with_tls(url, certificates)
+        } else {
+            redis::Client::open(url)
+        }
+        .map_err(|e| Error::InvalidUrl(format!("Redis URL: {}", e.kind_description())))?;
         let commands = connection_manager(&client, COMMAND_TIMEOUT)
             .await
             .map_err(|e| redis_error("cannot connect to Redis", e))?;
