@@ -211,91 +211,58 @@ async fn check(
     );
 }
 
+/// Starts `program` with `args`, whitespace-separated, where `{port}`, `{cert}`,
+/// `{key}` and `{ca}` stand for the port and the server's files and `''` for an
+/// empty argument.
+#[cfg(any(feature = "redis", feature = "nats"))]
+async fn own_tls_broker(program: &'static str, args: &str, pki: &Pki) -> Option<OwnBroker> {
+    let files = [
+        ("{cert}", pki.path("server.pem")),
+        ("{key}", pki.path("server.key")),
+        ("{ca}", pki.path("ca.pem")),
+    ];
+    OwnBroker::start(program, |port| {
+        args.split_whitespace()
+            .map(|arg| match arg {
+                "{port}" => port.to_string(),
+                "''" => String::new(),
+                other => files
+                    .iter()
+                    .find(|(name, _)| *name == other)
+                    .map_or_else(|| other.to_owned(), |(_, path)| path.clone()),
+            })
+            .collect()
+    })
+    .await
+}
+
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_over_tls_with_a_client_certificate() {
     let pki = Pki::generate();
-    let (cert, key, ca) = (
-        pki.path("server.pem"),
-        pki.path("server.key"),
-        pki.path("ca.pem"),
-    );
-    let Some(broker) = OwnBroker::start("redis-server", |port| {
-        [
-            "--port",
-            "0",
-            "--tls-port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--tls-cert-file",
-            &cert,
-            "--tls-key-file",
-            &key,
-            "--tls-ca-cert-file",
-            &ca,
-            "--tls-auth-clients",
-            "yes",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ]
-        .map(str::to_owned)
-        .to_vec()
-    })
-    .await
-    else {
+    let args = "--port 0 --tls-port {port} --bind 127.0.0.1 --tls-cert-file {cert} \
+                --tls-key-file {key} --tls-ca-cert-file {ca} --tls-auth-clients yes \
+                --save '' --appendonly no";
+    let Some(broker) = own_tls_broker("redis-server", args, &pki).await else {
         return;
     };
     let port = broker.port;
-    check(
-        "redis",
-        |host, options| format!("rediss://{host}:{port}/?prefix=mqrpc-tls&{options}"),
-        &pki,
-        true,
-    )
-    .await;
+    let url = |host: &str, options| format!("rediss://{host}:{port}/?prefix=mqrpc-tls&{options}");
+    check("redis", url, &pki, true).await;
 }
 
 #[cfg(feature = "nats")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_over_tls_with_a_client_certificate() {
     let pki = Pki::generate();
-    let (cert, key, ca) = (
-        pki.path("server.pem"),
-        pki.path("server.key"),
-        pki.path("ca.pem"),
-    );
-    let Some(broker) = OwnBroker::start("nats-server", |port| {
-        [
-            "-a",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "--tlsverify",
-            "--tlscert",
-            &cert,
-            "--tlskey",
-            &key,
-            "--tlscacert",
-            &ca,
-        ]
-        .map(str::to_owned)
-        .to_vec()
-    })
-    .await
-    else {
+    let args =
+        "-a 127.0.0.1 -p {port} --tlsverify --tlscert {cert} --tlskey {key} --tlscacert {ca}";
+    let Some(broker) = own_tls_broker("nats-server", args, &pki).await else {
         return;
     };
     let port = broker.port;
-    check(
-        "nats",
-        |host, options| format!("tls://{host}:{port}?prefix=mqrpc-tls&{options}"),
-        &pki,
-        true,
-    )
-    .await;
+    let url = |host: &str, options| format!("tls://{host}:{port}?prefix=mqrpc-tls&{options}");
+    check("nats", url, &pki, true).await;
 }
 
 #[cfg(feature = "amqp")]
