@@ -37,6 +37,9 @@ pub(crate) fn refusal(what: &str, failure: &AuthFailure) -> crate::error::Remote
 const SIG_MEMBER: &[u8] = b",\"mqrpc.sig\":\"";
 /// Domain separation: what the MAC is over.
 const LABEL: &[u8] = b"mqrpc-hmac-sha256-v1\n";
+/// Most signatures a receiver remembers for the replay check; beyond it the oldest
+/// are forgotten early (a flood cannot grow memory without bound).
+const MAX_REMEMBERED: usize = 1 << 20;
 /// Shortest key accepted (bytes).
 pub const MIN_KEY_LEN: usize = 16;
 /// How far a message's timestamp may be from the receiver's clock by default.
@@ -234,6 +237,16 @@ impl MessageAuth {
         self
     }
 
+    /// The same keys and counters with a replay memory of its own: each server and
+    /// each client remembers what it received, so two servers in one process both
+    /// take the same fanout cast.
+    pub(crate) fn own_memory(&self) -> Self {
+        MessageAuth {
+            seen: Arc::default(),
+            ..self.clone()
+        }
+    }
+
     /// The key id messages are signed with.
     pub fn key_id(&self) -> &str {
         &self.key_id
@@ -306,6 +319,16 @@ impl MessageAuth {
         let (Some(key_id), Some(ts), Some(tag)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(AuthFailure::Malformed);
         };
+        // One spelling per signature, or a replay could pass as new: the timestamp in
+        // plain decimal without leading zeros, the tag as 64 lower-case hex digits.
+        let canonical_ts = !ts.is_empty()
+            && ts.bytes().all(|b| b.is_ascii_digit())
+            && (ts == "0" || !ts.starts_with('0'));
+        let canonical_tag =
+            tag.len() == 64 && tag.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if !canonical_ts || !canonical_tag {
+            return Err(AuthFailure::Malformed);
+        }
         let ts: u64 = ts.parse().map_err(|_| AuthFailure::Malformed)?;
         let tag = unhex(tag).ok_or(AuthFailure::Malformed)?;
         let key = self
@@ -331,9 +354,9 @@ impl MessageAuth {
     fn remember(&self, signature: &str) -> Result<(), AuthFailure> {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        let keep = self.freshness * 2;
+        let keep = self.freshness.saturating_mul(2);
         while let Some((at, _)) = seen.order.front() {
-            if now.duration_since(*at) <= keep {
+            if now.duration_since(*at) <= keep && seen.order.len() < MAX_REMEMBERED {
                 break;
             }
             if let Some((_, old)) = seen.order.pop_front() {
@@ -396,6 +419,35 @@ mod tests {
         assert!(matches!(strict.open(&sealed), Err(AuthFailure::Stale(_))));
         let r = a.rejections();
         assert_eq!((r.unsigned, r.forged, r.stale), (1, 1, 1));
+    }
+
+    #[test]
+    fn another_spelling_of_a_signature_is_not_a_new_message() {
+        let a = auth("k1", b"0123456789abcdef0123");
+        let sealed = String::from_utf8(a.seal(BODY.to_vec())).expect("utf8");
+        assert_eq!(a.open(sealed.as_bytes()), Ok(()));
+        let (head, sig) = sealed.rsplit_once("\"mqrpc.sig\":\"").expect("signed");
+        let (ts, tag) = sig
+            .strip_prefix("k1:")
+            .and_then(|rest| rest.split_once(':'))
+            .expect("parts");
+        for variant in [
+            format!("k1:0{ts}:{tag}"),
+            format!("k1:+{ts}:{tag}"),
+            format!("k1:{ts}:{}", tag.to_uppercase()),
+        ] {
+            let respelled = format!("{head}\"mqrpc.sig\":\"{variant}");
+            assert_eq!(
+                a.open(respelled.as_bytes()),
+                Err(AuthFailure::Malformed),
+                "{variant}"
+            );
+        }
+        assert_eq!(
+            a.own_memory().open(sealed.as_bytes()),
+            Ok(()),
+            "a memory of its own"
+        );
     }
 
     #[test]

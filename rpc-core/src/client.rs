@@ -126,7 +126,7 @@ impl Client {
             exchange: old.exchange.clone(),
             max_message_size: old.max_message_size,
             broker: old.broker.clone(),
-            auth: Some(auth),
+            auth: Some(auth.own_memory()),
         });
         Client { shared, ..self }
     }

@@ -16,11 +16,12 @@ use bytes::Bytes;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use serde_json::Value;
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::auth::{MessageAuth, refusal};
+use crate::auth::{AuthFailure, MessageAuth, refusal};
 use crate::dispatcher::Dispatcher;
 use crate::endpoint::{Endpoint, Invocation, panic_failure};
 use crate::error::{Error, RemoteError, Result};
@@ -33,6 +34,9 @@ use crate::wire::{self, Reply, Request};
 pub const DEFAULT_CONCURRENCY: usize = 64;
 /// How long `shutdown()` lets in-flight handlers run unless told otherwise.
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
+/// How many refusals of unauthenticated requests a server sends at once; beyond
+/// that, refused requests are dropped without an answer.
+const MAX_REFUSALS_IN_FLIGHT: usize = 16;
 /// How many recent `_unique_id`s a server remembers to drop duplicates.
 const DEDUP_WINDOW: usize = 1024;
 /// Call-monitor intervals below this get no heartbeats (as in oslo.messaging).
@@ -120,7 +124,7 @@ impl ServerBuilder {
     /// logged without its payload, dropped, and answered with
     /// [`crate::AUTH_FAILURE_CLASS`] when it names a reply address.
     pub fn message_auth(mut self, auth: MessageAuth) -> Self {
-        self.auth = Some(auth);
+        self.auth = Some(auth.own_memory());
         self
     }
 
@@ -146,6 +150,7 @@ impl ServerBuilder {
             ack_mode: self.ack_mode,
             topic: Arc::from(self.target.topic.as_str()),
             max_request,
+            refusals: Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT)),
         };
         let task = tokio::spawn(serve(
             consumer,
@@ -222,6 +227,8 @@ struct Serving {
     /// Larger requests are rejected unread.
     max_request: Option<usize>,
     auth: Option<MessageAuth>,
+    /// Bounds the refusals of unauthenticated requests being answered at once.
+    refusals: Arc<Semaphore>,
 }
 
 async fn serve(
@@ -262,7 +269,19 @@ async fn serve(
             Some(Ok(delivery)) => {
                 let (body, acker) = delivery.into_parts();
                 if let Some(work) = accept(body, acker, &serving, &mut seen).await {
-                    running.push(work.run(serving.clone()));
+                    // A panic anywhere in a request (a handler, or an argument's
+                    // `Deserialize`) ends that request, never the server.
+                    running.push(
+                        AssertUnwindSafe(work.run(serving.clone()))
+                            .catch_unwind()
+                            .map(|outcome| {
+                                if outcome.is_err() {
+                                    tracing::error!(
+                                        "a request panicked outside its handler; dropped"
+                                    );
+                                }
+                            }),
+                    );
                 }
             }
             Some(Err(err)) => {
@@ -322,15 +341,25 @@ async fn accept(
         if let Err(err) = acker.reject(false).await {
             tracing::debug!(error = %err, "could not reject an unauthenticated message");
         }
-        // A caller with a wrong key learns why instead of timing out.
-        if let Ok(Request {
-            msg_id: Some(msg_id),
-            reply_to: Some(reply_to),
-            ..
-        }) = wire::decode_request(&body)
+        // A caller with a wrong key learns why instead of timing out; a replay (a
+        // copy of a request already taken) gets no answer, like a duplicate. At most
+        // a few refusals are on their way at once, so a flood costs no more.
+        let answer = !matches!(failure, AuthFailure::Replayed);
+        let permit = answer
+            .then(|| serving.refusals.clone().try_acquire_owned().ok())
+            .flatten();
+        if let (
+            Some(permit),
+            Ok(Request {
+                msg_id: Some(msg_id),
+                reply_to: Some(reply_to),
+                ..
+            }),
+        ) = (permit, wire::decode_request(&body))
         {
             let replier = serving.replier.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let reply = Reply::failure(&msg_id, refusal("request", &failure));
                 if let Err(err) = replier.send(&reply_to, &reply).await {
                     tracing::debug!(error = %err, "could not tell the caller its request was refused");
@@ -588,7 +617,12 @@ struct Replier {
 
 impl Replier {
     async fn send(&self, reply_to: &str, reply: &Reply) -> Result<()> {
-        let mut body = wire::encode_reply(reply)?;
+        let seal = |body: Vec<u8>| match &self.auth {
+            Some(auth) => auth.seal(body),
+            None => body,
+        };
+        // Sealed before the size check: the signature counts against the limit.
+        let mut body = seal(wire::encode_reply(reply)?);
         if let Some(limit) = self.max_message_size {
             if body.len() > limit {
                 // The caller learns why instead of waiting for its timeout.
@@ -599,11 +633,8 @@ impl Replier {
                         body.len()
                     ),
                 );
-                body = wire::encode_reply(&Reply::failure(&reply.msg_id, failure))?;
+                body = seal(wire::encode_reply(&Reply::failure(&reply.msg_id, failure))?);
             }
-        }
-        if let Some(auth) = &self.auth {
-            body = auth.seal(body);
         }
         let outgoing = Outgoing {
             body: Bytes::from(body),

@@ -931,6 +931,45 @@ pub async fn silent_server_fails_the_call_monitor(backend: Backend) {
     holder.abort();
 }
 
+pub async fn graceful_stop_leaves_unhandled_requests_to_other_servers(backend: Backend) {
+    let transport = backend.transport().await;
+    if !transport.capabilities().keeps_messages_without_listener {
+        skip(
+            &backend,
+            "graceful_stop_leaves_unhandled_requests",
+            "capability `keeps_messages_without_listener` is not set",
+        );
+        return;
+    }
+    let mut fx = Fixture::new(&backend, "handback");
+    fx.start_with("s1", |b| b.concurrency(2)).await;
+    let client = fx.client().await;
+    let total = 20u64;
+    for id in 0..total {
+        client
+            .cast(&ctx(), "slow_record", json!({"id": id, "seconds": 0.3}))
+            .await
+            .expect("cast");
+    }
+    // s1 is busy with two and has more read ahead when it stops.
+    fx.recorder.wait_for(2, ARRIVAL).await;
+    let first = fx.servers.pop().expect("s1");
+    first.shutdown().await.expect("graceful stop");
+    fx.start_with("s2", |b| b.concurrency(8)).await;
+    fx.recorder.wait_for(total as usize, ARRIVAL).await;
+    let records = fx.recorder.settled(SETTLE * 3).await;
+    let counts = Recorder::per_id(&records);
+    let missing: Vec<u64> = (0..total).filter(|id| !counts.contains_key(id)).collect();
+    let twice: Vec<u64> = counts
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(id, _)| *id)
+        .collect();
+    assert!(missing.is_empty(), "requests lost at the stop: {missing:?}");
+    assert!(twice.is_empty(), "requests run twice: {twice:?}");
+    fx.shutdown().await;
+}
+
 pub async fn graceful_shutdown_completes_in_flight_calls(backend: Backend) {
     let mut fx = Fixture::new(&backend, "shutdown");
     fx.start(1).await;
@@ -1266,6 +1305,7 @@ macro_rules! conformance_suite {
             heartbeats_keep_a_long_call_alive,
             silent_server_fails_the_call_monitor,
             graceful_shutdown_completes_in_flight_calls,
+            graceful_stop_leaves_unhandled_requests_to_other_servers,
             malformed_bytes_are_rejected_and_the_server_keeps_serving,
             reply_to_a_vanished_queue_is_dropped_and_the_server_keeps_serving,
             concurrency_limit_bounds_in_flight_handlers,

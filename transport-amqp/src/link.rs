@@ -41,9 +41,10 @@ pub(crate) struct Link {
 
 impl Link {
     /// Opens the first connection. Each host is tried in turn; a broker that resets
-    /// or stalls the handshake (RabbitMQ under a storm of connections) is tried again
-    /// with backoff within `CONNECT_TIMEOUT` overall, while a refusal (nothing
-    /// listening, bad credentials) fails at once once every host refused.
+    /// the handshake (RabbitMQ under a storm of connections) is tried again with
+    /// backoff within `CONNECT_TIMEOUT` overall, while a refusal (nothing listening,
+    /// bad credentials) or a handshake that stalls for the whole `CONNECT_TIMEOUT`
+    /// fails once every host failed.
     pub(crate) async fn open(config: AmqpConfig) -> Result<Arc<Link>> {
         let pem = config.tls_files.load()?;
         let tls = OwnedTLSConfig {

@@ -56,6 +56,9 @@ return 0
     )
 });
 
+/// The longest a `NOACK` read blocks, so that a stopping server waits for it briefly.
+const ON_READ_BLOCK: Duration = Duration::from_millis(500);
+
 /// How many entry ids one `DELETE_SETTLED` call takes (Lua's stack bounds `unpack`).
 const DELETE_CHUNK: usize = 512;
 
@@ -226,6 +229,8 @@ fn field_bytes(map: &HashMap<String, Value>, field: &str) -> Option<Vec<u8>> {
 
 /// A server's consumer.
 pub(crate) struct ServerConsumer {
+    /// Read with NOACK: deliveries buffered here exist nowhere else.
+    settle_on_receipt: bool,
     rx: mpsc::Receiver<Result<Delivery>>,
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -315,6 +320,7 @@ impl ServerConsumer {
         ];
         tracing::debug!(instance = %keys.instance, topic = %keys.topic, "listening on Redis streams");
         Ok(ServerConsumer {
+            settle_on_receipt: options.settle_on_receipt,
             rx,
             stop,
             tasks,
@@ -367,6 +373,16 @@ impl Consumer for ServerConsumer {
         self.stop.cancel();
         // Wakes a task blocked handing over a delivery nobody will take any more.
         self.rx.close();
+        // Deliveries read with NOACK but never handed out: put back (see
+        // `Reader::give_back`). Read into the pending list, they are claimed instead.
+        while let Ok(delivery) = self.rx.try_recv() {
+            if let (true, Ok(delivery)) = (self.settle_on_receipt, delivery) {
+                let (_, acker) = delivery.into_parts();
+                if let Err(err) = acker.reject(true).await {
+                    tracing::warn!(error = %err, "could not put back a request read before stopping");
+                }
+            }
+        }
         for task in self.tasks.drain(..) {
             let _ = task.await;
         }
@@ -407,8 +423,34 @@ struct Reader {
 }
 
 impl Reader {
+    /// Whether entries are read with `NOACK` (nothing pending at Redis).
+    fn on_read(&self) -> bool {
+        matches!(self.settle, Settle::OnRead(_))
+    }
+
+    /// A delivery read but not handed out while the consumer stops. Read with
+    /// `NOACK`, a topic or server entry exists only here: it is added to its stream
+    /// again for another server (a fanout entry is not: every other server has its
+    /// own copy). Otherwise it is still pending and another server claims it.
+    async fn give_back(&self, delivery: Delivery) {
+        if self.on_read() {
+            let (_, acker) = delivery.into_parts();
+            if let Err(err) = acker.reject(true).await {
+                tracing::warn!(error = %err, "could not put back a request read before stopping");
+            }
+        }
+    }
+
     async fn run(mut self) {
-        let block_ms = self.shared.config.block.as_millis().max(1);
+        let on_read = self.on_read();
+        let block = if on_read {
+            // A NOACK read is never cancelled (what it returns would be lost), so a
+            // stop waits for it: keep the wait short.
+            self.shared.config.block.min(ON_READ_BLOCK)
+        } else {
+            self.shared.config.block
+        };
+        let block_ms = block.as_millis().max(1);
         let mut attempt = 0u32;
         loop {
             // Read only as much as there is room for: waiting work stays in Redis.
@@ -434,14 +476,19 @@ impl Reader {
             for _ in &self.streams {
                 cmd.arg(">");
             }
-            let read: redis::RedisResult<Option<StreamReadReply>> = tokio::select! {
-                _ = self.stop.cancelled() => return,
-                read = cmd.query_async(&mut self.conn) => read,
+            let read: redis::RedisResult<Option<StreamReadReply>> = if on_read {
+                cmd.query_async(&mut self.conn).await
+            } else {
+                tokio::select! {
+                    _ = self.stop.cancelled() => return,
+                    read = cmd.query_async(&mut self.conn) => read,
+                }
             };
             match read {
                 Ok(None) => {}
                 Ok(Some(reply)) => {
                     attempt = 0;
+                    let mut stopping = false;
                     for stream in reply.keys {
                         for entry in stream.ids {
                             let Some(delivery) = delivery(
@@ -455,11 +502,26 @@ impl Reader {
                             else {
                                 continue;
                             };
-                            tokio::select! {
-                                _ = self.stop.cancelled() => return,
-                                sent = self.tx.send(Ok(delivery)) => if sent.is_err() { return },
+                            if stopping || self.stop.is_cancelled() {
+                                stopping = true;
+                                self.give_back(delivery).await;
+                                continue;
+                            }
+                            let reserved = tokio::select! {
+                                _ = self.stop.cancelled() => None,
+                                permit = self.tx.reserve() => permit.ok(),
+                            };
+                            match reserved {
+                                Some(permit) => permit.send(Ok(delivery)),
+                                None => {
+                                    stopping = true;
+                                    self.give_back(delivery).await;
+                                }
                             }
                         }
+                    }
+                    if stopping {
+                        return;
                     }
                 }
                 Err(err) if is_missing_group(&err) => {
@@ -758,7 +820,10 @@ impl Acker for RedisAcker {
     }
 
     async fn reject(mut self: Box<Self>, requeue: bool) -> Result<()> {
-        if requeue {
+        // A fanout entry read with NOACK is not added again: every other server of
+        // the topic reads its own copy, and they would get it twice.
+        let fanout_on_read = matches!(self.settle, Settle::OnRead(_)) && self.group != GROUP;
+        if requeue && !fanout_on_read {
             // Streams cannot put an entry back: add it again, then settle the old one.
             redis::cmd("XADD")
                 .arg(&self.key)
