@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::Either;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use serde_json::Value;
@@ -268,10 +269,10 @@ async fn serve(
         match next {
             Some(Ok(delivery)) => {
                 let (body, acker) = delivery.into_parts();
-                if let Some(work) = accept(body, acker, &serving, &mut seen).await {
+                match accept(body, acker, &serving, &mut seen) {
                     // A panic anywhere in a request (a handler, or an argument's
                     // `Deserialize`) ends that request, never the server.
-                    running.push(
+                    Accepted::Work(work) => running.push(Either::Left(
                         AssertUnwindSafe(work.run(serving.clone()))
                             .catch_unwind()
                             .map(|outcome| {
@@ -281,7 +282,10 @@ async fn serve(
                                     );
                                 }
                             }),
-                    );
+                    )),
+                    // Settling a refused message takes a slot too, so a flood of bad
+                    // messages is bounded like work and never stalls this loop.
+                    Accepted::Settle(settle) => running.push(Either::Right(settle.run())),
                 }
             }
             Some(Err(err)) => {
@@ -315,21 +319,44 @@ async fn serve(
     }
 }
 
-/// Decodes and settles a delivery as the ack mode says; returns the work to run.
-async fn accept(
-    body: Bytes,
+/// What to do with a delivery: run it, or only settle it.
+// Lives for one `match`; boxing the work would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
+enum Accepted {
+    Work(Work),
+    Settle(Settle),
+}
+
+/// A delivery that is not run: acked (a duplicate) or rejected for good.
+struct Settle {
     acker: Box<dyn Acker>,
-    serving: &Serving,
-    seen: &mut RecentIds,
-) -> Option<Work> {
+    ack: bool,
+}
+
+impl Settle {
+    fn reject(acker: Box<dyn Acker>) -> Accepted {
+        Accepted::Settle(Settle { acker, ack: false })
+    }
+
+    async fn run(self) {
+        let settled = if self.ack {
+            self.acker.ack().await
+        } else {
+            self.acker.reject(false).await
+        };
+        if let Err(err) = settled {
+            tracing::debug!(error = %err, ack = self.ack, "could not settle a refused message");
+        }
+    }
+}
+
+/// Checks and decodes a delivery; returns the work to run, or how to settle it.
+fn accept(body: Bytes, acker: Box<dyn Acker>, serving: &Serving, seen: &mut RecentIds) -> Accepted {
     if let Some(limit) = serving.max_request.filter(|limit| body.len() > *limit) {
         // Dropped for good and never parsed: its size alone is reason enough.
         tracing::warn!(size = body.len(), limit, topic = %serving.topic,
             "rejecting a request above the message size limit");
-        if let Err(err) = acker.reject(false).await {
-            tracing::debug!(error = %err, "could not reject an oversized message");
-        }
-        return None;
+        return Settle::reject(acker);
     }
     if let Some(failure) = serving
         .auth
@@ -338,9 +365,6 @@ async fn accept(
     {
         tracing::warn!(reason = %failure, size = body.len(), topic = %serving.topic,
             "rejecting a request that fails authentication");
-        if let Err(err) = acker.reject(false).await {
-            tracing::debug!(error = %err, "could not reject an unauthenticated message");
-        }
         // A caller with a wrong key learns why instead of timing out; a replay (a
         // copy of a request already taken) gets no answer, like a duplicate. At most
         // a few refusals are on their way at once, so a flood costs no more.
@@ -366,7 +390,7 @@ async fn accept(
                 }
             });
         }
-        return None;
+        return Settle::reject(acker);
     }
     let request = match wire::decode_request(&body) {
         Ok(request) => request,
@@ -376,22 +400,16 @@ async fn accept(
                 "rejecting malformed message");
             tracing::trace!(prefix = %String::from_utf8_lossy(&body[..body.len().min(64)]),
                 "malformed message prefix");
-            if let Err(err) = acker.reject(false).await {
-                tracing::debug!(error = %err, "could not reject malformed message");
-            }
-            return None;
+            return Settle::reject(acker);
         }
     };
     if let Some(unique_id) = &request.unique_id {
         if !seen.insert(unique_id) {
             tracing::info!(unique_id, method = %request.method, "dropping duplicate request");
-            if let Err(err) = acker.ack().await {
-                tracing::debug!(error = %err, "could not ack duplicate");
-            }
-            return None;
+            return Accepted::Settle(Settle { acker, ack: true });
         }
     }
-    Some(Work {
+    Accepted::Work(Work {
         request,
         acker,
         ack_mode: serving.ack_mode,
