@@ -97,6 +97,22 @@ struct Scene {
     client: Client,
 }
 
+/// Prints a `FIGURES` line and appends it to `reliability-figures.txt` in cargo's
+/// temporary directory for tests (`target/tmp`), so a run's figures outlive its
+/// captured output.
+fn figures(line: String) {
+    eprintln!("{line}");
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("reliability-figures.txt");
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        use std::io::Write;
+        let _ = writeln!(file, "{line}");
+    }
+}
+
 /// Resolves `host:port` to the address a proxy forwards to.
 pub async fn upstream(host_port: &str) -> SocketAddr {
     tokio::net::lookup_host(host_port)
@@ -211,7 +227,7 @@ pub async fn twenty_cuts(rig: &Rig) {
     let max = recoveries.iter().max().copied().unwrap_or_default();
     let mean = recoveries.iter().sum::<Duration>() / recoveries.len() as u32;
     let hung = seen.hung.load(Ordering::Relaxed);
-    eprintln!(
+    figures(format!(
         "FIGURES {} cuts=20 hung={hung} recovery_max_ms={} recovery_mean_ms={} \
          calls_ok={} calls_failed={} casts_ok={} casts_failed={} longest_call_ms={}",
         rig.name,
@@ -222,7 +238,7 @@ pub async fn twenty_cuts(rig: &Rig) {
         seen.casts_ok.load(Ordering::Relaxed),
         seen.casts_failed.load(Ordering::Relaxed),
         seen.longest_ms.load(Ordering::Relaxed),
-    );
+    ));
     assert_eq!(hung, 0, "{}: calls hung past their timeout", rig.name);
     assert!(
         max < RECOVERY_LIMIT,
@@ -292,12 +308,12 @@ pub async fn black_hole(rig: &Rig) {
     let recovered = first_success(&client, Duration::from_secs(30))
         .await
         .unwrap_or_else(|| panic!("{}: no recovery after the black hole", rig.name));
-    eprintln!(
+    figures(format!(
         "FIGURES {} black_hole timeout_after_ms={} recovery_ms={} error=\"{text}\"",
         rig.name,
         waited.as_millis(),
         released.elapsed().max(recovered).as_millis()
-    );
+    ));
     server.shutdown().await.expect("shutdown");
 }
 
@@ -338,11 +354,11 @@ pub async fn added_latency(rig: &Rig) {
         .await
         .expect("after the latency");
     assert_eq!(sum, 15);
-    eprintln!(
+    figures(format!(
         "FIGURES {} latency call_with_150ms_each_way_ms={}",
         rig.name,
         slow.as_millis()
-    );
+    ));
     server.shutdown().await.expect("shutdown");
 }
 
@@ -386,12 +402,12 @@ pub async fn confirmed_casts_survive_cuts(rig: &Rig, total: u64) {
     let records = recorder.settled(Duration::from_secs(1)).await;
     let counts = Recorder::per_id(&records);
     let duplicated: usize = counts.values().map(|n| n.saturating_sub(1)).sum();
-    eprintln!(
+    figures(format!(
         "FIGURES {} confirmed_casts sent={total} confirmed={} unconfirmed={unconfirmed} \
          lost={lost} duplicated={duplicated} cuts=4",
         rig.name,
         confirmed.len()
-    );
+    ));
     assert_eq!(lost, 0, "{}: confirmed casts were lost", rig.name);
     assert!(
         confirmed.len() as u64 > total / 2,
@@ -484,7 +500,7 @@ pub async fn load(backend: &Backend, total: u64, concurrency: usize) {
     // Let the server count the last requests, then compare: each handled once.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let handled = handled.load(Ordering::Relaxed) as u64 - 1;
-    eprintln!(
+    figures(format!(
         "FIGURES {} load calls={total} concurrency={concurrency} lost={lost} \
          misrouted={} duplicated={duplicated} failed={} handled={handled} seconds={:.1} \
          calls_per_s={:.0} rss_growth_mib={growth_mib:.1}",
@@ -493,7 +509,7 @@ pub async fn load(backend: &Backend, total: u64, concurrency: usize) {
         failed.load(Ordering::Relaxed),
         elapsed.as_secs_f64(),
         total as f64 / elapsed.as_secs_f64(),
-    );
+    ));
     assert_eq!(lost, 0, "{}: calls without their reply", backend.name);
     assert_eq!(
         misrouted.load(Ordering::Relaxed),
@@ -717,11 +733,11 @@ where
     let recovered = first_success(&client, Duration::from_secs(30))
         .await
         .unwrap_or_else(|| panic!("{name}: no recovery after the broker restarted"));
-    eprintln!(
+    figures(format!(
         "FIGURES {name} broker_restart down_ms={} recovery_after_restart_ms={}",
         up_after.as_millis(),
         recovered.as_millis()
-    );
+    ));
     crate::suite::calls_work_again(&client, Instant::now(), name, 20).await;
     recorder.wait_for(1, Duration::from_secs(20)).await;
     server.shutdown().await.expect("shutdown");
