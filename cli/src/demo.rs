@@ -86,12 +86,13 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
         .server
         .unwrap_or_else(|| format!("mqrpc-{}", std::process::id()));
     let transport = mqrpc::connect(&args.url).await.context("connecting")?;
-    let server = Server::builder(transport, Target::new(&args.topic).server(&server_name))
+    let mut builder = Server::builder(transport, Target::new(&args.topic).server(&server_name))
         .endpoint(endpoint(Arc::new(AtomicU64::new(0))))
-        .concurrency(args.concurrency)
-        .start()
-        .await
-        .context("starting the server")?;
+        .concurrency(args.concurrency);
+    if let Some(auth) = args.auth.message_auth()? {
+        builder = builder.message_auth(auth);
+    }
+    let server = builder.start().await.context("starting the server")?;
     eprintln!(
         "mqrpc: serving topic {} as server {} (Ctrl-C stops)",
         args.topic, server_name

@@ -44,6 +44,50 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// Message authentication (HMAC-SHA256), for peers that require signed messages.
+#[derive(Args, Debug, Default)]
+pub(crate) struct AuthArgs {
+    /// Sign with the key in this file (its bytes; a trailing newline is ignored) and
+    /// accept messages it signs; needs --auth-key-id.
+    #[arg(long, env = "MQRPC_AUTH_KEY_FILE", requires = "auth_key_id")]
+    pub(crate) auth_key_file: Option<std::path::PathBuf>,
+    /// The id of that key.
+    #[arg(long, env = "MQRPC_AUTH_KEY_ID", requires = "auth_key_file")]
+    pub(crate) auth_key_id: Option<String>,
+    /// Also accept messages signed with another key, as ID=FILE (repeatable; for key
+    /// rotation).
+    #[arg(long, value_name = "ID=FILE")]
+    pub(crate) auth_accept: Vec<String>,
+}
+
+impl AuthArgs {
+    /// The `MessageAuth` these options describe, if any.
+    pub(crate) fn message_auth(&self) -> Result<Option<mqrpc::MessageAuth>> {
+        let read = |path: &std::path::Path| -> Result<Vec<u8>> {
+            let mut key = std::fs::read(path)
+                .with_context(|| format!("reading the key file {}", path.display()))?;
+            while key.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                key.pop();
+            }
+            Ok(key)
+        };
+        let (Some(id), Some(file)) = (&self.auth_key_id, &self.auth_key_file) else {
+            if !self.auth_accept.is_empty() {
+                bail!("--auth-accept needs --auth-key-id and --auth-key-file");
+            }
+            return Ok(None);
+        };
+        let mut auth = mqrpc::MessageAuth::new(id.clone(), read(file)?)?;
+        for other in &self.auth_accept {
+            let (id, file) = other
+                .split_once('=')
+                .with_context(|| format!("--auth-accept {other:?} is not ID=FILE"))?;
+            auth = auth.accept(id, read(std::path::Path::new(file))?)?;
+        }
+        Ok(Some(auth))
+    }
+}
+
 /// Where to send and what.
 #[derive(Args, Debug)]
 struct CallArgs {
@@ -74,6 +118,8 @@ struct CallArgs {
     /// Context as a JSON object.
     #[arg(long, default_value = "{}")]
     context: String,
+    #[command(flatten)]
+    auth: AuthArgs,
     /// Method name.
     method: String,
     /// Keyword arguments as a JSON object.
@@ -110,6 +156,8 @@ pub(crate) struct ServeArgs {
     /// Handlers running at once.
     #[arg(long, default_value_t = mqrpc::DEFAULT_CONCURRENCY)]
     pub(crate) concurrency: usize,
+    #[command(flatten)]
+    pub(crate) auth: AuthArgs,
 }
 
 fn parse_object(text: &str, what: &str) -> Result<serde_json::Map<String, Value>> {
@@ -119,15 +167,19 @@ fn parse_object(text: &str, what: &str) -> Result<serde_json::Map<String, Value>
     }
 }
 
-fn client(transport: std::sync::Arc<dyn mqrpc::Transport>, args: &CallArgs) -> Client {
+fn client(transport: std::sync::Arc<dyn mqrpc::Transport>, args: &CallArgs) -> Result<Client> {
     let mut target = Target::new(&args.topic);
     target.server.clone_from(&args.server);
     target.fanout = args.fanout;
     target.namespace.clone_from(&args.namespace);
     target.version = args.version;
-    Client::new(transport, target)
+    let client = Client::new(transport, target)
         .timeout(args.timeout)
-        .call_monitor(args.call_monitor)
+        .call_monitor(args.call_monitor);
+    Ok(match args.auth.message_auth()? {
+        Some(auth) => client.message_auth(auth),
+        None => client,
+    })
 }
 
 /// Prints an RPC error the way an operator needs it, and gives the exit status.
@@ -243,7 +295,7 @@ async fn prepare(args: &CallArgs) -> Result<(Client, Context, serde_json::Map<St
     let kwargs = parse_object(&args.args, "ARGS")?;
     let ctx = Context::from(parse_object(&args.context, "--context")?);
     let transport = mqrpc::connect(&args.url).await.context("connecting")?;
-    Ok((client(transport, args), ctx, kwargs))
+    Ok((client(transport, args)?, ctx, kwargs))
 }
 
 #[tokio::main]

@@ -162,6 +162,52 @@ fn serve_and_call_as_processes_on_nats() {
 }
 
 #[test]
+fn signed_serve_and_call_as_processes_on_nats() {
+    if !nats_available() {
+        return;
+    }
+    let url = nats_url();
+    let topic = format!("cli_signed_{}", std::process::id());
+    let dir = std::env::temp_dir().join(format!("mqrpc-cli-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("key directory");
+    let key = dir.join("k1.key");
+    let wrong = dir.join("wrong.key");
+    std::fs::write(&key, "a shared secret of thirty-two b.\n").expect("key");
+    std::fs::write(&wrong, "not the shared secret, 32 bytes.").expect("key");
+    let key_path = key.display().to_string();
+    let mut child = Command::new(MQRPC)
+        .args(["serve", "--url", &url, "--topic", &topic, "--server", "s1"])
+        .args(["--auth-key-id", "k1", "--auth-key-file", &key_path])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start mqrpc serve");
+    let stdout = child.stdout.take().expect("stdout");
+    let serving = Serving(child);
+    let mut ready = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut ready)
+        .expect("read the ready line");
+    let call = |auth: &[&str]| {
+        let mut all = vec!["call", "--url", &url, "--topic", &topic, "--timeout", "10s"];
+        all.extend_from_slice(auth);
+        all.extend_from_slice(&["add", r#"{"a": 2, "b": 2}"#]);
+        mqrpc(&all)
+    };
+    let (code, out, err) = call(&["--auth-key-id", "k1", "--auth-key-file", &key_path]);
+    assert_eq!((code, out.trim()), (0, "4"), "{err}");
+    let (code, _, err) = call(&[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("message authentication failed"), "{err}");
+    let wrong_path = wrong.display().to_string();
+    let (code, _, err) = call(&["--auth-key-id", "k1", "--auth-key-file", &wrong_path]);
+    assert_eq!(code, 1);
+    assert!(err.contains("does not verify"), "{err}");
+    drop(serving);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn bench_runs_on_the_memory_bus_and_writes_its_files() {
     let out = std::env::temp_dir().join(format!("mqrpc-bench-{}", std::process::id()));
     let (code, stdout, stderr) = mqrpc(&[
