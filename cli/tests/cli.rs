@@ -45,15 +45,11 @@ impl Drop for Serving {
     }
 }
 
-#[test]
-fn serve_and_call_as_processes_on_nats() {
-    if !nats_available() {
-        return;
-    }
-    let url = nats_url();
-    let topic = format!("cli_{}", std::process::id());
+/// `mqrpc serve` as server `s1` of `topic`, once it says it is ready.
+fn serve(url: &str, topic: &str, extra: &[&str]) -> Serving {
     let mut child = Command::new(MQRPC)
-        .args(["serve", "--url", &url, "--topic", &topic, "--server", "s1"])
+        .args(["serve", "--url", url, "--topic", topic, "--server", "s1"])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -65,6 +61,17 @@ fn serve_and_call_as_processes_on_nats() {
         .read_line(&mut ready)
         .expect("read the ready line");
     assert!(ready.contains("\"ready\""), "{ready:?}");
+    serving
+}
+
+#[test]
+fn serve_and_call_as_processes_on_nats() {
+    if !nats_available() {
+        return;
+    }
+    let url = nats_url();
+    let topic = format!("cli_{}", std::process::id());
+    let serving = serve(&url, &topic, &[]);
 
     let common = [
         "--url",
@@ -175,19 +182,11 @@ fn signed_serve_and_call_as_processes_on_nats() {
     std::fs::write(&key, "a shared secret of thirty-two b.\n").expect("key");
     std::fs::write(&wrong, "not the shared secret, 32 bytes.").expect("key");
     let key_path = key.display().to_string();
-    let mut child = Command::new(MQRPC)
-        .args(["serve", "--url", &url, "--topic", &topic, "--server", "s1"])
-        .args(["--auth-key-id", "k1", "--auth-key-file", &key_path])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start mqrpc serve");
-    let stdout = child.stdout.take().expect("stdout");
-    let serving = Serving(child);
-    let mut ready = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut ready)
-        .expect("read the ready line");
+    let serving = serve(
+        &url,
+        &topic,
+        &["--auth-key-id", "k1", "--auth-key-file", &key_path],
+    );
     let call = |auth: &[&str]| {
         let mut all = vec!["call", "--url", &url, "--topic", &topic, "--timeout", "10s"];
         all.extend_from_slice(auth);
