@@ -657,9 +657,14 @@ impl OwnBroker {
             .kill_on_drop(true)
             .spawn()?;
         self.child = Some(child);
+        self.listening(self.port).await
+    }
+
+    /// Waits up to 60 s until `port` accepts connections.
+    async fn listening(&self, port: u16) -> std::io::Result<()> {
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(60) {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
                 .is_ok()
             {
@@ -668,8 +673,8 @@ impl OwnBroker {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Err(std::io::Error::other(format!(
-            "{} did not listen on {}",
-            self.program, self.port
+            "{} did not listen on {port}",
+            self.program
         )))
     }
 
@@ -683,17 +688,8 @@ impl OwnBroker {
 
     /// Waits until `port` accepts connections too (a second listener).
     pub async fn wait_for_port(&self, port: u16) {
-        let started = Instant::now();
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "{} did not listen on {port}",
-                self.program
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if let Err(err) = self.listening(port).await {
+            panic!("{err}");
         }
     }
 

@@ -114,6 +114,12 @@ pub async fn calls_work_again(
     }
     let recovered = recovered.expect("calls succeed again after reconnection");
     eprintln!("{backend} recovered {recovered:?} after the cut");
+    directed_and_fanout_work(client).await;
+    recovered
+}
+
+/// A call directed at `s1` reaches it, and a fanout cast (`record` id 1) is sent.
+async fn directed_and_fanout_work(client: &Client) {
     let who: String = client
         .prepare()
         .server("s1")
@@ -127,7 +133,6 @@ pub async fn calls_work_again(
         .cast(&ctx(), "record", json!({"id": 1}))
         .await
         .expect("fanout");
-    recovered
 }
 
 /// Runs a case body with the case bound.
@@ -1103,19 +1108,7 @@ pub async fn monitor_sees_a_topics_traffic_without_taking_it(backend: Backend) {
         .await
         .expect("the server still answers");
     assert_eq!(sum, 3);
-    let who: String = client
-        .prepare()
-        .server("s1")
-        .call(&ctx(), "whoami", mqrpc::NoArgs {})
-        .await
-        .expect("directed");
-    assert_eq!(who, "s1");
-    client
-        .prepare()
-        .fanout(true)
-        .cast(&ctx(), "record", json!({"id": 1}))
-        .await
-        .expect("fanout");
+    directed_and_fanout_work(&client).await;
     fx.recorder.wait_for(1, ARRIVAL).await;
     let mut seen = Vec::new();
     while seen.len() < 3 {

@@ -373,14 +373,10 @@ impl Consumer for ServerConsumer {
         self.stop.cancel();
         // Wakes a task blocked handing over a delivery nobody will take any more.
         self.rx.close();
-        // Deliveries read with NOACK but never handed out: put back (see
-        // `Reader::give_back`). Read into the pending list, they are claimed instead.
+        // Deliveries read but never handed out (see `give_back`).
         while let Ok(delivery) = self.rx.try_recv() {
-            if let (true, Ok(delivery)) = (self.settle_on_receipt, delivery) {
-                let (_, acker) = delivery.into_parts();
-                if let Err(err) = acker.reject(true).await {
-                    tracing::warn!(error = %err, "could not put back a request read before stopping");
-                }
+            if let Ok(delivery) = delivery {
+                give_back(self.settle_on_receipt, delivery).await;
             }
         }
         for task in self.tasks.drain(..) {
@@ -409,6 +405,20 @@ impl Drop for ServerConsumer {
     }
 }
 
+/// A delivery read but not handed out while the consumer stops. Read with `NOACK`
+/// (`on_read`), a topic or server entry exists only here: it is added to its stream
+/// again for another server (a fanout entry is not: every other server has its own
+/// copy; see `RedisAcker::reject`). Otherwise it is still pending and another server
+/// claims it.
+async fn give_back(on_read: bool, delivery: Delivery) {
+    if on_read {
+        let (_, acker) = delivery.into_parts();
+        if let Err(err) = acker.reject(true).await {
+            tracing::warn!(error = %err, "could not put back a request read before stopping");
+        }
+    }
+}
+
 /// One blocking `XREADGROUP` loop.
 struct Reader {
     settle: Settle,
@@ -426,19 +436,6 @@ impl Reader {
     /// Whether entries are read with `NOACK` (nothing pending at Redis).
     fn on_read(&self) -> bool {
         matches!(self.settle, Settle::OnRead(_))
-    }
-
-    /// A delivery read but not handed out while the consumer stops. Read with
-    /// `NOACK`, a topic or server entry exists only here: it is added to its stream
-    /// again for another server (a fanout entry is not: every other server has its
-    /// own copy). Otherwise it is still pending and another server claims it.
-    async fn give_back(&self, delivery: Delivery) {
-        if self.on_read() {
-            let (_, acker) = delivery.into_parts();
-            if let Err(err) = acker.reject(true).await {
-                tracing::warn!(error = %err, "could not put back a request read before stopping");
-            }
-        }
     }
 
     async fn run(mut self) {
@@ -504,7 +501,7 @@ impl Reader {
                             };
                             if stopping || self.stop.is_cancelled() {
                                 stopping = true;
-                                self.give_back(delivery).await;
+                                give_back(on_read, delivery).await;
                                 continue;
                             }
                             let reserved = tokio::select! {
@@ -515,7 +512,7 @@ impl Reader {
                                 Some(permit) => permit.send(Ok(delivery)),
                                 None => {
                                     stopping = true;
-                                    self.give_back(delivery).await;
+                                    give_back(on_read, delivery).await;
                                 }
                             }
                         }

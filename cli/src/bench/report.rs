@@ -25,6 +25,16 @@ fn raw_rate(raw: Option<&Figures>, pick: impl Fn(&Figures) -> &Vec<Rate>, x: usi
     })
 }
 
+/// One row: mqrpc's figure, the raw client's (or `-`), and their ratio.
+fn compared(out: &mut String, name: &str, ours: f64, theirs: Option<f64>) {
+    let theirs_text = theirs.map_or("-".to_owned(), |t| format!("{t:.0}"));
+    let _ = writeln!(
+        out,
+        "| {name} | {ours:.0} | {theirs_text} | {} |",
+        ratio(ours, theirs)
+    );
+}
+
 /// The run as a markdown table.
 pub(crate) fn markdown(run: &Run) -> String {
     let raw = run.raw.as_ref();
@@ -56,35 +66,18 @@ pub(crate) fn markdown(run: &Run) -> String {
                 raw_latency.map(|l| l.p999_us),
             ),
         ] {
-            let theirs_text = theirs.map_or("-".to_owned(), |t| format!("{t:.0}"));
-            let _ = writeln!(
-                out,
-                "| {name} | {ours:.0} | {theirs_text} | {} |",
-                ratio(ours, theirs)
-            );
+            compared(&mut out, name, ours, theirs);
         }
     }
     for rate in &run.mqrpc.throughput {
         let theirs = raw_rate(raw, |f| &f.throughput, rate.x);
-        let _ = writeln!(
-            out,
-            "| calls/s at concurrency {} | {:.0} | {} | {} |",
-            rate.x,
-            rate.calls_per_s,
-            theirs.map_or("-".to_owned(), |t| format!("{t:.0}")),
-            ratio(rate.calls_per_s, theirs)
-        );
+        let name = format!("calls/s at concurrency {}", rate.x);
+        compared(&mut out, &name, rate.calls_per_s, theirs);
     }
     for rate in &run.mqrpc.payloads {
         let theirs = raw_rate(raw, |f| &f.payloads, rate.x);
-        let _ = writeln!(
-            out,
-            "| calls/s, {} B payload, concurrency 16 | {:.0} | {} | {} |",
-            rate.x,
-            rate.calls_per_s,
-            theirs.map_or("-".to_owned(), |t| format!("{t:.0}")),
-            ratio(rate.calls_per_s, theirs)
-        );
+        let name = format!("calls/s, {} B payload, concurrency 16", rate.x);
+        compared(&mut out, &name, rate.calls_per_s, theirs);
     }
     for rate in &run.mqrpc.servers {
         let _ = writeln!(
