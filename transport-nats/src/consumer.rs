@@ -4,11 +4,13 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
+use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use async_nats::jetstream::{self, AckKind};
 use async_trait::async_trait;
+use futures::StreamExt;
 use futures::stream::{BoxStream, SelectAll};
-use futures::{StreamExt, TryStreamExt};
 use rpc_core::wire::{Reply, encode_reply};
 use rpc_core::{
     Acker, Consumer, Delivery, Error, NO_RESPONDERS_CLASS, NoAck, RemoteError, Result,
@@ -65,6 +67,78 @@ fn plain(subscriber: async_nats::Subscriber) -> Deliveries {
     subscriber
         .map(|message| Ok(Delivery::new(message.payload, Box::new(NoAck))))
         .boxed()
+}
+
+/// How long one pull request waits on the server. Short, so a request the server
+/// dropped (its inbox lost interest during a disconnect) is replaced soon.
+const PULL_EXPIRES: Duration = Duration::from_secs(10);
+/// Idle heartbeat asked of the server while a pull request waits; two missed
+/// heartbeats mean the request is gone and the pull is started again.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
+/// Pause before starting a pull again after it failed to start.
+const PULL_RETRY: Duration = Duration::from_millis(500);
+
+/// The casts of one JetStream consumer, pulled in batches of `batch`.
+///
+/// async-nats renews its pull request when the client reconnects, but it can miss a
+/// quick disconnect and reconnect, and the server drops a pull request whose inbox lost
+/// interest: the pull would then wait out its expiry while casts sit in the stream.
+/// Heartbeats reveal that, and the pull is started afresh; it is also started
+/// again if it ends. Messages delivered to an abandoned pull and not yet acked are
+/// redelivered after `ack_wait`.
+fn pulled(consumer: jetstream::consumer::PullConsumer, batch: usize) -> Deliveries {
+    type Pull = jetstream::consumer::pull::Stream;
+    let start = move |consumer: jetstream::consumer::PullConsumer| async move {
+        let pull = consumer
+            .stream()
+            .max_messages_per_batch(batch)
+            .expires(PULL_EXPIRES)
+            .heartbeat(PULL_HEARTBEAT)
+            .messages()
+            .await;
+        (consumer, pull)
+    };
+    futures::stream::unfold(
+        (consumer, None::<Pull>),
+        move |(mut consumer, mut pull)| async move {
+            loop {
+                let Some(messages) = pull.as_mut() else {
+                    let (back, started) = start(consumer).await;
+                    consumer = back;
+                    match started {
+                        Ok(messages) => pull = Some(messages),
+                        Err(e) => {
+                            tokio::time::sleep(PULL_RETRY).await;
+                            let err = nats_error("starting a JetStream pull", e);
+                            return Some((Err(err), (consumer, None)));
+                        }
+                    }
+                    continue;
+                };
+                match messages.next().await {
+                    Some(Ok(message)) => {
+                        let payload = message.payload.clone();
+                        let delivery = Delivery::new(payload, Box::new(JetStreamAcker { message }));
+                        return Some((Ok(delivery), (consumer, pull)));
+                    }
+                    Some(Err(e)) if e.kind() == MessagesErrorKind::MissingHeartbeat => {
+                        tracing::debug!("JetStream pull missed its heartbeats; pulling afresh");
+                        pull = None;
+                    }
+                    Some(Err(e)) => {
+                        // The pull goes on after other errors; the server logs them.
+                        return Some((Err(nats_error("JetStream pull", e)), (consumer, pull)));
+                    }
+                    None => {
+                        tracing::debug!("JetStream pull ended; pulling afresh");
+                        tokio::time::sleep(PULL_RETRY).await;
+                        pull = None;
+                    }
+                }
+            }
+        },
+    )
+    .boxed()
 }
 
 impl ServerConsumer {
@@ -136,23 +210,9 @@ impl ServerConsumer {
                     .map_err(|e| {
                         nats_error(&format!("creating the JetStream consumer {durable}"), e)
                     })?;
-                let messages = consumer
-                    .stream()
-                    // Small batches: a busy server must not sit on casts other
-                    // servers could take (they would be redelivered after ack_wait).
-                    .max_messages_per_batch(prefetch.clamp(1, 4))
-                    .messages()
-                    .await
-                    .map_err(|e| nats_error("pulling from JetStream", e))?;
-                streams.push(
-                    messages
-                        .map_err(|e| nats_error("JetStream pull", e))
-                        .map_ok(|message| {
-                            let payload = message.payload.clone();
-                            Delivery::new(payload, Box::new(JetStreamAcker { message }))
-                        })
-                        .boxed(),
-                );
+                // Small batches: a busy server must not sit on casts other servers
+                // could take (they would be redelivered after ack_wait).
+                streams.push(pulled(consumer, prefetch.clamp(1, 4)));
             }
         }
         // Once the server has processed the subscriptions, messages sent from any
