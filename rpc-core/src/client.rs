@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::channel::mpsc;
+use futures::future::Either;
 use futures::{Stream, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -245,10 +246,28 @@ impl Client {
         let span = tracing::debug_span!("rpc.call", msg_id = tracing::field::Empty,
             topic = %self.target, method);
         async {
-            let mut pending = self.send_call(ctx, method, kwargs).await?;
+            let (mut pending, outgoing) = self.prepare_call(ctx, method, kwargs).await?;
+            // A reply proves the request arrived: the call proceeds on whichever comes
+            // first, the publish (with its confirm) or the reply. A failed publish still
+            // fails the call when it comes first.
+            let first = {
+                let msg_id = pending.msg_id.clone();
+                let publish =
+                    std::pin::pin!(self.publish_call(outgoing, pending.deadline, &msg_id));
+                let reply = std::pin::pin!(pending.next_reply());
+                match futures::future::select(publish, reply).await {
+                    Either::Left((Ok(()), reply)) => reply.await,
+                    Either::Left((Err(err), _)) => Err(err),
+                    Either::Right((reply, _unconfirmed)) => reply,
+                }
+            };
+            let mut first = Some(first?);
             let mut last = Value::Null;
             loop {
-                let reply = pending.next_reply().await?;
+                let reply = match first.take() {
+                    Some(reply) => reply,
+                    None => pending.next_reply().await?,
+                };
                 if let Some(failure) = reply.failure {
                     return Err(pending.failure(failure));
                 }
@@ -282,7 +301,14 @@ impl Client {
         self.check_callable()?;
         let span = tracing::debug_span!("rpc.multicall", msg_id = tracing::field::Empty,
             topic = %self.target, method);
-        let pending = self.send_call(ctx, method, args).instrument(span).await?;
+        let pending = async {
+            let (pending, outgoing) = self.prepare_call(ctx, method, args).await?;
+            self.publish_call(outgoing, pending.deadline, &pending.msg_id)
+                .await?;
+            Ok::<_, Error>(pending)
+        }
+        .instrument(span)
+        .await?;
         Ok(ReplyStream::new(pending))
     }
 
@@ -352,13 +378,14 @@ impl Client {
         Ok(Bytes::from(body))
     }
 
-    /// Registers a waiter, sends the request, and returns the waiter.
-    async fn send_call<A: Serialize>(
+    /// Registers a waiter for a call and encodes its request; the request is sent by
+    /// [`Client::publish_call`].
+    async fn prepare_call<A: Serialize>(
         &self,
         ctx: &Context,
         method: &str,
         args: A,
-    ) -> Result<PendingCall> {
+    ) -> Result<(PendingCall, Outgoing)> {
         let started = Instant::now();
         let deadline = started + self.timeout;
         let mut request = self.request(ctx, method, args)?;
@@ -376,8 +403,6 @@ impl Client {
         request.reply_to = Some(router.address().to_owned());
         request.call_monitor = self.call_monitor.map(|d| d.as_secs_f64());
         let body = self.encode(&request)?;
-        let address = Address::for_target(&self.target, &self.shared.exchange);
-        tracing::debug!(size = body.len(), %address, "sending call");
         let outgoing = Outgoing {
             body,
             time_to_live: Some(self.timeout),
@@ -387,8 +412,7 @@ impl Client {
                 msg_id: msg_id.clone(),
             }),
         };
-        self.publish(&address, outgoing, deadline, &msg_id).await?;
-        Ok(PendingCall {
+        let pending = PendingCall {
             _client: self.shared.clone(),
             rx,
             _waiter: replies,
@@ -398,7 +422,20 @@ impl Client {
             deadline,
             call_monitor: self.call_monitor,
             last_heard: Instant::now(),
-        })
+        };
+        Ok((pending, outgoing))
+    }
+
+    /// Sends a prepared call's request to the client's target.
+    async fn publish_call(
+        &self,
+        outgoing: Outgoing,
+        deadline: Instant,
+        msg_id: &str,
+    ) -> Result<()> {
+        let address = Address::for_target(&self.target, &self.shared.exchange);
+        tracing::debug!(size = outgoing.body.len(), %address, "sending call");
+        self.publish(&address, outgoing, deadline, msg_id).await
     }
 
     async fn publish(

@@ -10,6 +10,7 @@ mod faults;
 mod proxy;
 mod redaction;
 mod service;
+mod settling;
 #[cfg(any(feature = "amqp", feature = "redis", feature = "nats"))]
 mod tls;
 

@@ -677,6 +677,58 @@ pub async fn retry_policy_sends_an_idempotent_call_again(backend: Backend) {
     fx.shutdown().await;
 }
 
+/// DESIGN §5: a reply proves the request arrived, so a call proceeds on whichever
+/// comes first, the publish's confirm or the reply; a publish failure that comes
+/// first still fails the call.
+pub async fn call_proceeds_on_the_reply_or_the_publish_failure_whichever_comes_first(
+    backend: Backend,
+) {
+    use crate::settling::{REFUSED, Settle, Unsettled};
+    let mut fx = Fixture::new(&backend, "confirm_or_reply");
+    fx.start(1).await;
+    let client_on = |settle| {
+        let backend = backend.clone();
+        let topic = fx.topic.clone();
+        async move {
+            let transport = Unsettled::wrap(backend.transport().await, settle);
+            Client::new(transport, Target::new(topic)).timeout(Duration::from_secs(10))
+        }
+    };
+    // The confirm never comes: the reply alone completes the call, well before the
+    // timeout; so does a multi-part reply.
+    let client = client_on(Settle::Never).await;
+    let started = Instant::now();
+    let sum: i64 = client
+        .call(&ctx(), "add", json!({"a": 20, "b": 22}))
+        .await
+        .expect("the reply completes the call without its confirm");
+    assert_eq!(sum, 42);
+    let last: i64 = client
+        .call(&ctx(), "count", json!({"n": 3}))
+        .await
+        .expect("a streamed reply completes the call without its confirm");
+    assert_eq!(last, 2);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the calls waited for a confirm that never came"
+    );
+    // The publish fails long after the reply came: the call already succeeded.
+    let client = client_on(Settle::FailAfter(Duration::from_secs(5))).await;
+    let sum: i64 = client
+        .call(&ctx(), "add", json!({"a": 1, "b": 2}))
+        .await
+        .expect("the reply came before the publish failed");
+    assert_eq!(sum, 3);
+    // The publish fails at once, before any reply: the call fails with that error.
+    let client = client_on(Settle::FailAfter(Duration::ZERO)).await;
+    let err = client
+        .call::<_, i64>(&ctx(), "sleep", json!({"seconds": 0.5}))
+        .await
+        .expect_err("a publish failure before the reply fails the call");
+    assert!(err.to_string().contains(REFUSED), "{err}");
+    fx.shutdown().await;
+}
+
 pub async fn thousand_concurrent_calls_each_get_their_own_reply(backend: Backend) {
     let mut fx = Fixture::new(&backend, "concurrent");
     fx.start(2).await;
@@ -1289,6 +1341,7 @@ macro_rules! conformance_suite {
             version_rules_follow_oslo,
             private_methods_are_never_dispatched,
             timeout_fires_and_late_reply_does_not_disturb_next_call,
+            call_proceeds_on_the_reply_or_the_publish_failure_whichever_comes_first,
             thousand_concurrent_calls_each_get_their_own_reply,
             retry_policy_sends_an_idempotent_call_again,
             one_mib_payload_round_trips,
