@@ -234,20 +234,25 @@ pub const MAX_DEPTH: usize = 64;
 /// inside strings do not count. Cheap: one pass over the bytes, no allocation.
 fn check_depth(json: &[u8]) -> Result<(), CodecError> {
     let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for &byte in json {
-        if in_string {
-            match byte {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
+    let mut i = 0;
+    while i < json.len() {
+        match json[i] {
+            b'"' => {
+                // Jump through the string to its closing quote, skipping escapes
+                // (most bytes of a message are inside strings).
+                i += 1;
+                loop {
+                    let rest = json.get(i..).unwrap_or_default();
+                    let Some(at) = memchr::memchr2(b'"', b'\\', rest) else {
+                        return Ok(());
+                    };
+                    i += at;
+                    if json[i] == b'"' {
+                        break;
+                    }
+                    i += 2;
+                }
             }
-            continue;
-        }
-        match byte {
-            b'"' => in_string = true,
             b'{' | b'[' => {
                 depth += 1;
                 if depth > MAX_DEPTH {
@@ -259,6 +264,7 @@ fn check_depth(json: &[u8]) -> Result<(), CodecError> {
             b'}' | b']' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        i += 1;
     }
     Ok(())
 }
@@ -429,6 +435,49 @@ mod tests {
     fn envelope(inner: Value) -> Vec<u8> {
         serde_json::to_vec(&json!({"oslo.version": "2.0", "oslo.message": inner.to_string()}))
             .expect("encode")
+    }
+
+    /// The depth check's verdict, by the plain definition: a bracket counts unless it
+    /// is inside a string; a backslash in a string escapes the next byte.
+    fn depth_by_definition(json: &[u8]) -> usize {
+        let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0, false, false);
+        for &byte in json {
+            match (in_string, escaped, byte) {
+                (true, true, _) => escaped = false,
+                (true, false, b'\\') => escaped = true,
+                (true, false, b'"') => in_string = false,
+                (true, false, _) => {}
+                (false, _, b'"') => in_string = true,
+                (false, _, b'{' | b'[') => {
+                    depth += 1;
+                    deepest = deepest.max(depth);
+                }
+                (false, _, b'}' | b']') => depth = depth.saturating_sub(1),
+                (false, _, _) => {}
+            }
+        }
+        deepest
+    }
+
+    #[test]
+    fn depth_check_skips_strings_and_escapes_exactly() {
+        let deep = "[".repeat(MAX_DEPTH + 1);
+        let cases = [
+            format!(r#"{{"a": "{deep}"}}"#),
+            format!(r#"{{"a": "\"{deep}"}}"#),
+            format!(r#"{{"a": "\\"{deep}"}}"#),
+            format!(r#"{{"a": "x\\\"{deep}\\", "b": {deep}"#),
+            format!(r#"["\u0022{deep}", {deep}]"#),
+            format!("\"unterminated {deep}"),
+            format!("\"ends in a backslash\\"),
+            format!("{deep}\"\\"),
+            "\\".to_owned(),
+            String::new(),
+        ];
+        for case in cases {
+            let expected = depth_by_definition(case.as_bytes()) <= MAX_DEPTH;
+            assert_eq!(check_depth(case.as_bytes()).is_ok(), expected, "{case}");
+        }
     }
 
     #[test]

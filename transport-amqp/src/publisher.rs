@@ -225,13 +225,15 @@ impl AmqpPublisher {
 }
 
 /// lapin keeps the confirm of every publish whose future was dropped (a deadline
-/// that fired, a heartbeat that was no longer needed) until `wait_for_confirms`
-/// runs; this drains them while the channel lives.
+/// that fired, a heartbeat that was no longer needed, a call whose reply came before
+/// its confirm) until `wait_for_confirms` runs; this drains them every second while
+/// the channel lives, so they stay few even under load.
 async fn drain_dropped_confirms(channel: Channel) {
-    let period = std::time::Duration::from_secs(30);
+    let period = std::time::Duration::from_secs(1);
+    let longest_wait = std::time::Duration::from_secs(30);
     while channel.status().connected() {
         tokio::time::sleep(period).await;
-        let _ = tokio::time::timeout(period, channel.wait_for_confirms()).await;
+        let _ = tokio::time::timeout(longest_wait, channel.wait_for_confirms()).await;
     }
 }
 

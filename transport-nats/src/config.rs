@@ -192,7 +192,14 @@ impl NatsConfig {
     }
 
     fn base(&self, exchange: &str, topic: &str) -> String {
-        format!("{}.{}.{}", self.prefix, token(exchange), token(topic))
+        let mut exchange = token(exchange);
+        if exchange == JETSTREAM_TOKEN {
+            // The exchange token sits where JetStream subjects have their fixed `js`
+            // token: escape its first letter so the two subject spaces stay apart.
+            // No other name escapes to this (a literal `%` becomes `%25`).
+            exchange = "%6As".to_owned();
+        }
+        format!("{}.{}.{}", self.prefix, exchange, token(topic))
     }
 
     /// The subject all servers of a topic share (a queue group).
@@ -228,7 +235,7 @@ impl NatsConfig {
             // JetStream refuses consumer filters with `%` (nats-server 2.9), so these
             // subjects escape names with `name_safe` instead of `token`.
             rpc_core::Address::Topic { exchange, topic } => Some(format!(
-                "{}.js.{}.{}",
+                "{}.{JETSTREAM_TOKEN}.{}.{}",
                 self.prefix,
                 name_safe(exchange),
                 name_safe(topic)
@@ -238,7 +245,7 @@ impl NatsConfig {
                 topic,
                 server,
             } => Some(format!(
-                "{}.js.{}.{}.s.{}",
+                "{}.{JETSTREAM_TOKEN}.{}.{}.s.{}",
                 self.prefix,
                 name_safe(exchange),
                 name_safe(topic),
@@ -262,6 +269,9 @@ fn decode(text: &str) -> Result<String> {
 }
 
 /// One subject token: `%`, `.`, `*`, `>` and white space are percent-escaped.
+/// The token after the prefix that marks the subjects of JetStream casts.
+const JETSTREAM_TOKEN: &str = "js";
+
 pub(crate) fn token(name: &str) -> String {
     let mut out = String::with_capacity(name.len());
     for c in name.chars() {
@@ -361,5 +371,16 @@ mod tests {
         let js = c.jetstream_subject(&server).expect("a JetStream subject");
         assert_eq!(js, "mqrpc.js.x.a_2Eb_25c.s.h_201");
         assert!(!js.contains('%'), "JetStream filters cannot hold %");
+        // An exchange named `js` does not reach into the JetStream subjects.
+        assert_eq!(c.fanout_subject("js", "x"), "mqrpc.%6As.x.fanout");
+        assert_ne!(c.topic_subject("js", "x"), c.topic_subject("%6As", "x"));
+        let topic = rpc_core::Address::Topic {
+            exchange: "x".into(),
+            topic: "fanout".into(),
+        };
+        assert_ne!(
+            c.jetstream_subject(&topic).expect("a JetStream subject"),
+            c.fanout_subject("js", "x")
+        );
     }
 }
