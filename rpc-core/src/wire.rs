@@ -469,7 +469,7 @@ mod tests {
             format!(r#"{{"a": "x\\\"{deep}\\", "b": {deep}"#),
             format!(r#"["\u0022{deep}", {deep}]"#),
             format!("\"unterminated {deep}"),
-            format!("\"ends in a backslash\\"),
+            "\"ends in a backslash\\".to_owned(),
             format!("{deep}\"\\"),
             "\\".to_owned(),
             String::new(),

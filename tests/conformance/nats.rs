@@ -49,11 +49,36 @@ mod faults {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use mqrpc::{Client, Context, NatsConfig, NatsTransport, Server, Target};
+    use futures::StreamExt;
+    use mqrpc::{AckMode, Client, Context, NatsConfig, NatsTransport, Server, Target};
     use serde_json::json;
 
     use crate::proxy::TcpProxy;
     use crate::service::{self, Recorder};
+
+    /// Server `s1` of `topic` recording into `recorder`, and a client of the topic, each
+    /// on a connection of its own to `url`.
+    async fn server_and_client(
+        url: &str,
+        topic: &str,
+        recorder: &Arc<Recorder>,
+        ack_mode: AckMode,
+    ) -> (Server, Client) {
+        let server = Server::builder(
+            Arc::new(NatsTransport::connect(url).await.expect("server")),
+            Target::new(topic).server("s1"),
+        )
+        .endpoint(service::endpoint("s1", recorder))
+        .ack_mode(ack_mode)
+        .start()
+        .await
+        .expect("server");
+        let client = Client::new(
+            Arc::new(NatsTransport::connect(url).await.expect("client")),
+            Target::new(topic),
+        );
+        (server, client)
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn nats_calls_succeed_again_after_the_connection_is_cut() {
@@ -74,19 +99,8 @@ mod faults {
         let url = format!("nats://127.0.0.1:{}?prefix=mqrpc-test", proxy.port());
         let topic = format!("reconnect_{}", &mqrpc::wire::new_id()[..12]);
         let recorder = Recorder::new();
-        let server_side = NatsTransport::connect(&url)
-            .await
-            .expect("through the proxy");
-        let server = Server::builder(Arc::new(server_side), Target::new(&topic).server("s1"))
-            .endpoint(service::endpoint("s1", &recorder))
-            .start()
-            .await
-            .expect("server");
-        let client = Client::new(
-            Arc::new(NatsTransport::connect(&url).await.expect("client")),
-            Target::new(&topic),
-        )
-        .timeout(Duration::from_secs(3));
+        let (server, client) = server_and_client(&url, &topic, &recorder, AckMode::default()).await;
+        let client = client.timeout(Duration::from_secs(3));
         let ctx = Context::new();
         let sum: i64 = client
             .call(&ctx, "add", json!({"a": 1, "b": 2}))
@@ -98,6 +112,71 @@ mod faults {
         proxy.cut();
         crate::suite::calls_work_again(&client, cut_at, "nats", 30).await;
         recorder.wait_for(1, Duration::from_secs(20)).await;
+        server.shutdown().await.expect("shutdown");
+    }
+
+    /// A JetStream consumer deleted under a running server (by an operator, or by the
+    /// NATS server's inactivity threshold) is created again, and casts flow on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn jetstream_server_creates_a_deleted_consumer_again() {
+        let Some(_) = super::jetstream::backend().await else {
+            return;
+        };
+        let url = super::with_options("prefix=mqrpc-test-js&jetstream=true&ack_wait=2&max_age=600");
+        let config = NatsConfig::parse(&url).expect("NATS URL");
+        let topic = format!("recreate_{}", &mqrpc::wire::new_id()[..12]);
+        let recorder = Recorder::new();
+        let (server, client) =
+            server_and_client(&url, &topic, &recorder, AckMode::AfterHandling).await;
+        let ctx = Context::new();
+        client
+            .cast(&ctx, "record", json!({"id": 1}))
+            .await
+            .expect("first cast");
+        recorder.wait_for(1, Duration::from_secs(20)).await;
+
+        // Delete the topic's durable consumer behind the server's back.
+        let subject = config
+            .jetstream_subject(&mqrpc::Address::Topic {
+                exchange: config.exchange.clone(),
+                topic: topic.clone(),
+            })
+            .expect("a JetStream subject");
+        let nats = async_nats::connect(config.servers[0].as_str())
+            .await
+            .expect("a plain NATS connection");
+        let js = async_nats::jetstream::new(nats);
+        let stream = js
+            .get_stream(config.jetstream_stream(&config.exchange))
+            .await
+            .expect("the exchange's stream");
+        let mut names = stream.consumer_names();
+        let mut deleted = 0;
+        while let Some(name) = names.next().await {
+            let name = name.expect("a consumer name");
+            let info = stream.consumer_info(&name).await.expect("consumer info");
+            if info.config.filter_subject == subject {
+                stream.delete_consumer(&name).await.expect("delete");
+                deleted += 1;
+            }
+        }
+        assert_eq!(deleted, 1, "the topic has one durable consumer");
+
+        client
+            .cast(&ctx, "record", json!({"id": 2}))
+            .await
+            .expect("a cast after the deletion");
+        recorder.wait_for(2, Duration::from_secs(30)).await;
+        let ids: Vec<u64> = recorder
+            .settled(Duration::from_millis(200))
+            .await
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect();
+        assert!(
+            ids.contains(&2),
+            "the cast after the deletion was handled: {ids:?}"
+        );
         server.shutdown().await.expect("shutdown");
     }
 }

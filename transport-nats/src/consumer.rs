@@ -78,66 +78,111 @@ const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
 /// Pause before starting a pull again after it failed to start.
 const PULL_RETRY: Duration = Duration::from_millis(500);
 
-/// The casts of one JetStream consumer, pulled in batches of `batch`.
+/// Where a server pulls casts from: a durable consumer of the exchange's stream.
+struct PullSource {
+    stream: jetstream::stream::Stream,
+    config: jetstream::consumer::pull::Config,
+    batch: usize,
+}
+
+impl PullSource {
+    /// The durable consumer, created when missing (first use, or deleted since).
+    async fn consumer(&self) -> Result<jetstream::consumer::PullConsumer> {
+        let durable = self.config.durable_name.clone().unwrap_or_default();
+        self.stream
+            .get_or_create_consumer(&durable, self.config.clone())
+            .await
+            .map_err(|e| nats_error(&format!("creating the JetStream consumer {durable}"), e))
+    }
+
+    async fn pull(
+        &self,
+        consumer: &jetstream::consumer::PullConsumer,
+    ) -> Result<jetstream::consumer::pull::Stream> {
+        consumer
+            .stream()
+            .max_messages_per_batch(self.batch)
+            .expires(PULL_EXPIRES)
+            .heartbeat(PULL_HEARTBEAT)
+            .messages()
+            .await
+            .map_err(|e| nats_error("starting a JetStream pull", e))
+    }
+}
+
+/// What a JetStream pull needs next.
+enum PullState {
+    /// Pulling.
+    Pulling(Box<jetstream::consumer::pull::Stream>),
+    /// Start a new pull from the consumer.
+    Restart,
+    /// The consumer is gone (deleted, or the server answers no one): create it again.
+    Recreate,
+}
+
+/// The casts of one JetStream consumer, pulled in batches.
 ///
 /// async-nats renews its pull request when the client reconnects, but it can miss a
 /// quick disconnect and reconnect, and the server drops a pull request whose inbox lost
 /// interest: the pull would then wait out its expiry while casts sit in the stream.
 /// Heartbeats reveal that, and the pull is started afresh; it is also started
-/// again if it ends. Messages delivered to an abandoned pull and not yet acked are
-/// redelivered after `ack_wait`.
-fn pulled(consumer: jetstream::consumer::PullConsumer, batch: usize) -> Deliveries {
-    type Pull = jetstream::consumer::pull::Stream;
-    let start = move |consumer: jetstream::consumer::PullConsumer| async move {
-        let pull = consumer
-            .stream()
-            .max_messages_per_batch(batch)
-            .expires(PULL_EXPIRES)
-            .heartbeat(PULL_HEARTBEAT)
-            .messages()
-            .await;
-        (consumer, pull)
-    };
-    futures::stream::unfold(
-        (consumer, None::<Pull>),
-        move |(mut consumer, mut pull)| async move {
-            loop {
-                let Some(messages) = pull.as_mut() else {
-                    let (back, started) = start(consumer).await;
-                    consumer = back;
-                    match started {
-                        Ok(messages) => pull = Some(messages),
-                        Err(e) => {
-                            tokio::time::sleep(PULL_RETRY).await;
-                            let err = nats_error("starting a JetStream pull", e);
-                            return Some((Err(err), (consumer, None)));
+/// again if it ends, and the consumer is created again if it was deleted. Messages
+/// delivered to an abandoned pull and not yet acked are redelivered after `ack_wait`.
+fn pulled(source: PullSource, consumer: jetstream::consumer::PullConsumer) -> Deliveries {
+    let state = (source, consumer, PullState::Restart);
+    futures::stream::unfold(state, |(source, mut consumer, mut state)| async move {
+        loop {
+            match state {
+                PullState::Recreate => {
+                    tokio::time::sleep(PULL_RETRY).await;
+                    match source.consumer().await {
+                        Ok(fresh) => {
+                            consumer = fresh;
+                            state = PullState::Restart;
                         }
+                        Err(err) => return Some((Err(err), (source, consumer, state))),
                     }
-                    continue;
-                };
-                match messages.next().await {
+                }
+                PullState::Restart => match source.pull(&consumer).await {
+                    Ok(pull) => state = PullState::Pulling(Box::new(pull)),
+                    Err(err) => {
+                        tokio::time::sleep(PULL_RETRY).await;
+                        return Some((Err(err), (source, consumer, state)));
+                    }
+                },
+                PullState::Pulling(ref mut pull) => match pull.next().await {
                     Some(Ok(message)) => {
                         let payload = message.payload.clone();
                         let delivery = Delivery::new(payload, Box::new(JetStreamAcker { message }));
-                        return Some((Ok(delivery), (consumer, pull)));
+                        return Some((Ok(delivery), (source, consumer, state)));
                     }
                     Some(Err(e)) if e.kind() == MessagesErrorKind::MissingHeartbeat => {
                         tracing::debug!("JetStream pull missed its heartbeats; pulling afresh");
-                        pull = None;
+                        state = PullState::Restart;
+                    }
+                    Some(Err(e))
+                        if matches!(
+                            e.kind(),
+                            MessagesErrorKind::ConsumerDeleted | MessagesErrorKind::NoResponders
+                        ) =>
+                    {
+                        state = PullState::Recreate;
+                        let err = nats_error("JetStream pull (creating the consumer again)", e);
+                        return Some((Err(err), (source, consumer, state)));
                     }
                     Some(Err(e)) => {
                         // The pull goes on after other errors; the server logs them.
-                        return Some((Err(nats_error("JetStream pull", e)), (consumer, pull)));
+                        let err = nats_error("JetStream pull", e);
+                        return Some((Err(err), (source, consumer, state)));
                     }
                     None => {
                         tracing::debug!("JetStream pull ended; pulling afresh");
-                        tokio::time::sleep(PULL_RETRY).await;
-                        pull = None;
+                        state = PullState::Recreate;
                     }
-                }
+                },
             }
-        },
-    )
+        }
+    })
     .boxed()
 }
 
@@ -191,28 +236,23 @@ impl ServerConsumer {
                     continue;
                 };
                 let durable = name_safe(&subject);
-                let consumer: jetstream::consumer::PullConsumer = stream
-                    .get_or_create_consumer(
-                        &durable,
-                        jetstream::consumer::pull::Config {
-                            durable_name: Some(durable.clone()),
-                            filter_subject: subject,
-                            ack_wait: config.ack_wait,
-                            // The consumer is shared by every server of the subject and
-                            // removed once none has pulled for a while.
-                            inactive_threshold: config
-                                .max_age
-                                .max(std::time::Duration::from_secs(3600)),
-                            ..Default::default()
-                        },
-                    )
-                    .await
-                    .map_err(|e| {
-                        nats_error(&format!("creating the JetStream consumer {durable}"), e)
-                    })?;
-                // Small batches: a busy server must not sit on casts other servers
-                // could take (they would be redelivered after ack_wait).
-                streams.push(pulled(consumer, prefetch.clamp(1, 4)));
+                let source = PullSource {
+                    stream: stream.clone(),
+                    config: jetstream::consumer::pull::Config {
+                        durable_name: Some(durable),
+                        filter_subject: subject,
+                        ack_wait: config.ack_wait,
+                        // The consumer is shared by every server of the subject and
+                        // removed once none has pulled for a while.
+                        inactive_threshold: config.max_age.max(Duration::from_secs(3600)),
+                        ..Default::default()
+                    },
+                    // Small batches: a busy server must not sit on casts other servers
+                    // could take (they would be redelivered after ack_wait).
+                    batch: prefetch.clamp(1, 4),
+                };
+                let consumer = source.consumer().await?;
+                streams.push(pulled(source, consumer));
             }
         }
         // Once the server has processed the subscriptions, messages sent from any
