@@ -249,19 +249,21 @@ impl Client {
             let (mut pending, outgoing) = self.prepare_call(ctx, method, kwargs).await?;
             // A reply proves the request arrived: the call proceeds on whichever comes
             // first, the publish (with its confirm) or the reply. A failed publish still
-            // fails the call when it comes first.
-            let first = {
+            // fails the call when it comes first. Until the publish is done only the
+            // deadline applies: the call monitor's clock starts once the request is out.
+            let mut first = {
                 let msg_id = pending.msg_id.clone();
                 let publish =
                     std::pin::pin!(self.publish_call(outgoing, pending.deadline, &msg_id));
-                let reply = std::pin::pin!(pending.next_reply());
-                match futures::future::select(publish, reply).await {
-                    Either::Left((Ok(()), reply)) => reply.await,
-                    Either::Left((Err(err), _)) => Err(err),
-                    Either::Right((reply, _unconfirmed)) => reply,
+                let early = std::pin::pin!(pending.next_reply());
+                match futures::future::select(publish, early).await {
+                    // Waiting for a reply is cancel-safe: nothing is lost by dropping it.
+                    Either::Left((Ok(()), _waiting)) => None,
+                    Either::Left((Err(err), _)) => return Err(err),
+                    Either::Right((reply, _unconfirmed)) => Some(reply?),
                 }
             };
-            let mut first = Some(first?);
+            pending.monitor_from_now();
             let mut last = Value::Null;
             loop {
                 let reply = match first.take() {
@@ -302,9 +304,10 @@ impl Client {
         let span = tracing::debug_span!("rpc.multicall", msg_id = tracing::field::Empty,
             topic = %self.target, method);
         let pending = async {
-            let (pending, outgoing) = self.prepare_call(ctx, method, args).await?;
+            let (mut pending, outgoing) = self.prepare_call(ctx, method, args).await?;
             self.publish_call(outgoing, pending.deadline, &pending.msg_id)
                 .await?;
+            pending.monitor_from_now();
             Ok::<_, Error>(pending)
         }
         .instrument(span)
@@ -421,6 +424,7 @@ impl Client {
             started,
             deadline,
             call_monitor: self.call_monitor,
+            monitoring: false,
             last_heard: Instant::now(),
         };
         Ok((pending, outgoing))
@@ -634,6 +638,8 @@ struct PendingCall {
     started: Instant,
     deadline: Instant,
     call_monitor: Option<Duration>,
+    /// Whether the call monitor's clock runs (once the request is published).
+    monitoring: bool,
     last_heard: Instant,
 }
 
@@ -649,11 +655,18 @@ impl PendingCall {
         }
     }
 
+    /// Starts the call monitor's clock: the request is out, the server has
+    /// `call_monitor` from now to answer or send a heartbeat.
+    fn monitor_from_now(&mut self) {
+        self.monitoring = true;
+        self.last_heard = Instant::now();
+    }
+
     /// The next reply that is not a heartbeat.
     async fn next_reply(&mut self) -> Result<Reply> {
         loop {
             let (wake, kind) = match self.call_monitor {
-                Some(interval) if self.last_heard + interval < self.deadline => {
+                Some(interval) if self.monitoring && self.last_heard + interval < self.deadline => {
                     (self.last_heard + interval, TimeoutKind::CallMonitor)
                 }
                 _ => (self.deadline, TimeoutKind::Reply),

@@ -1,7 +1,9 @@
 //! A transport decorator for the confirm-or-reply rule: its publisher hands every
 //! call request to the real transport, then holds back the outcome of the publish
-//! (as a slow or lost publisher confirm would), so a case can check that a call
-//! proceeds on its reply and that a publish failure arriving first still fails it.
+//! (as a slow or lost publisher confirm would), or sends the request late (as a
+//! publish retried across a reconnection would), so a case can check that a call
+//! proceeds on its reply, that a publish failure arriving first still fails it, and
+//! that the call monitor counts from the publish.
 //! Delivery itself is the backend's own; nothing of the broker is imitated.
 
 use std::sync::Arc;
@@ -20,6 +22,9 @@ pub enum Settle {
     Never,
     /// The publish fails after this long (a nack or a lost connection).
     FailAfter(Duration),
+    /// The request leaves only after this long (a publish retried across a
+    /// reconnection), then the publish succeeds.
+    SendAfter(Duration),
 }
 
 /// Wraps a transport; only call requests are affected.
@@ -47,6 +52,9 @@ pub const REFUSED: &str = "the broker refused the request (test)";
 impl Publisher for UnsettledPublisher {
     async fn send(&self, address: &Address, message: Outgoing) -> Result<()> {
         let call = message.call.is_some();
+        if let (true, Settle::SendAfter(wait)) = (call, self.settle) {
+            tokio::time::sleep(wait).await;
+        }
         self.inner.send(address, message).await?;
         if !call {
             return Ok(());
@@ -57,6 +65,7 @@ impl Publisher for UnsettledPublisher {
                 tokio::time::sleep(wait).await;
                 Err(Error::transport_msg(REFUSED))
             }
+            Settle::SendAfter(_) => Ok(()),
         }
     }
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Channel, Confirmation};
+use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 use rpc_core::{Address, Error, Outgoing, Publisher, Result};
 
 use crate::link::Link;
@@ -168,7 +168,8 @@ impl AmqpPublisher {
                 )
                 .await
                 .map_err(|e| lapin_error("publishing", e))?;
-            let confirmation = match confirm.await {
+            let mut confirm = Confirm(Some(confirm));
+            let confirmation = match confirm.wait().await {
                 Ok(confirmation) => confirmation,
                 // The message left; whether the broker routed it is unknown. Sending it
                 // again could run a request twice, so only replies are retried.
@@ -224,16 +225,44 @@ impl AmqpPublisher {
     }
 }
 
-/// lapin keeps the confirm of every publish whose future was dropped (a deadline
-/// that fired, a heartbeat that was no longer needed, a call whose reply came before
-/// its confirm) until `wait_for_confirms` runs; this drains them every second while
-/// the channel lives, so they stay few even under load.
+/// A publisher confirm that is waited for to the end even when its publish is
+/// abandoned (a deadline that fired, a heartbeat no longer needed, a call whose reply
+/// came first). lapin keeps every confirm dropped unresolved in a list that only
+/// `wait_for_confirms` empties, and under steady publishing that call waits in vain
+/// (it resolves only when the newest confirm is the one acked), so the list would
+/// grow for as long as the load lasts. A dropped one is awaited on a task instead.
+struct Confirm(Option<PublisherConfirm>);
+
+impl Confirm {
+    async fn wait(&mut self) -> lapin::Result<Confirmation> {
+        let Some(confirm) = self.0.as_mut() else {
+            return Ok(Confirmation::NotRequested);
+        };
+        let confirmation = confirm.await;
+        self.0 = None;
+        confirmation
+    }
+}
+
+impl Drop for Confirm {
+    fn drop(&mut self) {
+        if let (Some(confirm), Ok(runtime)) = (self.0.take(), tokio::runtime::Handle::try_current())
+        {
+            runtime.spawn(async move {
+                let _ = confirm.await;
+            });
+        }
+    }
+}
+
+/// A backstop for confirms dropped without [`Confirm`] (none in this crate): lapin
+/// keeps them until `wait_for_confirms` runs, which this does every 30 s while the
+/// channel lives.
 async fn drain_dropped_confirms(channel: Channel) {
-    let period = std::time::Duration::from_secs(1);
-    let longest_wait = std::time::Duration::from_secs(30);
+    let period = std::time::Duration::from_secs(30);
     while channel.status().connected() {
         tokio::time::sleep(period).await;
-        let _ = tokio::time::timeout(longest_wait, channel.wait_for_confirms()).await;
+        let _ = tokio::time::timeout(period, channel.wait_for_confirms()).await;
     }
 }
 

@@ -268,10 +268,10 @@ fn decode(text: &str) -> Result<String> {
         .map_err(|_| Error::InvalidUrl("NATS URL: a value is not valid UTF-8".to_owned()))
 }
 
-/// One subject token: `%`, `.`, `*`, `>` and white space are percent-escaped.
 /// The token after the prefix that marks the subjects of JetStream casts.
 const JETSTREAM_TOKEN: &str = "js";
 
+/// One subject token: `%`, `.`, `*`, `>` and white space are percent-escaped.
 pub(crate) fn token(name: &str) -> String {
     let mut out = String::with_capacity(name.len());
     for c in name.chars() {

@@ -75,24 +75,47 @@ const PULL_EXPIRES: Duration = Duration::from_secs(10);
 /// Idle heartbeat asked of the server while a pull request waits; two missed
 /// heartbeats mean the request is gone and the pull is started again.
 const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
-/// Pause before starting a pull again after it failed to start.
+/// Pause before starting a pull again after it failed to start, and the first pause
+/// before creating a deleted consumer again.
 const PULL_RETRY: Duration = Duration::from_millis(500);
+/// The longest pause between attempts to create a consumer again.
+const PULL_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// Where a server pulls casts from: a durable consumer of the exchange's stream.
 struct PullSource {
+    js: jetstream::Context,
+    nats: NatsConfig,
+    exchange: String,
     stream: jetstream::stream::Stream,
     config: jetstream::consumer::pull::Config,
     batch: usize,
+    /// Pause before the next attempt to create the consumer again.
+    retry: Duration,
 }
 
 impl PullSource {
-    /// The durable consumer, created when missing (first use, or deleted since).
-    async fn consumer(&self) -> Result<jetstream::consumer::PullConsumer> {
+    /// The durable consumer, created when missing (first use, or deleted since); the
+    /// exchange's stream too, when it is gone.
+    async fn consumer(&mut self) -> Result<jetstream::consumer::PullConsumer> {
         let durable = self.config.durable_name.clone().unwrap_or_default();
-        self.stream
+        let created = self
+            .stream
             .get_or_create_consumer(&durable, self.config.clone())
-            .await
-            .map_err(|e| nats_error(&format!("creating the JetStream consumer {durable}"), e))
+            .await;
+        let consumer = match created {
+            Ok(consumer) => consumer,
+            Err(_) => {
+                self.stream = ensure_stream(&self.js, &self.nats, &self.exchange).await?;
+                self.stream
+                    .get_or_create_consumer(&durable, self.config.clone())
+                    .await
+                    .map_err(|e| {
+                        nats_error(&format!("creating the JetStream consumer {durable}"), e)
+                    })?
+            }
+        };
+        self.retry = PULL_RETRY;
+        Ok(consumer)
     }
 
     async fn pull(
@@ -130,17 +153,20 @@ enum PullState {
 /// delivered to an abandoned pull and not yet acked are redelivered after `ack_wait`.
 fn pulled(source: PullSource, consumer: jetstream::consumer::PullConsumer) -> Deliveries {
     let state = (source, consumer, PullState::Restart);
-    futures::stream::unfold(state, |(source, mut consumer, mut state)| async move {
+    futures::stream::unfold(state, |(mut source, mut consumer, mut state)| async move {
         loop {
             match state {
                 PullState::Recreate => {
-                    tokio::time::sleep(PULL_RETRY).await;
+                    tokio::time::sleep(source.retry).await;
                     match source.consumer().await {
                         Ok(fresh) => {
                             consumer = fresh;
                             state = PullState::Restart;
                         }
-                        Err(err) => return Some((Err(err), (source, consumer, state))),
+                        Err(err) => {
+                            source.retry = (source.retry * 2).min(PULL_RETRY_MAX);
+                            return Some((Err(err), (source, consumer, state)));
+                        }
                     }
                 }
                 PullState::Restart => match source.pull(&consumer).await {
@@ -236,7 +262,11 @@ impl ServerConsumer {
                     continue;
                 };
                 let durable = name_safe(&subject);
-                let source = PullSource {
+                let mut source = PullSource {
+                    js: js.clone(),
+                    nats: config.clone(),
+                    exchange: exchange.clone(),
+                    retry: PULL_RETRY,
                     stream: stream.clone(),
                     config: jetstream::consumer::pull::Config {
                         durable_name: Some(durable),
