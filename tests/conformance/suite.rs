@@ -726,17 +726,17 @@ pub async fn call_proceeds_on_the_reply_or_the_publish_failure_whichever_comes_f
         .await
         .expect_err("a publish failure before the reply fails the call");
     assert!(err.to_string().contains(REFUSED), "{err}");
-    // The request leaves 1.5 s late; the server answers 1 s after it gets it, with its
-    // first heartbeat due then too. The 2 s call monitor counts from the publish, so
-    // the late start is not taken for a silent server.
-    let client = client_on(Settle::SendAfter(Duration::from_millis(1500)))
+    // The request leaves 1.8 s late and the server answers 0.6 s after it gets it,
+    // 2.4 s after the call began. The 2 s call monitor counts from the publish, so the
+    // late start is not taken for a silent server.
+    let client = client_on(Settle::SendAfter(Duration::from_millis(1800)))
         .await
         .call_monitor(Some(Duration::from_secs(2)));
     let slept: f64 = client
-        .call(&ctx(), "sleep", json!({"seconds": 1.0}))
+        .call(&ctx(), "sleep", json!({"seconds": 0.6}))
         .await
         .expect("the call monitor starts when the request is out");
-    assert_eq!(slept, 1.0);
+    assert_eq!(slept, 0.6);
     fx.shutdown().await;
 }
 
