@@ -21,11 +21,22 @@ export RUSTC_BOOTSTRAP=1
 for target in "${targets[@]}"; do
     echo "== fuzzing $target for ${seconds} s"
     mkdir -p "fuzz/corpus/$target"
+    # Findings of an earlier run would be mistaken for this run's.
+    rm -rf "fuzz/artifacts/$target"
+    status=0
     (cd fuzz && cargo fuzz run "$target" "corpus/$target" "seeds/$target" -- \
         -max_total_time="$seconds" -max_len=65536 -timeout=10 -print_final_stats=1 \
-        2>&1 | tee "target-$target.log" | grep -E "^(#[0-9]+ +DONE|Done|stat::number_of_executed_units|==[0-9]+==|SUMMARY)" || true)
-    if ls "fuzz/artifacts/$target"/crash-* >/dev/null 2>&1; then
-        echo "$target: crash inputs in fuzz/artifacts/$target" >&2
+        >"target-$target.log" 2>&1) || status=$?
+    grep -E "^(#[0-9]+ +DONE|Done|stat::number_of_executed_units|==[0-9]+==|SUMMARY)" \
+        "fuzz/target-$target.log" || true
+    # Any finding fails the run: crash, timeout, out-of-memory, leak or slow unit.
+    if ls "fuzz/artifacts/$target"/* >/dev/null 2>&1; then
+        echo "$target: findings in fuzz/artifacts/$target:" >&2
+        ls "fuzz/artifacts/$target" >&2
         exit 1
+    fi
+    if [ "$status" -ne 0 ]; then
+        echo "$target: cargo fuzz failed (exit $status); see fuzz/target-$target.log" >&2
+        exit "$status"
     fi
 done

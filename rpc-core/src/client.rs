@@ -469,7 +469,11 @@ impl Client {
             .replies
             .get_or_try_init(|| async {
                 let queue = self.shared.transport.reply_queue().await?;
-                Ok::<_, Error>(ReplyRouter::start(queue, self.shared.auth.clone()))
+                Ok::<_, Error>(ReplyRouter::start(
+                    queue,
+                    self.shared.auth.clone(),
+                    self.shared.max_message_size,
+                ))
             })
             .await
     }

@@ -27,8 +27,13 @@ pub(crate) struct ReplyRouter {
 }
 
 impl ReplyRouter {
-    /// Starts consuming `queue`.
-    pub(crate) fn start(queue: ReplyQueue, auth: Option<MessageAuth>) -> Self {
+    /// Starts consuming `queue`; replies larger than `max_reply` bytes are dropped
+    /// unparsed.
+    pub(crate) fn start(
+        queue: ReplyQueue,
+        auth: Option<MessageAuth>,
+        max_reply: Option<usize>,
+    ) -> Self {
         let waiters: Waiters = Arc::new(DashMap::new());
         let closed = Arc::new(AtomicBool::new(false));
         let shutdown = CancellationToken::new();
@@ -39,6 +44,7 @@ impl ReplyRouter {
             shutdown.clone(),
             queue.address.clone(),
             auth,
+            max_reply,
         ));
         ReplyRouter {
             address: queue.address,
@@ -117,6 +123,7 @@ async fn route(
     shutdown: CancellationToken,
     address: String,
     auth: Option<MessageAuth>,
+    max_reply: Option<usize>,
 ) {
     loop {
         let next = tokio::select! {
@@ -139,6 +146,13 @@ async fn route(
         let (body, acker) = delivery.into_parts();
         if let Err(err) = acker.ack().await {
             tracing::debug!(error = %err, "could not ack a reply");
+        }
+        if let Some(limit) = max_reply.filter(|limit| body.len() > *limit) {
+            // Never parsed: its size alone is reason enough. The call it was meant
+            // for, if any, times out naming its deadline.
+            tracing::warn!(size = body.len(), limit, queue = %address,
+                "dropping a reply above the message size limit");
+            continue;
         }
         let refused = auth.as_ref().and_then(|auth| auth.open(&body).err());
         let reply = match wire::decode_reply(&body) {

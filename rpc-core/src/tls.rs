@@ -74,23 +74,36 @@ impl TlsFiles {
     /// Reads the files; an unreadable file is an error naming it.
     pub fn load(&self) -> Result<TlsPem, Error> {
         self.validate()?;
-        let read = |what: &str, path: &Path| {
-            std::fs::read(path).map_err(|e| {
+        // Each file must hold a PEM block of its kind: some TLS stacks skip what they
+        // cannot parse, which would surface later as a vague handshake failure.
+        let read = |what: &str, path: &Path, marker: &str| {
+            let bytes = std::fs::read(path).map_err(|e| {
                 Error::InvalidConfig(format!(
                     "cannot read the TLS {what} {}: {e}",
                     path.display()
                 ))
-            })
+            })?;
+            if !bytes.windows(marker.len()).any(|w| w == marker.as_bytes()) {
+                return Err(Error::InvalidConfig(format!(
+                    "the TLS {what} {} holds no PEM {}",
+                    path.display(),
+                    marker.trim_matches('-').trim()
+                )));
+            }
+            Ok(bytes)
         };
+        const CERTIFICATE: &str = "CERTIFICATE-----";
+        const KEY: &str = "PRIVATE KEY-----";
         let ca = self
             .ca_file
             .as_deref()
-            .map(|p| read("CA file", p))
+            .map(|p| read("CA file", p, CERTIFICATE))
             .transpose()?;
         let identity = match (&self.cert_file, &self.key_file) {
-            (Some(cert), Some(key)) => {
-                Some((read("certificate file", cert)?, read("key file", key)?))
-            }
+            (Some(cert), Some(key)) => Some((
+                read("certificate file", cert, CERTIFICATE)?,
+                read("key file", key, KEY)?,
+            )),
             _ => None,
         };
         Ok(TlsPem { ca, identity })
@@ -113,5 +126,27 @@ mod tests {
         assert!(files.validate().is_ok());
         let err = files.load().expect_err("no such files");
         assert!(err.to_string().contains("/ca.pem"), "{err}");
+    }
+
+    #[test]
+    fn a_file_without_its_pem_block_is_named() {
+        let dir = std::env::temp_dir().join(format!("mqrpc-tls-{}", crate::wire::new_id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, "not a certificate").expect("write");
+        let mut files = TlsFiles::default();
+        files.set_option("ssl_ca_file", ca.to_str().expect("utf-8 path"));
+        let err = files.load().expect_err("no PEM certificate");
+        assert!(
+            err.to_string().contains("ca.pem") && err.to_string().contains("CERTIFICATE"),
+            "{err}"
+        );
+        std::fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+        assert!(files.load().is_ok());
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -115,6 +115,59 @@ mod faults {
         server.shutdown().await.expect("shutdown");
     }
 
+    /// A client whose URL sets a smaller `max_message_size` than its server's drops a
+    /// reply above it unparsed: the call times out, and the next one works.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reply_above_the_clients_limit_is_dropped_unread() {
+        let Some(_) = super::core::backend().await else {
+            return;
+        };
+        let topic = format!("reply_limit_{}", &mqrpc::wire::new_id()[..12]);
+        #[derive(serde::Deserialize)]
+        struct Repeat {
+            text: String,
+            times: usize,
+        }
+        let server = Server::builder(
+            Arc::new(
+                NatsTransport::connect(&super::with_options("prefix=mqrpc-test"))
+                    .await
+                    .expect("server"),
+            ),
+            Target::new(&topic).server("s1"),
+        )
+        .endpoint(mqrpc::Endpoint::new().method(
+            "repeat",
+            |_ctx: Context, args: Repeat| async move {
+                Ok::<_, mqrpc::RemoteError>(args.text.repeat(args.times))
+            },
+        ))
+        .start()
+        .await
+        .expect("server");
+        let small = NatsTransport::connect(&super::with_options(
+            "prefix=mqrpc-test&max_message_size=2048",
+        ))
+        .await
+        .expect("client");
+        assert_eq!(small.max_message_size(), 2048);
+        let client =
+            Client::new(Arc::new(small), Target::new(&topic)).timeout(Duration::from_secs(2));
+        let ctx = Context::new();
+        // The request is small, its reply is not.
+        let err = client
+            .call::<_, String>(&ctx, "repeat", json!({"text": "y", "times": 4096}))
+            .await
+            .expect_err("the reply is above the limit");
+        assert!(matches!(err, mqrpc::Error::Timeout { .. }), "{err:?}");
+        let text: String = client
+            .call(&ctx, "repeat", json!({"text": "y", "times": 100}))
+            .await
+            .expect("a small reply still arrives");
+        assert_eq!(text.len(), 100);
+        server.shutdown().await.expect("shutdown");
+    }
+
     /// A JetStream consumer deleted under a running server (by an operator, or by the
     /// NATS server's inactivity threshold) is created again, and casts flow on.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

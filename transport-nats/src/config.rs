@@ -56,6 +56,9 @@ pub struct NatsConfig {
     pub max_age: Duration,
     /// Messages a subscription buffers before the client counts a slow consumer.
     pub subscription_capacity: usize,
+    /// The largest message sent or accepted, in bytes (`max_message_size`); never
+    /// more than the server's own `max_payload`, which applies when this is unset.
+    pub max_message_size: Option<usize>,
     /// CA and client certificate files (`tls_ca_file`, `tls_cert_file`,
     /// `tls_key_file`); naming any requires TLS.
     pub tls_files: rpc_core::TlsFiles,
@@ -67,7 +70,8 @@ impl NatsConfig {
     ///
     /// Options: `prefix`, `exchange`, `token`, `creds` (path of a credentials file),
     /// `tls`, `jetstream` (casts through JetStream), `ack_wait` and `max_age`
-    /// (seconds, JetStream mode), `subscription_capacity`.
+    /// (seconds, JetStream mode), `subscription_capacity`, `max_message_size`
+    /// (bytes).
     pub fn parse(url: &str) -> Result<Self> {
         let bad = |what: String| Error::InvalidUrl(format!("NATS URL: {what}"));
         let (scheme, rest) = url
@@ -93,6 +97,7 @@ impl NatsConfig {
             ack_wait: Duration::from_secs(30),
             max_age: Duration::from_secs(24 * 3600),
             subscription_capacity: 65_536,
+            max_message_size: None,
             tls_files: rpc_core::TlsFiles::default(),
         };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -143,10 +148,24 @@ impl NatsConfig {
                             bad(format!("option {key} must be a positive integer"))
                         })?;
                 }
+                "max_message_size" => {
+                    config.max_message_size =
+                        Some(value.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                            bad(format!("option {key} must be a positive integer"))
+                        })?);
+                }
+                other if other.contains('@') => {
+                    // An unencoded `?` in a password split the URL early: what looks like
+                    // an option holds part of the password, so it is not echoed.
+                    return Err(bad(
+                        "an option name holds '@': percent-encode '?' in credentials".to_owned(),
+                    ));
+                }
                 other => {
                     return Err(bad(format!(
                         "unknown option {other:?} (known: prefix, exchange, token, creds, tls, \
-                         jetstream, ack_wait, max_age, subscription_capacity, {})",
+                         jetstream, ack_wait, max_age, subscription_capacity, max_message_size, \
+                         {})",
                         rpc_core::TlsFiles::OPTION_NAMES
                     )));
                 }
@@ -175,13 +194,18 @@ impl NatsConfig {
             } else {
                 hostport
             };
-            let with_port = if hostport
-                .rsplit_once(':')
-                .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-            {
-                hostport.to_owned()
-            } else {
-                format!("{hostport}:4222")
+            let with_port = match hostport.rsplit_once(':') {
+                Some((_, port)) if port.parse::<u16>().is_ok() => hostport.to_owned(),
+                None => format!("{hostport}:4222"),
+                Some(_) if hostport.ends_with(']') => format!("{hostport}:4222"),
+                // Not a port: most likely a password with an unencoded `,` split the
+                // URL, so the text is not echoed.
+                Some(_) => {
+                    return Err(bad(
+                        "a server's port is not a number (percent-encode ',' in credentials)"
+                            .to_owned(),
+                    ));
+                }
             };
             if with_port.contains(['/', '@', ' ']) {
                 return Err(bad("a server address is malformed".to_owned()));
@@ -323,6 +347,10 @@ mod tests {
         let c = NatsConfig::parse("nats://h?creds=/etc/x.creds&jetstream=true").expect("parse");
         assert_eq!(c.auth, Auth::CredentialsFile("/etc/x.creds".into()));
         assert!(c.jetstream);
+        assert_eq!(c.max_message_size, None);
+        let c = NatsConfig::parse("nats://[::1]:4223,[::1]?max_message_size=4096").expect("parse");
+        assert_eq!(c.servers, ["nats://[::1]:4223", "nats://[::1]:4222"]);
+        assert_eq!(c.max_message_size, Some(4096));
     }
 
     #[test]
@@ -332,10 +360,14 @@ mod tests {
             "nats://u:s3cret@h?bogus=1",
             "nats://u:s3cret@h?prefix=a.*",
             "nats://u:s3cret@h?ack_wait=x",
+            "nats://u:s3cret@h?max_message_size=0",
+            "nats://u:s3c,ret@h",
+            "nats://u:s3c?ret@h",
         ] {
             let err = NatsConfig::parse(url).expect_err(url);
             assert!(matches!(err, Error::InvalidUrl(_)), "{err:?}");
             assert!(!err.to_string().contains("s3cret"), "{err}");
+            assert!(!err.to_string().contains("ret"), "{err}");
         }
     }
 

@@ -187,6 +187,21 @@ impl NatsTransport {
     pub fn max_payload(&self) -> usize {
         self.shared.client.max_payload()
     }
+
+    /// The largest message this transport sends or accepts: the URL's
+    /// `max_message_size`, capped by the server's `max_payload`.
+    pub fn max_message_size(&self) -> usize {
+        message_limit(&self.shared.client, &self.shared.config)
+    }
+}
+
+/// The URL's `max_message_size`, capped by the server's `max_payload` (read from the
+/// client's atomic, so it is cheap per publish).
+pub(crate) fn message_limit(client: &async_nats::Client, config: &NatsConfig) -> usize {
+    let server = client.max_payload();
+    config
+        .max_message_size
+        .map_or(server, |limit| limit.min(server))
 }
 
 #[async_trait]
@@ -201,7 +216,7 @@ impl Transport for NatsTransport {
             .keeps_messages_without_listener(jetstream)
             .reports_no_responders(true)
             .redelivers_unacked(jetstream)
-            .max_message_size(Some(self.max_payload()))
+            .max_message_size(Some(self.max_message_size()))
     }
 
     fn default_exchange(&self) -> &str {

@@ -98,7 +98,7 @@ fn publish_error(
 #[async_trait]
 impl Publisher for NatsPublisher {
     async fn send(&self, address: &Address, message: Outgoing) -> Result<()> {
-        let limit = self.client.max_payload();
+        let limit = crate::message_limit(&self.client, &self.config);
         let size = message.body.len();
         if size > limit {
             return Err(Error::MessageTooLarge { size, limit });
