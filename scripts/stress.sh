@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Stress mode of the conformance suite (issue #7): every case of the suite runs
 # MQRPC_STRESS copies at once (default 20) against the same broker, one case at a
-# time, for each backend. Not run by CI: it takes several minutes and loads both
-# cores. Needs the brokers of scripts/brokers.sh.
+# time, for each backend. CI runs it after the test suite (README's test command);
+# it takes about five minutes and loads both cores. Needs the brokers of
+# scripts/brokers.sh.
 #
 #   scripts/stress.sh                 # all backends, 20 copies
 #   MQRPC_STRESS=5 scripts/stress.sh redis::
@@ -14,13 +15,13 @@ backends=("$@")
 if [ ${#backends[@]} -eq 0 ]; then
     backends=(memory:: amqp:: redis:: nats::core:: nats::jetstream::)
 fi
-cargo test --all-features --test conformance --no-run
+cargo test --workspace --all-features --test conformance --no-run
 failed=0
 for backend in "${backends[@]}"; do
     echo "== stress: ${MQRPC_STRESS} copies of every case on ${backend%::}"
     started=$(date +%s)
     # Only the generic suite: the fault, load and interop tests are not stressed.
-    if ! cargo test --all-features --test conformance -- "$backend" \
+    if ! cargo test --workspace --all-features --test conformance -- "$backend" \
         --skip reliability --skip interop_amqp --skip leaves_no --skip tls:: --skip redaction \
         --test-threads=1 >"target/stress-${backend//:/}.log" 2>&1; then
         failed=1
