@@ -16,6 +16,8 @@ if [ ${#backends[@]} -eq 0 ]; then
     backends=(memory:: amqp:: redis:: nats::core:: nats::jetstream::)
 fi
 cargo test --workspace --all-features --test conformance --no-run
+logs="${CARGO_TARGET_DIR:-target}/stress"
+mkdir -p "$logs"
 failed=0
 for backend in "${backends[@]}"; do
     echo "== stress: ${MQRPC_STRESS} copies of every case on ${backend%::}"
@@ -23,10 +25,12 @@ for backend in "${backends[@]}"; do
     # Only the generic suite: the fault, load and interop tests are not stressed.
     if ! cargo test --workspace --all-features --test conformance -- "$backend" \
         --skip reliability --skip interop_amqp --skip leaves_no --skip tls:: --skip redaction \
-        --test-threads=1 >"target/stress-${backend//:/}.log" 2>&1; then
+        --test-threads=1 >"$logs/${backend//:/}.log" 2>&1; then
         failed=1
+        # CI shows only this output: the failures' messages, not just their names.
+        sed -n '/^failures:/,$p' "$logs/${backend//:/}.log" | head -n 120
     fi
-    grep -E '^test result|FAILED|a copy' "target/stress-${backend//:/}.log" || true
-    echo "   ${backend%::}: $(( $(date +%s) - started )) s (log: target/stress-${backend//:/}.log)"
+    grep -E '^test result|FAILED|a copy' "$logs/${backend//:/}.log" || true
+    echo "   ${backend%::}: $(( $(date +%s) - started )) s (log: $logs/${backend//:/}.log)"
 done
 exit "$failed"
