@@ -58,14 +58,19 @@ fn urls() -> Vec<String> {
     }
     if cfg!(feature = "redis") {
         urls.extend([
-            // The shared Redis has no such user.
+            // The shared Redis has no such user, and no password for the default one.
             format!("redis://mqrpc-nobody:{SECRET}@127.0.0.1:6379/0"),
+            format!("redis://:{SECRET}@127.0.0.1:6379/0"),
             format!("rediss://:{SECRET}@127.0.0.1:1/"),
         ]);
     }
     if cfg!(feature = "nats") {
         urls.extend([
             format!("nats://user:{SECRET}@127.0.0.1:1"),
+            // The shared NATS has no authorization: this one connects, and its call
+            // (nobody listens) fails, all of it logged at trace level.
+            format!("nats://user:{SECRET}@127.0.0.1:4222"),
+            format!("tls://user:{SECRET}@127.0.0.1:1?tls_ca_file=/nonexistent/ca.pem"),
             format!("nats://{SECRET}@127.0.0.1:1"),
             format!("nats://127.0.0.1:1?token={SECRET}"),
         ]);
