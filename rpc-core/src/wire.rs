@@ -383,24 +383,27 @@ impl<'de> serde::de::Visitor<'de> for Members<'_> {
 
 /// Reads the members of a body's inner document in one pass.
 fn read_members(body: &[u8], wanted: &[&str], context: bool) -> Result<Read, CodecError> {
-    use serde::de::DeserializeSeed;
-    let members = Members { wanted, context };
-    match unwrap_envelope(body)? {
-        Inner::Enveloped(text) => {
-            let mut de = serde_json::Deserializer::from_str(&text);
-            members
-                .deserialize(&mut de)
-                .and_then(|read| de.end().map(|()| read))
-                .map_err(|e| CodecError::new(format!("oslo.message is not a JSON object: {e}")))
-        }
-        Inner::Bare(body) => {
-            let mut de = serde_json::Deserializer::from_slice(body);
-            members
-                .deserialize(&mut de)
-                .and_then(|read| de.end().map(|()| read))
-                .map_err(|e| CodecError::new(format!("body is not a JSON object: {e}")))
-        }
+    fn read_all<'de, R: serde_json::de::Read<'de>>(
+        mut de: serde_json::Deserializer<R>,
+        members: Members<'_>,
+    ) -> serde_json::Result<Read> {
+        use serde::de::DeserializeSeed;
+        let read = members.deserialize(&mut de)?;
+        de.end()?;
+        Ok(read)
     }
+    let members = Members { wanted, context };
+    let (read, what) = match unwrap_envelope(body)? {
+        Inner::Enveloped(text) => (
+            read_all(serde_json::Deserializer::from_str(&text), members),
+            "oslo.message",
+        ),
+        Inner::Bare(body) => (
+            read_all(serde_json::Deserializer::from_slice(body), members),
+            "body",
+        ),
+    };
+    read.map_err(|e| CodecError::new(format!("{what} is not a JSON object: {e}")))
 }
 
 fn take_string(value: Option<Value>, key: &str) -> Result<Option<String>, CodecError> {
