@@ -103,7 +103,7 @@ struct Scene {
 /// Prints a `FIGURES` line and appends it to `reliability-figures.txt` in cargo's
 /// temporary directory for tests (`target/tmp`), so a run's figures outlive its
 /// captured output.
-fn figures(line: String) {
+pub fn figures(line: String) {
     eprintln!("{line}");
     let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("reliability-figures.txt");
     if let Ok(mut file) = std::fs::OpenOptions::new()
@@ -622,6 +622,11 @@ impl OwnBroker {
         }
         .spawned()
         .await
+    }
+
+    /// Removes `dir` (the broker's data directory) when the broker is dropped.
+    pub fn owns_dir(&mut self, dir: std::path::PathBuf) {
+        self.dir = Some(dir);
     }
 
     /// A RabbitMQ node of the test's own: its own node name, AMQP and distribution

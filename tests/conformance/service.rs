@@ -67,6 +67,15 @@ impl Recorder {
         self.records.lock().expect("recorder lock").clone()
     }
 
+    /// The ids recorded, in order, after waiting `settle` (see [`Recorder::settled`]).
+    pub async fn settled_ids(&self, settle: Duration) -> Vec<u64> {
+        self.settled(settle)
+            .await
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect()
+    }
+
     /// How many times each id was recorded.
     pub fn per_id(records: &[(String, u64)]) -> HashMap<u64, usize> {
         let mut counts = HashMap::new();
