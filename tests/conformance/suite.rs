@@ -1066,7 +1066,7 @@ pub async fn waiting_work_stays_in_the_broker_for_other_servers(backend: Backend
     fx.start_with("s1", |b| b.concurrency(1)).await;
     let client = fx.client().await;
     let total = 24u64;
-    slow_casts(&client, total, 0.25).await;
+    slow_casts(&client, total, 0.5).await;
     fx.recorder.wait_for(1, ARRIVAL).await;
     fx.start_with("s2", |b| b.concurrency(8)).await;
     fx.recorder.wait_for(total as usize, ARRIVAL).await;
@@ -1075,8 +1075,9 @@ pub async fn waiting_work_stays_in_the_broker_for_other_servers(backend: Backend
     let missing: Vec<u64> = (0..total).filter(|id| !counts.contains_key(id)).collect();
     assert!(missing.is_empty(), "casts lost: {missing:?}");
     let by_s2 = records.iter().filter(|(server, _)| server == "s2").count();
-    // s1 runs one at a time (4 per second) and holds only a few ahead; most of the
-    // casts were still in the broker when s2 started.
+    // s1 runs one at a time (2 per second) and holds only a few ahead; most of the
+    // casts were still in the broker when s2 started (it may take a few seconds to
+    // connect on a loaded broker).
     assert!(
         by_s2 as u64 >= total / 2,
         "s2 handled {by_s2} of {total}: the busy server took work it could not run"
