@@ -2,8 +2,8 @@
 # Stress mode of the conformance suite (issue #7): every case of the suite runs
 # MQRPC_STRESS copies at once (default 20) against the same broker, one case at a
 # time, for each backend. Not run by CI (see docs/reliability.md, "Stress"): it
-# takes about five minutes, loads both cores, and one of four runs on the shared
-# RabbitMQ failed a connection handshake. Needs the brokers of scripts/brokers.sh.
+# takes about five minutes and loads both cores. Needs the brokers of
+# scripts/brokers.sh.
 #
 #   scripts/stress.sh                 # all backends, 20 copies
 #   MQRPC_STRESS=5 scripts/stress.sh redis::

@@ -934,11 +934,17 @@ pub async fn oversized_message_is_refused_with_a_clear_error(backend: Backend) {
         return;
     };
     let client = Client::new(transport, Target::new(unique_topic("oversized")));
-    let payload = "x".repeat(limit + 1);
-    let err = client
-        .cast(&ctx(), "echo", json!({ "payload": payload }))
-        .await
-        .expect_err("too large");
+    // Building and encoding tens of MiB takes a debug build a while: on a blocking
+    // thread, so that 20 stressed copies do not hold the runtime's workers and starve
+    // the connection tasks of other copies (an AMQP handshake timed out that way).
+    let runtime = tokio::runtime::Handle::current();
+    let err = tokio::task::spawn_blocking(move || {
+        let payload = "x".repeat(limit + 1);
+        runtime.block_on(client.cast(&ctx(), "echo", json!({ "payload": payload })))
+    })
+    .await
+    .expect("the encoding thread")
+    .expect_err("too large");
     assert!(matches!(err, Error::MessageTooLarge { .. }), "{err:?}");
 }
 
