@@ -18,6 +18,7 @@ mod client;
 mod context;
 mod dispatcher;
 mod endpoint;
+mod envelope;
 mod error;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]

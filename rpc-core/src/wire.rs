@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::context::Context;
+use crate::envelope;
 use crate::error::{CodecError, RemoteError};
 use crate::target::Version;
 
@@ -190,14 +191,6 @@ impl Serialize for InnerReply<'_> {
     }
 }
 
-#[derive(Serialize)]
-struct EnvelopeOut<'a> {
-    #[serde(rename = "oslo.version")]
-    version: &'a str,
-    #[serde(rename = "oslo.message")]
-    message: &'a str,
-}
-
 #[derive(Deserialize)]
 struct EnvelopeIn<'a> {
     #[serde(rename = "oslo.version", borrow, default)]
@@ -206,22 +199,13 @@ struct EnvelopeIn<'a> {
     message: Option<Cow<'a, str>>,
 }
 
-/// Serializes `inner` and wraps it in the envelope. Both buffers are sized up front:
-/// growing them from serde_json's default 128 bytes cost several copies per message.
+/// Serializes `inner` and wraps it in the envelope. The inner buffer is sized up
+/// front: growing it from serde_json's default 128 bytes cost several copies per
+/// message.
 fn enveloped(inner: &impl Serialize) -> Result<Vec<u8>, CodecError> {
     let mut text = Vec::with_capacity(512);
     serde_json::to_writer(&mut text, inner)?;
-    let text =
-        String::from_utf8(text).map_err(|_| CodecError::new("serde_json wrote invalid UTF-8"))?;
-    let envelope = EnvelopeOut {
-        version: ENVELOPE_VERSION,
-        message: &text,
-    };
-    // Escaping the inner document's quotes adds about one byte in eight; a quarter
-    // leaves room for escape-heavy payloads.
-    let mut body = Vec::with_capacity(text.len() + text.len() / 4 + 48);
-    serde_json::to_writer(&mut body, &envelope)?;
-    Ok(body)
+    Ok(envelope::write(&text))
 }
 
 /// Encodes a request into an enveloped body.
@@ -285,6 +269,10 @@ enum Inner<'a> {
 
 /// Opens the envelope (or takes a bare 1.0 body as it is) and returns the inner text.
 fn unwrap_envelope(body: &[u8]) -> Result<Inner<'_>, CodecError> {
+    if let Some(message) = envelope::read(body) {
+        check_depth(message.as_bytes())?;
+        return Ok(Inner::Enveloped(message));
+    }
     check_depth(body)?;
     let envelope: EnvelopeIn<'_> = serde_json::from_slice(body)
         .map_err(|e| CodecError::new(format!("body is not a JSON object: {e}")))?;
