@@ -392,11 +392,15 @@ impl Client {
         let started = Instant::now();
         let deadline = started + self.timeout;
         let mut request = self.request(ctx, method, args)?;
-        let router = match timeout_at(deadline, self.replies()).await {
-            Ok(router) => router?,
-            Err(_) => {
-                return Err(self.timeout_error("", started, TimeoutKind::Publish));
-            }
+        // Only the first call waits for the reply queue; later ones skip the timer.
+        let router = match self.shared.replies.get() {
+            Some(router) => router,
+            None => match timeout_at(deadline, self.replies()).await {
+                Ok(router) => router?,
+                Err(_) => {
+                    return Err(self.timeout_error("", started, TimeoutKind::Publish));
+                }
+            },
         };
         let msg_id = wire::new_id();
         tracing::Span::current().record("msg_id", msg_id.as_str());

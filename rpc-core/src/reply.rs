@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::transport::{Consumer, ReplyQueue};
 use crate::wire::{self, Reply};
 
-type Waiters = Arc<DashMap<String, mpsc::UnboundedSender<Reply>>>;
+type Waiters = Arc<DashMap<String, mpsc::UnboundedSender<Reply>, foldhash::fast::RandomState>>;
 
 /// Routes the replies of one client's reply queue to the calls waiting for them.
 pub(crate) struct ReplyRouter {
@@ -34,7 +34,7 @@ impl ReplyRouter {
         auth: Option<MessageAuth>,
         max_reply: Option<usize>,
     ) -> Self {
-        let waiters: Waiters = Arc::new(DashMap::new());
+        let waiters: Waiters = Arc::new(DashMap::default());
         let closed = Arc::new(AtomicBool::new(false));
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(route(

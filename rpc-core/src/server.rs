@@ -673,8 +673,8 @@ impl Replier {
 
 /// The last `capacity` ids seen, to drop redelivered duplicates.
 struct RecentIds {
-    order: VecDeque<String>,
-    ids: HashSet<String>,
+    order: VecDeque<Arc<str>>,
+    ids: HashSet<Arc<str>, foldhash::fast::RandomState>,
     capacity: usize,
 }
 
@@ -682,7 +682,7 @@ impl RecentIds {
     fn new(capacity: usize) -> Self {
         RecentIds {
             order: VecDeque::with_capacity(capacity),
-            ids: HashSet::with_capacity(capacity),
+            ids: HashSet::with_capacity_and_hasher(capacity, Default::default()),
             capacity,
         }
     }
@@ -697,8 +697,9 @@ impl RecentIds {
                 self.ids.remove(&oldest);
             }
         }
-        self.order.push_back(id.to_owned());
-        self.ids.insert(id.to_owned());
+        let id: Arc<str> = Arc::from(id);
+        self.order.push_back(id.clone());
+        self.ids.insert(id);
         true
     }
 }

@@ -23,7 +23,12 @@ const CONTEXT_PREFIX: &str = "_context_";
 
 /// A new correlation or de-duplication id: a uuid4 in hex, as oslo.messaging writes it.
 pub fn new_id() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
+    let mut hex = [0u8; uuid::fmt::Simple::LENGTH];
+    // Written into a buffer: `to_string` goes through the formatting machinery.
+    uuid::Uuid::new_v4()
+        .simple()
+        .encode_lower(&mut hex)
+        .to_owned()
 }
 
 /// A request: a call (it has a `msg_id` and a reply address) or a cast.

@@ -268,6 +268,7 @@ impl Transport for MemoryTransport {
     async fn publisher(&self) -> Result<Arc<dyn Publisher>> {
         Ok(Arc::new(MemoryPublisher {
             bus: self.bus.clone(),
+            routes: DashMap::default(),
         }))
     }
 
@@ -343,6 +344,65 @@ impl Transport for MemoryTransport {
 
 struct MemoryPublisher {
     bus: Arc<Bus>,
+    /// Where each topic or server address leads, found once: a send then builds no
+    /// lookup keys. Queues and tap groups, once made, live as long as the bus.
+    routes: DashMap<Address, Route, foldhash::fast::RandomState>,
+}
+
+/// The queue of a topic or server address, and the watchers of its topic.
+#[derive(Clone)]
+struct Route {
+    queue: Sender<Bytes>,
+    taps: Arc<FanoutGroup>,
+}
+
+impl MemoryPublisher {
+    fn route(&self, address: &Address) -> Option<Route> {
+        if let Some(route) = self.routes.get(address) {
+            return Some(route.clone());
+        }
+        let (key, exchange, topic) = match address {
+            Address::Topic { exchange, topic } => (
+                QueueKey::Topic(exchange.clone(), topic.clone()),
+                exchange,
+                topic,
+            ),
+            Address::Server {
+                exchange,
+                topic,
+                server,
+            } => (
+                QueueKey::Server(exchange.clone(), topic.clone(), server.clone()),
+                exchange,
+                topic,
+            ),
+            Address::Fanout { .. } | Address::Reply(_) => return None,
+        };
+        let route = Route {
+            queue: self.bus.queue(key).tx,
+            taps: self
+                .bus
+                .taps
+                .entry((exchange.clone(), topic.clone()))
+                .or_default()
+                .clone(),
+        };
+        self.routes.insert(address.clone(), route.clone());
+        Some(route)
+    }
+}
+
+/// Gives each watcher of a topic a copy of `body`.
+fn tap(taps: &FanoutGroup, body: &Bytes) {
+    for (_, tx) in taps
+        .members
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+    {
+        // A watcher that does not keep up misses copies; the servers do not wait.
+        let _ = tx.try_send(body.clone());
+    }
 }
 
 #[async_trait]
@@ -354,44 +414,18 @@ impl Publisher for MemoryPublisher {
                 limit: self.bus.max_message_size,
             });
         }
-        if let Address::Topic { exchange, topic }
-        | Address::Server {
-            exchange, topic, ..
-        }
-        | Address::Fanout { exchange, topic } = address
-        {
-            if let Some(taps) = self.bus.taps.get(&(exchange.clone(), topic.clone())) {
-                for (_, tx) in taps
-                    .members
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .iter()
-                {
-                    // A watcher that does not keep up misses copies; the servers do not wait.
-                    let _ = tx.try_send(message.body.clone());
-                }
-            }
-        }
         let queue_tx = match address {
-            Address::Topic { exchange, topic } => {
-                self.bus
-                    .queue(QueueKey::Topic(exchange.clone(), topic.clone()))
-                    .tx
-            }
-            Address::Server {
-                exchange,
-                topic,
-                server,
-            } => {
-                self.bus
-                    .queue(QueueKey::Server(
-                        exchange.clone(),
-                        topic.clone(),
-                        server.clone(),
-                    ))
-                    .tx
+            Address::Topic { .. } | Address::Server { .. } => {
+                let Some(route) = self.route(address) else {
+                    return Ok(());
+                };
+                tap(&route.taps, &message.body);
+                route.queue
             }
             Address::Fanout { exchange, topic } => {
+                if let Some(taps) = self.bus.taps.get(&(exchange.clone(), topic.clone())) {
+                    tap(&taps, &message.body);
+                }
                 let members: Vec<Sender<Bytes>> =
                     match self.bus.fanouts.get(&(exchange.clone(), topic.clone())) {
                         Some(group) => group
