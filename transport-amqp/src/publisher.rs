@@ -25,7 +25,8 @@ struct PublishChannel {
 
 pub(crate) struct AmqpPublisher {
     link: Arc<Link>,
-    current: Mutex<Option<PublishChannel>>,
+    /// Shared, not cloned per publish: a lapin `Channel` is a dozen reference counts.
+    current: Mutex<Option<Arc<PublishChannel>>>,
     opening: tokio::sync::Mutex<()>,
 }
 
@@ -50,7 +51,7 @@ impl AmqpPublisher {
         }
     }
 
-    fn cached(&self) -> Option<PublishChannel> {
+    fn cached(&self) -> Option<Arc<PublishChannel>> {
         let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         current
             .as_ref()
@@ -59,7 +60,7 @@ impl AmqpPublisher {
     }
 
     /// The publish channel, opened (with confirms) when missing or dead.
-    async fn channel(&self) -> Result<PublishChannel> {
+    async fn channel(&self) -> Result<Arc<PublishChannel>> {
         if let Some(channel) = self.cached() {
             return Ok(channel);
         }
@@ -78,12 +79,12 @@ impl AmqpPublisher {
             .await
             .map_err(|e| lapin_error("enabling publisher confirms", e))?;
         tokio::spawn(drain_dropped_confirms(channel.clone()));
-        let fresh = PublishChannel {
+        let fresh = Arc::new(PublishChannel {
             channel,
             connection: connected.connection.clone(),
             generation: connected.generation,
             declared: Arc::new(Mutex::new(HashSet::new())),
-        };
+        });
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(fresh.clone());
         Ok(fresh)
     }
