@@ -1,7 +1,8 @@
 //! Consumers: a server's three queues on one channel with bounded prefetch, and a
-//! client's reply queue. A task per consumer forwards deliveries into a channel the
-//! consumer reads (so `recv` is cancel-safe) and, when the connection is lost,
-//! reconnects and declares and subscribes everything again.
+//! client's reply queue. `recv` reads lapin's delivery streams itself (a stream's
+//! `next` is cancel-safe), so a delivery costs no task hand-off of mqrpc's; a task
+//! per consumer subscribes, hands each fresh subscription over, and when one is
+//! lost reconnects and declares and subscribes everything again.
 
 use std::sync::Arc;
 
@@ -49,27 +50,38 @@ pub(crate) enum Subscription {
 
 /// The receiving end handed to rpc-core.
 pub(crate) struct AmqpConsumer {
-    rx: mpsc::Receiver<Result<Delivery>>,
+    /// Fresh subscriptions from the task: the first, then one after each loss.
+    sessions: mpsc::UnboundedReceiver<Live>,
+    /// The subscription being read.
+    current: Option<Live>,
+    /// Tells the task that the current subscription ended.
+    lost: mpsc::UnboundedSender<()>,
     stop: CancellationToken,
     close_on_drop: Option<DropGuard>,
     task: Option<JoinHandle<()>>,
 }
 
+/// A live subscription's deliveries, read by the consumer.
+struct Live {
+    stream: SelectAll<Deliveries>,
+    /// Shared with the deliveries' ackers, which keep it open until they settle.
+    channel: Arc<Channel>,
+    settles: bool,
+}
+
 impl AmqpConsumer {
     /// Starts the consumer task and waits until the first subscription is active.
-    pub(crate) async fn start(
-        link: Arc<Link>,
-        subscription: Subscription,
-        buffer: usize,
-    ) -> Result<Self> {
-        let (tx, rx) = mpsc::channel(buffer.max(1));
+    pub(crate) async fn start(link: Arc<Link>, subscription: Subscription) -> Result<Self> {
+        let (sessions_tx, sessions) = mpsc::unbounded_channel();
+        let (lost, lost_rx) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
         let closed = CancellationToken::new();
         let (ready_tx, ready_rx) = oneshot::channel();
         let task = ConsumerTask {
             link,
             subscription,
-            tx,
+            sessions: sessions_tx,
+            lost: lost_rx,
             stop: stop.clone(),
             closed: closed.clone(),
         };
@@ -79,7 +91,9 @@ impl AmqpConsumer {
         let guard = closed.drop_guard();
         match ready_rx.await {
             Ok(Ok(())) => Ok(AmqpConsumer {
-                rx,
+                sessions,
+                current: None,
+                lost,
                 stop,
                 close_on_drop: Some(guard),
                 task: Some(task),
@@ -93,25 +107,46 @@ impl AmqpConsumer {
 #[async_trait]
 impl Consumer for AmqpConsumer {
     async fn recv(&mut self) -> Option<Result<Delivery>> {
-        self.rx.recv().await
+        loop {
+            let live = match &mut self.current {
+                Some(live) => live,
+                None => self.current.insert(self.sessions.recv().await?),
+            };
+            match live.stream.next().await {
+                Some(Ok(delivery)) => {
+                    let acker: Box<dyn Acker> = if live.settles {
+                        Box::new(AmqpAcker {
+                            acker: delivery.acker,
+                            _channel: live.channel.clone(),
+                        })
+                    } else {
+                        Box::new(NoAck)
+                    };
+                    return Some(Ok(Delivery::new(delivery.data, acker)));
+                }
+                Some(Err(err)) => {
+                    tracing::warn!(error = %err, "consumer lost its channel; reconnecting");
+                }
+                None => {
+                    tracing::warn!("the broker cancelled the consumer; subscribing again");
+                }
+            }
+            self.current = None;
+            let _ = self.lost.send(());
+        }
     }
 
     async fn stop(&mut self) -> Result<()> {
         self.stop.cancel();
-        // Deliveries taken from the broker but not handed to the server go back, so
-        // other servers can take them during this server's grace period.
-        while let Ok(delivery) = self.rx.try_recv() {
-            if let Ok(delivery) = delivery {
-                if let Err(err) = delivery.reject(true).await {
-                    tracing::debug!(error = %err, "could not requeue a buffered delivery");
-                }
-            }
-        }
+        // Deliveries lapin holds but nobody took stay unsettled until the channel
+        // closes, and then go back to their queues for other servers.
+        self.current = None;
         Ok(())
     }
 
     async fn close(&mut self) -> Result<()> {
         self.stop.cancel();
+        self.current = None;
         // Dropping the guard cancels `closed`; the task then cleans up and ends.
         drop(self.close_on_drop.take());
         if let Some(task) = self.task.take() {
@@ -128,7 +163,7 @@ type Deliveries = BoxStream<'static, std::result::Result<lapin::message::Deliver
 
 /// One subscription on one channel.
 struct Session {
-    channel: Channel,
+    channel: Arc<Channel>,
     stream: SelectAll<Deliveries>,
     tags: Vec<String>,
 }
@@ -136,13 +171,14 @@ struct Session {
 struct ConsumerTask {
     link: Arc<Link>,
     subscription: Subscription,
-    tx: mpsc::Sender<Result<Delivery>>,
+    sessions: mpsc::UnboundedSender<Live>,
+    lost: mpsc::UnboundedReceiver<()>,
     stop: CancellationToken,
     closed: CancellationToken,
 }
 
 impl ConsumerTask {
-    async fn run(self, ready: oneshot::Sender<Result<()>>) {
+    async fn run(mut self, ready: oneshot::Sender<Result<()>>) {
         let mut ready = Some(ready);
         let mut attempt = 0u32;
         loop {
@@ -151,7 +187,7 @@ impl ConsumerTask {
                 _ = self.stop.cancelled() => return self.finish(None).await,
                 opened = self.open() => opened,
             };
-            let mut session = match opened {
+            let session = match opened {
                 Ok(session) => session,
                 Err(err) => {
                     if let Some(ready) = ready.take() {
@@ -177,47 +213,32 @@ impl ConsumerTask {
                 tracing::info!(subscription = ?self.subscription, "re-subscribed after reconnection");
             }
             attempt = 0;
-            let stopped = loop {
-                let next = tokio::select! {
-                    biased;
-                    _ = self.closed.cancelled() => break true,
-                    _ = self.stop.cancelled() => break true,
-                    next = async {
-                        // Take a delivery only when there is room to hand it over.
-                        let permit = self.tx.reserve().await;
-                        (permit, session.stream.next().await)
-                    } => next,
-                };
-                match next {
-                    (Err(_), _) => return,
-                    (Ok(permit), Some(Ok(delivery))) => {
-                        permit.send(Ok(self.wrap(delivery, &session.channel)));
-                    }
-                    (Ok(_), Some(Err(err))) => {
-                        tracing::warn!(error = %err, "consumer lost its channel; reconnecting");
-                        break false;
-                    }
-                    (Ok(_), None) => {
-                        tracing::warn!("the broker cancelled the consumer; subscribing again");
-                        break false;
+            let Session {
+                channel,
+                stream,
+                tags,
+            } = session;
+            let settles = matches!(self.subscription, Subscription::Server { .. });
+            let live = Live {
+                stream,
+                channel: channel.clone(),
+                settles,
+            };
+            if self.sessions.send(live).is_err() {
+                // The consumer is gone.
+                return self.finish(Some((channel, tags))).await;
+            }
+            tokio::select! {
+                biased;
+                _ = self.closed.cancelled() => return self.finish(Some((channel, tags))).await,
+                _ = self.stop.cancelled() => return self.finish(Some((channel, tags))).await,
+                lost = self.lost.recv() => {
+                    if lost.is_none() {
+                        return self.finish(Some((channel, tags))).await;
                     }
                 }
-            };
-            if stopped {
-                return self.finish(Some(session)).await;
             }
         }
-    }
-
-    fn wrap(&self, delivery: lapin::message::Delivery, channel: &Channel) -> Delivery {
-        let acker: Box<dyn Acker> = match self.subscription {
-            Subscription::Reply { .. } | Subscription::Monitor { .. } => Box::new(NoAck),
-            Subscription::Server { .. } => Box::new(AmqpAcker {
-                acker: delivery.acker,
-                _channel: channel.clone(),
-            }),
-        };
-        Delivery::new(delivery.data, acker)
     }
 
     async fn open(&self) -> Result<Session> {
@@ -296,7 +317,7 @@ impl ConsumerTask {
             );
         }
         Ok(Session {
-            channel,
+            channel: Arc::new(channel),
             stream,
             tags,
         })
@@ -305,26 +326,24 @@ impl ConsumerTask {
     /// Stops consuming but keeps the channel open, so deliveries already handed out
     /// can still be acked; closes it (deleting a server's fanout queue, as oslo does on
     /// a graceful close) when the consumer is dropped.
-    async fn finish(self, session: Option<Session>) {
-        let Some(session) = session else { return };
-        for tag in &session.tags {
-            let cancel = session
-                .channel
-                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+    async fn finish(self, session: Option<(Arc<Channel>, Vec<String>)>) {
+        let Some((channel, tags)) = session else {
+            return;
+        };
+        for tag in &tags {
+            let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
             match tokio::time::timeout(CLEANUP_LIMIT, cancel).await {
                 Ok(Ok(())) => {}
                 Ok(Err(err)) => tracing::debug!(error = %err, "basic.cancel failed"),
                 Err(_) => tracing::debug!("basic.cancel unanswered"),
             }
         }
-        drop(session.stream);
-        drop(self.tx);
+        // No fresh subscription follows: a `recv` after `stop` ends.
+        drop(self.sessions);
         self.closed.cancelled().await;
         if let Subscription::Server { fanout_queue, .. } = &self.subscription {
             if let Ok(name) = short(fanout_queue) {
-                let delete = session
-                    .channel
-                    .queue_delete(name, QueueDeleteOptions::default());
+                let delete = channel.queue_delete(name, QueueDeleteOptions::default());
                 match tokio::time::timeout(CLEANUP_LIMIT, delete).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(err)) => {
@@ -334,7 +353,7 @@ impl ConsumerTask {
                 }
             }
         }
-        let close = session.channel.close(200, "consumer closed".into());
+        let close = channel.close(200, "consumer closed".into());
         let _ = tokio::time::timeout(CLEANUP_LIMIT, close).await;
     }
 }
@@ -343,7 +362,7 @@ impl ConsumerTask {
 struct AmqpAcker {
     acker: lapin::Acker,
     // Keeps the channel open until the delivery is settled.
-    _channel: Channel,
+    _channel: Arc<Channel>,
 }
 
 #[async_trait]

@@ -41,9 +41,6 @@ use consumer::{AmqpConsumer, Subscription};
 use link::Link;
 use publisher::AmqpPublisher;
 
-/// How many replies may wait between the broker and a client's reply router.
-const REPLY_BUFFER: usize = 1024;
-
 /// A connection to RabbitMQ. Cheap to clone; clones share the connection.
 #[derive(Clone)]
 pub struct AmqpTransport {
@@ -135,8 +132,7 @@ impl Transport for AmqpTransport {
             fanout_queue: topology::fanout_queue(&target.topic),
             prefetch,
         };
-        let buffer = usize::from(prefetch) * 2;
-        let consumer = AmqpConsumer::start(self.link.clone(), subscription, buffer).await?;
+        let consumer = AmqpConsumer::start(self.link.clone(), subscription).await?;
         Ok(Box::new(consumer))
     }
 
@@ -146,7 +142,7 @@ impl Transport for AmqpTransport {
             topic: target.topic.clone(),
             queue: format!("mqrpc-listen-{}", rpc_core::wire::new_id()),
         };
-        let consumer = AmqpConsumer::start(self.link.clone(), subscription, REPLY_BUFFER).await?;
+        let consumer = AmqpConsumer::start(self.link.clone(), subscription).await?;
         Ok(Box::new(consumer))
     }
 
@@ -155,7 +151,7 @@ impl Transport for AmqpTransport {
         let subscription = Subscription::Reply {
             queue: queue.clone(),
         };
-        let consumer = AmqpConsumer::start(self.link.clone(), subscription, REPLY_BUFFER).await?;
+        let consumer = AmqpConsumer::start(self.link.clone(), subscription).await?;
         Ok(ReplyQueue {
             address: queue,
             consumer: Box::new(consumer),
