@@ -7,8 +7,8 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use futures::stream::{BoxStream, SelectAll};
+use futures::{FutureExt, StreamExt};
 use lapin::Channel;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
@@ -138,9 +138,23 @@ impl Consumer for AmqpConsumer {
 
     async fn stop(&mut self) -> Result<()> {
         self.stop.cancel();
-        // Deliveries lapin holds but nobody took stay unsettled until the channel
-        // closes, and then go back to their queues for other servers.
-        self.current = None;
+        // Deliveries lapin already holds but the server did not take go back now, so
+        // other servers can take them during this server's grace period.
+        let live = match self.current.take() {
+            Some(live) => Some(live),
+            None => self.sessions.try_recv().ok(),
+        };
+        if let Some(mut live) = live.filter(|live| live.settles) {
+            while let Some(Some(Ok(delivery))) = live.stream.next().now_or_never() {
+                let requeued = delivery
+                    .acker
+                    .reject(BasicRejectOptions { requeue: true })
+                    .await;
+                if let Err(err) = settled(requeued, "requeueing a delivery on stop") {
+                    tracing::debug!(error = %err, "could not requeue a held delivery");
+                }
+            }
+        }
         Ok(())
     }
 

@@ -15,7 +15,6 @@ use crate::link::Link;
 use crate::topology::{self, lapin_error, short};
 
 /// A confirm-mode channel and the exchanges already declared on it.
-#[derive(Clone)]
 struct PublishChannel {
     channel: Channel,
     connection: Arc<lapin::Connection>,
