@@ -10,7 +10,8 @@
 
 use std::borrow::Cow;
 
-/// What [`write`] puts before the escaped inner document.
+/// What [`write`] puts before the escaped inner document (the version is
+/// [`crate::wire::ENVELOPE_VERSION`]).
 const OPEN: &[u8] = br#"{"oslo.version":"2.0","oslo.message":""#;
 /// What [`write`] puts after it.
 const CLOSE: &[u8] = br#""}"#;
@@ -80,7 +81,7 @@ pub(crate) fn read(body: &[u8]) -> Option<Cow<'_, str>> {
             _ => return None,
         }
     }
-    if skip_ws(body, at + 1) != body.len() || version?.as_ref() != "2.0" {
+    if skip_ws(body, at + 1) != body.len() || version?.as_ref() != crate::wire::ENVELOPE_VERSION {
         return None;
     }
     message
@@ -113,7 +114,7 @@ fn key(body: &[u8], at: usize) -> Option<(&[u8], usize)> {
         return None;
     }
     let start = at + 1;
-    let end = start + memchr::memchr2(b'"', b'\\', body.get(start..)?)?;
+    let end = special(body, start)?;
     (body[end] == b'"').then(|| (&body[start..end], end + 1))
 }
 

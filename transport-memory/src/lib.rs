@@ -357,38 +357,35 @@ struct Route {
 }
 
 impl MemoryPublisher {
-    fn route(&self, address: &Address) -> Option<Route> {
-        if let Some(route) = self.routes.get(address) {
-            return Some(route.clone());
-        }
-        let (key, exchange, topic) = match address {
-            Address::Topic { exchange, topic } => (
-                QueueKey::Topic(exchange.clone(), topic.clone()),
-                exchange,
-                topic,
-            ),
-            Address::Server {
-                exchange,
-                topic,
-                server,
-            } => (
-                QueueKey::Server(exchange.clone(), topic.clone(), server.clone()),
-                exchange,
-                topic,
-            ),
-            Address::Fanout { .. } | Address::Reply(_) => return None,
+    /// The queue of a topic or server `address` (of `exchange` and `topic`), found
+    /// once and kept; `key` names the queue on the bus the first time. Gives the
+    /// topic's watchers a copy of `body` on the way.
+    fn route(
+        &self,
+        address: &Address,
+        exchange: &str,
+        topic: &str,
+        key: impl FnOnce() -> QueueKey,
+        body: &Bytes,
+    ) -> Sender<Bytes> {
+        let route = match self.routes.get(address) {
+            Some(route) => route.clone(),
+            None => {
+                let route = Route {
+                    queue: self.bus.queue(key()).tx,
+                    taps: self
+                        .bus
+                        .taps
+                        .entry((exchange.to_owned(), topic.to_owned()))
+                        .or_default()
+                        .clone(),
+                };
+                self.routes.insert(address.clone(), route.clone());
+                route
+            }
         };
-        let route = Route {
-            queue: self.bus.queue(key).tx,
-            taps: self
-                .bus
-                .taps
-                .entry((exchange.clone(), topic.clone()))
-                .or_default()
-                .clone(),
-        };
-        self.routes.insert(address.clone(), route.clone());
-        Some(route)
+        tap(&route.taps, body);
+        route.queue
     }
 }
 
@@ -415,13 +412,24 @@ impl Publisher for MemoryPublisher {
             });
         }
         let queue_tx = match address {
-            Address::Topic { .. } | Address::Server { .. } => {
-                let Some(route) = self.route(address) else {
-                    return Ok(());
-                };
-                tap(&route.taps, &message.body);
-                route.queue
-            }
+            Address::Topic { exchange, topic } => self.route(
+                address,
+                exchange,
+                topic,
+                || QueueKey::Topic(exchange.clone(), topic.clone()),
+                &message.body,
+            ),
+            Address::Server {
+                exchange,
+                topic,
+                server,
+            } => self.route(
+                address,
+                exchange,
+                topic,
+                || QueueKey::Server(exchange.clone(), topic.clone(), server.clone()),
+                &message.body,
+            ),
             Address::Fanout { exchange, topic } => {
                 if let Some(taps) = self.bus.taps.get(&(exchange.clone(), topic.clone())) {
                     tap(&taps, &message.body);
