@@ -58,7 +58,7 @@ mod faults {
 
     /// Server `s1` of `topic` recording into `recorder`, and a client of the topic, each
     /// on a connection of its own to `url`.
-    async fn server_and_client(
+    pub(super) async fn server_and_client(
         url: &str,
         topic: &str,
         recorder: &Arc<Recorder>,
@@ -301,10 +301,10 @@ mod reliability {
     async fn nats_jetstream_casts_flow_again_after_a_broker_restart() {
         use std::time::{Duration, Instant};
 
-        use mqrpc::{AckMode, Client, Context, Server, Target};
+        use mqrpc::{AckMode, Context};
         use serde_json::json;
 
-        use crate::service::{self, Recorder};
+        use crate::service::Recorder;
 
         let dir = std::env::temp_dir().join(format!("mqrpc-js-{}", mqrpc::wire::new_id()));
         let store = dir.display().to_string();
@@ -332,14 +332,9 @@ mod reliability {
         );
         let topic = format!("js_restart_{}", &mqrpc::wire::new_id()[..12]);
         let recorder = Recorder::new();
-        let server = Server::builder(connect(url.clone()).await, Target::new(&topic).server("s1"))
-            .endpoint(service::endpoint("s1", &recorder))
-            .ack_mode(AckMode::AfterHandling)
-            .start()
-            .await
-            .expect("server");
-        let client =
-            Client::new(connect(url).await, Target::new(&topic)).timeout(Duration::from_secs(2));
+        let (server, client) =
+            super::faults::server_and_client(&url, &topic, &recorder, AckMode::AfterHandling).await;
+        let client = client.timeout(Duration::from_secs(2));
         let ctx = Context::new();
         client
             .cast(&ctx, "record", json!({"id": 1}))
