@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::Either;
-use futures::stream::FuturesUnordered;
+use futures::stream::{BoxStream, FuturesUnordered};
 use futures::{FutureExt, StreamExt};
 use serde_json::Value;
 use tokio::sync::Semaphore;
@@ -541,12 +541,17 @@ impl Call<'_> {
             .and_then(|t| Duration::try_from_secs_f64(t / 2.0).ok())
             .map(|d| d.min(Duration::from_secs(86_400)));
         match interval {
+            // Boxed: this future is stored inline in every request's future, and most
+            // calls ask for no heartbeats; moving a large future costs every request.
             Some(interval) => {
-                let mut work = std::pin::pin!(work);
-                tokio::select! {
-                    _ = &mut work => {}
-                    _ = self.heartbeats(interval) => work.await,
-                }
+                Box::pin(async move {
+                    let mut work = std::pin::pin!(work);
+                    tokio::select! {
+                        _ = &mut work => {}
+                        _ = self.heartbeats(interval) => work.await,
+                    }
+                })
+                .await;
             }
             None => work.await,
         }
@@ -584,33 +589,36 @@ impl Call<'_> {
                 };
                 self.reply(reply).await;
             }
-            Invocation::Stream(stream) => {
-                let mut stream = AssertUnwindSafe(stream).catch_unwind();
-                while let Some(item) = stream.next().await {
-                    match item {
-                        Ok(Ok(Value::Null)) => {
-                            tracing::warn!("streamed item is null (reads as a heartbeat); skipped");
-                        }
-                        Ok(Ok(value)) => {
-                            if !self.reply(Reply::item(self.msg_id, value)).await {
-                                return;
-                            }
-                        }
-                        Ok(Err(failure)) => {
-                            self.reply(Reply::failure(self.msg_id, failure)).await;
-                            return;
-                        }
-                        Err(panic) => {
-                            tracing::error!("streaming handler panicked; sending the failure");
-                            self.reply(Reply::failure(self.msg_id, panic_failure(&*panic)))
-                                .await;
-                            return;
-                        }
+            // Boxed, like the heartbeats above: streams are the rarer kind.
+            Invocation::Stream(stream) => Box::pin(self.reply_stream(stream)).await,
+        }
+    }
+
+    async fn reply_stream(&self, stream: BoxStream<'static, Result<Value, RemoteError>>) {
+        let mut stream = AssertUnwindSafe(stream).catch_unwind();
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(Ok(Value::Null)) => {
+                    tracing::warn!("streamed item is null (reads as a heartbeat); skipped");
+                }
+                Ok(Ok(value)) => {
+                    if !self.reply(Reply::item(self.msg_id, value)).await {
+                        return;
                     }
                 }
-                self.reply(Reply::end(self.msg_id)).await;
+                Ok(Err(failure)) => {
+                    self.reply(Reply::failure(self.msg_id, failure)).await;
+                    return;
+                }
+                Err(panic) => {
+                    tracing::error!("streaming handler panicked; sending the failure");
+                    self.reply(Reply::failure(self.msg_id, panic_failure(&*panic)))
+                        .await;
+                    return;
+                }
             }
         }
+        self.reply(Reply::end(self.msg_id)).await;
     }
 
     /// Sends a reply; a reply that cannot be delivered is logged and dropped.

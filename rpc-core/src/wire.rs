@@ -204,13 +204,9 @@ struct EnvelopeIn<'a> {
     message: Option<Cow<'a, str>>,
 }
 
-/// Serializes `inner` and wraps it in the envelope. The inner buffer is sized up
-/// front: growing it from serde_json's default 128 bytes cost several copies per
-/// message.
+/// Serializes `inner` into the envelope.
 fn enveloped(inner: &impl Serialize) -> Result<Vec<u8>, CodecError> {
-    let mut text = Vec::with_capacity(512);
-    serde_json::to_writer(&mut text, inner)?;
-    Ok(envelope::write(&text))
+    Ok(envelope::write(inner)?)
 }
 
 /// Encodes a request into an enveloped body.

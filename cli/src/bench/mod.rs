@@ -178,27 +178,48 @@ async fn latency(caller: &dyn Caller, size: usize, calls: u64) -> Result<Latency
     })
 }
 
+/// How much of a throughput figure to run: at least `calls` calls, and calls go on
+/// being started until `at_least` has passed (a figure of a few thousand calls on a
+/// fast backend lasts milliseconds, too short to be steady).
+#[derive(Clone, Copy)]
+struct Budget {
+    calls: usize,
+    at_least: Duration,
+}
+
+impl Budget {
+    /// A warm-up: a fixed count, no time floor.
+    const WARM_UP: Self = Self {
+        calls: 200,
+        at_least: Duration::ZERO,
+    };
+}
+
 async fn throughput(
     caller: Arc<dyn Caller>,
     size: usize,
     concurrency: usize,
-    total: usize,
+    budget: Budget,
 ) -> Result<Rate> {
     let body = payload(size);
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
+    let until = started + budget.at_least;
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..concurrency.max(1) {
         let (caller, body, next) = (caller.clone(), body.clone(), next.clone());
         workers.spawn(async move {
-            while next.fetch_add(1, Ordering::Relaxed) < total {
+            let mut made = 0_usize;
+            while next.fetch_add(1, Ordering::Relaxed) < budget.calls || Instant::now() < until {
                 caller.call(body.clone()).await?;
+                made += 1;
             }
-            Ok::<_, anyhow::Error>(())
+            Ok::<_, anyhow::Error>(made)
         });
     }
+    let mut total = 0;
     while let Some(done) = workers.join_next().await {
-        done.context("worker")??;
+        total += done.context("worker")??;
     }
     let elapsed = started.elapsed().as_secs_f64();
     let calls_per_s = total as f64 / elapsed;
@@ -210,10 +231,10 @@ async fn throughput(
 }
 
 /// Calls per figure: enough to be steady, few enough to end quickly.
-fn calls_for(quick: bool, concurrency: usize, size: usize) -> usize {
+fn calls_for(quick: bool, concurrency: usize, size: usize) -> Budget {
     let base = if quick { 200 } else { 20_000 };
     let scaled = base.max(concurrency * if quick { 4 } else { 100 });
-    match size {
+    let calls = match size {
         s if s >= 1024 * 1024 => {
             if quick {
                 8
@@ -223,6 +244,14 @@ fn calls_for(quick: bool, concurrency: usize, size: usize) -> usize {
         }
         s if s >= 10 * 1024 => scaled / 2,
         _ => scaled,
+    };
+    Budget {
+        calls,
+        at_least: if quick {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(1)
+        },
     }
 }
 
@@ -321,7 +350,7 @@ async fn measure(
     let mut figures = Figures::default();
     let caller = pair.caller.clone();
     // Warm up connections, reply queues and caches.
-    throughput(caller.clone(), SMALL, 16, 200).await?;
+    throughput(caller.clone(), SMALL, 16, Budget::WARM_UP).await?;
     progress.set_message("sequential latency");
     // On a runtime worker, like a service's own tasks: `main`'s thread is not one, so
     // measured from there every call would pay two extra cross-thread wake-ups.
@@ -334,10 +363,10 @@ async fn measure(
     progress.inc(1);
     for &concurrency in &args.concurrency {
         progress.set_message(format!("throughput at concurrency {concurrency}"));
-        let total = calls_for(args.quick, concurrency, SMALL);
+        let budget = calls_for(args.quick, concurrency, SMALL);
         figures
             .throughput
-            .push(throughput(caller.clone(), SMALL, concurrency, total).await?);
+            .push(throughput(caller.clone(), SMALL, concurrency, budget).await?);
         progress.inc(1);
     }
     for &size in &args.payloads {
@@ -405,7 +434,7 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
         let caller: Arc<dyn Caller> = Arc::new(MqrpcCaller {
             client: mqrpc_client(&args.url, &topic).await?,
         });
-        throughput(caller.clone(), SMALL, 16, 200).await?;
+        throughput(caller.clone(), SMALL, 16, Budget::WARM_UP).await?;
         let mut rate = throughput(caller, SMALL, 64, calls_for(args.quick, 64, SMALL)).await?;
         rate.x = n;
         mqrpc.servers.push(rate);
@@ -430,7 +459,7 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
     let raw_confirmed = if args.raw && backend == "amqp" {
         progress.set_message("raw lapin with confirms");
         let pair = raw::amqp_confirmed_pair(&args.url).await?;
-        throughput(pair.caller.clone(), SMALL, 16, 200).await?;
+        throughput(pair.caller.clone(), SMALL, 16, Budget::WARM_UP).await?;
         Some(
             throughput(
                 pair.caller.clone(),
