@@ -65,7 +65,8 @@ pub const NO_RESPONDERS_CLASS: &str = "NoResponders";
 #[derive(Clone)]
 pub struct Client {
     shared: Arc<ClientShared>,
-    target: Target,
+    /// Shared with the calls in flight, which name it only in errors.
+    target: Arc<Target>,
     timeout: Duration,
     call_monitor: Option<Duration>,
     retry: Option<RetryPolicy>,
@@ -108,7 +109,7 @@ impl Client {
                 max_message_size: capabilities.max_message_size,
                 auth: None,
             }),
-            target,
+            target: Arc::new(target),
             timeout: DEFAULT_TIMEOUT,
             call_monitor: None,
             retry: None,
@@ -140,37 +141,37 @@ impl Client {
 
     /// Sends to one named server of the topic.
     pub fn server(mut self, server: impl Into<String>) -> Self {
-        self.target.server = Some(server.into());
+        Arc::make_mut(&mut self.target).server = Some(server.into());
         self
     }
 
     /// Sends to every server of the topic (casts only).
     pub fn fanout(mut self, fanout: bool) -> Self {
-        self.target.fanout = fanout;
+        Arc::make_mut(&mut self.target).fanout = fanout;
         self
     }
 
     /// Sets the topic.
     pub fn topic(mut self, topic: impl Into<String>) -> Self {
-        self.target.topic = topic.into();
+        Arc::make_mut(&mut self.target).topic = topic.into();
         self
     }
 
     /// Sets the exchange.
     pub fn exchange(mut self, exchange: impl Into<String>) -> Self {
-        self.target.exchange = Some(exchange.into());
+        Arc::make_mut(&mut self.target).exchange = Some(exchange.into());
         self
     }
 
     /// Sets the interface namespace.
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
-        self.target.namespace = Some(namespace.into());
+        Arc::make_mut(&mut self.target).namespace = Some(namespace.into());
         self
     }
 
     /// Sets the interface version the request asks for.
     pub fn version(mut self, version: Version) -> Self {
-        self.target.version = Some(version);
+        Arc::make_mut(&mut self.target).version = Some(version);
         self
     }
 
@@ -424,7 +425,7 @@ impl Client {
             rx,
             _waiter: replies,
             msg_id,
-            topic: self.target.to_string(),
+            target: self.target.clone(),
             started,
             deadline,
             call_monitor: self.call_monitor,
@@ -642,7 +643,7 @@ struct PendingCall {
     rx: mpsc::UnboundedReceiver<Reply>,
     _waiter: PendingReplies,
     msg_id: String,
-    topic: String,
+    target: Arc<Target>,
     started: Instant,
     deadline: Instant,
     call_monitor: Option<Duration>,
@@ -657,7 +658,7 @@ impl PendingCall {
     fn failure(&self, failure: RemoteError) -> Error {
         match failure_to_error(failure) {
             Error::NoResponders { address } if address.is_empty() => Error::NoResponders {
-                address: self.topic.clone(),
+                address: self.target.to_string(),
             },
             err => err,
         }
@@ -692,7 +693,7 @@ impl PendingCall {
                 Err(_) => {
                     return Err(Error::Timeout {
                         msg_id: self.msg_id.clone(),
-                        topic: self.topic.clone(),
+                        topic: self.target.to_string(),
                         broker: self._client.broker.clone(),
                         waited: self.started.elapsed(),
                         kind,

@@ -329,8 +329,12 @@ struct Members<'w> {
     context: bool,
 }
 
+/// The most members a message kind reads by name ([`REQUEST_KEYS`]).
+const MAX_WANTED: usize = 8;
+
 struct Read {
-    values: Vec<Option<Value>>,
+    /// By the position of their key in `wanted`; on the stack, not allocated.
+    values: [Option<Value>; MAX_WANTED],
     context: Map<String, Value>,
 }
 
@@ -354,12 +358,14 @@ impl<'de> serde::de::Visitor<'de> for Members<'_> {
     }
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut access: A) -> Result<Read, A::Error> {
         let mut read = Read {
-            values: vec![None; self.wanted.len()],
+            values: [const { None }; MAX_WANTED],
             context: Map::new(),
         };
         while let Some(Key(key)) = access.next_key::<Key<'de>>()? {
-            if let Some(index) = self.wanted.iter().position(|wanted| *wanted == key) {
-                read.values[index] = Some(access.next_value()?);
+            if let Some(slot) = (self.wanted.iter().position(|wanted| *wanted == key))
+                .and_then(|index| read.values.get_mut(index))
+            {
+                *slot = Some(access.next_value()?);
             } else if let Some(name) = key.strip_prefix(CONTEXT_PREFIX).filter(|_| self.context) {
                 read.context.insert(name.to_owned(), access.next_value()?);
             } else {
@@ -372,6 +378,7 @@ impl<'de> serde::de::Visitor<'de> for Members<'_> {
 
 /// Reads the members of a body's inner document in one pass.
 fn read_members(body: &[u8], wanted: &[&str], context: bool) -> Result<Read, CodecError> {
+    debug_assert!(wanted.len() <= MAX_WANTED);
     fn read_all<'de, R: serde_json::de::Read<'de>>(
         mut de: serde_json::Deserializer<R>,
         members: Members<'_>,
