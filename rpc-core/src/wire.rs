@@ -324,9 +324,11 @@ impl<'de> Deserialize<'de> for Key<'de> {
 /// of `wanted` keys (by position; a repeated key keeps its last value, as a JSON map
 /// would) and, with `context`, every `_context_*` member. Other members are skipped
 /// without being built, so decoding makes no map of the whole document.
-struct Members<'w> {
+struct Members<'w, 'r> {
     wanted: &'w [&'w str],
     context: bool,
+    /// Filled in place: a `Read` returned by value is copied at every step out.
+    read: &'r mut Read,
 }
 
 /// The most members a message kind reads by name ([`REQUEST_KEYS`]).
@@ -344,35 +346,33 @@ impl Read {
     }
 }
 
-impl<'de> serde::de::DeserializeSeed<'de> for Members<'_> {
-    type Value = Read;
-    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Read, D::Error> {
+impl<'de> serde::de::DeserializeSeed<'de> for Members<'_, '_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
         deserializer.deserialize_map(self)
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for Members<'_> {
-    type Value = Read;
+impl<'de> serde::de::Visitor<'de> for Members<'_, '_> {
+    type Value = ();
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("a JSON object")
     }
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut access: A) -> Result<Read, A::Error> {
-        let mut read = Read {
-            values: [const { None }; MAX_WANTED],
-            context: Map::new(),
-        };
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut access: A) -> Result<(), A::Error> {
         while let Some(Key(key)) = access.next_key::<Key<'de>>()? {
             if let Some(slot) = (self.wanted.iter().position(|wanted| *wanted == key))
-                .and_then(|index| read.values.get_mut(index))
+                .and_then(|index| self.read.values.get_mut(index))
             {
                 *slot = Some(access.next_value()?);
             } else if let Some(name) = key.strip_prefix(CONTEXT_PREFIX).filter(|_| self.context) {
-                read.context.insert(name.to_owned(), access.next_value()?);
+                self.read
+                    .context
+                    .insert(name.to_owned(), access.next_value()?);
             } else {
                 access.next_value::<serde::de::IgnoredAny>()?;
             }
         }
-        Ok(read)
+        Ok(())
     }
 }
 
@@ -381,15 +381,22 @@ fn read_members(body: &[u8], wanted: &[&str], context: bool) -> Result<Read, Cod
     debug_assert!(wanted.len() <= MAX_WANTED);
     fn read_all<'de, R: serde_json::de::Read<'de>>(
         mut de: serde_json::Deserializer<R>,
-        members: Members<'_>,
-    ) -> serde_json::Result<Read> {
+        members: Members<'_, '_>,
+    ) -> serde_json::Result<()> {
         use serde::de::DeserializeSeed;
-        let read = members.deserialize(&mut de)?;
-        de.end()?;
-        Ok(read)
+        members.deserialize(&mut de)?;
+        de.end()
     }
-    let members = Members { wanted, context };
-    let (read, what) = match unwrap_envelope(body)? {
+    let mut read = Read {
+        values: [const { None }; MAX_WANTED],
+        context: Map::new(),
+    };
+    let members = Members {
+        wanted,
+        context,
+        read: &mut read,
+    };
+    let (outcome, what) = match unwrap_envelope(body)? {
         Inner::Enveloped(text) => (
             read_all(serde_json::Deserializer::from_str(&text), members),
             "oslo.message",
@@ -399,7 +406,8 @@ fn read_members(body: &[u8], wanted: &[&str], context: bool) -> Result<Read, Cod
             "body",
         ),
     };
-    read.map_err(|e| CodecError::new(format!("{what} is not a JSON object: {e}")))
+    outcome.map_err(|e| CodecError::new(format!("{what} is not a JSON object: {e}")))?;
+    Ok(read)
 }
 
 fn take_string(value: Option<Value>, key: &str) -> Result<Option<String>, CodecError> {
