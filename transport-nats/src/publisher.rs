@@ -25,6 +25,9 @@ pub(crate) struct NatsPublisher {
     reply_prefix: String,
     /// Exchanges whose JetStream stream is known to exist.
     streams: Mutex<HashSet<String>>,
+    /// The subject of the last address published to: a client mostly sends to one
+    /// target, and working a subject out formats several strings.
+    last_subject: Mutex<Option<(Address, async_nats::Subject)>>,
 }
 
 impl NatsPublisher {
@@ -39,6 +42,7 @@ impl NatsPublisher {
             config,
             jetstream,
             streams: Mutex::new(HashSet::new()),
+            last_subject: Mutex::new(None),
         }
     }
 
@@ -68,18 +72,26 @@ impl NatsPublisher {
         Ok(())
     }
 
-    fn subject(&self, address: &Address) -> Option<String> {
+    fn subject(&self, address: &Address) -> Option<async_nats::Subject> {
         let c = &self.config;
-        match address {
-            Address::Topic { exchange, topic } => Some(c.topic_subject(exchange, topic)),
+        let mut last = self.last_subject.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((known, subject)) = last.as_ref() {
+            if known == address {
+                return Some(subject.clone());
+            }
+        }
+        let subject = async_nats::Subject::from(match address {
+            Address::Topic { exchange, topic } => c.topic_subject(exchange, topic),
             Address::Server {
                 exchange,
                 topic,
                 server,
-            } => Some(c.server_subject(exchange, topic, server)),
-            Address::Fanout { exchange, topic } => Some(c.fanout_subject(exchange, topic)),
-            Address::Reply(_) => None,
-        }
+            } => c.server_subject(exchange, topic, server),
+            Address::Fanout { exchange, topic } => c.fanout_subject(exchange, topic),
+            Address::Reply(_) => return None,
+        });
+        *last = Some((address.clone(), subject.clone()));
+        Some(subject)
     }
 }
 
@@ -122,11 +134,10 @@ impl Publisher for NatsPublisher {
         if let Some(call) = &message.call {
             // The NATS reply subject exists only for "no responders"; servers answer
             // the `_reply_q` inside the message.
-            let base = call
-                .reply_to
-                .strip_suffix(&format!(".{REPLY_TOKEN}"))
+            let base = (call.reply_to.strip_suffix(REPLY_TOKEN))
+                .and_then(|base| base.strip_suffix('.'))
                 .unwrap_or(&call.reply_to);
-            let no_responders = format!("{base}.{NO_RESPONDERS_TOKEN}.{}", call.msg_id);
+            let no_responders = [base, NO_RESPONDERS_TOKEN, &call.msg_id].join(".");
             return self
                 .client
                 .publish_with_reply(subject, no_responders, message.body)
