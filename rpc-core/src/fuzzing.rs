@@ -8,6 +8,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::auth::{AuthFailure, MessageAuth};
 use crate::dispatcher::Dispatcher;
 use crate::endpoint::{Endpoint, Invocation};
 use crate::error::RemoteError;
@@ -124,6 +125,36 @@ pub fn dispatch(data: &[u8]) {
     });
 }
 
+/// The key the `auth_open` target signs and checks with.
+static AUTH: LazyLock<MessageAuth> =
+    LazyLock::new(|| MessageAuth::new("fuzz", [0x5a_u8; 32]).expect("a valid key id and key"));
+
+/// Checks `data` as a received signed message: it is refused without a panic (a
+/// valid signature needs the key). Where `data` is a body the codec could write (it
+/// ends in `}`), it is also signed: the signed body is accepted once, refused as a
+/// replay the second time, and refused once any one of its bytes is changed.
+pub fn auth(data: &[u8]) {
+    // A replay memory per input: the same input sealed twice within a millisecond
+    // carries the same signature.
+    let auth = AUTH.own_memory();
+    assert!(auth.open(data).is_err(), "an unsigned input was accepted");
+    if data.last() != Some(&b'}') {
+        return;
+    }
+    let sealed = auth.seal(data.to_vec());
+    if let Some(at) = data.first().map(|&b| usize::from(b) * 7 % sealed.len()) {
+        let mut altered = sealed.clone();
+        altered[at] ^= 1;
+        assert!(auth.open(&altered).is_err(), "an altered body was accepted");
+    }
+    assert_eq!(auth.open(&sealed), Ok(()), "a signed body was refused");
+    assert_eq!(
+        auth.open(&sealed),
+        Err(AuthFailure::Replayed),
+        "a replay was accepted"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -151,8 +182,9 @@ mod tests {
     fn fuzz_corpus_and_regressions_replay_without_panics() {
         let decode = inputs("envelope_decode");
         let dispatch = inputs("dispatch");
+        let auth = inputs("auth_open");
         assert!(
-            !decode.is_empty() && !dispatch.is_empty(),
+            !decode.is_empty() && !dispatch.is_empty() && !auth.is_empty(),
             "the seed inputs are in fuzz/seeds"
         );
         for (path, bytes) in &decode {
@@ -163,10 +195,15 @@ mod tests {
             let outcome = std::panic::catch_unwind(|| super::dispatch(bytes));
             assert!(outcome.is_ok(), "dispatch panicked on {}", path.display());
         }
+        for (path, bytes) in &auth {
+            let outcome = std::panic::catch_unwind(|| super::auth(bytes));
+            assert!(outcome.is_ok(), "auth panicked on {}", path.display());
+        }
         eprintln!(
-            "replayed {} decode and {} dispatch inputs",
+            "replayed {} decode, {} dispatch and {} auth inputs",
             decode.len(),
-            dispatch.len()
+            dispatch.len(),
+            auth.len()
         );
     }
 }
