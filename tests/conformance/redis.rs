@@ -114,6 +114,87 @@ async fn redis_leaves_no_reply_or_fanout_keys_after_shutdown() {
     }
 }
 
+/// The names of the groups on a stream, read with `redis-cli XINFO GROUPS`.
+fn group_names(key: &str) -> Vec<String> {
+    let output = std::process::Command::new("redis-cli")
+        .args(["-u", &base_url(), "XINFO", "GROUPS", key])
+        .output()
+        .expect("redis-cli runs");
+    assert!(output.status.success(), "redis-cli failed: {output:?}");
+    // Each group is printed as field and value lines: `name`, then the name.
+    let text = String::from_utf8_lossy(&output.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    lines
+        .windows(2)
+        .filter(|pair| pair[0] == "name")
+        .map(|pair| pair[1].to_owned())
+        .collect()
+}
+
+fn redis_cli(args: &[&str]) {
+    let output = std::process::Command::new("redis-cli")
+        .args(["-u", &base_url()])
+        .args(args)
+        .output()
+        .expect("redis-cli runs");
+    assert!(
+        output.status.success(),
+        "redis-cli {args:?} failed: {output:?}"
+    );
+}
+
+/// A watcher that died without removing its keep-group (no alive key) loses the
+/// group to the servers' housekeeping; a live watcher's group stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_prunes_only_the_keep_groups_of_dead_watchers() {
+    let Some(_) = backend().await else { return };
+    use mqrpc::{Server, Target};
+    let prefix = format!("mqrpc-watchers-{}", &mqrpc::wire::new_id()[..12]);
+    let url = format!("{}&prune_idle=1", url_with_prefix(&prefix));
+    let recorder = crate::service::Recorder::new();
+    let transport = mqrpc::connect(&url).await.expect("redis");
+    let server = Server::builder(transport, Target::new("watched").server("s1"))
+        .endpoint(crate::service::endpoint("s1", &recorder))
+        .start()
+        .await
+        .expect("server");
+    let watching = mqrpc::connect(&url).await.expect("redis");
+    let watcher = watching
+        .monitor(&Target::new("watched"))
+        .await
+        .expect("a watcher");
+    let topic = keys_under(&prefix)
+        .into_iter()
+        .find(|k| k.ends_with(":topic"))
+        .expect("the topic stream");
+    let live: Vec<String> = group_names(&topic)
+        .into_iter()
+        .filter(|g| g.starts_with("monitor:"))
+        .collect();
+    assert_eq!(live.len(), 1, "the watcher's group: {live:?}");
+    redis_cli(&["XGROUP", "CREATE", &topic, "monitor:dead", "$"]);
+
+    // Housekeeping prunes every prune_idle / 2 (0.5 s); the live watcher refreshes
+    // its key three times per prune_idle.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while group_names(&topic).iter().any(|g| g == "monitor:dead") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dead watcher's group is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let groups = group_names(&topic);
+    assert!(
+        groups.contains(&live[0]),
+        "the live watcher's group went: {groups:?}"
+    );
+
+    drop(watcher);
+    server.shutdown().await.expect("shutdown");
+}
+
 /// Issue #7 on Redis: cuts, a black hole, latency, confirmed casts, load, and a
 /// restart of a redis-server the test owns.
 mod reliability {

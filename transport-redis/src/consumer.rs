@@ -598,6 +598,9 @@ impl Housekeeping {
                 if let Err(err) = self.prune(&mut conn).await {
                     tracing::debug!(error = %err, "pruning dead servers' groups failed");
                 }
+                if let Err(err) = self.prune_watchers(&mut conn).await {
+                    tracing::debug!(error = %err, "pruning dead watchers' groups failed");
+                }
             }
         }
     }
@@ -701,12 +704,7 @@ impl Housekeeping {
                 continue;
             }
             // A live server refreshes its key every tick, even while too busy to read.
-            let alive: bool = redis::cmd("EXISTS")
-                .arg(self.shared.config.alive_key(&group.name))
-                .query_async(conn)
-                .await
-                .map_err(|e| redis_error("EXISTS", e))?;
-            if alive {
+            if self.is_alive(conn, &group.name).await? {
                 continue;
             }
             let consumers: redis::streams::StreamInfoConsumersReply = redis::cmd("XINFO")
@@ -746,6 +744,45 @@ impl Housekeeping {
                         .invoke_async::<i64>(conn)
                         .await
                         .map_err(|e| redis_error("removing an idle consumer", e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the server or watcher `name` has refreshed its alive key lately.
+    async fn is_alive(&self, conn: &mut ConnectionManager, name: &str) -> Result<bool> {
+        redis::cmd("EXISTS")
+            .arg(self.shared.config.alive_key(name))
+            .query_async(conn)
+            .await
+            .map_err(|e| redis_error("EXISTS", e))
+    }
+
+    /// Removes the keep-groups of watchers whose alive key has expired: they died
+    /// without removing them, and each makes servers keep settled entries.
+    async fn prune_watchers(&self, conn: &mut ConnectionManager) -> Result<()> {
+        for key in [&self.keys.topic, &self.keys.server] {
+            let groups: redis::streams::StreamInfoGroupsReply = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(key)
+                .query_async(conn)
+                .await
+                .map_err(|e| redis_error("XINFO GROUPS", e))?;
+            for group in groups.groups {
+                if !group.name.starts_with(WATCHER_GROUP_PREFIX) {
+                    continue;
+                }
+                if !self.is_alive(conn, &group.name).await? {
+                    tracing::info!(group = %group.name, stream = %key,
+                        "removing the keep-group of a watcher that is gone");
+                    redis::cmd("XGROUP")
+                        .arg("DESTROY")
+                        .arg(key)
+                        .arg(&group.name)
+                        .query_async::<()>(conn)
+                        .await
+                        .map_err(|e| redis_error("removing a watcher's group", e))?;
                 }
             }
         }
@@ -1061,6 +1098,9 @@ impl Drop for ReplyConsumer {
     }
 }
 
+/// How the name of a watcher's keep-group starts.
+const WATCHER_GROUP_PREFIX: &str = "monitor:";
+
 /// A watcher of a topic: reads the topic, server and fanout streams without a group,
 /// from their ends at the time it starts, so servers still get every entry.
 pub(crate) struct MonitorConsumer {
@@ -1090,7 +1130,7 @@ impl MonitorConsumer {
         keys.extend(servers);
         // A group on the topic and server streams tells servers to keep settled entries
         // (they delete them only when their group is the stream's only one).
-        let group = format!("monitor:{}", rpc_core::wire::new_id());
+        let group = format!("{WATCHER_GROUP_PREFIX}{}", rpc_core::wire::new_id());
         let kept: Vec<String> = keys
             .iter()
             .filter(|k| !k.ends_with(":fanout"))
@@ -1130,6 +1170,16 @@ impl MonitorConsumer {
             .map_err(|e| redis_error("opening a reading connection", e))?;
         let (tx, rx) = mpsc::channel(1024);
         let stop = CancellationToken::new();
+        // Says the keep-groups are wanted: servers remove those of a watcher whose
+        // key has expired (it died without removing them).
+        let alive = config.alive_key(&group);
+        mark_alive(&mut conn, &alive, config.prune_idle).await?;
+        tokio::spawn(keep_watcher_alive(
+            shared.commands.clone(),
+            alive,
+            config.prune_idle,
+            stop.clone(),
+        ));
         tokio::spawn(watch(reader, keys, ids, block, tx, stop.clone()));
         Ok(MonitorConsumer {
             rx,
@@ -1138,6 +1188,38 @@ impl MonitorConsumer {
             kept,
             group,
         })
+    }
+}
+
+/// Sets an alive key that expires after `ttl` unless set again.
+async fn mark_alive(conn: &mut ConnectionManager, key: &str, ttl: Duration) -> Result<()> {
+    redis::cmd("SET")
+        .arg(key)
+        .arg(1)
+        .arg("PX")
+        .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+        .query_async::<()>(conn)
+        .await
+        .map_err(|e| redis_error("marking the watcher alive", e))
+}
+
+/// Refreshes a watcher's alive key three times per `ttl` until the watcher stops.
+async fn keep_watcher_alive(
+    mut conn: ConnectionManager,
+    key: String,
+    ttl: Duration,
+    stop: CancellationToken,
+) {
+    let mut ticks = tokio::time::interval((ttl / 3).max(Duration::from_millis(100)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        if let Err(err) = mark_alive(&mut conn, &key, ttl).await {
+            tracing::debug!(error = %err, "refreshing the watcher's alive key failed");
+        }
     }
 }
 
@@ -1177,13 +1259,33 @@ impl Consumer for MonitorConsumer {
         self.stop.cancel();
         self.rx.close();
         let kept = std::mem::take(&mut self.kept);
-        drop_watch_groups(self.shared.commands.clone(), kept, self.group.clone()).await;
+        let alive = self.shared.config.alive_key(&self.group);
+        drop_watch_groups(
+            self.shared.commands.clone(),
+            kept,
+            self.group.clone(),
+            alive,
+        )
+        .await;
         Ok(())
     }
 }
 
-/// Removes a watcher's keep-groups, so servers delete settled entries again.
-async fn drop_watch_groups(mut conn: ConnectionManager, kept: Vec<String>, group: String) {
+/// Removes a watcher's keep-groups, so servers delete settled entries again, and
+/// its alive key.
+async fn drop_watch_groups(
+    mut conn: ConnectionManager,
+    kept: Vec<String>,
+    group: String,
+    alive: String,
+) {
+    if let Err(err) = redis::cmd("DEL")
+        .arg(&alive)
+        .query_async::<()>(&mut conn)
+        .await
+    {
+        tracing::debug!(error = %err, "could not remove the watcher's alive key");
+    }
     for key in kept {
         let destroyed: redis::RedisResult<()> = redis::cmd("XGROUP")
             .arg("DESTROY")
@@ -1209,6 +1311,7 @@ impl Drop for MonitorConsumer {
                 self.shared.commands.clone(),
                 kept,
                 self.group.clone(),
+                self.shared.config.alive_key(&self.group),
             ));
         }
     }
