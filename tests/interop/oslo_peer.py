@@ -86,9 +86,15 @@ def _json_default(value):
     return repr(value)
 
 
-def make_transport(url):
+def make_transport(url, compression=None):
     cfg.CONF([], project="mqrpc-interop")
-    return oslo_messaging.get_rpc_transport(cfg.CONF, url=url)
+    transport = oslo_messaging.get_rpc_transport(cfg.CONF, url=url)
+    if compression:
+        # The rabbit driver registered its options above and reads this one when it
+        # opens a connection, which it has not done yet.
+        cfg.CONF.set_override("kombu_compression", compression,
+                              group="oslo_messaging_rabbit")
+    return transport
 
 
 # --------------------------------------------------------------------------
@@ -131,7 +137,7 @@ class InteropEndpoint:
 
 
 def run_server(args):
-    transport = make_transport(args.url)
+    transport = make_transport(args.url, args.compression)
     target = oslo_messaging.Target(topic=args.topic, server=args.server,
                                    exchange=args.exchange or None)
     server = oslo_messaging.get_rpc_server(
@@ -206,7 +212,7 @@ def handle_request(transport, args, req):
 
 
 def run_client(args):
-    transport = make_transport(args.url)
+    transport = make_transport(args.url, args.compression)
     try:
         for line in sys.stdin:
             line = line.strip()
@@ -248,6 +254,8 @@ def parse_args(argv):
     srv.add_argument("--server", required=True)
     srv.add_argument("--exchange", default=None,
                      help="target exchange (default: control_exchange 'openstack')")
+    srv.add_argument("--compression", default=None,
+                     help="kombu_compression for what it sends (gzip, bz2)")
     srv.add_argument("--ignore-stdin", action="store_true",
                      help="do not stop at stdin EOF (stop on SIGTERM/SIGINT only)")
 
@@ -255,6 +263,8 @@ def parse_args(argv):
     cli.add_argument("--url", required=True)
     cli.add_argument("--topic", required=True)
     cli.add_argument("--exchange", default=None)
+    cli.add_argument("--compression", default=None,
+                     help="kombu_compression for what it sends (gzip, bz2)")
 
     return parser.parse_args(argv)
 

@@ -4,17 +4,18 @@
 //! per consumer subscribes, hands each fresh subscription over, and when one is
 //! lost reconnects and declares and subscribes everything again.
 
+use std::io::Read;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
-use lapin::Channel;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
     QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel};
 use rpc_core::{Acker, Consumer, Delivery, Error, NoAck, Result};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -59,6 +60,8 @@ pub(crate) struct AmqpConsumer {
     stop: CancellationToken,
     close_on_drop: Option<DropGuard>,
     task: Option<JoinHandle<()>>,
+    /// The largest body a compressed delivery may inflate to.
+    max_message_size: usize,
 }
 
 /// A live subscription's deliveries, read by the consumer.
@@ -77,6 +80,7 @@ impl AmqpConsumer {
         let stop = CancellationToken::new();
         let closed = CancellationToken::new();
         let (ready_tx, ready_rx) = oneshot::channel();
+        let max_message_size = link.config.max_message_size;
         let task = ConsumerTask {
             link,
             subscription,
@@ -97,9 +101,56 @@ impl AmqpConsumer {
                 stop,
                 close_on_drop: Some(guard),
                 task: Some(task),
+                max_message_size,
             }),
             Ok(Err(err)) => Err(err),
             Err(_) => Err(Error::Closed),
+        }
+    }
+}
+
+/// The body of a delivery, inflated when its sender compressed it: oslo.messaging
+/// with `kombu_compression = gzip` sends a zlib stream with the header `compression:
+/// application/x-gzip`. A body that does not inflate, inflates beyond
+/// `max_message_size`, or uses another compression (`application/x-bz2`) is handed
+/// on as it came, with a warning, and then refused as malformed by the server or
+/// the client (never lost silently).
+fn inflated(body: Vec<u8>, properties: &BasicProperties, max_message_size: usize) -> Vec<u8> {
+    let compression = properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| headers.inner().get("compression"))
+        .and_then(|value| match value {
+            AMQPValue::LongString(text) => Some(text.to_string()),
+            AMQPValue::ShortString(text) => Some(text.to_string()),
+            _ => None,
+        });
+    let Some(compression) = compression else {
+        return body;
+    };
+    if compression != "application/x-gzip" {
+        tracing::warn!(%compression, size = body.len(), "body compression not supported; the message will be refused");
+        return body;
+    }
+    let limit = u64::try_from(max_message_size).unwrap_or(u64::MAX);
+    let mut text = Vec::with_capacity(body.len().saturating_mul(4).min(max_message_size));
+    let read = flate2::read::ZlibDecoder::new(&body[..])
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut text);
+    match read {
+        Ok(size) if u64::try_from(size).unwrap_or(u64::MAX) <= limit => text,
+        Ok(_) => {
+            tracing::warn!(
+                size = body.len(),
+                limit = max_message_size,
+                "compressed body inflates beyond max_message_size; the message will be refused"
+            );
+            body
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, size = body.len(),
+                "compressed body does not inflate; the message will be refused");
+            body
         }
     }
 }
@@ -122,7 +173,8 @@ impl Consumer for AmqpConsumer {
                     } else {
                         Box::new(NoAck)
                     };
-                    return Some(Ok(Delivery::new(delivery.data, acker)));
+                    let body = inflated(delivery.data, &delivery.properties, self.max_message_size);
+                    return Some(Ok(Delivery::new(body, acker)));
                 }
                 Some(Err(err)) => {
                     tracing::warn!(error = %err, "consumer lost its channel; reconnecting");
@@ -405,5 +457,46 @@ fn settled(outcome: lapin::Result<bool>, what: &str) -> Result<()> {
             "{what} failed: the delivery's channel is closed (the broker requeued it)"
         ))),
         Err(err) => Err(lapin_error(what, err)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use lapin::types::{LongString, ShortString};
+
+    use super::*;
+
+    fn zlib(data: &[u8]) -> Vec<u8> {
+        let mut encoder =
+            flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        encoder.write_all(data).expect("compresses");
+        encoder.finish().expect("compresses")
+    }
+
+    fn compressed_as(kind: &str) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            ShortString::from("compression"),
+            AMQPValue::LongString(LongString::from(kind)),
+        );
+        BasicProperties::default().with_headers(headers)
+    }
+
+    #[test]
+    fn inflates_kombu_gzip_bodies_within_the_limit_only() {
+        let text = br#"{"oslo.version": "2.0", "oslo.message": "{}"}"#.repeat(20);
+        let gzip = compressed_as("application/x-gzip");
+        assert_eq!(inflated(zlib(&text), &gzip, 1 << 20), text);
+        // No header: the body is taken as it is, even when it is a zlib stream.
+        let plain = BasicProperties::default();
+        assert_eq!(inflated(zlib(&text), &plain, 1 << 20), zlib(&text));
+        // A body inflating beyond the limit, one that does not inflate, and another
+        // compression are handed on as they came (to be refused as malformed).
+        assert_eq!(inflated(zlib(&text), &gzip, text.len() - 1), zlib(&text));
+        assert_eq!(inflated(b"not zlib".to_vec(), &gzip, 1 << 20), b"not zlib");
+        let bz2 = compressed_as("application/x-bz2");
+        assert_eq!(inflated(zlib(&text), &bz2, 1 << 20), zlib(&text));
     }
 }
