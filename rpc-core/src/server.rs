@@ -272,8 +272,10 @@ async fn serve(
                 match accept(body, acker, &serving, &mut seen) {
                     // A panic anywhere in a request (a handler, or an argument's
                     // `Deserialize`) ends that request, never the server.
+                    // Boxed: the request's future is kilobytes, and a future pushed by
+                    // value was copied three times on its way into the set.
                     Accepted::Work(work) => running.push(Either::Left(
-                        AssertUnwindSafe(work.run(serving.clone()))
+                        AssertUnwindSafe(Box::pin(work.run(serving.clone())))
                             .catch_unwind()
                             .map(|outcome| {
                                 if outcome.is_err() {
