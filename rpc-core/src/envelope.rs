@@ -2,11 +2,11 @@
 //! written and read without a general JSON pass.
 //!
 //! Every message crosses this layer twice (encoded by its sender, decoded by its
-//! receiver), and the inner document is escaped into and out of a JSON string each
-//! time. A general JSON escaper looks at every byte; here runs without a quote or a
-//! backslash are found with `memchr` and copied whole. Reading takes a fast path only
-//! for the plain shape (two string members, no `\u` escapes); anything else returns
-//! `None` and is read by serde_json, which also words the errors.
+//! receiver), and the inner document is a JSON string inside it. [`Writer`] writes
+//! the inner document already escaped for that string, in one pass. Reading finds
+//! quotes and backslashes a word at a time and takes a fast path only for the plain
+//! shape (two string members, no `\u` escapes); anything else returns `None` and is
+//! read by serde_json, which also words the errors.
 
 use std::borrow::Cow;
 use std::io;
@@ -15,10 +15,10 @@ use serde::Serialize;
 use serde_json::ser::{CharEscape, Formatter};
 use serde_json::{Map, Value};
 
-/// What [`write`] puts before the escaped inner document (the version is
+/// What [`Writer`] puts before the escaped inner document (the version is
 /// [`crate::wire::ENVELOPE_VERSION`]).
 const OPEN: &[u8] = br#"{"oslo.version":"2.0","oslo.message":""#;
-/// What [`write`] puts after it.
+/// What [`Writer`] puts after it.
 const CLOSE: &[u8] = br#""}"#;
 
 /// Builds a 2.0 envelope around an inner JSON object written member by member,
@@ -45,17 +45,13 @@ impl Writer {
     /// Starts a member whose key needs no escape, given as the key's text between
     /// quotes followed by a colon, escaped for the envelope: `br#"\"method\":"#`.
     pub(crate) fn member(&mut self, quoted_key: &'static [u8]) {
-        if !std::mem::take(&mut self.empty) {
-            self.body.push(b',');
-        }
+        self.separate();
         self.body.extend_from_slice(quoted_key);
     }
 
-    /// Starts a member: its key is `prefix` (plain text) followed by `name`.
+    /// Starts a member: its key is `prefix` followed by `name`.
     pub(crate) fn key(&mut self, prefix: &str, name: &str) -> serde_json::Result<()> {
-        if !std::mem::take(&mut self.empty) {
-            self.body.push(b',');
-        }
+        self.separate();
         if needs_escape(prefix.as_bytes()) || needs_escape(name.as_bytes()) {
             let mut key = String::with_capacity(prefix.len() + name.len());
             key.push_str(prefix);
@@ -69,6 +65,24 @@ impl Writer {
         }
         self.body.push(b':');
         Ok(())
+    }
+
+    /// The comma before every member but the first.
+    fn separate(&mut self) {
+        if !std::mem::take(&mut self.empty) {
+            self.body.push(b',');
+        }
+    }
+
+    /// Writes a string value, or `null` for `None`.
+    pub(crate) fn optional_string(&mut self, text: Option<&str>) -> serde_json::Result<()> {
+        match text {
+            Some(text) => self.string(text),
+            None => {
+                self.body.extend_from_slice(b"null");
+                Ok(())
+            }
+        }
     }
 
     /// Writes a string value.
@@ -155,7 +169,14 @@ fn needs_escape(text: &[u8]) -> bool {
         .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
+/// The two lower-case hex digits of `byte`, as a `\u00XX` escape ends.
+fn hex(byte: u8) -> [u8; 2] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    [
+        DIGITS[usize::from(byte >> 4)],
+        DIGITS[usize::from(byte & 0xf)],
+    ]
+}
 
 /// serde_json's compact output, written as the contents of a JSON string. Compact
 /// output has no whitespace and no raw control characters, so the only bytes that
@@ -190,7 +211,7 @@ impl Formatter for InsideString {
             CharEscape::CarriageReturn => br"\\r",
             CharEscape::Tab => br"\\t",
             CharEscape::AsciiControl(byte) => {
-                let (high, low) = (HEX[usize::from(byte >> 4)], HEX[usize::from(byte & 0xf)]);
+                let [high, low] = hex(byte);
                 return writer.write_all(&[b'\\', b'\\', b'u', b'0', b'0', high, low]);
             }
         };
@@ -208,7 +229,7 @@ impl Formatter for InsideString {
             match byte {
                 b'"' | b'\\' => writer.write_all(&[b'\\', byte])?,
                 0x00..=0x1f => {
-                    let (high, low) = (HEX[usize::from(byte >> 4)], HEX[usize::from(byte & 0xf)]);
+                    let [high, low] = hex(byte);
                     writer.write_all(&[b'\\', b'u', b'0', b'0', high, low])?;
                 }
                 _ => writer.write_all(&[byte])?,

@@ -150,25 +150,18 @@ pub fn encode_request(req: &Request) -> Result<Vec<u8>, CodecError> {
     if let Some(msg_id) = &req.msg_id {
         out.member(br#"\"_msg_id\":"#);
         out.string(msg_id)?;
+    }
+    // oslo always sends both keys on calls (null when unset). A cast carries
+    // neither, but a request decoded with them (found by the fuzzer) must encode
+    // back to what it was.
+    let call = req.msg_id.is_some();
+    if call || req.reply_to.is_some() {
         out.member(br#"\"_reply_q\":"#);
-        match &req.reply_to {
-            Some(reply_to) => out.string(reply_to)?,
-            None => out.serde(&())?,
-        }
-        // oslo always sends the key on calls, null when no monitor is asked for.
+        out.optional_string(req.reply_to.as_deref())?;
+    }
+    if call || req.call_monitor.is_some() {
         out.member(br#"\"_timeout\":"#);
         out.serde(&req.call_monitor)?;
-    } else {
-        // A cast carries neither, but a request decoded with them (found by the
-        // fuzzer) must encode back to what it was.
-        if let Some(reply_to) = &req.reply_to {
-            out.member(br#"\"_reply_q\":"#);
-            out.string(reply_to)?;
-        }
-        if let Some(call_monitor) = &req.call_monitor {
-            out.member(br#"\"_timeout\":"#);
-            out.serde(call_monitor)?;
-        }
     }
     out.member(br#"\"_unique_id\":"#);
     match &req.unique_id {
@@ -188,11 +181,9 @@ pub fn encode_reply(reply: &Reply) -> Result<Vec<u8>, CodecError> {
     out.member(br#"\"result\":"#);
     out.value(&reply.result)?;
     out.member(br#"\"failure\":"#);
-    match &reply.failure {
-        // A JSON document inside the JSON document, as oslo sends it.
-        Some(failure) => out.string(&failure.to_failure_json()?)?,
-        None => out.serde(&())?,
-    }
+    // A JSON document inside the JSON document, as oslo sends it.
+    let failure = reply.failure.as_ref().map(RemoteError::to_failure_json);
+    out.optional_string(failure.transpose()?.as_deref())?;
     out.member(br#"\"ending\":"#);
     out.serde(&reply.ending)?;
     out.member(br#"\"_msg_id\":"#);

@@ -73,6 +73,10 @@ impl NatsPublisher {
     }
 
     fn subject(&self, address: &Address) -> Option<async_nats::Subject> {
+        // Replies (a server's every publish) have no subject: no lock for them.
+        if matches!(address, Address::Reply(_)) {
+            return None;
+        }
         let c = &self.config;
         let mut last = self.last_subject.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((known, subject)) = last.as_ref() {

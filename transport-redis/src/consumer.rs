@@ -259,14 +259,13 @@ impl ServerConsumer {
         keys.declare(&mut conn, config.stream_ttl).await?;
         // Alive from the start: another server pruning before this one's first
         // housekeeping tick must not take its new fanout group for a dead one's.
-        redis::cmd("SET")
-            .arg(config.alive_key(&keys.instance))
-            .arg(1)
-            .arg("PX")
-            .arg(u64::try_from(config.prune_idle.as_millis()).unwrap_or(u64::MAX))
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(|e| redis_error("marking the server alive", e))?;
+        mark_alive(
+            &mut conn,
+            &config.alive_key(&keys.instance),
+            config.prune_idle,
+        )
+        .await
+        .map_err(|e| redis_error("marking the server alive", e))?;
         let blocking_timeout = config.block + Duration::from_secs(5);
         let shared_reader = connection_manager(&shared.client, blocking_timeout)
             .await
@@ -1173,7 +1172,9 @@ impl MonitorConsumer {
         // Says the keep-groups are wanted: servers remove those of a watcher whose
         // key has expired (it died without removing them).
         let alive = config.alive_key(&group);
-        mark_alive(&mut conn, &alive, config.prune_idle).await?;
+        mark_alive(&mut conn, &alive, config.prune_idle)
+            .await
+            .map_err(|e| redis_error("marking the watcher alive", e))?;
         tokio::spawn(keep_watcher_alive(
             shared.commands.clone(),
             alive,
@@ -1191,8 +1192,12 @@ impl MonitorConsumer {
     }
 }
 
-/// Sets an alive key that expires after `ttl` unless set again.
-async fn mark_alive(conn: &mut ConnectionManager, key: &str, ttl: Duration) -> Result<()> {
+/// Sets a server's or watcher's alive key, which expires after `ttl` unless set again.
+async fn mark_alive(
+    conn: &mut ConnectionManager,
+    key: &str,
+    ttl: Duration,
+) -> redis::RedisResult<()> {
     redis::cmd("SET")
         .arg(key)
         .arg(1)
@@ -1200,7 +1205,6 @@ async fn mark_alive(conn: &mut ConnectionManager, key: &str, ttl: Duration) -> R
         .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
         .query_async::<()>(conn)
         .await
-        .map_err(|e| redis_error("marking the watcher alive", e))
 }
 
 /// Refreshes a watcher's alive key three times per `ttl` until the watcher stops.
