@@ -3,10 +3,11 @@
 //!
 //! Every message crosses this layer twice (encoded by its sender, decoded by its
 //! receiver), and the inner document is a JSON string inside it. [`Writer`] writes
-//! the inner document already escaped for that string, in one pass. Reading finds
-//! quotes and backslashes a word at a time and takes a fast path only for the plain
-//! shape (two string members, no `\u` escapes); anything else returns `None` and is
-//! read by serde_json, which also words the errors.
+//! the inner document already escaped for that string, in one pass. Most bodies are
+//! read without unescaping at all (`crate::inner`); when that gives up, [`read`]
+//! unescapes the inner document, finding quotes and backslashes a word at a time, for
+//! the plain shape (two string members, no `\u` escapes); anything else returns
+//! `None` and is read by serde_json, which also words the errors.
 
 use std::borrow::Cow;
 use std::io;
@@ -285,7 +286,7 @@ pub(crate) fn read(body: &[u8]) -> Option<Cow<'_, str>> {
 }
 
 /// A word of eight bytes with every byte set to `byte`.
-const fn splat(byte: u8) -> u64 {
+pub(crate) const fn splat(byte: u8) -> u64 {
     u64::from_ne_bytes([byte; 8])
 }
 

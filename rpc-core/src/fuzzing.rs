@@ -16,8 +16,14 @@ use crate::target::Version;
 use crate::wire::{self, Reply};
 
 /// Decodes `data` as a request and as a reply; whatever decodes must encode again
-/// and decode to the same value.
+/// and decode to the same value. The decoder's fast path must read what its general
+/// path reads, from `data` and from `data` as the inner document of an envelope.
 pub fn decode(data: &[u8]) {
+    paths_agree(data);
+    if let Ok(text) = std::str::from_utf8(data) {
+        let envelope = serde_json::json!({"oslo.version": "2.0", "oslo.message": text});
+        paths_agree(&serde_json::to_vec(&envelope).expect("an envelope encodes"));
+    }
     if let Ok(mut request) = wire::decode_request(data) {
         let body = wire::encode_request(&request).expect("a decoded request encodes");
         let again = wire::decode_request(&body).expect("a re-encoded request decodes");
@@ -33,6 +39,21 @@ pub fn decode(data: &[u8]) {
         assert_eq!(again.msg_id, reply.msg_id, "reply round trip");
         assert_eq!(again.result, reply.result, "reply round trip");
         assert_eq!(again.ending, reply.ending, "reply round trip");
+    }
+}
+
+/// Wherever the fast path of the decoder reads a body, the general path reads it
+/// too, with the same members.
+fn paths_agree(body: &[u8]) {
+    for (wanted, context) in [
+        (&wire::REQUEST_KEYS[..], true),
+        (&wire::REPLY_KEYS[..], false),
+    ] {
+        if let Some(fast) = wire::read_fast(body, wanted, context) {
+            let general = wire::read_general(body, wanted, context)
+                .expect("the general path reads what the fast path reads");
+            assert_eq!(fast, general, "fast and general paths differ");
+        }
     }
 }
 

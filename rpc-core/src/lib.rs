@@ -23,6 +23,7 @@ mod error;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
+mod inner;
 mod reply;
 mod server;
 mod target;

@@ -14,6 +14,7 @@ use serde_json::{Map, Value};
 use crate::context::Context;
 use crate::envelope;
 use crate::error::{CodecError, RemoteError};
+use crate::inner;
 use crate::target::Version;
 
 /// The envelope version this library writes and the major version it reads.
@@ -207,7 +208,7 @@ pub const MAX_DEPTH: usize = 64;
 
 /// Fails when arrays and objects in `json` nest deeper than [`MAX_DEPTH`]; brackets
 /// inside strings do not count. Cheap: one pass over the bytes, no allocation.
-fn check_depth(json: &[u8]) -> Result<(), CodecError> {
+pub(crate) fn check_depth(json: &[u8]) -> Result<(), CodecError> {
     // No more opening brackets than the limit cannot nest deeper than it, strings
     // or not; most messages have a handful, counted by a vector search.
     if memchr::memchr2_iter(b'{', b'[', json)
@@ -313,8 +314,7 @@ impl<'de> Deserialize<'de> for Key<'de> {
 
 /// The top-level members of an inner document that a message kind reads: the values
 /// of `wanted` keys (by position; a repeated key keeps its last value, as a JSON map
-/// would) and, with `context`, every `_context_*` member. Other members are skipped
-/// without being built, so decoding makes no map of the whole document.
+/// would) and, with `context`, every `_context_*` member.
 struct Members<'w, 'r> {
     wanted: &'w [&'w str],
     context: bool,
@@ -325,15 +325,54 @@ struct Members<'w, 'r> {
 /// The most members a message kind reads by name ([`REQUEST_KEYS`]).
 const MAX_WANTED: usize = 8;
 
-struct Read {
+#[derive(Debug, PartialEq)]
+pub(crate) struct Read {
     /// By the position of their key in `wanted`; on the stack, not allocated.
     values: [Option<Value>; MAX_WANTED],
     context: Map<String, Value>,
 }
 
 impl Read {
+    fn new() -> Self {
+        Read {
+            values: [const { None }; MAX_WANTED],
+            context: Map::new(),
+        }
+    }
+
     fn take(&mut self, index: usize) -> Option<Value> {
         self.values.get_mut(index).and_then(Option::take)
+    }
+
+    /// Where the member `key` goes, if it is read at all.
+    fn slot(&mut self, wanted: &[&str], context: bool, key: &str) -> Option<Slot<'_>> {
+        // Most keys differ from each wanted one in length or first byte: no `memcmp`.
+        let first = key.as_bytes().first();
+        let index = wanted.iter().position(|wanted| {
+            wanted.len() == key.len() && wanted.as_bytes().first() == first && *wanted == key
+        });
+        if let Some(index) = index {
+            return self.values.get_mut(index).map(Slot::Value);
+        }
+        let name = key.strip_prefix(CONTEXT_PREFIX).filter(|_| context)?;
+        Some(Slot::Context(&mut self.context, name.to_owned()))
+    }
+}
+
+/// A place for one member's value.
+enum Slot<'r> {
+    Value(&'r mut Option<Value>),
+    Context(&'r mut Map<String, Value>, String),
+}
+
+impl Slot<'_> {
+    fn fill(self, value: Value) {
+        match self {
+            Slot::Value(slot) => *slot = Some(value),
+            Slot::Context(context, name) => {
+                context.insert(name, value);
+            }
+        }
     }
 }
 
@@ -351,24 +390,44 @@ impl<'de> serde::de::Visitor<'de> for Members<'_, '_> {
     }
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut access: A) -> Result<(), A::Error> {
         while let Some(Key(key)) = access.next_key::<Key<'de>>()? {
-            if let Some(slot) = (self.wanted.iter().position(|wanted| *wanted == key))
-                .and_then(|index| self.read.values.get_mut(index))
-            {
-                *slot = Some(access.next_value()?);
-            } else if let Some(name) = key.strip_prefix(CONTEXT_PREFIX).filter(|_| self.context) {
-                self.read
-                    .context
-                    .insert(name.to_owned(), access.next_value()?);
-            } else {
-                access.next_value::<serde::de::IgnoredAny>()?;
+            match self.read.slot(self.wanted, self.context, &key) {
+                Some(slot) => slot.fill(access.next_value()?),
+                // Skipped without being built.
+                None => access.next_value::<serde::de::IgnoredAny>().map(drop)?,
             }
         }
         Ok(())
     }
 }
 
-/// Reads the members of a body's inner document in one pass.
+/// Reads the members of a body's inner document: straight from the envelope's text
+/// when it has the plain shape ([`inner`]), by the general path otherwise.
 fn read_members(body: &[u8], wanted: &[&str], context: bool) -> Result<Read, CodecError> {
+    match read_fast(body, wanted, context) {
+        Some(read) => Ok(read),
+        None => read_general(body, wanted, context),
+    }
+}
+
+/// The fast path of [`read_members`]: `None` where it gives up.
+pub(crate) fn read_fast(body: &[u8], wanted: &[&str], context: bool) -> Option<Read> {
+    debug_assert!(wanted.len() <= MAX_WANTED);
+    let mut read = Read::new();
+    inner::members(body, |key, value| {
+        if let Some(slot) = read.slot(wanted, context, &key) {
+            slot.fill(value);
+        }
+    })?;
+    Some(read)
+}
+
+/// The general path of [`read_members`]: the envelope unescaped, then serde_json;
+/// every error is found and worded here.
+pub(crate) fn read_general(
+    body: &[u8],
+    wanted: &[&str],
+    context: bool,
+) -> Result<Read, CodecError> {
     debug_assert!(wanted.len() <= MAX_WANTED);
     fn read_all<'de, R: serde_json::de::Read<'de>>(
         mut de: serde_json::Deserializer<R>,
@@ -378,10 +437,7 @@ fn read_members(body: &[u8], wanted: &[&str], context: bool) -> Result<Read, Cod
         members.deserialize(&mut de)?;
         de.end()
     }
-    let mut read = Read {
-        values: [const { None }; MAX_WANTED],
-        context: Map::new(),
-    };
+    let mut read = Read::new();
     let members = Members {
         wanted,
         context,
@@ -424,7 +480,7 @@ fn kind_of(value: &Value) -> &'static str {
 }
 
 /// The members a request is read from, in the order of [`decode_request`]'s reads.
-const REQUEST_KEYS: [&str; 8] = [
+pub(crate) const REQUEST_KEYS: [&str; 8] = [
     "method",
     "args",
     "namespace",
@@ -479,7 +535,7 @@ pub fn decode_request(body: &[u8]) -> Result<Request, CodecError> {
 }
 
 /// The members a reply is read from.
-const REPLY_KEYS: [&str; 5] = ["_msg_id", "result", "failure", "ending", "_unique_id"];
+pub(crate) const REPLY_KEYS: [&str; 5] = ["_msg_id", "result", "failure", "ending", "_unique_id"];
 
 /// Decodes a reply body.
 pub fn decode_reply(body: &[u8]) -> Result<Reply, CodecError> {
