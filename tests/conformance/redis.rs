@@ -114,6 +114,68 @@ async fn redis_leaves_no_reply_or_fanout_keys_after_shutdown() {
     }
 }
 
+/// A client deletes the replies it has read from its reply stream, so the stream
+/// holds only what is unread and needs no cap that would drop unread replies when a
+/// burst of them arrives at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_client_deletes_the_replies_it_has_read() {
+    let Some(_) = backend().await else { return };
+    use mqrpc::{Client, Context, Server, Target};
+    use serde_json::json;
+    const CALLS: u64 = 3000;
+    let prefix = format!("mqrpc-trim-{}", &mqrpc::wire::new_id()[..12]);
+    let url = url_with_prefix(&prefix);
+    let recorder = crate::service::Recorder::new();
+    let server = Server::builder(
+        mqrpc::connect(&url).await.expect("redis"),
+        Target::new("trim").server("s1"),
+    )
+    .endpoint(crate::service::endpoint("s1", &recorder))
+    .start()
+    .await
+    .expect("server");
+    let client = Client::new(
+        mqrpc::connect(&url).await.expect("redis"),
+        Target::new("trim"),
+    );
+    for chunk in 0..CALLS / 100 {
+        let calls = (0..100).map(|i| {
+            let client = client.clone();
+            async move {
+                let n = chunk * 100 + i;
+                let back: u64 = client
+                    .call(&Context::new(), "echo", json!({ "payload": n }))
+                    .await
+                    .expect("echo");
+                assert_eq!(back, n);
+            }
+        });
+        futures::future::join_all(calls).await;
+    }
+    let replies: Vec<String> = keys_under(&prefix)
+        .into_iter()
+        .filter(|k| k.contains(":reply:"))
+        .collect();
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    let length = std::process::Command::new("redis-cli")
+        .args(["-u", &base_url(), "XLEN", &replies[0]])
+        .output()
+        .expect("redis-cli runs");
+    let length: u64 = String::from_utf8_lossy(&length.stdout)
+        .trim()
+        .parse()
+        .expect("a length");
+    // Read replies go once a read batch (256) has gathered; what is left is at most
+    // about two batches, far below the replies sent.
+    assert!(
+        length <= 600,
+        "{length} of {CALLS} replies are still in {}",
+        replies[0]
+    );
+    client.close().await;
+    server.shutdown().await.expect("shutdown");
+}
+
 /// The names of the groups on a stream, read with `redis-cli XINFO GROUPS`.
 fn group_names(key: &str) -> Vec<String> {
     let output = std::process::Command::new("redis-cli")

@@ -758,6 +758,36 @@ pub async fn thousand_concurrent_calls_each_get_their_own_reply(backend: Backend
     fx.shutdown().await;
 }
 
+/// Thousands of calls answered at the same moment: every caller gets its reply,
+/// however far the client's reader falls behind the burst (a reply buffer or stream
+/// that drops what it has not read yet loses calls here).
+pub async fn burst_of_replies_reaches_every_caller(backend: Backend) {
+    const CALLS: usize = 5000;
+    let mut fx = Fixture::new(&backend, "burst");
+    fx.start_with("s1", |b| b.concurrency(CALLS)).await;
+    let client = fx.client().await;
+    let recorder = fx.recorder.clone();
+    // Every handler sleeps the same 2 s, so the replies leave within moments of each other.
+    let calls = (0..CALLS).map(|_| {
+        let client = client.clone();
+        async move {
+            client
+                .call::<_, f64>(&ctx(), "sleep", json!({"seconds": 2.0}))
+                .await
+        }
+    });
+    let results = futures::future::join_all(calls).await;
+    let lost = results.iter().filter(|r| r.is_err()).count();
+    assert_eq!(
+        lost,
+        0,
+        "{lost} of {CALLS} calls got no reply (max handlers in flight: {}); first error: {:?}",
+        recorder.max_in_flight.load(Ordering::SeqCst),
+        results.iter().find_map(|r| r.as_ref().err()),
+    );
+    fx.shutdown().await;
+}
+
 pub async fn one_mib_payload_round_trips(backend: Backend) {
     const PAYLOAD: usize = 1024 * 1024;
     let transport = backend.transport().await;
@@ -1407,6 +1437,7 @@ macro_rules! conformance_suite {
             timeout_fires_and_late_reply_does_not_disturb_next_call,
             call_proceeds_on_the_reply_or_the_publish_failure_whichever_comes_first,
             thousand_concurrent_calls_each_get_their_own_reply,
+            burst_of_replies_reaches_every_caller,
             retry_policy_sends_an_idempotent_call_again,
             one_mib_payload_round_trips,
             oversized_message_is_refused_with_a_clear_error,

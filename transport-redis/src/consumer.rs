@@ -943,47 +943,60 @@ impl ReplyConsumer {
 
 /// What one grouped-less read of some streams came to.
 enum ReadOutcome {
-    /// Entries (maybe none) were handed over; read again.
-    Read,
+    /// This many entries (maybe none) were handed over; read again.
+    Read(usize),
     /// The consumer is stopping or gone.
     Stopped,
     /// Redis failed the read.
     Failed(redis::RedisError),
 }
 
+/// How many entries `XREAD` takes at once.
+const READ_COUNT: usize = 256;
+
 /// One blocking `XREAD` of `keys` after `ids`, handing every entry over as a
-/// delivery with nothing to settle and advancing `ids`.
+/// delivery with nothing to settle and advancing `ids`. With `trim`, the entries
+/// before `ids` are deleted first (`XTRIM ... MINID`, in the same round trip): the
+/// reader is their only reader and has them.
 async fn read_after(
     reader: &mut ConnectionManager,
     keys: &[String],
     ids: &mut [String],
     block: Duration,
+    trim: bool,
     tx: &mpsc::Sender<Result<Delivery>>,
     stop: &CancellationToken,
 ) -> ReadOutcome {
-    let mut xread = redis::cmd("XREAD");
-    xread
+    let mut pipe = redis::pipe();
+    if trim {
+        for (key, id) in keys.iter().zip(ids.iter()) {
+            pipe.cmd("XTRIM").arg(key).arg("MINID").arg(id).ignore();
+        }
+    }
+    pipe.cmd("XREAD")
         .arg("COUNT")
-        .arg(256)
+        .arg(READ_COUNT)
         .arg("BLOCK")
         .arg(u64::try_from(block.as_millis().max(1)).unwrap_or(u64::MAX))
         .arg("STREAMS")
         .arg(keys)
         .arg(&*ids);
-    let read: redis::RedisResult<Option<StreamReadReply>> = tokio::select! {
+    let read: redis::RedisResult<(Option<StreamReadReply>,)> = tokio::select! {
         _ = stop.cancelled() => return ReadOutcome::Stopped,
-        read = xread.query_async(reader) => read,
+        read = pipe.query_async(reader) => read,
     };
     let reply = match read {
-        Ok(None) => return ReadOutcome::Read,
-        Ok(Some(reply)) => reply,
+        Ok((None,)) => return ReadOutcome::Read(0),
+        Ok((Some(reply),)) => reply,
         Err(err) => return ReadOutcome::Failed(err),
     };
+    let mut count = 0;
     for stream in reply.keys {
         let Some(slot) = keys.iter().position(|k| *k == stream.key) else {
             continue;
         };
         for entry in stream.ids {
+            count += 1;
             ids[slot].clone_from(&entry.id);
             let body = field_bytes(&entry.map, BODY_FIELD).unwrap_or_default();
             tokio::select! {
@@ -996,7 +1009,7 @@ async fn read_after(
             }
         }
     }
-    ReadOutcome::Read
+    ReadOutcome::Read(count)
 }
 
 async fn read_replies(
@@ -1010,6 +1023,8 @@ async fn read_replies(
     let ttl = shared.config.reply_ttl;
     let keys = [key.clone()];
     let mut last_id = ["0-0".to_owned()];
+    // Entries read since the stream was last trimmed.
+    let mut read_since_trim = 0usize;
     let mut last_refresh = tokio::time::Instant::now();
     let mut attempt = 0u32;
     loop {
@@ -1026,6 +1041,7 @@ async fn read_replies(
                     // The stream is gone (a Redis restart): make it again.
                     tracing::warn!(stream = %key, "reply stream vanished; creating it again");
                     last_id = ["0-0".to_owned()];
+                    read_since_trim = 0;
                     if create_reply_stream(&mut conn, &key, ttl).await.is_ok() {
                         last_refresh = tokio::time::Instant::now();
                     }
@@ -1033,8 +1049,15 @@ async fn read_replies(
                 Err(err) => tracing::debug!(error = %err, "refreshing the reply stream TTL failed"),
             }
         }
-        match read_after(&mut reader, &keys, &mut last_id, block, &tx, &stop).await {
-            ReadOutcome::Read => attempt = 0,
+        // Replies read are deleted once a batch's worth has gathered: the stream then
+        // holds what is unread, however many calls are in flight (a cap on its length
+        // would drop unread replies in a burst).
+        let trim = read_since_trim >= READ_COUNT;
+        match read_after(&mut reader, &keys, &mut last_id, block, trim, &tx, &stop).await {
+            ReadOutcome::Read(count) => {
+                attempt = 0;
+                read_since_trim = if trim { count } else { read_since_trim + count };
+            }
             ReadOutcome::Stopped => return,
             ReadOutcome::Failed(err) => {
                 let wait = backoff(attempt);
@@ -1237,8 +1260,9 @@ async fn watch(
 ) {
     let mut attempt = 0u32;
     loop {
-        match read_after(&mut reader, &keys, &mut ids, block, &tx, &stop).await {
-            ReadOutcome::Read => attempt = 0,
+        // Others read these streams too: a watcher never trims them.
+        match read_after(&mut reader, &keys, &mut ids, block, false, &tx, &stop).await {
+            ReadOutcome::Read(_) => attempt = 0,
             ReadOutcome::Stopped => return,
             ReadOutcome::Failed(err) => {
                 let wait = backoff(attempt);

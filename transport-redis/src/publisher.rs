@@ -16,8 +16,6 @@ use crate::redis_error;
 pub(crate) const BODY_FIELD: &str = "b";
 /// Field of an entry holding the time (Unix ms) after which it is not worth handling.
 pub(crate) const EXPIRES_FIELD: &str = "x";
-/// Approximate cap of a reply stream.
-const REPLY_MAXLEN: usize = 1000;
 
 pub(crate) struct RedisPublisher {
     conn: ConnectionManager,
@@ -108,9 +106,11 @@ impl RedisPublisher {
                 let id: Option<String> = redis::cmd("XADD")
                     .arg(key)
                     .arg("NOMKSTREAM")
+                    // Its client deletes what it has read; the cap only bounds a stream
+                    // whose client is gone and whose key has not expired yet.
                     .arg("MAXLEN")
                     .arg("~")
-                    .arg(REPLY_MAXLEN)
+                    .arg(self.config.maxlen)
                     .arg("*")
                     .arg(BODY_FIELD)
                     .arg(message.body.as_ref())
