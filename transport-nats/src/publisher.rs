@@ -72,6 +72,43 @@ impl NatsPublisher {
         Ok(())
     }
 
+    /// A cast in JetStream mode: published to the exchange's stream, and done once
+    /// the stream stored it.
+    async fn store_cast(
+        &self,
+        js: &jetstream::Context,
+        js_subject: String,
+        address: &Address,
+        body: bytes::Bytes,
+    ) -> Result<()> {
+        self.ensure_stream(js, address).await?;
+        let ack = js
+            .publish(js_subject, body)
+            .await
+            .map_err(|e| nats_error(&format!("publishing to JetStream for {address}"), e))?;
+        ack.await.map_err(|e| {
+            nats_error(&format!("JetStream did not store the cast to {address}"), e)
+        })?;
+        Ok(())
+    }
+
+    /// A plain cast: published, and done once a round trip shows the server has it.
+    async fn cast(
+        &self,
+        subject: async_nats::Subject,
+        address: &Address,
+        body: bytes::Bytes,
+        limit: usize,
+    ) -> Result<()> {
+        let size = body.len();
+        self.client
+            .publish(subject, body)
+            .await
+            .map_err(|e| publish_error(address, e, size, limit))?;
+        // When the round trip returns, the server has the cast.
+        crate::round_trip(&self.client, &self.config).await
+    }
+
     fn subject(&self, address: &Address) -> Option<async_nats::Subject> {
         // Replies (a server's every publish) have no subject: no lock for them.
         if matches!(address, Address::Reply(_)) {
@@ -148,24 +185,13 @@ impl Publisher for NatsPublisher {
                 .await
                 .map_err(|e| publish_error(address, e, size, limit));
         }
-        if let (Some(js), Some(js_subject)) =
-            (&self.jetstream, self.config.jetstream_subject(address))
-        {
-            self.ensure_stream(js, address).await?;
-            let ack = js
-                .publish(js_subject, message.body)
-                .await
-                .map_err(|e| nats_error(&format!("publishing to JetStream for {address}"), e))?;
-            ack.await.map_err(|e| {
-                nats_error(&format!("JetStream did not store the cast to {address}"), e)
-            })?;
-            return Ok(());
+        // The rarer paths are boxed: every send's future is moved into a box (the
+        // trait is object-safe), and their state made it several times larger.
+        if let Some(js) = &self.jetstream {
+            if let Some(js_subject) = self.config.jetstream_subject(address) {
+                return Box::pin(self.store_cast(js, js_subject, address, message.body)).await;
+            }
         }
-        self.client
-            .publish(subject, message.body)
-            .await
-            .map_err(|e| publish_error(address, e, size, limit))?;
-        // When the round trip returns, the server has the cast.
-        crate::round_trip(&self.client, &self.config).await
+        Box::pin(self.cast(subject, address, message.body, limit)).await
     }
 }
