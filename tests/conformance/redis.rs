@@ -114,14 +114,32 @@ async fn redis_leaves_no_reply_or_fanout_keys_after_shutdown() {
     }
 }
 
+/// `total` echo calls, a hundred at a time, each checked.
+async fn echo_in_hundreds(client: &mqrpc::Client, total: u64) {
+    for chunk in 0..total / 100 {
+        let calls = (0..100).map(|i| async move {
+            let n = chunk * 100 + i;
+            let back: u64 = client
+                .call(
+                    &mqrpc::Context::new(),
+                    "echo",
+                    serde_json::json!({ "payload": n }),
+                )
+                .await
+                .unwrap_or_else(|err| panic!("call {n}: {err}"));
+            assert_eq!(back, n);
+        });
+        futures::future::join_all(calls).await;
+    }
+}
+
 /// A client deletes the replies it has read from its reply stream, so the stream
 /// holds only what is unread and needs no cap that would drop unread replies when a
 /// burst of them arrives at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_client_deletes_the_replies_it_has_read() {
     let Some(_) = backend().await else { return };
-    use mqrpc::{Client, Context, Server, Target};
-    use serde_json::json;
+    use mqrpc::{Client, Server, Target};
     const CALLS: u64 = 3000;
     let prefix = format!("mqrpc-trim-{}", &mqrpc::wire::new_id()[..12]);
     let url = url_with_prefix(&prefix);
@@ -138,20 +156,7 @@ async fn redis_client_deletes_the_replies_it_has_read() {
         mqrpc::connect(&url).await.expect("redis"),
         Target::new("trim"),
     );
-    for chunk in 0..CALLS / 100 {
-        let calls = (0..100).map(|i| {
-            let client = client.clone();
-            async move {
-                let n = chunk * 100 + i;
-                let back: u64 = client
-                    .call(&Context::new(), "echo", json!({ "payload": n }))
-                    .await
-                    .expect("echo");
-                assert_eq!(back, n);
-            }
-        });
-        futures::future::join_all(calls).await;
-    }
+    echo_in_hundreds(&client, CALLS).await;
     let replies: Vec<String> = keys_under(&prefix)
         .into_iter()
         .filter(|k| k.contains(":reply:"))
@@ -278,6 +283,26 @@ mod reliability {
             .expect("connect to Redis")
     }
 
+    /// The arguments of a redis-server of a test's own on `port`, keeping nothing on
+    /// disk, followed by `extra`.
+    fn own_redis(port: u16, extra: &[&str]) -> Vec<String> {
+        let port = port.to_string();
+        let base = [
+            "--port",
+            &port,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ];
+        base.iter()
+            .chain(extra)
+            .map(|arg| (*arg).to_owned())
+            .collect()
+    }
+
     async fn rig() -> Option<Rig> {
         super::backend().await?;
         let upstream = faults::upstream(&faults::host_port(&super::base_url(), 6379)).await;
@@ -316,23 +341,42 @@ mod reliability {
         faults::load(&backend, 100_000, 256).await;
     }
 
+    /// A Redis whose ACL refuses `XTRIM`: the client stops trimming its reply stream
+    /// and every call still gets its reply (a refused trim fails the whole read
+    /// pipeline; retrying it would stop the replies for good).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_replies_flow_when_xtrim_is_refused() {
+        use mqrpc::{Client, Server, Target};
+        let acl = [
+            "--user", "default", "on", "nopass", "~*", "&*", "+@all", "-xtrim",
+        ];
+        let Some(broker) = OwnBroker::start("redis-server", |port| own_redis(port, &acl)).await
+        else {
+            return;
+        };
+        let recorder = crate::service::Recorder::new();
+        let server = Server::builder(
+            connect(broker.port, "mqrpc-notrim").await,
+            Target::new("notrim").server("s1"),
+        )
+        .endpoint(crate::service::endpoint("s1", &recorder))
+        .start()
+        .await
+        .expect("server");
+        let client = Client::new(
+            connect(broker.port, "mqrpc-notrim").await,
+            Target::new("notrim"),
+        )
+        .timeout(std::time::Duration::from_secs(10));
+        // Well past the 256 replies after which the client first trims.
+        super::echo_in_hundreds(&client, 1000).await;
+        client.close().await;
+        server.shutdown().await.expect("shutdown");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn redis_server_restart_is_survived() {
-        let Some(mut broker) = OwnBroker::start("redis-server", |port| {
-            [
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ]
-            .map(str::to_owned)
-            .to_vec()
-        })
-        .await
+        let Some(mut broker) = OwnBroker::start("redis-server", |port| own_redis(port, &[])).await
         else {
             return;
         };

@@ -22,7 +22,8 @@ pub struct RedisConfig {
     pub exchange: String,
     /// Approximate cap of each stream's length (`XADD MAXLEN ~`, default 100 000).
     /// Topic and server streams hold only unsettled entries, so this bounds a backlog:
-    /// beyond it the oldest waiting entries are dropped.
+    /// beyond it the oldest waiting entries are dropped. Reply streams are capped at
+    /// this or 100 000, whichever is larger (their client deletes what it has read).
     pub maxlen: usize,
     /// How long one blocking read waits before it is issued again.
     pub block: Duration,

@@ -1023,8 +1023,9 @@ async fn read_replies(
     let ttl = shared.config.reply_ttl;
     let keys = [key.clone()];
     let mut last_id = ["0-0".to_owned()];
-    // Entries read since the stream was last trimmed.
+    // Entries read since the stream was last trimmed, and whether Redis lets us trim.
     let mut read_since_trim = 0usize;
+    let mut trimming = true;
     let mut last_refresh = tokio::time::Instant::now();
     let mut attempt = 0u32;
     loop {
@@ -1052,13 +1053,21 @@ async fn read_replies(
         // Replies read are deleted once a batch's worth has gathered: the stream then
         // holds what is unread, however many calls are in flight (a cap on its length
         // would drop unread replies in a burst).
-        let trim = read_since_trim >= READ_COUNT;
+        let trim = trimming && read_since_trim >= READ_COUNT;
         match read_after(&mut reader, &keys, &mut last_id, block, trim, &tx, &stop).await {
             ReadOutcome::Read(count) => {
                 attempt = 0;
                 read_since_trim = if trim { count } else { read_since_trim + count };
             }
             ReadOutcome::Stopped => return,
+            // Redis answered, but refused something: the trim fails the whole pipeline
+            // (an ACL without XTRIM, a server without MINID), and retrying it would stop
+            // the replies for good. Read without it; the reply cap bounds the stream.
+            ReadOutcome::Failed(err) if trim && !is_transient(&err) => {
+                trimming = false;
+                tracing::warn!(error = %err, stream = %key,
+                    "trimming the reply stream failed; read replies are no longer deleted");
+            }
             ReadOutcome::Failed(err) => {
                 let wait = backoff(attempt);
                 attempt = attempt.saturating_add(1);
@@ -1074,6 +1083,15 @@ async fn read_replies(
             }
         }
     }
+}
+
+/// Whether a failed command may succeed as it is when tried again (the connection,
+/// not Redis's answer, failed).
+fn is_transient(err: &redis::RedisError) -> bool {
+    err.is_io_error()
+        || err.is_timeout()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
 }
 
 async fn delete_reply_stream(shared: &Shared, key: &str) {

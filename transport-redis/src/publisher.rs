@@ -17,6 +17,10 @@ pub(crate) const BODY_FIELD: &str = "b";
 /// Field of an entry holding the time (Unix ms) after which it is not worth handling.
 pub(crate) const EXPIRES_FIELD: &str = "x";
 
+/// The least a reply stream is capped at, whatever `maxlen` says (it is sized for
+/// topic backlogs): 100 000 replies unread at once.
+const REPLY_MAXLEN_FLOOR: usize = 100_000;
+
 pub(crate) struct RedisPublisher {
     conn: ConnectionManager,
     config: RedisConfig,
@@ -107,10 +111,11 @@ impl RedisPublisher {
                     .arg(key)
                     .arg("NOMKSTREAM")
                     // Its client deletes what it has read; the cap only bounds a stream
-                    // whose client is gone and whose key has not expired yet.
+                    // whose client is gone and whose key has not expired yet (or whose
+                    // Redis refuses XTRIM), never below what a burst of calls needs.
                     .arg("MAXLEN")
                     .arg("~")
-                    .arg(self.config.maxlen)
+                    .arg(self.config.maxlen.max(REPLY_MAXLEN_FLOOR))
                     .arg("*")
                     .arg(BODY_FIELD)
                     .arg(message.body.as_ref())
