@@ -305,7 +305,8 @@ impl Client {
         let span = tracing::debug_span!("rpc.multicall", msg_id = tracing::field::Empty,
             topic = %self.target, method);
         let pending = async {
-            let (mut pending, outgoing) = self.prepare_call(ctx, method, args).await?;
+            let args = encode_args(args)?;
+            let (mut pending, outgoing) = self.prepare_call(ctx, method, &args).await?;
             self.publish_call(outgoing, pending.deadline, &pending.msg_id)
                 .await?;
             pending.monitor_from_now();
@@ -323,8 +324,9 @@ impl Client {
         let span = tracing::debug_span!("rpc.cast", topic = %self.target, method);
         async {
             let deadline = Instant::now() + self.timeout;
-            let request = self.request(ctx, method, args)?;
-            let body = self.encode(&request)?;
+            let args = encode_args(args)?;
+            let request = self.request(ctx, method);
+            let body = self.encode(&request, &args)?;
             let address = Address::for_target(&self.target, &self.shared.exchange);
             tracing::debug!(size = body.len(), %address, "sending cast");
             self.publish(&address, Outgoing::new(body), deadline, "")
@@ -354,20 +356,21 @@ impl Client {
         Ok(())
     }
 
-    fn request<A: Serialize>(&self, ctx: &Context, method: &str, args: A) -> Result<Request> {
-        Ok(Request {
+    /// A request without its arguments: [`Client::encode`] writes them from the map
+    /// the caller encoded once, without a copy in the request.
+    fn request(&self, ctx: &Context, method: &str) -> Request {
+        Request {
             method: method.to_owned(),
-            args: encode_args(args)?,
             namespace: self.target.namespace.clone(),
             version: self.target.version.map(|v| v.to_string()),
             context: ctx.clone(),
             unique_id: Some(wire::new_id()),
             ..Request::default()
-        })
+        }
     }
 
-    fn encode(&self, request: &Request) -> Result<Bytes> {
-        let mut body = wire::encode_request(request)?;
+    fn encode(&self, request: &Request, args: &Map<String, Value>) -> Result<Bytes> {
+        let mut body = wire::encode_request_with(request, args)?;
         if let Some(auth) = &self.shared.auth {
             body = auth.seal(body);
         }
@@ -384,15 +387,15 @@ impl Client {
 
     /// Registers a waiter for a call and encodes its request; the request is sent by
     /// [`Client::publish_call`].
-    async fn prepare_call<A: Serialize>(
+    async fn prepare_call(
         &self,
         ctx: &Context,
         method: &str,
-        args: A,
+        args: &Map<String, Value>,
     ) -> Result<(PendingCall, Outgoing)> {
         let started = Instant::now();
         let deadline = started + self.timeout;
-        let mut request = self.request(ctx, method, args)?;
+        let mut request = self.request(ctx, method);
         // Only the first call waits for the reply queue; later ones skip the timer.
         let router = match self.shared.replies.get() {
             Some(router) => router,
@@ -410,7 +413,7 @@ impl Client {
         request.msg_id = Some(msg_id.clone());
         request.reply_to = Some(router.address().to_owned());
         request.call_monitor = self.call_monitor.map(|d| d.as_secs_f64());
-        let body = self.encode(&request)?;
+        let body = self.encode(&request, args)?;
         let outgoing = Outgoing {
             body,
             time_to_live: Some(self.timeout),

@@ -135,11 +135,20 @@ impl Reply {
 /// Encodes a request into an enveloped body. The members are written in the order
 /// oslo.messaging writes them.
 pub fn encode_request(req: &Request) -> Result<Vec<u8>, CodecError> {
+    encode_request_with(req, &req.args)
+}
+
+/// [`encode_request`] with `args` written in place of `req.args`: a client encodes
+/// its keyword arguments once and writes them from there into every attempt's body.
+pub(crate) fn encode_request_with(
+    req: &Request,
+    args: &Map<String, Value>,
+) -> Result<Vec<u8>, CodecError> {
     let mut out = envelope::Writer::new();
     out.member(br#"\"method\":"#);
     out.string(&req.method)?;
     out.member(br#"\"args\":"#);
-    out.object(&req.args)?;
+    out.object(args)?;
     if let Some(namespace) = &req.namespace {
         out.member(br#"\"namespace\":"#);
         out.string(namespace)?;
