@@ -85,6 +85,12 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     let server_name = args
         .server
         .unwrap_or_else(|| format!("mqrpc-{}", std::process::id()));
+    if crate::in_process(&args.url) {
+        eprintln!(
+            "mqrpc: warning: {}; no client can call this server",
+            crate::IN_PROCESS
+        );
+    }
     let transport = mqrpc::connect(&args.url).await.context("connecting")?;
     let mut builder = Server::builder(transport, Target::new(&args.topic).server(&server_name))
         .endpoint(endpoint(Arc::new(AtomicU64::new(0))))

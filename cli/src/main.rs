@@ -263,6 +263,9 @@ fn describe(body: &[u8]) -> Value {
 }
 
 async fn listen(args: ListenArgs) -> Result<()> {
+    if in_process(&args.url) {
+        eprintln!("mqrpc: warning: {IN_PROCESS}; nothing can pass on this topic");
+    }
     let transport = mqrpc::connect(&args.url).await.context("connecting")?;
     let mut tap = transport
         .monitor(&Target::new(&args.topic))
@@ -292,7 +295,21 @@ async fn listen(args: ListenArgs) -> Result<()> {
     Ok(())
 }
 
+/// Why a command of its own process cannot use the memory bus.
+pub(crate) const IN_PROCESS: &str = "memory:// is a bus inside one process, which no other \
+    mqrpc process can reach; use a broker URL (amqp://, redis://, nats://), or `mqrpc bench \
+    --url memory://`, which runs its servers and clients in one process";
+
+/// Whether `url` names the in-process memory bus.
+pub(crate) fn in_process(url: &str) -> bool {
+    url.trim_start()
+        .get(..7)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("memory:"))
+}
+
 async fn prepare(args: &CallArgs) -> Result<(Client, Context, serde_json::Map<String, Value>)> {
+    // Fails at once instead of waiting out the timeout for a server that cannot exist.
+    anyhow::ensure!(!in_process(&args.url), "{IN_PROCESS}");
     let kwargs = parse_object(&args.args, "ARGS")?;
     let ctx = Context::from(parse_object(&args.context, "--context")?);
     let transport = mqrpc::connect(&args.url).await.context("connecting")?;

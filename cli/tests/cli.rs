@@ -206,6 +206,28 @@ fn signed_serve_and_call_as_processes_on_nats() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The memory bus lives inside one process: a client command refuses it, saying
+/// why, instead of waiting out its timeout for a server that cannot exist.
+#[test]
+fn client_commands_refuse_the_memory_bus_at_once() {
+    for command in ["call", "cast", "multicall"] {
+        let (code, stdout, stderr) = mqrpc(&[
+            command,
+            "--url",
+            "memory://",
+            "--topic",
+            "t",
+            "--timeout",
+            "30s",
+            "echo",
+            "{}",
+        ]);
+        assert_eq!(code, 2, "{command}: {stdout} {stderr}");
+        // A timeout would exit with 1 and name the deadline.
+        assert!(stderr.contains("inside one process"), "{command}: {stderr}");
+    }
+}
+
 #[test]
 fn bench_runs_on_the_memory_bus_and_writes_its_files() {
     let out = std::env::temp_dir().join(format!("mqrpc-bench-{}", std::process::id()));
