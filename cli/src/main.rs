@@ -92,7 +92,8 @@ impl AuthArgs {
 /// Where to send and what.
 #[derive(Args, Debug)]
 struct CallArgs {
-    /// Broker URL (memory://, amqp://, rabbit://, redis://, nats://, ...).
+    /// Broker URL (amqp://, rabbit://, redis://, nats://, ...; not memory://, which no
+    /// other process can reach).
     #[arg(long, env = "MQRPC_URL")]
     url: String,
     /// Topic.
