@@ -343,7 +343,7 @@ fn push_run(out: &mut Vec<u8>, bytes: &[u8], from: usize, to: usize) {
     }
 }
 
-fn skip_ws(body: &[u8], mut at: usize) -> usize {
+pub(crate) fn skip_ws(body: &[u8], mut at: usize) -> usize {
     while matches!(body.get(at), Some(b' ' | b'\t' | b'\n' | b'\r')) {
         at += 1;
     }

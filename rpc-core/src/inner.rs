@@ -20,7 +20,7 @@ use std::str::FromStr;
 
 use serde_json::{Map, Number, Value};
 
-use crate::envelope::splat;
+use crate::envelope::{skip_ws, splat};
 use crate::wire::{ENVELOPE_VERSION, MAX_DEPTH};
 
 /// Calls `member` with each top-level member of the inner document of `body`, in
@@ -141,9 +141,7 @@ impl<'a> Cursor<'a> {
 
     /// Whitespace of the envelope itself.
     fn plain_ws(&mut self) {
-        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
-            self.at += 1;
-        }
+        self.at = skip_ws(self.bytes(), self.at);
     }
 
     /// A string of the envelope with no escape in it, quotes included.

@@ -51,10 +51,24 @@ fn keys_under(prefix: &str) -> Vec<String> {
         .collect()
 }
 
+/// A server of the test service on `topic`, named `name`, recording into `recorder`.
+async fn service_server(
+    transport: std::sync::Arc<dyn mqrpc::Transport>,
+    topic: &str,
+    name: &str,
+    recorder: &std::sync::Arc<crate::service::Recorder>,
+) -> mqrpc::Server {
+    mqrpc::Server::builder(transport, mqrpc::Target::new(topic).server(name))
+        .endpoint(crate::service::endpoint(name, recorder))
+        .start()
+        .await
+        .expect("server")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_leaves_no_reply_or_fanout_keys_after_shutdown() {
     let Some(_) = backend().await else { return };
-    use mqrpc::{Client, Context, Server, Target};
+    use mqrpc::{Client, Context, Target};
     use serde_json::json;
     let prefix = format!("mqrpc-cleanup-{}", &mqrpc::wire::new_id()[..12]);
     let url = url_with_prefix(&prefix);
@@ -62,12 +76,7 @@ async fn redis_leaves_no_reply_or_fanout_keys_after_shutdown() {
     let mut servers = Vec::new();
     for name in ["s1", "s2"] {
         let transport = mqrpc::connect(&url).await.expect("redis");
-        let server = Server::builder(transport, Target::new("cleanup").server(name))
-            .endpoint(crate::service::endpoint(name, &recorder))
-            .start()
-            .await
-            .expect("server");
-        servers.push(server);
+        servers.push(service_server(transport, "cleanup", name, &recorder).await);
     }
     let client = Client::new(
         mqrpc::connect(&url).await.expect("redis"),
@@ -139,19 +148,12 @@ async fn echo_in_hundreds(client: &mqrpc::Client, total: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_client_deletes_the_replies_it_has_read() {
     let Some(_) = backend().await else { return };
-    use mqrpc::{Client, Server, Target};
+    use mqrpc::{Client, Target};
     const CALLS: u64 = 3000;
     let prefix = format!("mqrpc-trim-{}", &mqrpc::wire::new_id()[..12]);
     let url = url_with_prefix(&prefix);
-    let recorder = crate::service::Recorder::new();
-    let server = Server::builder(
-        mqrpc::connect(&url).await.expect("redis"),
-        Target::new("trim").server("s1"),
-    )
-    .endpoint(crate::service::endpoint("s1", &recorder))
-    .start()
-    .await
-    .expect("server");
+    let transport = mqrpc::connect(&url).await.expect("redis");
+    let server = service_server(transport, "trim", "s1", &crate::service::Recorder::new()).await;
     let client = Client::new(
         mqrpc::connect(&url).await.expect("redis"),
         Target::new("trim"),
@@ -215,16 +217,11 @@ fn redis_cli(args: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_prunes_only_the_keep_groups_of_dead_watchers() {
     let Some(_) = backend().await else { return };
-    use mqrpc::{Server, Target};
+    use mqrpc::Target;
     let prefix = format!("mqrpc-watchers-{}", &mqrpc::wire::new_id()[..12]);
     let url = format!("{}&prune_idle=1", url_with_prefix(&prefix));
-    let recorder = crate::service::Recorder::new();
     let transport = mqrpc::connect(&url).await.expect("redis");
-    let server = Server::builder(transport, Target::new("watched").server("s1"))
-        .endpoint(crate::service::endpoint("s1", &recorder))
-        .start()
-        .await
-        .expect("server");
+    let server = service_server(transport, "watched", "s1", &crate::service::Recorder::new()).await;
     let watching = mqrpc::connect(&url).await.expect("redis");
     let watcher = watching
         .monitor(&Target::new("watched"))
@@ -346,7 +343,7 @@ mod reliability {
     /// pipeline; retrying it would stop the replies for good).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn redis_replies_flow_when_xtrim_is_refused() {
-        use mqrpc::{Client, Server, Target};
+        use mqrpc::{Client, Target};
         let acl = [
             "--user", "default", "on", "nopass", "~*", "&*", "+@all", "-xtrim",
         ];
@@ -354,15 +351,10 @@ mod reliability {
         else {
             return;
         };
-        let recorder = crate::service::Recorder::new();
-        let server = Server::builder(
-            connect(broker.port, "mqrpc-notrim").await,
-            Target::new("notrim").server("s1"),
-        )
-        .endpoint(crate::service::endpoint("s1", &recorder))
-        .start()
-        .await
-        .expect("server");
+        let transport = connect(broker.port, "mqrpc-notrim").await;
+        let server =
+            super::service_server(transport, "notrim", "s1", &crate::service::Recorder::new())
+                .await;
         let client = Client::new(
             connect(broker.port, "mqrpc-notrim").await,
             Target::new("notrim"),

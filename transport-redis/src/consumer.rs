@@ -1063,7 +1063,7 @@ async fn read_replies(
             // Redis answered, but refused something: the trim fails the whole pipeline
             // (an ACL without XTRIM, a server without MINID), and retrying it would stop
             // the replies for good. Read without it; the reply cap bounds the stream.
-            ReadOutcome::Failed(err) if trim && !is_transient(&err) => {
+            ReadOutcome::Failed(err) if trim && !is_connection_error(&err) => {
                 trimming = false;
                 tracing::warn!(error = %err, stream = %key,
                     "trimming the reply stream failed; read replies are no longer deleted");
@@ -1083,15 +1083,6 @@ async fn read_replies(
             }
         }
     }
-}
-
-/// Whether a failed command may succeed as it is when tried again (the connection,
-/// not Redis's answer, failed).
-fn is_transient(err: &redis::RedisError) -> bool {
-    err.is_io_error()
-        || err.is_timeout()
-        || err.is_connection_dropped()
-        || err.is_connection_refusal()
 }
 
 async fn delete_reply_stream(shared: &Shared, key: &str) {
