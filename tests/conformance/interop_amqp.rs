@@ -370,47 +370,49 @@ async fn amqp_interop_python_oslo_client_calls_mqrpc_server() {
     server.shutdown().await.expect("shutdown");
 }
 
-/// oslo.messaging with `kombu_compression = gzip` sends zlib bodies with a
-/// `compression` header: its replies reach an mqrpc client, its requests an mqrpc
-/// server, both inflated.
+/// oslo.messaging with `kombu_compression = gzip` sends zlib bodies, with `bzip2`
+/// bzip2 bodies, each with a `compression` header: its replies reach an mqrpc
+/// client, its requests an mqrpc server, both inflated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_interop_reads_kombu_compressed_bodies() {
     let Some(_) = crate::amqp::backend().await else {
         return;
     };
     let Some(python) = python() else { return };
-    let topic = format!("interop_gz_{}", &mqrpc::wire::new_id()[..12]);
-    let py = python_server_with(&python, &topic, "py1", &["--compression", "gzip"]).await;
-    let transport = mqrpc::connect(&crate::amqp::url()).await.expect("RabbitMQ");
-    let client = Client::new(transport, Target::new(&topic)).timeout(Duration::from_secs(20));
     // Large and repetitive, so compression is certain to change it.
     let payload = json!({"text": "compressible ".repeat(400)});
-    let back: Value = client
-        .call(&Context::new(), "echo", json!({ "payload": payload }))
-        .await
-        .expect("a compressed reply is read");
-    assert_eq!(back, payload);
-    py.finish().await;
+    for compression in ["gzip", "bzip2"] {
+        let topic = format!("interop_{compression}_{}", &mqrpc::wire::new_id()[..12]);
+        let py = python_server_with(&python, &topic, "py1", &["--compression", compression]).await;
+        let transport = mqrpc::connect(&crate::amqp::url()).await.expect("RabbitMQ");
+        let client = Client::new(transport, Target::new(&topic)).timeout(Duration::from_secs(20));
+        let back: Value = client
+            .call(&Context::new(), "echo", json!({ "payload": payload }))
+            .await
+            .unwrap_or_else(|e| panic!("a {compression} reply is read: {e}"));
+        assert_eq!(back, payload, "{compression}");
+        py.finish().await;
 
-    let (server, _recorder) = rust_server(&topic).await;
-    let url = oslo_url();
-    let mut client = Peer::spawn(
-        &python,
-        &[
-            "client",
-            "--url",
-            &url,
-            "--topic",
-            &topic,
-            "--compression",
-            "gzip",
-        ],
-    );
-    client
-        .send(&json!({"id": 1, "method": "echo", "args": {"payload": payload}, "timeout": 20}))
-        .await;
-    let answer = client.next(Duration::from_secs(60)).await;
-    assert_eq!(answer["ok"], payload, "{answer}");
-    client.finish().await;
-    server.shutdown().await.expect("shutdown");
+        let (server, _recorder) = rust_server(&topic).await;
+        let url = oslo_url();
+        let mut client = Peer::spawn(
+            &python,
+            &[
+                "client",
+                "--url",
+                &url,
+                "--topic",
+                &topic,
+                "--compression",
+                compression,
+            ],
+        );
+        client
+            .send(&json!({"id": 1, "method": "echo", "args": {"payload": payload}, "timeout": 20}))
+            .await;
+        let answer = client.next(Duration::from_secs(60)).await;
+        assert_eq!(answer["ok"], payload, "{compression}: {answer}");
+        client.finish().await;
+        server.shutdown().await.expect("shutdown");
+    }
 }

@@ -255,7 +255,7 @@ def parse_args(argv):
     srv.add_argument("--exchange", default=None,
                      help="target exchange (default: control_exchange 'openstack')")
     srv.add_argument("--compression", default=None,
-                     help="kombu_compression for what it sends (gzip, bz2)")
+                     help="kombu_compression for what it sends (gzip, bzip2)")
     srv.add_argument("--ignore-stdin", action="store_true",
                      help="do not stop at stdin EOF (stop on SIGTERM/SIGINT only)")
 
@@ -264,7 +264,7 @@ def parse_args(argv):
     cli.add_argument("--topic", required=True)
     cli.add_argument("--exchange", default=None)
     cli.add_argument("--compression", default=None,
-                     help="kombu_compression for what it sends (gzip, bz2)")
+                     help="kombu_compression for what it sends (gzip, bzip2)")
 
     return parser.parse_args(argv)
 
