@@ -240,11 +240,14 @@ fn bench_runs_on_the_memory_bus_and_writes_its_files() {
         "1,8",
         "--servers",
         "1,2",
+        "--rounds",
+        "2",
         "--out",
         out.to_str().expect("utf-8 path"),
     ]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("| calls/s at concurrency 8 |"), "{stdout}");
+    assert!(stdout.contains("Medians of 2 rounds"), "{stdout}");
     assert!(stdout.contains("latency p50"), "{stdout}");
     let json: serde_json::Value = serde_json::from_slice(
         &std::fs::read(out.join("bench-memory.json")).expect("json written"),
@@ -255,6 +258,15 @@ fn bench_runs_on_the_memory_bus_and_writes_its_files() {
             .as_f64()
             .is_some_and(|r| r > 0.0)
     );
+    // The medians come with each round's own figures.
+    assert_eq!(json["rounds"], 2);
+    let rounds = json["rounds_mqrpc"].as_array().expect("rounds_mqrpc");
+    assert_eq!(rounds.len(), 2);
+    assert!(rounds.iter().all(|r| {
+        r["throughput"][1]["calls_per_s"]
+            .as_f64()
+            .is_some_and(|r| r > 0.0)
+    }));
     let svg = std::fs::read_to_string(out.join("bench-memory.svg")).expect("svg written");
     assert!(svg.contains("<svg"));
     let _ = std::fs::remove_dir_all(out);

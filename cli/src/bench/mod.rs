@@ -45,6 +45,11 @@ pub(crate) struct BenchArgs {
     /// Numbers of competing servers.
     #[arg(long, value_delimiter = ',', default_value = "1,4,32")]
     pub(crate) servers: Vec<usize>,
+    /// Rounds of the figures compared with the bare client; each is reported as its
+    /// median over the rounds, mqrpc and raw taking turns at going first [default: 3,
+    /// 1 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=99))]
+    pub(crate) rounds: Option<u32>,
     /// Directory for the JSON and SVG files.
     #[arg(long, default_value = "target/bench")]
     pub(crate) out: PathBuf,
@@ -85,12 +90,73 @@ pub(crate) struct Figures {
 pub(crate) struct Run {
     pub(crate) backend: String,
     pub(crate) quick: bool,
+    /// How many rounds the latency, throughput and payload figures ran; `mqrpc` and
+    /// `raw` hold their medians, `rounds_*` each round's figures.
+    #[serde(default = "one")]
+    pub(crate) rounds: usize,
     pub(crate) mqrpc: Figures,
     pub(crate) raw: Option<Figures>,
     /// AMQP with `--raw`: bare lapin with publisher confirms at concurrency 64, to
-    /// show what confirms cost the broker apart from mqrpc.
+    /// show what confirms cost the broker apart from mqrpc (median over the rounds).
     #[serde(default)]
     pub(crate) raw_confirmed: Option<Rate>,
+    #[serde(default)]
+    pub(crate) rounds_mqrpc: Vec<Figures>,
+    #[serde(default)]
+    pub(crate) rounds_raw: Vec<Figures>,
+    #[serde(default)]
+    pub(crate) rounds_raw_confirmed: Vec<Rate>,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// The median of `values` (the mean of the middle two for an even count); 0 for none.
+fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.into_iter().collect();
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// Each rate of `pick` in the first round, as its median over every round.
+fn median_rates(rounds: &[Figures], pick: fn(&Figures) -> &Vec<Rate>) -> Vec<Rate> {
+    let Some(first) = rounds.first() else {
+        return Vec::new();
+    };
+    (pick(first).iter())
+        .map(|rate| {
+            let same: Vec<&Rate> = (rounds.iter())
+                .filter_map(|f| pick(f).iter().find(|r| r.x == rate.x))
+                .collect();
+            Rate {
+                x: rate.x,
+                calls_per_s: median(same.iter().map(|r| r.calls_per_s)),
+                mean_latency_us: median(same.iter().map(|r| r.mean_latency_us)),
+            }
+        })
+        .collect()
+}
+
+/// The figures of several rounds as their medians (latency percentiles each on
+/// their own).
+fn median_figures(rounds: &[Figures]) -> Figures {
+    let latencies: Vec<&Latency> = rounds.iter().filter_map(|f| f.latency.as_ref()).collect();
+    Figures {
+        latency: latencies.first().map(|first| Latency {
+            calls: first.calls,
+            p50_us: median(latencies.iter().map(|l| l.p50_us)),
+            p99_us: median(latencies.iter().map(|l| l.p99_us)),
+            p999_us: median(latencies.iter().map(|l| l.p999_us)),
+        }),
+        throughput: median_rates(rounds, |f| &f.throughput),
+        payloads: median_rates(rounds, |f| &f.payloads),
+        ..Figures::default()
+    }
 }
 
 const SMALL: usize = 100;
@@ -400,8 +466,14 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
     let backend = probe.name().to_owned();
     let max_message = probe.capabilities().max_message_size;
     drop(probe);
+    let rounds = match (args.rounds, args.quick) {
+        (Some(n), _) => n as usize,
+        (None, true) => 1,
+        (None, false) => 3,
+    };
     let steps = (1 + args.concurrency.len() + args.payloads.len()) as u64
         * if args.raw { 2 } else { 1 }
+        * rounds as u64
         + args.servers.len() as u64
         + 1;
     let progress = ProgressBar::new(steps);
@@ -422,10 +494,53 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
         }),
         _keep: Box::new(()),
     };
-    let mut mqrpc = measure(&mqrpc_pair, &args, max_message, &progress).await?;
-    mqrpc.bytes_per_in_flight_call = bytes_per_in_flight_call;
-    drop(mqrpc_pair);
+    let raw_pair = if args.raw {
+        let pair = raw::pair(&args.url).await?;
+        if pair.is_none() {
+            progress.println(format!("no bare client to compare with for {backend}"));
+        }
+        pair
+    } else {
+        None
+    };
+    let confirmed_pair = if args.raw && backend == "amqp" {
+        Some(raw::amqp_confirmed_pair(&args.url).await?)
+    } else {
+        None
+    };
+
+    // Rounds in turn, so that a drift of the machine or the broker during the run
+    // weighs on both sides alike: mqrpc first in even rounds, raw first in odd ones.
+    let mut per_side: [Vec<Figures>; 2] = Default::default();
+    let mut rounds_raw_confirmed = Vec::new();
+    for round in 0..rounds {
+        let mut sides = [(0, Some(&mqrpc_pair)), (1, raw_pair.as_ref())];
+        if round % 2 == 1 {
+            sides.reverse();
+        }
+        for (side, pair) in sides {
+            if let Some(pair) = pair {
+                per_side[side].push(measure(pair, &args, max_message, &progress).await?);
+            }
+        }
+        if let Some(pair) = &confirmed_pair {
+            progress.set_message("raw lapin with confirms");
+            throughput(pair.caller.clone(), SMALL, 16, Budget::WARM_UP).await?;
+            let budget = calls_for(args.quick, 64, SMALL);
+            rounds_raw_confirmed.push(throughput(pair.caller.clone(), SMALL, 64, budget).await?);
+        }
+    }
+    drop((mqrpc_pair, raw_pair, confirmed_pair));
+    let [rounds_mqrpc, rounds_raw] = per_side;
     servers.stop().await;
+    let mut mqrpc = median_figures(&rounds_mqrpc);
+    mqrpc.bytes_per_in_flight_call = bytes_per_in_flight_call;
+    let raw = (!rounds_raw.is_empty()).then(|| median_figures(&rounds_raw));
+    let raw_confirmed = (!rounds_raw_confirmed.is_empty()).then(|| Rate {
+        x: 64,
+        calls_per_s: median(rounds_raw_confirmed.iter().map(|r| r.calls_per_s)),
+        mean_latency_us: median(rounds_raw_confirmed.iter().map(|r| r.mean_latency_us)),
+    });
 
     for &n in &args.servers {
         progress.set_message(format!("{n} competing servers"));
@@ -445,40 +560,17 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
     mqrpc.casts_per_s = Some(casts(&args.url, args.quick).await?);
     progress.inc(1);
 
-    let raw = if args.raw {
-        match raw::pair(&args.url).await? {
-            Some(pair) => Some(measure(&pair, &args, max_message, &progress).await?),
-            None => {
-                progress.println(format!("no bare client to compare with for {backend}"));
-                None
-            }
-        }
-    } else {
-        None
-    };
-    let raw_confirmed = if args.raw && backend == "amqp" {
-        progress.set_message("raw lapin with confirms");
-        let pair = raw::amqp_confirmed_pair(&args.url).await?;
-        throughput(pair.caller.clone(), SMALL, 16, Budget::WARM_UP).await?;
-        Some(
-            throughput(
-                pair.caller.clone(),
-                SMALL,
-                64,
-                calls_for(args.quick, 64, SMALL),
-            )
-            .await?,
-        )
-    } else {
-        None
-    };
     progress.finish_and_clear();
     let run = Run {
         backend,
         quick: args.quick,
+        rounds,
         mqrpc,
         raw,
         raw_confirmed,
+        rounds_mqrpc,
+        rounds_raw,
+        rounds_raw_confirmed,
     };
     println!("{}", report::markdown(&run));
     std::fs::create_dir_all(&args.out)
@@ -490,4 +582,56 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
     report::plot(&run, &svg_path)?;
     eprintln!("wrote {} and {}", json_path.display(), svg_path.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rate(x: usize, calls_per_s: f64) -> Rate {
+        Rate {
+            x,
+            calls_per_s,
+            mean_latency_us: 1e6 / calls_per_s,
+        }
+    }
+
+    #[test]
+    fn medians_of_odd_even_and_no_rounds() {
+        assert_eq!(median([3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median([4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median([7.0]), 7.0);
+        assert_eq!(median([]), 0.0);
+    }
+
+    #[test]
+    fn figures_are_the_medians_of_their_rounds_by_concurrency() {
+        let round = |p50: f64, at1: f64, at64: f64| Figures {
+            latency: Some(Latency {
+                calls: 10,
+                p50_us: p50,
+                p99_us: p50 * 2.0,
+                p999_us: p50 * 3.0,
+            }),
+            throughput: vec![rate(1, at1), rate(64, at64)],
+            ..Figures::default()
+        };
+        // The third round lists its rates in another order: they pair by concurrency.
+        let mut third = round(30.0, 300.0, 9000.0);
+        third.throughput.reverse();
+        let medians = median_figures(&[
+            round(10.0, 100.0, 7000.0),
+            round(20.0, 500.0, 8000.0),
+            third,
+        ]);
+        let latency = medians.latency.expect("latency");
+        assert_eq!((latency.p50_us, latency.p999_us), (20.0, 60.0));
+        let at = |x| rate_of(&medians.throughput, x);
+        assert_eq!((at(1), at(64)), (Some(300.0), Some(8000.0)));
+        assert!(medians.servers.is_empty() && medians.casts_per_s.is_none());
+    }
+
+    fn rate_of(rates: &[Rate], x: usize) -> Option<f64> {
+        rates.iter().find(|r| r.x == x).map(|r| r.calls_per_s)
+    }
 }

@@ -25,14 +25,41 @@ fn raw_rate(raw: Option<&Figures>, pick: impl Fn(&Figures) -> &Vec<Rate>, x: usi
     })
 }
 
-/// One row: mqrpc's figure, the raw client's (or `-`), and their ratio.
-fn compared(out: &mut String, name: &str, ours: f64, theirs: Option<f64>) {
+/// The lowest and highest of the rounds' own ratios, when there are several rounds.
+fn spread(pairs: impl IntoIterator<Item = (f64, f64)>) -> String {
+    let ratios: Vec<f64> = (pairs.into_iter())
+        .filter(|&(_, raw)| raw > 0.0)
+        .map(|(ours, raw)| ours / raw)
+        .collect();
+    let low = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let high = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if ratios.len() < 2 {
+        "-".to_owned()
+    } else {
+        format!("{low:.2}–{high:.2}")
+    }
+}
+
+/// One row: mqrpc's figure, the raw client's (or `-`), their ratio, and the spread
+/// of the rounds' ratios.
+fn compared(out: &mut String, name: &str, ours: f64, theirs: Option<f64>, spread: &str) {
     let theirs_text = theirs.map_or("-".to_owned(), |t| format!("{t:.0}"));
     let _ = writeln!(
         out,
-        "| {name} | {ours:.0} | {theirs_text} | {} |",
+        "| {name} | {ours:.0} | {theirs_text} | {} | {spread} |",
         ratio(ours, theirs)
     );
+}
+
+/// Each round's mqrpc and raw values of one figure, paired by round.
+fn paired(run: &Run, pick: impl Fn(&Figures) -> Option<f64>) -> Vec<(f64, f64)> {
+    (run.rounds_mqrpc.iter().zip(&run.rounds_raw))
+        .filter_map(|(ours, raw)| Some((pick(ours)?, pick(raw)?)))
+        .collect()
+}
+
+fn rate_at(rates: &[Rate], x: usize) -> Option<f64> {
+    rates.iter().find(|r| r.x == x).map(|r| r.calls_per_s)
 }
 
 /// The run as a markdown table.
@@ -45,71 +72,81 @@ pub(crate) fn markdown(run: &Run) -> String {
         run.backend,
         if run.quick { " (quick run)" } else { "" }
     );
-    let _ = writeln!(out, "| figure | mqrpc | raw | mqrpc/raw |");
-    let _ = writeln!(out, "|---|---|---|---|");
+    if run.rounds > 1 {
+        let _ = writeln!(
+            out,
+            "Medians of {} rounds (mqrpc and raw taking turns at going first); the last \
+             column is the lowest and highest ratio of a single round. Competing servers, \
+             casts and memory ran once.\n",
+            run.rounds
+        );
+    }
+    let _ = writeln!(out, "| figure | mqrpc | raw | mqrpc/raw | rounds' ratios |");
+    let _ = writeln!(out, "|---|---|---|---|---|");
     if let Some(latency) = &run.mqrpc.latency {
         let raw_latency = raw.and_then(|r| r.latency.as_ref());
-        for (name, ours, theirs) in [
-            (
-                "latency p50 (µs)",
-                latency.p50_us,
-                raw_latency.map(|l| l.p50_us),
-            ),
-            (
-                "latency p99 (µs)",
-                latency.p99_us,
-                raw_latency.map(|l| l.p99_us),
-            ),
-            (
-                "latency p99.9 (µs)",
-                latency.p999_us,
-                raw_latency.map(|l| l.p999_us),
-            ),
+        type Pick = fn(&super::Latency) -> f64;
+        for (name, pick) in [
+            ("latency p50 (µs)", (|l| l.p50_us) as Pick),
+            ("latency p99 (µs)", |l| l.p99_us),
+            ("latency p99.9 (µs)", |l| l.p999_us),
         ] {
-            compared(&mut out, name, ours, theirs);
+            let rounds = paired(run, |f| f.latency.as_ref().map(pick));
+            compared(
+                &mut out,
+                name,
+                pick(latency),
+                raw_latency.map(pick),
+                &spread(rounds),
+            );
         }
     }
     for rate in &run.mqrpc.throughput {
         let theirs = raw_rate(raw, |f| &f.throughput, rate.x);
         let name = format!("calls/s at concurrency {}", rate.x);
-        compared(&mut out, &name, rate.calls_per_s, theirs);
+        let rounds = paired(run, |f| rate_at(&f.throughput, rate.x));
+        compared(&mut out, &name, rate.calls_per_s, theirs, &spread(rounds));
     }
     for rate in &run.mqrpc.payloads {
         let theirs = raw_rate(raw, |f| &f.payloads, rate.x);
         let name = format!("calls/s, {} B payload, concurrency 16", rate.x);
-        compared(&mut out, &name, rate.calls_per_s, theirs);
+        let rounds = paired(run, |f| rate_at(&f.payloads, rate.x));
+        compared(&mut out, &name, rate.calls_per_s, theirs, &spread(rounds));
     }
     for rate in &run.mqrpc.servers {
         let _ = writeln!(
             out,
-            "| calls/s with {} competing servers, concurrency 64 | {:.0} | - | - |",
+            "| calls/s with {} competing servers, concurrency 64 | {:.0} | - | - | - |",
             rate.x, rate.calls_per_s
         );
     }
     if let Some(confirmed) = &run.raw_confirmed {
         let ours = run.mqrpc.throughput.iter().find(|r| r.x == confirmed.x);
+        let rounds = (run.rounds_mqrpc.iter().zip(&run.rounds_raw_confirmed))
+            .filter_map(|(f, raw)| Some((rate_at(&f.throughput, raw.x)?, raw.calls_per_s)));
         let _ = writeln!(
             out,
-            "| calls/s at concurrency {}, raw with publisher confirms | {} | {:.0} | {} |",
+            "| calls/s at concurrency {}, raw with publisher confirms | {} | {:.0} | {} | {} |",
             confirmed.x,
             ours.map_or("-".to_owned(), |r| format!("{:.0}", r.calls_per_s)),
             confirmed.calls_per_s,
             ours.map_or("-".to_owned(), |r| ratio(
                 r.calls_per_s,
                 Some(confirmed.calls_per_s)
-            ))
+            )),
+            spread(rounds)
         );
     }
     if let Some(casts) = run.mqrpc.casts_per_s {
         let _ = writeln!(
             out,
-            "| casts/s (sent and handled), concurrency 64 | {casts:.0} | - | - |"
+            "| casts/s (sent and handled), concurrency 64 | {casts:.0} | - | - | - |"
         );
     }
     if let Some(bytes) = run.mqrpc.bytes_per_in_flight_call {
         let _ = writeln!(
             out,
-            "| resident bytes per call in flight | {bytes:.0} | - | - |"
+            "| resident bytes per call in flight | {bytes:.0} | - | - | - |"
         );
     }
     out
