@@ -123,8 +123,11 @@ impl NatsConfig {
             }
             match key {
                 "prefix" | "exchange" => {
+                    // Subjects are not checked again on publish (see `NatsTransport`), so
+                    // no white space or control character gets into the protocol line.
                     if value.is_empty()
-                        || value.contains(['*', '>', ' '])
+                        || value.contains(['*', '>'])
+                        || value.contains(|c: char| c.is_whitespace() || c.is_control())
                         || value.starts_with('.')
                         || value.ends_with('.')
                     {
@@ -359,6 +362,9 @@ mod tests {
             "http://h",
             "nats://u:s3cret@h?bogus=1",
             "nats://u:s3cret@h?prefix=a.*",
+            "nats://u:s3cret@h?prefix=a%0D%0APUB",
+            "nats://u:s3cret@h?prefix=a%09b",
+            "nats://u:s3cret@h?exchange=a%20b",
             "nats://u:s3cret@h?ack_wait=x",
             "nats://u:s3cret@h?max_message_size=0",
             "nats://u:s3c,ret@h",

@@ -136,6 +136,18 @@ impl NatsPublisher {
     }
 }
 
+/// Whether a reply inbox named by a request can go into a `PUB` line as it is: no
+/// white space or control character (which would split or end the protocol line),
+/// and not empty. async-nats does not check published subjects here (see
+/// `NatsTransport`), and the inbox comes from the network.
+fn valid_inbox(inbox: &str) -> bool {
+    // Printable ASCII throughout (a reply inbox of mqrpc's), found without branching
+    // per byte; anything else is looked at a character at a time.
+    let printable = (inbox.bytes()).fold(true, |ok, b| ok & (b.wrapping_sub(0x21) < 0x5e));
+    !inbox.is_empty()
+        && (printable || !inbox.contains(|c: char| c.is_whitespace() || c.is_control()))
+}
+
 fn publish_error(
     address: &Address,
     err: async_nats::PublishError,
@@ -161,7 +173,7 @@ impl Publisher for NatsPublisher {
             let Address::Reply(inbox) = address else {
                 return Ok(());
             };
-            if !inbox.starts_with(&self.reply_prefix) {
+            if !inbox.starts_with(&self.reply_prefix) || !valid_inbox(inbox) {
                 return Err(Error::Undeliverable {
                     address: address.to_string(),
                 });
@@ -193,5 +205,28 @@ impl Publisher for NatsPublisher {
             }
         }
         Box::pin(self.cast(subject, address, message.body, limit)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_inbox;
+
+    #[test]
+    fn inboxes_with_white_space_or_control_characters_are_refused() {
+        for good in ["mqrpc.%reply.0a1b.r", "p.%reply.ünï.r", "x"] {
+            assert!(valid_inbox(good), "{good:?}");
+        }
+        for bad in [
+            "",
+            "mqrpc.%reply.a\r\nPUB evil 4\r\nboom",
+            "mqrpc.%reply.a b",
+            "mqrpc.%reply.a\tb",
+            "mqrpc.%reply.a\u{7f}",
+            "mqrpc.%reply.ü\u{a0}x",
+            "mqrpc.%reply.ü\u{85}x",
+        ] {
+            assert!(!valid_inbox(bad), "{bad:?}");
+        }
     }
 }
