@@ -14,13 +14,14 @@ use futures::future::Either;
 use futures::{Stream, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio::sync::OnceCell;
 use tokio::time::{Instant, timeout_at};
 use tracing::Instrument;
 
 use crate::auth::MessageAuth;
 use crate::context::Context;
+use crate::envelope;
 use crate::error::{Error, RemoteError, Result, TimeoutKind};
 use crate::reply::{PendingReplies, ReplyRouter};
 use crate::target::{Target, Version};
@@ -242,7 +243,7 @@ impl Client {
         &self,
         ctx: &Context,
         method: &str,
-        kwargs: &Map<String, Value>,
+        kwargs: &EncodedArgs,
     ) -> Result<R> {
         let span = tracing::debug_span!("rpc.call", msg_id = tracing::field::Empty,
             topic = %self.target, method);
@@ -356,8 +357,8 @@ impl Client {
         Ok(())
     }
 
-    /// A request without its arguments: [`Client::encode`] writes them from the map
-    /// the caller encoded once, without a copy in the request.
+    /// A request without its arguments: [`Client::encode`] writes them from the text
+    /// the caller's arguments were encoded to once, without a copy in the request.
     fn request(&self, ctx: &Context, method: &str) -> Request {
         Request {
             method: method.to_owned(),
@@ -369,8 +370,8 @@ impl Client {
         }
     }
 
-    fn encode(&self, request: &Request, args: &Map<String, Value>) -> Result<Bytes> {
-        let mut body = wire::encode_request_with(request, args)?;
+    fn encode(&self, request: &Request, args: &EncodedArgs) -> Result<Bytes> {
+        let mut body = wire::encode_request_with(request, wire::Args::Escaped(&args.0))?;
         if let Some(auth) = &self.shared.auth {
             body = auth.seal(body);
         }
@@ -391,7 +392,7 @@ impl Client {
         &self,
         ctx: &Context,
         method: &str,
-        args: &Map<String, Value>,
+        args: &EncodedArgs,
     ) -> Result<(PendingCall, Outgoing)> {
         let started = Instant::now();
         let deadline = started + self.timeout;
@@ -552,22 +553,27 @@ fn is_retryable(err: &Error) -> bool {
     )
 }
 
+/// A call's keyword arguments, serialized once, straight into the escaped text the
+/// envelope carries (no map of values in between), and written from there into
+/// every attempt's body.
+struct EncodedArgs(Vec<u8>);
+
 /// Accepts anything that serializes to a JSON object; `()` means no arguments.
-fn encode_args<A: Serialize>(args: A) -> Result<Map<String, Value>> {
-    match serde_json::to_value(args) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(Value::Null) => Ok(Map::new()),
-        Ok(other) => Err(Error::InvalidArguments(format!(
-            "arguments must serialize to a JSON object of keyword arguments, not {}",
-            match other {
-                Value::Array(_) => "an array",
-                Value::String(_) => "a string",
-                Value::Number(_) => "a number",
-                _ => "a boolean",
-            }
-        ))),
-        Err(err) => Err(Error::InvalidArguments(err.to_string())),
-    }
+fn encode_args<A: Serialize>(args: A) -> Result<EncodedArgs> {
+    let text = envelope::escaped(&args).map_err(|err| Error::InvalidArguments(err.to_string()))?;
+    // The first byte tells what the value is: compact JSON, with a string's quote
+    // escaped (`\"`).
+    let other = match text.first() {
+        Some(b'{') => return Ok(EncodedArgs(text)),
+        Some(b'n') => return Ok(EncodedArgs(b"{}".to_vec())),
+        Some(b'[') => "an array",
+        Some(b'\\') => "a string",
+        Some(b't' | b'f') => "a boolean",
+        _ => "a number",
+    };
+    Err(Error::InvalidArguments(format!(
+        "arguments must serialize to a JSON object of keyword arguments, not {other}"
+    )))
 }
 
 fn decode_result<R: DeserializeOwned>(value: Value) -> Result<R> {
@@ -757,6 +763,81 @@ impl<R> fmt::Debug for ReplyStream<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{Map, json};
+
+    /// The arguments as a request carrying them decodes them.
+    fn decoded_args(args: &EncodedArgs) -> Map<String, Value> {
+        let request = Request {
+            method: "m".into(),
+            ..Request::default()
+        };
+        let body =
+            wire::encode_request_with(&request, wire::Args::Escaped(&args.0)).expect("encodes");
+        wire::decode_request(&body).expect("decodes").args
+    }
+
+    #[test]
+    fn arguments_are_encoded_once_as_the_object_they_serialize_to() {
+        #[derive(Serialize)]
+        struct Typed<'a> {
+            text: &'a str,
+            n: i64,
+            x: f64,
+            list: Vec<Option<bool>>,
+            nested: Map<String, Value>,
+        }
+        let nested = json!({"z": 1, "a": [null, "é"]});
+        let typed = Typed {
+            text: "quote \" backslash \\ tab \t nul \u{0} é 😀 </",
+            n: -7,
+            x: 0.5,
+            list: vec![Some(true), None],
+            nested: nested.as_object().cloned().unwrap_or_default(),
+        };
+        // The same members, whatever serializes them: a typed struct or a `Value`.
+        let want = serde_json::to_value(&typed).expect("to_value");
+        let encoded = encode_args(&typed).expect("an object");
+        assert_eq!(Value::Object(decoded_args(&encoded)), want);
+        let from_value = encode_args(&want).expect("an object");
+        assert_eq!(Value::Object(decoded_args(&from_value)), want);
+        // No arguments: `()`, `None` and an empty map alike.
+        for none in [
+            encode_args(()),
+            encode_args(None::<u8>),
+            encode_args(json!({})),
+        ] {
+            assert!(decoded_args(&none.expect("no arguments")).is_empty());
+        }
+    }
+
+    #[test]
+    fn arguments_that_are_not_an_object_are_refused_by_kind() {
+        for (args, kind) in [
+            (json!([1]), "an array"),
+            (json!("text"), "a string"),
+            (json!(3), "a number"),
+            (json!(-3.5), "a number"),
+            (json!(true), "a boolean"),
+            (json!(false), "a boolean"),
+        ] {
+            match encode_args(&args) {
+                Err(Error::InvalidArguments(message)) => {
+                    assert!(
+                        message.ends_with(&format!("not {kind}")),
+                        "{args}: {message}"
+                    )
+                }
+                other => panic!("{args}: {:?}", other.map(|a| a.0)),
+            }
+        }
+        // A map whose keys are not strings does not serialize to JSON at all.
+        let mut keyed = std::collections::BTreeMap::new();
+        keyed.insert(vec![1u8], 1);
+        assert!(matches!(
+            encode_args(&keyed),
+            Err(Error::InvalidArguments(_))
+        ));
+    }
 
     #[test]
     fn retry_backoff_doubles_with_jitter_and_caps() {

@@ -144,6 +144,12 @@ impl Writer {
         ))
     }
 
+    /// Writes text that [`escaped`] produced: a value already escaped for the
+    /// envelope's string.
+    pub(crate) fn escaped(&mut self, text: &[u8]) {
+        self.body.extend_from_slice(text);
+    }
+
     /// Closes the inner object and the envelope.
     pub(crate) fn finish(mut self) -> Vec<u8> {
         self.body.push(b'}');
@@ -155,6 +161,18 @@ impl Writer {
 /// Whether JSON must escape a byte of `text`: a quote, a backslash or a control
 /// character. Looked at eight bytes at a time; the answer is exact (a borrow
 /// between bytes only happens after a byte that is itself flagged).
+/// Any serializable value as compact JSON escaped for the envelope's string, the
+/// bytes [`Writer`] writes for it: to be written later with [`Writer::escaped`],
+/// once or (a call's arguments, on each attempt) several times.
+pub(crate) fn escaped<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<Vec<u8>> {
+    let mut text = Vec::with_capacity(128);
+    value.serialize(&mut serde_json::Serializer::with_formatter(
+        &mut text,
+        InsideString,
+    ))?;
+    Ok(text)
+}
+
 fn needs_escape(text: &[u8]) -> bool {
     let mut at = 0;
     while let Some(word) = word_at(text, at) {

@@ -135,20 +135,29 @@ impl Reply {
 /// Encodes a request into an enveloped body. The members are written in the order
 /// oslo.messaging writes them.
 pub fn encode_request(req: &Request) -> Result<Vec<u8>, CodecError> {
-    encode_request_with(req, &req.args)
+    encode_request_with(req, Args::Map(&req.args))
+}
+
+/// A request's arguments, for [`encode_request_with`].
+pub(crate) enum Args<'a> {
+    /// As a map of values.
+    Map(&'a Map<String, Value>),
+    /// A JSON object already written escaped for the envelope
+    /// ([`envelope::escaped`]).
+    Escaped(&'a [u8]),
 }
 
 /// [`encode_request`] with `args` written in place of `req.args`: a client encodes
 /// its keyword arguments once and writes them from there into every attempt's body.
-pub(crate) fn encode_request_with(
-    req: &Request,
-    args: &Map<String, Value>,
-) -> Result<Vec<u8>, CodecError> {
+pub(crate) fn encode_request_with(req: &Request, args: Args<'_>) -> Result<Vec<u8>, CodecError> {
     let mut out = envelope::Writer::new();
     out.member(br#"\"method\":"#);
     out.string(&req.method)?;
     out.member(br#"\"args\":"#);
-    out.object(args)?;
+    match args {
+        Args::Map(args) => out.object(args)?,
+        Args::Escaped(text) => out.escaped(text),
+    }
     if let Some(namespace) = &req.namespace {
         out.member(br#"\"namespace\":"#);
         out.string(namespace)?;

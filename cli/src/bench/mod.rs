@@ -170,16 +170,22 @@ struct MqrpcCaller {
     client: Client,
 }
 
+/// `echo`'s arguments, typed as a Rust caller would write them.
+#[derive(Serialize)]
+struct Echo<'a> {
+    payload: &'a str,
+}
+
 #[derive(Deserialize)]
 struct Echoed(String);
 
 #[async_trait]
 impl Caller for MqrpcCaller {
     async fn call(&self, payload: Bytes) -> Result<Bytes> {
-        let text = String::from_utf8(payload.to_vec()).context("payload is text")?;
+        let payload = std::str::from_utf8(&payload).context("payload is text")?;
         let Echoed(back) = self
             .client
-            .call(&Context::new(), "echo", json!({ "payload": text }))
+            .call(&Context::new(), "echo", Echo { payload })
             .await?;
         Ok(Bytes::from(back))
     }
