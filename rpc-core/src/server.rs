@@ -245,6 +245,24 @@ async fn serve(
     // `spawn_blocking` (as in any async server).
     let mut running = FuturesUnordered::new();
     let mut seen = RecentIds::new(DEDUP_WINDOW);
+    let start = |accepted: Accepted, serving: &Serving| match accepted {
+        // A panic anywhere in a request (a handler, or an argument's `Deserialize`)
+        // ends that request, never the server. Boxed: the request's future is
+        // kilobytes, and a future pushed by value was copied three times on its way
+        // into the set.
+        Accepted::Work(work) => Either::Left(
+            AssertUnwindSafe(Box::pin(work.run(serving.clone())))
+                .catch_unwind()
+                .map(|outcome| {
+                    if outcome.is_err() {
+                        tracing::error!("a request panicked outside its handler; dropped");
+                    }
+                }),
+        ),
+        // Settling a refused message takes a slot too, so a flood of bad messages is
+        // bounded like work and never stalls this loop.
+        Accepted::Settle(settle) => Either::Right(settle.run()),
+    };
     'serving: loop {
         // Take a delivery only when a handler slot is free, so waiting work stays in
         // the broker and not in this process.
@@ -269,26 +287,7 @@ async fn serve(
         match next {
             Some(Ok(delivery)) => {
                 let (body, acker) = delivery.into_parts();
-                match accept(body, acker, &serving, &mut seen) {
-                    // A panic anywhere in a request (a handler, or an argument's
-                    // `Deserialize`) ends that request, never the server.
-                    // Boxed: the request's future is kilobytes, and a future pushed by
-                    // value was copied three times on its way into the set.
-                    Accepted::Work(work) => running.push(Either::Left(
-                        AssertUnwindSafe(Box::pin(work.run(serving.clone())))
-                            .catch_unwind()
-                            .map(|outcome| {
-                                if outcome.is_err() {
-                                    tracing::error!(
-                                        "a request panicked outside its handler; dropped"
-                                    );
-                                }
-                            }),
-                    )),
-                    // Settling a refused message takes a slot too, so a flood of bad
-                    // messages is bounded like work and never stalls this loop.
-                    Accepted::Settle(settle) => running.push(Either::Right(settle.run())),
-                }
+                running.push(start(accept(body, acker, &serving, &mut seen), &serving));
             }
             Some(Err(err)) => {
                 tracing::warn!(error = %err, topic = %serving.topic, "consumer reported an error");
@@ -301,6 +300,12 @@ async fn serve(
     }
     if let Err(err) = consumer.stop().await {
         tracing::warn!(error = %err, "could not stop consuming cleanly");
+    }
+    // Acked with the broker on receipt but not handed out yet: nobody else will get
+    // them, so they run here.
+    for delivery in consumer.take_settled() {
+        let (body, acker) = delivery.into_parts();
+        running.push(start(accept(body, acker, &serving, &mut seen), &serving));
     }
     let in_flight = running.len();
     let drained = tokio::time::timeout(grace_period, async {

@@ -266,6 +266,15 @@ pub trait Consumer: Send + 'static {
     /// acked or rejected. Messages not yet handed out stay with the broker.
     async fn stop(&mut self) -> Result<()>;
 
+    /// Deliveries this consumer already settled with the broker (a consumer told to
+    /// [`ListenOptions::settle_on_receipt`] may settle several at once, as it reads
+    /// them) but had not handed out when [`Consumer::stop`] came. They are no longer
+    /// the broker's to deliver again, so the server runs them in its grace period, as
+    /// if taken before the stop. Called once, after `stop`; none by default.
+    fn take_settled(&mut self) -> Vec<Delivery> {
+        Vec::new()
+    }
+
     /// Releases what the consumer holds at the broker (channels, a server's own fanout
     /// queue) once its deliveries are settled. Dropping a consumer releases it too, in
     /// the background; `close` waits until it is done.

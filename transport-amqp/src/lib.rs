@@ -132,7 +132,8 @@ impl Transport for AmqpTransport {
             fanout_queue: topology::fanout_queue(&target.topic),
             prefetch,
         };
-        let consumer = AmqpConsumer::start(self.link.clone(), subscription).await?;
+        let consumer =
+            AmqpConsumer::start(self.link.clone(), subscription, options.settle_on_receipt).await?;
         Ok(Box::new(consumer))
     }
 
@@ -142,7 +143,7 @@ impl Transport for AmqpTransport {
             topic: target.topic.clone(),
             queue: format!("mqrpc-listen-{}", rpc_core::wire::new_id()),
         };
-        let consumer = AmqpConsumer::start(self.link.clone(), subscription).await?;
+        let consumer = AmqpConsumer::start(self.link.clone(), subscription, false).await?;
         Ok(Box::new(consumer))
     }
 
@@ -151,7 +152,7 @@ impl Transport for AmqpTransport {
         let subscription = Subscription::Reply {
             queue: queue.clone(),
         };
-        let consumer = AmqpConsumer::start(self.link.clone(), subscription).await?;
+        let consumer = AmqpConsumer::start(self.link.clone(), subscription, false).await?;
         Ok(ReplyQueue {
             address: queue,
             consumer: Box::new(consumer),
