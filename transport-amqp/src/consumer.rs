@@ -83,6 +83,34 @@ pub(crate) struct AmqpConsumer {
 /// for each of a server's three consumers anyway.
 const MAX_ACK_BATCH: usize = 1024;
 
+/// How long an ack or reject may take on a channel that still looks open.
+const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How often a pending ack or reject looks at its channel's state.
+const SETTLE_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Waits for an ack or reject lapin sends, but not past the loss of its channel:
+/// lapin does not always resolve a settlement queued just before its connection was
+/// cut, and a server waiting for it would wait for good (a batch ack would hold up
+/// its whole consumer). A lost channel answers `Ok(false)`, as lapin does for an
+/// acker whose channel is gone; the broker requeues what it did not get settled.
+async fn until_lost(
+    channel: &Channel,
+    settle: impl std::future::Future<Output = lapin::Result<bool>>,
+) -> lapin::Result<bool> {
+    let mut settle = std::pin::pin!(settle);
+    let started = tokio::time::Instant::now();
+    loop {
+        match tokio::time::timeout(SETTLE_POLL, &mut settle).await {
+            Ok(outcome) => return outcome,
+            Err(_) if !channel.status().connected() || started.elapsed() > SETTLE_LIMIT => {
+                return Ok(false);
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 /// A live subscription's deliveries, read by the consumer.
 struct Live {
     stream: SelectAll<Deliveries>,
@@ -226,23 +254,26 @@ impl Consumer for AmqpConsumer {
                             highest = index;
                         }
                     }
-                    let acked = batch[highest]
-                        .acker
-                        .ack(BasicAckOptions { multiple: true })
-                        .await;
-                    if let Err(err) = settled(acked, "acknowledging") {
-                        // The channel is gone, and with it the acks: the broker
-                        // delivers every one of them again.
-                        tracing::warn!(error = %err, count = batch.len(),
-                            "could not acknowledge deliveries; the broker delivers them again");
-                        self.broken = true;
-                        continue;
-                    }
+                    let acker = batch[highest].acker.clone();
+                    // Kept here before the ack is awaited, so that a dropped `recv`
+                    // loses none of them (lapin sends the ack once it is polled).
                     let limit = self.max_message_size;
                     self.taken.extend(batch.into_iter().map(|delivery| {
                         let body = inflated(delivery.data, &delivery.properties, limit);
                         Delivery::new(body, Box::new(NoAck))
                     }));
+                    let acked =
+                        until_lost(&live.channel, acker.ack(BasicAckOptions { multiple: true }))
+                            .await;
+                    if let Err(err) = settled(acked, "acknowledging") {
+                        // The channel is gone, and with it the acks: the broker
+                        // delivers every one of them again, so none is handed out.
+                        tracing::warn!(error = %err, count = self.taken.len(),
+                            "could not acknowledge deliveries; the broker delivers them again");
+                        self.taken.clear();
+                        self.broken = true;
+                        continue;
+                    }
                     if let Some(delivery) = self.taken.pop_front() {
                         return Some(Ok(delivery));
                     }
@@ -251,7 +282,7 @@ impl Consumer for AmqpConsumer {
                     let acker: Box<dyn Acker> = if live.settles {
                         Box::new(AmqpAcker {
                             acker: delivery.acker,
-                            _channel: live.channel.clone(),
+                            channel: live.channel.clone(),
                         })
                     } else {
                         Box::new(NoAck)
@@ -281,10 +312,8 @@ impl Consumer for AmqpConsumer {
         };
         if let Some(mut live) = live.filter(|live| live.settles) {
             while let Some(Some(Ok(delivery))) = live.stream.next().now_or_never() {
-                let requeued = delivery
-                    .acker
-                    .reject(BasicRejectOptions { requeue: true })
-                    .await;
+                let requeue = delivery.acker.reject(BasicRejectOptions { requeue: true });
+                let requeued = until_lost(&live.channel, requeue).await;
                 if let Err(err) = settled(requeued, "requeueing a delivery on stop") {
                     tracing::debug!(error = %err, "could not requeue a held delivery");
                 }
@@ -514,24 +543,21 @@ impl ConsumerTask {
 /// Settles a server delivery on the channel it came from.
 struct AmqpAcker {
     acker: lapin::Acker,
-    // Keeps the channel open until the delivery is settled.
-    _channel: Arc<Channel>,
+    /// Keeps the channel open until the delivery is settled, and tells when it is
+    /// lost.
+    channel: Arc<Channel>,
 }
 
 #[async_trait]
 impl Acker for AmqpAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
-        settled(
-            self.acker.ack(BasicAckOptions::default()).await,
-            "acknowledging",
-        )
+        let acked = until_lost(&self.channel, self.acker.ack(BasicAckOptions::default()));
+        settled(acked.await, "acknowledging")
     }
 
     async fn reject(self: Box<Self>, requeue: bool) -> Result<()> {
-        settled(
-            self.acker.reject(BasicRejectOptions { requeue }).await,
-            "rejecting",
-        )
+        let rejected = self.acker.reject(BasicRejectOptions { requeue });
+        settled(until_lost(&self.channel, rejected).await, "rejecting")
     }
 }
 
