@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 seconds="${FUZZ_SECONDS:-600}"
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(envelope_decode dispatch auth_open)
+    targets=(envelope_decode dispatch auth_open server)
 fi
 if ! command -v cargo-fuzz >/dev/null; then
     cargo install cargo-fuzz --locked

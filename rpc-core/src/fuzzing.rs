@@ -79,8 +79,10 @@ struct Fail {
 }
 
 /// Endpoints like a real server's: two versions in the null namespace, one in a
-/// named namespace, typed arguments, a stream and a failing method.
-static DISPATCHER: LazyLock<Dispatcher> = LazyLock::new(|| {
+/// named namespace, typed arguments, a stream and a failing method; none of their
+/// methods waits. The `dispatch` target dispatches to them, the `server` target
+/// serves them.
+pub fn endpoints() -> Vec<Endpoint> {
     let main = Endpoint::new()
         .version(Version::new(1, 3))
         .method("add", |_ctx, args: Add| async move {
@@ -105,8 +107,10 @@ static DISPATCHER: LazyLock<Dispatcher> = LazyLock::new(|| {
         .method("echo", |_ctx, args: Echo| async move {
             Ok::<_, RemoteError>(args.payload)
         });
-    Dispatcher::new(vec![main, old, admin])
-});
+    vec![main, old, admin]
+}
+
+static DISPATCHER: LazyLock<Dispatcher> = LazyLock::new(|| Dispatcher::new(endpoints()));
 
 /// Decodes `data` as a request, dispatches it as a server would and runs the
 /// method to its end, encoding every reply a server would send.

@@ -22,3 +22,62 @@ async fn backend() -> Option<Backend> {
 }
 
 conformance_suite!(backend);
+
+/// Every input kept for the `server` fuzz target (its seeds, and the input of any
+/// crash it found, in `fuzz/regressions/server`), published as it is to a live
+/// server's topic: the server answers a call after each one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_keeps_serving_after_the_server_fuzz_inputs() {
+    use std::time::Duration;
+
+    use mqrpc::transport::{Address, Outgoing};
+    use mqrpc::{Client, Context, Endpoint, MemoryTransport, RemoteError, Server, Target};
+    use serde::Deserialize;
+
+    #[derive(Deserialize)]
+    struct Add {
+        a: i64,
+        b: i64,
+    }
+
+    let fuzz = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let mut inputs = Vec::new();
+    for dir in ["seeds/server", "regressions/server"] {
+        if let Ok(entries) = std::fs::read_dir(fuzz.join(dir)) {
+            for entry in entries.flatten() {
+                let bytes = std::fs::read(entry.path()).expect("a readable input");
+                inputs.push((entry.path(), bytes));
+            }
+        }
+    }
+    assert!(
+        !inputs.is_empty(),
+        "the server target's seeds are in fuzz/seeds/server"
+    );
+
+    let transport: Arc<dyn Transport> = Arc::new(MemoryTransport::new());
+    let endpoint = Endpoint::new().method("add", |_ctx, args: Add| async move {
+        Ok::<_, RemoteError>(args.a.wrapping_add(args.b))
+    });
+    let server = Server::builder(transport.clone(), Target::new("fuzzed").server("s1"))
+        .endpoint(endpoint)
+        .start()
+        .await
+        .expect("a server");
+    let client =
+        Client::new(transport.clone(), Target::new("fuzzed")).timeout(Duration::from_secs(5));
+    let publisher = transport.publisher().await.expect("a publisher");
+    let address = Address::Topic {
+        exchange: mqrpc::DEFAULT_EXCHANGE.to_owned(),
+        topic: "fuzzed".to_owned(),
+    };
+    for (path, bytes) in inputs {
+        let _ = publisher.send(&address, Outgoing::new(bytes)).await;
+        let sum: i64 = client
+            .call(&Context::new(), "add", serde_json::json!({"a": 1, "b": 2}))
+            .await
+            .unwrap_or_else(|e| panic!("no answer after {}: {e}", path.display()));
+        assert_eq!(sum, 3, "after {}", path.display());
+    }
+    server.shutdown().await.expect("shutdown");
+}
