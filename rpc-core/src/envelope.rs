@@ -138,10 +138,7 @@ impl Writer {
     /// Writes any serializable value as serde_json would (numbers, and strings that
     /// need escapes).
     pub(crate) fn serde<T: Serialize + ?Sized>(&mut self, value: &T) -> serde_json::Result<()> {
-        value.serialize(&mut serde_json::Serializer::with_formatter(
-            &mut self.body,
-            InsideString,
-        ))
+        write_escaped(&mut self.body, value)
     }
 
     /// Writes text that [`escaped`] produced: a value already escaped for the
@@ -158,21 +155,27 @@ impl Writer {
     }
 }
 
-/// Whether JSON must escape a byte of `text`: a quote, a backslash or a control
-/// character. Looked at eight bytes at a time; the answer is exact (a borrow
-/// between bytes only happens after a byte that is itself flagged).
 /// Any serializable value as compact JSON escaped for the envelope's string, the
 /// bytes [`Writer`] writes for it: to be written later with [`Writer::escaped`],
 /// once or (a call's arguments, on each attempt) several times.
 pub(crate) fn escaped<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<Vec<u8>> {
     let mut text = Vec::with_capacity(128);
-    value.serialize(&mut serde_json::Serializer::with_formatter(
-        &mut text,
-        InsideString,
-    ))?;
+    write_escaped(&mut text, value)?;
     Ok(text)
 }
 
+/// Appends `value` to `out` as serde_json writes it, escaped for the envelope's
+/// string.
+fn write_escaped<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) -> serde_json::Result<()> {
+    value.serialize(&mut serde_json::Serializer::with_formatter(
+        out,
+        InsideString,
+    ))
+}
+
+/// Whether JSON must escape a byte of `text`: a quote, a backslash or a control
+/// character. Looked at eight bytes at a time; the answer is exact (a borrow
+/// between bytes only happens after a byte that is itself flagged).
 fn needs_escape(text: &[u8]) -> bool {
     let mut at = 0;
     while let Some(word) = word_at(text, at) {

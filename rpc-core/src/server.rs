@@ -27,7 +27,9 @@ use crate::dispatcher::Dispatcher;
 use crate::endpoint::{Endpoint, Invocation, panic_failure};
 use crate::error::{Error, RemoteError, Result};
 use crate::target::Target;
-use crate::transport::{Acker, Address, Consumer, ListenOptions, Outgoing, Publisher, Transport};
+use crate::transport::{
+    Acker, Address, Consumer, Delivery, ListenOptions, Outgoing, Publisher, Transport,
+};
 use crate::wire::{self, Reply, Request};
 
 /// How many requests a server handles at once unless told otherwise (oslo's
@@ -245,23 +247,28 @@ async fn serve(
     // `spawn_blocking` (as in any async server).
     let mut running = FuturesUnordered::new();
     let mut seen = RecentIds::new(DEDUP_WINDOW);
-    let start = |accepted: Accepted, serving: &Serving| match accepted {
-        // A panic anywhere in a request (a handler, or an argument's `Deserialize`)
-        // ends that request, never the server. Boxed: the request's future is
-        // kilobytes, and a future pushed by value was copied three times on its way
-        // into the set.
-        Accepted::Work(work) => Either::Left(
-            AssertUnwindSafe(Box::pin(work.run(serving.clone())))
-                .catch_unwind()
-                .map(|outcome| {
-                    if outcome.is_err() {
-                        tracing::error!("a request panicked outside its handler; dropped");
-                    }
-                }),
-        ),
-        // Settling a refused message takes a slot too, so a flood of bad messages is
-        // bounded like work and never stalls this loop.
-        Accepted::Settle(settle) => Either::Right(settle.run()),
+    // Takes a delivery: checks and decodes it, and returns the future that runs its
+    // work (or only settles it), for the running set.
+    let mut start = |delivery: Delivery| {
+        let (body, acker) = delivery.into_parts();
+        match accept(body, acker, &serving, &mut seen) {
+            // A panic anywhere in a request (a handler, or an argument's `Deserialize`)
+            // ends that request, never the server. Boxed: the request's future is
+            // kilobytes, and a future pushed by value was copied three times on its way
+            // into the set.
+            Accepted::Work(work) => Either::Left(
+                AssertUnwindSafe(Box::pin(work.run(serving.clone())))
+                    .catch_unwind()
+                    .map(|outcome| {
+                        if outcome.is_err() {
+                            tracing::error!("a request panicked outside its handler; dropped");
+                        }
+                    }),
+            ),
+            // Settling a refused message takes a slot too, so a flood of bad messages is
+            // bounded like work and never stalls this loop.
+            Accepted::Settle(settle) => Either::Right(settle.run()),
+        }
     };
     'serving: loop {
         // Take a delivery only when a handler slot is free, so waiting work stays in
@@ -285,10 +292,7 @@ async fn serve(
         };
         drop(receiving);
         match next {
-            Some(Ok(delivery)) => {
-                let (body, acker) = delivery.into_parts();
-                running.push(start(accept(body, acker, &serving, &mut seen), &serving));
-            }
+            Some(Ok(delivery)) => running.push(start(delivery)),
             Some(Err(err)) => {
                 tracing::warn!(error = %err, topic = %serving.topic, "consumer reported an error");
             }
@@ -304,8 +308,7 @@ async fn serve(
     // Acked with the broker on receipt but not handed out yet: nobody else will get
     // them, so they run here.
     for delivery in consumer.take_settled() {
-        let (body, acker) = delivery.into_parts();
-        running.push(start(accept(body, acker, &serving, &mut seen), &serving));
+        running.push(start(delivery));
     }
     let in_flight = running.len();
     let drained = tokio::time::timeout(grace_period, async {

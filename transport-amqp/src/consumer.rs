@@ -161,6 +161,12 @@ impl AmqpConsumer {
             Err(_) => Err(Error::Closed),
         }
     }
+
+    /// Drops the subscription being read and asks the task for a fresh one.
+    fn resubscribe(&mut self) {
+        self.current = None;
+        let _ = self.lost.send(());
+    }
 }
 
 /// The body of a delivery, inflated when its sender compressed it: oslo.messaging
@@ -220,8 +226,7 @@ impl Consumer for AmqpConsumer {
         }
         loop {
             if std::mem::take(&mut self.broken) {
-                self.current = None;
-                let _ = self.lost.send(());
+                self.resubscribe();
             }
             let live = match &mut self.current {
                 Some(live) => live,
@@ -239,6 +244,9 @@ impl Consumer for AmqpConsumer {
                                 break;
                             }
                             Some(None) => {
+                                tracing::warn!(
+                                    "the broker cancelled the consumer; subscribing again"
+                                );
                                 self.broken = true;
                                 break;
                             }
@@ -248,13 +256,11 @@ impl Consumer for AmqpConsumer {
                     // Delivery tags count every delivery of the channel, in the order
                     // lapin hands them to the consumers' streams: every one below the
                     // highest here is in this batch or was in an earlier one.
-                    let mut highest = 0;
-                    for (index, delivery) in batch.iter().enumerate() {
-                        if delivery.delivery_tag > batch[highest].delivery_tag {
-                            highest = index;
-                        }
-                    }
-                    let acker = batch[highest].acker.clone();
+                    let Some(acker) = (batch.iter().max_by_key(|d| d.delivery_tag))
+                        .map(|highest| highest.acker.clone())
+                    else {
+                        continue; // never: a batch starts with a delivery
+                    };
                     // Kept here before the ack is awaited, so that a dropped `recv`
                     // loses none of them (lapin sends the ack once it is polled).
                     let limit = self.max_message_size;
@@ -297,8 +303,7 @@ impl Consumer for AmqpConsumer {
                     tracing::warn!("the broker cancelled the consumer; subscribing again");
                 }
             }
-            self.current = None;
-            let _ = self.lost.send(());
+            self.resubscribe();
         }
     }
 

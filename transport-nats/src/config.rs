@@ -127,7 +127,7 @@ impl NatsConfig {
                     // no white space or control character gets into the protocol line.
                     if value.is_empty()
                         || value.contains(['*', '>'])
-                        || value.contains(|c: char| c.is_whitespace() || c.is_control())
+                        || !protocol_safe(&value)
                         || value.starts_with('.')
                         || value.ends_with('.')
                     {
@@ -298,13 +298,27 @@ fn decode(text: &str) -> Result<String> {
 /// The token after the prefix that marks the subjects of JetStream casts.
 const JETSTREAM_TOKEN: &str = "js";
 
+/// A character that would split or end a NATS protocol line: white space or a
+/// control character.
+fn breaks_protocol(c: char) -> bool {
+    c.is_whitespace() || c.is_control()
+}
+
+/// Whether `text` can go into a subject as it is: no character of it
+/// [`breaks_protocol`]. Printable ASCII, what mqrpc's own subjects are made of, is
+/// found without branching per byte; other text is looked at a character at a time.
+pub(crate) fn protocol_safe(text: &str) -> bool {
+    let printable = (text.bytes()).fold(true, |ok, b| ok & (b.wrapping_sub(0x21) < 0x5e));
+    printable || !text.contains(breaks_protocol)
+}
+
 /// One subject token: `%`, `.`, `*`, `>` and white space are percent-escaped.
 pub(crate) fn token(name: &str) -> String {
     let mut out = String::with_capacity(name.len());
     for c in name.chars() {
         match c {
             '%' | '.' | '*' | '>' => out.push_str(&format!("%{:02X}", c as u32)),
-            c if c.is_whitespace() || c.is_control() => {
+            c if breaks_protocol(c) => {
                 let mut buf = [0u8; 4];
                 for byte in c.encode_utf8(&mut buf).bytes() {
                     out.push_str(&format!("%{byte:02X}"));

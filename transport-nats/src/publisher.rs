@@ -141,11 +141,7 @@ impl NatsPublisher {
 /// and not empty. async-nats does not check published subjects here (see
 /// `NatsTransport`), and the inbox comes from the network.
 fn valid_inbox(inbox: &str) -> bool {
-    // Printable ASCII throughout (a reply inbox of mqrpc's), found without branching
-    // per byte; anything else is looked at a character at a time.
-    let printable = (inbox.bytes()).fold(true, |ok, b| ok & (b.wrapping_sub(0x21) < 0x5e));
-    !inbox.is_empty()
-        && (printable || !inbox.contains(|c: char| c.is_whitespace() || c.is_control()))
+    !inbox.is_empty() && crate::config::protocol_safe(inbox)
 }
 
 fn publish_error(

@@ -133,13 +133,18 @@ fn median_rates(rounds: &[Figures], pick: fn(&Figures) -> &Vec<Rate>) -> Vec<Rat
             let same: Vec<&Rate> = (rounds.iter())
                 .filter_map(|f| pick(f).iter().find(|r| r.x == rate.x))
                 .collect();
-            Rate {
-                x: rate.x,
-                calls_per_s: median(same.iter().map(|r| r.calls_per_s)),
-                mean_latency_us: median(same.iter().map(|r| r.mean_latency_us)),
-            }
+            median_rate(rate.x, &same)
         })
         .collect()
+}
+
+/// One rate at `x` from its measurements in several rounds, by their medians.
+fn median_rate(x: usize, same: &[&Rate]) -> Rate {
+    Rate {
+        x,
+        calls_per_s: median(same.iter().map(|r| r.calls_per_s)),
+        mean_latency_us: median(same.iter().map(|r| r.mean_latency_us)),
+    }
 }
 
 /// The figures of several rounds as their medians (latency percentiles each on
@@ -542,10 +547,9 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
     let mut mqrpc = median_figures(&rounds_mqrpc);
     mqrpc.bytes_per_in_flight_call = bytes_per_in_flight_call;
     let raw = (!rounds_raw.is_empty()).then(|| median_figures(&rounds_raw));
-    let raw_confirmed = (!rounds_raw_confirmed.is_empty()).then(|| Rate {
-        x: 64,
-        calls_per_s: median(rounds_raw_confirmed.iter().map(|r| r.calls_per_s)),
-        mean_latency_us: median(rounds_raw_confirmed.iter().map(|r| r.mean_latency_us)),
+    let raw_confirmed = (!rounds_raw_confirmed.is_empty()).then(|| {
+        let same: Vec<&Rate> = rounds_raw_confirmed.iter().collect();
+        median_rate(64, &same)
     });
 
     for &n in &args.servers {
@@ -632,12 +636,8 @@ mod tests {
         ]);
         let latency = medians.latency.expect("latency");
         assert_eq!((latency.p50_us, latency.p999_us), (20.0, 60.0));
-        let at = |x| rate_of(&medians.throughput, x);
+        let at = |x| report::rate_at(&medians.throughput, x);
         assert_eq!((at(1), at(64)), (Some(300.0), Some(8000.0)));
         assert!(medians.servers.is_empty() && medians.casts_per_s.is_none());
-    }
-
-    fn rate_of(rates: &[Rate], x: usize) -> Option<f64> {
-        rates.iter().find(|r| r.x == x).map(|r| r.calls_per_s)
     }
 }

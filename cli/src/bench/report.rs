@@ -17,12 +17,7 @@ fn ratio(ours: f64, raw: Option<f64>) -> String {
 }
 
 fn raw_rate(raw: Option<&Figures>, pick: impl Fn(&Figures) -> &Vec<Rate>, x: usize) -> Option<f64> {
-    raw.and_then(|figures| {
-        pick(figures)
-            .iter()
-            .find(|r| r.x == x)
-            .map(|r| r.calls_per_s)
-    })
+    raw.and_then(|figures| rate_at(pick(figures), x))
 }
 
 /// The lowest and highest of the rounds' own ratios, when there are several rounds.
@@ -58,7 +53,8 @@ fn paired(run: &Run, pick: impl Fn(&Figures) -> Option<f64>) -> Vec<(f64, f64)> 
         .collect()
 }
 
-fn rate_at(rates: &[Rate], x: usize) -> Option<f64> {
+/// The calls per second of the rate at `x` among `rates`.
+pub(super) fn rate_at(rates: &[Rate], x: usize) -> Option<f64> {
     rates.iter().find(|r| r.x == x).map(|r| r.calls_per_s)
 }
 
