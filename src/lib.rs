@@ -44,6 +44,11 @@ pub use rpc_core::*;
 #[cfg(feature = "memory")]
 pub use transport_memory::MemoryTransport;
 
+/// One memory bus for several processes of a machine, over a Unix socket (what lets
+/// `mqrpc serve` and `mqrpc call` meet on `memory://`).
+#[cfg(all(feature = "memory", unix))]
+pub use transport_memory::shared as shared_memory;
+
 #[cfg(feature = "amqp")]
 pub use transport_amqp::{AmqpConfig, AmqpTransport};
 

@@ -85,31 +85,47 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     let server_name = args
         .server
         .unwrap_or_else(|| format!("mqrpc-{}", std::process::id()));
-    if crate::in_process(&args.url) {
-        eprintln!(
-            "mqrpc: warning: {}; no client can call this server",
-            crate::IN_PROCESS
-        );
-    }
-    let transport = mqrpc::connect(&args.url).await.context("connecting")?;
-    let mut builder = Server::builder(transport, Target::new(&args.topic).server(&server_name))
-        .endpoint(endpoint(Arc::new(AtomicU64::new(0))))
+    let bumps = Arc::new(AtomicU64::new(0));
+    let mut ready = false;
+    loop {
+        let opened = crate::open(&args.url, crate::Holding::HoldIfAlone).await?;
+        let mut builder = Server::builder(
+            opened.transport.clone(),
+            Target::new(&args.topic).server(&server_name),
+        )
+        .endpoint(endpoint(bumps.clone()))
         .concurrency(args.concurrency);
-    if let Some(auth) = args.auth.message_auth()? {
-        builder = builder.message_auth(auth);
+        if let Some(auth) = args.auth.message_auth()? {
+            builder = builder.message_auth(auth);
+        }
+        let server = builder.start().await.context("starting the server")?;
+        if !ready {
+            ready = true;
+            eprintln!(
+                "mqrpc: serving topic {} as server {} (Ctrl-C stops)",
+                args.topic, server_name
+            );
+            println!(
+                "{}",
+                serde_json::json!({"event": "ready", "topic": args.topic, "server": server_name})
+            );
+        }
+        tokio::select! {
+            () = crate::stopped() => {
+                server.shutdown().await.context("shutting down")?;
+                break;
+            }
+            // Serving goes on as long as this command runs: on a memory bus whose
+            // holder went away, the bus is held again here (or by another server that
+            // was first to notice), as it would be by a restarted broker.
+            () = opened.holder_gone() => {
+                eprintln!(
+                    "mqrpc: the process holding the memory bus went away; \
+                     serving on a bus held anew"
+                );
+                let _ = server.shutdown().await;
+            }
+        }
     }
-    let server = builder.start().await.context("starting the server")?;
-    eprintln!(
-        "mqrpc: serving topic {} as server {} (Ctrl-C stops)",
-        args.topic, server_name
-    );
-    println!(
-        "{}",
-        serde_json::json!({"event": "ready", "topic": args.topic, "server": server_name})
-    );
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
-    server.shutdown().await.context("shutting down")?;
     Ok(())
 }

@@ -6,12 +6,13 @@ mod bench;
 mod demo;
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
-use mqrpc::{Client, Context, Error, Target, Version};
+use mqrpc::{Client, Context, Error, Target, Transport, Version};
 use serde_json::Value;
 
 // The benchmark figures (mqrpc and the raw clients alike) are taken with mimalloc;
@@ -92,8 +93,8 @@ impl AuthArgs {
 /// Where to send and what.
 #[derive(Args, Debug)]
 struct CallArgs {
-    /// Broker URL (amqp://, rabbit://, redis://, nats://, ...; not memory://, which no
-    /// other process can reach).
+    /// Broker URL (amqp://, rabbit://, redis://, nats://, ...), or memory://NAME to
+    /// reach the memory bus an `mqrpc serve` on that URL holds.
     #[arg(long, env = "MQRPC_URL")]
     url: String,
     /// Topic.
@@ -169,7 +170,7 @@ fn parse_object(text: &str, what: &str) -> Result<serde_json::Map<String, Value>
     }
 }
 
-fn client(transport: std::sync::Arc<dyn mqrpc::Transport>, args: &CallArgs) -> Result<Client> {
+fn client(transport: Arc<dyn Transport>, args: &CallArgs) -> Result<Client> {
     let mut target = Target::new(&args.topic);
     target.server.clone_from(&args.server);
     target.fanout = args.fanout;
@@ -264,11 +265,9 @@ fn describe(body: &[u8]) -> Value {
 }
 
 async fn listen(args: ListenArgs) -> Result<()> {
-    if in_process(&args.url) {
-        eprintln!("mqrpc: warning: {IN_PROCESS}; nothing can pass on this topic");
-    }
-    let transport = mqrpc::connect(&args.url).await.context("connecting")?;
-    let mut tap = transport
+    let opened = open(&args.url, Holding::HoldIfAlone).await?;
+    let mut tap = opened
+        .transport
         .monitor(&Target::new(&args.topic))
         .await
         .context("watching the topic")?;
@@ -276,7 +275,7 @@ async fn listen(args: ListenArgs) -> Result<()> {
     let mut seen = 0u64;
     loop {
         let next = tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
+            () = stopped() => break,
             next = tap.recv() => next,
         };
         match next {
@@ -296,25 +295,129 @@ async fn listen(args: ListenArgs) -> Result<()> {
     Ok(())
 }
 
-/// Why a command of its own process cannot use the memory bus.
-pub(crate) const IN_PROCESS: &str = "memory:// is a bus inside one process, which no other \
-    mqrpc process can reach; use a broker URL (amqp://, redis://, nats://), or `mqrpc bench \
-    --url memory://`, which runs its servers and clients in one process";
-
-/// Whether `url` names the in-process memory bus.
-pub(crate) fn in_process(url: &str) -> bool {
+/// Whether `url` names the memory bus.
+pub(crate) fn is_memory(url: &str) -> bool {
     url.trim_start()
         .get(..7)
         .is_some_and(|scheme| scheme.eq_ignore_ascii_case("memory:"))
 }
 
+/// Whether a command that finds no process sharing the memory bus holds it itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Holding {
+    /// `serve` and `listen`: hold the bus and share it with later commands.
+    HoldIfAlone,
+    /// `call`, `cast`, `multicall`: a bus no server holds has no server to answer.
+    AttachOnly,
+}
+
+/// The transport a command works on.
+pub(crate) struct Opened {
+    pub(crate) transport: Arc<dyn Transport>,
+    /// The memory bus this process holds and shares, until dropped.
+    _sharing: Option<mqrpc::shared_memory::SharedBus>,
+    /// The memory bus another process holds, which this process attached to.
+    attached: Option<mqrpc::shared_memory::AttachedBus>,
+}
+
+impl Opened {
+    /// Resolves when the process holding the memory bus this one attached to goes
+    /// away; never otherwise.
+    pub(crate) async fn holder_gone(&self) {
+        match &self.attached {
+            Some(attached) => attached.closed().await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// The transport for `url`.
+///
+/// A memory bus lives in one process. The first `mqrpc serve` or `listen` on
+/// `memory://NAME` holds it and shares it on a Unix socket of this user; every later
+/// command on that URL attaches to it through the socket (see `mqrpc::shared_memory`).
+pub(crate) async fn open(url: &str, holding: Holding) -> Result<Opened> {
+    if !is_memory(url) {
+        return Ok(Opened {
+            transport: mqrpc::connect(url).await.context("connecting")?,
+            _sharing: None,
+            attached: None,
+        });
+    }
+    let bus = mqrpc::MemoryTransport::connect(url).context("connecting")?;
+    let label = match bus.name() {
+        "" => "default".to_owned(),
+        name => name.to_owned(),
+    };
+    let path = mqrpc::shared_memory::socket_path(bus.name());
+    // Two commands that find no holder at once race to hold the bus; the one that
+    // loses attaches to the winner as soon as the winner listens.
+    let mut attempts = 0;
+    let (bus, sharing) = loop {
+        attempts += 1;
+        let absent = match mqrpc::shared_memory::attach(&path).await {
+            Ok(attached) => {
+                return Ok(Opened {
+                    transport: Arc::new(attached.clone()),
+                    _sharing: None,
+                    attached: Some(attached),
+                });
+            }
+            Err(err) if mqrpc::shared_memory::nobody_shares(&err) => err,
+            Err(err) => bail!(
+                "attaching to the memory bus {label} at {}: {err}",
+                path.display()
+            ),
+        };
+        if holding == Holding::AttachOnly {
+            bail!(
+                "no mqrpc process holds the memory bus {label} ({}: {absent}); start `mqrpc \
+                 serve --url {url} --topic ...` first, in another terminal",
+                path.display()
+            );
+        }
+        match bus.share(&path).await {
+            Ok(sharing) => break (bus, sharing),
+            Err(err) if err.kind() == std::io::ErrorKind::AddrInUse && attempts < 100 => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(err) => {
+                return Err(err).with_context(|| {
+                    format!("sharing the memory bus {label} at {}", path.display())
+                });
+            }
+        }
+    };
+    eprintln!(
+        "mqrpc: holding the memory bus {label}; other mqrpc commands on {url} reach it \
+         through {} while this process runs",
+        path.display()
+    );
+    Ok(Opened {
+        transport: Arc::new(bus),
+        _sharing: Some(sharing),
+        attached: None,
+    })
+}
+
 async fn prepare(args: &CallArgs) -> Result<(Client, Context, serde_json::Map<String, Value>)> {
-    // Fails at once instead of waiting out the timeout for a server that cannot exist.
-    anyhow::ensure!(!in_process(&args.url), "{IN_PROCESS}");
     let kwargs = parse_object(&args.args, "ARGS")?;
     let ctx = Context::from(parse_object(&args.context, "--context")?);
-    let transport = mqrpc::connect(&args.url).await.context("connecting")?;
-    Ok((client(transport, args)?, ctx, kwargs))
+    // Fails at once, on a memory bus nobody holds, instead of waiting out the timeout
+    // for a server that cannot exist.
+    let opened = open(&args.url, Holding::AttachOnly).await?;
+    Ok((client(opened.transport, args)?, ctx, kwargs))
+}
+
+/// Resolves on Ctrl-C or SIGTERM, the ways an operator or a supervisor stops a
+/// command that runs until stopped.
+pub(crate) async fn stopped() {
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        Some(()) = async { terminate.as_mut()?.recv().await } => {}
+    }
 }
 
 #[tokio::main]

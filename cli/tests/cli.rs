@@ -1,5 +1,6 @@
-//! The `mqrpc` binary as an operator runs it: `serve` and `call`/`cast`/`multicall`
-//! as separate processes on a broker (NATS), and `bench` on the memory bus.
+//! The `mqrpc` binary as an operator runs it: `serve` and `call`/`cast`/`multicall`/
+//! `listen` as separate processes on a broker (NATS) and on a shared memory bus, and
+//! `bench` on the memory bus.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -47,8 +48,13 @@ impl Drop for Serving {
 
 /// `mqrpc serve` as server `s1` of `topic`, once it says it is ready.
 fn serve(url: &str, topic: &str, extra: &[&str]) -> Serving {
+    serve_as(url, topic, "s1", extra)
+}
+
+/// `mqrpc serve` as `server` of `topic`, once it says it is ready.
+fn serve_as(url: &str, topic: &str, server: &str, extra: &[&str]) -> Serving {
     let mut child = Command::new(MQRPC)
-        .args(["serve", "--url", url, "--topic", topic, "--server", "s1"])
+        .args(["serve", "--url", url, "--topic", topic, "--server", server])
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -61,6 +67,7 @@ fn serve(url: &str, topic: &str, extra: &[&str]) -> Serving {
         .read_line(&mut ready)
         .expect("read the ready line");
     assert!(ready.contains("\"ready\""), "{ready:?}");
+    assert!(ready.contains(&format!("\"{server}\"")), "{ready:?}");
     serving
 }
 
@@ -69,7 +76,22 @@ fn serve_and_call_as_processes_on_nats() {
     if !nats_available() {
         return;
     }
-    let url = nats_url();
+    serve_and_call_as_processes(&nats_url(), "no server listens");
+}
+
+/// The first `serve` on a memory URL holds the bus and shares it; `call`, `cast`,
+/// `multicall` and `listen` on the same URL reach it from their own processes.
+#[test]
+fn serve_and_call_as_processes_on_memory() {
+    let url = format!("memory://cli-{}", std::process::id());
+    // The memory bus keeps a call to a topic nobody serves until its deadline.
+    serve_and_call_as_processes(&url, "timed out");
+}
+
+/// `serve`, then every client command as its own process, on `url`; a call to a
+/// topic nobody serves fails with `nobody` in its message.
+fn serve_and_call_as_processes(url: &str, nobody: &str) {
+    let url = url.to_owned();
     let topic = format!("cli_{}", std::process::id());
     let serving = serve(&url, &topic, &[]);
 
@@ -160,11 +182,13 @@ fn serve_and_call_as_processes_on_nats() {
         &url,
         "--topic",
         &format!("{topic}_nobody"),
+        "--timeout",
+        "1s",
         "add",
         "{}",
     ]);
     assert_eq!(code, 1);
-    assert!(err.contains("no server listens"), "{err}");
+    assert!(err.contains(nobody), "{err}");
     drop(serving);
 }
 
@@ -206,15 +230,16 @@ fn signed_serve_and_call_as_processes_on_nats() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The memory bus lives inside one process: a client command refuses it, saying
-/// why, instead of waiting out its timeout for a server that cannot exist.
+/// A client command on a memory bus that no `mqrpc serve` holds fails at once,
+/// saying why, instead of waiting out its timeout for a server that cannot exist.
 #[test]
-fn client_commands_refuse_the_memory_bus_at_once() {
+fn client_commands_on_a_memory_bus_nobody_holds_fail_at_once() {
+    let url = format!("memory://nobody-{}", std::process::id());
     for command in ["call", "cast", "multicall"] {
         let (code, stdout, stderr) = mqrpc(&[
             command,
             "--url",
-            "memory://",
+            &url,
             "--topic",
             "t",
             "--timeout",
@@ -224,8 +249,53 @@ fn client_commands_refuse_the_memory_bus_at_once() {
         ]);
         assert_eq!(code, 2, "{command}: {stdout} {stderr}");
         // A timeout would exit with 1 and name the deadline.
-        assert!(stderr.contains("inside one process"), "{command}: {stderr}");
+        assert!(
+            stderr.contains("no mqrpc process holds the memory bus"),
+            "{command}: {stderr}"
+        );
     }
+}
+
+/// A second `serve` on a memory URL joins the bus the first one holds: the two
+/// compete for the topic's calls, and each answers calls directed at it. When the
+/// holder dies, the second holds the bus from then on.
+#[test]
+fn a_second_serve_on_a_memory_bus_joins_the_first() {
+    let url = format!("memory://cli-two-{}", std::process::id());
+    let topic = "two";
+    let first = serve(&url, topic, &[]);
+    let second = serve_as(&url, topic, "s2", &[]);
+    let echo = |payload: &str, server: &[&str]| {
+        let mut all = vec!["call", "--url", &url, "--topic", topic, "--timeout", "5s"];
+        all.extend_from_slice(server);
+        all.extend_from_slice(&["echo", payload]);
+        mqrpc(&all)
+    };
+    for server in ["s1", "s2"] {
+        let (code, out, err) = echo(r#"{"payload": "hi"}"#, &["--server", server]);
+        assert_eq!((code, out.trim()), (0, "\"hi\""), "{server}: {err}");
+    }
+    // When the holder goes away, the other server holds the bus anew and serves on.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, out, err) = echo(r#"{"payload": 7}"#, &[]);
+        if code == 0 {
+            assert_eq!(out.trim(), "7");
+            break;
+        }
+        assert_eq!(
+            code, 2,
+            "only `nobody holds it` while the bus changes hands: {err}"
+        );
+        assert!(err.contains("no mqrpc process holds"), "{err}");
+        assert!(
+            Instant::now() < deadline,
+            "the second server did not take over"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(second);
 }
 
 #[test]

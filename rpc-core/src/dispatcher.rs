@@ -49,10 +49,10 @@ impl Dispatcher {
             if endpoint.namespace.as_deref() != namespace || !endpoint.version.serves(&requested) {
                 continue;
             }
-            if !method.starts_with('_') {
-                if let Some(handler) = endpoint.methods.get(method) {
-                    return handler(ctx, args);
-                }
+            if !method.starts_with('_')
+                && let Some(handler) = endpoint.methods.get(method)
+            {
+                return handler(ctx, args);
             }
             compatible = true;
         }

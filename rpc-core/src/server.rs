@@ -413,11 +413,11 @@ fn accept(body: Bytes, acker: Box<dyn Acker>, serving: &Serving, seen: &mut Rece
             return Settle::reject(acker);
         }
     };
-    if let Some(unique_id) = &request.unique_id {
-        if !seen.insert(unique_id) {
-            tracing::info!(unique_id, method = %request.method, "dropping duplicate request");
-            return Accepted::Settle(Settle { acker, ack: true });
-        }
+    if let Some(unique_id) = &request.unique_id
+        && !seen.insert(unique_id)
+    {
+        tracing::info!(unique_id, method = %request.method, "dropping duplicate request");
+        return Accepted::Settle(Settle { acker, ack: true });
     }
     Accepted::Work(Work {
         request,
@@ -491,10 +491,10 @@ impl Work {
                     run_cast(invocation).await;
                 }
             }
-            if let Some(acker) = acker {
-                if let Err(err) = acker.ack().await {
-                    tracing::warn!(error = %err, "could not ack handled request");
-                }
+            if let Some(acker) = acker
+                && let Err(err) = acker.ack().await
+            {
+                tracing::warn!(error = %err, "could not ack handled request");
             }
         }
         .instrument(span)
@@ -659,18 +659,18 @@ impl Replier {
         };
         // Sealed before the size check: the signature counts against the limit.
         let mut body = seal(wire::encode_reply(reply)?);
-        if let Some(limit) = self.max_message_size {
-            if body.len() > limit {
-                // The caller learns why instead of waiting for its timeout.
-                let failure = RemoteError::new(
-                    "MessageTooLarge",
-                    format!(
-                        "reply of {} bytes exceeds the transport limit of {limit} bytes",
-                        body.len()
-                    ),
-                );
-                body = seal(wire::encode_reply(&Reply::failure(&reply.msg_id, failure))?);
-            }
+        if let Some(limit) = self.max_message_size
+            && body.len() > limit
+        {
+            // The caller learns why instead of waiting for its timeout.
+            let failure = RemoteError::new(
+                "MessageTooLarge",
+                format!(
+                    "reply of {} bytes exceeds the transport limit of {limit} bytes",
+                    body.len()
+                ),
+            );
+            body = seal(wire::encode_reply(&Reply::failure(&reply.msg_id, failure))?);
         }
         let outgoing = Outgoing {
             body: Bytes::from(body),
@@ -710,10 +710,10 @@ impl RecentIds {
         if self.ids.contains(id) {
             return false;
         }
-        if self.order.len() == self.capacity {
-            if let Some(oldest) = self.order.pop_front() {
-                self.ids.remove(&oldest);
-            }
+        if self.order.len() == self.capacity
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.ids.remove(&oldest);
         }
         let id: Arc<str> = Arc::from(id);
         self.order.push_back(id.clone());

@@ -15,8 +15,9 @@ use std::sync::Arc;
 use crate::error::Result;
 use crate::target::Target;
 
-/// Where a message is sent.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Where a message is sent. It serializes with serde (externally tagged), for
+/// transports that hand addresses to another process.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Address {
     /// The shared queue of a topic: one of its servers gets the message.
     Topic {

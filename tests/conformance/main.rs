@@ -15,6 +15,8 @@ mod settling;
 mod tls;
 
 mod memory;
+#[cfg(unix)]
+mod memory_shared;
 
 #[cfg(feature = "amqp")]
 mod amqp;

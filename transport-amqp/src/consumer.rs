@@ -528,16 +528,16 @@ impl ConsumerTask {
         // No fresh subscription follows: a `recv` after `stop` ends.
         drop(self.sessions);
         self.closed.cancelled().await;
-        if let Subscription::Server { fanout_queue, .. } = &self.subscription {
-            if let Ok(name) = short(fanout_queue) {
-                let delete = channel.queue_delete(name, QueueDeleteOptions::default());
-                match tokio::time::timeout(CLEANUP_LIMIT, delete).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(err)) => {
-                        tracing::debug!(error = %err, "could not delete the fanout queue")
-                    }
-                    Err(_) => tracing::debug!("fanout queue deletion unanswered"),
+        if let Subscription::Server { fanout_queue, .. } = &self.subscription
+            && let Ok(name) = short(fanout_queue)
+        {
+            let delete = channel.queue_delete(name, QueueDeleteOptions::default());
+            match tokio::time::timeout(CLEANUP_LIMIT, delete).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => {
+                    tracing::debug!(error = %err, "could not delete the fanout queue")
                 }
+                Err(_) => tracing::debug!("fanout queue deletion unanswered"),
             }
         }
         let close = channel.close(200, "consumer closed".into());

@@ -26,6 +26,9 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+#[cfg(unix)]
+pub mod shared;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, RwLock, Weak};
@@ -143,6 +146,11 @@ impl MemoryTransport {
         MemoryTransport { bus }
     }
 
+    /// The bus's name (empty for a private bus).
+    pub fn name(&self) -> &str {
+        &self.bus.name
+    }
+
     /// Whether two transports share one bus.
     pub fn same_bus(&self, other: &MemoryTransport) -> bool {
         Arc::ptr_eq(&self.bus, &other.bus)
@@ -164,6 +172,15 @@ impl Default for MemoryTransport {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// What a memory bus can do, in this process or attached to it.
+fn capabilities(max_message_size: usize) -> Capabilities {
+    Capabilities::default()
+        .keeps_messages_without_listener(true)
+        .reports_no_responders(false)
+        .redelivers_unacked(true)
+        .max_message_size(Some(max_message_size))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -258,11 +275,7 @@ impl Transport for MemoryTransport {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::default()
-            .keeps_messages_without_listener(true)
-            .reports_no_responders(false)
-            .redelivers_unacked(true)
-            .max_message_size(Some(self.bus.max_message_size))
+        capabilities(self.bus.max_message_size)
     }
 
     async fn publisher(&self) -> Result<Arc<dyn Publisher>> {

@@ -116,10 +116,10 @@ impl NatsPublisher {
         }
         let c = &self.config;
         let mut last = self.last_subject.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((known, subject)) = last.as_ref() {
-            if known == address {
-                return Some(subject.clone());
-            }
+        if let Some((known, subject)) = last.as_ref()
+            && known == address
+        {
+            return Some(subject.clone());
         }
         let subject = async_nats::Subject::from(match address {
             Address::Topic { exchange, topic } => c.topic_subject(exchange, topic),
@@ -195,10 +195,10 @@ impl Publisher for NatsPublisher {
         }
         // The rarer paths are boxed: every send's future is moved into a box (the
         // trait is object-safe), and their state made it several times larger.
-        if let Some(js) = &self.jetstream {
-            if let Some(js_subject) = self.config.jetstream_subject(address) {
-                return Box::pin(self.store_cast(js, js_subject, address, message.body)).await;
-            }
+        if let Some(js) = &self.jetstream
+            && let Some(js_subject) = self.config.jetstream_subject(address)
+        {
+            return Box::pin(self.store_cast(js, js_subject, address, message.body)).await;
         }
         Box::pin(self.cast(subject, address, message.body, limit)).await
     }

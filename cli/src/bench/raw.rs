@@ -635,10 +635,9 @@ async fn redis_reply_reader(mut conn: ConnectionManager, stream: String, waiters
             let mut map = entry.map;
             if let (Some(body), Some(correlation_id)) =
                 (take_field(&mut map, "b"), take_field(&mut map, "c"))
+                && let Ok(correlation_id) = std::str::from_utf8(&correlation_id)
             {
-                if let Ok(correlation_id) = std::str::from_utf8(&correlation_id) {
-                    waiters.0.resolve(correlation_id, Bytes::from(body));
-                }
+                waiters.0.resolve(correlation_id, Bytes::from(body));
             }
             last_id = entry.id;
         }

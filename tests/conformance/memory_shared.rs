@@ -1,0 +1,127 @@
+//! The conformance suite on a memory bus shared between processes: one transport holds
+//! the bus and shares it on a Unix socket, and every transport a case opens attaches
+//! to it through that socket, as `mqrpc call` attaches to the bus of `mqrpc serve`.
+
+use std::sync::Arc;
+
+use mqrpc::shared_memory;
+use mqrpc::{MemoryTransport, Transport};
+
+use crate::suite::Backend;
+
+async fn backend() -> Option<Backend> {
+    let name = format!("conformance-{}", mqrpc::wire::new_id());
+    let path = shared_memory::socket_path(&name);
+    let sharing = Arc::new(
+        MemoryTransport::named(&name)
+            .share(&path)
+            .await
+            .expect("the bus is shared"),
+    );
+    Some(Backend::new("memory-shared", move || {
+        let path = path.clone();
+        let sharing = sharing.clone();
+        async move {
+            let _ = &sharing;
+            let attached = shared_memory::attach(&path).await.expect("attached");
+            Arc::new(attached) as Arc<dyn Transport>
+        }
+    }))
+}
+
+conformance_suite!(backend);
+
+/// A server attached to a shared bus that goes away without settling what it took:
+/// the holder puts the message back, and a server attached later handles it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_taken_by_an_attached_process_that_went_away_is_delivered_again() {
+    use mqrpc::transport::{Address, ListenOptions, Outgoing};
+
+    let name = format!("conformance-{}", mqrpc::wire::new_id());
+    let path = shared_memory::socket_path(&name);
+    let bus = MemoryTransport::named(&name);
+    let _sharing = bus.share(&path).await.expect("shared");
+    let target = mqrpc::Target::new("left").server("s1");
+    let address = Address::Topic {
+        exchange: mqrpc::DEFAULT_EXCHANGE.to_owned(),
+        topic: "left".to_owned(),
+    };
+
+    let publisher = bus.publisher().await.expect("publisher");
+    publisher
+        .send(&address, Outgoing::new(&b"only once"[..]))
+        .await
+        .expect("sent");
+    // The attached "process" is a runtime of its own on a thread: it takes the
+    // message, and then it ends without settling it, which closes its socket as a
+    // process's death would.
+    let (path_there, target_there) = (path.clone(), target.clone());
+    let taken = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let first = shared_memory::attach(&path_there).await.expect("attached");
+            let mut consumer = first
+                .listen(&target_there, &ListenOptions::new(10))
+                .await
+                .expect("listening");
+            let taken = consumer
+                .recv()
+                .await
+                .expect("a delivery")
+                .expect("no error");
+            let body = taken.body().clone();
+            std::mem::forget(taken);
+            body
+        })
+    })
+    .join()
+    .expect("the attached process ran");
+    assert_eq!(&taken[..], b"only once");
+
+    let second = shared_memory::attach(&path).await.expect("attached again");
+    let mut consumer = second
+        .listen(&target, &ListenOptions::new(10))
+        .await
+        .expect("listening");
+    let again = tokio::time::timeout(std::time::Duration::from_secs(5), consumer.recv())
+        .await
+        .expect("delivered again in time")
+        .expect("a delivery")
+        .expect("no error");
+    assert_eq!(&again.body()[..], b"only once");
+    again.ack().await.expect("acked");
+}
+
+/// When the holder stops sharing, an attached client's call fails at once with a
+/// transport error that names the bus, instead of waiting out its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attached_client_learns_at_once_that_the_holder_went_away() {
+    use std::time::{Duration, Instant};
+
+    let name = format!("conformance-{}", mqrpc::wire::new_id());
+    let path = shared_memory::socket_path(&name);
+    let sharing = MemoryTransport::named(&name)
+        .share(&path)
+        .await
+        .expect("shared");
+    let attached: Arc<dyn Transport> =
+        Arc::new(shared_memory::attach(&path).await.expect("attached"));
+    let client =
+        mqrpc::Client::new(attached, mqrpc::Target::new("gone")).timeout(Duration::from_secs(30));
+    drop(sharing);
+    assert!(!path.exists(), "the socket is removed");
+    let started = Instant::now();
+    let err = client
+        .call::<_, serde_json::Value>(&mqrpc::Context::new(), "add", serde_json::json!({}))
+        .await
+        .expect_err("no holder");
+    assert!(started.elapsed() < Duration::from_secs(10), "{err}");
+    assert!(err.to_string().contains(&name), "{err}");
+    assert!(
+        shared_memory::attach(&path).await.is_err(),
+        "nothing to attach to"
+    );
+}
