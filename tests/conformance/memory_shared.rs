@@ -125,3 +125,66 @@ async fn an_attached_client_learns_at_once_that_the_holder_went_away() {
         "nothing to attach to"
     );
 }
+
+/// Bytes that are not frames of the protocol end the connection that sent them; the
+/// holder goes on serving the processes attached to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sends_garbage_is_dropped_and_the_bus_serves_on() {
+    use std::time::Duration;
+
+    use mqrpc::{Client, Context, Endpoint, RemoteError, Server, Target};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let name = format!("conformance-{}", mqrpc::wire::new_id());
+    let path = shared_memory::socket_path(&name);
+    let bus: Arc<dyn Transport> = Arc::new(MemoryTransport::named(&name));
+    let _sharing = MemoryTransport::named(&name)
+        .share(&path)
+        .await
+        .expect("shared");
+    let endpoint = Endpoint::new().method("echo", |_ctx, args: serde_json::Value| async move {
+        Ok::<_, RemoteError>(args)
+    });
+    let server = Server::builder(bus, Target::new("garbage").server("s1"))
+        .endpoint(endpoint)
+        .start()
+        .await
+        .expect("a server");
+
+    // A frame without a header, a header that is no frame, and a frame longer than
+    // the bus allows, each on a connection of its own.
+    let too_long = u32::MAX.to_be_bytes();
+    for bytes in [
+        &b"\x00\x00\x00\x03abc"[..],
+        &b"\x00\x00\x00\x0c{\"op\":\"x\"}\n."[..],
+        &too_long[..],
+    ] {
+        let mut raw = tokio::net::UnixStream::connect(&path)
+            .await
+            .expect("connects");
+        raw.write_all(bytes).await.expect("written");
+        let mut rest = Vec::new();
+        // The holder said hello, then hung up (a reset is a hang-up too).
+        let _ = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut rest))
+            .await
+            .expect("the holder hangs up");
+        assert!(
+            String::from_utf8_lossy(&rest).contains("\"hello\""),
+            "{rest:?}"
+        );
+    }
+
+    let attached: Arc<dyn Transport> =
+        Arc::new(shared_memory::attach(&path).await.expect("attached"));
+    let client = Client::new(attached, Target::new("garbage")).timeout(Duration::from_secs(5));
+    let answer: serde_json::Value = client
+        .call(
+            &Context::new(),
+            "echo",
+            serde_json::json!({"still": "here"}),
+        )
+        .await
+        .expect("answered");
+    assert_eq!(answer, serde_json::json!({"still": "here"}));
+    server.shutdown().await.expect("stopped");
+}
