@@ -188,3 +188,53 @@ async fn a_connection_that_sends_garbage_is_dropped_and_the_bus_serves_on() {
     assert_eq!(answer, serde_json::json!({"still": "here"}));
     server.shutdown().await.expect("stopped");
 }
+
+/// A delivery that reached an attached consumer after its `recv` was given up, and
+/// was never taken before the consumer was dropped, goes back to its queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_an_attached_consumer_never_took_goes_back_to_its_queue() {
+    use std::time::Duration;
+
+    use mqrpc::transport::{Address, ListenOptions, Outgoing};
+
+    let name = format!("conformance-{}", mqrpc::wire::new_id());
+    let path = shared_memory::socket_path(&name);
+    let bus = MemoryTransport::named(&name);
+    let _sharing = bus.share(&path).await.expect("shared");
+    let target = mqrpc::Target::new("untaken").server("s1");
+    let attached = shared_memory::attach(&path).await.expect("attached");
+    let mut consumer = attached
+        .listen(&target, &ListenOptions::new(10))
+        .await
+        .expect("listening");
+    // The pull goes out; its answer comes after the caller stopped waiting.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), consumer.recv())
+            .await
+            .is_err(),
+        "nothing was sent yet"
+    );
+    let address = Address::Topic {
+        exchange: mqrpc::DEFAULT_EXCHANGE.to_owned(),
+        topic: "untaken".to_owned(),
+    };
+    let publisher = bus.publisher().await.expect("publisher");
+    publisher
+        .send(&address, Outgoing::new(&b"untaken"[..]))
+        .await
+        .expect("sent");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(bus.queued(mqrpc::DEFAULT_EXCHANGE, "untaken"), 0, "pulled");
+    drop(consumer);
+
+    let mut local = bus
+        .listen(&target, &ListenOptions::new(10))
+        .await
+        .expect("listening here");
+    let again = tokio::time::timeout(Duration::from_secs(5), local.recv())
+        .await
+        .expect("back in its queue")
+        .expect("a delivery")
+        .expect("no error");
+    assert_eq!(&again.body()[..], b"untaken");
+}

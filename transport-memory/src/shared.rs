@@ -758,6 +758,7 @@ impl Link {
 async fn read_frames(
     mut frames: FramedRead<tokio::net::unix::OwnedReadHalf, LengthDelimitedCodec>,
     routes: Arc<Mutex<Routes>>,
+    out: Outbox,
     lost: CancellationToken,
 ) {
     let _lost = lost.drop_guard();
@@ -777,8 +778,14 @@ async fn read_frames(
                 }
             }
             Frame::Delivery { stream, delivery } => {
-                if let Some(tx) = routes.streams.get(&stream) {
-                    let _ = tx.send(Event::Delivery(delivery, body));
+                let event = Event::Delivery(delivery, body);
+                let unwanted = match routes.streams.get(&stream) {
+                    Some(tx) => tx.send(event).err().map(|e| e.0),
+                    None => Some(event),
+                };
+                // For a consumer dropped meanwhile: back to its queue.
+                if let Some(Event::Delivery(Some(delivery), _)) = unwanted {
+                    out.put(&Frame::Forget { delivery }, &[]);
                 }
             }
             Frame::StreamError { stream, error } => {
@@ -849,7 +856,12 @@ pub async fn attach(path: impl AsRef<Path>) -> io::Result<AttachedBus> {
         streams: HashMap::new(),
     }));
     let lost = CancellationToken::new();
-    let reader = tokio::spawn(read_frames(frames, routes.clone(), lost.clone()));
+    let reader = tokio::spawn(read_frames(
+        frames,
+        routes.clone(),
+        out.clone(),
+        lost.clone(),
+    ));
     Ok(AttachedBus {
         link: Arc::new(Link {
             out,
@@ -1018,6 +1030,13 @@ impl Drop for RemoteConsumer {
             },
             &[],
         );
+        // Deliveries that arrived but were never taken go back to their queues (the
+        // reader does the same for any that arrive from now on).
+        while let Ok(event) = self.events.try_recv() {
+            if let Event::Delivery(Some(delivery), _) = event {
+                self.link.out.put(&Frame::Forget { delivery }, &[]);
+            }
+        }
     }
 }
 
