@@ -13,7 +13,7 @@ export MQRPC_STRESS="${MQRPC_STRESS:-20}"
 export MQRPC_REQUIRE_BROKERS=1
 backends=("$@")
 if [ ${#backends[@]} -eq 0 ]; then
-    backends=(memory:: amqp:: redis:: nats::core:: nats::jetstream::)
+    backends=(memory:: memory_shared:: amqp:: redis:: nats::core:: nats::jetstream::)
 fi
 cargo test --workspace --all-features --test conformance --no-run
 logs="${CARGO_TARGET_DIR:-target}/stress"

@@ -190,9 +190,20 @@ async fn a_connection_that_sends_garbage_is_dropped_and_the_bus_serves_on() {
 }
 
 /// A delivery that reached an attached consumer after its `recv` was given up, and
-/// was never taken before the consumer was dropped, goes back to its queue.
+/// was never taken before the consumer was dropped (or stopped), goes back to its
+/// queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_an_attached_consumer_never_took_goes_back_to_its_queue() {
+    untaken_delivery_goes_back(false).await;
+}
+
+/// As above, at `stop` already: other servers need not wait for the drop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_a_stopped_attached_consumer_never_took_goes_back_at_once() {
+    untaken_delivery_goes_back(true).await;
+}
+
+async fn untaken_delivery_goes_back(stop: bool) {
     use std::time::Duration;
 
     use mqrpc::transport::{Address, ListenOptions, Outgoing};
@@ -225,7 +236,14 @@ async fn a_delivery_an_attached_consumer_never_took_goes_back_to_its_queue() {
         .expect("sent");
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(bus.queued(mqrpc::DEFAULT_EXCHANGE, "untaken"), 0, "pulled");
-    drop(consumer);
+    // Kept alive until the end when only stopped.
+    let _kept = if stop {
+        consumer.stop().await.expect("stopped");
+        Some(consumer)
+    } else {
+        drop(consumer);
+        None
+    };
 
     let mut local = bus
         .listen(&target, &ListenOptions::new(10))

@@ -86,9 +86,9 @@ fn runtime_dir() -> PathBuf {
     std::env::temp_dir().join(format!("mqrpc-{}", user_id()))
 }
 
-/// The user this process runs as (the owner of `/proc/self` on Linux).
+/// The user this process runs as.
 fn user_id() -> u32 {
-    std::fs::metadata("/proc/self").map_or(0, |m| m.uid())
+    rustix::process::geteuid().as_raw()
 }
 
 /// Creates the socket's directory for this user only, or checks that an existing one
@@ -104,11 +104,27 @@ fn prepare_dir(dir: &Path) -> io::Result<()> {
         Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
         Err(err) => return Err(err),
     }
-    let meta = std::fs::metadata(dir)?;
-    if meta.uid() != user_id() {
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() || meta.uid() != user_id() {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
-            format!("{} belongs to another user", dir.display()),
+            format!(
+                "{} is not a directory of this user (a link, or another user's)",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a peer on the socket that runs as another user: only the user's own
+/// processes share a bus, whatever the socket's directory allowed.
+fn check_peer(stream: &UnixStream) -> io::Result<()> {
+    let peer = stream.peer_cred()?.uid();
+    if peer != user_id() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("the process at the other end of the socket runs as user {peer}"),
         ));
     }
     Ok(())
@@ -363,8 +379,9 @@ impl MemoryTransport {
     /// Shares this bus with other processes of the same user on the Unix socket at
     /// `path` (see [`socket_path`]); they reach it with [`attach`]. Fails with
     /// `AddrInUse` when a live process already shares a bus there (it holds a lock on
-    /// the file beside the socket, with the extension `lock`); a socket left by a
-    /// process that died is replaced. Must be called inside a tokio runtime.
+    /// `<path>.lock`, beside the socket); a socket left by a process that died is
+    /// replaced. Only processes of the same user may attach. Must be called inside a
+    /// tokio runtime.
     pub async fn share(&self, path: impl AsRef<Path>) -> io::Result<SharedBus> {
         let path = path.as_ref().to_path_buf();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -373,22 +390,12 @@ impl MemoryTransport {
         // The holder keeps a lock beside the socket for as long as it shares: the
         // kernel drops it when the process dies, so a socket left behind is told from
         // a live one without a race between two processes that find it at once.
-        let lock_path = path.with_extension("lock");
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!("another process already shares a bus at {}", path.display()),
-                ));
-            }
-            Err(std::fs::TryLockError::Error(err)) => return Err(err),
-        }
+        let lock = take_lock(&lock_path(&path))?.ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("another process already shares a bus at {}", path.display()),
+            )
+        })?;
         match std::fs::remove_file(&path) {
             Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
             _ => {}
@@ -402,9 +409,12 @@ impl MemoryTransport {
             loop {
                 tokio::select! {
                     accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => {
-                            connections.spawn(serve_connection(bus.clone(), stream));
-                        }
+                        Ok((stream, _)) => match check_peer(&stream) {
+                            Ok(()) => {
+                                connections.spawn(serve_connection(bus.clone(), stream));
+                            }
+                            Err(err) => tracing::warn!(%err, "shared memory bus: peer refused"),
+                        },
                         Err(err) => {
                             tracing::warn!(%err, "shared memory bus: accept failed");
                             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -419,6 +429,37 @@ impl MemoryTransport {
             accept,
             _lock: lock,
         })
+    }
+}
+
+/// The lock file of the socket at `path`: `<path>.lock`.
+fn lock_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    name.into()
+}
+
+/// Takes the lock at `path`, or `None` when another process holds it. A lock file
+/// that was removed or replaced while it was being locked (a cleaner of temporary
+/// files) is opened again, so two processes never hold locks on different files.
+fn take_lock(path: &Path) -> io::Result<Option<std::fs::File>> {
+    loop {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+            Err(std::fs::TryLockError::Error(err)) => return Err(err),
+        }
+        match std::fs::metadata(path) {
+            Ok(now) if now.ino() == file.metadata()?.ino() => return Ok(Some(file)),
+            Ok(_) => continue,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(err),
+        }
     }
 }
 
@@ -462,7 +503,19 @@ async fn serve_connection(bus: MemoryTransport, stream: UnixStream) {
         let out = out.clone();
         tokio::spawn(async move {
             while let Some((id, address, message)) = queued.recv().await {
-                out.reply(id, publisher.send(&address, message).await);
+                // A full queue holds a send no longer than the message is worth, as the
+                // caller's own deadline does on the bus in one process.
+                let result = match message.time_to_live {
+                    Some(ttl) => tokio::time::timeout(ttl, publisher.send(&address, message))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(Error::transport_msg(format!(
+                                "{address} stayed full for the message's time to live"
+                            )))
+                        }),
+                    None => publisher.send(&address, message).await,
+                };
+                out.reply(id, result);
             }
         })
     };
@@ -602,10 +655,11 @@ async fn serve_connection(bus: MemoryTransport, stream: UnixStream) {
             }
         }
     }
-    drop(streams);
-    drop(sends);
-    let _ = sender.await;
+    // Unsettled deliveries go back first; a send waiting on a full queue is given
+    // up (the attached side is gone, and a dropped send "may or may not have sent").
     lock(&ackers).clear();
+    drop(streams);
+    sender.abort();
     drop(out);
     let _ = writer.await;
 }
@@ -742,7 +796,14 @@ impl Link {
                 "shared memory bus: the holder opened no stream",
             ));
         };
-        lock(&self.routes).streams.insert(stream, tx);
+        {
+            // A stream opened as the connection ends would never hear that it ended.
+            let mut routes = lock(&self.routes);
+            if routes.pending.is_none() {
+                return Err(self.lost());
+            }
+            routes.streams.insert(stream, tx);
+        }
         Ok(RemoteConsumer {
             link: self.clone(),
             stream,
@@ -773,8 +834,14 @@ async fn read_frames(
                     Frame::Failed { error, .. } => Err(error.into()),
                     done => Ok(done),
                 };
-                if let Some(waiter) = routes.pending.as_mut().and_then(|p| p.remove(&id)) {
-                    let _ = waiter.send(result);
+                if let Some(waiter) = routes.pending.as_mut().and_then(|p| p.remove(&id))
+                    && let Err(Ok(Frame::Done {
+                        stream: Some(stream),
+                        ..
+                    })) = waiter.send(result)
+                {
+                    // Opened for a caller that gave up: nobody will consume it.
+                    out.put(&Frame::Drop { stream }, &[]);
                 }
             }
             Frame::Delivery { stream, delivery } => {
@@ -829,6 +896,7 @@ pub fn nobody_shares(err: &io::Error) -> bool {
 pub async fn attach(path: impl AsRef<Path>) -> io::Result<AttachedBus> {
     let path = path.as_ref().to_path_buf();
     let stream = UnixStream::connect(&path).await?;
+    check_peer(&stream)?;
     let (read, write) = stream.into_split();
     // The hello is small; the real frame limit follows from it.
     let mut frames = FramedRead::new(read, codec(crate::DEFAULT_MAX_MESSAGE_SIZE));
@@ -849,7 +917,7 @@ pub async fn attach(path: impl AsRef<Path>) -> io::Result<AttachedBus> {
     };
     frames
         .decoder_mut()
-        .set_max_frame_length(max_message_size + HEADER_ROOM);
+        .set_max_frame_length(max_message_size.saturating_add(HEADER_ROOM));
     let (out, writer) = Outbox::start(write, max_message_size);
     let routes = Arc::new(Mutex::new(Routes {
         pending: Some(HashMap::new()),
@@ -1030,11 +1098,24 @@ impl Drop for RemoteConsumer {
             },
             &[],
         );
-        // Deliveries that arrived but were never taken go back to their queues (the
-        // reader does the same for any that arrive from now on).
+        // The reader gives back any that arrive from now on.
+        self.forget_unread();
+    }
+}
+
+impl RemoteConsumer {
+    /// Gives the deliveries that arrived but were never taken back to their queues.
+    fn forget_unread(&mut self) {
         while let Ok(event) = self.events.try_recv() {
-            if let Event::Delivery(Some(delivery), _) = event {
-                self.link.out.put(&Frame::Forget { delivery }, &[]);
+            match event {
+                Event::Delivery(delivery, _) => {
+                    self.pulled = false;
+                    if let Some(delivery) = delivery {
+                        self.link.out.put(&Frame::Forget { delivery }, &[]);
+                    }
+                }
+                Event::End | Event::Lost => self.done = true,
+                Event::Error(_) => self.pulled = false,
             }
         }
     }
@@ -1087,8 +1168,12 @@ impl Consumer for RemoteConsumer {
         let stream = self.stream;
         self.link
             .request(|id| Frame::Stop { id, stream }, &[])
-            .await
-            .map(drop)
+            .await?;
+        // The holder answered every pull it served before it answered the stop: a
+        // delivery that came for a `recv` given up goes back to the bus now, for
+        // other servers, and not when this consumer is dropped.
+        self.forget_unread();
+        Ok(())
     }
 
     async fn close(&mut self) -> Result<()> {
