@@ -133,7 +133,8 @@ struct CallArgs {
 /// What to watch.
 #[derive(Args, Debug)]
 struct ListenArgs {
-    /// Broker URL.
+    /// Broker URL, or memory://NAME: the memory bus another mqrpc process holds, or
+    /// else one this process holds and shares while it runs.
     #[arg(long, env = "MQRPC_URL")]
     url: String,
     /// Topic.
@@ -147,7 +148,9 @@ struct ListenArgs {
 /// What to serve.
 #[derive(Args, Debug)]
 pub(crate) struct ServeArgs {
-    /// Broker URL.
+    /// Broker URL, or memory://NAME: the memory bus another mqrpc process holds, or
+    /// else one this process holds and shares while it runs (other commands on the
+    /// same URL reach it).
     #[arg(long, env = "MQRPC_URL")]
     pub(crate) url: String,
     /// Topic.
