@@ -80,7 +80,8 @@ fn runtime_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("MQRPC_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         return dir.into();
     }
-    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+    // A runtime directory named but missing (a session that ended) is passed over.
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| Path::new(d).is_dir()) {
         return Path::new(&dir).join("mqrpc");
     }
     std::env::temp_dir().join(format!("mqrpc-{}", user_id()))
