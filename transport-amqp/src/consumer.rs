@@ -74,6 +74,10 @@ pub(crate) struct AmqpConsumer {
     settle_on_receipt: bool,
     /// Deliveries acked in the last batch and not handed out yet.
     taken: VecDeque<Delivery>,
+    /// The ack of the last batch while the broker has not answered it: kept here so
+    /// that a `recv` dropped meanwhile (a server stopping) does not drop it, and the
+    /// batch is handed out (or, at a stop, run by the server) only once it is acked.
+    acking: Option<futures::future::BoxFuture<'static, lapin::Result<bool>>>,
     /// The stream reported its end or an error while a batch was read: subscribe
     /// again once the batch is handed out.
     broken: bool,
@@ -155,6 +159,7 @@ impl AmqpConsumer {
                 max_message_size,
                 settle_on_receipt,
                 taken: VecDeque::new(),
+                acking: None,
                 broken: false,
             }),
             Ok(Err(err)) => Err(err),
@@ -218,9 +223,34 @@ fn inflated(body: Vec<u8>, properties: &BasicProperties, max_message_size: usize
     }
 }
 
+impl AmqpConsumer {
+    /// Waits for the ack of the last batch, if one is unanswered. False when it
+    /// failed: the channel is gone, and with it the acks, so the broker delivers the
+    /// batch again and none of it is handed out. Cancel-safe: the ack stays in
+    /// `acking` until it is answered.
+    async fn finish_batch_ack(&mut self) -> bool {
+        let Some(acking) = self.acking.as_mut() else {
+            return true;
+        };
+        let acked = acking.await;
+        self.acking = None;
+        match settled(acked, "acknowledging") {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::warn!(error = %err, count = self.taken.len(),
+                    "could not acknowledge deliveries; the broker delivers them again");
+                self.taken.clear();
+                self.broken = true;
+                false
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl Consumer for AmqpConsumer {
     async fn recv(&mut self) -> Option<Result<Delivery>> {
+        self.finish_batch_ack().await;
         if let Some(delivery) = self.taken.pop_front() {
             return Some(Ok(delivery));
         }
@@ -268,16 +298,11 @@ impl Consumer for AmqpConsumer {
                         let body = inflated(delivery.data, &delivery.properties, limit);
                         Delivery::new(body, Box::new(NoAck))
                     }));
-                    let acked =
-                        until_lost(&live.channel, acker.ack(BasicAckOptions { multiple: true }))
-                            .await;
-                    if let Err(err) = settled(acked, "acknowledging") {
-                        // The channel is gone, and with it the acks: the broker
-                        // delivers every one of them again, so none is handed out.
-                        tracing::warn!(error = %err, count = self.taken.len(),
-                            "could not acknowledge deliveries; the broker delivers them again");
-                        self.taken.clear();
-                        self.broken = true;
+                    let channel = live.channel.clone();
+                    self.acking = Some(Box::pin(async move {
+                        until_lost(&channel, acker.ack(BasicAckOptions { multiple: true })).await
+                    }));
+                    if !self.finish_batch_ack().await {
                         continue;
                     }
                     if let Some(delivery) = self.taken.pop_front() {
@@ -309,6 +334,9 @@ impl Consumer for AmqpConsumer {
 
     async fn stop(&mut self) -> Result<()> {
         self.stop.cancel();
+        // A batch whose ack was still unanswered when the server stopped is run by the
+        // server only if the broker took the ack; otherwise it delivers them again.
+        self.finish_batch_ack().await;
         // Deliveries lapin already holds but the server did not take go back now, so
         // other servers can take them during this server's grace period.
         let live = match self.current.take() {
