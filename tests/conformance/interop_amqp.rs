@@ -138,8 +138,13 @@ async fn python_server_with(python: &PathBuf, topic: &str, server: &str, extra: 
 
 /// An mqrpc server `rs1` of the test endpoint on `topic`, and its recorder.
 async fn rust_server(topic: &str) -> (Server, Arc<Recorder>) {
+    rust_server_on(&crate::amqp::url(), topic).await
+}
+
+/// [`rust_server`] on the broker of `url`.
+async fn rust_server_on(url: &str, topic: &str) -> (Server, Arc<Recorder>) {
     let recorder = Recorder::new();
-    let transport = mqrpc::connect(&crate::amqp::url()).await.expect("RabbitMQ");
+    let transport = mqrpc::connect(url).await.expect("RabbitMQ");
     let server = Server::builder(transport, Target::new(topic).server("rs1"))
         .endpoint(service::endpoint("rs1", &recorder))
         .start()
@@ -383,36 +388,146 @@ async fn amqp_interop_reads_kombu_compressed_bodies() {
     let payload = json!({"text": "compressible ".repeat(400)});
     for compression in ["gzip", "bzip2"] {
         let topic = format!("interop_{compression}_{}", &mqrpc::wire::new_id()[..12]);
-        let py = python_server_with(&python, &topic, "py1", &["--compression", compression]).await;
-        let transport = mqrpc::connect(&crate::amqp::url()).await.expect("RabbitMQ");
-        let client = Client::new(transport, Target::new(&topic)).timeout(Duration::from_secs(20));
-        let back: Value = client
-            .call(&Context::new(), "echo", json!({ "payload": payload }))
-            .await
-            .unwrap_or_else(|e| panic!("a {compression} reply is read: {e}"));
-        assert_eq!(back, payload, "{compression}");
-        py.finish().await;
-
-        let (server, _recorder) = rust_server(&topic).await;
-        let url = oslo_url();
-        let mut client = Peer::spawn(
+        let python_compresses = ["--compression", compression];
+        echo_both_ways(
             &python,
-            &[
-                "client",
-                "--url",
-                &url,
-                "--topic",
-                &topic,
-                "--compression",
-                compression,
-            ],
+            &topic,
+            &crate::amqp::url(),
+            &python_compresses,
+            &payload,
+        )
+        .await;
+    }
+}
+
+/// `echo(payload)` from an mqrpc client on `url` to a Python server, then from a
+/// Python client to an mqrpc server on `url`; the Python peers run with
+/// `python_options`.
+async fn echo_both_ways(
+    python: &PathBuf,
+    topic: &str,
+    url: &str,
+    python_options: &[&str],
+    payload: &Value,
+) {
+    let py = python_server_with(python, topic, "py1", python_options).await;
+    let transport = mqrpc::connect(url).await.expect("RabbitMQ");
+    let client = Client::new(transport, Target::new(topic)).timeout(Duration::from_secs(20));
+    let back: Value = client
+        .call(&Context::new(), "echo", json!({ "payload": payload }))
+        .await
+        .unwrap_or_else(|e| panic!("{url} {python_options:?}: a Python server answers: {e}"));
+    assert_eq!(&back, payload, "{url} {python_options:?}");
+    py.finish().await;
+
+    let (server, _recorder) = rust_server_on(url, topic).await;
+    let oslo = oslo_url();
+    let mut args = vec!["client", "--url", &oslo, "--topic", topic];
+    args.extend_from_slice(python_options);
+    let mut client = Peer::spawn(python, &args);
+    client
+        .send(&json!({"id": 1, "method": "echo", "args": {"payload": payload}, "timeout": 20}))
+        .await;
+    let answer = client.next(Duration::from_secs(60)).await;
+    assert_eq!(&answer["ok"], payload, "{url} {python_options:?}: {answer}");
+    client.finish().await;
+    server.shutdown().await.expect("shutdown");
+}
+
+/// With `compression=gzip` or `bzip2` (oslo's `kombu_compression`), mqrpc sends every
+/// body compressed, with kombu's `compression` header; Python peers that compress
+/// nothing themselves read those requests and replies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_interop_python_peers_read_what_mqrpc_compresses() {
+    use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+
+    let Some(_) = crate::amqp::backend().await else {
+        return;
+    };
+    let payload = json!({"text": "compressible ".repeat(400)});
+    let base = crate::amqp::url();
+    let joiner = if base.contains('?') { '&' } else { '?' };
+    // On the wire: a cast lands in a queue of this test's own, read as it is.
+    // lapin reads an empty path as the vhost "", where oslo (and mqrpc) read `/`.
+    let raw_url = match base.strip_suffix('/') {
+        Some(host) if !host.ends_with('/') => format!("{host}/%2f"),
+        _ => base.clone(),
+    };
+    let raw = lapin::Connection::connect(&raw_url, lapin::ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ");
+    let channel = raw.create_channel().await.expect("a channel");
+    for (compression, header, magic) in [
+        ("gzip", "application/x-gzip", &b"\x78"[..]),
+        ("bzip2", "application/x-bz2", &b"BZh"[..]),
+    ] {
+        let url = format!("{base}{joiner}compression={compression}");
+        let topic = format!(
+            "interop_send_{compression}_{}",
+            &mqrpc::wire::new_id()[..12]
         );
-        client
-            .send(&json!({"id": 1, "method": "echo", "args": {"payload": payload}, "timeout": 20}))
-            .await;
-        let answer = client.next(Duration::from_secs(60)).await;
-        assert_eq!(answer["ok"], payload, "{compression}: {answer}");
-        client.finish().await;
-        server.shutdown().await.expect("shutdown");
+        let transport = mqrpc::connect(&url).await.expect("RabbitMQ");
+        let caster = Client::new(transport.clone(), Target::new(&topic));
+        // The first cast declares the exchange; nobody listens to it yet.
+        caster
+            .cast(&Context::new(), "echo", json!({}))
+            .await
+            .expect("cast");
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("a queue");
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                mqrpc::DEFAULT_EXCHANGE.into(),
+                topic.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bound");
+        caster
+            .cast(&Context::new(), "echo", json!({ "payload": payload }))
+            .await
+            .expect("cast");
+        let message = loop {
+            let got = channel
+                .basic_get(queue.name().clone(), BasicGetOptions { no_ack: true })
+                .await
+                .expect("basic.get");
+            if let Some(message) = got {
+                break message;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let named = message
+            .delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("compression").cloned());
+        assert_eq!(
+            named,
+            Some(AMQPValue::LongString(header.into())),
+            "{compression}"
+        );
+        assert!(
+            message.delivery.data.starts_with(magic),
+            "{compression}: not compressed"
+        );
+
+        // Python peers that compress nothing read the request and the reply.
+        if let Some(python) = python() {
+            echo_both_ways(&python, &topic, &url, &[], &payload).await;
+        }
     }
 }

@@ -34,7 +34,8 @@ use rpc_core::{
 };
 
 pub use config::{
-    AmqpConfig, DEFAULT_HEARTBEAT, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_TRANSIENT_TTL, Host,
+    AmqpConfig, Compression, DEFAULT_HEARTBEAT, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_TRANSIENT_TTL,
+    Host,
 };
 
 use consumer::{AmqpConsumer, Subscription};
