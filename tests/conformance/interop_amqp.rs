@@ -468,7 +468,7 @@ async fn amqp_interop_python_peers_read_what_mqrpc_compresses() {
             &mqrpc::wire::new_id()[..12]
         );
         let transport = mqrpc::connect(&url).await.expect("RabbitMQ");
-        let caster = Client::new(transport.clone(), Target::new(&topic));
+        let caster = Client::new(transport, Target::new(&topic));
         // The first cast declares the exchange; nobody listens to it yet.
         caster
             .cast(&Context::new(), "echo", json!({}))
