@@ -113,6 +113,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
         tokio::select! {
             () = crate::stopped() => {
                 server.shutdown().await.context("shutting down")?;
+                opened.linger().await;
                 break;
             }
             // Serving goes on as long as this command runs: on a memory bus whose

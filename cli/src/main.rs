@@ -295,6 +295,7 @@ async fn listen(args: ListenArgs) -> Result<()> {
     }
     // Leaves the broker as it was (a Redis watcher removes its groups).
     tap.stop().await.context("stopping the watcher")?;
+    opened.linger().await;
     Ok(())
 }
 
@@ -304,6 +305,10 @@ pub(crate) fn is_memory(url: &str) -> bool {
         .get(..7)
         .is_some_and(|scheme| scheme.eq_ignore_ascii_case("memory:"))
 }
+
+/// How many times (50 ms apart) a client command looks again for the holder of a
+/// memory bus that was held before: about the time a `serve` takes to hold it anew.
+const HANDOVER_ATTEMPTS: u32 = 20;
 
 /// Whether a command that finds no process sharing the memory bus holds it itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -318,12 +323,24 @@ pub(crate) enum Holding {
 pub(crate) struct Opened {
     pub(crate) transport: Arc<dyn Transport>,
     /// The memory bus this process holds and shares, until dropped.
-    _sharing: Option<mqrpc::shared_memory::SharedBus>,
+    sharing: Option<mqrpc::shared_memory::SharedBus>,
     /// The memory bus another process holds, which this process attached to.
     attached: Option<mqrpc::shared_memory::AttachedBus>,
 }
 
+/// How long a command that holds a memory bus waits, as it ends, for the processes
+/// attached to it to go: calls in flight between them pass through this process.
+const LINGER: Duration = Duration::from_secs(1);
+
 impl Opened {
+    /// Lets calls in flight on a memory bus this process holds finish (see
+    /// [`LINGER`]) before it stops sharing it.
+    pub(crate) async fn linger(&self) {
+        if let Some(sharing) = self.sharing.as_ref().filter(|s| s.attached() > 0) {
+            let _ = tokio::time::timeout(LINGER, sharing.unattached()).await;
+        }
+    }
+
     /// Resolves when the process holding the memory bus this one attached to goes
     /// away; never otherwise.
     pub(crate) async fn holder_gone(&self) {
@@ -343,7 +360,7 @@ pub(crate) async fn open(url: &str, holding: Holding) -> Result<Opened> {
     if !is_memory(url) {
         return Ok(Opened {
             transport: mqrpc::connect(url).await.context("connecting")?,
-            _sharing: None,
+            sharing: None,
             attached: None,
         });
     }
@@ -362,7 +379,7 @@ pub(crate) async fn open(url: &str, holding: Holding) -> Result<Opened> {
             Ok(attached) => {
                 return Ok(Opened {
                     transport: Arc::new(attached.clone()),
-                    _sharing: None,
+                    sharing: None,
                     attached: Some(attached),
                 });
             }
@@ -373,6 +390,13 @@ pub(crate) async fn open(url: &str, holding: Holding) -> Result<Opened> {
             ),
         };
         if holding == Holding::AttachOnly {
+            // A bus that was held before (its lock file is there) may be changing
+            // hands: a `serve` takes it over when its holder exits. Worth a moment.
+            let held_before = mqrpc::shared_memory::lock_path(&path).exists();
+            if held_before && attempts < HANDOVER_ATTEMPTS {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
             bail!(
                 "no mqrpc process holds the memory bus {label} ({}: {absent}); start `mqrpc \
                  serve --url {url} --topic ...` first, in another terminal",
@@ -398,7 +422,7 @@ pub(crate) async fn open(url: &str, holding: Holding) -> Result<Opened> {
     );
     Ok(Opened {
         transport: Arc::new(bus),
-        _sharing: Some(sharing),
+        sharing: Some(sharing),
         attached: None,
     })
 }

@@ -341,3 +341,49 @@ fn bench_runs_on_the_memory_bus_and_writes_its_files() {
     assert!(svg.contains("<svg"));
     let _ = std::fs::remove_dir_all(out);
 }
+
+/// A `listen` that holds a memory bus and exits hands it over: the `serve` attached
+/// to it holds it anew, and a call right after the hand-over waits for that instead
+/// of failing.
+#[test]
+fn a_memory_bus_changes_hands_when_its_listener_exits() {
+    let url = format!("memory://cli-handover-{}", std::process::id());
+    let topic = "handover";
+    let mut listener = Command::new(MQRPC)
+        .args(["listen", "--url", &url, "--topic", topic, "--count", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start mqrpc listen");
+    let mut stderr = BufReader::new(listener.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    while !line.contains("listening") {
+        line.clear();
+        stderr
+            .read_line(&mut line)
+            .expect("the listener says it listens");
+        assert!(!line.is_empty(), "the listener ended early");
+    }
+    let serving = serve(&url, topic, &[]);
+    let call = |payload: &str| {
+        mqrpc(&[
+            "call",
+            "--url",
+            &url,
+            "--topic",
+            topic,
+            "--timeout",
+            "5s",
+            "echo",
+            payload,
+        ])
+    };
+    let (code, out, err) = call(r#"{"payload": 1}"#);
+    assert_eq!((code, out.trim()), (0, "1"), "{err}");
+    // The listener saw that call and ends: the bus changes hands.
+    let seen = listener.wait_with_output().expect("the listener ends");
+    assert!(seen.status.success());
+    let (code, out, err) = call(r#"{"payload": 2}"#);
+    assert_eq!((code, out.trim()), (0, "2"), "{err}");
+    drop(serving);
+}

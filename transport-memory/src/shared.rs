@@ -45,7 +45,7 @@ use rpc_core::{
 use serde::{Deserialize, Serialize};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
@@ -360,12 +360,27 @@ pub struct SharedBus {
     accept: JoinHandle<()>,
     /// Held while sharing; see [`MemoryTransport::share`].
     _lock: std::fs::File,
+    /// How many processes are attached.
+    attached: watch::Receiver<usize>,
 }
 
 impl SharedBus {
     /// The socket attached processes connect to.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// How many connections of attached processes are open.
+    pub fn attached(&self) -> usize {
+        *self.attached.borrow()
+    }
+
+    /// Resolves once no process is attached (at once if none is). A holder about to
+    /// stop sharing can wait on it, bounded, so that calls in flight between
+    /// attached processes finish first.
+    pub async fn unattached(&self) {
+        let mut attached = self.attached.clone();
+        let _ = attached.wait_for(|n| *n == 0).await;
     }
 }
 
@@ -404,6 +419,7 @@ impl MemoryTransport {
         let listener = UnixListener::bind(&path)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         let bus = self.clone();
+        let (count, attached) = watch::channel(0usize);
         let accept = tokio::spawn(async move {
             // Connections end with the accept task: dropping the set aborts them.
             let mut connections = JoinSet::new();
@@ -412,7 +428,13 @@ impl MemoryTransport {
                     accepted = listener.accept() => match accepted {
                         Ok((stream, _)) => match check_peer(&stream) {
                             Ok(()) => {
-                                connections.spawn(serve_connection(bus.clone(), stream));
+                                count.send_modify(|n| *n += 1);
+                                let bus = bus.clone();
+                                let count = count.clone();
+                                connections.spawn(async move {
+                                    serve_connection(bus, stream).await;
+                                    count.send_modify(|n| *n -= 1);
+                                });
                             }
                             Err(err) => tracing::warn!(%err, "shared memory bus: peer refused"),
                         },
@@ -429,12 +451,15 @@ impl MemoryTransport {
             path,
             accept,
             _lock: lock,
+            attached,
         })
     }
 }
 
-/// The lock file of the socket at `path`: `<path>.lock`.
-fn lock_path(path: &Path) -> PathBuf {
+/// The lock file of the socket at `path`: `<path>.lock`. The holder locks it while
+/// sharing; it stays after the holder exits, so its presence says a bus was shared
+/// there before.
+pub fn lock_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(".lock");
     name.into()
