@@ -377,6 +377,13 @@ pub(crate) async fn open(url: &str, holding: Holding) -> Result<Opened> {
         attempts += 1;
         let absent = match mqrpc::shared_memory::attach(&path).await {
             Ok(attached) => {
+                if url.contains('?') {
+                    eprintln!(
+                        "mqrpc: warning: the memory bus {label} is held by another process; \
+                         the options of {url} apply only where a bus is created, and are \
+                         ignored here"
+                    );
+                }
                 return Ok(Opened {
                     transport: Arc::new(attached.clone()),
                     sharing: None,
