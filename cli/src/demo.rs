@@ -88,7 +88,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     let bumps = Arc::new(AtomicU64::new(0));
     let mut ready = false;
     loop {
-        let opened = crate::open(&args.url, crate::Holding::HoldIfAlone).await?;
+        let opened = crate::memory_bus::open(&args.url, crate::memory_bus::Role::Member).await?;
         let mut builder = Server::builder(
             opened.transport.clone(),
             Target::new(&args.topic).server(&server_name),
@@ -113,16 +113,15 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
         tokio::select! {
             () = crate::stopped() => {
                 server.shutdown().await.context("shutting down")?;
-                opened.linger().await;
                 break;
             }
             // Serving goes on as long as this command runs: on a memory bus whose
-            // holder went away, the bus is held again here (or by another server that
-            // was first to notice), as it would be by a restarted broker.
-            () = opened.holder_gone() => {
+            // keeper was killed, a keeper is started anew and this server attaches to
+            // it, as a server reconnects to a restarted broker.
+            () = opened.keeper_gone() => {
                 eprintln!(
-                    "mqrpc: the process holding the memory bus went away; \
-                     serving on a bus held anew"
+                    "mqrpc: the keeper of the memory bus went away; serving on a \
+                     bus kept anew"
                 );
                 let _ = server.shutdown().await;
             }

@@ -4,6 +4,7 @@
 
 mod bench;
 mod demo;
+mod memory_bus;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -44,6 +45,17 @@ enum Command {
     Serve(ServeArgs),
     /// Measure latency and throughput (with --raw, beside the broker's bare client).
     Bench(bench::BenchArgs),
+    /// Keep a memory bus for other mqrpc commands (started by `serve` and `listen`).
+    #[command(hide = true)]
+    KeepBus(KeepBusArgs),
+}
+
+/// Which memory bus to keep.
+#[derive(Args, Debug)]
+struct KeepBusArgs {
+    /// The memory URL.
+    #[arg(long)]
+    url: String,
 }
 
 /// Message authentication (HMAC-SHA256), for peers that require signed messages.
@@ -247,6 +259,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Listen(args) => listen(args).await.map(|()| ExitCode::SUCCESS),
         Command::Serve(args) => demo::serve(args).await.map(|()| ExitCode::SUCCESS),
         Command::Bench(args) => bench::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::KeepBus(args) => memory_bus::keep(&args.url)
+            .await
+            .map(|()| ExitCode::SUCCESS),
     }
 }
 
@@ -268,7 +283,7 @@ fn describe(body: &[u8]) -> Value {
 }
 
 async fn listen(args: ListenArgs) -> Result<()> {
-    let opened = open(&args.url, Holding::HoldIfAlone).await?;
+    let opened = memory_bus::open(&args.url, memory_bus::Role::Member).await?;
     let mut tap = opened
         .transport
         .monitor(&Target::new(&args.topic))
@@ -295,143 +310,7 @@ async fn listen(args: ListenArgs) -> Result<()> {
     }
     // Leaves the broker as it was (a Redis watcher removes its groups).
     tap.stop().await.context("stopping the watcher")?;
-    opened.linger().await;
     Ok(())
-}
-
-/// Whether `url` names the memory bus.
-pub(crate) fn is_memory(url: &str) -> bool {
-    url.trim_start()
-        .get(..7)
-        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("memory:"))
-}
-
-/// How many times (50 ms apart) a client command looks again for the holder of a
-/// memory bus that was held before: about the time a `serve` takes to hold it anew.
-const HANDOVER_ATTEMPTS: u32 = 20;
-
-/// Whether a command that finds no process sharing the memory bus holds it itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Holding {
-    /// `serve` and `listen`: hold the bus and share it with later commands.
-    HoldIfAlone,
-    /// `call`, `cast`, `multicall`: a bus no server holds has no server to answer.
-    AttachOnly,
-}
-
-/// The transport a command works on.
-pub(crate) struct Opened {
-    pub(crate) transport: Arc<dyn Transport>,
-    /// The memory bus this process holds and shares, until dropped.
-    sharing: Option<mqrpc::shared_memory::SharedBus>,
-    /// The memory bus another process holds, which this process attached to.
-    attached: Option<mqrpc::shared_memory::AttachedBus>,
-}
-
-/// How long a command that holds a memory bus waits, as it ends, for the processes
-/// attached to it to go: calls in flight between them pass through this process.
-const LINGER: Duration = Duration::from_secs(1);
-
-impl Opened {
-    /// Lets calls in flight on a memory bus this process holds finish (see
-    /// [`LINGER`]) before it stops sharing it.
-    pub(crate) async fn linger(&self) {
-        if let Some(sharing) = self.sharing.as_ref().filter(|s| s.attached() > 0) {
-            let _ = tokio::time::timeout(LINGER, sharing.unattached()).await;
-        }
-    }
-
-    /// Resolves when the process holding the memory bus this one attached to goes
-    /// away; never otherwise.
-    pub(crate) async fn holder_gone(&self) {
-        match &self.attached {
-            Some(attached) => attached.closed().await,
-            None => std::future::pending().await,
-        }
-    }
-}
-
-/// The transport for `url`.
-///
-/// A memory bus lives in one process. The first `mqrpc serve` or `listen` on
-/// `memory://NAME` holds it and shares it on a Unix socket of this user; every later
-/// command on that URL attaches to it through the socket (see `mqrpc::shared_memory`).
-pub(crate) async fn open(url: &str, holding: Holding) -> Result<Opened> {
-    if !is_memory(url) {
-        return Ok(Opened {
-            transport: mqrpc::connect(url).await.context("connecting")?,
-            sharing: None,
-            attached: None,
-        });
-    }
-    let bus = mqrpc::MemoryTransport::connect(url).context("connecting")?;
-    let label = match bus.name() {
-        "" => "default".to_owned(),
-        name => name.to_owned(),
-    };
-    let path = mqrpc::shared_memory::socket_path(bus.name());
-    // Two commands that find no holder at once race to hold the bus; the one that
-    // loses attaches to the winner as soon as the winner listens.
-    let mut attempts = 0;
-    let (bus, sharing) = loop {
-        attempts += 1;
-        let absent = match mqrpc::shared_memory::attach(&path).await {
-            Ok(attached) => {
-                if url.contains('?') {
-                    eprintln!(
-                        "mqrpc: warning: the memory bus {label} is held by another process; \
-                         the options of {url} apply only where a bus is created, and are \
-                         ignored here"
-                    );
-                }
-                return Ok(Opened {
-                    transport: Arc::new(attached.clone()),
-                    sharing: None,
-                    attached: Some(attached),
-                });
-            }
-            Err(err) if mqrpc::shared_memory::nobody_shares(&err) => err,
-            Err(err) => bail!(
-                "attaching to the memory bus {label} at {}: {err}",
-                path.display()
-            ),
-        };
-        if holding == Holding::AttachOnly {
-            // A bus that was held before (its lock file is there) may be changing
-            // hands: a `serve` takes it over when its holder exits. Worth a moment.
-            let held_before = mqrpc::shared_memory::lock_path(&path).exists();
-            if held_before && attempts < HANDOVER_ATTEMPTS {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-            bail!(
-                "no mqrpc process holds the memory bus {label} ({}: {absent}); start `mqrpc \
-                 serve --url {url} --topic ...` first, in another terminal",
-                path.display()
-            );
-        }
-        match bus.share(&path).await {
-            Ok(sharing) => break (bus, sharing),
-            Err(err) if err.kind() == std::io::ErrorKind::AddrInUse && attempts < 100 => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(err) => {
-                return Err(err).with_context(|| {
-                    format!("sharing the memory bus {label} at {}", path.display())
-                });
-            }
-        }
-    };
-    eprintln!(
-        "mqrpc: holding the memory bus {label}; other mqrpc commands on {url} reach it \
-         through {} while this process runs",
-        path.display()
-    );
-    Ok(Opened {
-        transport: Arc::new(bus),
-        sharing: Some(sharing),
-        attached: None,
-    })
 }
 
 async fn prepare(args: &CallArgs) -> Result<(Client, Context, serde_json::Map<String, Value>)> {
@@ -439,7 +318,7 @@ async fn prepare(args: &CallArgs) -> Result<(Client, Context, serde_json::Map<St
     let ctx = Context::from(parse_object(&args.context, "--context")?);
     // Fails at once, on a memory bus nobody holds, instead of waiting out the timeout
     // for a server that cannot exist.
-    let opened = open(&args.url, Holding::AttachOnly).await?;
+    let opened = memory_bus::open(&args.url, memory_bus::Role::Client).await?;
     Ok((client(opened.transport, args)?, ctx, kwargs))
 }
 

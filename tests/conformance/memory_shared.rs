@@ -256,3 +256,32 @@ async fn untaken_delivery_goes_back(stop: bool) {
         .expect("no error");
     assert_eq!(&again.body()[..], b"untaken");
 }
+
+/// `SharedBus::idle_for` waits while a process is attached, and resolves once none
+/// has been for the period (what lets a keeper of the bus exit on its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_bus_is_idle_only_when_nobody_has_been_attached_for_the_period() {
+    use std::time::Duration;
+
+    let name = format!("conformance-{}", mqrpc::wire::new_id());
+    let path = shared_memory::socket_path(&name);
+    let sharing = MemoryTransport::named(&name)
+        .share(&path)
+        .await
+        .expect("shared");
+    let period = Duration::from_millis(200);
+    let attached = shared_memory::attach(&path).await.expect("attached");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(sharing.attached(), 1);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(600), sharing.idle_for(period))
+            .await
+            .is_err(),
+        "not idle while a process is attached"
+    );
+    drop(attached);
+    tokio::time::timeout(Duration::from_secs(5), sharing.idle_for(period))
+        .await
+        .expect("idle once nobody is attached");
+    assert_eq!(sharing.attached(), 0);
+}

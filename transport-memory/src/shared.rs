@@ -375,12 +375,19 @@ impl SharedBus {
         *self.attached.borrow()
     }
 
-    /// Resolves once no process is attached (at once if none is). A holder about to
-    /// stop sharing can wait on it, bounded, so that calls in flight between
-    /// attached processes finish first.
-    pub async fn unattached(&self) {
+    /// Resolves once no process has been attached for `period` in a row: a holder
+    /// that shares a bus only for others (a keeper) can stop then.
+    pub async fn idle_for(&self, period: Duration) {
         let mut attached = self.attached.clone();
-        let _ = attached.wait_for(|n| *n == 0).await;
+        loop {
+            if attached.wait_for(|n| *n == 0).await.is_err() {
+                return;
+            }
+            match tokio::time::timeout(period, attached.wait_for(|n| *n > 0)).await {
+                Err(_) | Ok(Err(_)) => return,
+                Ok(Ok(_)) => {}
+            }
+        }
     }
 }
 
