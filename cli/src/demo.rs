@@ -87,8 +87,15 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
         .unwrap_or_else(|| format!("mqrpc-{}", std::process::id()));
     let bumps = Arc::new(AtomicU64::new(0));
     let mut ready = false;
+    // One signal listener for the whole run: one made per turn of the loop would
+    // miss a signal that came between turns.
+    let stop = crate::stopped();
+    tokio::pin!(stop);
     loop {
-        let opened = crate::memory_bus::open(&args.url, crate::memory_bus::Role::Member).await?;
+        let opened = tokio::select! {
+            () = &mut stop => return Ok(()),
+            opened = crate::memory_bus::open(&args.url, crate::memory_bus::Role::Member) => opened?,
+        };
         let mut builder = Server::builder(
             opened.transport.clone(),
             Target::new(&args.topic).server(&server_name),
@@ -98,7 +105,15 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
         if let Some(auth) = args.auth.message_auth()? {
             builder = builder.message_auth(auth);
         }
-        let server = builder.start().await.context("starting the server")?;
+        let server = match builder.start().await {
+            Ok(server) => server,
+            // The keeper went away between attaching and starting: attach again.
+            Err(err) if opened.keeper_lost() => {
+                eprintln!("mqrpc: {err}; attaching again");
+                continue;
+            }
+            Err(err) => return Err(err).context("starting the server"),
+        };
         if !ready {
             ready = true;
             eprintln!(
@@ -111,7 +126,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
             );
         }
         tokio::select! {
-            () = crate::stopped() => {
+            () = &mut stop => {
                 server.shutdown().await.context("shutting down")?;
                 break;
             }

@@ -283,31 +283,46 @@ fn describe(body: &[u8]) -> Value {
 }
 
 async fn listen(args: ListenArgs) -> Result<()> {
-    let opened = memory_bus::open(&args.url, memory_bus::Role::Member).await?;
-    let mut tap = opened
-        .transport
-        .monitor(&Target::new(&args.topic))
-        .await
-        .context("watching the topic")?;
-    eprintln!("mqrpc: listening on topic {} (Ctrl-C stops)", args.topic);
+    let stop = stopped();
+    tokio::pin!(stop);
     let mut seen = 0u64;
-    loop {
-        let next = tokio::select! {
-            () = stopped() => break,
-            next = tap.recv() => next,
+    // Turns again only on a memory bus whose keeper went away: a new one is
+    // started and watched, as a watcher reconnects to a restarted broker.
+    let mut tap = 'watching: loop {
+        let opened = tokio::select! {
+            () = &mut stop => return Ok(()),
+            opened = memory_bus::open(&args.url, memory_bus::Role::Member) => opened?,
         };
-        match next {
-            None => break,
-            Some(Err(err)) => eprintln!("mqrpc: {err}"),
-            Some(Ok(delivery)) => {
-                println!("{}", describe(delivery.body()));
-                seen += 1;
-                if args.count.is_some_and(|limit| seen >= limit) {
-                    break;
+        let mut tap = match opened.transport.monitor(&Target::new(&args.topic)).await {
+            Ok(tap) => tap,
+            Err(err) if opened.keeper_lost() => {
+                eprintln!("mqrpc: {err}; attaching again");
+                continue;
+            }
+            Err(err) => return Err(err).context("watching the topic"),
+        };
+        if seen == 0 {
+            eprintln!("mqrpc: listening on topic {} (Ctrl-C stops)", args.topic);
+        }
+        loop {
+            let next = tokio::select! {
+                () = &mut stop => break 'watching tap,
+                next = tap.recv() => next,
+            };
+            match next {
+                None if opened.keeper_lost() => continue 'watching,
+                None => break 'watching tap,
+                Some(Err(err)) => eprintln!("mqrpc: {err}"),
+                Some(Ok(delivery)) => {
+                    println!("{}", describe(delivery.body()));
+                    seen += 1;
+                    if args.count.is_some_and(|limit| seen >= limit) {
+                        break 'watching tap;
+                    }
                 }
             }
         }
-    }
+    };
     // Leaves the broker as it was (a Redis watcher removes its groups).
     tap.stop().await.context("stopping the watcher")?;
     Ok(())

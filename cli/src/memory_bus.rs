@@ -47,6 +47,11 @@ pub(crate) struct Opened {
 }
 
 impl Opened {
+    /// Whether this process attached to a memory bus whose keeper has gone away.
+    pub(crate) fn keeper_lost(&self) -> bool {
+        self.attached.as_ref().is_some_and(AttachedBus::is_closed)
+    }
+
     /// Resolves when the keeper of the memory bus this process attached to goes away
     /// (killed); never otherwise.
     pub(crate) async fn keeper_gone(&self) {
@@ -117,11 +122,21 @@ pub(crate) async fn open(url: &str, role: Role) -> Result<Opened> {
             })?
         }
         (None, Role::Member) => {
-            start_keeper(url)?;
+            let mut keeper = start_keeper(url)?;
             let deadline = tokio::time::Instant::now() + KEEPER_START;
-            loop {
+            let attached = loop {
                 if let Some(attached) = attach().await? {
                     break attached;
+                }
+                // A keeper that lost the race to another exits with success, and the
+                // other one shares the bus; one that failed says so by its status.
+                if let Some(status) = keeper.try_wait()?
+                    && !status.success()
+                {
+                    bail!(
+                        "the keeper of the memory bus {label} failed ({status}); run `mqrpc \
+                         keep-bus --url {url}` to see why"
+                    );
                 }
                 if tokio::time::Instant::now() > deadline {
                     bail!(
@@ -130,7 +145,12 @@ pub(crate) async fn open(url: &str, role: Role) -> Result<Opened> {
                     );
                 }
                 tokio::time::sleep(RETRY).await;
-            }
+            };
+            // Reaped when it exits, while this command runs (no zombie meanwhile).
+            tokio::spawn(async move {
+                let _ = keeper.wait().await;
+            });
+            attached
         }
     };
     Ok(Opened {
@@ -142,20 +162,18 @@ pub(crate) async fn open(url: &str, role: Role) -> Result<Opened> {
 /// Starts `mqrpc keep-bus --url URL` in the background, detached from this command's
 /// terminal and output, so that neither Ctrl-C on this command nor a test harness
 /// that reads this command's output to its end waits for the keeper.
-fn start_keeper(url: &str) -> Result<()> {
-    use std::os::unix::process::CommandExt as _;
-    use std::process::{Command, Stdio};
+fn start_keeper(url: &str) -> Result<tokio::process::Child> {
+    use std::process::Stdio;
 
     let program = std::env::current_exe().context("finding the mqrpc executable")?;
-    Command::new(program)
+    tokio::process::Command::new(&program)
         .args(["keep-bus", "--url", url])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .process_group(0)
         .spawn()
-        .context("starting the memory bus keeper")?;
-    Ok(())
+        .with_context(|| format!("starting the memory bus keeper {}", program.display()))
 }
 
 /// `mqrpc keep-bus`: holds the memory bus of `url` and shares it until nobody has

@@ -276,13 +276,15 @@ async fn drain_dropped_confirms(channel: Channel) {
     }
 }
 
-/// Bodies larger than this are compressed on a blocking thread, not on the caller's
-/// worker (bzip2 takes tens of milliseconds per MiB).
+/// gzip bodies larger than this are compressed on a blocking thread, not on the
+/// caller's worker.
 const COMPRESS_INLINE_LIMIT: usize = 64 * 1024;
 
-/// `body` compressed as the URL asked.
+/// `body` compressed as the URL asked. bzip2 always runs on a blocking thread: it sets
+/// up megabytes of working memory even for a small body, and takes tens of
+/// milliseconds per MiB.
 async fn compressed(compression: Compression, body: bytes::Bytes) -> Result<bytes::Bytes> {
-    if body.len() <= COMPRESS_INLINE_LIMIT {
+    if compression == Compression::Gzip && body.len() <= COMPRESS_INLINE_LIMIT {
         return Ok(compression.compress(&body).into());
     }
     tokio::task::spawn_blocking(move || compression.compress(&body).into())

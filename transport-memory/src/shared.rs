@@ -1002,6 +1002,11 @@ impl AttachedBus {
     pub async fn closed(&self) {
         self.link.lost.cancelled().await;
     }
+
+    /// Whether the connection to the holder has ended (see [`AttachedBus::closed`]).
+    pub fn is_closed(&self) -> bool {
+        self.link.lost.is_cancelled()
+    }
 }
 
 #[async_trait]
