@@ -174,6 +174,25 @@ impl AmqpConsumer {
     }
 }
 
+/// Compressed bodies larger than this are inflated with the worker marked as
+/// blocking, so the runtime moves its other tasks elsewhere meanwhile.
+const INFLATE_INLINE_LIMIT: usize = 16 * 1024;
+
+/// Runs `work`, which inflates a body of `size` compressed bytes. A large one (or any
+/// bzip2 one: megabytes of working memory per stream) runs in `block_in_place` on a
+/// multi-threaded runtime, which stays synchronous (so nothing about cancellation
+/// changes) while the other tasks of this worker move to another.
+fn blocking_if_large<T>(size: usize, bzip2: bool, work: impl FnOnce() -> T) -> T {
+    let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
+        runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+    });
+    if multi_thread && (bzip2 || size > INFLATE_INLINE_LIMIT) {
+        tokio::task::block_in_place(work)
+    } else {
+        work()
+    }
+}
+
 /// The body of a delivery, inflated when its sender compressed it: oslo.messaging
 /// with `kombu_compression = gzip` sends a zlib stream with the header `compression:
 /// application/x-gzip`, with `kombu_compression = bzip2` a bzip2 stream with
@@ -204,7 +223,9 @@ fn inflated(body: Vec<u8>, properties: &BasicProperties, max_message_size: usize
     };
     let limit = u64::try_from(max_message_size).unwrap_or(u64::MAX);
     let mut text = Vec::with_capacity(body.len().saturating_mul(4).min(max_message_size));
-    let read = decoder.take(limit.saturating_add(1)).read_to_end(&mut text);
+    let read = blocking_if_large(body.len(), compression == "application/x-bz2", || {
+        decoder.take(limit.saturating_add(1)).read_to_end(&mut text)
+    });
     match read {
         Ok(size) if u64::try_from(size).unwrap_or(u64::MAX) <= limit => text,
         Ok(_) => {
