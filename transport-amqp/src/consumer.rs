@@ -83,10 +83,6 @@ pub(crate) struct AmqpConsumer {
     broken: bool,
 }
 
-/// The most deliveries one batch ack settles; lapin holds at most a prefetch's worth
-/// for each of a server's three consumers anyway.
-const MAX_ACK_BATCH: usize = 1024;
-
 /// How long an ack or reject may take on a channel that still looks open.
 const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -285,8 +281,13 @@ impl Consumer for AmqpConsumer {
             };
             match live.stream.next().await {
                 Some(Ok(first)) if live.settles && self.settle_on_receipt => {
+                    // Every delivery lapin holds, without a cap: the `multiple` ack
+                    // below settles every tag up to the highest, so one left behind
+                    // would be acked unseen (and its requeue at a stop would close
+                    // the channel). lapin holds at most a prefetch's worth for each
+                    // of the server's three consumers.
                     let mut batch = vec![first];
-                    while batch.len() < MAX_ACK_BATCH {
+                    loop {
                         match live.stream.next().now_or_never() {
                             Some(Some(Ok(delivery))) => batch.push(delivery),
                             Some(Some(Err(err))) => {
