@@ -375,13 +375,8 @@ impl Client {
         if let Some(auth) = &self.shared.auth {
             body = auth.seal(body);
         }
-        if let Some(limit) = self.shared.max_message_size
-            && body.len() > limit
-        {
-            return Err(Error::MessageTooLarge {
-                size: body.len(),
-                limit,
-            });
+        if let Some(limit) = self.shared.max_message_size {
+            Error::check_size(body.len(), limit)?;
         }
         Ok(Bytes::from(body))
     }

@@ -147,6 +147,15 @@ impl Error {
         }
     }
 
+    /// [`Error::MessageTooLarge`] when `size` bytes exceed `limit`: the check a client
+    /// and every publisher make before sending.
+    pub fn check_size(size: usize, limit: usize) -> Result<()> {
+        if size > limit {
+            return Err(Error::MessageTooLarge { size, limit });
+        }
+        Ok(())
+    }
+
     /// The remote failure, when this error is one.
     pub fn as_remote(&self) -> Option<&RemoteError> {
         match self {

@@ -309,13 +309,7 @@ fn route(address: &Address) -> (String, String) {
 #[async_trait]
 impl Publisher for AmqpPublisher {
     async fn send(&self, address: &Address, mut message: Outgoing) -> Result<()> {
-        let limit = self.link.config.max_message_size;
-        if message.body.len() > limit {
-            return Err(Error::MessageTooLarge {
-                size: message.body.len(),
-                limit,
-            });
-        }
+        Error::check_size(message.body.len(), self.link.config.max_message_size)?;
         if let Some(compression) = self.link.config.compression {
             message.body = compressed(compression, message.body).await?;
         }

@@ -418,12 +418,7 @@ fn tap(taps: &FanoutGroup, body: &Bytes) {
 #[async_trait]
 impl Publisher for MemoryPublisher {
     async fn send(&self, address: &Address, message: Outgoing) -> Result<()> {
-        if message.body.len() > self.bus.max_message_size {
-            return Err(Error::MessageTooLarge {
-                size: message.body.len(),
-                limit: self.bus.max_message_size,
-            });
-        }
+        Error::check_size(message.body.len(), self.bus.max_message_size)?;
         let queue_tx = match address {
             Address::Topic { exchange, topic } => self.route(
                 address,

@@ -1085,13 +1085,7 @@ struct AttachedPublisher {
 #[async_trait]
 impl Publisher for AttachedPublisher {
     async fn send(&self, address: &Address, message: Outgoing) -> Result<()> {
-        let limit = self.link.max_message_size;
-        if message.body.len() > limit {
-            return Err(Error::MessageTooLarge {
-                size: message.body.len(),
-                limit,
-            });
-        }
+        Error::check_size(message.body.len(), self.link.max_message_size)?;
         let (reply_to, msg_id) = message
             .call
             .map(|hint| (hint.reply_to, hint.msg_id))

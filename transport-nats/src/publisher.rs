@@ -161,9 +161,7 @@ impl Publisher for NatsPublisher {
     async fn send(&self, address: &Address, message: Outgoing) -> Result<()> {
         let limit = crate::message_limit(&self.client, &self.config);
         let size = message.body.len();
-        if size > limit {
-            return Err(Error::MessageTooLarge { size, limit });
-        }
+        Error::check_size(size, limit)?;
         let Some(subject) = self.subject(address) else {
             // A reply. Requests may name any reply address; only inboxes are written.
             let Address::Reply(inbox) = address else {

@@ -130,13 +130,7 @@ impl RedisPublisher {
 #[async_trait]
 impl Publisher for RedisPublisher {
     async fn send(&self, address: &Address, message: Outgoing) -> Result<()> {
-        let limit = self.config.max_message_size;
-        if message.body.len() > limit {
-            return Err(Error::MessageTooLarge {
-                size: message.body.len(),
-                limit,
-            });
-        }
+        Error::check_size(message.body.len(), self.config.max_message_size)?;
         let mut attempt = 0u32;
         loop {
             match self.attempt(address, &message).await {
