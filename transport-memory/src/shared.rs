@@ -38,6 +38,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use rpc_core::{
     Acker, Address, CallHint, Capabilities, Consumer, Delivery, Error, ListenOptions, NoAck,
     Outgoing, Publisher, ReplyQueue, Result, Target, Transport,
@@ -61,19 +62,11 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// unnamed bus of `memory://` is `default`): `memory-NAME.sock` in the runtime
 /// directory described in the [module documentation](self).
 pub fn socket_path(name: &str) -> PathBuf {
-    let name = if name.is_empty() { "default" } else { name };
     // Bytes outside a small safe set are written as `%XX`, so no name leaves the
     // directory or collides with another.
-    let mut file = String::from("memory-");
-    for byte in name.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.') {
-            file.push(char::from(byte));
-        } else {
-            file.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    file.push_str(".sock");
-    runtime_dir().join(file)
+    const KEPT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.');
+    let name = if name.is_empty() { "default" } else { name };
+    runtime_dir().join(format!("memory-{}.sock", utf8_percent_encode(name, KEPT)))
 }
 
 fn runtime_dir() -> PathBuf {
@@ -504,7 +497,33 @@ enum StreamCommand {
 }
 
 /// Settlers of the deliveries handed to one attached process, by delivery id.
-type Ackers = Arc<Mutex<HashMap<u64, Box<dyn Acker>>>>;
+#[derive(Default)]
+struct Held {
+    next: u64,
+    ackers: HashMap<u64, Box<dyn Acker>>,
+}
+
+type Ackers = Arc<Mutex<Held>>;
+
+impl Held {
+    /// Keeps `acker` until the attached process settles its delivery; gives the
+    /// delivery's id.
+    fn hold(&mut self, acker: Box<dyn Acker>) -> u64 {
+        self.next += 1;
+        self.ackers.insert(self.next, acker);
+        self.next
+    }
+
+    /// The settler of delivery `delivery`, no longer held: the attached process
+    /// settles it (or forgets it, which requeues it).
+    fn take(&mut self, delivery: u64) -> Result<Box<dyn Acker>> {
+        self.ackers.remove(&delivery).ok_or_else(|| {
+            Error::transport_msg(format!(
+                "delivery {delivery} is not held by this connection"
+            ))
+        })
+    }
+}
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
@@ -553,7 +572,6 @@ async fn serve_connection(bus: MemoryTransport, stream: UnixStream) {
         })
     };
     let ackers: Ackers = Arc::default();
-    let delivery_ids = Arc::new(AtomicU64::new(1));
     let mut streams: HashMap<u64, mpsc::UnboundedSender<StreamCommand>> = HashMap::new();
     let mut next_stream = 1u64;
     let mut frames = FramedRead::new(read, codec(max));
@@ -579,7 +597,7 @@ async fn serve_connection(bus: MemoryTransport, stream: UnixStream) {
             tokio::spawn(pump(Pump {
                 stream,
                 consumer,
-                ackers: settles.then(|| (ackers.clone(), delivery_ids.clone())),
+                ackers: settles.then(|| ackers.clone()),
                 out: out.clone(),
                 commands: rx,
             }));
@@ -639,45 +657,26 @@ async fn serve_connection(bus: MemoryTransport, stream: UnixStream) {
                 }
                 Err(err) => out.reply(id, Err(err)),
             },
-            Frame::Pull { stream } => {
-                if let Some(commands) = streams.get(&stream) {
-                    let _ = commands.send(StreamCommand::Pull);
-                }
-            }
-            Frame::Stop { id, stream } | Frame::Close { id, stream } => {
-                let stop = matches!(frame, Frame::Stop { .. });
-                match streams.get(&stream) {
-                    Some(commands) => {
-                        let command = if stop {
-                            StreamCommand::Stop(id)
-                        } else {
-                            StreamCommand::Close(id)
-                        };
-                        let _ = commands.send(command);
-                    }
-                    None => out.reply(id, Ok(())),
-                }
-            }
+            Frame::Pull { stream } => tell(&streams, &out, stream, StreamCommand::Pull),
+            Frame::Stop { id, stream } => tell(&streams, &out, stream, StreamCommand::Stop(id)),
+            Frame::Close { id, stream } => tell(&streams, &out, stream, StreamCommand::Close(id)),
             Frame::Drop { stream } => {
                 streams.remove(&stream);
             }
-            Frame::Ack { id, delivery } | Frame::Reject { id, delivery, .. } => {
-                let requeue = match frame {
-                    Frame::Reject { requeue, .. } => Some(requeue),
-                    _ => None,
-                };
-                let acker = lock(&ackers).remove(&delivery);
-                let result = match (acker, requeue) {
-                    (Some(acker), None) => acker.ack().await,
-                    (Some(acker), Some(requeue)) => acker.reject(requeue).await,
-                    (None, _) => Err(Error::transport_msg(format!(
-                        "delivery {delivery} is not held by this connection"
-                    ))),
-                };
-                out.reply(id, result);
+            Frame::Ack { id, delivery } => {
+                let taken = lock(&ackers).take(delivery);
+                out.reply(id, async { taken?.ack().await }.await);
+            }
+            Frame::Reject {
+                id,
+                delivery,
+                requeue,
+            } => {
+                let taken = lock(&ackers).take(delivery);
+                out.reply(id, async { taken?.reject(requeue).await }.await);
             }
             Frame::Forget { delivery } => {
-                lock(&ackers).remove(&delivery);
+                let _ = lock(&ackers).take(delivery);
             }
             other => {
                 tracing::warn!(
@@ -690,11 +689,29 @@ async fn serve_connection(bus: MemoryTransport, stream: UnixStream) {
     }
     // Unsettled deliveries go back first; a send waiting on a full queue is given
     // up (the attached side is gone, and a dropped send "may or may not have sent").
-    lock(&ackers).clear();
+    lock(&ackers).ackers.clear();
     drop(streams);
     sender.abort();
     drop(out);
     let _ = writer.await;
+}
+
+/// Hands `command` to the pump of stream `stream`, which answers a stop's or a
+/// close's request. A stream already gone has nothing to stop or close: its
+/// request is answered here.
+fn tell(
+    streams: &HashMap<u64, mpsc::UnboundedSender<StreamCommand>>,
+    out: &Outbox,
+    stream: u64,
+    command: StreamCommand,
+) {
+    match (streams.get(&stream), command) {
+        (Some(commands), command) => {
+            let _ = commands.send(command);
+        }
+        (None, StreamCommand::Stop(id) | StreamCommand::Close(id)) => out.reply(id, Ok(())),
+        (None, StreamCommand::Pull) => {}
+    }
 }
 
 /// One consumer of the bus, lent to an attached process.
@@ -703,7 +720,7 @@ struct Pump {
     consumer: Box<dyn Consumer>,
     /// Where settlers of its deliveries wait for the attached side's verdict; `None`
     /// for reply queues and watchers, whose deliveries need none.
-    ackers: Option<(Ackers, Arc<AtomicU64>)>,
+    ackers: Option<Ackers>,
     out: Outbox,
     commands: mpsc::UnboundedReceiver<StreamCommand>,
 }
@@ -738,11 +755,7 @@ async fn pump(mut pump: Pump) {
                     }
                     Some(Ok(delivery)) => {
                         let (body, acker) = delivery.into_parts();
-                        let delivery = pump.ackers.as_ref().map(|(ackers, ids)| {
-                            let id = ids.fetch_add(1, Ordering::Relaxed);
-                            lock(ackers).insert(id, acker);
-                            id
-                        });
+                        let delivery = pump.ackers.as_ref().map(|ackers| lock(ackers).hold(acker));
                         pump.out.put(&Frame::Delivery { stream, delivery }, &body);
                     }
                 }
