@@ -9,15 +9,50 @@ use mqrpc::{MemoryTransport, Transport};
 
 use crate::suite::Backend;
 
-async fn backend() -> Option<Backend> {
+/// A bus of its own name, shared on its socket: what a case's attached transports
+/// reach.
+struct Shared {
+    /// The holder's own transport on the bus.
+    bus: MemoryTransport,
+    /// Sharing ends when this is dropped.
+    sharing: shared_memory::SharedBus,
+    name: String,
+    path: std::path::PathBuf,
+}
+
+async fn shared() -> Shared {
     let name = format!("conformance-{}", mqrpc::wire::new_id());
     let path = shared_memory::socket_path(&name);
-    let sharing = Arc::new(
-        MemoryTransport::named(&name)
-            .share(&path)
+    let bus = MemoryTransport::named(&name);
+    let sharing = bus.share(&path).await.expect("the bus is shared");
+    Shared {
+        bus,
+        sharing,
+        name,
+        path,
+    }
+}
+
+impl Shared {
+    /// Puts `body` in the queue of `topic`, from the holder's side.
+    async fn publish(&self, topic: &str, body: &'static [u8]) {
+        use mqrpc::transport::{Address, Outgoing};
+
+        let address = Address::Topic {
+            exchange: mqrpc::DEFAULT_EXCHANGE.to_owned(),
+            topic: topic.to_owned(),
+        };
+        let publisher = self.bus.publisher().await.expect("publisher");
+        publisher
+            .send(&address, Outgoing::new(body))
             .await
-            .expect("the bus is shared"),
-    );
+            .expect("sent");
+    }
+}
+
+async fn backend() -> Option<Backend> {
+    let Shared { sharing, path, .. } = shared().await;
+    let sharing = Arc::new(sharing);
     Some(Backend::new("memory-shared", move || {
         let path = path.clone();
         let sharing = sharing.clone();
@@ -35,27 +70,15 @@ conformance_suite!(backend);
 /// the holder puts the message back, and a server attached later handles it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_taken_by_an_attached_process_that_went_away_is_delivered_again() {
-    use mqrpc::transport::{Address, ListenOptions, Outgoing};
+    use mqrpc::transport::ListenOptions;
 
-    let name = format!("conformance-{}", mqrpc::wire::new_id());
-    let path = shared_memory::socket_path(&name);
-    let bus = MemoryTransport::named(&name);
-    let _sharing = bus.share(&path).await.expect("shared");
+    let shared = shared().await;
     let target = mqrpc::Target::new("left").server("s1");
-    let address = Address::Topic {
-        exchange: mqrpc::DEFAULT_EXCHANGE.to_owned(),
-        topic: "left".to_owned(),
-    };
-
-    let publisher = bus.publisher().await.expect("publisher");
-    publisher
-        .send(&address, Outgoing::new(&b"only once"[..]))
-        .await
-        .expect("sent");
+    shared.publish("left", b"only once").await;
     // The attached "process" is a runtime of its own on a thread: it takes the
     // message, and then it ends without settling it, which closes its socket as a
     // process's death would.
-    let (path_there, target_there) = (path.clone(), target.clone());
+    let (path_there, target_there) = (shared.path.clone(), target.clone());
     let taken = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -81,7 +104,9 @@ async fn a_delivery_taken_by_an_attached_process_that_went_away_is_delivered_aga
     .expect("the attached process ran");
     assert_eq!(&taken[..], b"only once");
 
-    let second = shared_memory::attach(&path).await.expect("attached again");
+    let second = shared_memory::attach(&shared.path)
+        .await
+        .expect("attached again");
     let mut consumer = second
         .listen(&target, &ListenOptions::new(10))
         .await
@@ -101,12 +126,12 @@ async fn a_delivery_taken_by_an_attached_process_that_went_away_is_delivered_aga
 async fn an_attached_client_learns_at_once_that_the_holder_went_away() {
     use std::time::{Duration, Instant};
 
-    let name = format!("conformance-{}", mqrpc::wire::new_id());
-    let path = shared_memory::socket_path(&name);
-    let sharing = MemoryTransport::named(&name)
-        .share(&path)
-        .await
-        .expect("shared");
+    let Shared {
+        sharing,
+        name,
+        path,
+        ..
+    } = shared().await;
     let attached: Arc<dyn Transport> =
         Arc::new(shared_memory::attach(&path).await.expect("attached"));
     let client =
@@ -135,13 +160,9 @@ async fn a_connection_that_sends_garbage_is_dropped_and_the_bus_serves_on() {
     use mqrpc::{Client, Context, Endpoint, RemoteError, Server, Target};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let name = format!("conformance-{}", mqrpc::wire::new_id());
-    let path = shared_memory::socket_path(&name);
-    let bus: Arc<dyn Transport> = Arc::new(MemoryTransport::named(&name));
-    let _sharing = MemoryTransport::named(&name)
-        .share(&path)
-        .await
-        .expect("shared");
+    let shared = shared().await;
+    let path = &shared.path;
+    let bus: Arc<dyn Transport> = Arc::new(shared.bus.clone());
     let endpoint = Endpoint::new().method("echo", |_ctx, args: serde_json::Value| async move {
         Ok::<_, RemoteError>(args)
     });
@@ -159,7 +180,7 @@ async fn a_connection_that_sends_garbage_is_dropped_and_the_bus_serves_on() {
         &b"\x00\x00\x00\x0c{\"op\":\"x\"}\n."[..],
         &too_long[..],
     ] {
-        let mut raw = tokio::net::UnixStream::connect(&path)
+        let mut raw = tokio::net::UnixStream::connect(path)
             .await
             .expect("connects");
         raw.write_all(bytes).await.expect("written");
@@ -206,12 +227,10 @@ async fn a_delivery_a_stopped_attached_consumer_never_took_goes_back_at_once() {
 async fn untaken_delivery_goes_back(stop: bool) {
     use std::time::Duration;
 
-    use mqrpc::transport::{Address, ListenOptions, Outgoing};
+    use mqrpc::transport::ListenOptions;
 
-    let name = format!("conformance-{}", mqrpc::wire::new_id());
-    let path = shared_memory::socket_path(&name);
-    let bus = MemoryTransport::named(&name);
-    let _sharing = bus.share(&path).await.expect("shared");
+    let shared = shared().await;
+    let (bus, path) = (&shared.bus, &shared.path);
     let target = mqrpc::Target::new("untaken").server("s1");
     let attached = shared_memory::attach(&path).await.expect("attached");
     let mut consumer = attached
@@ -225,15 +244,7 @@ async fn untaken_delivery_goes_back(stop: bool) {
             .is_err(),
         "nothing was sent yet"
     );
-    let address = Address::Topic {
-        exchange: mqrpc::DEFAULT_EXCHANGE.to_owned(),
-        topic: "untaken".to_owned(),
-    };
-    let publisher = bus.publisher().await.expect("publisher");
-    publisher
-        .send(&address, Outgoing::new(&b"untaken"[..]))
-        .await
-        .expect("sent");
+    shared.publish("untaken", b"untaken").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(bus.queued(mqrpc::DEFAULT_EXCHANGE, "untaken"), 0, "pulled");
     // Kept alive until the end when only stopped.
@@ -263,12 +274,7 @@ async fn untaken_delivery_goes_back(stop: bool) {
 async fn a_shared_bus_is_idle_only_when_nobody_has_been_attached_for_the_period() {
     use std::time::Duration;
 
-    let name = format!("conformance-{}", mqrpc::wire::new_id());
-    let path = shared_memory::socket_path(&name);
-    let sharing = MemoryTransport::named(&name)
-        .share(&path)
-        .await
-        .expect("shared");
+    let Shared { sharing, path, .. } = shared().await;
     let period = Duration::from_millis(200);
     let attached = shared_memory::attach(&path).await.expect("attached");
     tokio::time::sleep(Duration::from_millis(50)).await;
