@@ -106,7 +106,7 @@ impl AuthArgs {
 #[derive(Args, Debug)]
 struct CallArgs {
     /// Broker URL (amqp://, rabbit://, redis://, nats://, ...), or memory://NAME to
-    /// reach the memory bus an `mqrpc serve` on that URL holds.
+    /// reach the memory bus an `mqrpc serve` on that URL started.
     #[arg(long, env = "MQRPC_URL")]
     url: String,
     /// Topic.
@@ -145,8 +145,8 @@ struct CallArgs {
 /// What to watch.
 #[derive(Args, Debug)]
 struct ListenArgs {
-    /// Broker URL, or memory://NAME: the memory bus another mqrpc process holds, or
-    /// else one this process holds and shares while it runs.
+    /// Broker URL, or memory://NAME: the memory bus of the commands on that URL, kept
+    /// by a background mqrpc process the first `serve` or `listen` starts.
     #[arg(long, env = "MQRPC_URL")]
     url: String,
     /// Topic.
@@ -160,9 +160,8 @@ struct ListenArgs {
 /// What to serve.
 #[derive(Args, Debug)]
 pub(crate) struct ServeArgs {
-    /// Broker URL, or memory://NAME: the memory bus another mqrpc process holds, or
-    /// else one this process holds and shares while it runs (other commands on the
-    /// same URL reach it).
+    /// Broker URL, or memory://NAME: the memory bus of the commands on that URL, kept
+    /// by a background mqrpc process the first `serve` or `listen` starts.
     #[arg(long, env = "MQRPC_URL")]
     pub(crate) url: String,
     /// Topic.
