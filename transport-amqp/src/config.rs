@@ -109,6 +109,21 @@ impl Compression {
         }
     }
 
+    /// The compression a `compression` header names, if mqrpc reads it.
+    pub fn from_header(header: &str) -> Option<Self> {
+        [Compression::Gzip, Compression::Bzip2]
+            .into_iter()
+            .find(|compression| compression.header() == header)
+    }
+
+    /// A reader of `body` inflated.
+    pub fn decoder(self, body: &[u8]) -> Box<dyn std::io::Read + '_> {
+        match self {
+            Compression::Gzip => Box::new(flate2::read::ZlibDecoder::new(body)),
+            Compression::Bzip2 => Box::new(bzip2::read::BzDecoder::new(body)),
+        }
+    }
+
     /// `body`, compressed.
     pub fn compress(self, body: &[u8]) -> Vec<u8> {
         use std::io::Write as _;

@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use crate::Compression;
 use crate::link::Link;
 use crate::topology::{self, lapin_error, short};
 
@@ -209,17 +210,14 @@ fn inflated(body: Vec<u8>, properties: &BasicProperties, max_message_size: usize
     let Some(compression) = compression else {
         return body;
     };
-    let decoder: Box<dyn Read + '_> = match compression.as_str() {
-        "application/x-gzip" => Box::new(flate2::read::ZlibDecoder::new(&body[..])),
-        "application/x-bz2" => Box::new(bzip2::read::BzDecoder::new(&body[..])),
-        _ => {
-            tracing::warn!(%compression, size = body.len(), "body compression not supported; the message will be refused");
-            return body;
-        }
+    let Some(kind) = Compression::from_header(&compression) else {
+        tracing::warn!(%compression, size = body.len(), "body compression not supported; the message will be refused");
+        return body;
     };
+    let decoder = kind.decoder(&body);
     let limit = u64::try_from(max_message_size).unwrap_or(u64::MAX);
     let mut text = Vec::with_capacity(body.len().saturating_mul(4).min(max_message_size));
-    let read = blocking_if_large(body.len(), compression == "application/x-bz2", || {
+    let read = blocking_if_large(body.len(), kind == Compression::Bzip2, || {
         decoder.take(limit.saturating_add(1)).read_to_end(&mut text)
     });
     match read {
