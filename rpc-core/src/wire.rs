@@ -330,22 +330,33 @@ impl<'de> Deserialize<'de> for Key<'de> {
     }
 }
 
-/// The top-level members of an inner document that a message kind reads: the values
-/// of `wanted` keys (by position; a repeated key keeps its last value, as a JSON map
-/// would) and, with `context`, every `_context_*` member.
-struct Members<'w, 'r> {
-    wanted: &'w [&'w str],
+/// The members a message kind reads by name, and whether it reads its context.
+pub(crate) struct Keys {
+    /// The keys, in the order their values are taken from a [`Read`].
+    pub(crate) names: &'static [&'static str],
+    /// The position of a key in `names`. A `match` on the key, which compiles to a
+    /// switch on its length and word compares, is several times cheaper per member
+    /// than comparing it with each name in turn.
+    position: fn(&str) -> Option<usize>,
+    /// Whether `_context_*` members are read.
     context: bool,
+}
+
+/// The top-level members of an inner document that a message kind reads: the values
+/// of its keys (by position; a repeated key keeps its last value, as a JSON map
+/// would) and, with `context`, every `_context_*` member.
+struct Members<'r> {
+    keys: &'static Keys,
     /// Filled in place: a `Read` returned by value is copied at every step out.
     read: &'r mut Read,
 }
 
-/// The most members a message kind reads by name ([`REQUEST_KEYS`]).
+/// The most members a message kind reads by name ([`REQUEST`]).
 const MAX_WANTED: usize = 8;
 
 #[derive(Debug, PartialEq)]
 pub(crate) struct Read {
-    /// By the position of their key in `wanted`; on the stack, not allocated.
+    /// By the position of their key in [`Keys::names`]; on the stack, not allocated.
     values: [Option<Value>; MAX_WANTED],
     context: Map<String, Value>,
 }
@@ -363,16 +374,11 @@ impl Read {
     }
 
     /// Where the member `key` goes, if it is read at all.
-    fn slot(&mut self, wanted: &[&str], context: bool, key: &str) -> Option<Slot<'_>> {
-        // Most keys differ from each wanted one in length or first byte: no `memcmp`.
-        let first = key.as_bytes().first();
-        let index = wanted.iter().position(|wanted| {
-            wanted.len() == key.len() && wanted.as_bytes().first() == first && *wanted == key
-        });
-        if let Some(index) = index {
+    fn slot(&mut self, keys: &Keys, key: &str) -> Option<Slot<'_>> {
+        if let Some(index) = (keys.position)(key) {
             return self.values.get_mut(index).map(Slot::Value);
         }
-        let name = key.strip_prefix(CONTEXT_PREFIX).filter(|_| context)?;
+        let name = key.strip_prefix(CONTEXT_PREFIX).filter(|_| keys.context)?;
         Some(Slot::Context(&mut self.context, name.to_owned()))
     }
 }
@@ -394,21 +400,21 @@ impl Slot<'_> {
     }
 }
 
-impl<'de> serde::de::DeserializeSeed<'de> for Members<'_, '_> {
+impl<'de> serde::de::DeserializeSeed<'de> for Members<'_> {
     type Value = ();
     fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
         deserializer.deserialize_map(self)
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for Members<'_, '_> {
+impl<'de> serde::de::Visitor<'de> for Members<'_> {
     type Value = ();
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("a JSON object")
     }
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut access: A) -> Result<(), A::Error> {
         while let Some(Key(key)) = access.next_key::<Key<'de>>()? {
-            match self.read.slot(self.wanted, self.context, &key) {
+            match self.read.slot(self.keys, &key) {
                 Some(slot) => slot.fill(access.next_value()?),
                 // Skipped without being built.
                 None => access.next_value::<serde::de::IgnoredAny>().map(drop)?,
@@ -420,19 +426,18 @@ impl<'de> serde::de::Visitor<'de> for Members<'_, '_> {
 
 /// Reads the members of a body's inner document: straight from the envelope's text
 /// when it has the plain shape ([`inner`]), by the general path otherwise.
-fn read_members(body: &[u8], wanted: &[&str], context: bool) -> Result<Read, CodecError> {
-    match read_fast(body, wanted, context) {
+fn read_members(body: &[u8], keys: &'static Keys) -> Result<Read, CodecError> {
+    match read_fast(body, keys) {
         Some(read) => Ok(read),
-        None => read_general(body, wanted, context),
+        None => read_general(body, keys),
     }
 }
 
 /// The fast path of [`read_members`]: `None` where it gives up.
-pub(crate) fn read_fast(body: &[u8], wanted: &[&str], context: bool) -> Option<Read> {
-    debug_assert!(wanted.len() <= MAX_WANTED);
+pub(crate) fn read_fast(body: &[u8], keys: &'static Keys) -> Option<Read> {
     let mut read = Read::new();
     inner::members(body, |key, value| {
-        if let Some(slot) = read.slot(wanted, context, &key) {
+        if let Some(slot) = read.slot(keys, &key) {
             slot.fill(value);
         }
     })?;
@@ -441,15 +446,10 @@ pub(crate) fn read_fast(body: &[u8], wanted: &[&str], context: bool) -> Option<R
 
 /// The general path of [`read_members`]: the envelope unescaped, then serde_json;
 /// every error is found and worded here.
-pub(crate) fn read_general(
-    body: &[u8],
-    wanted: &[&str],
-    context: bool,
-) -> Result<Read, CodecError> {
-    debug_assert!(wanted.len() <= MAX_WANTED);
+pub(crate) fn read_general(body: &[u8], keys: &'static Keys) -> Result<Read, CodecError> {
     fn read_all<'de, R: serde_json::de::Read<'de>>(
         mut de: serde_json::Deserializer<R>,
-        members: Members<'_, '_>,
+        members: Members<'_>,
     ) -> serde_json::Result<()> {
         use serde::de::DeserializeSeed;
         members.deserialize(&mut de)?;
@@ -457,8 +457,7 @@ pub(crate) fn read_general(
     }
     let mut read = Read::new();
     let members = Members {
-        wanted,
-        context,
+        keys,
         read: &mut read,
     };
     let (outcome, what) = match unwrap_envelope(body)? {
@@ -497,22 +496,40 @@ fn kind_of(value: &Value) -> &'static str {
     }
 }
 
-/// The members a request is read from, in the order of [`decode_request`]'s reads.
-pub(crate) const REQUEST_KEYS: [&str; 8] = [
-    "method",
-    "args",
-    "namespace",
-    "version",
-    "_msg_id",
-    "_reply_q",
-    "_timeout",
-    "_unique_id",
-];
+/// The members a request is read from, in the order of [`decode_request`]'s reads,
+/// and its context.
+pub(crate) const REQUEST: Keys = Keys {
+    names: &[
+        "method",
+        "args",
+        "namespace",
+        "version",
+        "_msg_id",
+        "_reply_q",
+        "_timeout",
+        "_unique_id",
+    ],
+    position: |key| {
+        Some(match key {
+            "method" => 0,
+            "args" => 1,
+            "namespace" => 2,
+            "version" => 3,
+            "_msg_id" => 4,
+            "_reply_q" => 5,
+            "_timeout" => 6,
+            "_unique_id" => 7,
+            _ => return None,
+        })
+    },
+    context: true,
+};
 
 /// Decodes a request body (enveloped 2.0 or bare 1.0).
 pub fn decode_request(body: &[u8]) -> Result<Request, CodecError> {
-    let mut read = read_members(body, &REQUEST_KEYS, true)?;
-    let method = take_string(read.take(0), REQUEST_KEYS[0])?
+    let keys = REQUEST.names;
+    let mut read = read_members(body, &REQUEST)?;
+    let method = take_string(read.take(0), keys[0])?
         .ok_or_else(|| CodecError::new("request has no method"))?;
     let args = match read.take(1) {
         None | Some(Value::Null) => Map::new(),
@@ -524,7 +541,7 @@ pub fn decode_request(body: &[u8]) -> Result<Request, CodecError> {
             )));
         }
     };
-    let mut string = |index: usize| take_string(read.take(index), REQUEST_KEYS[index]);
+    let mut string = |index: usize| take_string(read.take(index), keys[index]);
     let namespace = string(2)?;
     let version = string(3)?;
     let msg_id = string(4)?;
@@ -538,7 +555,7 @@ pub fn decode_request(body: &[u8]) -> Result<Request, CodecError> {
             None
         }
     };
-    let unique_id = take_string(read.take(7), REQUEST_KEYS[7])?;
+    let unique_id = take_string(read.take(7), keys[7])?;
     Ok(Request {
         method,
         args,
@@ -553,12 +570,26 @@ pub fn decode_request(body: &[u8]) -> Result<Request, CodecError> {
 }
 
 /// The members a reply is read from.
-pub(crate) const REPLY_KEYS: [&str; 5] = ["_msg_id", "result", "failure", "ending", "_unique_id"];
+pub(crate) const REPLY: Keys = Keys {
+    names: &["_msg_id", "result", "failure", "ending", "_unique_id"],
+    position: |key| {
+        Some(match key {
+            "_msg_id" => 0,
+            "result" => 1,
+            "failure" => 2,
+            "ending" => 3,
+            "_unique_id" => 4,
+            _ => return None,
+        })
+    },
+    context: false,
+};
 
 /// Decodes a reply body.
 pub fn decode_reply(body: &[u8]) -> Result<Reply, CodecError> {
-    let mut read = read_members(body, &REPLY_KEYS, false)?;
-    let msg_id = take_string(read.take(0), REPLY_KEYS[0])?
+    let keys = REPLY.names;
+    let mut read = read_members(body, &REPLY)?;
+    let msg_id = take_string(read.take(0), keys[0])?
         .ok_or_else(|| CodecError::new("reply has no _msg_id"))?;
     let result = read.take(1).unwrap_or(Value::Null);
     let failure = match read.take(2) {
@@ -588,7 +619,7 @@ pub fn decode_reply(body: &[u8]) -> Result<Reply, CodecError> {
             )));
         }
     };
-    let unique_id = take_string(read.take(4), REPLY_KEYS[4])?.unwrap_or_default();
+    let unique_id = take_string(read.take(4), keys[4])?.unwrap_or_default();
     Ok(Reply {
         result,
         failure,
@@ -850,6 +881,19 @@ mod tests {
             err.reason().contains("unsupported envelope version 3.0"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn each_key_is_found_at_its_position() {
+        for keys in [&REQUEST, &REPLY] {
+            assert!(keys.names.len() <= MAX_WANTED);
+            for (index, name) in keys.names.iter().enumerate() {
+                assert_eq!((keys.position)(name), Some(index), "{name}");
+            }
+            for other in ["", "_context_user", "Method", "result ", "_msg_i"] {
+                assert_eq!((keys.position)(other), None, "{other}");
+            }
+        }
     }
 
     #[test]
