@@ -249,39 +249,56 @@ impl Client {
             topic = %self.target, method);
         async {
             let (mut pending, outgoing) = self.prepare_call(ctx, method, kwargs).await?;
-            // A reply proves the request arrived: the call proceeds on whichever comes
-            // first, the publish (with its confirm) or the reply. A failed publish still
-            // fails the call when it comes first. Until the publish is done only the
-            // deadline applies: the call monitor's clock starts once the request is out.
-            let mut first = {
-                let msg_id = pending.msg_id.clone();
-                let publish =
-                    std::pin::pin!(self.publish_call(outgoing, pending.deadline, &msg_id));
-                let early = std::pin::pin!(pending.next_reply());
-                match futures::future::select(publish, early).await {
-                    // Waiting for a reply is cancel-safe: nothing is lost by dropping it.
-                    Either::Left((Ok(()), _waiting)) => None,
-                    Either::Left((Err(err), _)) => return Err(err),
-                    Either::Right((reply, _unconfirmed)) => Some(reply?),
-                }
-            };
-            pending.monitor_from_now();
-            let mut last = Value::Null;
-            loop {
-                let reply = match first.take() {
-                    Some(reply) => reply,
-                    None => pending.next_reply().await?,
+            // One timer for the whole call, publish included: the parts below wait
+            // without timers of their own (a timer registered and cancelled per wait
+            // was a measurable share of a call on a fast bus).
+            let deadline = pending.deadline;
+            let mut published = false;
+            let outcome = timeout_at(deadline, async {
+                // A reply proves the request arrived: the call proceeds on whichever
+                // comes first, the publish (with its confirm) or the reply. A failed
+                // publish still fails the call when it comes first. Until the publish
+                // is done only the deadline applies: the call monitor's clock starts
+                // once the request is out.
+                let mut first = {
+                    let msg_id = pending.msg_id.clone();
+                    let publish = std::pin::pin!(self.publish_call(outgoing, None, &msg_id));
+                    let early = std::pin::pin!(pending.recv_reply());
+                    match futures::future::select(publish, early).await {
+                        // Waiting for a reply is cancel-safe: nothing is lost by
+                        // dropping it.
+                        Either::Left((Ok(()), _waiting)) => None,
+                        Either::Left((Err(err), _)) => return Err(err),
+                        Either::Right((reply, _unconfirmed)) => Some(reply?),
+                    }
                 };
-                if let Some(failure) = reply.failure {
-                    return Err(pending.failure(failure));
+                published = true;
+                pending.monitor_from_now();
+                let mut last = Value::Null;
+                loop {
+                    let reply = match first.take() {
+                        Some(reply) => reply,
+                        None => pending.wait_reply().await?,
+                    };
+                    if let Some(failure) = reply.failure {
+                        return Err(pending.failure(failure));
+                    }
+                    if !reply.result.is_null() {
+                        last = reply.result;
+                    }
+                    if reply.ending {
+                        return decode_result(last);
+                    }
                 }
-                if !reply.result.is_null() {
-                    last = reply.result;
-                }
-                if reply.ending {
-                    return decode_result(last);
-                }
-            }
+            })
+            .await;
+            outcome.unwrap_or_else(|_| {
+                Err(pending.timeout(if published {
+                    TimeoutKind::Reply
+                } else {
+                    TimeoutKind::Publish
+                }))
+            })
         }
         .instrument(span)
         .await
@@ -308,7 +325,7 @@ impl Client {
         let pending = async {
             let args = encode_args(args)?;
             let (mut pending, outgoing) = self.prepare_call(ctx, method, &args).await?;
-            self.publish_call(outgoing, pending.deadline, &pending.msg_id)
+            self.publish_call(outgoing, Some(pending.deadline), &pending.msg_id)
                 .await?;
             pending.monitor_from_now();
             Ok::<_, Error>(pending)
@@ -330,7 +347,7 @@ impl Client {
             let body = self.encode(&request, &args)?;
             let address = Address::for_target(&self.target, &self.shared.exchange);
             tracing::debug!(size = body.len(), %address, "sending cast");
-            self.publish(&address, Outgoing::new(body), deadline, "")
+            self.publish(&address, Outgoing::new(body), Some(deadline), "")
                 .await
         }
         .instrument(span)
@@ -429,7 +446,7 @@ impl Client {
             deadline,
             call_monitor: self.call_monitor,
             monitoring: false,
-            last_heard: Instant::now(),
+            last_heard: started,
         };
         Ok((pending, outgoing))
     }
@@ -438,7 +455,7 @@ impl Client {
     async fn publish_call(
         &self,
         outgoing: Outgoing,
-        deadline: Instant,
+        deadline: Option<Instant>,
         msg_id: &str,
     ) -> Result<()> {
         let address = Address::for_target(&self.target, &self.shared.exchange);
@@ -446,14 +463,15 @@ impl Client {
         self.publish(&address, outgoing, deadline, msg_id).await
     }
 
+    /// Publishes `outgoing` to `address`, failing at `deadline` if one is given
+    /// (without one, the caller bounds the wait).
     async fn publish(
         &self,
         address: &Address,
         outgoing: Outgoing,
-        deadline: Instant,
+        deadline: Option<Instant>,
         msg_id: &str,
     ) -> Result<()> {
-        let started = Instant::now();
         let send = async {
             let publisher = self
                 .shared
@@ -462,6 +480,10 @@ impl Client {
                 .await?;
             publisher.send(address, outgoing).await
         };
+        let Some(deadline) = deadline else {
+            return send.await;
+        };
+        let started = Instant::now();
         match timeout_at(deadline, send).await {
             Ok(sent) => sent,
             Err(_) => Err(self.timeout_error(msg_id, started, TimeoutKind::Publish)),
@@ -675,6 +697,40 @@ impl PendingCall {
         self.last_heard = Instant::now();
     }
 
+    /// The error of this call timing out while it waited for `kind`.
+    fn timeout(&self, kind: TimeoutKind) -> Error {
+        Error::Timeout {
+            msg_id: self.msg_id.clone(),
+            topic: self.target.to_string(),
+            broker: self._client.broker.clone(),
+            waited: self.started.elapsed(),
+            kind,
+        }
+    }
+
+    /// The next reply that is not a heartbeat, with no deadline: the caller bounds
+    /// the wait. The call monitor's clock is not kept.
+    async fn recv_reply(&mut self) -> Result<Reply> {
+        loop {
+            match self.rx.next().await {
+                Some(reply) if reply.is_heartbeat() => {
+                    tracing::trace!(msg_id = %self.msg_id, "heartbeat");
+                }
+                Some(reply) => return Ok(reply),
+                None => return Err(Error::Closed),
+            }
+        }
+    }
+
+    /// The next reply that is not a heartbeat, for a caller that bounds the overall
+    /// deadline itself: only a call monitor needs a timer of its own here.
+    async fn wait_reply(&mut self) -> Result<Reply> {
+        match self.call_monitor {
+            Some(_) => self.next_reply().await,
+            None => self.recv_reply().await,
+        }
+    }
+
     /// The next reply that is not a heartbeat.
     async fn next_reply(&mut self) -> Result<Reply> {
         loop {
@@ -694,15 +750,7 @@ impl PendingCall {
                     return Ok(reply);
                 }
                 Ok(None) => return Err(Error::Closed),
-                Err(_) => {
-                    return Err(Error::Timeout {
-                        msg_id: self.msg_id.clone(),
-                        topic: self.target.to_string(),
-                        broker: self._client.broker.clone(),
-                        waited: self.started.elapsed(),
-                        kind,
-                    });
-                }
+                Err(_) => return Err(self.timeout(kind)),
             }
         }
     }
