@@ -81,3 +81,43 @@ async fn server_keeps_serving_after_the_server_fuzz_inputs() {
     }
     server.shutdown().await.expect("shutdown");
 }
+
+/// A call whose request cannot leave before its deadline (its topic's queue is full
+/// and nobody takes from it) times out as a publish, not as a missing reply, and
+/// says how long the call waited in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_stuck_in_its_publish_times_out_as_a_publish() {
+    use std::time::{Duration, Instant};
+
+    use mqrpc::{Client, Context, Error, Target, TimeoutKind};
+    use serde_json::{Value, json};
+
+    let url = format!("memory://stuck-{}?capacity=1", mqrpc::wire::new_id());
+    let transport = mqrpc::connect(&url).await.expect("memory bus");
+    let timeout = Duration::from_millis(300);
+    let client = Client::new(transport, Target::new("full")).timeout(timeout);
+    client
+        .cast(&Context::new(), "fill", json!({}))
+        .await
+        .expect("the cast takes the queue's one place");
+    let started = Instant::now();
+    let err = client
+        .call::<_, Value>(&Context::new(), "echo", json!({"payload": 1}))
+        .await
+        .expect_err("times out");
+    assert!(
+        matches!(
+            err,
+            Error::Timeout {
+                kind: TimeoutKind::Publish,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let Error::Timeout { waited, .. } = err else {
+        unreachable!()
+    };
+    assert!(waited >= timeout, "waited {waited:?}");
+    assert!(started.elapsed() < timeout * 10, "{:?}", started.elapsed());
+}
