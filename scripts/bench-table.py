@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Prints the combined results table of BENCHMARKS.md from the JSON files that
+`mqrpc bench --raw --out DIR` writes, one per backend.
+
+    python3 scripts/bench-table.py [DIR]      (default: docs/bench)
+
+Columns: memory, then mqrpc, the bare client and their ratio for NATS, Redis and
+AMQP (the AMQP bare client without publisher confirms). A ratio is mqrpc over raw
+for throughput and for latency alike; where the run had several rounds, the figures
+the targets name also show the lowest and highest ratio of a single round. A figure
+a run did not measure is left empty.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+BROKERS = [("nats", "NATS"), ("redis", "Redis"), ("amqp", "AMQP")]
+
+
+def number(value):
+    """A figure with its thousands apart, as the tables write them."""
+    if value is None:
+        return ""
+    return f"{round(value):,}".replace(",", " ")
+
+
+def point(points, x):
+    """The calls per second at `x` of a list of {x, calls_per_s} points."""
+    for p in points or []:
+        if p.get("x") == x:
+            return p.get("calls_per_s")
+    return None
+
+
+def latency(side, key):
+    return (side or {}).get("latency", {}).get(key)
+
+
+def figures(side):
+    """The table's rows of one side of a run (mqrpc or raw), by row name."""
+    if not side:
+        return {}
+    rows = {
+        "latency p50 (µs)": latency(side, "p50_us"),
+        "latency p99 (µs)": latency(side, "p99_us"),
+        "latency p99.9 (µs)": latency(side, "p999_us"),
+    }
+    for c in (1, 16, 64, 256):
+        rows[f"calls/s, concurrency {c}"] = point(side.get("throughput"), c)
+    rows["calls/s, 10 KiB, concurrency 16"] = point(side.get("payloads"), 10240)
+    rows["calls/s, 1 MiB, concurrency 16"] = point(side.get("payloads"), 1048576)
+    for n, name in ((1, "calls/s, 1 server, concurrency 64"),
+                    (4, "calls/s, 4 competing servers"),
+                    (32, "calls/s, 32 competing servers")):
+        rows[name] = point(side.get("servers"), n)
+    rows["casts/s, sent and handled"] = side.get("casts_per_s")
+    rows["resident bytes per call in flight (10 000 waiting)"] = side.get(
+        "bytes_per_in_flight_call")
+    return rows
+
+
+# The rows whose ratio the targets name: shown with the range over the rounds.
+RANGED = {"latency p50 (µs)", "calls/s, concurrency 16", "calls/s, concurrency 64"}
+
+
+def ratio(run, row, mqrpc, raw):
+    if mqrpc is None or not raw:
+        return ""
+    text = f"{mqrpc / raw:.2f}"
+    rounds = list(zip(run.get("rounds_mqrpc") or [], run.get("rounds_raw") or []))
+    if row in RANGED and len(rounds) > 1:
+        each = []
+        for ours, theirs in rounds:
+            a, b = figures(ours).get(row), figures(theirs).get(row)
+            if a is not None and b:
+                each.append(a / b)
+        if each:
+            text += f" ({min(each):.2f}–{max(each):.2f})"
+    return text
+
+
+def main():
+    directory = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/bench")
+    runs = {}
+    for backend in ["memory"] + [b for b, _ in BROKERS]:
+        path = directory / f"bench-{backend}.json"
+        runs[backend] = json.loads(path.read_text()) if path.exists() else {}
+    header = ["figure", "memory"]
+    for _, name in BROKERS:
+        label = f"{name} (confirms)" if name == "AMQP" else name
+        raw = f"{name} raw (no confirms)" if name == "AMQP" else f"{name} raw"
+        header += [label, raw, f"{name} ratio"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    memory = figures(runs["memory"].get("mqrpc"))
+    for row in figures({"latency": {}}).keys():
+        cells = [row, number(memory.get(row))]
+        for backend, _ in BROKERS:
+            run = runs[backend]
+            ours = figures(run.get("mqrpc")).get(row)
+            theirs = figures(run.get("raw")).get(row)
+            cells += [number(ours), number(theirs), ratio(run, row, ours, theirs)]
+        print("| " + " | ".join(cells) + " |")
+    # The bare client with confirms is measured at concurrency 64 only: one point.
+    confirmed = runs["amqp"].get("raw_confirmed")
+    if confirmed:
+        ours = point(runs["amqp"]["mqrpc"].get("throughput"), 64)
+        theirs = confirmed.get("calls_per_s")
+        if ours and theirs:
+            print()
+            print(f"AMQP bare client with publisher confirms at concurrency 64: "
+                  f"{number(theirs)} calls/s; mqrpc {number(ours)} is "
+                  f"{ours / theirs:.2f}× of it.")
+
+
+if __name__ == "__main__":
+    main()
