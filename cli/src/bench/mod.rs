@@ -217,10 +217,10 @@ impl Servers {
         Ok(Servers { servers })
     }
 
+    /// Shuts every server down at once: on Redis each waits out its blocking read
+    /// (up to 500 ms), which one after another made 32 servers take 16 s.
     async fn stop(self) {
-        for server in self.servers {
-            let _ = server.shutdown().await;
-        }
+        futures::future::join_all(self.servers.into_iter().map(Server::shutdown)).await;
     }
 }
 
