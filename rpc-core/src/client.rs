@@ -505,13 +505,25 @@ impl Client {
     }
 
     fn timeout_error(&self, msg_id: &str, started: Instant, kind: TimeoutKind) -> Error {
-        Error::Timeout {
-            msg_id: msg_id.to_owned(),
-            topic: self.target.to_string(),
-            broker: self.shared.broker.clone(),
-            waited: started.elapsed(),
-            kind,
-        }
+        timeout_error(&self.target, &self.shared, msg_id, started, kind)
+    }
+}
+
+/// A request to `target` through `client`'s broker timed out after waiting since
+/// `started` for `kind`.
+fn timeout_error(
+    target: &Target,
+    client: &ClientShared,
+    msg_id: &str,
+    started: Instant,
+    kind: TimeoutKind,
+) -> Error {
+    Error::Timeout {
+        msg_id: msg_id.to_owned(),
+        topic: target.to_string(),
+        broker: client.broker.clone(),
+        waited: started.elapsed(),
+        kind,
     }
 }
 
@@ -699,13 +711,13 @@ impl PendingCall {
 
     /// The error of this call timing out while it waited for `kind`.
     fn timeout(&self, kind: TimeoutKind) -> Error {
-        Error::Timeout {
-            msg_id: self.msg_id.clone(),
-            topic: self.target.to_string(),
-            broker: self._client.broker.clone(),
-            waited: self.started.elapsed(),
+        timeout_error(
+            &self.target,
+            &self._client,
+            &self.msg_id,
+            self.started,
             kind,
-        }
+        )
     }
 
     /// The next reply that is not a heartbeat, with no deadline: the caller bounds
