@@ -2,6 +2,7 @@
 //! oslo-style per-call overrides (`prepare()`), one reply queue per client and a
 //! waiter per call keyed by `_msg_id`.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,7 +27,7 @@ use crate::error::{Error, RemoteError, Result, TimeoutKind};
 use crate::reply::{PendingReplies, ReplyRouter};
 use crate::target::{Target, Version};
 use crate::transport::{Address, CallHint, Outgoing, Publisher, Transport};
-use crate::wire::{self, Reply, Request};
+use crate::wire::{self, Head, Reply};
 
 /// How long a call waits for its reply unless told otherwise (oslo's
 /// `rpc_response_timeout`).
@@ -68,6 +69,8 @@ pub struct Client {
     shared: Arc<ClientShared>,
     /// Shared with the calls in flight, which name it only in errors.
     target: Arc<Target>,
+    /// Where the target's requests go: worked out once, not per call.
+    address: Arc<Address>,
     timeout: Duration,
     call_monitor: Option<Duration>,
     retry: Option<RetryPolicy>,
@@ -100,6 +103,7 @@ impl Client {
         let capabilities = transport.capabilities();
         let exchange = transport.default_exchange().to_owned();
         let broker = transport.describe();
+        let address = Arc::new(Address::for_target(&target, &exchange));
         Client {
             shared: Arc::new(ClientShared {
                 broker,
@@ -111,6 +115,7 @@ impl Client {
                 auth: None,
             }),
             target: Arc::new(target),
+            address,
             timeout: DEFAULT_TIMEOUT,
             call_monitor: None,
             retry: None,
@@ -141,39 +146,33 @@ impl Client {
     }
 
     /// Sends to one named server of the topic.
-    pub fn server(mut self, server: impl Into<String>) -> Self {
-        Arc::make_mut(&mut self.target).server = Some(server.into());
-        self
+    pub fn server(self, server: impl Into<String>) -> Self {
+        self.retarget(|target| target.server = Some(server.into()))
     }
 
     /// Sends to every server of the topic (casts only).
-    pub fn fanout(mut self, fanout: bool) -> Self {
-        Arc::make_mut(&mut self.target).fanout = fanout;
-        self
+    pub fn fanout(self, fanout: bool) -> Self {
+        self.retarget(|target| target.fanout = fanout)
     }
 
     /// Sets the topic.
-    pub fn topic(mut self, topic: impl Into<String>) -> Self {
-        Arc::make_mut(&mut self.target).topic = topic.into();
-        self
+    pub fn topic(self, topic: impl Into<String>) -> Self {
+        self.retarget(|target| target.topic = topic.into())
     }
 
     /// Sets the exchange.
-    pub fn exchange(mut self, exchange: impl Into<String>) -> Self {
-        Arc::make_mut(&mut self.target).exchange = Some(exchange.into());
-        self
+    pub fn exchange(self, exchange: impl Into<String>) -> Self {
+        self.retarget(|target| target.exchange = Some(exchange.into()))
     }
 
     /// Sets the interface namespace.
-    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
-        Arc::make_mut(&mut self.target).namespace = Some(namespace.into());
-        self
+    pub fn namespace(self, namespace: impl Into<String>) -> Self {
+        self.retarget(|target| target.namespace = Some(namespace.into()))
     }
 
     /// Sets the interface version the request asks for.
-    pub fn version(mut self, version: Version) -> Self {
-        Arc::make_mut(&mut self.target).version = Some(version);
-        self
+    pub fn version(self, version: Version) -> Self {
+        self.retarget(|target| target.version = Some(version))
     }
 
     /// Sets the overall deadline of a call, publish included, and of a cast's publish.
@@ -343,11 +342,10 @@ impl Client {
         async {
             let deadline = Instant::now() + self.timeout;
             let args = encode_args(args)?;
-            let request = self.request(ctx, method);
-            let body = self.encode(&request, &args)?;
-            let address = Address::for_target(&self.target, &self.shared.exchange);
+            let body = self.encode(&self.head(ctx, method), &args)?;
+            let address = &self.address;
             tracing::debug!(size = body.len(), %address, "sending cast");
-            self.publish(&address, Outgoing::new(body), Some(deadline), "")
+            self.publish(address, Outgoing::new(body), Some(deadline), "")
                 .await
         }
         .instrument(span)
@@ -374,21 +372,24 @@ impl Client {
         Ok(())
     }
 
-    /// A request without its arguments: [`Client::encode`] writes them from the text
-    /// the caller's arguments were encoded to once, without a copy in the request.
-    fn request(&self, ctx: &Context, method: &str) -> Request {
-        Request {
-            method: method.to_owned(),
-            namespace: self.target.namespace.clone(),
-            version: self.target.version.map(|v| v.to_string()),
-            context: ctx.clone(),
-            unique_id: Some(wire::new_id()),
-            ..Request::default()
+    /// A request without its arguments, borrowing the target and `ctx`:
+    /// [`Client::encode`] writes the arguments from the text the caller's arguments
+    /// were encoded to once.
+    fn head<'a>(&'a self, ctx: &'a Context, method: &'a str) -> Head<'a> {
+        Head {
+            method,
+            namespace: self.target.namespace.as_deref(),
+            version: self.target.version.map(|v| Cow::Owned(v.to_string())),
+            context: ctx,
+            msg_id: None,
+            reply_to: None,
+            call_monitor: None,
+            unique_id: None,
         }
     }
 
-    fn encode(&self, request: &Request, args: &EncodedArgs) -> Result<Bytes> {
-        let mut body = wire::encode_request_with(request, wire::Args::Escaped(&args.0))?;
+    fn encode(&self, head: &Head<'_>, args: &EncodedArgs) -> Result<Bytes> {
+        let mut body = wire::encode_request_with(head, wire::Args::Escaped(&args.0))?;
         if let Some(auth) = &self.shared.auth {
             body = auth.seal(body);
         }
@@ -408,7 +409,6 @@ impl Client {
     ) -> Result<(PendingCall, Outgoing)> {
         let started = Instant::now();
         let deadline = started + self.timeout;
-        let mut request = self.request(ctx, method);
         // Only the first call waits for the reply queue; later ones skip the timer.
         let router = match self.shared.replies.get() {
             Some(router) => router,
@@ -419,20 +419,24 @@ impl Client {
                 }
             },
         };
-        let msg_id = wire::new_id();
-        tracing::Span::current().record("msg_id", msg_id.as_str());
+        // One copy of the id, shared by the waiter, the call and the transport's hint.
+        let msg_id: Arc<str> = wire::fresh_id(&mut [0; wire::ID_LEN]).into();
+        tracing::Span::current().record("msg_id", &*msg_id);
         // The waiter exists before the request leaves, so no reply can be missed.
         let (replies, rx) = router.register(&msg_id)?;
-        request.msg_id = Some(msg_id.clone());
-        request.reply_to = Some(router.address().to_owned());
-        request.call_monitor = self.call_monitor.map(|d| d.as_secs_f64());
-        let body = self.encode(&request, args)?;
+        let head = Head {
+            msg_id: Some(&msg_id),
+            reply_to: Some(router.address()),
+            call_monitor: self.call_monitor.map(|d| d.as_secs_f64()),
+            ..self.head(ctx, method)
+        };
+        let body = self.encode(&head, args)?;
         let outgoing = Outgoing {
             body,
             time_to_live: Some(self.timeout),
             mandatory: false,
             call: Some(CallHint {
-                reply_to: router.address().to_owned(),
+                reply_to: router.shared_address(),
                 msg_id: msg_id.clone(),
             }),
         };
@@ -458,9 +462,9 @@ impl Client {
         deadline: Option<Instant>,
         msg_id: &str,
     ) -> Result<()> {
-        let address = Address::for_target(&self.target, &self.shared.exchange);
+        let address = &self.address;
         tracing::debug!(size = outgoing.body.len(), %address, "sending call");
-        self.publish(&address, outgoing, deadline, msg_id).await
+        self.publish(address, outgoing, deadline, msg_id).await
     }
 
     /// Publishes `outgoing` to `address`, failing at `deadline` if one is given
@@ -502,6 +506,13 @@ impl Client {
                 ))
             })
             .await
+    }
+
+    /// Changes the target, and the address its requests go to with it.
+    fn retarget(mut self, change: impl FnOnce(&mut Target)) -> Self {
+        change(Arc::make_mut(&mut self.target));
+        self.address = Arc::new(Address::for_target(&self.target, &self.shared.exchange));
+        self
     }
 
     fn timeout_error(&self, msg_id: &str, started: Instant, kind: TimeoutKind) -> Error {
@@ -680,7 +691,7 @@ struct PendingCall {
     _client: Arc<ClientShared>,
     rx: mpsc::UnboundedReceiver<Reply>,
     _waiter: PendingReplies,
-    msg_id: String,
+    msg_id: Arc<str>,
     target: Arc<Target>,
     started: Instant,
     deadline: Instant,
@@ -822,12 +833,18 @@ mod tests {
 
     /// The arguments as a request carrying them decodes them.
     fn decoded_args(args: &EncodedArgs) -> Map<String, Value> {
-        let request = Request {
-            method: "m".into(),
-            ..Request::default()
+        let context = Context::new();
+        let head = Head {
+            method: "m",
+            namespace: None,
+            version: None,
+            context: &context,
+            msg_id: None,
+            reply_to: None,
+            call_monitor: None,
+            unique_id: None,
         };
-        let body =
-            wire::encode_request_with(&request, wire::Args::Escaped(&args.0)).expect("encodes");
+        let body = wire::encode_request_with(&head, wire::Args::Escaped(&args.0)).expect("encodes");
         wire::decode_request(&body).expect("decodes").args
     }
 

@@ -15,11 +15,11 @@ use crate::error::{Error, Result};
 use crate::transport::{Consumer, ReplyQueue};
 use crate::wire::{self, Reply};
 
-type Waiters = Arc<DashMap<String, mpsc::UnboundedSender<Reply>, foldhash::fast::RandomState>>;
+type Waiters = Arc<DashMap<Arc<str>, mpsc::UnboundedSender<Reply>, foldhash::fast::RandomState>>;
 
 /// Routes the replies of one client's reply queue to the calls waiting for them.
 pub(crate) struct ReplyRouter {
-    address: String,
+    address: Arc<str>,
     waiters: Waiters,
     closed: Arc<AtomicBool>,
     shutdown: CancellationToken,
@@ -47,7 +47,7 @@ impl ReplyRouter {
             max_reply,
         ));
         ReplyRouter {
-            address: queue.address,
+            address: queue.address.into(),
             waiters,
             closed,
             shutdown,
@@ -60,19 +60,24 @@ impl ReplyRouter {
         &self.address
     }
 
+    /// The address servers reply to, shared.
+    pub(crate) fn shared_address(&self) -> Arc<str> {
+        self.address.clone()
+    }
+
     /// Registers a waiter for `msg_id`; it is removed when the returned guard drops.
     pub(crate) fn register(
         &self,
-        msg_id: &str,
+        msg_id: &Arc<str>,
     ) -> Result<(PendingReplies, mpsc::UnboundedReceiver<Reply>)> {
         // Unbounded so that one slow multicall reader never stalls the replies of
         // every other call; a call's replies are bounded by what its server sends.
         // futures' channel allocates per message, not a block of slots per call.
         let (tx, rx) = mpsc::unbounded();
-        self.waiters.insert(msg_id.to_owned(), tx);
+        self.waiters.insert(msg_id.clone(), tx);
         let guard = PendingReplies {
             waiters: self.waiters.clone(),
-            msg_id: msg_id.to_owned(),
+            msg_id: msg_id.clone(),
         };
         // Checked after inserting: the router sets `closed` before it clears the
         // waiters, so a waiter inserted after the clear sees the flag here.
@@ -107,12 +112,12 @@ impl Drop for ReplyRouter {
 /// Unregisters a call's waiter when the call ends, however it ends.
 pub(crate) struct PendingReplies {
     waiters: Waiters,
-    msg_id: String,
+    msg_id: Arc<str>,
 }
 
 impl Drop for PendingReplies {
     fn drop(&mut self) {
-        self.waiters.remove(&self.msg_id);
+        self.waiters.remove(&*self.msg_id);
     }
 }
 
@@ -144,7 +149,9 @@ async fn route(
             None => break,
         };
         let (body, acker) = delivery.into_parts();
-        if let Err(err) = acker.ack().await {
+        if !acker.is_noop()
+            && let Err(err) = acker.ack().await
+        {
             tracing::debug!(error = %err, "could not ack a reply");
         }
         if let Some(limit) = max_reply.filter(|limit| body.len() > *limit) {
@@ -176,7 +183,9 @@ async fn route(
             }
         };
         // Clone the sender out so no map shard stays locked while sending.
-        let waiter = waiters.get(&reply.msg_id).map(|w| w.value().clone());
+        let waiter = waiters
+            .get(reply.msg_id.as_str())
+            .map(|w| w.value().clone());
         match waiter {
             Some(tx) => {
                 if tx.unbounded_send(reply).is_err() {

@@ -30,7 +30,7 @@ use crate::target::Target;
 use crate::transport::{
     Acker, Address, Consumer, Delivery, ListenOptions, Outgoing, Publisher, Transport,
 };
-use crate::wire::{self, Reply, Request};
+use crate::wire::{self, Answer, Request};
 
 /// How many requests a server handles at once unless told otherwise (oslo's
 /// `executor_thread_pool_size`).
@@ -394,8 +394,11 @@ fn accept(body: Bytes, acker: Box<dyn Acker>, serving: &Serving, seen: &mut Rece
             let replier = serving.replier.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                let reply = Reply::failure(&msg_id, refusal("request", &failure));
-                if let Err(err) = replier.send(&reply_to, &reply).await {
+                let answer = Answer::failure(refusal("request", &failure));
+                if let Err(err) = replier
+                    .send(&Address::Reply(reply_to), &msg_id, &answer)
+                    .await
+                {
                     tracing::debug!(error = %err, "could not tell the caller its request was refused");
                 }
             });
@@ -443,6 +446,7 @@ impl Work {
             ack_mode,
         } = self;
         let acker = match ack_mode {
+            _ if acker.is_noop() => None,
             AckMode::BeforeDispatch => {
                 if let Err(err) = acker.ack().await {
                     tracing::warn!(error = %err, method = %request.method,
@@ -480,7 +484,7 @@ impl Work {
                     let call = Call {
                         replier: &serving.replier,
                         msg_id: &msg_id,
-                        reply_to: &reply_to,
+                        reply_to: &Address::Reply(reply_to),
                     };
                     call.answer(invocation, call_monitor).await;
                 }
@@ -538,7 +542,8 @@ async fn run_cast(invocation: Invocation) {
 struct Call<'a> {
     replier: &'a Replier,
     msg_id: &'a str,
-    reply_to: &'a str,
+    /// An [`Address::Reply`].
+    reply_to: &'a Address,
 }
 
 impl Call<'_> {
@@ -574,7 +579,7 @@ impl Call<'_> {
             ticks.tick().await;
             if let Err(err) = self
                 .replier
-                .send(self.reply_to, &Reply::heartbeat(self.msg_id))
+                .send(self.reply_to, self.msg_id, &Answer::heartbeat())
                 .await
             {
                 tracing::debug!(error = %err, "heartbeat not delivered; heartbeats stop");
@@ -586,15 +591,15 @@ impl Call<'_> {
     async fn reply_all(&self, invocation: Invocation) {
         match invocation {
             Invocation::Failed(failure) => {
-                self.reply(Reply::failure(self.msg_id, failure)).await;
+                self.reply(Answer::failure(failure)).await;
             }
             Invocation::Unary(future) => {
                 let reply = match AssertUnwindSafe(future).catch_unwind().await {
-                    Ok(Ok(value)) => Reply::result(self.msg_id, value),
-                    Ok(Err(failure)) => Reply::failure(self.msg_id, failure),
+                    Ok(Ok(value)) => Answer::result(value),
+                    Ok(Err(failure)) => Answer::failure(failure),
                     Err(panic) => {
                         tracing::error!("handler panicked; sending the failure to the caller");
-                        Reply::failure(self.msg_id, panic_failure(&*panic))
+                        Answer::failure(panic_failure(&*panic))
                     }
                 };
                 self.reply(reply).await;
@@ -612,28 +617,27 @@ impl Call<'_> {
                     tracing::warn!("streamed item is null (reads as a heartbeat); skipped");
                 }
                 Ok(Ok(value)) => {
-                    if !self.reply(Reply::item(self.msg_id, value)).await {
+                    if !self.reply(Answer::item(value)).await {
                         return;
                     }
                 }
                 Ok(Err(failure)) => {
-                    self.reply(Reply::failure(self.msg_id, failure)).await;
+                    self.reply(Answer::failure(failure)).await;
                     return;
                 }
                 Err(panic) => {
                     tracing::error!("streaming handler panicked; sending the failure");
-                    self.reply(Reply::failure(self.msg_id, panic_failure(&*panic)))
-                        .await;
+                    self.reply(Answer::failure(panic_failure(&*panic))).await;
                     return;
                 }
             }
         }
-        self.reply(Reply::end(self.msg_id)).await;
+        self.reply(Answer::end()).await;
     }
 
     /// Sends a reply; a reply that cannot be delivered is logged and dropped.
-    async fn reply(&self, reply: Reply) -> bool {
-        match self.replier.send(self.reply_to, &reply).await {
+    async fn reply(&self, answer: Answer) -> bool {
+        match self.replier.send(self.reply_to, self.msg_id, &answer).await {
             Ok(()) => true,
             Err(err) => {
                 tracing::warn!(error = %err, reply_to = %self.reply_to, "reply dropped");
@@ -652,13 +656,14 @@ struct Replier {
 }
 
 impl Replier {
-    async fn send(&self, reply_to: &str, reply: &Reply) -> Result<()> {
+    /// Sends `answer` to the call `msg_id`; `reply_to` is an [`Address::Reply`].
+    async fn send(&self, reply_to: &Address, msg_id: &str, answer: &Answer) -> Result<()> {
         let seal = |body: Vec<u8>| match &self.auth {
             Some(auth) => auth.seal(body),
             None => body,
         };
         // Sealed before the size check: the signature counts against the limit.
-        let mut body = seal(wire::encode_reply(reply)?);
+        let mut body = seal(wire::encode_answer(answer, msg_id)?);
         if let Some(limit) = self.max_message_size
             && body.len() > limit
         {
@@ -670,7 +675,7 @@ impl Replier {
                     body.len()
                 ),
             );
-            body = seal(wire::encode_reply(&Reply::failure(&reply.msg_id, failure))?);
+            body = seal(wire::encode_answer(&Answer::failure(failure), msg_id)?);
         }
         let outgoing = Outgoing {
             body: Bytes::from(body),
@@ -678,8 +683,7 @@ impl Replier {
             mandatory: true,
             call: None,
         };
-        let address = Address::Reply(reply_to.to_owned());
-        let send = self.publisher.send(&address, outgoing);
+        let send = self.publisher.send(reply_to, outgoing);
         match tokio::time::timeout(REPLY_SEND_LIMIT, send).await {
             Ok(sent) => sent,
             Err(_) => Err(Error::transport_msg(format!(

@@ -102,9 +102,9 @@ pub struct Outgoing {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallHint {
     /// The caller's reply address (`_reply_q`).
-    pub reply_to: String,
+    pub reply_to: Arc<str>,
     /// The call's `_msg_id`.
-    pub msg_id: String,
+    pub msg_id: Arc<str>,
 }
 
 impl Outgoing {
@@ -309,6 +309,12 @@ pub trait Acker: Send + 'static {
     /// The message was refused; with `requeue` the broker delivers it again, without
     /// it the broker drops it (or dead-letters it).
     async fn reject(self: Box<Self>, requeue: bool) -> Result<()>;
+
+    /// Whether `ack` and `reject` do nothing, so that a caller may skip them (each
+    /// call allocates its future). `false` unless the acker says otherwise.
+    fn is_noop(&self) -> bool {
+        false
+    }
 }
 
 /// The acker of a delivery with nothing to settle (replies read without acks, core
@@ -324,6 +330,10 @@ impl Acker for NoAck {
 
     async fn reject(self: Box<Self>, _requeue: bool) -> Result<()> {
         Ok(())
+    }
+
+    fn is_noop(&self) -> bool {
+        true
     }
 }
 

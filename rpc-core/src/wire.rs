@@ -23,12 +23,16 @@ const CONTEXT_PREFIX: &str = "_context_";
 
 /// A new correlation or de-duplication id: a uuid4 in hex, as oslo.messaging writes it.
 pub fn new_id() -> String {
-    let mut hex = [0u8; uuid::fmt::Simple::LENGTH];
-    // Written into a buffer: `to_string` goes through the formatting machinery.
-    uuid::Uuid::new_v4()
-        .simple()
-        .encode_lower(&mut hex)
-        .to_owned()
+    fresh_id(&mut [0; ID_LEN]).to_owned()
+}
+
+/// The length of [`new_id`]'s ids.
+pub(crate) const ID_LEN: usize = uuid::fmt::Simple::LENGTH;
+
+/// A new id written into `buf`: a message's `_unique_id` needs no allocation of its
+/// own. Written into a buffer: `to_string` goes through the formatting machinery.
+pub(crate) fn fresh_id(buf: &mut [u8; ID_LEN]) -> &str {
+    uuid::Uuid::new_v4().simple().encode_lower(buf)
 }
 
 /// A request: a call (it has a `msg_id` and a reply address) or a cast.
@@ -88,42 +92,27 @@ pub struct Reply {
 impl Reply {
     /// The final reply of a call with its result.
     pub fn result(msg_id: &str, result: Value) -> Self {
-        Reply {
-            result,
-            failure: None,
-            ending: true,
-            msg_id: msg_id.to_owned(),
-            unique_id: new_id(),
-        }
+        Answer::result(result).into_reply(msg_id)
     }
 
     /// One streamed item of a multicall.
     pub fn item(msg_id: &str, item: Value) -> Self {
-        Reply {
-            ending: false,
-            ..Reply::result(msg_id, item)
-        }
+        Answer::item(item).into_reply(msg_id)
     }
 
     /// The final reply of a failed call.
     pub fn failure(msg_id: &str, failure: RemoteError) -> Self {
-        Reply {
-            failure: Some(failure),
-            ..Reply::result(msg_id, Value::Null)
-        }
+        Answer::failure(failure).into_reply(msg_id)
     }
 
     /// The end marker of a multicall stream.
     pub fn end(msg_id: &str) -> Self {
-        Reply::result(msg_id, Value::Null)
+        Answer::end().into_reply(msg_id)
     }
 
     /// A call-monitor heartbeat.
     pub fn heartbeat(msg_id: &str) -> Self {
-        Reply {
-            ending: false,
-            ..Reply::result(msg_id, Value::Null)
-        }
+        Answer::heartbeat().into_reply(msg_id)
     }
 
     /// Whether this reply only says "still working".
@@ -132,10 +121,94 @@ impl Reply {
     }
 }
 
+/// What a server answers, without the ids: it encodes with [`encode_answer`] under
+/// the request's borrowed `_msg_id` and a fresh `_unique_id` written in place, so a
+/// reply costs no copy of either.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Answer {
+    result: Value,
+    failure: Option<RemoteError>,
+    ending: bool,
+}
+
+impl Answer {
+    /// The final answer with a result.
+    pub(crate) fn result(result: Value) -> Self {
+        Answer {
+            result,
+            failure: None,
+            ending: true,
+        }
+    }
+
+    /// One streamed item.
+    pub(crate) fn item(item: Value) -> Self {
+        Answer {
+            ending: false,
+            ..Answer::result(item)
+        }
+    }
+
+    /// The final answer of a failed call.
+    pub(crate) fn failure(failure: RemoteError) -> Self {
+        Answer {
+            failure: Some(failure),
+            ..Answer::result(Value::Null)
+        }
+    }
+
+    /// The end marker of a stream.
+    pub(crate) fn end() -> Self {
+        Answer::result(Value::Null)
+    }
+
+    /// A call-monitor heartbeat.
+    pub(crate) fn heartbeat() -> Self {
+        Answer {
+            ending: false,
+            ..Answer::result(Value::Null)
+        }
+    }
+
+    fn into_reply(self, msg_id: &str) -> Reply {
+        Reply {
+            result: self.result,
+            failure: self.failure,
+            ending: self.ending,
+            msg_id: msg_id.to_owned(),
+            unique_id: new_id(),
+        }
+    }
+}
+
 /// Encodes a request into an enveloped body. The members are written in the order
 /// oslo.messaging writes them.
 pub fn encode_request(req: &Request) -> Result<Vec<u8>, CodecError> {
-    encode_request_with(req, Args::Map(&req.args))
+    let head = Head {
+        method: &req.method,
+        namespace: req.namespace.as_deref(),
+        version: req.version.as_deref().map(Cow::Borrowed),
+        context: &req.context,
+        msg_id: req.msg_id.as_deref(),
+        reply_to: req.reply_to.as_deref(),
+        call_monitor: req.call_monitor,
+        unique_id: req.unique_id.as_deref(),
+    };
+    encode_request_with(&head, Args::Map(&req.args))
+}
+
+/// A request's members but its arguments, borrowed: a client writes its target's,
+/// its context's and the call's without copying them into a [`Request`] first.
+pub(crate) struct Head<'a> {
+    pub(crate) method: &'a str,
+    pub(crate) namespace: Option<&'a str>,
+    pub(crate) version: Option<Cow<'a, str>>,
+    pub(crate) context: &'a Context,
+    pub(crate) msg_id: Option<&'a str>,
+    pub(crate) reply_to: Option<&'a str>,
+    pub(crate) call_monitor: Option<f64>,
+    /// `None` writes a fresh one.
+    pub(crate) unique_id: Option<&'a str>,
 }
 
 /// A request's arguments, for [`encode_request_with`].
@@ -147,47 +220,45 @@ pub(crate) enum Args<'a> {
     Escaped(&'a [u8]),
 }
 
-/// [`encode_request`] with `args` written in place of `req.args`: a client encodes
-/// its keyword arguments once and writes them from there into every attempt's body.
-pub(crate) fn encode_request_with(req: &Request, args: Args<'_>) -> Result<Vec<u8>, CodecError> {
+/// Encodes the request `head` with `args`: a client encodes its keyword arguments
+/// once and writes them from there into every attempt's body.
+pub(crate) fn encode_request_with(head: &Head<'_>, args: Args<'_>) -> Result<Vec<u8>, CodecError> {
     let mut out = envelope::Writer::new();
     out.member(br#"\"method\":"#);
-    out.string(&req.method)?;
+    out.string(head.method)?;
     out.member(br#"\"args\":"#);
     match args {
         Args::Map(args) => out.object(args)?,
         Args::Escaped(text) => out.escaped(text),
     }
-    if let Some(namespace) = &req.namespace {
+    if let Some(namespace) = head.namespace {
         out.member(br#"\"namespace\":"#);
         out.string(namespace)?;
     }
-    if let Some(version) = &req.version {
+    if let Some(version) = &head.version {
         out.member(br#"\"version\":"#);
         out.string(version)?;
     }
-    if let Some(msg_id) = &req.msg_id {
+    if let Some(msg_id) = head.msg_id {
         out.member(br#"\"_msg_id\":"#);
         out.string(msg_id)?;
     }
     // oslo always sends both keys on calls (null when unset). A cast carries
     // neither, but a request decoded with them (found by the fuzzer) must encode
     // back to what it was.
-    let call = req.msg_id.is_some();
-    if call || req.reply_to.is_some() {
+    let call = head.msg_id.is_some();
+    if call || head.reply_to.is_some() {
         out.member(br#"\"_reply_q\":"#);
-        out.optional_string(req.reply_to.as_deref())?;
+        out.optional_string(head.reply_to)?;
     }
-    if call || req.call_monitor.is_some() {
+    if call || head.call_monitor.is_some() {
         out.member(br#"\"_timeout\":"#);
-        out.serde(&req.call_monitor)?;
+        out.serde(&head.call_monitor)?;
     }
     out.member(br#"\"_unique_id\":"#);
-    match &req.unique_id {
-        Some(unique_id) => out.string(unique_id)?,
-        None => out.string(&new_id())?,
-    }
-    for (key, value) in req.context.iter() {
+    let mut id = [0; ID_LEN];
+    out.string(head.unique_id.unwrap_or_else(|| fresh_id(&mut id)))?;
+    for (key, value) in head.context.iter() {
         out.key(CONTEXT_PREFIX, key)?;
         out.value(value)?;
     }
@@ -196,19 +267,49 @@ pub(crate) fn encode_request_with(req: &Request, args: Args<'_>) -> Result<Vec<u
 
 /// Encodes a reply into an enveloped body; every key is always present.
 pub fn encode_reply(reply: &Reply) -> Result<Vec<u8>, CodecError> {
+    let Reply {
+        result,
+        failure,
+        ending,
+        msg_id,
+        unique_id,
+    } = reply;
+    write_reply(result, failure.as_ref(), *ending, msg_id, Some(unique_id))
+}
+
+/// Encodes `answer` as the reply to `msg_id`, with a fresh `_unique_id`.
+pub(crate) fn encode_answer(answer: &Answer, msg_id: &str) -> Result<Vec<u8>, CodecError> {
+    write_reply(
+        &answer.result,
+        answer.failure.as_ref(),
+        answer.ending,
+        msg_id,
+        None,
+    )
+}
+
+/// A reply's members in oslo's order; `unique_id: None` writes a fresh one.
+fn write_reply(
+    result: &Value,
+    failure: Option<&RemoteError>,
+    ending: bool,
+    msg_id: &str,
+    unique_id: Option<&str>,
+) -> Result<Vec<u8>, CodecError> {
     let mut out = envelope::Writer::new();
     out.member(br#"\"result\":"#);
-    out.value(&reply.result)?;
+    out.value(result)?;
     out.member(br#"\"failure\":"#);
     // A JSON document inside the JSON document, as oslo sends it.
-    let failure = reply.failure.as_ref().map(RemoteError::to_failure_json);
+    let failure = failure.map(RemoteError::to_failure_json);
     out.optional_string(failure.transpose()?.as_deref())?;
     out.member(br#"\"ending\":"#);
-    out.serde(&reply.ending)?;
+    out.serde(&ending)?;
     out.member(br#"\"_msg_id\":"#);
-    out.string(&reply.msg_id)?;
+    out.string(msg_id)?;
     out.member(br#"\"_unique_id\":"#);
-    out.string(&reply.unique_id)?;
+    let mut id = [0; ID_LEN];
+    out.string(unique_id.unwrap_or_else(|| fresh_id(&mut id)))?;
     Ok(out.finish())
 }
 
@@ -646,6 +747,46 @@ fn decode_failure(text: &str) -> RemoteError {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A server's answer encodes as the reply it stands for, under the request's id
+    /// and a fresh `_unique_id` of its own each time.
+    #[test]
+    fn answers_encode_as_their_replies_with_fresh_unique_ids() {
+        let failure = RemoteError::new("ValueError", "no");
+        let cases = [
+            (
+                Answer::result(json!({"a": [1, "x"]})),
+                Reply::result("m1", json!({"a": [1, "x"]})),
+            ),
+            (Answer::item(json!(3)), Reply::item("m1", json!(3))),
+            (
+                Answer::failure(failure.clone()),
+                Reply::failure("m1", failure),
+            ),
+            (Answer::end(), Reply::end("m1")),
+            (Answer::heartbeat(), Reply::heartbeat("m1")),
+        ];
+        for (answer, expected) in cases {
+            let first =
+                decode_reply(&encode_answer(&answer, "m1").expect("encodes")).expect("decodes");
+            let second =
+                decode_reply(&encode_answer(&answer, "m1").expect("encodes")).expect("decodes");
+            assert_eq!(first.unique_id.len(), ID_LEN, "{first:?}");
+            assert!(
+                first.unique_id.bytes().all(|b| b.is_ascii_hexdigit()),
+                "{first:?}"
+            );
+            assert_ne!(first.unique_id, second.unique_id);
+            let unique_id = first.unique_id.clone();
+            assert_eq!(
+                first,
+                Reply {
+                    unique_id,
+                    ..expected
+                }
+            );
+        }
+    }
 
     fn inner_of(body: &[u8]) -> Value {
         let outer: Value = serde_json::from_slice(body).expect("outer json");

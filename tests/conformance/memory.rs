@@ -121,3 +121,54 @@ async fn a_call_stuck_in_its_publish_times_out_as_a_publish() {
     assert!(waited >= timeout, "waited {waited:?}");
     assert!(started.elapsed() < timeout * 10, "{:?}", started.elapsed());
 }
+
+/// A client's setters retarget it: a client made for one topic, then given another
+/// topic, an exchange and a server, reaches that server, and a copy made with
+/// `prepare` before the change still reaches the first one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_retargeted_by_its_setters_reaches_its_new_server() {
+    use std::time::Duration;
+
+    use mqrpc::{Client, Context, Endpoint, MemoryTransport, RemoteError, Server, Target};
+
+    let transport: Arc<dyn Transport> = Arc::new(MemoryTransport::new());
+    let named = |name: &'static str| {
+        Endpoint::new().method("whoami", move |_ctx, _args: serde_json::Value| async move {
+            Ok::<_, RemoteError>(name)
+        })
+    };
+    let first = Server::builder(transport.clone(), Target::new("first").server("a"))
+        .endpoint(named("a"))
+        .start()
+        .await
+        .expect("a server");
+    let second = Server::builder(
+        transport.clone(),
+        Target::new("second").exchange("other").server("b"),
+    )
+    .endpoint(named("b"))
+    .start()
+    .await
+    .expect("a server");
+
+    let client =
+        Client::new(transport.clone(), Target::new("first")).timeout(Duration::from_secs(5));
+    let before = client.prepare();
+    let client = client.topic("second").exchange("other").server("b");
+    let ctx = Context::new();
+    let args = serde_json::json!({});
+    let answer: String = client.call(&ctx, "whoami", &args).await.expect("an answer");
+    assert_eq!(answer, "b");
+    let answer: String = before.call(&ctx, "whoami", &args).await.expect("an answer");
+    assert_eq!(answer, "a");
+    // The named server of the other topic is not a server of the first one.
+    let missing = before
+        .clone()
+        .server("b")
+        .timeout(Duration::from_millis(300))
+        .call::<_, String>(&ctx, "whoami", &args)
+        .await;
+    assert!(missing.is_err(), "{missing:?}");
+    first.shutdown().await.expect("shutdown");
+    second.shutdown().await.expect("shutdown");
+}

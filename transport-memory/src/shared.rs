@@ -623,9 +623,10 @@ async fn serve_connection(bus: MemoryTransport, stream: UnixStream) {
                     body,
                     time_to_live: ttl_ms.map(Duration::from_millis),
                     mandatory,
-                    call: reply_to
-                        .zip(msg_id)
-                        .map(|(reply_to, msg_id)| CallHint { reply_to, msg_id }),
+                    call: reply_to.zip(msg_id).map(|(reply_to, msg_id)| CallHint {
+                        reply_to: reply_to.into(),
+                        msg_id: msg_id.into(),
+                    }),
                 };
                 let _ = sends.send((id, address, message));
             }
@@ -1101,7 +1102,7 @@ impl Publisher for AttachedPublisher {
         Error::check_size(message.body.len(), self.link.max_message_size)?;
         let (reply_to, msg_id) = message
             .call
-            .map(|hint| (hint.reply_to, hint.msg_id))
+            .map(|hint| (hint.reply_to.to_string(), hint.msg_id.to_string()))
             .unzip();
         self.link
             .request(
