@@ -381,3 +381,123 @@ impl fmt::Debug for Delivery {
             .finish_non_exhaustive()
     }
 }
+
+/// Streams merged into one, polled in turn from the one after the last to yield, so
+/// that a busy stream does not starve the others. For a consumer reading several
+/// subscriptions: unlike `futures`' `SelectAll`, which puts a stream back into a new
+/// task node after every item, it allocates nothing per item. A stream that ends is
+/// dropped; the merge ends when every stream has.
+pub struct Merged<S> {
+    streams: Vec<S>,
+    next: usize,
+}
+
+impl<S> Merged<S> {
+    /// No streams yet: the merge is at its end until one is pushed.
+    pub fn new() -> Self {
+        Merged {
+            streams: Vec::new(),
+            next: 0,
+        }
+    }
+
+    /// Adds a stream.
+    pub fn push(&mut self, stream: S) {
+        self.streams.push(stream);
+    }
+
+    /// How many streams have not ended.
+    pub fn len(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// Whether every stream has ended (or none was pushed).
+    pub fn is_empty(&self) -> bool {
+        self.streams.is_empty()
+    }
+}
+
+impl<S> Default for Merged<S> {
+    fn default() -> Self {
+        Merged::new()
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for Merged<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Merged")
+            .field("streams", &self.streams)
+            .finish()
+    }
+}
+
+impl<S: futures::Stream + Unpin> futures::Stream for Merged<S> {
+    type Item = S::Item;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<S::Item>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        let mut tried = 0;
+        while tried < this.streams.len() {
+            let at = (this.next + tried) % this.streams.len();
+            match std::pin::Pin::new(&mut this.streams[at]).poll_next(cx) {
+                Poll::Ready(Some(item)) => {
+                    this.next = at + 1;
+                    return Poll::Ready(Some(item));
+                }
+                // The stream in its place is tried next, at the same count.
+                Poll::Ready(None) => {
+                    this.streams.remove(at);
+                    if at < this.next {
+                        this.next -= 1;
+                    }
+                }
+                Poll::Pending => tried += 1,
+            }
+        }
+        if this.streams.is_empty() {
+            Poll::Ready(None)
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+    use futures::stream::{self, BoxStream};
+
+    use super::Merged;
+
+    #[tokio::test]
+    async fn merged_streams_take_turns_and_end_with_the_last() {
+        let mut merged: Merged<BoxStream<'static, u32>> = Merged::new();
+        merged.push(stream::iter([1, 2, 3, 4]).boxed());
+        merged.push(stream::iter([10]).boxed());
+        merged.push(stream::empty().boxed());
+        merged.push(stream::iter([20, 21]).boxed());
+        let all: Vec<u32> = (&mut merged).collect().await;
+        assert_eq!(all, [1, 10, 20, 2, 21, 3, 4]);
+        assert!(merged.is_empty());
+        assert_eq!(merged.next().await, None);
+    }
+
+    #[tokio::test]
+    async fn a_merged_stream_that_waits_does_not_hold_the_others_back() {
+        let (tx, rx) = futures::channel::mpsc::unbounded::<u32>();
+        let mut merged: Merged<BoxStream<'static, u32>> = Merged::new();
+        merged.push(rx.boxed());
+        merged.push(stream::iter([7, 8]).boxed());
+        assert_eq!(merged.next().await, Some(7));
+        assert_eq!(merged.next().await, Some(8));
+        tx.unbounded_send(1).expect("sent");
+        assert_eq!(merged.next().await, Some(1));
+        drop(tx);
+        assert_eq!(merged.next().await, None);
+        assert_eq!(merged.len(), 0);
+    }
+}

@@ -16,7 +16,7 @@ use std::io::Read;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use futures::stream::{BoxStream, SelectAll};
+use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
@@ -24,6 +24,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
+use rpc_core::transport::Merged;
 use rpc_core::{Acker, Consumer, Delivery, Error, NoAck, Result};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -114,7 +115,7 @@ async fn until_lost(
 
 /// A live subscription's deliveries, read by the consumer.
 struct Live {
-    stream: SelectAll<Deliveries>,
+    stream: Merged<Deliveries>,
     /// Shared with the deliveries' ackers, which keep it open until they settle.
     channel: Arc<Channel>,
     settles: bool,
@@ -399,7 +400,7 @@ type Deliveries = BoxStream<'static, std::result::Result<lapin::message::Deliver
 /// One subscription on one channel.
 struct Session {
     channel: Arc<Channel>,
-    stream: SelectAll<Deliveries>,
+    stream: Merged<Deliveries>,
     tags: Vec<String>,
 }
 
@@ -527,7 +528,7 @@ impl ConsumerTask {
                 (vec![queue.clone()], true)
             }
         };
-        let mut stream = SelectAll::new();
+        let mut stream = Merged::new();
         let mut tags = Vec::new();
         for queue in queues {
             let consumer = channel

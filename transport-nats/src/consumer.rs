@@ -10,7 +10,8 @@ use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use async_nats::jetstream::{self, AckKind};
 use async_trait::async_trait;
 use futures::StreamExt;
-use futures::stream::{BoxStream, SelectAll};
+use futures::stream::BoxStream;
+use rpc_core::transport::Merged;
 use rpc_core::wire::{Reply, encode_reply};
 use rpc_core::{
     Acker, Consumer, Delivery, Error, NO_RESPONDERS_CLASS, NoAck, RemoteError, Result,
@@ -57,7 +58,7 @@ type Deliveries = BoxStream<'static, Result<Delivery>>;
 
 /// A server's subscriptions, merged.
 pub(crate) struct ServerConsumer {
-    streams: SelectAll<Deliveries>,
+    streams: Merged<Deliveries>,
     shared: Arc<Shared>,
     slow_seen: u64,
     stopped: bool,
@@ -241,7 +242,7 @@ impl ServerConsumer {
             .subscribe(config.fanout_subject(&exchange, &target.topic))
             .await
             .map_err(subscribe_error)?;
-        let mut streams = SelectAll::new();
+        let mut streams = Merged::new();
         for subscriber in [topic, direct, fanout] {
             streams.push(plain(subscriber));
         }
@@ -318,7 +319,7 @@ impl Consumer for ServerConsumer {
     async fn stop(&mut self) -> Result<()> {
         self.stopped = true;
         // Dropping a subscriber unsubscribes it; dropping a pull stream stops pulling.
-        self.streams = SelectAll::new();
+        self.streams = Merged::new();
         // Bounded: while the connection is down the client does not flush at all.
         let _ = tokio::time::timeout(crate::ROUND_TRIP_LIMIT, self.shared.client.flush()).await;
         Ok(())
@@ -429,14 +430,14 @@ impl Acker for JetStreamAcker {
 /// A watcher of a topic: plain (not queue-group) subscriptions to the topic, every
 /// server subject of it and its fanout, so servers still get every message.
 pub(crate) struct Monitor {
-    streams: SelectAll<Deliveries>,
+    streams: Merged<Deliveries>,
 }
 
 impl Monitor {
     pub(crate) async fn start(shared: Arc<Shared>, target: &Target) -> Result<Self> {
         let config = &shared.config;
         let exchange = target.exchange_or(&config.exchange).to_owned();
-        let mut streams = SelectAll::new();
+        let mut streams = Merged::new();
         let mut subjects = vec![
             config.topic_subject(&exchange, &target.topic),
             format!("{}.s.*", config.topic_subject(&exchange, &target.topic)),
@@ -473,7 +474,7 @@ impl Consumer for Monitor {
     }
 
     async fn stop(&mut self) -> Result<()> {
-        self.streams = SelectAll::new();
+        self.streams = Merged::new();
         Ok(())
     }
 }

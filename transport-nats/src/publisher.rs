@@ -3,7 +3,7 @@
 //! the server has the message (or, in JetStream mode, once the stream stored it);
 //! replies are published plainly.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use async_nats::jetstream;
@@ -28,7 +28,14 @@ pub(crate) struct NatsPublisher {
     /// The subject of the last address published to: a client mostly sends to one
     /// target, and working a subject out formats several strings.
     last_subject: Mutex<Option<(Address, async_nats::Subject)>>,
+    /// The subjects of the inboxes replied to lately, checked once: a server answers
+    /// the same clients again and again, and async-nats copies a subject given as a
+    /// string twice per publish, where a kept `Subject` is shared.
+    reply_subjects: Mutex<HashMap<String, async_nats::Subject, foldhash::fast::RandomState>>,
 }
+
+/// How many reply subjects a publisher keeps before it starts afresh.
+const REPLY_SUBJECTS: usize = 1024;
 
 impl NatsPublisher {
     pub(crate) fn new(
@@ -43,6 +50,7 @@ impl NatsPublisher {
             jetstream,
             streams: Mutex::new(HashSet::new()),
             last_subject: Mutex::new(None),
+            reply_subjects: Mutex::new(HashMap::default()),
         }
     }
 
@@ -109,6 +117,27 @@ impl NatsPublisher {
         crate::round_trip(&self.client, &self.config).await
     }
 
+    /// The subject of a reply inbox a request named, or `None` when it is not one
+    /// of this transport's inboxes or cannot go into a `PUB` line.
+    fn reply_subject(&self, inbox: &str) -> Option<async_nats::Subject> {
+        let mut known = self
+            .reply_subjects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(subject) = known.get(inbox) {
+            return Some(subject.clone());
+        }
+        if !inbox.starts_with(&self.reply_prefix) || !valid_inbox(inbox) {
+            return None;
+        }
+        if known.len() >= REPLY_SUBJECTS {
+            known.clear();
+        }
+        let subject = async_nats::Subject::from(inbox);
+        known.insert(inbox.to_owned(), subject.clone());
+        Some(subject)
+    }
+
     fn subject(&self, address: &Address) -> Option<async_nats::Subject> {
         // Replies (a server's every publish) have no subject: no lock for them.
         if matches!(address, Address::Reply(_)) {
@@ -167,14 +196,14 @@ impl Publisher for NatsPublisher {
             let Address::Reply(inbox) = address else {
                 return Ok(());
             };
-            if !inbox.starts_with(&self.reply_prefix) || !valid_inbox(inbox) {
+            let Some(inbox) = self.reply_subject(inbox) else {
                 return Err(Error::Undeliverable {
                     address: address.to_string(),
                 });
-            }
+            };
             return self
                 .client
-                .publish(inbox.clone(), message.body)
+                .publish(inbox, message.body)
                 .await
                 .map_err(|e| publish_error(address, e, size, limit));
         };
