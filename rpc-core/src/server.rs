@@ -640,7 +640,11 @@ impl Call<'_> {
         match self.replier.send(self.reply_to, self.msg_id, &answer).await {
             Ok(()) => true,
             Err(err) => {
-                tracing::warn!(error = %err, reply_to = %self.reply_to, "reply dropped");
+                let reply_to = match self.reply_to {
+                    Address::Reply(queue) => queue.as_str(),
+                    _ => "",
+                };
+                tracing::warn!(error = %err, reply_to, "reply dropped");
                 false
             }
         }

@@ -406,7 +406,8 @@ impl<S> Merged<S> {
         self.streams.push(stream);
     }
 
-    /// How many streams have not ended.
+    /// How many streams are merged: those that have not been seen to end (a stream
+    /// is dropped when a poll finds it ended).
     pub fn len(&self) -> usize {
         self.streams.len()
     }
