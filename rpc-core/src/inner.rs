@@ -26,8 +26,11 @@ use crate::wire::{ENVELOPE_VERSION, MAX_DEPTH};
 /// Calls `member` with each top-level member of the inner document of `body`, in
 /// order, or returns `None` (possibly after some calls) when `body` is not a plain
 /// 2.0 envelope this reader takes.
+/// Only members whose key `wanted` accepts are built; the others are read with the
+/// same checks and dropped, without allocating.
 pub(crate) fn members<'a>(
     body: &'a [u8],
+    wanted: impl Fn(&str) -> bool,
     mut member: impl FnMut(Cow<'a, str>, Value),
 ) -> Option<()> {
     // One validation of the whole body; every slice taken later starts and ends
@@ -52,7 +55,7 @@ pub(crate) fn members<'a>(
             }
             "oslo.message" if !message => {
                 cursor.eat(b'"')?;
-                cursor.document(&mut member)?;
+                cursor.document(&wanted, &mut member)?;
                 cursor.eat(b'"')?;
                 message = true;
             }
@@ -165,13 +168,15 @@ impl<'a> Cursor<'a> {
         Some(())
     }
 
-    /// Whitespace of the inner document: as it is, or escaped (`\n`, `\r`, `\t`).
-    /// Raw tabs and line breaks are taken too, as the general path takes them.
+    /// Whitespace of the inner document: a space, or a tab or line break escaped
+    /// (`\n`, `\r`, `\t`). A raw tab or line break would be a control character
+    /// inside the envelope's string, which no JSON parser takes (the general path
+    /// refuses it).
     fn ws(&mut self) {
         let bytes = self.bytes();
         loop {
             match bytes.get(self.at) {
-                Some(b' ' | b'\t' | b'\n' | b'\r') => self.at += 1,
+                Some(b' ') => self.at += 1,
                 Some(b'\\') if matches!(bytes.get(self.at + 1), Some(b'n' | b'r' | b't')) => {
                     self.at += 2;
                 }
@@ -187,12 +192,21 @@ impl<'a> Cursor<'a> {
 
     /// The inner document: an object whose members go to `member`. Leaves the
     /// cursor on the envelope string's closing quote.
-    fn document(&mut self, member: &mut impl FnMut(Cow<'a, str>, Value)) -> Option<()> {
+    fn document(
+        &mut self,
+        wanted: &impl Fn(&str) -> bool,
+        member: &mut impl FnMut(Cow<'a, str>, Value),
+    ) -> Option<()> {
         self.ws();
         self.eat(b'{')?;
         self.items(b'}', |cursor| {
-            let (key, value) = cursor.member(1)?;
-            member(key, value);
+            let key = cursor.key()?;
+            if wanted(&key) {
+                let value = cursor.value(1)?;
+                member(key, value);
+            } else {
+                cursor.skip(1)?;
+            }
             Some(())
         })?;
         self.ws();
@@ -218,15 +232,49 @@ impl<'a> Cursor<'a> {
         }
     }
 
-    /// `"key": value` of an object at `depth`.
-    fn member(&mut self, depth: usize) -> Option<(Cow<'a, str>, Value)> {
+    /// `"key":` of an object's member.
+    fn key(&mut self) -> Option<Cow<'a, str>> {
         self.ws();
         self.quote()?;
         let key = self.string()?;
         self.ws();
         self.eat(b':')?;
+        Some(key)
+    }
+
+    /// `"key": value` of an object at `depth`.
+    fn member(&mut self, depth: usize) -> Option<(Cow<'a, str>, Value)> {
+        let key = self.key()?;
         let value = self.value(depth)?;
         Some((key, value))
+    }
+
+    /// A value inside a container at `depth`, read with [`Cursor::value`]'s checks
+    /// but not built: no string is copied (unless it has escapes) and no container
+    /// is allocated.
+    fn skip(&mut self, depth: usize) -> Option<()> {
+        self.ws();
+        match self.peek()? {
+            b'\\' => {
+                self.quote()?;
+                self.string().map(drop)
+            }
+            b'{' => {
+                let depth = Self::deeper(depth)?;
+                self.at += 1;
+                self.items(b'}', |cursor| {
+                    cursor.key()?;
+                    cursor.skip(depth)
+                })
+            }
+            b'[' => {
+                let depth = Self::deeper(depth)?;
+                self.at += 1;
+                self.items(b']', |cursor| cursor.skip(depth))
+            }
+            // The scalars allocate nothing.
+            _ => self.value(depth).map(drop),
+        }
     }
 
     /// A value inside a container at `depth`.
@@ -380,8 +428,21 @@ mod tests {
     /// The members the fast path reads, or `None`.
     fn fast(body: &[u8]) -> Option<Vec<(String, Value)>> {
         let mut read = Vec::new();
-        members(body, |key, value| read.push((key.into_owned(), value)))?;
+        members(
+            body,
+            |_| true,
+            |key, value| read.push((key.into_owned(), value)),
+        )?;
         Some(read)
+    }
+
+    /// Whether the fast path takes `body` when it skips every member, and that it
+    /// then hands out none.
+    fn skipping(body: &[u8]) -> bool {
+        let mut handed = 0;
+        let taken = members(body, |_| false, |_, _| handed += 1).is_some();
+        assert_eq!(handed, 0);
+        taken
     }
 
     /// The members by the general path: the envelope by serde_json, then its string.
@@ -466,6 +527,8 @@ mod tests {
         for inner in inners {
             let body = envelope(inner);
             let (fast, general) = (fast(&body), general(&body));
+            // Members that are not wanted are checked as strictly as those built.
+            assert_eq!(skipping(&body), fast.is_some(), "{inner}");
             // These are all shapes the fast path reads when they are valid JSON.
             assert_eq!(fast.map(as_map), general.map(as_map), "{inner}");
         }
@@ -473,6 +536,34 @@ mod tests {
         let nested = |n: usize| format!("{{\"a\":{}1{}}}", "[".repeat(n), "]".repeat(n));
         assert!(fast(&envelope(&nested(MAX_DEPTH - 1))).is_some());
         assert!(fast(&envelope(&nested(MAX_DEPTH))).is_none());
+        let objects = |n: usize| format!("{}1{}", "{\"a\":".repeat(n), "}".repeat(n));
+        assert!(skipping(&envelope(&nested(MAX_DEPTH - 1))));
+        assert!(!skipping(&envelope(&nested(MAX_DEPTH))));
+        for n in [MAX_DEPTH - 1, MAX_DEPTH, MAX_DEPTH + 1] {
+            let (deep_list, deep_object) = (envelope(&nested(n)), envelope(&objects(n)));
+            assert_eq!(skipping(&deep_list), fast(&deep_list).is_some(), "{n}");
+            assert_eq!(skipping(&deep_object), fast(&deep_object).is_some(), "{n}");
+        }
+        assert!(skipping(&envelope(&objects(MAX_DEPTH))));
+        assert!(!skipping(&envelope(&objects(MAX_DEPTH + 1))));
+    }
+
+    /// Found by the fuzzer: the fast path took a raw line break as the inner
+    /// document's whitespace, where the envelope's string cannot hold one.
+    #[test]
+    fn raw_tabs_and_line_breaks_in_the_envelope_string_are_refused() {
+        for raw in ["\r", "\n", "\t"] {
+            let body = [
+                r#"{"oslo.version":"2.0","oslo.message":"{\"a\":"#,
+                raw,
+                r#"1}"}"#,
+            ]
+            .concat();
+            assert_eq!(fast(body.as_bytes()), None, "{raw:?}");
+            assert_eq!(general(body.as_bytes()), None, "{raw:?}");
+            let escaped = body.replace(raw, &raw.escape_default().to_string());
+            assert!(fast(escaped.as_bytes()).is_some(), "{escaped}");
+        }
     }
 
     #[test]

@@ -537,7 +537,10 @@ fn read_members(body: &[u8], keys: &'static Keys) -> Result<Read, CodecError> {
 /// The fast path of [`read_members`]: `None` where it gives up.
 pub(crate) fn read_fast(body: &[u8], keys: &'static Keys) -> Option<Read> {
     let mut read = Read::new();
-    inner::members(body, |key, value| {
+    let wanted = |key: &str| {
+        (keys.position)(key).is_some() || (keys.context && key.starts_with(CONTEXT_PREFIX))
+    };
+    inner::members(body, wanted, |key, value| {
         if let Some(slot) = read.slot(keys, &key) {
             slot.fill(value);
         }
