@@ -26,12 +26,13 @@ use crate::wire::{ENVELOPE_VERSION, MAX_DEPTH};
 /// Calls `member` with each top-level member of the inner document of `body`, in
 /// order, or returns `None` (possibly after some calls) when `body` is not a plain
 /// 2.0 envelope this reader takes.
-/// Only members whose key `wanted` accepts are built; the others are read with the
-/// same checks and dropped, without allocating.
-pub(crate) fn members<'a>(
+/// Only members for which `wanted` says where they go are built, and handed to
+/// `member` with that answer; the others are read with the same checks and dropped,
+/// without allocating.
+pub(crate) fn members<'a, W>(
     body: &'a [u8],
-    wanted: impl Fn(&str) -> bool,
-    mut member: impl FnMut(Cow<'a, str>, Value),
+    wanted: impl Fn(&str) -> Option<W>,
+    mut member: impl FnMut(Cow<'a, str>, W, Value),
 ) -> Option<()> {
     // One validation of the whole body; every slice taken later starts and ends
     // next to an ASCII byte, so it is valid too.
@@ -192,20 +193,21 @@ impl<'a> Cursor<'a> {
 
     /// The inner document: an object whose members go to `member`. Leaves the
     /// cursor on the envelope string's closing quote.
-    fn document(
+    fn document<W>(
         &mut self,
-        wanted: &impl Fn(&str) -> bool,
-        member: &mut impl FnMut(Cow<'a, str>, Value),
+        wanted: &impl Fn(&str) -> Option<W>,
+        member: &mut impl FnMut(Cow<'a, str>, W, Value),
     ) -> Option<()> {
         self.ws();
         self.eat(b'{')?;
         self.items(b'}', |cursor| {
             let key = cursor.key()?;
-            if wanted(&key) {
-                let value = cursor.value(1)?;
-                member(key, value);
-            } else {
-                cursor.skip(1)?;
+            match wanted(&key) {
+                Some(to) => {
+                    let value = cursor.value(1)?;
+                    member(key, to, value);
+                }
+                None => cursor.skip(1)?,
             }
             Some(())
         })?;
@@ -430,8 +432,8 @@ mod tests {
         let mut read = Vec::new();
         members(
             body,
-            |_| true,
-            |key, value| read.push((key.into_owned(), value)),
+            |_| Some(()),
+            |key, (), value| read.push((key.into_owned(), value)),
         )?;
         Some(read)
     }
@@ -440,7 +442,7 @@ mod tests {
     /// then hands out none.
     fn skipping(body: &[u8]) -> bool {
         let mut handed = 0;
-        let taken = members(body, |_| false, |_, _| handed += 1).is_some();
+        let taken = members(body, |_| None::<()>, |_, (), _| handed += 1).is_some();
         assert_eq!(handed, 0);
         taken
     }

@@ -475,30 +475,37 @@ impl Read {
     }
 
     /// Where the member `key` goes, if it is read at all.
-    fn slot(&mut self, keys: &Keys, key: &str) -> Option<Slot<'_>> {
-        if let Some(index) = (keys.position)(key) {
-            return self.values.get_mut(index).map(Slot::Value);
+    /// Where the member `key` goes, or `None` when it is not read.
+    fn wanted(keys: &Keys, key: &str) -> Option<Wanted> {
+        match (keys.position)(key) {
+            Some(index) => Some(Wanted::At(index)),
+            None => (keys.context && key.starts_with(CONTEXT_PREFIX)).then_some(Wanted::Context),
         }
-        let name = key.strip_prefix(CONTEXT_PREFIX).filter(|_| keys.context)?;
-        Some(Slot::Context(&mut self.context, name.to_owned()))
     }
-}
 
-/// A place for one member's value.
-enum Slot<'r> {
-    Value(&'r mut Option<Value>),
-    Context(&'r mut Map<String, Value>, String),
-}
-
-impl Slot<'_> {
-    fn fill(self, value: Value) {
-        match self {
-            Slot::Value(slot) => *slot = Some(value),
-            Slot::Context(context, name) => {
-                context.insert(name, value);
+    /// Keeps the value of the member `key`, found [`Wanted`] where it is.
+    fn fill(&mut self, wanted: Wanted, key: &str, value: Value) {
+        match wanted {
+            Wanted::At(index) => {
+                if let Some(slot) = self.values.get_mut(index) {
+                    *slot = Some(value);
+                }
+            }
+            Wanted::Context => {
+                let name = key.get(CONTEXT_PREFIX.len()..).unwrap_or_default();
+                self.context.insert(name.to_owned(), value);
             }
         }
     }
+}
+
+/// Where a member that is read goes.
+#[derive(Clone, Copy)]
+pub(crate) enum Wanted {
+    /// The value at this position of [`Keys::names`].
+    At(usize),
+    /// A `_context_` member, into the context.
+    Context,
 }
 
 impl<'de> serde::de::DeserializeSeed<'de> for Members<'_> {
@@ -515,8 +522,8 @@ impl<'de> serde::de::Visitor<'de> for Members<'_> {
     }
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut access: A) -> Result<(), A::Error> {
         while let Some(Key(key)) = access.next_key::<Key<'de>>()? {
-            match self.read.slot(self.keys, &key) {
-                Some(slot) => slot.fill(access.next_value()?),
+            match Read::wanted(self.keys, &key) {
+                Some(wanted) => self.read.fill(wanted, &key, access.next_value()?),
                 // Skipped without being built.
                 None => access.next_value::<serde::de::IgnoredAny>().map(drop)?,
             }
@@ -537,14 +544,11 @@ fn read_members(body: &[u8], keys: &'static Keys) -> Result<Read, CodecError> {
 /// The fast path of [`read_members`]: `None` where it gives up.
 pub(crate) fn read_fast(body: &[u8], keys: &'static Keys) -> Option<Read> {
     let mut read = Read::new();
-    let wanted = |key: &str| {
-        (keys.position)(key).is_some() || (keys.context && key.starts_with(CONTEXT_PREFIX))
-    };
-    inner::members(body, wanted, |key, value| {
-        if let Some(slot) = read.slot(keys, &key) {
-            slot.fill(value);
-        }
-    })?;
+    inner::members(
+        body,
+        |key| Read::wanted(keys, key),
+        |key, wanted, value| read.fill(wanted, &key, value),
+    )?;
     Some(read)
 }
 
