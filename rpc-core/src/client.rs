@@ -377,14 +377,9 @@ impl Client {
     /// were encoded to once.
     fn head<'a>(&'a self, ctx: &'a Context, method: &'a str) -> Head<'a> {
         Head {
-            method,
             namespace: self.target.namespace.as_deref(),
             version: self.target.version.map(|v| Cow::Owned(v.to_string())),
-            context: ctx,
-            msg_id: None,
-            reply_to: None,
-            call_monitor: None,
-            unique_id: None,
+            ..Head::new(method, ctx)
         }
     }
 
@@ -834,16 +829,7 @@ mod tests {
     /// The arguments as a request carrying them decodes them.
     fn decoded_args(args: &EncodedArgs) -> Map<String, Value> {
         let context = Context::new();
-        let head = Head {
-            method: "m",
-            namespace: None,
-            version: None,
-            context: &context,
-            msg_id: None,
-            reply_to: None,
-            call_monitor: None,
-            unique_id: None,
-        };
+        let head = Head::new("m", &context);
         let body = wire::encode_request_with(&head, wire::Args::Escaped(&args.0)).expect("encodes");
         wire::decode_request(&body).expect("decodes").args
     }

@@ -211,6 +211,23 @@ pub(crate) struct Head<'a> {
     pub(crate) unique_id: Option<&'a str>,
 }
 
+impl<'a> Head<'a> {
+    /// `method` with `context` and nothing else: no namespace, no version, no ids
+    /// but a fresh `_unique_id`.
+    pub(crate) fn new(method: &'a str, context: &'a Context) -> Self {
+        Head {
+            method,
+            namespace: None,
+            version: None,
+            context,
+            msg_id: None,
+            reply_to: None,
+            call_monitor: None,
+            unique_id: None,
+        }
+    }
+}
+
 /// A request's arguments, for [`encode_request_with`].
 pub(crate) enum Args<'a> {
     /// As a map of values.
@@ -255,9 +272,7 @@ pub(crate) fn encode_request_with(head: &Head<'_>, args: Args<'_>) -> Result<Vec
         out.member(br#"\"_timeout\":"#);
         out.serde(&head.call_monitor)?;
     }
-    out.member(br#"\"_unique_id\":"#);
-    let mut id = [0; ID_LEN];
-    out.string(head.unique_id.unwrap_or_else(|| fresh_id(&mut id)))?;
+    unique_id_member(&mut out, head.unique_id)?;
     for (key, value) in head.context.iter() {
         out.key(CONTEXT_PREFIX, key)?;
         out.value(value)?;
@@ -307,10 +322,16 @@ fn write_reply(
     out.serde(&ending)?;
     out.member(br#"\"_msg_id\":"#);
     out.string(msg_id)?;
+    unique_id_member(&mut out, unique_id)?;
+    Ok(out.finish())
+}
+
+/// The `_unique_id` member: `given`, or a fresh id written in place.
+fn unique_id_member(out: &mut envelope::Writer, given: Option<&str>) -> Result<(), CodecError> {
     out.member(br#"\"_unique_id\":"#);
     let mut id = [0; ID_LEN];
-    out.string(unique_id.unwrap_or_else(|| fresh_id(&mut id)))?;
-    Ok(out.finish())
+    out.string(given.unwrap_or_else(|| fresh_id(&mut id)))?;
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -474,7 +495,6 @@ impl Read {
         self.values.get_mut(index).and_then(Option::take)
     }
 
-    /// Where the member `key` goes, if it is read at all.
     /// Where the member `key` goes, or `None` when it is not read.
     fn wanted(keys: &Keys, key: &str) -> Option<Wanted> {
         match (keys.position)(key) {
@@ -501,7 +521,7 @@ impl Read {
 
 /// Where a member that is read goes.
 #[derive(Clone, Copy)]
-pub(crate) enum Wanted {
+enum Wanted {
     /// The value at this position of [`Keys::names`].
     At(usize),
     /// A `_context_` member, into the context.
