@@ -102,16 +102,21 @@ def main():
             theirs = figures(run.get("raw")).get(row)
             cells += [number(ours), number(theirs), ratio(run, row, ours, theirs)]
         print("| " + " | ".join(cells) + " |")
-    # The bare client with confirms is measured at concurrency 64 only: one point.
-    confirmed = runs["amqp"].get("raw_confirmed")
-    if confirmed:
-        ours = point(runs["amqp"]["mqrpc"].get("throughput"), 64)
-        theirs = confirmed.get("calls_per_s")
-        if ours and theirs:
-            print()
-            print(f"AMQP bare client with publisher confirms at concurrency 64: "
-                  f"{number(theirs)} calls/s; mqrpc {number(ours)} is "
-                  f"{ours / theirs:.2f}× of it.")
+    # The bare client's other shapes are measured at concurrency 64 only: one point
+    # each. Files written before `raw_shaped` have AMQP's confirmed shape alone.
+    for backend, label in BROKERS:
+        run = runs[backend]
+        shaped = run.get("raw_shaped") or []
+        if not shaped and run.get("raw_confirmed"):
+            shaped = [{"name": "with publisher confirms", "median": run["raw_confirmed"]}]
+        ours = point((run.get("mqrpc") or {}).get("throughput"), 64)
+        for shape in shaped:
+            theirs = shape["median"].get("calls_per_s")
+            if ours and theirs:
+                print()
+                print(f"{label} bare client {shape['name']} at concurrency 64: "
+                      f"{number(theirs)} calls/s; mqrpc {number(ours)} is "
+                      f"{ours / theirs:.2f}× of it.")
 
 
 if __name__ == "__main__":

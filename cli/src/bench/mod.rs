@@ -96,16 +96,26 @@ pub(crate) struct Run {
     pub(crate) rounds: usize,
     pub(crate) mqrpc: Figures,
     pub(crate) raw: Option<Figures>,
-    /// AMQP with `--raw`: bare lapin with publisher confirms at concurrency 64, to
-    /// show what confirms cost the broker apart from mqrpc (median over the rounds).
+    /// With `--raw`, on AMQP and NATS: the bare client doing more of mqrpc's wire work
+    /// (see [`raw::shaped_pairs`]), at concurrency 64 only: what that work costs the
+    /// broker apart from mqrpc's code.
     #[serde(default)]
-    pub(crate) raw_confirmed: Option<Rate>,
+    pub(crate) raw_shaped: Vec<Shaped>,
     #[serde(default)]
     pub(crate) rounds_mqrpc: Vec<Figures>,
     #[serde(default)]
     pub(crate) rounds_raw: Vec<Figures>,
-    #[serde(default)]
-    pub(crate) rounds_raw_confirmed: Vec<Rate>,
+}
+
+/// The bare client in another shape, measured at concurrency 64 only.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Shaped {
+    /// What the bare client does in this shape.
+    pub(crate) name: String,
+    /// The median over the rounds.
+    pub(crate) median: Rate,
+    /// Each round's figure.
+    pub(crate) rounds: Vec<Rate>,
 }
 
 fn one() -> usize {
@@ -514,16 +524,16 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
     } else {
         None
     };
-    let confirmed_pair = if args.raw && backend == "amqp" {
-        Some(raw::amqp_confirmed_pair(&args.url).await?)
+    let shaped = if args.raw {
+        raw::shaped_pairs(&args.url, SMALL).await?
     } else {
-        None
+        Vec::new()
     };
 
     // Rounds in turn, so that a drift of the machine or the broker during the run
     // weighs on both sides alike: mqrpc first in even rounds, raw first in odd ones.
     let mut per_side: [Vec<Figures>; 2] = Default::default();
-    let mut rounds_raw_confirmed = Vec::new();
+    let mut rounds_shaped = vec![Vec::new(); shaped.len()];
     for round in 0..rounds {
         let mut sides = [(0, Some(&mqrpc_pair)), (1, raw_pair.as_ref())];
         if round % 2 == 1 {
@@ -534,23 +544,30 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
                 per_side[side].push(measure(pair, &args, max_message, &progress).await?);
             }
         }
-        if let Some(pair) = &confirmed_pair {
-            progress.set_message("raw lapin with confirms");
+        for ((name, pair), rounds) in shaped.iter().zip(&mut rounds_shaped) {
+            progress.set_message(format!("raw {name}"));
             throughput(pair.caller.clone(), SMALL, 16, Budget::WARM_UP).await?;
             let budget = calls_for(args.quick, 64, SMALL);
-            rounds_raw_confirmed.push(throughput(pair.caller.clone(), SMALL, 64, budget).await?);
+            rounds.push(throughput(pair.caller.clone(), SMALL, 64, budget).await?);
         }
     }
-    drop((mqrpc_pair, raw_pair, confirmed_pair));
+    let names: Vec<String> = shaped.iter().map(|(name, _)| (*name).to_owned()).collect();
+    drop((mqrpc_pair, raw_pair, shaped));
     let [rounds_mqrpc, rounds_raw] = per_side;
     servers.stop().await;
     let mut mqrpc = median_figures(&rounds_mqrpc);
     mqrpc.bytes_per_in_flight_call = bytes_per_in_flight_call;
     let raw = (!rounds_raw.is_empty()).then(|| median_figures(&rounds_raw));
-    let raw_confirmed = (!rounds_raw_confirmed.is_empty()).then(|| {
-        let same: Vec<&Rate> = rounds_raw_confirmed.iter().collect();
-        median_rate(64, &same)
-    });
+    let raw_shaped = (names.into_iter().zip(rounds_shaped))
+        .map(|(name, rounds)| {
+            let same: Vec<&Rate> = rounds.iter().collect();
+            Shaped {
+                name,
+                median: median_rate(64, &same),
+                rounds,
+            }
+        })
+        .collect();
 
     for &n in &args.servers {
         progress.set_message(format!("{n} competing servers"));
@@ -577,10 +594,9 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
         rounds,
         mqrpc,
         raw,
-        raw_confirmed,
+        raw_shaped,
         rounds_mqrpc,
         rounds_raw,
-        rounds_raw_confirmed,
     };
     println!("{}", report::markdown(&run));
     std::fs::create_dir_all(&args.out)

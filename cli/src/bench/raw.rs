@@ -8,12 +8,15 @@
 //! - RabbitMQ: the classic RPC pattern. The server consumes an exclusive request queue
 //!   (prefetch 256, that many deliveries handled at once) and publishes each body back to
 //!   the delivery's `reply_to` with its `correlation_id`, then acks it; the client consumes
-//!   one exclusive reply queue (no ack) and publishes without publisher confirms.
+//!   one exclusive reply queue (no ack) and publishes without publisher confirms. Two
+//!   more shapes of it ([`AmqpShape`]) add publisher confirms, and then the rest of
+//!   oslo.messaging's wire work, to tell what the broker costs from what mqrpc costs.
 //! - Redis streams: the server reads the request stream through a consumer group and
 //!   `XADD`s each payload to the reply stream named in the entry, then `XACK`s it; the
 //!   client `XADD`s requests and one reader task `XREAD`s its reply stream.
 //! - NATS: core request/reply (`Client::request` against a subscriber that publishes to
-//!   the message's reply subject).
+//!   the message's reply subject). A second shape pads requests and replies to the
+//!   length of mqrpc's messages.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -27,10 +30,10 @@ use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::StreamReadReply;
 use tokio::sync::oneshot;
@@ -65,13 +68,13 @@ pub(crate) async fn pair(url: &str) -> Result<Option<Pair>> {
         .map(|(scheme, _)| scheme.to_ascii_lowercase())
         .with_context(|| format!("not a URL: {url:?}"))?;
     let pair = match scheme.as_str() {
-        "amqp" | "amqps" | "rabbit" => amqp_pair(&amqp_url(url)?, false)
+        "amqp" | "amqps" | "rabbit" => amqp_pair(&amqp_url(url)?, AmqpShape::Plain)
             .await
             .context("raw RabbitMQ (lapin) echo pair")?,
         "redis" | "rediss" => redis_pair(strip_query(url))
             .await
             .context("raw Redis streams (redis-rs) echo pair")?,
-        "nats" | "tls" => nats_pair(strip_query(url))
+        "nats" | "tls" => nats_pair(strip_query(url), Padding::NONE)
             .await
             .context("raw NATS (async-nats) echo pair")?,
         "memory" => return Ok(None),
@@ -80,12 +83,109 @@ pub(crate) async fn pair(url: &str) -> Result<Option<Pair>> {
     Ok(Some(pair))
 }
 
-/// The bare lapin echo pair with publisher confirms on both publish channels (each
-/// publish awaits its confirm), for AMQP only: it shows what confirms cost the broker.
-pub(crate) async fn amqp_confirmed_pair(url: &str) -> Result<Pair> {
-    amqp_pair(&amqp_url(url)?, true)
-        .await
-        .context("raw RabbitMQ (lapin) echo pair with confirms")
+/// What a bare lapin echo pair puts on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AmqpShape {
+    /// The classic RPC pattern, without publisher confirms.
+    Plain,
+    /// The classic pattern with publisher confirms on both publish channels (each
+    /// publish awaits its confirm): what confirms alone cost the broker.
+    Confirmed,
+    /// The messages oslo.messaging (and so mqrpc) sends, made by the bare client:
+    /// confirms; requests through a topic exchange, with oslo's per-message expiry and
+    /// JSON content properties; mandatory replies; and bodies as long as mqrpc's
+    /// envelopes (the payload padded by `padding`). What the broker costs for oslo's
+    /// wire protocol, apart from mqrpc's code.
+    Oslo(Padding),
+}
+
+/// How much longer than its payload each of mqrpc's messages is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Padding {
+    /// The request's envelope around its payload.
+    pub(crate) request: usize,
+    /// The reply's envelope around its result.
+    pub(crate) reply: usize,
+}
+
+impl Padding {
+    /// No padding: the bare client's own message sizes.
+    const NONE: Padding = Padding {
+        request: 0,
+        reply: 0,
+    };
+
+    /// How many bytes longer a request is than its reply.
+    fn reply_shorter_by(self) -> usize {
+        self.request.saturating_sub(self.reply)
+    }
+
+    /// Measured on mqrpc's own encoding of an echo call of `payload` bytes and of its
+    /// reply (not on the bare client's path: only the lengths are used).
+    pub(crate) fn of_mqrpc(payload: usize) -> Result<Padding> {
+        let text = "x".repeat(payload);
+        let msg_id = mqrpc::wire::new_id();
+        let request = mqrpc::wire::Request {
+            method: "echo".to_owned(),
+            args: serde_json::Map::from_iter([("payload".to_owned(), text.clone().into())]),
+            msg_id: Some(msg_id.clone()),
+            reply_to: Some(format!("reply_{}", mqrpc::wire::new_id())),
+            unique_id: Some(mqrpc::wire::new_id()),
+            ..Default::default()
+        };
+        let request = mqrpc::wire::encode_request(&request).context("encoding a request")?;
+        let reply = mqrpc::wire::encode_reply(&mqrpc::wire::Reply::result(&msg_id, text.into()))
+            .context("encoding a reply")?;
+        Ok(Padding {
+            request: request.len().saturating_sub(payload),
+            reply: reply.len().saturating_sub(payload),
+        })
+    }
+}
+
+/// The bare client in shapes closer to mqrpc's wire work than [`pair`]'s, each named
+/// by what it adds, for the backends that have them: on RabbitMQ publisher confirms,
+/// then all of oslo.messaging's messages ([`AmqpShape`]); on NATS mqrpc's message
+/// sizes. Each tells what that work costs the broker and the bare client, apart from
+/// mqrpc's code. `payload` is the size the shapes are measured at.
+pub(crate) async fn shaped_pairs(url: &str, payload: usize) -> Result<Vec<(&'static str, Pair)>> {
+    let scheme = url
+        .split_once("://")
+        .map(|(scheme, _)| scheme.to_ascii_lowercase())
+        .with_context(|| format!("not a URL: {url:?}"))?;
+    let padding = Padding::of_mqrpc(payload)?;
+    let mut pairs = Vec::new();
+    match scheme.as_str() {
+        "amqp" | "amqps" | "rabbit" => {
+            for (name, shape) in [
+                ("with publisher confirms", AmqpShape::Confirmed),
+                ("sending oslo's messages", AmqpShape::Oslo(padding)),
+            ] {
+                let pair = amqp_pair(&amqp_url(url)?, shape).await;
+                let pair =
+                    pair.with_context(|| format!("raw RabbitMQ (lapin) echo pair {name}"))?;
+                pairs.push((name, pair));
+            }
+        }
+        "nats" | "tls" => {
+            let pair = nats_pair(strip_query(url), padding).await;
+            let pair = pair.context("raw NATS (async-nats) echo pair with mqrpc's sizes")?;
+            pairs.push(("with mqrpc's message sizes", pair));
+        }
+        _ => {}
+    }
+    Ok(pairs)
+}
+
+/// `payload` followed by `padding` spaces (a copy), or `payload` itself.
+fn padded(payload: Bytes, padding: usize) -> Bytes {
+    if padding == 0 {
+        return payload;
+    }
+    let mut body = Vec::with_capacity(payload.len() + padding);
+    body.extend_from_slice(&payload);
+    body.resize(payload.len() + padding, b' ');
+    Bytes::from(body)
 }
 
 /// `url` without its `?query`.
@@ -253,14 +353,20 @@ impl Drop for Waiting {
 // RabbitMQ (lapin)
 // ---------------------------------------------------------------------------------------
 
-/// The classic AMQP RPC client: publish to the request queue with `reply_to` and
-/// `correlation_id`, no publisher confirms; replies come on one exclusive queue.
+/// The AMQP RPC client: publish with `reply_to` and `correlation_id` (to the request
+/// queue, or through the topic exchange in the oslo shape); replies come on one
+/// exclusive queue.
 struct AmqpCaller {
     /// Closes the connection (and so the reply queue) when the caller goes.
     _connection: Connection,
     publish: Channel,
+    /// The default exchange, or the topic exchange in the oslo shape.
+    exchange: ShortString,
     request_queue: ShortString,
-    reply_queue: ShortString,
+    /// Every request's properties but its correlation id.
+    properties: BasicProperties,
+    /// Bytes added to each payload, and taken off each reply.
+    padding: Padding,
     waiters: Arc<Waiters>,
 }
 
@@ -269,22 +375,24 @@ impl Caller for AmqpCaller {
     async fn call(&self, payload: Bytes) -> Result<Bytes> {
         let id = Uuid::new_v4().simple().to_string();
         let waiting = self.waiters.register(&id)?;
-        let properties = BasicProperties::default()
-            .with_reply_to(self.reply_queue.clone())
-            .with_correlation_id(id.into());
+        let properties = self.properties.clone().with_correlation_id(id.into());
+        let size = payload.len();
+        let body = padded(payload, self.padding.request);
         self.publish
             .basic_publish(
-                ShortString::from(""),
+                self.exchange.clone(),
                 self.request_queue.clone(),
                 BasicPublishOptions::default(),
-                &payload,
+                &body,
                 properties,
             )
             .await
             .context("cannot publish the request")?
             .await
             .context("cannot publish the request")?;
-        waiting.reply().await
+        let mut reply = waiting.reply().await?;
+        reply.truncate(size);
+        Ok(reply)
     }
 }
 
@@ -302,20 +410,42 @@ fn private_queue() -> QueueDeclareOptions {
     }
 }
 
-/// The echo server's work for one request: publish its body to its `reply_to` with its
-/// `correlation_id` (no confirms), then ack it.
-async fn amqp_echo(publish: &Channel, delivery: Delivery) {
+/// The properties oslo.messaging gives every message: a JSON body, not persistent.
+fn oslo_properties() -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_content_encoding("utf-8".into())
+        .with_delivery_mode(1)
+}
+
+/// How the echo server replies.
+struct EchoReply {
+    mandatory: bool,
+    /// Every reply's properties but its correlation id.
+    properties: BasicProperties,
+    /// Bytes a request's body has beyond the reply's.
+    shorter_by: usize,
+}
+
+/// The echo server's work for one request: publish its body (shortened to the reply's
+/// length) to its `reply_to` with its `correlation_id`, await the confirm if the channel
+/// has them, then ack it.
+async fn amqp_echo(publish: &Channel, reply: &EchoReply, delivery: Delivery) {
     if let Some(reply_to) = delivery.properties.reply_to().clone() {
-        let mut properties = BasicProperties::default();
+        let mut properties = reply.properties.clone();
         if let Some(correlation_id) = delivery.properties.correlation_id().clone() {
             properties = properties.with_correlation_id(correlation_id);
         }
+        let body = &delivery.data[..delivery.data.len().saturating_sub(reply.shorter_by)];
         let published = match publish
             .basic_publish(
                 ShortString::from(""),
                 reply_to,
-                BasicPublishOptions::default(),
-                &delivery.data,
+                BasicPublishOptions {
+                    mandatory: reply.mandatory,
+                    ..BasicPublishOptions::default()
+                },
+                body,
                 properties,
             )
             .await
@@ -332,10 +462,31 @@ async fn amqp_echo(publish: &Channel, delivery: Delivery) {
     }
 }
 
-async fn amqp_pair(url: &str, confirms: bool) -> Result<Pair> {
+/// A channel for publishing, with publisher confirms when `confirms`.
+async fn publish_channel(connection: &Connection, confirms: bool, side: &str) -> Result<Channel> {
+    let channel = connection
+        .create_channel()
+        .await
+        .with_context(|| format!("{side}: cannot open a channel"))?;
+    if confirms {
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .with_context(|| format!("{side}: cannot enable confirms"))?;
+    }
+    Ok(channel)
+}
+
+async fn amqp_pair(url: &str, shape: AmqpShape) -> Result<Pair> {
     let id = Uuid::new_v4().simple().to_string();
     let request_queue = format!("raw-bench-{id}");
     let reply_queue = format!("raw-bench-{id}-reply");
+    let confirms = shape != AmqpShape::Plain;
+    let padding = match shape {
+        AmqpShape::Oslo(padding) => padding,
+        AmqpShape::Plain | AmqpShape::Confirmed => Padding::NONE,
+    };
+    let oslo = matches!(shape, AmqpShape::Oslo(_));
 
     // The echo server, on its own connection.
     let server = amqp_connect(url, format!("raw-bench-server-{id}")).await?;
@@ -343,16 +494,7 @@ async fn amqp_pair(url: &str, confirms: bool) -> Result<Pair> {
         .create_channel()
         .await
         .context("server: cannot open a channel")?;
-    let publish = server
-        .create_channel()
-        .await
-        .context("server: cannot open a channel")?;
-    if confirms {
-        publish
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .context("server: cannot enable confirms")?;
-    }
+    let publish = publish_channel(&server, confirms, "server").await?;
     consume
         .queue_declare(
             request_queue.as_str().into(),
@@ -361,6 +503,36 @@ async fn amqp_pair(url: &str, confirms: bool) -> Result<Pair> {
         )
         .await
         .with_context(|| format!("server: cannot declare the queue {request_queue}"))?;
+    // In the oslo shape requests come through a topic exchange of their own, gone
+    // with its only binding (the request queue's) when the server's connection closes.
+    let exchange = if oslo {
+        let exchange = format!("raw-bench-{id}-topic");
+        consume
+            .exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    auto_delete: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("server: cannot declare the exchange {exchange}"))?;
+        consume
+            .queue_bind(
+                request_queue.as_str().into(),
+                exchange.as_str().into(),
+                request_queue.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("server: cannot bind {request_queue} to {exchange}"))?;
+        exchange
+    } else {
+        String::new()
+    };
     consume
         .basic_qos(AMQP_PREFETCH, BasicQosOptions::default())
         .await
@@ -374,16 +546,25 @@ async fn amqp_pair(url: &str, confirms: bool) -> Result<Pair> {
         )
         .await
         .with_context(|| format!("server: cannot consume {request_queue}"))?;
+    let reply = EchoReply {
+        mandatory: oslo,
+        properties: if oslo {
+            oslo_properties()
+        } else {
+            BasicProperties::default()
+        },
+        shorter_by: padding.reply_shorter_by(),
+    };
     let server_task = tokio::spawn(async move {
         // Owned here so that aborting the task closes the connection.
         let _server = server;
         let _consume = consume;
-        let publish = &publish;
+        let (publish, reply) = (&publish, &reply);
         // As many deliveries in hand at once as the prefetch lets through.
         requests
             .for_each_concurrent(usize::from(AMQP_PREFETCH), |delivery| async move {
                 match delivery {
-                    Ok(delivery) => amqp_echo(publish, delivery).await,
+                    Ok(delivery) => amqp_echo(publish, reply, delivery).await,
                     Err(err) => tracing::warn!("raw bench: AMQP echo server stopped: {err}"),
                 }
             })
@@ -400,16 +581,7 @@ async fn amqp_pair(url: &str, confirms: bool) -> Result<Pair> {
         .create_channel()
         .await
         .context("client: cannot open a channel")?;
-    let publish = client
-        .create_channel()
-        .await
-        .context("client: cannot open a channel")?;
-    if confirms {
-        publish
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .context("client: cannot enable confirms")?;
-    }
+    let publish = publish_channel(&client, confirms, "client").await?;
     consume
         .queue_declare(
             reply_queue.as_str().into(),
@@ -452,11 +624,20 @@ async fn amqp_pair(url: &str, confirms: bool) -> Result<Pair> {
     let mut keep = keep;
     keep.tasks.push(reader);
 
+    let mut properties = BasicProperties::default().with_reply_to(reply_queue.into());
+    if oslo {
+        // oslo.messaging's call: JSON properties and an expiry of the call's timeout.
+        properties = oslo_properties()
+            .with_reply_to(properties.reply_to().clone().unwrap_or_default())
+            .with_expiration("60000".into());
+    }
     let caller = AmqpCaller {
         _connection: client,
         publish,
+        exchange: exchange.into(),
         request_queue: request_queue.into(),
-        reply_queue: reply_queue.into(),
+        properties,
+        padding,
         waiters,
     };
     Ok(Pair {
@@ -700,21 +881,27 @@ async fn redis_pair(url: &str) -> Result<Pair> {
 struct NatsCaller {
     client: async_nats::Client,
     subject: async_nats::Subject,
+    /// Bytes added to each payload, and taken off each reply.
+    padding: Padding,
 }
 
 #[async_trait]
 impl Caller for NatsCaller {
     async fn call(&self, payload: Bytes) -> Result<Bytes> {
-        let reply = self
+        let size = payload.len();
+        let mut reply = self
             .client
-            .request(self.subject.clone(), payload)
+            .request(self.subject.clone(), padded(payload, self.padding.request))
             .await
-            .context("NATS request failed")?;
-        Ok(reply.payload)
+            .context("NATS request failed")?
+            .payload;
+        reply.truncate(size);
+        Ok(reply)
     }
 }
 
-async fn nats_pair(url: &str) -> Result<Pair> {
+/// The NATS echo pair; with `padding`, requests and replies are as long as mqrpc's.
+async fn nats_pair(url: &str, padding: Padding) -> Result<Pair> {
     let subject = async_nats::Subject::from(format!("raw-bench.{}", Uuid::new_v4().simple()));
 
     // The echo server, on its own connection.
@@ -729,10 +916,13 @@ async fn nats_pair(url: &str) -> Result<Pair> {
         .flush()
         .await
         .context("server: cannot flush the subscription")?;
+    let shorter_by = padding.reply_shorter_by();
     let server_task = tokio::spawn(async move {
         while let Some(message) = requests.next().await {
             let Some(reply) = message.reply else { continue };
-            if let Err(err) = server.publish(reply, message.payload).await {
+            let mut body = message.payload;
+            body.truncate(body.len().saturating_sub(shorter_by));
+            if let Err(err) = server.publish(reply, body).await {
                 tracing::warn!("raw bench: NATS echo server cannot reply: {err}");
                 break;
             }
@@ -748,7 +938,11 @@ async fn nats_pair(url: &str) -> Result<Pair> {
         .await
         .context("client")?;
     Ok(Pair {
-        caller: Arc::new(NatsCaller { client, subject }),
+        caller: Arc::new(NatsCaller {
+            client,
+            subject,
+            padding,
+        }),
         _keep: Box::new(keep),
     })
 }
@@ -756,6 +950,25 @@ async fn nats_pair(url: &str) -> Result<Pair> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn padding_is_what_mqrpc_wraps_around_a_payload() {
+        let small = Padding::of_mqrpc(100).expect("padding");
+        // An envelope, a method, three ids, a reply address: hundreds of bytes.
+        assert!(small.request > 200, "{small:?}");
+        assert!(small.reply > 100, "{small:?}");
+        assert!(small.request > small.reply, "{small:?}");
+        // Text needing no escapes adds the same envelope whatever its length.
+        assert_eq!(Padding::of_mqrpc(10_000).expect("padding"), small);
+        assert_eq!(
+            padded(Bytes::from_static(b"ab"), 3),
+            Bytes::from_static(b"ab   ")
+        );
+        assert_eq!(
+            padded(Bytes::from_static(b"ab"), 0),
+            Bytes::from_static(b"ab")
+        );
+    }
 
     #[test]
     fn amqp_urls_for_lapin() {
@@ -784,14 +997,43 @@ mod tests {
 
     /// Each raw pair against the local brokers: 100 concurrent calls echo their payloads.
     /// An unreachable broker is skipped unless `MQRPC_REQUIRE_BROKERS=1`.
+    /// 100 concurrent calls of different sizes through `pair`, each echoed intact.
+    async fn echoes(what: &str, pair: Pair) {
+        let calls = (0..100usize).map(|i| {
+            let caller = pair.caller.clone();
+            async move {
+                let payload = Bytes::from(vec![(i % 251) as u8; i * 97]);
+                let echoed = caller.call(payload.clone()).await?;
+                anyhow::ensure!(echoed == payload, "call {i}: wrong payload echoed");
+                Ok(())
+            }
+        });
+        let result = tokio::time::timeout(
+            Duration::from_secs(30),
+            futures::future::try_join_all(calls),
+        )
+        .await;
+        match result {
+            Ok(Ok(_)) => println!("{what}: 100 concurrent calls echoed"),
+            Ok(Err(err)) => panic!("{what}: {err:#}"),
+            Err(_) => panic!("{what}: calls timed out"),
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn raw_pairs_echo() {
         let require = std::env::var("MQRPC_REQUIRE_BROKERS").as_deref() == Ok("1");
         assert!(matches!(pair("memory://").await, Ok(None)));
-        for url in [
-            "amqp://guest:guest@127.0.0.1:5672/%2f",
-            "redis://127.0.0.1:6379/",
-            "nats://127.0.0.1:4222",
+        assert!(
+            shaped_pairs("memory://", 100)
+                .await
+                .expect("no shapes")
+                .is_empty()
+        );
+        for (url, shapes) in [
+            ("amqp://guest:guest@127.0.0.1:5672/%2f", 2),
+            ("redis://127.0.0.1:6379/", 0),
+            ("nats://127.0.0.1:4222", 1),
         ] {
             let pair = match pair(url).await {
                 Ok(Some(pair)) => pair,
@@ -802,26 +1044,13 @@ mod tests {
                 }
                 Err(err) => panic!("{url}: {err:#}"),
             };
-            let calls = (0..100usize).map(|i| {
-                let caller = pair.caller.clone();
-                async move {
-                    let payload = Bytes::from(vec![(i % 251) as u8; i * 97]);
-                    let echoed = caller.call(payload.clone()).await?;
-                    anyhow::ensure!(echoed == payload, "call {i}: wrong payload echoed");
-                    Ok(())
-                }
-            });
-            let result = tokio::time::timeout(
-                Duration::from_secs(30),
-                futures::future::try_join_all(calls),
-            )
-            .await;
-            match result {
-                Ok(Ok(_)) => println!("{url}: 100 concurrent calls echoed"),
-                Ok(Err(err)) => panic!("{url}: {err:#}"),
-                Err(_) => panic!("{url}: calls timed out"),
+            echoes(url, pair).await;
+            let shaped = shaped_pairs(url, 100).await;
+            let shaped = shaped.unwrap_or_else(|err| panic!("{url}: {err:#}"));
+            assert_eq!(shaped.len(), shapes, "{url}");
+            for (name, pair) in shaped {
+                echoes(&format!("{url} {name}"), pair).await;
             }
-            drop(pair);
         }
     }
 }

@@ -116,19 +116,20 @@ pub(crate) fn markdown(run: &Run) -> String {
             rate.x, rate.calls_per_s
         );
     }
-    if let Some(confirmed) = &run.raw_confirmed {
-        let ours = run.mqrpc.throughput.iter().find(|r| r.x == confirmed.x);
-        let rounds = (run.rounds_mqrpc.iter().zip(&run.rounds_raw_confirmed))
+    for shaped in &run.raw_shaped {
+        let (what, theirs, their_rounds) = (&shaped.name, &shaped.median, &shaped.rounds);
+        let ours = run.mqrpc.throughput.iter().find(|r| r.x == theirs.x);
+        let rounds = (run.rounds_mqrpc.iter().zip(their_rounds))
             .filter_map(|(f, raw)| Some((rate_at(&f.throughput, raw.x)?, raw.calls_per_s)));
         let _ = writeln!(
             out,
-            "| calls/s at concurrency {}, raw with publisher confirms | {} | {:.0} | {} | {} |",
-            confirmed.x,
+            "| calls/s at concurrency {}, raw {what} | {} | {:.0} | {} | {} |",
+            theirs.x,
             ours.map_or("-".to_owned(), |r| format!("{:.0}", r.calls_per_s)),
-            confirmed.calls_per_s,
+            theirs.calls_per_s,
             ours.map_or("-".to_owned(), |r| ratio(
                 r.calls_per_s,
-                Some(confirmed.calls_per_s)
+                Some(theirs.calls_per_s)
             )),
             spread(rounds)
         );
