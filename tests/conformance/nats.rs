@@ -395,3 +395,88 @@ mod reliability {
         .await;
     }
 }
+
+/// Call requests are handed to async-nats in batches (see the NATS publisher): none is
+/// lost when the call that was to hand a batch over is dropped, and a cast does not
+/// overtake a request gathered before it.
+mod batching {
+    use std::sync::Arc;
+    use std::task::Poll;
+    use std::time::Duration;
+
+    use mqrpc::{Address, CallHint, Consumer, ListenOptions, Outgoing, Target, Transport};
+
+    /// A transport, a server's consumer of a fresh topic, its address, and a reply
+    /// queue's address to name in requests.
+    async fn rig() -> Option<(Arc<dyn Transport>, Box<dyn Consumer>, Address, Arc<str>)> {
+        super::core::backend().await?;
+        let transport = mqrpc::connect(&super::base_url()).await.expect("connect");
+        let topic = format!("batching_{}", &mqrpc::wire::new_id()[..12]);
+        let consumer = (transport.listen(&Target::new(&topic).server("s"), &ListenOptions::new(8)))
+            .await
+            .expect("listen");
+        let address = Address::Topic {
+            exchange: transport.default_exchange().to_owned(),
+            topic,
+        };
+        let reply_to = transport.reply_queue().await.expect("reply queue").address;
+        Some((transport, consumer, address, reply_to.into()))
+    }
+
+    fn call(body: &'static str, reply_to: &Arc<str>) -> Outgoing {
+        Outgoing {
+            call: Some(CallHint {
+                reply_to: reply_to.clone(),
+                msg_id: mqrpc::wire::new_id().into(),
+            }),
+            ..Outgoing::new(body)
+        }
+    }
+
+    /// The next `n` bodies the consumer receives.
+    async fn received(consumer: &mut Box<dyn Consumer>, n: usize) -> Vec<String> {
+        let mut bodies = Vec::new();
+        while bodies.len() < n {
+            let next = tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await;
+            let delivery = next
+                .expect("a message within 5 s")
+                .expect("open")
+                .expect("ok");
+            bodies.push(String::from_utf8_lossy(delivery.body()).into_owned());
+        }
+        bodies
+    }
+
+    #[tokio::test]
+    async fn requests_gathered_by_a_dropped_call_still_leave() {
+        let Some((transport, mut consumer, address, reply_to)) = rig().await else {
+            return;
+        };
+        let publisher = transport.publisher().await.expect("publisher");
+        // The first request waits for company (once in a while every one does);
+        // `b` joins it, and returns at once.
+        let mut a = Box::pin(publisher.send(&address, call("a", &reply_to)));
+        assert!(matches!(futures::poll!(&mut a), Poll::Pending));
+        (publisher.send(&address, call("b", &reply_to)))
+            .await
+            .expect("b gathered");
+        // The call that was to hand both over goes away first.
+        drop(a);
+        assert_eq!(received(&mut consumer, 2).await, ["a", "b"]);
+    }
+
+    #[tokio::test]
+    async fn a_cast_does_not_overtake_a_gathered_request() {
+        let Some((transport, mut consumer, address, reply_to)) = rig().await else {
+            return;
+        };
+        let publisher = transport.publisher().await.expect("publisher");
+        let mut a = Box::pin(publisher.send(&address, call("a", &reply_to)));
+        assert!(matches!(futures::poll!(&mut a), Poll::Pending));
+        (publisher.send(&address, Outgoing::new("c")))
+            .await
+            .expect("cast");
+        a.await.expect("a");
+        assert_eq!(received(&mut consumer, 2).await, ["a", "c"]);
+    }
+}
