@@ -4,8 +4,9 @@
 //! replies are published plainly.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use async_trait::async_trait;
@@ -54,13 +55,15 @@ struct Requests {
     /// Whether the last batch had more than one request: then the next one waits for
     /// company. Waiting costs a wake-up of the runtime, worth it only under load.
     gathering: AtomicBool,
-    /// Requests handed over without waiting, counted to wait now and then anyway.
-    alone: AtomicUsize,
+    /// When the last request came, in nanoseconds since `epoch`.
+    last_request: AtomicU64,
+    epoch: Instant,
 }
 
-/// A caller that would hand over at once waits for company once in this many times,
-/// to notice load coming.
-const PROBE_EVERY: usize = 32;
+/// Requests that come closer together than this are load: the next one waits for
+/// company even when the last batch had none. A sequential caller's requests are a
+/// round trip apart, which is longer.
+const BUSY_GAP: Duration = Duration::from_micros(50);
 
 impl Requests {
     /// Hands every gathered request to async-nats, in order. Returns the first
@@ -159,8 +162,10 @@ impl NatsPublisher {
                 client: client.clone(),
                 gathered: Mutex::new(Vec::new()),
                 handing_over: tokio::sync::Mutex::new(()),
-                gathering: AtomicBool::new(false),
-                alone: AtomicUsize::new(0),
+                // The first request waits: a new client may well start under load.
+                gathering: AtomicBool::new(true),
+                last_request: AtomicU64::new(0),
+                epoch: Instant::now(),
             }),
             client,
             config,
@@ -236,25 +241,24 @@ impl NatsPublisher {
 
     /// Publishes a call's request. The caller that finds no request gathered hands over
     /// every request gathered by then, in order; the others return at once. Under load
-    /// (the last batch had company, or now and then to find out) it first lets the
-    /// other ready tasks run (`yield_now` wakes it once the runtime has nothing else to
-    /// run), so that their requests leave with its own.
+    /// (the last batch had company, or requests come less than [`BUSY_GAP`] apart) it
+    /// first lets the other ready tasks run (`yield_now` wakes it once the runtime has
+    /// nothing else to run), so that their requests leave with its own.
     async fn request(&self, request: Request) -> std::result::Result<(), async_nats::PublishError> {
+        let requests = &self.requests;
+        let now = u64::try_from(requests.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let gap = now.saturating_sub(requests.last_request.swap(now, Ordering::Relaxed));
         let first = {
-            let mut gathered = self
-                .requests
-                .gathered
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut gathered = requests.gathered.lock().unwrap_or_else(|e| e.into_inner());
             gathered.push(request);
             gathered.len() == 1
         };
         if !first {
             return Ok(());
         }
-        let mut finish = HandOver(Some(self.requests.clone()));
-        let wait = self.requests.gathering.load(Ordering::Relaxed)
-            || (self.requests.alone.fetch_add(1, Ordering::Relaxed)).is_multiple_of(PROBE_EVERY);
+        let mut finish = HandOver(Some(requests.clone()));
+        let busy = u128::from(gap) < BUSY_GAP.as_nanos();
+        let wait = busy || requests.gathering.load(Ordering::Relaxed);
         if wait {
             tokio::task::yield_now().await;
         }
