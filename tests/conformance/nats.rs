@@ -466,6 +466,24 @@ mod batching {
     }
 
     #[tokio::test]
+    async fn a_call_dropped_off_the_runtime_does_not_stall_the_next() {
+        let Some((transport, mut consumer, address, reply_to)) = rig().await else {
+            return;
+        };
+        let publisher = transport.publisher().await.expect("publisher");
+        let mut a = Box::pin(publisher.send(&address, call("a", &reply_to)));
+        assert!(matches!(futures::poll!(&mut a), Poll::Pending));
+        // Dropped on a thread of no runtime: nothing there can finish its hand-over.
+        std::thread::scope(|scope| {
+            scope.spawn(move || drop(a));
+        });
+        (publisher.send(&address, call("b", &reply_to)))
+            .await
+            .expect("b");
+        assert_eq!(received(&mut consumer, 2).await, ["a", "b"]);
+    }
+
+    #[tokio::test]
     async fn a_cast_does_not_overtake_a_gathered_request() {
         let Some((transport, mut consumer, address, reply_to)) = rig().await else {
             return;

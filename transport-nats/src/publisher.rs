@@ -4,14 +4,13 @@
 //! replies are published plainly.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use async_trait::async_trait;
 use rpc_core::{Address, Error, Outgoing, Publisher, Result};
 
+use crate::batch::Requests;
 use crate::config::NatsConfig;
 use crate::nats_error;
 
@@ -34,117 +33,8 @@ pub(crate) struct NatsPublisher {
     /// the same clients again and again, and async-nats copies a subject given as a
     /// string twice per publish, where a kept `Subject` is shared.
     reply_subjects: Mutex<HashMap<String, async_nats::Subject, foldhash::fast::RandomState>>,
-    /// Requests waiting to be handed to async-nats together (see [`Self::request`]).
+    /// Call requests waiting to be handed to async-nats together (see `batch.rs`).
     requests: Arc<Requests>,
-}
-
-/// A request to publish: subject, NATS reply subject, body.
-type Request = (async_nats::Subject, async_nats::Subject, bytes::Bytes);
-
-/// Requests gathered for one hand-over to async-nats. Each publish wakes async-nats's
-/// connection task, and tokio runs a task woken by the running one right after it:
-/// handed over one by one as each caller runs, requests left in a write (a system
-/// call, and a wake-up of nats-server) each. Gathered while the other callers that
-/// are ready run, they leave together.
-struct Requests {
-    client: async_nats::Client,
-    /// Requests not yet handed over; the caller that finds it empty hands over all.
-    gathered: Mutex<Vec<Request>>,
-    /// Held while a batch is handed over, so that batches leave in order.
-    handing_over: tokio::sync::Mutex<()>,
-    /// Whether the last batch had more than one request: then the next one waits for
-    /// company. Waiting costs a wake-up of the runtime, worth it only under load.
-    gathering: AtomicBool,
-    /// When the last request came, in nanoseconds since `epoch`.
-    last_request: AtomicU64,
-    epoch: Instant,
-}
-
-/// Requests that come closer together than this are load: the next one waits for
-/// company even when the last batch had none. A sequential caller's requests are a
-/// round trip apart, which is longer.
-const BUSY_GAP: Duration = Duration::from_micros(50);
-
-impl Requests {
-    /// Hands every gathered request to async-nats, in order. Returns the first
-    /// request's result; a later one's failure is logged (async-nats refuses a publish
-    /// only once the client is closed, which also ends the calls waiting on it).
-    /// Cancel-safe: the requests not yet handed over go back to the front of the
-    /// gathered ones (async-nats's send loses nothing when dropped).
-    async fn hand_over(&self) -> std::result::Result<(), async_nats::PublishError> {
-        let _order = self.handing_over.lock().await;
-        let taken = std::mem::take(&mut *self.gathered.lock().unwrap_or_else(|e| e.into_inner()));
-        let mut batch = Batch {
-            requests: taken,
-            sent: 0,
-            gathered: &self.gathered,
-        };
-        let company = batch.requests.len() > 1;
-        self.gathering.store(company, Ordering::Relaxed);
-        let mut first = Ok(());
-        while let Some((subject, reply, body)) = batch.requests.get(batch.sent) {
-            let sent = (self.client)
-                .publish_with_reply(subject.clone(), reply.clone(), body.clone())
-                .await;
-            match sent {
-                Err(err) if batch.sent == 0 => first = Err(err),
-                Err(err) => tracing::warn!(error = %err, "a request could not be published"),
-                Ok(()) => {}
-            }
-            batch.sent += 1;
-        }
-        first
-    }
-
-    /// Hands over the requests gathered so far, if any: a cast sent after a call by
-    /// the same task must not overtake its request.
-    async fn flush(&self) {
-        let waiting = !self
-            .gathered
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty();
-        if waiting && let Err(err) = self.hand_over().await {
-            tracing::warn!(error = %err, "a request could not be published");
-        }
-    }
-}
-
-/// A batch being handed over; dropped early, it puts back what it did not hand over.
-struct Batch<'a> {
-    requests: Vec<Request>,
-    sent: usize,
-    gathered: &'a Mutex<Vec<Request>>,
-}
-
-impl Drop for Batch<'_> {
-    fn drop(&mut self) {
-        if self.sent >= self.requests.len() {
-            return;
-        }
-        let mut gathered = self.gathered.lock().unwrap_or_else(|e| e.into_inner());
-        let newer = std::mem::take(&mut *gathered);
-        gathered.extend(self.requests.drain(self.sent..));
-        gathered.extend(newer);
-    }
-}
-
-/// Finishes the hand-over on a task of its own when the call that was to do it is
-/// dropped first.
-struct HandOver(Option<Arc<Requests>>);
-
-impl Drop for HandOver {
-    fn drop(&mut self) {
-        let (Some(requests), Ok(runtime)) = (self.0.take(), tokio::runtime::Handle::try_current())
-        else {
-            return;
-        };
-        runtime.spawn(async move {
-            if let Err(err) = requests.hand_over().await {
-                tracing::warn!(error = %err, "a request could not be published");
-            }
-        });
-    }
 }
 
 /// How many reply subjects a publisher keeps before it starts afresh.
@@ -158,15 +48,7 @@ impl NatsPublisher {
     ) -> Self {
         NatsPublisher {
             reply_prefix: config.reply_prefix(),
-            requests: Arc::new(Requests {
-                client: client.clone(),
-                gathered: Mutex::new(Vec::new()),
-                handing_over: tokio::sync::Mutex::new(()),
-                // The first request waits: a new client may well start under load.
-                gathering: AtomicBool::new(true),
-                last_request: AtomicU64::new(0),
-                epoch: Instant::now(),
-            }),
+            requests: Requests::new(client.clone()),
             client,
             config,
             jetstream,
@@ -237,34 +119,6 @@ impl NatsPublisher {
             .map_err(|e| publish_error(address, e, size, limit))?;
         // When the round trip returns, the server has the cast.
         crate::round_trip(&self.client, &self.config).await
-    }
-
-    /// Publishes a call's request. The caller that finds no request gathered hands over
-    /// every request gathered by then, in order; the others return at once. Under load
-    /// (the last batch had company, or requests come less than [`BUSY_GAP`] apart) it
-    /// first lets the other ready tasks run (`yield_now` wakes it once the runtime has
-    /// nothing else to run), so that their requests leave with its own.
-    async fn request(&self, request: Request) -> std::result::Result<(), async_nats::PublishError> {
-        let requests = &self.requests;
-        let now = u64::try_from(requests.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        let gap = now.saturating_sub(requests.last_request.swap(now, Ordering::Relaxed));
-        let first = {
-            let mut gathered = requests.gathered.lock().unwrap_or_else(|e| e.into_inner());
-            gathered.push(request);
-            gathered.len() == 1
-        };
-        if !first {
-            return Ok(());
-        }
-        let mut finish = HandOver(Some(requests.clone()));
-        let busy = u128::from(gap) < BUSY_GAP.as_nanos();
-        let wait = busy || requests.gathering.load(Ordering::Relaxed);
-        if wait {
-            tokio::task::yield_now().await;
-        }
-        let result = self.requests.hand_over().await;
-        finish.0 = None;
-        result
     }
 
     /// The subject of a reply inbox a request named, or `None` when it is not one
@@ -365,7 +219,8 @@ impl Publisher for NatsPublisher {
                 .unwrap_or(&call.reply_to);
             let no_responders = [base, NO_RESPONDERS_TOKEN, &call.msg_id].join(".");
             return self
-                .request((subject, no_responders.into(), message.body))
+                .requests
+                .send((subject, no_responders.into(), message.body))
                 .await
                 .map_err(|e| publish_error(address, e, size, limit));
         }

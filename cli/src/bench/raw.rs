@@ -30,7 +30,8 @@ use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -519,7 +520,7 @@ async fn amqp_pair(url: &str, shape: AmqpShape) -> Result<Pair> {
             )
             .await
             .with_context(|| format!("server: cannot declare the exchange {exchange}"))?;
-        consume
+        let bound = consume
             .queue_bind(
                 request_queue.as_str().into(),
                 exchange.as_str().into(),
@@ -527,8 +528,18 @@ async fn amqp_pair(url: &str, shape: AmqpShape) -> Result<Pair> {
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
-            .await
-            .with_context(|| format!("server: cannot bind {request_queue} to {exchange}"))?;
+            .await;
+        if let Err(err) = bound {
+            // Never bound, so never auto-deleted: delete it here (on a fresh channel,
+            // the failed bind closed this one).
+            if let Ok(channel) = server.create_channel().await {
+                let options = ExchangeDeleteOptions::default();
+                let _ = channel
+                    .exchange_delete(exchange.as_str().into(), options)
+                    .await;
+            }
+            return Err(err).context(format!("server: cannot bind {request_queue} to {exchange}"));
+        }
         exchange
     } else {
         String::new()
@@ -995,8 +1006,6 @@ mod tests {
         }
     }
 
-    /// Each raw pair against the local brokers: 100 concurrent calls echo their payloads.
-    /// An unreachable broker is skipped unless `MQRPC_REQUIRE_BROKERS=1`.
     /// 100 concurrent calls of different sizes through `pair`, each echoed intact.
     async fn echoes(what: &str, pair: Pair) {
         let calls = (0..100usize).map(|i| {
@@ -1020,6 +1029,9 @@ mod tests {
         }
     }
 
+    /// Each raw pair, and each of its shapes, against the local brokers: 100 concurrent
+    /// calls echo their payloads. An unreachable broker is skipped unless
+    /// `MQRPC_REQUIRE_BROKERS=1`.
     #[tokio::test(flavor = "multi_thread")]
     async fn raw_pairs_echo() {
         let require = std::env::var("MQRPC_REQUIRE_BROKERS").as_deref() == Ok("1");
