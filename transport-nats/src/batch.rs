@@ -21,16 +21,17 @@ pub(crate) type Request = (async_nats::Subject, async_nats::Subject, Bytes);
 /// round trip apart, which is longer.
 const BUSY_GAP: Duration = Duration::from_micros(50);
 
-/// At most this many requests wait to be handed over. Beyond it async-nats is not
-/// taking them (its channel is full, say while the connection is down): a caller then
-/// waits for its turn and hands its request over itself, as without batching, so
-/// that callers feel the back-pressure and their own deadlines.
-const MAX_GATHERED: usize = 1024;
+/// At most this many requests wait to be handed to async-nats (gathered, or in a batch
+/// on its way). Beyond it (async-nats is not taking them, say while the connection is
+/// down, or a burst of callers is larger) a caller hands over what is gathered and
+/// then publishes its own, waiting as long as that takes: callers feel async-nats's
+/// back-pressure and their own deadlines.
+const MAX_UNSENT: usize = 1024;
 
 /// The requests waiting to be handed over, each with its number.
 struct Gathered {
     requests: Vec<(u64, Request)>,
-    /// Whether a caller (or a task) is bound to hand over what is gathered.
+    /// Whether a caller or a task is bound to hand over what is gathered.
     led: bool,
     next: u64,
 }
@@ -48,17 +49,19 @@ pub(crate) struct Requests {
     /// When the last request came, in nanoseconds since `epoch`.
     last_request: AtomicU64,
     epoch: Instant,
-    /// Where a hand-over whose caller went away is finished.
+    /// The runtime the publisher was made on, for hand-over tasks when the caller is
+    /// not on one.
     runtime: Option<tokio::runtime::Handle>,
 }
 
 /// What a caller does with its request.
 enum Role {
-    /// Hand over everything gathered, its own request (this number) among it.
+    /// See that everything gathered is handed over, its own request (this number)
+    /// among it.
     Lead(u64),
-    /// Nothing: a leader hands its request over.
+    /// Nothing: whoever leads hands its request over.
     Follow,
-    /// Wait for the hand-overs before it, then publish its request itself.
+    /// Hand over what is gathered, then publish its request itself.
     Alone(Request),
 }
 
@@ -86,18 +89,21 @@ impl Requests {
     }
 
     /// Publishes a call's request. The caller that finds nobody bound to hand over
-    /// the gathered requests becomes it: it hands over every request gathered by
-    /// then, in order; the others return at once, their request in its batch. Under
-    /// load (the last batch had company, or requests come less than [`BUSY_GAP`]
-    /// apart) it first lets the other ready tasks of its worker run (`yield_now`
-    /// wakes it once they have run and the runtime has polled its drivers), so that
-    /// their requests leave with its own. Returns the result of its own request only.
+    /// the gathered requests leads; the others return at once, their request in the
+    /// next batch. Idle (the last batch alone, and requests more than [`BUSY_GAP`]
+    /// apart) the leader hands over at once, itself, and gets its own request's
+    /// result. Under load it starts a task that first lets the other ready tasks of
+    /// its worker run (`yield_now`: usually until they have run and the runtime has
+    /// polled its drivers), so that their requests leave with its own, and returns;
+    /// a failure is then logged (see [`Self::hand_over`]). A leader never waits while
+    /// others' requests depend on it: a call future left pending and not polled
+    /// holds up nobody else's request.
     pub(crate) async fn send(self: &Arc<Self>, request: Request) -> Result<(), PublishError> {
         let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let gap = now.saturating_sub(self.last_request.swap(now, Ordering::Relaxed));
         let role = {
             let mut gathered = self.gathered();
-            if gathered.requests.len() >= MAX_GATHERED {
+            if self.unsent.load(Ordering::Acquire) >= MAX_UNSENT {
                 Role::Alone(request)
             } else {
                 let number = gathered.next;
@@ -119,14 +125,19 @@ impl Requests {
                 self.client.publish_with_reply(subject, reply, body).await
             }
             Role::Lead(own) => {
-                let mut finish = FinishIfDropped(Some(self.clone()));
                 let busy = u128::from(gap) < BUSY_GAP.as_nanos();
-                if busy || self.gathering.load(Ordering::Relaxed) {
-                    tokio::task::yield_now().await;
+                if !busy
+                    && !self.gathering.load(Ordering::Relaxed)
+                    && let Ok(order) = self.handing_over.try_lock()
+                {
+                    // Taken before any await: nothing waits on this caller.
+                    return self.hand_over_in_turn(order, Some(own)).await;
                 }
-                let result = self.hand_over(Some(own)).await;
-                finish.0 = None;
-                result
+                if !self.in_background(true) {
+                    // No runtime to run a task on: hand over here.
+                    return self.hand_over(Some(own)).await;
+                }
+                Ok(())
             }
         }
     }
@@ -151,7 +162,16 @@ impl Requests {
     /// the requests not handed over go back to the front and a task finishes them
     /// (async-nats's send loses nothing when dropped).
     async fn hand_over(self: &Arc<Self>, own: Option<u64>) -> Result<(), PublishError> {
-        let _order = self.handing_over.lock().await;
+        let order = self.handing_over.lock().await;
+        self.hand_over_in_turn(order, own).await
+    }
+
+    /// [`Self::hand_over`], its turn taken.
+    async fn hand_over_in_turn(
+        self: &Arc<Self>,
+        _order: tokio::sync::MutexGuard<'_, ()>,
+        own: Option<u64>,
+    ) -> Result<(), PublishError> {
         let taken = {
             let mut gathered = self.gathered();
             gathered.led = false;
@@ -180,15 +200,32 @@ impl Requests {
         result
     }
 
-    /// Makes sure what is gathered gets handed over although the one bound to do it
-    /// went away: a task does it, and the next caller leads if that task never runs
-    /// (the runtime shutting down).
+    /// Hands over what is gathered on a task of its own (after a `yield_now` when
+    /// `wait`), on the caller's runtime or else the one the publisher was made on.
+    /// `false` when there is none.
+    fn in_background(self: &Arc<Self>, wait: bool) -> bool {
+        let Some(runtime) = tokio::runtime::Handle::try_current()
+            .ok()
+            .or_else(|| self.runtime.clone())
+        else {
+            return false;
+        };
+        let requests = self.clone();
+        runtime.spawn(async move {
+            if wait {
+                tokio::task::yield_now().await;
+            }
+            requests.flush().await;
+        });
+        true
+    }
+
+    /// Makes sure what a dropped hand-over put back gets handed over: a task does
+    /// it, and the next caller leads meanwhile (whether or not that task ever runs,
+    /// say on a runtime shutting down).
     fn finish_later(self: &Arc<Self>) {
         self.gathered().led = false;
-        if let Some(runtime) = &self.runtime {
-            let requests = self.clone();
-            runtime.spawn(async move { requests.flush().await });
-        }
+        self.in_background(false);
     }
 }
 
@@ -212,16 +249,5 @@ impl Drop for Batch<'_> {
             gathered.requests.extend(newer);
         }
         self.owner.finish_later();
-    }
-}
-
-/// Finishes the hand-over a leader was bound to when the leader is dropped first.
-struct FinishIfDropped(Option<Arc<Requests>>);
-
-impl Drop for FinishIfDropped {
-    fn drop(&mut self) {
-        if let Some(requests) = self.0.take() {
-            requests.finish_later();
-        }
     }
 }
