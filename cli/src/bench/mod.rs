@@ -216,12 +216,13 @@ impl Servers {
         let mut servers = Vec::with_capacity(n);
         for i in 0..n {
             let transport = mqrpc::connect(url).await.context("connecting a server")?;
-            let server =
-                Server::builder(transport, Target::new(topic).server(format!("bench-{i}")))
-                    .endpoint(crate::demo::endpoint(Arc::default()))
-                    .start()
-                    .await
-                    .context("starting a server")?;
+            let name = format!("bench-{i}");
+            leave(topic, &name);
+            let server = Server::builder(transport, Target::new(topic).server(name))
+                .endpoint(crate::demo::endpoint(Arc::default()))
+                .start()
+                .await
+                .context("starting a server")?;
             servers.push(server);
         }
         Ok(Servers { servers })
@@ -232,6 +233,19 @@ impl Servers {
     async fn stop(self) {
         futures::future::join_all(self.servers.into_iter().map(Server::shutdown)).await;
     }
+}
+
+/// The topics and server names this run started servers on: their queues (AMQP) and
+/// streams (Redis) outlive the servers, as oslo.messaging's do, and the run deletes
+/// them at its end.
+static LEFT: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// Records that a server `server` of `topic` was started.
+fn leave(topic: &str, server: &str) {
+    let mut left = LEFT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    left.push((topic.to_owned(), server.to_owned()));
 }
 
 fn new_topic() -> String {
@@ -396,6 +410,7 @@ async fn in_flight_memory(url: &str, quick: bool) -> Result<Option<f64>> {
     let calls: usize = if quick { 1000 } else { 10_000 };
     let topic = new_topic();
     let transport = mqrpc::connect(url).await.context("connecting a server")?;
+    leave(&topic, "bench-memory");
     let server = Server::builder(transport, Target::new(&topic).server("bench-memory"))
         .endpoint(crate::demo::endpoint(Arc::default()))
         .concurrency(calls)
@@ -587,6 +602,16 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
     mqrpc.casts_per_s = Some(casts(&args.url, args.quick).await?);
     progress.inc(1);
 
+    let left = std::mem::take(
+        &mut *LEFT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    if let Err(err) = raw::delete_left(&args.url, &left).await {
+        progress.println(format!(
+            "could not delete the run's queues or streams: {err:#}"
+        ));
+    }
     progress.finish_and_clear();
     let run = Run {
         backend,

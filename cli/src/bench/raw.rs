@@ -31,7 +31,7 @@ use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -176,6 +176,61 @@ pub(crate) async fn shaped_pairs(url: &str, payload: usize) -> Result<Vec<(&'sta
         _ => {}
     }
     Ok(pairs)
+}
+
+/// Deletes what servers of `left` (topic, server name) leave on the broker once they
+/// stopped: on RabbitMQ the topic and server queues (oslo.messaging's persist), on
+/// Redis the topic, server and fanout streams. Nothing on NATS or the memory bus.
+pub(crate) async fn delete_left(url: &str, left: &[(String, String)]) -> Result<()> {
+    let scheme = url
+        .split_once("://")
+        .map(|(scheme, _)| scheme.to_ascii_lowercase());
+    let mut names: Vec<String> = Vec::new();
+    match scheme.as_deref() {
+        Some("amqp" | "amqps" | "rabbit") => {
+            for (topic, server) in left {
+                names.extend([topic.clone(), format!("{topic}.{server}")]);
+            }
+            names.sort();
+            names.dedup();
+            let connection = amqp_connect(&amqp_url(url)?, "raw-bench-cleanup".to_owned()).await?;
+            let mut channel = connection.create_channel().await?;
+            for queue in &names {
+                let deleted = channel
+                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+                if let Err(err) = deleted {
+                    tracing::debug!("raw bench: cannot delete the queue {queue}: {err}");
+                    // A refusal closes the channel; the next queue needs another.
+                    channel = connection.create_channel().await?;
+                }
+            }
+            let _ = connection.close(200, "bench done".into()).await;
+        }
+        Some("redis" | "rediss") => {
+            let config = mqrpc::RedisConfig::parse(url)?;
+            let exchange = &config.exchange;
+            for (topic, server) in left {
+                names.extend([
+                    config.topic_key(exchange, topic),
+                    config.fanout_key(exchange, topic),
+                    config.server_key(exchange, topic, server),
+                ]);
+            }
+            names.sort();
+            names.dedup();
+            let client = redis::Client::open(strip_query(url))?;
+            let mut conn = redis_connect(&client).await?;
+            for keys in names.chunks(256) {
+                redis::cmd("DEL")
+                    .arg(keys)
+                    .query_async::<()>(&mut conn)
+                    .await?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// `payload` followed by `padding` spaces (a copy), or `payload` itself.
@@ -1026,6 +1081,60 @@ mod tests {
             Ok(Ok(_)) => println!("{what}: 100 concurrent calls echoed"),
             Ok(Err(err)) => panic!("{what}: {err:#}"),
             Err(_) => panic!("{what}: calls timed out"),
+        }
+    }
+
+    /// What a run's servers leave (queues, streams) is gone after `delete_left`.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn what_servers_leave_is_deleted() {
+        let require = std::env::var("MQRPC_REQUIRE_BROKERS").as_deref() == Ok("1");
+        let topic = format!("bench_left_{}", &Uuid::new_v4().simple().to_string()[..12]);
+        let left = [(topic.clone(), "bench-0".to_owned())];
+        let amqp = "amqp://guest:guest@127.0.0.1:5672/%2f";
+        match amqp_connect(amqp, "raw-bench-test".to_owned()).await {
+            Ok(connection) => {
+                let channel = connection.create_channel().await.expect("channel");
+                for queue in [topic.clone(), format!("{topic}.bench-0")] {
+                    let options = QueueDeclareOptions::default();
+                    (channel.queue_declare(queue.as_str().into(), options, FieldTable::default()))
+                        .await
+                        .expect("declare");
+                }
+                delete_left(amqp, &left).await.expect("delete on RabbitMQ");
+                let passive = QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                };
+                let fresh = connection.create_channel().await.expect("channel");
+                let still = fresh
+                    .queue_declare(topic.as_str().into(), passive, FieldTable::default())
+                    .await;
+                assert!(still.is_err(), "the topic queue is gone");
+            }
+            Err(err) if !require => println!("SKIP {amqp}: {err:#}"),
+            Err(err) => panic!("{amqp}: {err:#}"),
+        }
+        let redis_url = "redis://127.0.0.1:6379/";
+        let client = redis::Client::open(redis_url).expect("URL");
+        match redis_connect(&client).await {
+            Ok(mut conn) => {
+                let config = mqrpc::RedisConfig::parse(redis_url).expect("config");
+                let key = config.server_key(&config.exchange, &topic, "bench-0");
+                (redis::cmd("XADD").arg(&key).arg("*").arg("b").arg("x"))
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .expect("XADD");
+                delete_left(redis_url, &left)
+                    .await
+                    .expect("delete on Redis");
+                let exists: u32 = (redis::cmd("EXISTS").arg(&key))
+                    .query_async(&mut conn)
+                    .await
+                    .expect("EXISTS");
+                assert_eq!(exists, 0, "the server stream is gone");
+            }
+            Err(err) if !require => println!("SKIP {redis_url}: {err:#}"),
+            Err(err) => panic!("{redis_url}: {err:#}"),
         }
     }
 
