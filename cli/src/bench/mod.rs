@@ -566,7 +566,7 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
             rounds.push(throughput(pair.caller.clone(), SMALL, 64, budget).await?);
         }
     }
-    let names: Vec<String> = shaped.iter().map(|(name, _)| (*name).to_owned()).collect();
+    let names: Vec<&str> = shaped.iter().map(|(name, _)| *name).collect();
     drop((mqrpc_pair, raw_pair, shaped));
     let [rounds_mqrpc, rounds_raw] = per_side;
     servers.stop().await;
@@ -577,7 +577,7 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
         .map(|(name, rounds)| {
             let same: Vec<&Rate> = rounds.iter().collect();
             Shaped {
-                name,
+                name: name.to_owned(),
                 median: median_rate(64, &same),
                 rounds,
             }

@@ -64,11 +64,7 @@ const REDIS_RETRY: Duration = Duration::from_millis(100);
 /// stops the server and the client's reader and deletes what the pair created on the broker
 /// (where that is cheap).
 pub(crate) async fn pair(url: &str) -> Result<Option<Pair>> {
-    let scheme = url
-        .split_once("://")
-        .map(|(scheme, _)| scheme.to_ascii_lowercase())
-        .with_context(|| format!("not a URL: {url:?}"))?;
-    let pair = match scheme.as_str() {
+    let pair = match scheme(url)?.as_str() {
         "amqp" | "amqps" | "rabbit" => amqp_pair(&amqp_url(url)?, AmqpShape::Plain)
             .await
             .context("raw RabbitMQ (lapin) echo pair")?,
@@ -150,10 +146,7 @@ impl Padding {
 /// sizes. Each tells what that work costs the broker and the bare client, apart from
 /// mqrpc's code. `payload` is the size the shapes are measured at.
 pub(crate) async fn shaped_pairs(url: &str, payload: usize) -> Result<Vec<(&'static str, Pair)>> {
-    let scheme = url
-        .split_once("://")
-        .map(|(scheme, _)| scheme.to_ascii_lowercase())
-        .with_context(|| format!("not a URL: {url:?}"))?;
+    let scheme = scheme(url)?;
     let padding = Padding::of_mqrpc(payload)?;
     let mut pairs = Vec::new();
     match scheme.as_str() {
@@ -182,12 +175,12 @@ pub(crate) async fn shaped_pairs(url: &str, payload: usize) -> Result<Vec<(&'sta
 /// stopped: on RabbitMQ the topic and server queues (oslo.messaging's persist), on
 /// Redis the topic, server and fanout streams. Nothing on NATS or the memory bus.
 pub(crate) async fn delete_left(url: &str, left: &[(String, String)]) -> Result<()> {
-    let scheme = url
-        .split_once("://")
-        .map(|(scheme, _)| scheme.to_ascii_lowercase());
+    let Ok(scheme) = scheme(url) else {
+        return Ok(());
+    };
     let mut names: Vec<String> = Vec::new();
-    match scheme.as_deref() {
-        Some("amqp" | "amqps" | "rabbit") => {
+    match scheme.as_str() {
+        "amqp" | "amqps" | "rabbit" => {
             for (topic, server) in left {
                 names.extend([topic.clone(), format!("{topic}.{server}")]);
             }
@@ -207,7 +200,7 @@ pub(crate) async fn delete_left(url: &str, left: &[(String, String)]) -> Result<
             }
             let _ = connection.close(200, "bench done".into()).await;
         }
-        Some("redis" | "rediss") => {
+        "redis" | "rediss" => {
             let config = mqrpc::RedisConfig::parse(url)?;
             let exchange = &config.exchange;
             for (topic, server) in left {
@@ -242,6 +235,13 @@ fn padded(payload: Bytes, padding: usize) -> Bytes {
     body.extend_from_slice(&payload);
     body.resize(payload.len() + padding, b' ');
     Bytes::from(body)
+}
+
+/// The scheme of `url`, in lower case.
+fn scheme(url: &str) -> Result<String> {
+    url.split_once("://")
+        .map(|(scheme, _)| scheme.to_ascii_lowercase())
+        .with_context(|| format!("not a URL: {url:?}"))
 }
 
 /// `url` without its `?query`.
@@ -690,13 +690,13 @@ async fn amqp_pair(url: &str, shape: AmqpShape) -> Result<Pair> {
     let mut keep = keep;
     keep.tasks.push(reader);
 
-    let mut properties = BasicProperties::default().with_reply_to(reply_queue.into());
-    if oslo {
+    let properties = if oslo {
         // oslo.messaging's call: JSON properties and an expiry of the call's timeout.
-        properties = oslo_properties()
-            .with_reply_to(properties.reply_to().clone().unwrap_or_default())
-            .with_expiration("60000".into());
-    }
+        oslo_properties().with_expiration("60000".into())
+    } else {
+        BasicProperties::default()
+    };
+    let properties = properties.with_reply_to(reply_queue.into());
     let caller = AmqpCaller {
         _connection: client,
         publish,

@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context as _, Result};
 use plotters::prelude::*;
 
-use super::{Figures, Rate, Run};
+use super::{Figures, Rate, Run, Shaped};
 
 fn ratio(ours: f64, raw: Option<f64>) -> String {
     match raw {
@@ -116,14 +116,18 @@ pub(crate) fn markdown(run: &Run) -> String {
             rate.x, rate.calls_per_s
         );
     }
-    for shaped in &run.raw_shaped {
-        let (what, theirs, their_rounds) = (&shaped.name, &shaped.median, &shaped.rounds);
+    for Shaped {
+        name,
+        median: theirs,
+        rounds: their_rounds,
+    } in &run.raw_shaped
+    {
         let ours = run.mqrpc.throughput.iter().find(|r| r.x == theirs.x);
         let rounds = (run.rounds_mqrpc.iter().zip(their_rounds))
             .filter_map(|(f, raw)| Some((rate_at(&f.throughput, raw.x)?, raw.calls_per_s)));
         let _ = writeln!(
             out,
-            "| calls/s at concurrency {}, raw {what} | {} | {:.0} | {} | {} |",
+            "| calls/s at concurrency {}, raw {name} | {} | {:.0} | {} | {} |",
             theirs.x,
             ours.map_or("-".to_owned(), |r| format!("{:.0}", r.calls_per_s)),
             theirs.calls_per_s,
