@@ -257,26 +257,55 @@ async fn mqrpc_client(url: &str, topic: &str) -> Result<Client> {
     Ok(Client::new(transport, Target::new(topic)).timeout(Duration::from_secs(60)))
 }
 
-async fn latency(caller: &dyn Caller, size: usize, calls: u64) -> Result<Latency> {
+/// Sequential latency of `sides` (mqrpc, then the bare client if any), `calls` calls
+/// each, taken in alternating blocks so that both sides see the same state of the
+/// machine and the broker. Measured apart, a few seconds each, the two drifted: the
+/// same binary's p50 ratio moved between 0.7 and 1.5 from one run to the next.
+async fn latencies(sides: &[Arc<dyn Caller>], size: usize, calls: u64) -> Result<Vec<Latency>> {
+    /// Calls in a row per side: short enough to interleave finely, long enough that
+    /// switching sides does not dominate.
+    const BLOCK: u64 = 50;
     let body = payload(size);
-    let mut histogram = Histogram::<u64>::new(3).context("histogram")?;
-    for _ in 0..calls {
-        let started = Instant::now();
-        let back = caller.call(body.clone()).await?;
-        histogram
-            .record(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX))
-            .context("recording")?;
-        if back.len() != size {
-            bail!("echo returned {} bytes instead of {size}", back.len());
+    let mut histograms = sides
+        .iter()
+        .map(|_| Histogram::<u64>::new(3).context("histogram"))
+        .collect::<Result<Vec<_>>>()?;
+    let mut done = 0;
+    let mut block = 0;
+    while done < calls {
+        let n = BLOCK.min(calls - done);
+        let mut order: Vec<usize> = (0..sides.len()).collect();
+        // Who goes first alternates too: the first block after a switch may pay for it.
+        if block % 2 == 1 {
+            order.reverse();
         }
+        for side in order {
+            for _ in 0..n {
+                let started = Instant::now();
+                let back = sides[side].call(body.clone()).await?;
+                histograms[side]
+                    .record(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX))
+                    .context("recording")?;
+                if back.len() != size {
+                    bail!("echo returned {} bytes instead of {size}", back.len());
+                }
+            }
+        }
+        done += n;
+        block += 1;
     }
-    let us = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
-    Ok(Latency {
-        calls,
-        p50_us: us(0.5),
-        p99_us: us(0.99),
-        p999_us: us(0.999),
-    })
+    Ok(histograms
+        .iter()
+        .map(|histogram| {
+            let us = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+            Latency {
+                calls,
+                p50_us: us(0.5),
+                p99_us: us(0.99),
+                p999_us: us(0.999),
+            }
+        })
+        .collect())
 }
 
 /// How much of a throughput figure to run: at least `calls` calls, and calls go on
@@ -443,26 +472,19 @@ async fn in_flight_memory(url: &str, quick: bool) -> Result<Option<f64>> {
     Ok(Some((during - before).max(0.0) / calls as f64))
 }
 
+/// Everything but sequential latency (measured beforehand, see [`latencies`]).
 async fn measure(
     pair: &Pair,
+    latency: Latency,
     args: &BenchArgs,
     max_message: Option<usize>,
     progress: &ProgressBar,
 ) -> Result<Figures> {
-    let mut figures = Figures::default();
+    let mut figures = Figures {
+        latency: Some(latency),
+        ..Figures::default()
+    };
     let caller = pair.caller.clone();
-    // Warm up connections, reply queues and caches.
-    throughput(caller.clone(), SMALL, 16, Budget::WARM_UP).await?;
-    progress.set_message("sequential latency");
-    // On a runtime worker, like a service's own tasks: `main`'s thread is not one, so
-    // measured from there every call would pay two extra cross-thread wake-ups.
-    let calls = if args.quick { 200 } else { 5000 };
-    let sequential = tokio::spawn({
-        let caller = caller.clone();
-        async move { latency(caller.as_ref(), SMALL, calls).await }
-    });
-    figures.latency = Some(sequential.await.context("latency task")??);
-    progress.inc(1);
     for &concurrency in &args.concurrency {
         progress.set_message(format!("throughput at concurrency {concurrency}"));
         let budget = calls_for(args.quick, concurrency, SMALL);
@@ -550,13 +572,33 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
     let mut per_side: [Vec<Figures>; 2] = Default::default();
     let mut rounds_shaped = vec![Vec::new(); shaped.len()];
     for round in 0..rounds {
+        let callers: Vec<Arc<dyn Caller>> = [Some(&mqrpc_pair), raw_pair.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|pair| pair.caller.clone())
+            .collect();
+        let sides_measured = callers.len() as u64;
+        progress.set_message("sequential latency");
+        for caller in &callers {
+            // Warm up connections, reply queues and caches.
+            throughput(caller.clone(), SMALL, 16, Budget::WARM_UP).await?;
+        }
+        // On a runtime worker, like a service's own tasks: `main`'s thread is not one,
+        // so measured from there every call would pay two extra cross-thread wake-ups.
+        let calls = if args.quick { 200 } else { 5000 };
+        let mut latency = tokio::spawn(async move { latencies(&callers, SMALL, calls).await })
+            .await
+            .context("latency task")??
+            .into_iter();
+        progress.inc(sides_measured);
         let mut sides = [(0, Some(&mqrpc_pair)), (1, raw_pair.as_ref())];
         if round % 2 == 1 {
             sides.reverse();
         }
+        let mut latency = [latency.next(), latency.next()];
         for (side, pair) in sides {
-            if let Some(pair) = pair {
-                per_side[side].push(measure(pair, &args, max_message, &progress).await?);
+            if let (Some(pair), Some(latency)) = (pair, latency[side].take()) {
+                per_side[side].push(measure(pair, latency, &args, max_message, &progress).await?);
             }
         }
         for ((name, pair), rounds) in shaped.iter().zip(&mut rounds_shaped) {
