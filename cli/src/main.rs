@@ -124,11 +124,12 @@ struct CallArgs {
     /// Interface namespace.
     #[arg(long)]
     namespace: Option<String>,
-    /// Overall deadline, e.g. `30s`, `500ms`.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    /// Overall deadline: seconds (`30`, `0.5`) or with a unit (`30s`, `500ms`, `2m`).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
     timeout: Duration,
-    /// Ask the server for heartbeats, failing after this much silence (e.g. `10s`).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    /// Ask the server for heartbeats, failing after this much silence: seconds or
+    /// with a unit (`10`, `10s`).
+    #[arg(long, value_parser = parse_duration)]
     call_monitor: Option<Duration>,
     /// Context as a JSON object.
     #[arg(long, default_value = "{}")]
@@ -175,6 +176,16 @@ pub(crate) struct ServeArgs {
     pub(crate) concurrency: usize,
     #[command(flatten)]
     pub(crate) auth: AuthArgs,
+}
+
+/// A duration given as seconds (`30`, `0.5`, as oslo.messaging's options take them)
+/// or with a unit (`30s`, `500ms`).
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    match text.trim().parse::<f64>() {
+        Ok(seconds) => Duration::try_from_secs_f64(seconds)
+            .map_err(|_| format!("{text:?} is not a duration in seconds")),
+        Err(_) => humantime::parse_duration(text).map_err(|e| e.to_string()),
+    }
 }
 
 fn parse_object(text: &str, what: &str) -> Result<serde_json::Map<String, Value>> {
@@ -361,6 +372,23 @@ async fn main() -> ExitCode {
         Err(err) => {
             eprintln!("mqrpc: {err:#}");
             ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_seconds_or_with_a_unit() {
+        let ok = |text| parse_duration(text).expect(text);
+        assert_eq!(ok("5"), Duration::from_secs(5));
+        assert_eq!(ok("0.25"), Duration::from_millis(250));
+        assert_eq!(ok("500ms"), Duration::from_millis(500));
+        assert_eq!(ok("2m"), Duration::from_secs(120));
+        for bad in ["-1", "inf", "NaN", "soon", ""] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} was accepted");
         }
     }
 }
