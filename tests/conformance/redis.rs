@@ -123,6 +123,49 @@ async fn redis_leaves_no_reply_or_fanout_keys_after_shutdown() {
     }
 }
 
+/// A send to a stream that does not exist (no server made it) creates it with its
+/// TTL; sends to it once it exists add to it and leave that TTL alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_send_that_creates_a_stream_gives_it_a_ttl() {
+    let Some(_) = backend().await else { return };
+    use mqrpc::{Client, Context, Target};
+    use serde_json::json;
+    let prefix = format!("mqrpc-created-{}", &mqrpc::wire::new_id()[..12]);
+    let client = Client::new(
+        mqrpc::connect(&url_with_prefix(&prefix))
+            .await
+            .expect("redis"),
+        Target::new("nobody"),
+    );
+    let ctx = Context::new();
+    client
+        .cast(&ctx, "record", json!({"id": 1}))
+        .await
+        .expect("cast");
+    let keys = keys_under(&prefix);
+    let [key] = keys.as_slice() else {
+        panic!("one stream expected, found {keys:?}");
+    };
+    let ttl: i64 = redis_cli(&["TTL", key]).parse().expect("a TTL");
+    assert!(
+        (1..=300).contains(&ttl),
+        "{key} has TTL {ttl}, not stream_ttl"
+    );
+    // A TTL set by someone else stays: the next sends find the stream.
+    redis_cli(&["EXPIRE", key, "1000"]);
+    for id in 2..=3 {
+        client
+            .cast(&ctx, "record", json!({"id": id}))
+            .await
+            .expect("cast");
+    }
+    assert_eq!(redis_cli(&["XLEN", key]), "3");
+    let ttl: i64 = redis_cli(&["TTL", key]).parse().expect("a TTL");
+    assert!(ttl > 300, "{key}'s TTL was replaced: {ttl}");
+    redis_cli(&["DEL", key]);
+    client.close().await;
+}
+
 /// `total` echo calls, a hundred at a time, each checked.
 async fn echo_in_hundreds(client: &mqrpc::Client, total: u64) {
     for chunk in 0..total / 100 {
@@ -200,7 +243,8 @@ fn group_names(key: &str) -> Vec<String> {
         .collect()
 }
 
-fn redis_cli(args: &[&str]) {
+/// Runs a Redis command with `redis-cli`; its reply, trimmed.
+fn redis_cli(args: &[&str]) -> String {
     let output = std::process::Command::new("redis-cli")
         .args(["-u", &base_url()])
         .args(args)
@@ -210,6 +254,7 @@ fn redis_cli(args: &[&str]) {
         output.status.success(),
         "redis-cli {args:?} failed: {output:?}"
     );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
 /// A watcher that died without removing its keep-group (no alive key) loses the

@@ -1,6 +1,8 @@
-//! Publishing: `XADD` with an approximate `MAXLEN`, pipelined with `EXPIRE ... NX` so
-//! every stream mqrpc creates carries a time-to-live. Replies use `NOMKSTREAM`: a
-//! reply to a stream that no longer exists is undeliverable, never a new key.
+//! Publishing: `XADD` with an approximate `MAXLEN`. To a topic, server or fanout
+//! stream it is tried with `NOMKSTREAM` first; a stream that does not exist yet is
+//! then made by a second `XADD`, pipelined with `EXPIRE ... NX`, so every stream mqrpc
+//! creates carries a time-to-live. Replies use `NOMKSTREAM` only: a reply to a stream
+//! that no longer exists is undeliverable, never a new key.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -75,28 +77,40 @@ impl RedisPublisher {
         let mut conn = self.conn.clone();
         match self.stream_key(address) {
             Some(key) => {
-                let mut xadd = redis::cmd("XADD");
-                xadd.arg(&key)
-                    .arg("MAXLEN")
-                    .arg("~")
-                    .arg(self.config.maxlen)
-                    .arg("*")
-                    .arg(BODY_FIELD)
-                    .arg(message.body.as_ref());
-                if let Some(ttl) = message.time_to_live {
-                    let expires = now_millis()
-                        .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
-                    xadd.arg(EXPIRES_FIELD).arg(expires);
+                let expires = message.time_to_live.map(|ttl| {
+                    now_millis().saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+                });
+                let xadd = |create: bool| {
+                    let mut xadd = redis::cmd("XADD");
+                    xadd.arg(&key);
+                    if !create {
+                        xadd.arg("NOMKSTREAM");
+                    }
+                    xadd.arg("MAXLEN")
+                        .arg("~")
+                        .arg(self.config.maxlen)
+                        .arg("*")
+                        .arg(BODY_FIELD)
+                        .arg(message.body.as_ref());
+                    if let Some(expires) = expires {
+                        xadd.arg(EXPIRES_FIELD).arg(expires);
+                    }
+                    xadd
+                };
+                // The stream nearly always exists (its servers' group made it): one
+                // command. Only when it does not is it made here, with its TTL.
+                let id: Option<String> = xadd(false).query_async(&mut conn).await?;
+                if id.is_none() {
+                    let mut pipe = redis::pipe();
+                    pipe.add_command(xadd(true))
+                        .ignore()
+                        .cmd("EXPIRE")
+                        .arg(&key)
+                        .arg(self.config.stream_ttl.as_secs().max(1))
+                        .arg("NX")
+                        .ignore();
+                    pipe.query_async::<()>(&mut conn).await?;
                 }
-                let mut pipe = redis::pipe();
-                pipe.add_command(xadd)
-                    .ignore()
-                    .cmd("EXPIRE")
-                    .arg(&key)
-                    .arg(self.config.stream_ttl.as_secs().max(1))
-                    .arg("NX")
-                    .ignore();
-                pipe.query_async::<()>(&mut conn).await?;
                 Ok(true)
             }
             None => {
