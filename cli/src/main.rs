@@ -366,14 +366,34 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal, not in a log file or a pipe.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(Cli::parse()).await {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("mqrpc: {err:#}");
+            eprintln!("mqrpc: {}", chain(&err));
             ExitCode::from(2)
         }
     }
+}
+
+/// An error and its causes on one line, `: `-separated, leaving out a cause whose
+/// text its parent already ends with (lapin, for one, prints its source inside its
+/// own message and also returns it as the source).
+fn chain(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 #[cfg(test)]
@@ -390,5 +410,27 @@ mod tests {
         for bad in ["-1", "inf", "NaN", "soon", ""] {
             assert!(parse_duration(bad).is_err(), "{bad:?} was accepted");
         }
+    }
+
+    /// A cause that repeats the end of its parent's message is printed once.
+    #[test]
+    fn causes_already_in_the_message_are_not_repeated() {
+        #[derive(Debug)]
+        struct Wrapping(std::io::Error);
+        impl std::fmt::Display for Wrapping {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "protocol error: {}", self.0)
+            }
+        }
+        impl std::error::Error for Wrapping {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let inner = std::io::Error::other("refused");
+        let err = anyhow::Error::new(Wrapping(inner)).context("connecting");
+        assert_eq!(chain(&err), "connecting: protocol error: refused");
+        let plain = anyhow::anyhow!("refused").context("connecting");
+        assert_eq!(chain(&plain), "connecting: refused");
     }
 }
