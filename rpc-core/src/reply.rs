@@ -162,7 +162,7 @@ async fn route(
             continue;
         }
         let refused = auth.as_ref().and_then(|auth| auth.open(&body).err());
-        let reply = match wire::decode_reply(&body) {
+        let reply = match wire::decode_routed_reply(&body) {
             Ok(reply) if refused.is_some() => {
                 let failure = refused.unwrap_or(AuthFailure::Unsigned);
                 tracing::warn!(reason = %failure, size = body.len(), queue = %address,

@@ -713,10 +713,29 @@ pub(crate) const REPLY: Keys = Keys {
     context: false,
 };
 
+/// The members a client's reply router reads: [`REPLY`]'s but `_unique_id`, which
+/// routing never looks at (one string fewer to copy out of every reply).
+const ROUTED_REPLY: Keys = Keys {
+    position: |key| match key {
+        "_unique_id" => None,
+        key => (REPLY.position)(key),
+    },
+    ..REPLY
+};
+
 /// Decodes a reply body.
 pub fn decode_reply(body: &[u8]) -> Result<Reply, CodecError> {
-    let keys = REPLY.names;
-    let mut read = read_members(body, &REPLY)?;
+    decode_reply_reading(body, &REPLY)
+}
+
+/// [`decode_reply`] for routing: the reply's own `_unique_id` is left empty.
+pub(crate) fn decode_routed_reply(body: &[u8]) -> Result<Reply, CodecError> {
+    decode_reply_reading(body, &ROUTED_REPLY)
+}
+
+fn decode_reply_reading(body: &[u8], members: &'static Keys) -> Result<Reply, CodecError> {
+    let keys = members.names;
+    let mut read = read_members(body, members)?;
     let msg_id = take_string(read.take(0), keys[0])?
         .ok_or_else(|| CodecError::new("reply has no _msg_id"))?;
     let result = read.take(1).unwrap_or(Value::Null);
@@ -774,6 +793,34 @@ fn decode_failure(text: &str) -> RemoteError {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The router's decoding gives the same reply but for its `_unique_id`.
+    #[test]
+    fn routed_replies_skip_only_the_unique_id() {
+        let failure = RemoteError::new("ValueError", "no");
+        for answer in [
+            Answer::result(json!({"a": [1, "x"]})),
+            Answer::failure(failure),
+            Answer::end(),
+        ] {
+            let body = encode_answer(&answer, "m1").expect("encodes");
+            let full = decode_reply(&body).expect("decodes");
+            let routed = decode_routed_reply(&body).expect("decodes");
+            assert!(!full.unique_id.is_empty());
+            assert!(routed.unique_id.is_empty());
+            assert_eq!(
+                Reply {
+                    unique_id: String::new(),
+                    ..full
+                },
+                routed
+            );
+        }
+        assert!(
+            decode_routed_reply(br#"{"result": 1}"#).is_err(),
+            "no _msg_id"
+        );
+    }
 
     /// A server's answer encodes as the reply it stands for, under the request's id
     /// and a fresh `_unique_id` of its own each time.
