@@ -385,7 +385,8 @@ fn chain(err: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in err.chain() {
         let text = cause.to_string();
-        if line.ends_with(&text) {
+        // Only a whole cause counts: "reconnected" does not contain "connected".
+        if line == text || line.ends_with(&format!(": {text}")) {
             continue;
         }
         if !line.is_empty() {
@@ -432,5 +433,7 @@ mod tests {
         assert_eq!(chain(&err), "connecting: protocol error: refused");
         let plain = anyhow::anyhow!("refused").context("connecting");
         assert_eq!(chain(&plain), "connecting: refused");
+        let suffix = anyhow::anyhow!("connected").context("reconnected");
+        assert_eq!(chain(&suffix), "reconnected: connected");
     }
 }

@@ -35,6 +35,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The shortest call-monitor interval servers honour (oslo.messaging's rule).
 pub const MIN_CALL_MONITOR: Duration = Duration::from_secs(2);
+/// The longest timeout or call-monitor interval a client keeps (ten years); longer
+/// ones, `Duration::MAX` included, are taken as this.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(10 * 365 * 86_400);
 
 /// Module of the dispatcher failures, as oslo.messaging names it on the wire.
 pub(crate) const DISPATCHER_MODULE: &str = "oslo_messaging.rpc.dispatcher";
@@ -176,8 +179,10 @@ impl Client {
     }
 
     /// Sets the overall deadline of a call, publish included, and of a cast's publish.
+    /// A timeout longer than [`MAX_TIMEOUT`] is taken as that (a deadline must be a
+    /// point in time the clock can represent).
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.timeout = timeout.min(MAX_TIMEOUT);
         self
     }
 
@@ -186,7 +191,7 @@ impl Client {
     /// overall timeout still applies. Servers heartbeat only for intervals of 2 s or
     /// more, so shorter intervals are raised to 2 s.
     pub fn call_monitor(mut self, interval: Option<Duration>) -> Self {
-        self.call_monitor = interval.map(|i| i.max(MIN_CALL_MONITOR));
+        self.call_monitor = interval.map(|i| i.clamp(MIN_CALL_MONITOR, MAX_TIMEOUT));
         self
     }
 

@@ -36,8 +36,8 @@ pub use auth::{
     MessageAuth, Rejections,
 };
 pub use client::{
-    Client, DEFAULT_TIMEOUT, MIN_CALL_MONITOR, NO_RESPONDERS_CLASS, ReplyStream, RetryPolicy,
-    TRANSPORT_FAILURE_MODULE,
+    Client, DEFAULT_TIMEOUT, MAX_TIMEOUT, MIN_CALL_MONITOR, NO_RESPONDERS_CLASS, ReplyStream,
+    RetryPolicy, TRANSPORT_FAILURE_MODULE,
 };
 pub use context::Context;
 pub use endpoint::{Endpoint, NoArgs};

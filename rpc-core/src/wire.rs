@@ -714,7 +714,9 @@ pub(crate) const REPLY: Keys = Keys {
 };
 
 /// The members a client's reply router reads: [`REPLY`]'s but `_unique_id`, which
-/// routing never looks at (one string fewer to copy out of every reply).
+/// routing never looks at (one string fewer to copy out of every reply). `names`
+/// still lists it, unread; so a reply whose `_unique_id` is not a string is routed,
+/// where [`decode_reply`] refuses it.
 const ROUTED_REPLY: Keys = Keys {
     position: |key| match key {
         "_unique_id" => None,

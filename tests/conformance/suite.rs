@@ -593,6 +593,25 @@ pub async fn private_methods_are_never_dispatched(backend: Backend) {
     fx.shutdown().await;
 }
 
+/// A timeout or call-monitor interval too long for the clock (`Duration::MAX`, a
+/// user's `--timeout 1e19`) is taken as the longest a client keeps, not a panic.
+pub async fn endless_timeouts_are_capped_not_a_panic(backend: Backend) {
+    let mut fx = Fixture::new(&backend, "endless");
+    fx.start(1).await;
+    let client = fx
+        .client()
+        .await
+        .timeout(Duration::MAX)
+        .call_monitor(Some(Duration::MAX));
+    still_answers(&client, 20, 22).await;
+    client
+        .cast(&ctx(), "record", json!({"id": 1}))
+        .await
+        .expect("cast");
+    fx.recorder.wait_for(1, Duration::from_secs(20)).await;
+    fx.shutdown().await;
+}
+
 pub async fn timeout_fires_and_late_reply_does_not_disturb_next_call(backend: Backend) {
     let mut fx = Fixture::new(&backend, "timeout");
     fx.start(1).await;
@@ -1435,6 +1454,7 @@ macro_rules! conformance_suite {
             unknown_method_is_no_such_method,
             version_rules_follow_oslo,
             private_methods_are_never_dispatched,
+            endless_timeouts_are_capped_not_a_panic,
             timeout_fires_and_late_reply_does_not_disturb_next_call,
             call_proceeds_on_the_reply_or_the_publish_failure_whichever_comes_first,
             thousand_concurrent_calls_each_get_their_own_reply,

@@ -101,8 +101,11 @@ impl RedisPublisher {
                 // command. Only when it does not is it made here, with its TTL.
                 let id: Option<String> = xadd(false).query_async(&mut conn).await?;
                 if id.is_none() {
+                    // Atomic: a connection lost between the two must not leave a
+                    // stream this send made without its TTL.
                     let mut pipe = redis::pipe();
-                    pipe.add_command(xadd(true))
+                    pipe.atomic()
+                        .add_command(xadd(true))
                         .ignore()
                         .cmd("EXPIRE")
                         .arg(&key)
