@@ -166,6 +166,35 @@ async fn redis_a_send_that_creates_a_stream_gives_it_a_ttl() {
     client.close().await;
 }
 
+/// A watcher of a topic nobody serves creates the topic stream (its group needs
+/// one), and that stream expires like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_watcher_that_creates_a_stream_gives_it_a_ttl() {
+    let Some(_) = backend().await else { return };
+    let prefix = format!("mqrpc-watched-{}", &mqrpc::wire::new_id()[..12]);
+    let transport = mqrpc::connect(&url_with_prefix(&prefix))
+        .await
+        .expect("redis");
+    let mut tap = transport
+        .monitor(&mqrpc::Target::new("unserved"))
+        .await
+        .expect("monitor");
+    let keys = keys_under(&prefix);
+    let topic: Vec<&String> = keys.iter().filter(|k| k.ends_with(":topic")).collect();
+    assert_eq!(topic.len(), 1, "{keys:?}");
+    for key in topic {
+        let ttl: i64 = redis_cli(&["TTL", key]).parse().expect("a TTL");
+        assert!(
+            (1..=300).contains(&ttl),
+            "{key} has TTL {ttl}, not stream_ttl"
+        );
+    }
+    tap.stop().await.expect("stop");
+    for key in keys_under(&prefix) {
+        redis_cli(&["DEL", &key]);
+    }
+}
+
 /// `total` echo calls, a hundred at a time, each checked.
 async fn echo_in_hundreds(client: &mqrpc::Client, total: u64) {
     for chunk in 0..total / 100 {

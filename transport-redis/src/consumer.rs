@@ -84,29 +84,40 @@ fn is_missing_group(err: &redis::RedisError) -> bool {
     err.code() == Some("NOGROUP")
 }
 
-/// Creates a group, accepting one that exists already (`BUSYGROUP`).
+/// Creates a group (and its stream, with `MKSTREAM`) and gives the stream a TTL if
+/// it has none, in one script: a server that dies between the two steps must not
+/// leave a stream without a TTL. A group that exists already is accepted.
+static CREATE_GROUP: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local created = redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], ARGV[2], 'MKSTREAM')
+if type(created) == 'table' and created.err and not string.find(created.err, '^BUSYGROUP') then
+  return created
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3], 'NX')
+return 1
+",
+    )
+});
+
+/// Creates `group` on `key` from `start`, accepting one that exists already; a
+/// stream this makes expires after `ttl` (an existing TTL is left alone).
 async fn create_group(
     conn: &mut ConnectionManager,
     key: &str,
     group: &str,
     start: &str,
+    ttl: Duration,
 ) -> Result<()> {
-    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(key)
+    CREATE_GROUP
+        .key(key)
         .arg(group)
         .arg(start)
-        .arg("MKSTREAM")
-        .query_async(conn)
-        .await;
-    match created {
-        Ok(()) => Ok(()),
-        Err(err) if err.code() == Some("BUSYGROUP") => Ok(()),
-        Err(err) => Err(redis_error(
-            &format!("creating group {group} on {key}"),
-            err,
-        )),
-    }
+        .arg(ttl.as_secs().max(1))
+        .invoke_async::<i64>(conn)
+        .await
+        .map(drop)
+        .map_err(|err| redis_error(&format!("creating group {group} on {key}"), err))
 }
 
 impl ServerKeys {
@@ -114,9 +125,9 @@ impl ServerKeys {
     /// sent before any server listened are handled; the fanout one at `$`) and sets
     /// the streams' TTLs.
     async fn declare(&self, conn: &mut ConnectionManager, ttl: Duration) -> Result<()> {
-        create_group(conn, &self.topic, GROUP, "0").await?;
-        create_group(conn, &self.server, GROUP, "0").await?;
-        create_group(conn, &self.fanout, &self.instance, "$").await?;
+        create_group(conn, &self.topic, GROUP, "0", ttl).await?;
+        create_group(conn, &self.server, GROUP, "0", ttl).await?;
+        create_group(conn, &self.fanout, &self.instance, "$", ttl).await?;
         self.refresh(conn, ttl).await
     }
 
@@ -1168,15 +1179,8 @@ impl MonitorConsumer {
             .cloned()
             .collect();
         for key in &kept {
-            create_group(&mut conn, key, &group, "$").await?;
-            // MKSTREAM may have created the stream: it expires like any other.
-            redis::cmd("EXPIRE")
-                .arg(key)
-                .arg(config.stream_ttl.as_secs().max(1))
-                .arg("NX")
-                .query_async::<()>(&mut conn)
-                .await
-                .map_err(|e| redis_error("EXPIRE", e))?;
+            // MKSTREAM may create the stream: it expires like any other.
+            create_group(&mut conn, key, &group, "$", config.stream_ttl).await?;
         }
         let mut ids = Vec::with_capacity(keys.len());
         for key in &keys {
