@@ -23,8 +23,9 @@ use crate::{Shared, connection_manager, redis_error};
 
 /// The consumer group all servers of a topic share.
 const GROUP: &str = "servers";
-/// Most entries taken in one read.
-const MAX_BATCH: usize = 32;
+/// Most entries taken in one read, and the most deliveries buffered for a server:
+/// a server's default concurrency, so one read can fill every free handler.
+const MAX_BATCH: usize = 64;
 
 /// Destroys a server's fanout group, and the stream with the last group.
 const DROP_FANOUT_GROUP: &str = r"
