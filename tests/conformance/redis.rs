@@ -111,14 +111,7 @@ async fn redis_leaves_no_reply_or_fanout_keys_after_shutdown() {
     );
     // What remains are the topic and server streams, which expire (stream_ttl).
     for key in &after {
-        let ttl = std::process::Command::new("redis-cli")
-            .args(["-u", &base_url(), "TTL", key])
-            .output()
-            .expect("redis-cli runs");
-        let ttl: i64 = String::from_utf8_lossy(&ttl.stdout)
-            .trim()
-            .parse()
-            .expect("a TTL");
+        let ttl = ttl_of(key);
         assert!(ttl > 0, "{key} has no expiry ({ttl})");
     }
 }
@@ -146,7 +139,7 @@ async fn redis_a_send_that_creates_a_stream_gives_it_a_ttl() {
     let [key] = keys.as_slice() else {
         panic!("one stream expected, found {keys:?}");
     };
-    let ttl: i64 = redis_cli(&["TTL", key]).parse().expect("a TTL");
+    let ttl = ttl_of(key);
     assert!(
         (1..=300).contains(&ttl),
         "{key} has TTL {ttl}, not stream_ttl"
@@ -160,7 +153,7 @@ async fn redis_a_send_that_creates_a_stream_gives_it_a_ttl() {
             .expect("cast");
     }
     assert_eq!(redis_cli(&["XLEN", key]), "3");
-    let ttl: i64 = redis_cli(&["TTL", key]).parse().expect("a TTL");
+    let ttl = ttl_of(key);
     assert!(ttl > 300, "{key}'s TTL was replaced: {ttl}");
     redis_cli(&["DEL", key]);
     client.close().await;
@@ -183,7 +176,7 @@ async fn redis_a_watcher_that_creates_a_stream_gives_it_a_ttl() {
     let topic: Vec<&String> = keys.iter().filter(|k| k.ends_with(":topic")).collect();
     assert_eq!(topic.len(), 1, "{keys:?}");
     for key in topic {
-        let ttl: i64 = redis_cli(&["TTL", key]).parse().expect("a TTL");
+        let ttl = ttl_of(key);
         assert!(
             (1..=300).contains(&ttl),
             "{key} has TTL {ttl}, not stream_ttl"
@@ -270,6 +263,11 @@ fn group_names(key: &str) -> Vec<String> {
         .filter(|pair| pair[0] == "name")
         .map(|pair| pair[1].to_owned())
         .collect()
+}
+
+/// A key's `TTL` in seconds (-1: none, -2: no such key).
+fn ttl_of(key: &str) -> i64 {
+    redis_cli(&["TTL", key]).parse().expect("a TTL")
 }
 
 /// Runs a Redis command with `redis-cli`; its reply, trimmed.

@@ -1,7 +1,7 @@
 //! Publishing: `XADD` with an approximate `MAXLEN`. To a topic, server or fanout
 //! stream it is tried with `NOMKSTREAM` first; a stream that does not exist yet is
-//! then made by a second `XADD`, pipelined with `EXPIRE ... NX`, so every stream mqrpc
-//! creates carries a time-to-live. Replies use `NOMKSTREAM` only: a reply to a stream
+//! then made by a second `XADD` with `EXPIRE ... NX` in one `MULTI`/`EXEC`, so every
+//! stream mqrpc creates carries a time-to-live. Replies use `NOMKSTREAM` only: a reply to a stream
 //! that no longer exists is undeliverable, never a new key.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

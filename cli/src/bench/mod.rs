@@ -261,8 +261,9 @@ async fn mqrpc_client(url: &str, topic: &str) -> Result<Client> {
 /// each, taken in blocks of `BLOCK` calls per side, the order of the sides reversed
 /// every other block (A B, B A, A B...: each side makes twice `BLOCK` calls between
 /// switches, and goes first as often as second), so that both sides see the same
-/// state of the machine and the broker. Measured apart, a few seconds each, the two drifted: the
-/// same binary's p50 ratio moved between 0.7 and 1.5 from one run to the next.
+/// state of the machine and the broker. Measured apart, a few seconds each, the two
+/// drifted: the same binary's p50 ratio moved between 0.7 and 1.5 from one run to the
+/// next.
 async fn latencies(sides: &[Arc<dyn Caller>], size: usize, calls: u64) -> Result<Vec<Latency>> {
     /// Calls per side and block: short enough to interleave finely, long enough that
     /// switching sides does not dominate.
