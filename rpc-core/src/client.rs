@@ -80,9 +80,11 @@ pub struct Client {
 }
 
 struct ClientShared {
+    // First: fields drop in order, and the reply router must stop before the
+    // transport goes, or it sees its queue end and warns about a client nobody uses.
+    replies: OnceCell<ReplyRouter>,
     transport: Arc<dyn Transport>,
     publisher: OnceCell<Arc<dyn Publisher>>,
-    replies: OnceCell<ReplyRouter>,
     exchange: String,
     max_message_size: Option<usize>,
     broker: String,

@@ -102,7 +102,9 @@ impl ReplyRouter {
 
 impl Drop for ReplyRouter {
     fn drop(&mut self) {
-        // The consumer goes with the task, which releases the reply queue.
+        // The consumer goes with the task, which releases the reply queue. Cancelled
+        // first: a task still running sees that its queue's end is no surprise.
+        self.shutdown.cancel();
         if let Some(task) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
             task.abort();
         }
@@ -199,7 +201,8 @@ async fn route(
         }
     }
     if !shutdown.is_cancelled() {
-        tracing::warn!(queue = %address, "reply queue closed; failing calls in flight");
+        tracing::warn!(queue = %address, in_flight = waiters.len(),
+            "reply queue closed; calls in flight and later calls fail with Closed");
     }
     closed.store(true, Ordering::SeqCst);
     // Dropping the senders wakes every waiter with `Closed`.
