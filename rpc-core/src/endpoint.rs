@@ -133,7 +133,8 @@ impl Endpoint {
     }
 
     /// Erases a typed handler: decodes the arguments, catches a panic raised while
-    /// the handler builds its future or stream, and wraps what it built.
+    /// they decode or while the handler builds its future or stream, and wraps what
+    /// it built.
     fn register<A, F, R>(
         mut self,
         name: impl Into<String>,
@@ -148,10 +149,12 @@ impl Endpoint {
         let name = name.into();
         let method_name = name.clone();
         let method: Method = Arc::new(move |ctx, args| {
-            let built = decode_args::<A>(&method_name, args).and_then(|args| {
-                std::panic::catch_unwind(AssertUnwindSafe(|| handler(ctx, args)))
-                    .map_err(|panic| panic_failure(&*panic))
-            });
+            // An argument type's `Deserialize` may panic as well as the handler: both
+            // become the caller's failure, never an unanswered call.
+            let built = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                decode_args::<A>(&method_name, args).map(|args| handler(ctx, args))
+            }))
+            .unwrap_or_else(|panic| Err(panic_failure(&*panic)));
             match built {
                 Ok(built) => wrap(built),
                 Err(failure) => Invocation::Failed(failure),

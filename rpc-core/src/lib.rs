@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 mod auth;
+mod budget;
 mod client;
 mod context;
 mod dispatcher;
@@ -35,6 +36,7 @@ pub use auth::{
     AUTH_FAILURE_CLASS, AUTH_FAILURE_MODULE, AuthFailure, DEFAULT_FRESHNESS, MIN_KEY_LEN,
     MessageAuth, Rejections,
 };
+pub use budget::{ByteBudget, Charge, DEFAULT_MAX_PENDING_BYTES};
 pub use client::{
     Client, DEFAULT_TIMEOUT, MAX_TIMEOUT, MIN_CALL_MONITOR, NO_RESPONDERS_CLASS, ReplyStream,
     RetryPolicy, TRANSPORT_FAILURE_MODULE,

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::auth::{AuthFailure, MessageAuth, refusal};
+use crate::budget::{ByteBudget, DEFAULT_MAX_PENDING_BYTES};
 use crate::dispatcher::Dispatcher;
 use crate::endpoint::{Endpoint, Invocation, panic_failure};
 use crate::error::{Error, RemoteError, Result};
@@ -71,6 +72,7 @@ pub struct ServerBuilder {
     ack_mode: AckMode,
     grace_period: Duration,
     max_message_size: Option<usize>,
+    max_pending_bytes: usize,
     auth: Option<MessageAuth>,
 }
 
@@ -84,6 +86,7 @@ impl fmt::Debug for ServerBuilder {
             .field("ack_mode", &self.ack_mode)
             .field("grace_period", &self.grace_period)
             .field("max_message_size", &self.max_message_size)
+            .field("max_pending_bytes", &self.max_pending_bytes)
             .field("auth", &self.auth)
             .finish()
     }
@@ -122,6 +125,17 @@ impl ServerBuilder {
         self
     }
 
+    /// At most about this many bytes of requests are held by the server at once:
+    /// taken from the broker and not yet handled to the end (default
+    /// [`DEFAULT_MAX_PENDING_BYTES`], 64 MiB). Past it the server takes no more;
+    /// AMQP, Redis and JetStream leave the rest waiting in the broker, core NATS
+    /// (at-most-once) drops what does not fit, with a rate-limited warning. One
+    /// request bigger than the budget is still taken when nothing else is held.
+    pub fn max_pending_bytes(mut self, bytes: usize) -> Self {
+        self.max_pending_bytes = bytes.max(1);
+        self
+    }
+
     /// Accepts only requests that `auth` verifies and signs every reply (opt-in
     /// message authentication; see [`MessageAuth`]). A refused request is counted,
     /// logged without its payload, dropped, and answered with
@@ -135,8 +149,10 @@ impl ServerBuilder {
     /// When this returns, messages sent to the target reach this server.
     pub async fn start(self) -> Result<Server> {
         self.target.validate_for_listen()?;
+        let budget = ByteBudget::new(self.max_pending_bytes);
         let options = ListenOptions::new(self.concurrency)
-            .settle_on_receipt(self.ack_mode == AckMode::BeforeDispatch);
+            .settle_on_receipt(self.ack_mode == AckMode::BeforeDispatch)
+            .budget(budget.clone());
         let publisher = self.transport.publisher().await?;
         let consumer = self.transport.listen(&self.target, &options).await?;
         let max_message_size = self.transport.capabilities().max_message_size;
@@ -154,6 +170,7 @@ impl ServerBuilder {
             topic: Arc::from(self.target.topic.as_str()),
             max_request,
             refusals: Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT)),
+            budget,
         };
         let task = tokio::spawn(serve(
             consumer,
@@ -192,6 +209,7 @@ impl Server {
             ack_mode: AckMode::default(),
             grace_period: DEFAULT_GRACE_PERIOD,
             max_message_size: None,
+            max_pending_bytes: DEFAULT_MAX_PENDING_BYTES,
             auth: None,
         }
     }
@@ -232,6 +250,8 @@ struct Serving {
     auth: Option<MessageAuth>,
     /// Bounds the refusals of unauthenticated requests being answered at once.
     refusals: Arc<Semaphore>,
+    /// Bytes of requests held, from their receipt to the end of their work.
+    budget: ByteBudget,
 }
 
 async fn serve(
@@ -249,7 +269,11 @@ async fn serve(
     let mut seen = RecentIds::new(DEDUP_WINDOW);
     // Takes a delivery: checks and decodes it, and returns the future that runs its
     // work (or only settles it), for the running set.
-    let mut start = |delivery: Delivery| {
+    let mut start = |mut delivery: Delivery| {
+        // Held until the request's work is done, so the budget counts it as long as
+        // its bytes (or the arguments decoded from them) live.
+        let charge = (delivery.take_charge())
+            .unwrap_or_else(|| serving.budget.charge(delivery.body().len()));
         let (body, acker) = delivery.into_parts();
         match accept(body, acker, &serving, &mut seen) {
             // A panic anywhere in a request (a handler, or an argument's `Deserialize`)
@@ -259,7 +283,8 @@ async fn serve(
             Accepted::Work(work) => Either::Left(
                 AssertUnwindSafe(Box::pin(work.run(serving.clone())))
                     .catch_unwind()
-                    .map(|outcome| {
+                    .map(move |outcome| {
+                        drop(charge);
                         if outcome.is_err() {
                             tracing::error!("a request panicked outside its handler; dropped");
                         }
@@ -267,13 +292,17 @@ async fn serve(
             ),
             // Settling a refused message takes a slot too, so a flood of bad messages is
             // bounded like work and never stalls this loop.
-            Accepted::Settle(settle) => Either::Right(settle.run()),
+            Accepted::Settle(settle) => Either::Right(settle.run().map(move |()| drop(charge))),
         }
     };
     'serving: loop {
         // Take a delivery only when a handler slot is free, so waiting work stays in
         // the broker and not in this process.
-        while running.len() >= concurrency {
+        // Likewise when the requests held use up the byte budget: a handler that
+        // finishes gives its bytes back.
+        while running.len() >= concurrency
+            || (!running.is_empty() && serving.budget.is_exhausted())
+        {
             tokio::select! {
                 biased;
                 _ = token.cancelled() => break 'serving,

@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use std::sync::Arc;
 
+use crate::budget::{ByteBudget, Charge};
 use crate::error::Result;
 use crate::target::Target;
 
@@ -185,6 +186,13 @@ pub struct ListenOptions {
     /// settled when it reads them (Redis `XREADGROUP ... NOACK`), so no round trip
     /// stands between a request and its handler. Default false.
     pub settle_on_receipt: bool,
+    /// The server's budget of bytes for deliveries taken and not yet handled. A
+    /// consumer charges each message it reads against it
+    /// ([`ByteBudget::charge`], handed on with [`Delivery::with_charge`]) and takes
+    /// fewer messages from the broker, or none, while it is exhausted; where the
+    /// broker keeps messages they wait there. Default: a budget of
+    /// [`crate::DEFAULT_MAX_PENDING_BYTES`] of its own.
+    pub budget: ByteBudget,
 }
 
 impl ListenOptions {
@@ -193,7 +201,14 @@ impl ListenOptions {
         ListenOptions {
             prefetch,
             settle_on_receipt: false,
+            budget: ByteBudget::default(),
         }
+    }
+
+    /// Shares `budget` with the consumer (see [`ListenOptions::budget`]).
+    pub fn budget(mut self, budget: ByteBudget) -> Self {
+        self.budget = budget;
+        self
     }
 
     /// Deliveries count as settled once read (see [`ListenOptions::settle_on_receipt`]).
@@ -337,10 +352,14 @@ impl Acker for NoAck {
     }
 }
 
-/// One received message: its body and the handle that settles it.
+/// One received message: its body, the handle that settles it, and what the
+/// transport knows about it (its charge against the server's [`ByteBudget`], how
+/// long its sender wants it).
 pub struct Delivery {
     body: Bytes,
     acker: Box<dyn Acker>,
+    charge: Option<Charge>,
+    time_to_live: Option<Duration>,
 }
 
 impl Delivery {
@@ -349,7 +368,35 @@ impl Delivery {
         Delivery {
             body: body.into(),
             acker,
+            charge: None,
+            time_to_live: None,
         }
+    }
+
+    /// The bytes of this message already counted against the server's budget by the
+    /// consumer; released when the server is done with the request. A delivery
+    /// without one is charged by the server on receipt.
+    pub fn with_charge(mut self, charge: Charge) -> Self {
+        self.charge = Some(charge);
+        self
+    }
+
+    /// Takes the delivery's charge, if the consumer made one.
+    pub fn take_charge(&mut self) -> Option<Charge> {
+        self.charge.take()
+    }
+
+    /// How long, from now, the sender wants the message (a transport's own expiry,
+    /// such as AMQP's `expiration` property that oslo.messaging sets on calls). The
+    /// server stops working for a call past it.
+    pub fn with_time_to_live(mut self, ttl: Duration) -> Self {
+        self.time_to_live = Some(ttl);
+        self
+    }
+
+    /// The time to live the transport read off the message, if any.
+    pub fn time_to_live(&self) -> Option<Duration> {
+        self.time_to_live
     }
 
     /// The encoded message.
