@@ -430,6 +430,7 @@ impl Client {
             msg_id: Some(&msg_id),
             reply_to: Some(router.address()),
             call_monitor: self.call_monitor.map(|d| d.as_secs_f64()),
+            expires_in: Some(self.timeout.as_secs_f64()),
             ..self.head(ctx, method)
         };
         let body = self.encode(&head, args)?;

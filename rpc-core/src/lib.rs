@@ -25,6 +25,7 @@ mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 mod inner;
+pub mod logs;
 mod reply;
 mod server;
 mod target;
@@ -46,7 +47,9 @@ pub use endpoint::{Endpoint, NoArgs};
 pub use error::{
     BoxError, CodecError, ERROR_KWARG, Error, IntoRemoteError, RemoteError, Result, TimeoutKind,
 };
-pub use server::{AckMode, DEFAULT_CONCURRENCY, DEFAULT_GRACE_PERIOD, Server, ServerBuilder};
+pub use server::{
+    AckMode, DEFAULT_CONCURRENCY, DEFAULT_GRACE_PERIOD, SERVER_SHUTDOWN_CLASS, Server, ServerBuilder,
+};
 pub use target::{DEFAULT_EXCHANGE, ParseVersionError, Target, Version};
 pub use tls::{TlsFiles, TlsPem};
 pub use transport::{

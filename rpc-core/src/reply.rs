@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthFailure, MessageAuth, refusal};
 use crate::error::{Error, Result};
+use crate::logs::{Escaped, Throttle};
 use crate::transport::{Consumer, ReplyQueue};
 use crate::wire::{self, Reply};
 
@@ -132,6 +133,8 @@ async fn route(
     auth: Option<MessageAuth>,
     max_reply: Option<usize>,
 ) {
+    // Refused replies are logged once per interval, with a count of the others.
+    let rejections = Throttle::default();
     loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => {
@@ -159,28 +162,36 @@ async fn route(
         if let Some(limit) = max_reply.filter(|limit| body.len() > *limit) {
             // Never parsed: its size alone is reason enough. The call it was meant
             // for, if any, times out naming its deadline.
-            tracing::warn!(size = body.len(), limit, queue = %address,
-                "dropping a reply above the message size limit");
+            if let Some(suppressed) = rejections.hit() {
+                tracing::warn!(size = body.len(), limit, queue = %address, suppressed,
+                    "dropping a reply above the message size limit");
+            }
             continue;
         }
         let refused = auth.as_ref().and_then(|auth| auth.open(&body).err());
         let reply = match wire::decode_routed_reply(&body) {
             Ok(reply) if refused.is_some() => {
                 let failure = refused.unwrap_or(AuthFailure::Unsigned);
-                tracing::warn!(reason = %failure, size = body.len(), queue = %address,
-                    "refusing a reply that fails authentication");
+                if let Some(suppressed) = rejections.hit() {
+                    tracing::warn!(reason = %failure, size = body.len(), queue = %address,
+                        suppressed, "refusing a reply that fails authentication");
+                }
                 // The call it names fails now, saying why, instead of timing out.
                 Reply::failure(&reply.msg_id, refusal("reply", &failure))
             }
             Ok(reply) => reply,
             Err(_) if refused.is_some() => {
-                tracing::warn!(size = body.len(), queue = %address,
-                    "refusing a reply that fails authentication and does not decode");
+                if let Some(suppressed) = rejections.hit() {
+                    tracing::warn!(size = body.len(), queue = %address, suppressed,
+                        "refusing a reply that fails authentication and does not decode");
+                }
                 continue;
             }
             Err(err) => {
-                tracing::warn!(size = body.len(), error = %err, queue = %address,
-                    "dropping malformed reply");
+                if let Some(suppressed) = rejections.hit() {
+                    tracing::warn!(size = body.len(), error = %Escaped(&err.to_string()),
+                        queue = %address, suppressed, "dropping malformed reply");
+                }
                 continue;
             }
         };
@@ -195,7 +206,7 @@ async fn route(
                 }
             }
             None => {
-                tracing::debug!(msg_id = %reply.msg_id, queue = %address,
+                tracing::debug!(msg_id = %Escaped(&reply.msg_id), queue = %address,
                     "no call is waiting for this reply (late or foreign); dropped");
             }
         }

@@ -9,7 +9,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,6 +19,7 @@ use futures::{FutureExt, StreamExt};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -27,6 +28,7 @@ use crate::budget::{ByteBudget, DEFAULT_MAX_PENDING_BYTES};
 use crate::dispatcher::Dispatcher;
 use crate::endpoint::{Endpoint, Invocation, panic_failure};
 use crate::error::{Error, RemoteError, Result};
+use crate::logs::{Escaped, Throttle};
 use crate::target::Target;
 use crate::transport::{
     Acker, Address, Consumer, Delivery, ListenOptions, Outgoing, Publisher, Transport,
@@ -48,6 +50,15 @@ const MIN_CALL_MONITOR_SECS: f64 = 2.0;
 /// How long one reply may wait for the transport before it is dropped, so a stuck
 /// reply queue cannot hold a handler slot forever.
 const REPLY_SEND_LIMIT: Duration = Duration::from_secs(30);
+/// How long the failures sent to the callers of handlers cut off by the end of the
+/// grace period may take, all together.
+const SHUTDOWN_REPLY_LIMIT: Duration = Duration::from_secs(5);
+/// No call is worked on for longer than this, whatever its `_expires_in` says.
+const MAX_CALL_LIFETIME: Duration = crate::client::MAX_TIMEOUT;
+
+/// The class of the failure a caller receives when the server shut down before its
+/// handler finished (the grace period ended).
+pub const SERVER_SHUTDOWN_CLASS: &str = "ServerShutdown";
 
 /// When a server acknowledges a request to the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -171,6 +182,8 @@ impl ServerBuilder {
             max_request,
             refusals: Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT)),
             budget,
+            rejections: Arc::new(Throttle::default()),
+            abandoned: Arc::default(),
         };
         let task = tokio::spawn(serve(
             consumer,
@@ -252,6 +265,10 @@ struct Serving {
     refusals: Arc<Semaphore>,
     /// Bytes of requests held, from their receipt to the end of their work.
     budget: ByteBudget,
+    /// Limits the warnings about refused messages to one line per interval.
+    rejections: Arc<Throttle>,
+    /// Calls whose handlers were dropped unfinished; their callers are told.
+    abandoned: Arc<Mutex<Vec<(String, Address)>>>,
 }
 
 async fn serve(
@@ -274,8 +291,9 @@ async fn serve(
         // its bytes (or the arguments decoded from them) live.
         let charge = (delivery.take_charge())
             .unwrap_or_else(|| serving.budget.charge(delivery.body().len()));
+        let ttl = delivery.time_to_live();
         let (body, acker) = delivery.into_parts();
-        match accept(body, acker, &serving, &mut seen) {
+        match accept(body, acker, ttl, &serving, &mut seen) {
             // A panic anywhere in a request (a handler, or an argument's `Deserialize`)
             // ends that request, never the server. Boxed: the request's future is
             // kilobytes, and a future pushed by value was copied three times on its way
@@ -352,10 +370,45 @@ async fn serve(
             "grace period over; dropping handlers still running"
         );
         drop(running);
+        tell_abandoned_callers(&serving).await;
     }
     if let Err(err) = consumer.close().await {
         tracing::warn!(error = %err, "could not close the consumer cleanly");
     }
+}
+
+/// Sends a failure to every caller whose handler the end of the grace period cut
+/// off, so that none waits out its timeout for a reply that cannot come.
+async fn tell_abandoned_callers(serving: &Serving) {
+    let abandoned = std::mem::take(
+        &mut *serving
+            .abandoned
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()),
+    );
+    if abandoned.is_empty() {
+        return;
+    }
+    let failure = RemoteError::new(
+        SERVER_SHUTDOWN_CLASS,
+        "server shut down before the handler finished",
+    )
+    .with_module(crate::client::TRANSPORT_FAILURE_MODULE);
+    let answer = Answer::failure(failure);
+    let sends = abandoned.iter().map(|(msg_id, reply_to)| {
+        let answer = &answer;
+        async move {
+            if let Err(err) = serving.replier.send(reply_to, msg_id, answer).await {
+                tracing::debug!(error = %err, "could not tell a caller the server shut down");
+            }
+        }
+    });
+    let told = tokio::time::timeout(SHUTDOWN_REPLY_LIMIT, futures::future::join_all(sends)).await;
+    tracing::info!(
+        calls = abandoned.len(),
+        all_sent = told.is_ok(),
+        "told the callers of unfinished handlers that the server shut down"
+    );
 }
 
 /// What to do with a delivery: run it, or only settle it.
@@ -390,11 +443,20 @@ impl Settle {
 }
 
 /// Checks and decodes a delivery; returns the work to run, or how to settle it.
-fn accept(body: Bytes, acker: Box<dyn Acker>, serving: &Serving, seen: &mut RecentIds) -> Accepted {
+fn accept(
+    body: Bytes,
+    acker: Box<dyn Acker>,
+    ttl: Option<Duration>,
+    serving: &Serving,
+    seen: &mut RecentIds,
+) -> Accepted {
+    let received = Instant::now();
     if let Some(limit) = serving.max_request.filter(|limit| body.len() > *limit) {
         // Dropped for good and never parsed: its size alone is reason enough.
-        tracing::warn!(size = body.len(), limit, topic = %serving.topic,
-            "rejecting a request above the message size limit");
+        if let Some(suppressed) = serving.rejections.hit() {
+            tracing::warn!(size = body.len(), limit, topic = %Escaped(&serving.topic),
+                suppressed, "rejecting a request above the message size limit");
+        }
         return Settle::reject(acker);
     }
     if let Some(failure) = serving
@@ -402,8 +464,10 @@ fn accept(body: Bytes, acker: Box<dyn Acker>, serving: &Serving, seen: &mut Rece
         .as_ref()
         .and_then(|auth| auth.open(&body).err())
     {
-        tracing::warn!(reason = %failure, size = body.len(), topic = %serving.topic,
-            "rejecting a request that fails authentication");
+        if let Some(suppressed) = serving.rejections.hit() {
+            tracing::warn!(reason = %failure, size = body.len(), topic = %Escaped(&serving.topic),
+                suppressed, "rejecting a request that fails authentication");
+        }
         // A caller with a wrong key learns why instead of timing out; a replay (a
         // copy of a request already taken) gets no answer, like a duplicate. At most
         // a few refusals are on their way at once, so a flood costs no more.
@@ -438,8 +502,10 @@ fn accept(body: Bytes, acker: Box<dyn Acker>, serving: &Serving, seen: &mut Rece
         Ok(request) => request,
         Err(err) => {
             // A poison message is dropped for good, never retried.
-            tracing::warn!(size = body.len(), error = %err, topic = %serving.topic,
-                "rejecting malformed message");
+            if let Some(suppressed) = serving.rejections.hit() {
+                tracing::warn!(size = body.len(), error = %Escaped(&err.to_string()),
+                    topic = %Escaped(&serving.topic), suppressed, "rejecting malformed message");
+            }
             tracing::trace!(prefix = %String::from_utf8_lossy(&body[..body.len().min(64)]),
                 "malformed message prefix");
             return Settle::reject(acker);
@@ -448,13 +514,24 @@ fn accept(body: Bytes, acker: Box<dyn Acker>, serving: &Serving, seen: &mut Rece
     if let Some(unique_id) = &request.unique_id
         && !seen.insert(unique_id)
     {
-        tracing::info!(unique_id, method = %request.method, "dropping duplicate request");
+        tracing::info!(unique_id = %Escaped(unique_id), method = %Escaped(&request.method),
+            "dropping duplicate request");
         return Accepted::Settle(Settle { acker, ack: true });
     }
+    // The caller waits `_expires_in` from sending, the transport may know how long
+    // the message is worth delivering: past the earlier, nobody waits for the reply.
+    let expires_in = (request.expires_in)
+        .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+        .into_iter()
+        .chain(ttl)
+        .min()
+        .map(|limit| limit.min(MAX_CALL_LIFETIME));
+    let deadline = expires_in.and_then(|limit| received.checked_add(limit));
     Accepted::Work(Work {
         request,
         acker,
         ack_mode: serving.ack_mode,
+        deadline,
     })
 }
 
@@ -465,6 +542,8 @@ struct Work {
     request: Request,
     acker: Box<dyn Acker>,
     ack_mode: AckMode,
+    /// When the caller stops waiting, if the request says.
+    deadline: Option<Instant>,
 }
 
 impl Work {
@@ -473,6 +552,7 @@ impl Work {
             request,
             acker,
             ack_mode,
+            deadline,
         } = self;
         let acker = match ack_mode {
             _ if acker.is_noop() => None,
@@ -486,9 +566,12 @@ impl Work {
             }
             AckMode::AfterHandling => Some(acker),
         };
+        // A request still held by the broker goes to another server if this one stops
+        // before it is handled; one already taken from the broker does not.
+        let redelivered_if_dropped = acker.is_some();
         let span = tracing::debug_span!("rpc.dispatch",
-            msg_id = request.msg_id.as_deref().unwrap_or(""),
-            topic = %serving.topic, method = %request.method);
+            msg_id = %Escaped(request.msg_id.as_deref().unwrap_or("")),
+            topic = %Escaped(&serving.topic), method = %Escaped(&request.method));
         async {
             let Request {
                 method,
@@ -510,12 +593,20 @@ impl Work {
             );
             match (msg_id, reply_to) {
                 (Some(msg_id), Some(reply_to)) => {
+                    let reply_to = Address::Reply(reply_to);
                     let call = Call {
                         replier: &serving.replier,
                         msg_id: &msg_id,
-                        reply_to: &Address::Reply(reply_to),
+                        reply_to: &reply_to,
                     };
-                    call.answer(invocation, call_monitor).await;
+                    let mut unfinished = Unfinished {
+                        abandoned: &serving.abandoned,
+                        msg_id: &msg_id,
+                        reply_to: &reply_to,
+                        armed: !redelivered_if_dropped,
+                    };
+                    call.answer(invocation, call_monitor, deadline).await;
+                    unfinished.armed = false;
                 }
                 (msg_id, _) => {
                     if msg_id.is_some() {
@@ -563,7 +654,27 @@ async fn run_cast(invocation: Invocation) {
         }
     };
     if let Some(failure) = failure {
-        tracing::warn!(class = %failure.class, message = %failure.message, "cast failed");
+        tracing::warn!(class = %Escaped(&failure.class), message = %Escaped(&failure.message),
+            "cast failed");
+    }
+}
+
+/// Records a call as abandoned if its work is dropped before it answered (the end
+/// of the grace period drops running handlers), so its caller can be told.
+struct Unfinished<'a> {
+    abandoned: &'a Mutex<Vec<(String, Address)>>,
+    msg_id: &'a str,
+    reply_to: &'a Address,
+    armed: bool,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            (self.abandoned.lock())
+                .unwrap_or_else(|poison| poison.into_inner())
+                .push((self.msg_id.to_owned(), self.reply_to.clone()));
+        }
     }
 }
 
@@ -576,7 +687,27 @@ struct Call<'a> {
 }
 
 impl Call<'_> {
-    async fn answer(&self, invocation: Invocation, call_monitor: Option<f64>) {
+    /// Runs the call and replies, heartbeating if asked, until it is done or its
+    /// `deadline` passes: then the caller has stopped waiting, and its handler or
+    /// stream is dropped unfinished.
+    async fn answer(
+        &self,
+        invocation: Invocation,
+        call_monitor: Option<f64>,
+        deadline: Option<Instant>,
+    ) {
+        let answering = self.answer_until_done(invocation, call_monitor);
+        match deadline {
+            Some(deadline) => {
+                if tokio::time::timeout_at(deadline, answering).await.is_err() {
+                    tracing::debug!("the caller's deadline passed; the call's work stops");
+                }
+            }
+            None => answering.await,
+        }
+    }
+
+    async fn answer_until_done(&self, invocation: Invocation, call_monitor: Option<f64>) {
         let work = self.reply_all(invocation);
         let interval = call_monitor
             .filter(|t| *t >= MIN_CALL_MONITOR_SECS)
@@ -673,7 +804,7 @@ impl Call<'_> {
                     Address::Reply(queue) => queue.as_str(),
                     _ => "",
                 };
-                tracing::warn!(error = %err, reply_to, "reply dropped");
+                tracing::warn!(error = %err, reply_to = %Escaped(reply_to), "reply dropped");
                 false
             }
         }

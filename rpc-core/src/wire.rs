@@ -57,6 +57,11 @@ pub struct Request {
     pub call_monitor: Option<f64>,
     /// De-duplication id (`_unique_id`).
     pub unique_id: Option<String>,
+    /// How many seconds the caller waits for the reply from when it sent the call
+    /// (`_expires_in`, mqrpc's own member: oslo.messaging ignores it and carries the
+    /// call timeout as AMQP's `expiration` instead). A server stops working for the
+    /// call once that time has passed since it received the request.
+    pub expires_in: Option<f64>,
 }
 
 impl Request {
@@ -193,6 +198,7 @@ pub fn encode_request(req: &Request) -> Result<Vec<u8>, CodecError> {
         reply_to: req.reply_to.as_deref(),
         call_monitor: req.call_monitor,
         unique_id: req.unique_id.as_deref(),
+        expires_in: req.expires_in,
     };
     encode_request_with(&head, Args::Map(&req.args))
 }
@@ -209,6 +215,7 @@ pub(crate) struct Head<'a> {
     pub(crate) call_monitor: Option<f64>,
     /// `None` writes a fresh one.
     pub(crate) unique_id: Option<&'a str>,
+    pub(crate) expires_in: Option<f64>,
 }
 
 impl<'a> Head<'a> {
@@ -224,6 +231,7 @@ impl<'a> Head<'a> {
             reply_to: None,
             call_monitor: None,
             unique_id: None,
+            expires_in: None,
         }
     }
 }
@@ -271,6 +279,10 @@ pub(crate) fn encode_request_with(head: &Head<'_>, args: Args<'_>) -> Result<Vec
     if call || head.call_monitor.is_some() {
         out.member(br#"\"_timeout\":"#);
         out.serde(&head.call_monitor)?;
+    }
+    if let Some(expires_in) = head.expires_in {
+        out.member(br#"\"_expires_in\":"#);
+        out.serde(&expires_in)?;
     }
     unique_id_member(&mut out, head.unique_id)?;
     for (key, value) in head.context.iter() {
@@ -474,7 +486,7 @@ struct Members<'r> {
 }
 
 /// The most members a message kind reads by name ([`REQUEST`]).
-const MAX_WANTED: usize = 8;
+const MAX_WANTED: usize = 9;
 
 #[derive(Debug, PartialEq)]
 pub(crate) struct Read {
@@ -636,6 +648,7 @@ pub(crate) const REQUEST: Keys = Keys {
         "_reply_q",
         "_timeout",
         "_unique_id",
+        "_expires_in",
     ],
     position: |key| {
         Some(match key {
@@ -647,6 +660,7 @@ pub(crate) const REQUEST: Keys = Keys {
             "_reply_q" => 5,
             "_timeout" => 6,
             "_unique_id" => 7,
+            "_expires_in" => 8,
             _ => return None,
         })
     },
@@ -684,6 +698,11 @@ pub fn decode_request(body: &[u8]) -> Result<Request, CodecError> {
         }
     };
     let unique_id = take_string(read.take(7), keys[7])?;
+    // Like `_timeout`: a value that is not a number of seconds is ignored.
+    let expires_in = match read.take(8) {
+        Some(Value::Number(n)) => n.as_f64().filter(|secs| *secs >= 0.0),
+        _ => None,
+    };
     Ok(Request {
         method,
         args,
@@ -694,6 +713,7 @@ pub fn decode_request(body: &[u8]) -> Result<Request, CodecError> {
         reply_to,
         call_monitor,
         unique_id,
+        expires_in,
     })
 }
 
