@@ -25,6 +25,8 @@ pub struct Recorder {
     in_flight: AtomicUsize,
     /// Most handlers of `sleep` seen running at once.
     pub max_in_flight: AtomicUsize,
+    /// Items the `endless` streams produced so far.
+    pub streamed: AtomicUsize,
 }
 
 impl Recorder {
@@ -36,6 +38,7 @@ impl Recorder {
             private_called: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
+            streamed: AtomicUsize::new(0),
         })
     }
 
@@ -125,6 +128,24 @@ struct CountArgs {
 }
 
 #[derive(Deserialize)]
+struct EndlessArgs {
+    interval_ms: u64,
+}
+
+/// Arguments whose `Deserialize` panics (a `deserialize_with` that unwraps).
+#[derive(Deserialize)]
+struct PanickyArgs {
+    #[serde(deserialize_with = "panicking")]
+    #[allow(dead_code)]
+    value: u64,
+}
+
+fn panicking<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    Ok(text.parse().unwrap_or_else(|_| panic!("not a number: {text}")))
+}
+
+#[derive(Deserialize)]
 struct FailArgs {
     kind: String,
 }
@@ -155,6 +176,7 @@ pub fn endpoint(server: &str, recorder: &Arc<Recorder>) -> Endpoint {
     let rec_delay = recorder.clone();
     let rec_private = recorder.clone();
     let rec_slow = recorder.clone();
+    let rec_stream = recorder.clone();
     let slow_name = server.to_owned();
     Endpoint::new()
         .version(SERVICE_VERSION)
@@ -229,6 +251,21 @@ pub fn endpoint(server: &str, recorder: &Arc<Recorder>) -> Endpoint {
         .method("_private", move |_ctx: Context, _args: mqrpc::NoArgs| {
             rec_private.private_called.store(true, Ordering::SeqCst);
             async move { Ok::<_, RemoteError>("private") }
+        })
+        .method("decode_panic", |_ctx: Context, _args: PanickyArgs| async move {
+            Ok::<_, RemoteError>(())
+        })
+        .stream_method("endless", move |_ctx: Context, args: EndlessArgs| {
+            let rec = rec_stream.clone();
+            let interval = Duration::from_millis(args.interval_ms);
+            futures::stream::unfold(0u64, move |i| {
+                let rec = rec.clone();
+                async move {
+                    tokio::time::sleep(interval).await;
+                    rec.streamed.fetch_add(1, Ordering::SeqCst);
+                    Some((Ok::<u64, RemoteError>(i), i + 1))
+                }
+            })
         })
         .stream_method("count", |_ctx: Context, args: CountArgs| {
             futures::stream::iter((0..args.n).map(Ok::<u64, RemoteError>))

@@ -20,6 +20,9 @@ use serde_json::{Value, json};
 
 use crate::service::{self, Recorder, ServiceError};
 
+mod hardening;
+pub use hardening::*;
+
 type ConnectFuture = Pin<Box<dyn Future<Output = Arc<dyn Transport>> + Send>>;
 
 /// How a case opens transports of the backend under test. Each call opens a new
@@ -1477,6 +1480,10 @@ macro_rules! conformance_suite {
             cast_before_any_server_waits_for_one,
             send_to_missing_server_is_reported_at_once,
             unsettled_delivery_is_redelivered_to_another_server,
+            argument_decode_panic_is_a_remote_failure,
+            multicall_stream_stops_at_the_callers_deadline,
+            grace_period_end_fails_unfinished_calls_at_once,
+            long_and_non_ascii_topics_are_served,
         );
     };
     (@cases $backend:path; $($case:ident),* $(,)?) => {
