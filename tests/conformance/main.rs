@@ -8,6 +8,7 @@ mod suite;
 #[cfg(any(feature = "amqp", feature = "redis", feature = "nats"))]
 mod faults;
 mod proxy;
+mod logs;
 mod redaction;
 mod service;
 mod settling;
