@@ -48,7 +48,8 @@ pub use error::{
     BoxError, CodecError, ERROR_KWARG, Error, IntoRemoteError, RemoteError, Result, TimeoutKind,
 };
 pub use server::{
-    AckMode, DEFAULT_CONCURRENCY, DEFAULT_GRACE_PERIOD, SERVER_SHUTDOWN_CLASS, Server, ServerBuilder,
+    AckMode, DEFAULT_CONCURRENCY, DEFAULT_GRACE_PERIOD, SERVER_SHUTDOWN_CLASS, Server,
+    ServerBuilder,
 };
 pub use target::{DEFAULT_EXCHANGE, ParseVersionError, Target, Version};
 pub use tls::{TlsFiles, TlsPem};

@@ -75,7 +75,10 @@ impl Throttle {
     /// (with how many occurrences were not written since the last one); `None` when
     /// this one is only counted.
     pub fn hit(&self) -> Option<u64> {
-        let mut state = self.state.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         let now = Instant::now();
         match state.last {
             Some(last) if now.duration_since(last) < self.interval => {
@@ -104,7 +107,8 @@ mod tests {
 
     #[test]
     fn escaped_text_stays_on_one_line() {
-        let text = Escaped("add\n2026-01-01T00:00:00Z ERROR forged\r\u{2028}\\x\u{1b}[31m").to_string();
+        let text =
+            Escaped("add\n2026-01-01T00:00:00Z ERROR forged\r\u{2028}\\x\u{1b}[31m").to_string();
         assert!(!text.contains(['\n', '\r', '\u{2028}', '\u{1b}']), "{text}");
         assert_eq!(
             text,

@@ -62,7 +62,10 @@ fn captured(body: impl std::future::Future<Output = ()>) -> String {
 
 fn assert_no_forged_line(log: &str) {
     for line in log.lines() {
-        assert!(!line.starts_with(FORGED), "a forged line in the log:\n{log}");
+        assert!(
+            !line.starts_with(FORGED),
+            "a forged line in the log:\n{log}"
+        );
     }
 }
 
@@ -72,20 +75,25 @@ fn peer_text_is_escaped_and_refusals_are_throttled_on_a_server() {
         let url = format!("memory://logs-{}", mqrpc::wire::new_id());
         let transport = mqrpc::connect(&url).await.expect("memory bus");
         let topic = format!("logs_{}", &mqrpc::wire::new_id()[..8]);
-        let endpoint = Endpoint::new().method("add", |_ctx: Context, args: (i64, i64)| async move {
-            Ok::<_, RemoteError>(args.0 + args.1)
-        });
+        let endpoint = Endpoint::new()
+            .method("add", |_ctx: Context, args: (i64, i64)| async move {
+                Ok::<_, RemoteError>(args.0 + args.1)
+            });
         let server = Server::builder(transport.clone(), Target::new(&topic).server("s1"))
             .endpoint(endpoint)
             .start()
             .await
             .expect("server");
-        let client = Client::new(transport.clone(), Target::new(&topic))
-            .timeout(Duration::from_secs(10));
+        let client =
+            Client::new(transport.clone(), Target::new(&topic)).timeout(Duration::from_secs(10));
         // A method name and an argument carrying a line break and a forged line.
         let method = format!("nope\n{FORGED}");
         client
-            .cast(&Context::new(), &method, json!({"x": format!("\n{FORGED}")}))
+            .cast(
+                &Context::new(),
+                &method,
+                json!({"x": format!("\n{FORGED}")}),
+            )
             .await
             .expect("cast");
         let err = client
@@ -133,11 +141,15 @@ fn refused_replies_are_throttled_on_a_clients_reply_queue() {
             .listen(&Target::new(&topic).server("s1"), &ListenOptions::new(4))
             .await
             .expect("listen");
-        let client = Client::new(transport.clone(), Target::new(&topic))
-            .timeout(Duration::from_secs(10));
+        let client =
+            Client::new(transport.clone(), Target::new(&topic)).timeout(Duration::from_secs(10));
         let call = tokio::spawn({
             let client = client.clone();
-            async move { client.call::<_, i64>(&Context::new(), "add", json!({})).await }
+            async move {
+                client
+                    .call::<_, i64>(&Context::new(), "add", json!({}))
+                    .await
+            }
         });
         let delivery = consumer.recv().await.expect("a request").expect("delivery");
         let request = mqrpc::wire::decode_request(delivery.body()).expect("request");

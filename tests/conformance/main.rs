@@ -7,8 +7,8 @@
 mod suite;
 #[cfg(any(feature = "amqp", feature = "redis", feature = "nats"))]
 mod faults;
-mod proxy;
 mod logs;
+mod proxy;
 mod redaction;
 mod service;
 mod settling;

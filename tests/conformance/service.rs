@@ -142,7 +142,9 @@ struct PanickyArgs {
 
 fn panicking<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
     let text = String::deserialize(deserializer)?;
-    Ok(text.parse().unwrap_or_else(|_| panic!("not a number: {text}")))
+    Ok(text
+        .parse()
+        .unwrap_or_else(|_| panic!("not a number: {text}")))
 }
 
 #[derive(Deserialize)]
@@ -252,9 +254,10 @@ pub fn endpoint(server: &str, recorder: &Arc<Recorder>) -> Endpoint {
             rec_private.private_called.store(true, Ordering::SeqCst);
             async move { Ok::<_, RemoteError>("private") }
         })
-        .method("decode_panic", |_ctx: Context, _args: PanickyArgs| async move {
-            Ok::<_, RemoteError>(())
-        })
+        .method(
+            "decode_panic",
+            |_ctx: Context, _args: PanickyArgs| async move { Ok::<_, RemoteError>(()) },
+        )
         .stream_method("endless", move |_ctx: Context, args: EndlessArgs| {
             let rec = rec_stream.clone();
             let interval = Duration::from_millis(args.interval_ms);

@@ -20,9 +20,15 @@ pub async fn argument_decode_panic_is_a_remote_failure(backend: Backend) {
         .call::<_, ()>(&ctx(), "decode_panic", json!({"value": "seven"}))
         .await
         .expect_err("the arguments' Deserialize panics");
-    let remote = err.as_remote().unwrap_or_else(|| panic!("a remote failure, not {err:?}"));
+    let remote = err
+        .as_remote()
+        .unwrap_or_else(|| panic!("a remote failure, not {err:?}"));
     assert_eq!(remote.class, "RuntimeError");
-    assert!(remote.message.contains("not a number: seven"), "{}", remote.message);
+    assert!(
+        remote.message.contains("not a number: seven"),
+        "{}",
+        remote.message
+    );
     // Answered, not timed out (the client's timeout is 30 s).
     assert!(started.elapsed() < Duration::from_secs(20));
     still_answers(&client, 1, 2).await;
@@ -93,7 +99,9 @@ pub async fn grace_period_end_fails_unfinished_calls_at_once(backend: Backend) {
         .unwrap_or_else(|| panic!("a remote failure, not {err:?}"));
     assert_eq!(remote.class, mqrpc::SERVER_SHUTDOWN_CLASS);
     assert!(
-        remote.message.contains("shut down before the handler finished"),
+        remote
+            .message
+            .contains("shut down before the handler finished"),
         "{}",
         remote.message
     );
