@@ -25,12 +25,10 @@ pub struct Escaped<'a>(pub &'a str);
 
 impl fmt::Display for Escaped<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut chars = 0;
-        for c in self.0.chars() {
-            if chars == MAX_LOGGED_CHARS {
+        for (count, c) in self.0.chars().enumerate() {
+            if count == MAX_LOGGED_CHARS {
                 return write!(f, "…({} bytes)", self.0.len());
             }
-            chars += 1;
             if c.is_control() || matches!(c, '\\' | '\u{2028}' | '\u{2029}') {
                 write!(f, "{}", c.escape_default())?;
             } else {
