@@ -525,6 +525,60 @@ mod tests {
     }
 
     #[test]
+    fn connect_timeout_takes_seconds_with_decimals() {
+        assert_eq!(parse("amqp://h").connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(
+            parse("amqp://h?connect_timeout=1").connect_timeout,
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            parse("amqp://h?connect_timeout=0.25").connect_timeout,
+            Duration::from_millis(250)
+        );
+        for bad in ["0", "-1", "x", "", "inf", "nan"] {
+            let url = format!("amqp://u:s3cret@h?connect_timeout={bad}");
+            let err = AmqpConfig::parse(&url).expect_err(&url);
+            assert!(err.to_string().contains("connect_timeout"), "{err}");
+            assert!(!err.to_string().contains("s3cret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn reply_queues_are_the_standard_shape_or_allowed() {
+        let standard = format!("reply_{}", "0123456789abcdef".repeat(2));
+        let default = ReplyQueues::default();
+        assert!(default.allows(&standard));
+        for refused in [
+            "openstack".to_owned(),
+            "reply_".to_owned(),
+            format!("reply_{}", "0123456789ABCDEF".repeat(2)),
+            format!("reply_{}0", "0123456789abcdef".repeat(2)),
+            format!("{standard}\n"),
+            format!("x{standard}"),
+            "reply_host:123:1".to_owned(),
+        ] {
+            assert!(!default.allows(&refused), "{refused:?}");
+        }
+        let c = parse("amqp://h?allow_reply_queues=legacy_replies,reply_host%3A*");
+        assert!(c.reply_queues.allows(&standard));
+        assert!(c.reply_queues.allows("legacy_replies"));
+        assert!(!c.reply_queues.allows("legacy_replies_2"));
+        assert!(c.reply_queues.allows("reply_host:123:1"));
+        assert!(!c.reply_queues.allows("reply_other:1:1"));
+        let all = parse("amqp://h?allow_reply_queues=*");
+        assert!(all.reply_queues.allows("anything at all"));
+        // Repeated options add up; empty items are ignored.
+        let c = parse("amqp://h?allow_reply_queues=a,,b&allow_reply_queues=c");
+        assert_eq!(c.reply_queues.names, ["a", "b", "c"]);
+        assert!(
+            parse("amqp://h?allow_reply_queues=")
+                .reply_queues
+                .prefixes
+                .is_empty()
+        );
+    }
+
+    #[test]
     fn bad_urls_are_clear_errors_without_secrets() {
         for url in [
             "http://h",

@@ -888,6 +888,53 @@ mod tests {
         Compression::Bzip2.compress(data)
     }
 
+    fn sizing(limit: usize, max: u16) -> Sizing {
+        Sizing {
+            budget: ByteBudget::new(limit),
+            prefetch: Arc::new(AtomicU16::new(max)),
+            max,
+            largest: 0,
+            seen: 0,
+        }
+    }
+
+    #[test]
+    fn prefetch_follows_the_size_of_deliveries() {
+        const MIB: usize = 1024 * 1024;
+        let mut s = sizing(64 * MIB, 64);
+        // Small deliveries leave the prefetch at its ceiling.
+        for _ in 0..200 {
+            assert_eq!(s.observe(10_000), None);
+        }
+        // One too big for it lowers it at once: budget / size.
+        assert_eq!(s.observe(8 * MIB), Some(8));
+        assert_eq!(s.observe(8 * MIB), None);
+        // Bigger than the budget: one at a time.
+        assert_eq!(s.observe(100 * MIB), Some(1));
+        // Raised only after a whole window of smaller ones.
+        for _ in 0..SIZE_WINDOW - 1 {
+            assert_eq!(s.observe(MIB), None);
+        }
+        assert_eq!(s.observe(MIB), Some(64));
+        // A raise that would not double the prefetch waits (no churn).
+        let mut s = sizing(64 * MIB, 64);
+        assert_eq!(s.observe(3 * MIB), Some(21));
+        for _ in 0..2 * 21 {
+            assert_eq!(s.observe(2 * MIB + MIB / 2), None);
+        }
+        assert_eq!(s.prefetch.load(Ordering::Relaxed), 21);
+    }
+
+    #[test]
+    fn expiration_is_read_as_the_time_to_live() {
+        let with = |text: &str| BasicProperties::default().with_expiration(text.into());
+        assert_eq!(time_to_live(&with("60000")), Some(Duration::from_secs(60)));
+        assert_eq!(time_to_live(&with("1")), Some(Duration::from_millis(1)));
+        assert_eq!(time_to_live(&with("soon")), None);
+        assert_eq!(time_to_live(&with("-5")), None);
+        assert_eq!(time_to_live(&BasicProperties::default()), None);
+    }
+
     #[test]
     fn inflates_kombu_gzip_and_bz2_bodies_within_the_limit_only() {
         let text = br#"{"oslo.version": "2.0", "oslo.message": "{}"}"#.repeat(20);

@@ -533,3 +533,55 @@ impl Publisher for AmqpPublisher {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_in_logs_are_escaped_and_short() {
+        assert_eq!(escaped("reply_ab"), "\"reply_ab\"");
+        let forged = escaped("q\nINFO forged line");
+        assert!(!forged.contains('\n'), "{forged}");
+        assert!(forged.contains("\\n"), "{forged}");
+        let long = escaped(&"x".repeat(10_000));
+        assert!(long.len() < 80, "{long}");
+    }
+
+    #[test]
+    fn returns_reach_the_publish_they_belong_to() {
+        let returns = Returns::default();
+        let mine = bytes::Bytes::from(vec![1u8; 10_000]);
+        let mut other = vec![1u8; 10_000];
+        other[5_000] = 2; // same head and tail, same key: told apart by the body
+        let other = bytes::Bytes::from(other);
+        let my_watch = returns.watch(&mine);
+        let other_watch = returns.watch(&other);
+        let returned = Returned {
+            reply_code: 312,
+            reply_text: "NO_ROUTE".to_owned(),
+        };
+        assert!(returns.deliver(&other, returned.clone()));
+        assert!(my_watch.returned().is_none());
+        assert_eq!(other_watch.returned().map(|r| r.reply_code), Some(312));
+        drop(other_watch);
+        assert!(!returns.deliver(&other, returned));
+        drop(my_watch);
+        assert!(returns.waiting.lock().expect("lock").is_empty());
+    }
+
+    #[test]
+    fn unroutable_requests_say_no_server_ever_listened() {
+        let topic = Address::Topic {
+            exchange: "openstack".to_owned(),
+            topic: "compute".to_owned(),
+        };
+        let err = unroutable(&topic);
+        assert!(matches!(err, Error::NoResponders { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains("openstack/compute"), "{text}");
+        assert!(text.contains("no server has ever listened"), "{text}");
+        let reply = unroutable(&Address::Reply("reply_x".to_owned()));
+        assert!(matches!(reply, Error::Undeliverable { .. }), "{reply:?}");
+    }
+}
