@@ -18,20 +18,14 @@
 //! - Every connection attempt (TCP, TLS, AMQP handshake) is bounded by the URL's
 //!   `connect_timeout` (default 10 s).
 //!
-//! lapin logs every message the broker returns at WARN with its whole body (target
-//! `lapin::returned_messages`), and every frame it sends at TRACE, the connection's
-//! credentials included (target `lapin::io_loop`). mqrpc handles returns itself, so
-//! keep those targets out of logs: add `lapin::returned_messages=error,lapin::io_loop=off`
-//! (or simply `lapin=error`) to a `tracing_subscriber::EnvFilter`.
-//! - A lost connection is noticed (AMQP heartbeats, socket errors), re-opened with
-//!   capped exponential backoff and jitter across the URL's hosts, and every exchange,
-//!   queue, binding and consumer is declared again.
-//!
-//! ```no_run
-//! # async fn demo() -> rpc_core::Result<()> {
-//! let transport = transport_amqp::AmqpTransport::connect("rabbit://guest:guest@127.0.0.1:5672/").await?;
-//! # let _ = transport; Ok(()) }
-//! ```
+//! lapin logs every message the broker returns at WARN with its whole body as
+//! decimal bytes (target `lapin::returned_messages`, whatever the application does
+//! with returns), every frame it receives at TRACE, message bodies included (target
+//! `lapin::channels`), and every frame it sends at TRACE, the connection's
+//! credentials included (target `lapin::io_loop`, the `connection.start-ok`
+//! frame). mqrpc handles returned messages itself and logs them without content, so
+//! keep those lines out: add `lapin=info,lapin::returned_messages=error` (or simply
+//! `lapin=error`) to a `tracing_subscriber::EnvFilter`, after any broader directive.
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
