@@ -226,8 +226,13 @@ impl Link {
             vhost: self.config.vhost.clone(),
             query: AMQPQueryString {
                 heartbeat: Some(self.config.heartbeat),
+                // lapin's own bound on the TCP connect, a little past mqrpc's bound on
+                // the whole attempt, so that mqrpc's (clearer) error is the one seen
+                // and a connect abandoned by mqrpc still ends soon after.
                 connection_timeout: Some(
-                    u64::try_from(self.config.connect_timeout.as_millis()).unwrap_or(u64::MAX),
+                    u64::try_from(self.config.connect_timeout.as_millis())
+                        .unwrap_or(u64::MAX)
+                        .saturating_add(500),
                 ),
                 ..AMQPQueryString::default()
             },
