@@ -26,6 +26,12 @@
 //! frame). mqrpc handles returned messages itself and logs them without content, so
 //! keep those lines out: add `lapin=info,lapin::returned_messages=error` (or simply
 //! `lapin=error`) to a `tracing_subscriber::EnvFilter`, after any broader directive.
+//!
+//! ```no_run
+//! # async fn demo() -> rpc_core::Result<()> {
+//! let transport = transport_amqp::AmqpTransport::connect("rabbit://guest:guest@127.0.0.1:5672/").await?;
+//! # let _ = transport; Ok(()) }
+//! ```
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
