@@ -15,6 +15,9 @@
 //!   one channel with `basic.qos` bounded by their concurrency limit, and lowered when
 //!   deliveries are big so that what the broker pushes stays near the server's byte
 //!   budget (see `ListenOptions::budget`).
+//! - A lost connection is noticed (AMQP heartbeats, socket errors), re-opened with
+//!   capped exponential backoff and jitter across the URL's hosts, and every exchange,
+//!   queue, binding and consumer is declared again.
 //! - Every connection attempt (TCP, TLS, AMQP handshake) is bounded by the URL's
 //!   `connect_timeout` (default 10 s).
 //!
