@@ -28,7 +28,9 @@
 //! credentials included (target `lapin::io_loop`, the `connection.start-ok`
 //! frame). mqrpc handles returned messages itself and logs them without content, so
 //! keep those lines out: add `lapin=info,lapin::returned_messages=error` (or simply
-//! `lapin=error`) to a `tracing_subscriber::EnvFilter`, after any broader directive.
+//! `lapin=error`) to a `tracing_subscriber::EnvFilter` (a directive naming a target
+//! wins over a bare level such as `trace`). lapin logs them from its own I/O thread,
+//! so only a global subscriber sees them.
 //!
 //! ```no_run
 //! # async fn demo() -> rpc_core::Result<()> {
