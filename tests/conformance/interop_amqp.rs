@@ -469,11 +469,13 @@ async fn amqp_interop_python_peers_read_what_mqrpc_compresses() {
         );
         let transport = mqrpc::connect(&url).await.expect("RabbitMQ");
         let caster = Client::new(transport, Target::new(&topic));
-        // The first cast declares the exchange; nobody listens to it yet.
-        caster
+        // The first cast declares the exchange; no queue is bound to the topic yet,
+        // so the broker returns it.
+        let err = caster
             .cast(&Context::new(), "echo", json!({}))
             .await
-            .expect("cast");
+            .expect_err("nobody listens yet");
+        assert!(matches!(err, Error::NoResponders { .. }), "{err:?}");
         let queue = channel
             .queue_declare(
                 "".into(),

@@ -16,6 +16,9 @@ pub const DEFAULT_HEARTBEAT: u16 = 30;
 /// The largest message sent unless the URL says otherwise: RabbitMQ 4's default
 /// `max_message_size` (16 MiB; 3.x brokers accept up to 128 MiB).
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
+/// How long connecting may take unless the URL says otherwise (`connect_timeout`):
+/// the TCP connect, the TLS handshake and the AMQP handshake of one attempt.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One broker host of the URL.
 #[derive(Clone, PartialEq, Eq)]
@@ -86,6 +89,78 @@ pub struct AmqpConfig {
     /// `kombu_compression`); `None` sends them as they are. Compressed bodies are
     /// read whatever this says.
     pub compression: Option<Compression>,
+    /// How long one connection attempt may take: TCP connect, TLS handshake and
+    /// AMQP handshake together (`connect_timeout`, seconds, default
+    /// [`DEFAULT_CONNECT_TIMEOUT`]). It bounds the first connect and every
+    /// reconnection attempt.
+    pub connect_timeout: Duration,
+    /// Reply-queue names a server answers besides the shape oslo.messaging and mqrpc
+    /// give their own (`reply_` and 32 lowercase hex digits): the URL's
+    /// `allow_reply_queues` (see [`ReplyQueues`]).
+    pub reply_queues: ReplyQueues,
+}
+
+/// Which queues a server publishes replies to.
+///
+/// A request names its reply queue (`_reply_q`), and the reply goes through the
+/// default exchange, which reaches every queue of the virtual host by name. So that a
+/// request cannot make a server put reply-shaped messages into another service's
+/// queue, a server replies only to names of the shape oslo.messaging and mqrpc
+/// give their reply queues, `reply_` followed by 32 lowercase hex digits (a uuid4
+/// without dashes), and drops other replies (the publish fails with
+/// `Error::InvalidTarget`, which the server logs as one line without content).
+///
+/// Peers that name their reply queues otherwise (oslo.messaging with
+/// `use_queue_manager = true` names them `reply_<host>:<process>:<n>`) are allowed
+/// with the URL option `allow_reply_queues`: a comma-separated list of exact names,
+/// or prefixes written with a trailing `*` (`allow_reply_queues=reply_*` accepts
+/// every name that starts with `reply_`; a lone `*` accepts every name, as mqrpc did
+/// before it confined replies).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplyQueues {
+    /// Names accepted exactly.
+    pub names: Vec<String>,
+    /// Prefixes: a name that starts with one is accepted (an empty prefix accepts
+    /// every name).
+    pub prefixes: Vec<String>,
+}
+
+impl ReplyQueues {
+    /// The length of the hex part of a standard reply-queue name.
+    const HEX_DIGITS: usize = 32;
+
+    /// Whether `name` has the standard shape: `reply_` and 32 lowercase hex digits.
+    pub fn is_standard(name: &str) -> bool {
+        name.strip_prefix("reply_").is_some_and(|hex| {
+            hex.len() == Self::HEX_DIGITS
+                && hex
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
+    }
+
+    /// Whether a server may publish a reply to the queue `name`.
+    pub fn allows(&self, name: &str) -> bool {
+        Self::is_standard(name)
+            || self.names.iter().any(|allowed| allowed == name)
+            || self
+                .prefixes
+                .iter()
+                .any(|prefix| name.starts_with(prefix.as_str()))
+    }
+
+    /// Reads the value of `allow_reply_queues`: comma-separated names and `prefix*`
+    /// patterns; empty items are ignored.
+    pub fn parse(value: &str) -> Self {
+        let mut allowed = ReplyQueues::default();
+        for item in value.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            match item.strip_suffix('*') {
+                Some(prefix) => allowed.prefixes.push(prefix.to_owned()),
+                None => allowed.names.push(item.to_owned()),
+            }
+        }
+        allowed
+    }
 }
 
 /// How sent bodies are compressed, as kombu compresses them: the body is replaced by
@@ -157,7 +232,10 @@ impl AmqpConfig {
     /// `transient_ttl` (`rabbit_transient_queues_ttl`, seconds, 0 = none), `topic_ttl`
     /// (seconds of `x-expires` on topic and server queues; not set by default), `ssl`,
     /// `max_message_size`, `max_backoff` (seconds), `compression` (`kombu_compression`:
-    /// `gzip` or `bzip2`, for what this transport sends), and the TLS files `tls_ca_file`,
+    /// `gzip` or `bzip2`, for what this transport sends), `connect_timeout` (seconds,
+    /// decimals allowed, default 10: one connection attempt's TCP, TLS and AMQP
+    /// handshake), `allow_reply_queues` (reply-queue names a server answers besides
+    /// `reply_<32 hex digits>`, see [`ReplyQueues`]), and the TLS files `tls_ca_file`,
     /// `tls_cert_file`, `tls_key_file` (`ssl_ca_file`, `ssl_cert_file`,
     /// `ssl_key_file`), which turn TLS on.
     pub fn parse(url: &str) -> Result<Self> {
@@ -197,6 +275,8 @@ impl AmqpConfig {
             max_backoff: Duration::from_secs(10),
             tls_files: rpc_core::TlsFiles::default(),
             compression: None,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            reply_queues: ReplyQueues::default(),
         };
         for pair in query
             .unwrap_or_default()
@@ -266,6 +346,18 @@ impl AmqpConfig {
                     .filter(|d| !d.is_zero())
                     .ok_or_else(bad)?;
             }
+            "connect_timeout" => {
+                let secs: f64 = value.parse().map_err(|_| bad())?;
+                self.connect_timeout = Duration::try_from_secs_f64(secs)
+                    .ok()
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(bad)?;
+            }
+            "allow_reply_queues" => {
+                let allowed = ReplyQueues::parse(value);
+                self.reply_queues.names.extend(allowed.names);
+                self.reply_queues.prefixes.extend(allowed.prefixes);
+            }
             "compression" | "kombu_compression" => {
                 self.compression = match value.to_ascii_lowercase().as_str() {
                     "" | "none" => None,
@@ -284,7 +376,7 @@ impl AmqpConfig {
                 return Err(Error::InvalidUrl(format!(
                     "AMQP URL: unknown option {other:?} (known: exchange, durable, quorum, \
                      heartbeat, prefetch, transient_ttl, topic_ttl, ssl, max_message_size, \
-                     max_backoff, compression, {})",
+                     max_backoff, compression, connect_timeout, allow_reply_queues, {})",
                     rpc_core::TlsFiles::OPTION_NAMES
                 )));
             }
@@ -430,6 +522,60 @@ mod tests {
         assert_eq!(parse("amqp://h?compression=none").compression, None);
         let err = AmqpConfig::parse("amqp://h?compression=lzma").expect_err("lzma");
         assert!(err.to_string().contains("gzip, bzip2"), "{err}");
+    }
+
+    #[test]
+    fn connect_timeout_takes_seconds_with_decimals() {
+        assert_eq!(parse("amqp://h").connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(
+            parse("amqp://h?connect_timeout=1").connect_timeout,
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            parse("amqp://h?connect_timeout=0.25").connect_timeout,
+            Duration::from_millis(250)
+        );
+        for bad in ["0", "-1", "x", "", "inf", "nan"] {
+            let url = format!("amqp://u:s3cret@h?connect_timeout={bad}");
+            let err = AmqpConfig::parse(&url).expect_err(&url);
+            assert!(err.to_string().contains("connect_timeout"), "{err}");
+            assert!(!err.to_string().contains("s3cret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn reply_queues_are_the_standard_shape_or_allowed() {
+        let standard = format!("reply_{}", "0123456789abcdef".repeat(2));
+        let default = ReplyQueues::default();
+        assert!(default.allows(&standard));
+        for refused in [
+            "openstack".to_owned(),
+            "reply_".to_owned(),
+            format!("reply_{}", "0123456789ABCDEF".repeat(2)),
+            format!("reply_{}0", "0123456789abcdef".repeat(2)),
+            format!("{standard}\n"),
+            format!("x{standard}"),
+            "reply_host:123:1".to_owned(),
+        ] {
+            assert!(!default.allows(&refused), "{refused:?}");
+        }
+        let c = parse("amqp://h?allow_reply_queues=legacy_replies,reply_host%3A*");
+        assert!(c.reply_queues.allows(&standard));
+        assert!(c.reply_queues.allows("legacy_replies"));
+        assert!(!c.reply_queues.allows("legacy_replies_2"));
+        assert!(c.reply_queues.allows("reply_host:123:1"));
+        assert!(!c.reply_queues.allows("reply_other:1:1"));
+        let all = parse("amqp://h?allow_reply_queues=*");
+        assert!(all.reply_queues.allows("anything at all"));
+        // Repeated options add up; empty items are ignored.
+        let c = parse("amqp://h?allow_reply_queues=a,,b&allow_reply_queues=c");
+        assert_eq!(c.reply_queues.names, ["a", "b", "c"]);
+        assert!(
+            parse("amqp://h?allow_reply_queues=")
+                .reply_queues
+                .prefixes
+                .is_empty()
+        );
     }
 
     #[test]

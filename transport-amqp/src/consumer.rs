@@ -10,10 +10,23 @@
 //! `multiple` (for the highest delivery tag), and only then hands them out one at a
 //! time. Each is still acked before it is dispatched; RabbitMQ spends far less on one
 //! ack for many messages than on one ack each.
+//!
+//! A server's consumer charges every delivery it reads against the server's byte
+//! budget (`ListenOptions::budget`) and stops a batch once the budget is used up, so
+//! the bytes charged stay under the budget plus one message. RabbitMQ has no prefetch
+//! in bytes, so the prefetch in messages follows the deliveries' size: it is lowered
+//! to the budget divided by the largest recent delivery (at least 1, at most the
+//! server's concurrency or the URL's `prefetch`) as soon as a delivery is too big for
+//! it, and raised again after a window of smaller ones. RabbitMQ fixes a consumer's
+//! prefetch when it subscribes, so a change subscribes again on a fresh channel: the
+//! old consumers are cancelled first and what they had been sent but the server had
+//! not read goes back to the broker (`basic.reject` with requeue), nothing is lost.
 
 use std::collections::VecDeque;
 use std::io::Read;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
@@ -25,7 +38,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 use rpc_core::transport::Merged;
-use rpc_core::{Acker, Consumer, Delivery, Error, NoAck, Result};
+use rpc_core::{Acker, ByteBudget, Consumer, Delivery, Error, NoAck, Result};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -65,8 +78,12 @@ pub(crate) struct AmqpConsumer {
     sessions: mpsc::UnboundedReceiver<Live>,
     /// The subscription being read.
     current: Option<Live>,
-    /// Tells the task that the current subscription ended.
-    lost: mpsc::UnboundedSender<()>,
+    /// Tells the task that the current subscription ended, or hands it back to be
+    /// retired (its consumers cancelled, what it holds requeued) for a new prefetch.
+    lost: mpsc::UnboundedSender<Option<Live>>,
+    /// A server's byte budget and the prefetch that follows the deliveries' size;
+    /// `None` for reply queues and watchers.
+    sizing: Option<Sizing>,
     stop: CancellationToken,
     close_on_drop: Option<DropGuard>,
     task: Option<JoinHandle<()>>,
@@ -119,6 +136,58 @@ struct Live {
     /// Shared with the deliveries' ackers, which keep it open until they settle.
     channel: Arc<Channel>,
     settles: bool,
+    /// The consumer tags of the subscription.
+    tags: Vec<String>,
+}
+
+/// How many deliveries a window of the prefetch controller spans at least.
+const SIZE_WINDOW: u32 = 16;
+
+/// A server consumer's byte budget, and its prefetch derived from the size of recent
+/// deliveries: `budget / largest`, at least 1 and at most `max`.
+struct Sizing {
+    budget: ByteBudget,
+    /// The prefetch new subscriptions use (read by the consumer task).
+    prefetch: Arc<AtomicU16>,
+    /// The ceiling: the URL's `prefetch`, or the server's concurrency.
+    max: u16,
+    /// The largest delivery of the current window, and how many it has seen.
+    largest: usize,
+    seen: u32,
+}
+
+impl Sizing {
+    /// The prefetch for deliveries of at most `largest` bytes.
+    fn wanted(&self, largest: usize) -> u16 {
+        let fits = self.budget.limit() / largest.max(1);
+        u16::try_from(fits).unwrap_or(u16::MAX).clamp(1, self.max)
+    }
+
+    /// Counts a delivery of `size` bytes; a new prefetch when it should change: at
+    /// once when the delivery is too big for the current one, at the end of a window
+    /// of deliveries when the largest of them leaves room for at least twice as many
+    /// (or for the ceiling).
+    fn observe(&mut self, size: usize) -> Option<u16> {
+        let current = self.prefetch.load(Ordering::Relaxed);
+        self.largest = self.largest.max(size);
+        self.seen = self.seen.saturating_add(1);
+        let mut change = None;
+        if self.wanted(size) < current {
+            change = Some(self.wanted(self.largest));
+        } else if self.seen >= SIZE_WINDOW.max(2 * u32::from(current)) {
+            let wanted = self.wanted(self.largest);
+            if wanted > current && (wanted >= current.saturating_mul(2) || wanted == self.max) {
+                change = Some(wanted);
+            }
+            self.largest = 0;
+            self.seen = 0;
+        }
+        let change = change?;
+        self.largest = 0;
+        self.seen = 0;
+        self.prefetch.store(change, Ordering::Relaxed);
+        Some(change)
+    }
 }
 
 impl AmqpConsumer {
@@ -127,6 +196,7 @@ impl AmqpConsumer {
         link: Arc<Link>,
         subscription: Subscription,
         settle_on_receipt: bool,
+        budget: Option<ByteBudget>,
     ) -> Result<Self> {
         let (sessions_tx, sessions) = mpsc::unbounded_channel();
         let (lost, lost_rx) = mpsc::unbounded_channel();
@@ -134,6 +204,21 @@ impl AmqpConsumer {
         let closed = CancellationToken::new();
         let (ready_tx, ready_rx) = oneshot::channel();
         let max_message_size = link.config.max_message_size;
+        let max_prefetch = match &subscription {
+            Subscription::Server { prefetch, .. } => (*prefetch).max(1),
+            _ => 1,
+        };
+        let prefetch = Arc::new(AtomicU16::new(max_prefetch));
+        let sizing = match (&subscription, budget) {
+            (Subscription::Server { .. }, Some(budget)) => Some(Sizing {
+                budget,
+                prefetch: prefetch.clone(),
+                max: max_prefetch,
+                largest: 0,
+                seen: 0,
+            }),
+            _ => None,
+        };
         let task = ConsumerTask {
             link,
             subscription,
@@ -141,6 +226,7 @@ impl AmqpConsumer {
             lost: lost_rx,
             stop: stop.clone(),
             closed: closed.clone(),
+            prefetch,
         };
         let task = tokio::spawn(task.run(ready_tx));
         // If this future is dropped before the subscription is ready, the guard stops
@@ -151,6 +237,7 @@ impl AmqpConsumer {
                 sessions,
                 current: None,
                 lost,
+                sizing,
                 stop,
                 close_on_drop: Some(guard),
                 task: Some(task),
@@ -167,9 +254,67 @@ impl AmqpConsumer {
 
     /// Drops the subscription being read and asks the task for a fresh one.
     fn resubscribe(&mut self) {
-        self.current = None;
-        let _ = self.lost.send(());
+        if self.current.take().is_some() {
+            let _ = self.lost.send(None);
+        }
     }
+
+    /// Hands the subscription being read back to the task, which cancels its
+    /// consumers, requeues what they hold and subscribes again with the prefetch
+    /// now set.
+    fn retire(&mut self) {
+        if let Some(live) = self.current.take() {
+            let _ = self.lost.send(Some(live));
+        }
+    }
+
+    /// A delivery as handed out: its body inflated and, for a server's queue, its
+    /// bytes charged against the budget (whatever room the budget has: they are in
+    /// memory) and its time to live read.
+    fn delivery(
+        &self,
+        data: Vec<u8>,
+        properties: &BasicProperties,
+        acker: Box<dyn Acker>,
+    ) -> Delivery {
+        let body = inflated(data, properties, self.max_message_size);
+        let Some(sizing) = &self.sizing else {
+            return Delivery::new(body, acker);
+        };
+        let charge = sizing.budget.charge(body.len());
+        let mut delivery = Delivery::new(body, acker).with_charge(charge);
+        if let Some(ttl) = time_to_live(properties) {
+            delivery = delivery.with_time_to_live(ttl);
+        }
+        delivery
+    }
+
+    /// Counts the size of a delivery read; when the prefetch must change, the
+    /// subscription is retired at once (not at the next `recv`, which a server with
+    /// its budget used up may not make for a while).
+    fn observe(&mut self, size: usize) {
+        let Some(sizing) = self.sizing.as_mut() else {
+            return;
+        };
+        if let Some(prefetch) = sizing.observe(size) {
+            tracing::debug!(
+                prefetch,
+                size,
+                budget = sizing.budget.limit(),
+                "delivery size changed; subscribing again with a new prefetch"
+            );
+            self.retire();
+        }
+    }
+}
+
+/// The time to live of a delivery: its AMQP `expiration` in milliseconds (set by
+/// oslo.messaging and mqrpc on calls to the call's timeout). The broker does not
+/// lower it while the message waits in a queue, so it is counted from now.
+fn time_to_live(properties: &BasicProperties) -> Option<Duration> {
+    let expiration = properties.expiration().as_ref()?;
+    let millis: u64 = expiration.as_str().trim().parse().ok()?;
+    Some(Duration::from_millis(millis))
 }
 
 /// Compressed bodies larger than this are inflated with the worker marked as
@@ -280,15 +425,30 @@ impl Consumer for AmqpConsumer {
             };
             match live.stream.next().await {
                 Some(Ok(first)) if live.settles && self.settle_on_receipt => {
-                    // Every delivery lapin holds, without a cap: the `multiple` ack
-                    // below settles every tag up to the highest, so one left behind
-                    // would be acked unseen (and its requeue at a stop would close
-                    // the channel). lapin holds at most a prefetch's worth for each
-                    // of the server's three consumers.
+                    // Every delivery lapin holds, up to the byte budget. The
+                    // `multiple` ack below settles every tag up to the highest, so it
+                    // is used only when the batch took everything lapin held; a batch
+                    // cut short by the budget acks each of its deliveries instead, so
+                    // that none left behind is acked unseen (its requeue would then
+                    // close the channel).
+                    let channel = live.channel.clone();
+                    let room = self.sizing.as_ref().map(|sizing| sizing.budget.available());
+                    let mut bytes = first.data.len();
                     let mut batch = vec![first];
+                    let mut cut = false;
                     loop {
+                        if room.is_some_and(|room| bytes >= room) {
+                            cut = true;
+                            break;
+                        }
+                        let Some(live) = self.current.as_mut() else {
+                            break;
+                        };
                         match live.stream.next().now_or_never() {
-                            Some(Some(Ok(delivery))) => batch.push(delivery),
+                            Some(Some(Ok(delivery))) => {
+                                bytes += delivery.data.len();
+                                batch.push(delivery);
+                            }
                             Some(Some(Err(err))) => {
                                 tracing::warn!(error = %err, "consumer lost its channel; reconnecting");
                                 self.broken = true;
@@ -304,27 +464,53 @@ impl Consumer for AmqpConsumer {
                             None => break,
                         }
                     }
-                    // Delivery tags count every delivery of the channel, in the order
-                    // lapin hands them to the consumers' streams: every one below the
-                    // highest here is in this batch or was in an earlier one.
-                    let Some(acker) = (batch.iter().max_by_key(|d| d.delivery_tag))
-                        .map(|highest| highest.acker.clone())
-                    else {
-                        continue; // never: a batch starts with a delivery
+                    let acking: futures::future::BoxFuture<'static, lapin::Result<bool>> = if cut {
+                        let ackers: Vec<lapin::Acker> =
+                            batch.iter().map(|d| d.acker.clone()).collect();
+                        Box::pin(async move {
+                            let acks = ackers.into_iter().map(|acker| async move {
+                                acker.ack(BasicAckOptions { multiple: false }).await
+                            });
+                            let all = futures::future::join_all(acks).map(|outcomes| {
+                                let mut acked = true;
+                                for outcome in outcomes {
+                                    acked &= outcome?;
+                                }
+                                Ok(acked)
+                            });
+                            until_lost(&channel, all).await
+                        })
+                    } else {
+                        // Delivery tags count every delivery of the channel, in the
+                        // order lapin hands them to the consumers' streams: every
+                        // one below the highest here is in this batch or was in an
+                        // earlier one.
+                        let Some(acker) = (batch.iter().max_by_key(|d| d.delivery_tag))
+                            .map(|highest| highest.acker.clone())
+                        else {
+                            continue; // never: a batch starts with a delivery
+                        };
+                        Box::pin(async move {
+                            until_lost(&channel, acker.ack(BasicAckOptions { multiple: true }))
+                                .await
+                        })
                     };
                     // Kept here before the ack is awaited, so that a dropped `recv`
                     // loses none of them (lapin sends the ack once it is polled).
-                    let limit = self.max_message_size;
-                    self.taken.extend(batch.into_iter().map(|delivery| {
-                        let body = inflated(delivery.data, &delivery.properties, limit);
-                        Delivery::new(body, Box::new(NoAck))
-                    }));
-                    let channel = live.channel.clone();
-                    self.acking = Some(Box::pin(async move {
-                        until_lost(&channel, acker.ack(BasicAckOptions { multiple: true })).await
-                    }));
+                    let sizes: Vec<usize> = batch.iter().map(|d| d.data.len()).collect();
+                    for delivery in batch {
+                        let taken =
+                            self.delivery(delivery.data, &delivery.properties, Box::new(NoAck));
+                        self.taken.push_back(taken);
+                    }
+                    self.acking = Some(acking);
                     if !self.finish_batch_ack().await {
                         continue;
+                    }
+                    if !self.broken {
+                        for size in sizes {
+                            self.observe(size);
+                        }
                     }
                     if let Some(delivery) = self.taken.pop_front() {
                         return Some(Ok(delivery));
@@ -339,17 +525,20 @@ impl Consumer for AmqpConsumer {
                     } else {
                         Box::new(NoAck)
                     };
-                    let body = inflated(delivery.data, &delivery.properties, self.max_message_size);
-                    return Some(Ok(Delivery::new(body, acker)));
+                    let size = delivery.data.len();
+                    let delivery = self.delivery(delivery.data, &delivery.properties, acker);
+                    self.observe(size);
+                    return Some(Ok(delivery));
                 }
                 Some(Err(err)) => {
                     tracing::warn!(error = %err, "consumer lost its channel; reconnecting");
+                    self.resubscribe();
                 }
                 None => {
                     tracing::warn!("the broker cancelled the consumer; subscribing again");
+                    self.resubscribe();
                 }
             }
-            self.resubscribe();
         }
     }
 
@@ -408,9 +597,11 @@ struct ConsumerTask {
     link: Arc<Link>,
     subscription: Subscription,
     sessions: mpsc::UnboundedSender<Live>,
-    lost: mpsc::UnboundedReceiver<()>,
+    lost: mpsc::UnboundedReceiver<Option<Live>>,
     stop: CancellationToken,
     closed: CancellationToken,
+    /// The prefetch of a server's next subscription (set by the consumer).
+    prefetch: Arc<AtomicU16>,
 }
 
 impl ConsumerTask {
@@ -459,6 +650,7 @@ impl ConsumerTask {
                 stream,
                 channel: channel.clone(),
                 settles,
+                tags: tags.clone(),
             };
             if self.sessions.send(live).is_err() {
                 // The consumer is gone.
@@ -468,10 +660,10 @@ impl ConsumerTask {
                 biased;
                 _ = self.closed.cancelled() => return self.finish(Some((channel, tags))).await,
                 _ = self.stop.cancelled() => return self.finish(Some((channel, tags))).await,
-                lost = self.lost.recv() => {
-                    if lost.is_none() {
-                        return self.finish(Some((channel, tags))).await;
-                    }
+                lost = self.lost.recv() => match lost {
+                    None => return self.finish(Some((channel, tags))).await,
+                    Some(None) => {}
+                    Some(Some(retired)) => retire(retired).await,
                 }
             }
         }
@@ -491,13 +683,14 @@ impl ConsumerTask {
                 topic,
                 server,
                 fanout_queue,
-                prefetch,
+                prefetch: _,
             } => {
+                let prefetch = self.prefetch.load(Ordering::Relaxed);
                 channel
                     // Per consumer, as oslo.messaging sets it: RabbitMQ's channel-wide
                     // (`global`) limit coordinates the channel and its queues on every
                     // message and cost a third of the calls per second here.
-                    .basic_qos(*prefetch, BasicQosOptions { global: false })
+                    .basic_qos(prefetch, BasicQosOptions { global: false })
                     .await
                     .map_err(|e| lapin_error("setting prefetch", e))?;
                 let direct = topology::server_queue(topic, server);
@@ -594,6 +787,48 @@ impl ConsumerTask {
     }
 }
 
+/// Retires a subscription replaced for a new prefetch: cancels its consumers, so the
+/// broker sends them nothing more, then (on a task of its own, while the new
+/// subscription starts) gives back to the broker every delivery they had been sent
+/// and the server had not read, until their streams end. The channel closes once the
+/// deliveries handed out from it are settled.
+async fn retire(live: Live) {
+    for tag in &live.tags {
+        let cancel = live
+            .channel
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+        match tokio::time::timeout(CLEANUP_LIMIT, cancel).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::debug!(error = %err, "basic.cancel failed"),
+            Err(_) => tracing::debug!("basic.cancel unanswered"),
+        }
+    }
+    tokio::spawn(async move {
+        let Live {
+            mut stream,
+            channel,
+            ..
+        } = live;
+        let mut requeued = 0usize;
+        // After cancel-ok the broker sends these consumers nothing more: their
+        // streams yield what lapin holds, then end.
+        while let Ok(Some(item)) = tokio::time::timeout(CLEANUP_LIMIT, stream.next()).await {
+            if let Ok(delivery) = item {
+                let requeue = delivery.acker.reject(BasicRejectOptions { requeue: true });
+                if settled(until_lost(&channel, requeue).await, "requeueing").is_ok() {
+                    requeued += 1;
+                }
+            }
+        }
+        if requeued > 0 {
+            tracing::debug!(
+                requeued,
+                "deliveries of the old subscription given back to the broker"
+            );
+        }
+    });
+}
+
 /// Settles a server delivery on the channel it came from.
 struct AmqpAcker {
     acker: lapin::Acker,
@@ -651,6 +886,53 @@ mod tests {
     /// What this transport sends with `compression=bzip2`.
     fn bz2(data: &[u8]) -> Vec<u8> {
         Compression::Bzip2.compress(data)
+    }
+
+    fn sizing(limit: usize, max: u16) -> Sizing {
+        Sizing {
+            budget: ByteBudget::new(limit),
+            prefetch: Arc::new(AtomicU16::new(max)),
+            max,
+            largest: 0,
+            seen: 0,
+        }
+    }
+
+    #[test]
+    fn prefetch_follows_the_size_of_deliveries() {
+        const MIB: usize = 1024 * 1024;
+        let mut s = sizing(64 * MIB, 64);
+        // Small deliveries leave the prefetch at its ceiling.
+        for _ in 0..200 {
+            assert_eq!(s.observe(10_000), None);
+        }
+        // One too big for it lowers it at once: budget / size.
+        assert_eq!(s.observe(8 * MIB), Some(8));
+        assert_eq!(s.observe(8 * MIB), None);
+        // Bigger than the budget: one at a time.
+        assert_eq!(s.observe(100 * MIB), Some(1));
+        // Raised only after a whole window of smaller ones.
+        for _ in 0..SIZE_WINDOW - 1 {
+            assert_eq!(s.observe(MIB), None);
+        }
+        assert_eq!(s.observe(MIB), Some(64));
+        // A raise that would not double the prefetch waits (no churn).
+        let mut s = sizing(64 * MIB, 64);
+        assert_eq!(s.observe(3 * MIB), Some(21));
+        for _ in 0..2 * 21 {
+            assert_eq!(s.observe(2 * MIB + MIB / 2), None);
+        }
+        assert_eq!(s.prefetch.load(Ordering::Relaxed), 21);
+    }
+
+    #[test]
+    fn expiration_is_read_as_the_time_to_live() {
+        let with = |text: &str| BasicProperties::default().with_expiration(text.into());
+        assert_eq!(time_to_live(&with("60000")), Some(Duration::from_secs(60)));
+        assert_eq!(time_to_live(&with("1")), Some(Duration::from_millis(1)));
+        assert_eq!(time_to_live(&with("soon")), None);
+        assert_eq!(time_to_live(&with("-5")), None);
+        assert_eq!(time_to_live(&BasicProperties::default()), None);
     }
 
     #[test]

@@ -5,11 +5,32 @@
 //! - Publisher confirms on every publish, pipelined on one channel; calls carry an
 //!   AMQP `expiration` equal to their timeout; replies go through the default exchange
 //!   with `mandatory`, and a returned reply fails with `Error::Undeliverable`.
+//! - Requests to a topic or a server are `mandatory` too: one that no queue takes (no
+//!   server has ever listened there) fails at once with `Error::NoResponders`. A
+//!   fanout cast with no server is not an error (as in oslo.messaging).
+//! - Replies go only to queues named as oslo.messaging and mqrpc name reply queues
+//!   (`reply_` and 32 lowercase hex digits) or that the URL allows
+//!   ([`ReplyQueues`]): the default exchange reaches every queue by name.
 //! - Servers consume `<topic>`, `<topic>.<server>` and a fanout queue of their own on
-//!   one channel with `basic.qos` bounded by their concurrency limit.
+//!   one channel with `basic.qos` bounded by their concurrency limit, and lowered when
+//!   deliveries are big so that what the broker pushes stays near the server's byte
+//!   budget (see `ListenOptions::budget`).
 //! - A lost connection is noticed (AMQP heartbeats, socket errors), re-opened with
 //!   capped exponential backoff and jitter across the URL's hosts, and every exchange,
 //!   queue, binding and consumer is declared again.
+//! - Every connection attempt (TCP, TLS, AMQP handshake) is bounded by the URL's
+//!   `connect_timeout` (default 10 s).
+//!
+//! lapin logs every message the broker returns at WARN with its whole body as
+//! decimal bytes (target `lapin::returned_messages`, whatever the application does
+//! with returns), every frame it receives at TRACE, message bodies included (target
+//! `lapin::channels`), and every frame it sends at TRACE, the connection's
+//! credentials included (target `lapin::io_loop`, the `connection.start-ok`
+//! frame). mqrpc handles returned messages itself and logs them without content, so
+//! keep those lines out: add `lapin=info,lapin::returned_messages=error` (or simply
+//! `lapin=error`) to a `tracing_subscriber::EnvFilter` (a directive naming a target
+//! wins over a bare level such as `trace`). lapin logs them from its own I/O thread,
+//! so only a global subscriber sees them.
 //!
 //! ```no_run
 //! # async fn demo() -> rpc_core::Result<()> {
@@ -34,8 +55,8 @@ use rpc_core::{
 };
 
 pub use config::{
-    AmqpConfig, Compression, DEFAULT_HEARTBEAT, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_TRANSIENT_TTL,
-    Host,
+    AmqpConfig, Compression, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEARTBEAT, DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_TRANSIENT_TTL, Host, ReplyQueues,
 };
 
 use consumer::{AmqpConsumer, Subscription};
@@ -100,7 +121,7 @@ impl Transport for AmqpTransport {
     fn capabilities(&self) -> Capabilities {
         Capabilities::default()
             .keeps_messages_without_listener(true)
-            .reports_no_responders(false)
+            .reports_no_responders(true)
             .redelivers_unacked(true)
             .max_message_size(Some(self.link.config.max_message_size))
     }
@@ -133,8 +154,13 @@ impl Transport for AmqpTransport {
             fanout_queue: topology::fanout_queue(&target.topic),
             prefetch,
         };
-        let consumer =
-            AmqpConsumer::start(self.link.clone(), subscription, options.settle_on_receipt).await?;
+        let consumer = AmqpConsumer::start(
+            self.link.clone(),
+            subscription,
+            options.settle_on_receipt,
+            Some(options.budget.clone()),
+        )
+        .await?;
         Ok(Box::new(consumer))
     }
 
@@ -144,7 +170,7 @@ impl Transport for AmqpTransport {
             topic: target.topic.clone(),
             queue: format!("mqrpc-listen-{}", rpc_core::wire::new_id()),
         };
-        let consumer = AmqpConsumer::start(self.link.clone(), subscription, false).await?;
+        let consumer = AmqpConsumer::start(self.link.clone(), subscription, false, None).await?;
         Ok(Box::new(consumer))
     }
 
@@ -153,7 +179,7 @@ impl Transport for AmqpTransport {
         let subscription = Subscription::Reply {
             queue: queue.clone(),
         };
-        let consumer = AmqpConsumer::start(self.link.clone(), subscription, false).await?;
+        let consumer = AmqpConsumer::start(self.link.clone(), subscription, false, None).await?;
         Ok(ReplyQueue {
             address: queue,
             consumer: Box::new(consumer),

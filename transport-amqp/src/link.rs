@@ -18,8 +18,6 @@ use crate::config::{AmqpConfig, Host};
 
 /// First wait between reconnection attempts.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-/// A TCP connect or AMQP handshake that takes longer than this is abandoned.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A live connection and the count of connections opened before it.
 #[derive(Clone)]
@@ -40,11 +38,12 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    /// Opens the first connection. Each host is tried in turn; a broker that resets
-    /// the handshake (RabbitMQ under a storm of connections) is tried again with
-    /// backoff within `CONNECT_TIMEOUT` overall, while a refusal (nothing listening,
-    /// bad credentials) or a handshake that stalls for the whole `CONNECT_TIMEOUT`
-    /// fails once every host failed.
+    /// Opens the first connection. Each host is tried in turn, each attempt bounded
+    /// by the URL's `connect_timeout`; a broker that resets the handshake (RabbitMQ
+    /// under a storm of connections) is tried again with backoff within
+    /// `connect_timeout` overall, while a refusal (nothing listening, bad
+    /// credentials) or a handshake that stalls for the whole `connect_timeout` fails
+    /// once every host failed.
     pub(crate) async fn open(config: AmqpConfig) -> Result<Arc<Link>> {
         let pem = config.tls_files.load()?;
         let tls = OwnedTLSConfig {
@@ -72,7 +71,7 @@ impl Link {
             closed: CancellationToken::new(),
         });
         let mut current = link.current.lock().await;
-        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        let deadline = tokio::time::Instant::now() + link.config.connect_timeout;
         let mut attempt = 0u32;
         loop {
             let mut transient = None;
@@ -171,25 +170,27 @@ impl Link {
         let uri = self.uri(host);
         let properties =
             ConnectionProperties::default().with_connection_name(self.name.clone().into());
-        let connection =
-            match tokio::time::timeout(CONNECT_TIMEOUT, self.connect_uri(uri, properties)).await {
-                Ok(Ok(connection)) => connection,
-                Ok(Err(err)) => {
-                    let transient = is_reset(&err);
-                    return Err((
-                        Error::transport(format!("cannot connect to {host}"), err),
-                        transient,
-                    ));
-                }
-                Err(_) => {
-                    return Err((
-                        Error::transport_msg(format!(
-                            "cannot connect to {host}: no answer within {CONNECT_TIMEOUT:?}"
-                        )),
-                        false,
-                    ));
-                }
-            };
+        let limit = self.config.connect_timeout;
+        let connection = match tokio::time::timeout(limit, self.connect_uri(uri, properties)).await
+        {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(err)) => {
+                let transient = is_reset(&err);
+                return Err((
+                    Error::transport(format!("cannot connect to {host}"), err),
+                    transient,
+                ));
+            }
+            Err(_) => {
+                return Err((
+                    Error::transport_msg(format!(
+                        "connecting to the AMQP broker at {host} timed out after {limit:?} \
+                         (TCP connect, TLS and AMQP handshake; URL option connect_timeout)"
+                    )),
+                    false,
+                ));
+            }
+        };
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::debug!(connection = %self.name, %host, generation, "connected to the broker");
         Ok(Connected {
@@ -225,7 +226,14 @@ impl Link {
             vhost: self.config.vhost.clone(),
             query: AMQPQueryString {
                 heartbeat: Some(self.config.heartbeat),
-                connection_timeout: Some(CONNECT_TIMEOUT.as_millis() as u64),
+                // lapin's own bound on the TCP connect, a little past mqrpc's bound on
+                // the whole attempt, so that mqrpc's (clearer) error is the one seen
+                // and a connect abandoned by mqrpc still ends soon after.
+                connection_timeout: Some(
+                    u64::try_from(self.config.connect_timeout.as_millis())
+                        .unwrap_or(u64::MAX)
+                        .saturating_add(500),
+                ),
                 ..AMQPQueryString::default()
             },
         }

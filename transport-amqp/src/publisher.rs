@@ -2,8 +2,16 @@
 //! own confirm, so many publishes are in flight at once (pipelined), not one round
 //! trip at a time. A lost connection is re-opened and the publish retried until the
 //! caller's deadline; a refusal by the broker is returned as it is.
+//!
+//! Requests to a topic or a server and every reply are published `mandatory`: a
+//! message the broker cannot route comes back (`basic.return`) and its publish fails,
+//! a request with [`Error::NoResponders`] (no queue is bound there, so no server has
+//! ever listened on it) and a reply with [`Error::Undeliverable`] (the caller's reply
+//! queue is gone). Replies go only to reply-queue names the URL allows
+//! ([`crate::ReplyQueues`]).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -29,6 +37,126 @@ pub(crate) struct AmqpPublisher {
     /// Shared, not cloned per publish: a lapin `Channel` is a dozen reference counts.
     current: Mutex<Option<Arc<PublishChannel>>>,
     opening: tokio::sync::Mutex<()>,
+    /// Mandatory publishes waiting for their confirm, to match returned messages to.
+    returns: Returns,
+}
+
+/// What the broker said of a message it returned, without its content.
+#[derive(Debug, Clone)]
+struct Returned {
+    reply_code: u16,
+    reply_text: String,
+}
+
+/// The mandatory publishes in flight, by a key of their body.
+///
+/// lapin hands a returned message (`basic.return`) to whichever publisher confirm the
+/// broker answers next, not to the publish it belongs to (returns carry no delivery
+/// tag, and a `multiple` ack resolves its confirms in no set order). A publish that
+/// receives another's return passes it on here to its owner, found by the body
+/// (every message has its own `_unique_id`). It is best effort: an owner whose own
+/// confirm is examined before the return's holder passes it on takes its message as
+/// delivered.
+#[derive(Default)]
+struct Returns {
+    waiting: Mutex<HashMap<u64, Vec<Arc<Watch>>>>,
+}
+
+/// One mandatory publish waiting for its confirm.
+struct Watch {
+    key: u64,
+    body: bytes::Bytes,
+    returned: Mutex<Option<Returned>>,
+}
+
+/// Bytes of a body's head and tail that its key covers (with its length): enough to
+/// tell messages apart (their ids), cheap for big bodies.
+const KEY_SPAN: usize = 4096;
+
+fn body_key(body: &[u8]) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    body.len().hash(&mut hasher);
+    body[..body.len().min(KEY_SPAN)].hash(&mut hasher);
+    body[body.len().saturating_sub(KEY_SPAN)..].hash(&mut hasher);
+    hasher.finish()
+}
+
+impl Returns {
+    fn watch(&self, body: &bytes::Bytes) -> WatchGuard<'_> {
+        let watch = Arc::new(Watch {
+            key: body_key(body),
+            body: body.clone(),
+            returned: Mutex::new(None),
+        });
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(watch.key)
+            .or_default()
+            .push(watch.clone());
+        WatchGuard {
+            returns: self,
+            watch,
+        }
+    }
+
+    /// Hands a returned message to the publish it belongs to; false when none waits.
+    fn deliver(&self, body: &[u8], returned: Returned) -> bool {
+        let waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        let owner = waiting
+            .get(&body_key(body))
+            .and_then(|watches| watches.iter().find(|w| w.body[..] == *body));
+        match owner {
+            Some(owner) => {
+                *owner.returned.lock().unwrap_or_else(|e| e.into_inner()) = Some(returned);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Removes its watch when the publish is over.
+struct WatchGuard<'a> {
+    returns: &'a Returns,
+    watch: Arc<Watch>,
+}
+
+impl WatchGuard<'_> {
+    fn returned(&self) -> Option<Returned> {
+        self.watch
+            .returned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for WatchGuard<'_> {
+    fn drop(&mut self) {
+        let mut waiting = self
+            .returns
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(watches) = waiting.get_mut(&self.watch.key) {
+            watches.retain(|w| !Arc::ptr_eq(w, &self.watch));
+            if watches.is_empty() {
+                waiting.remove(&self.watch.key);
+            }
+        }
+    }
+}
+
+/// A peer-chosen name for a log line: at most 64 characters, escaped (`Debug`), so
+/// it can neither flood a log nor forge a line.
+pub(crate) fn escaped(name: &str) -> String {
+    const LIMIT: usize = 64;
+    let mut shown: String = name.chars().take(LIMIT).collect();
+    if shown.len() < name.len() {
+        shown.push('…');
+    }
+    format!("{shown:?}")
 }
 
 /// Why one publish attempt failed.
@@ -49,6 +177,7 @@ impl AmqpPublisher {
             link,
             current: Mutex::new(None),
             opening: tokio::sync::Mutex::new(()),
+            returns: Returns::default(),
         }
     }
 
@@ -164,13 +293,18 @@ impl AmqpPublisher {
             if let Some(ttl) = message.time_to_live {
                 properties = properties.with_expiration(ttl.as_millis().max(1).to_string().into());
             }
+            // A request to a topic or a server that no queue takes is an error at once
+            // (no server has ever listened there); a fanout with no server is not.
+            let mandatory = message.mandatory
+                || matches!(address, Address::Topic { .. } | Address::Server { .. });
+            let watch = mandatory.then(|| self.returns.watch(&message.body));
             let confirm = pc
                 .channel
                 .basic_publish(
                     short(&exchange)?,
                     short(&routing_key)?,
                     BasicPublishOptions {
-                        mandatory: message.mandatory,
+                        mandatory,
                         ..BasicPublishOptions::default()
                     },
                     &message.body,
@@ -194,25 +328,57 @@ impl AmqpPublisher {
                 }
                 Err(err) => return Err(lapin_error("waiting for the publisher confirm", err)),
             };
-            match confirmation {
-                Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-                // lapin pairs returns with confirms by order, not by tag: a return is
-                // this message's only if it carries this body (each has its own
-                // `_unique_id`).
-                Confirmation::Ack(Some(returned)) if returned.delivery.data == message.body[..] => {
-                    Err(Error::Undeliverable {
-                        address: address.to_string(),
-                    })
+            let (acked, carried) = match confirmation {
+                Confirmation::Ack(carried) => (true, carried),
+                Confirmation::Nack(carried) => (false, carried),
+                Confirmation::NotRequested => (true, None),
+            };
+            let mut returned = None;
+            if let Some(carried) = carried {
+                let info = Returned {
+                    reply_code: carried.reply_code,
+                    reply_text: carried.reply_text.to_string(),
+                };
+                // lapin pairs returns with confirms by order, not by tag: the return
+                // is this message's only if it carries this body (each has its own
+                // `_unique_id`); another's goes to its owner.
+                if carried.delivery.data == message.body[..] {
+                    returned = Some(info);
+                } else if !self.returns.deliver(&carried.delivery.data, info.clone()) {
+                    tracing::debug!(
+                        size = carried.delivery.data.len(),
+                        reply_code = info.reply_code,
+                        reply_text = %escaped(&info.reply_text),
+                        routing_key = %escaped(carried.delivery.routing_key.as_str()),
+                        "the broker returned a message whose publish was already answered"
+                    );
                 }
-                Confirmation::Ack(Some(_)) => Ok(()),
-                Confirmation::Nack(_) => Err(Error::transport_msg(format!(
+            }
+            let returned = returned.or_else(|| watch.as_ref().and_then(WatchGuard::returned));
+            drop(watch);
+            if let Some(returned) = returned {
+                tracing::debug!(
+                    size = message.body.len(),
+                    reply_code = returned.reply_code,
+                    reply_text = %escaped(&returned.reply_text),
+                    routing_key = %escaped(&routing_key),
+                    "the broker returned a message: no queue is bound to its routing key"
+                );
+                return Err(unroutable(address));
+            }
+            if acked {
+                Ok(())
+            } else {
+                Err(Error::transport_msg(format!(
                     "the broker refused the message to {address} (nack)"
-                ))),
+                )))
             }
         }
         .await;
         outcome.map_err(|err| match err {
-            Error::Undeliverable { .. } | Error::InvalidTarget(_) => Failure::Refused(err),
+            Error::Undeliverable { .. } | Error::NoResponders { .. } | Error::InvalidTarget(_) => {
+                Failure::Refused(err)
+            }
             Error::Transport { ref message, .. }
                 if message.contains("may or may not have been delivered") =>
             {
@@ -292,6 +458,23 @@ async fn compressed(compression: Compression, body: bytes::Bytes) -> Result<byte
         .map_err(|e| Error::transport("compressing a message", e))
 }
 
+/// The error of a publish the broker returned (`basic.return`): for a request, no
+/// queue is bound to its routing key, so no server has ever listened there (a server
+/// that has, even one since stopped, left its queue behind, which keeps the request);
+/// for a reply, the caller's reply queue is gone.
+fn unroutable(address: &Address) -> Error {
+    match address {
+        Address::Reply(_) => Error::Undeliverable {
+            address: address.to_string(),
+        },
+        _ => Error::NoResponders {
+            address: format!(
+                "{address}: no queue is bound there, so no server has ever listened on it"
+            ),
+        },
+    }
+}
+
 /// The exchange and routing key of an address, as oslo publishes.
 fn route(address: &Address) -> (String, String) {
     match address {
@@ -309,6 +492,17 @@ fn route(address: &Address) -> (String, String) {
 #[async_trait]
 impl Publisher for AmqpPublisher {
     async fn send(&self, address: &Address, mut message: Outgoing) -> Result<()> {
+        if let Address::Reply(queue) = address
+            && !self.link.config.reply_queues.allows(queue)
+        {
+            // The default exchange reaches every queue by name: a request must not make
+            // a server publish into another service's queue.
+            return Err(Error::InvalidTarget(format!(
+                "reply queue {} is not a reply-queue name (reply_ and 32 lowercase hex \
+                 digits, or one the URL option allow_reply_queues allows); reply dropped",
+                escaped(queue)
+            )));
+        }
         Error::check_size(message.body.len(), self.link.config.max_message_size)?;
         if let Some(compression) = self.link.config.compression {
             message.body = compressed(compression, message.body).await?;
@@ -337,5 +531,57 @@ impl Publisher for AmqpPublisher {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_in_logs_are_escaped_and_short() {
+        assert_eq!(escaped("reply_ab"), "\"reply_ab\"");
+        let forged = escaped("q\nINFO forged line");
+        assert!(!forged.contains('\n'), "{forged}");
+        assert!(forged.contains("\\n"), "{forged}");
+        let long = escaped(&"x".repeat(10_000));
+        assert!(long.len() < 80, "{long}");
+    }
+
+    #[test]
+    fn returns_reach_the_publish_they_belong_to() {
+        let returns = Returns::default();
+        let mine = bytes::Bytes::from(vec![1u8; 10_000]);
+        let mut other = vec![1u8; 10_000];
+        other[5_000] = 2; // same head and tail, same key: told apart by the body
+        let other = bytes::Bytes::from(other);
+        let my_watch = returns.watch(&mine);
+        let other_watch = returns.watch(&other);
+        let returned = Returned {
+            reply_code: 312,
+            reply_text: "NO_ROUTE".to_owned(),
+        };
+        assert!(returns.deliver(&other, returned.clone()));
+        assert!(my_watch.returned().is_none());
+        assert_eq!(other_watch.returned().map(|r| r.reply_code), Some(312));
+        drop(other_watch);
+        assert!(!returns.deliver(&other, returned));
+        drop(my_watch);
+        assert!(returns.waiting.lock().expect("lock").is_empty());
+    }
+
+    #[test]
+    fn unroutable_requests_say_no_server_ever_listened() {
+        let topic = Address::Topic {
+            exchange: "openstack".to_owned(),
+            topic: "compute".to_owned(),
+        };
+        let err = unroutable(&topic);
+        assert!(matches!(err, Error::NoResponders { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains("openstack/compute"), "{text}");
+        assert!(text.contains("no server has ever listened"), "{text}");
+        let reply = unroutable(&Address::Reply("reply_x".to_owned()));
+        assert!(matches!(reply, Error::Undeliverable { .. }), "{reply:?}");
     }
 }
