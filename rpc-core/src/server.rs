@@ -175,6 +175,7 @@ impl ServerBuilder {
                 publisher,
                 max_message_size,
                 auth: self.auth.clone(),
+                dropped: Arc::new(Throttle::default()),
             },
             auth: self.auth,
             ack_mode: self.ack_mode,
@@ -803,7 +804,12 @@ impl Call<'_> {
                     Address::Reply(queue) => queue.as_str(),
                     _ => "",
                 };
-                tracing::warn!(error = %err, reply_to = %Escaped(reply_to), "reply dropped");
+                // A request may name any reply address: a flood of undeliverable ones
+                // writes one line per interval.
+                if let Some(suppressed) = self.replier.dropped.hit() {
+                    tracing::warn!(error = %Escaped(&err.to_string()), reply_to = %Escaped(reply_to),
+                        suppressed, "reply dropped");
+                }
                 false
             }
         }
@@ -816,6 +822,8 @@ struct Replier {
     publisher: Arc<dyn Publisher>,
     max_message_size: Option<usize>,
     auth: Option<MessageAuth>,
+    /// Limits the warnings about replies that could not be sent.
+    dropped: Arc<Throttle>,
 }
 
 impl Replier {
