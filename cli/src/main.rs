@@ -5,6 +5,8 @@
 mod bench;
 mod demo;
 mod memory_bus;
+#[cfg(test)]
+mod skips;
 
 use std::process::ExitCode;
 use std::sync::Arc;
