@@ -528,6 +528,23 @@ mod tests {
         }
     }
 
+    #[test]
+    fn sizes_read_as_bytes_or_with_a_unit() {
+        let ok = |text| parse_size(text).expect(text);
+        assert_eq!(ok("1048576"), 1 << 20);
+        assert_eq!(ok("64MiB"), 64 << 20);
+        assert_eq!(ok("64mib"), 64 << 20);
+        assert_eq!(ok("16 MiB"), 16 << 20);
+        assert_eq!(ok("512KiB"), 512 << 10);
+        assert_eq!(ok("1GiB"), 1 << 30);
+        assert_eq!(ok("100MB"), 100_000_000);
+        assert_eq!(ok("64kB"), 64_000);
+        assert_eq!(ok("7B"), 7);
+        for bad in ["", "0", "0MiB", "MiB", "1.5MiB", "-1", "12XB", "99999999999999999999"] {
+            assert!(parse_size(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
     /// A cause that repeats the end of its parent's message is printed once.
     #[test]
     fn causes_already_in_the_message_are_not_repeated() {
