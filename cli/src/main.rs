@@ -199,7 +199,9 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 /// `MiB`, `GiB`) or decimal (`B`, `kB`, `MB`, `GB`); units are not case-sensitive.
 fn parse_size(text: &str) -> Result<usize, String> {
     let text = text.trim();
-    let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(digits);
     let number: u64 = number
         .parse()
@@ -456,9 +458,8 @@ pub(crate) async fn stopped() {
 /// messages itself, without content).
 fn shown(metadata: &tracing::Metadata<'_>) -> bool {
     let target = metadata.target();
-    let amqp_library = target == "lapin"
-        || target.starts_with("lapin::")
-        || target.starts_with("amq_protocol");
+    let amqp_library =
+        target == "lapin" || target.starts_with("lapin::") || target.starts_with("amq_protocol");
     if !amqp_library {
         return true;
     }
@@ -540,7 +541,16 @@ mod tests {
         assert_eq!(ok("100MB"), 100_000_000);
         assert_eq!(ok("64kB"), 64_000);
         assert_eq!(ok("7B"), 7);
-        for bad in ["", "0", "0MiB", "MiB", "1.5MiB", "-1", "12XB", "99999999999999999999"] {
+        for bad in [
+            "",
+            "0",
+            "0MiB",
+            "MiB",
+            "1.5MiB",
+            "-1",
+            "12XB",
+            "99999999999999999999",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad:?} was accepted");
         }
     }

@@ -110,7 +110,14 @@ mod tests {
     fn only_the_explicit_opt_in_allows_skipping() {
         assert!(skipping_allowed_by(Some("1")));
         assert!(skipping_allowed_by(Some(" 1\n")));
-        for refused in [None, Some(""), Some("0"), Some("yes"), Some("true"), Some("11")] {
+        for refused in [
+            None,
+            Some(""),
+            Some("0"),
+            Some("yes"),
+            Some("true"),
+            Some("11"),
+        ] {
             assert!(!skipping_allowed_by(refused), "{refused:?}");
         }
     }
@@ -119,7 +126,10 @@ mod tests {
     fn a_missing_broker_fails_unless_skipping_is_allowed() {
         let failed = missing_outcome(false, "redis", "broker unavailable (refused)")
             .expect_err("a missing broker fails by default");
-        assert!(failed.contains("redis: broker unavailable (refused)"), "{failed}");
+        assert!(
+            failed.contains("redis: broker unavailable (refused)"),
+            "{failed}"
+        );
         assert!(failed.contains("MQRPC_ALLOW_SKIP=1"), "{failed}");
         let skipped = missing_outcome(true, "redis", "broker unavailable (refused)")
             .expect("a missing broker skips when allowed");

@@ -475,7 +475,10 @@ impl Silent {
     fn wait_for_a_connection(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.accepted.load(Ordering::SeqCst) == 0 {
-            assert!(Instant::now() < deadline, "nothing connected to the listener");
+            assert!(
+                Instant::now() < deadline,
+                "nothing connected to the listener"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -522,7 +525,15 @@ fn timeout_bounds_connecting_to_a_broker_that_never_answers() {
             std::thread::spawn(move || {
                 let started = Instant::now();
                 let (code, out, err) = mqrpc(&[
-                    command, "--url", &url, "--topic", "t", "--timeout", "2", "echo", "{}",
+                    command,
+                    "--url",
+                    &url,
+                    "--topic",
+                    "t",
+                    "--timeout",
+                    "2",
+                    "echo",
+                    "{}",
                 ]);
                 (scheme, command, started.elapsed(), code, out, err)
             })
@@ -568,7 +579,10 @@ fn serve_stops_on_a_signal_while_it_is_still_starting() {
         let output = child.wait_with_output().expect("output");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(status.success(), "{scheme}: {status} {stderr}");
-        assert!(stderr.contains("stopped before serving"), "{scheme}: {stderr}");
+        assert!(
+            stderr.contains("stopped before serving"),
+            "{scheme}: {stderr}"
+        );
         assert!(output.stdout.is_empty(), "{scheme}: it never said ready");
     }
 }
@@ -702,15 +716,25 @@ fn no_log_level_shows_the_amqp_password() {
             )
         };
         let (code, out, err) = run(&topic);
-        assert_eq!((code, out.trim()), (Some(0), "\"zqxjk\""), "{filter}: {err}");
+        assert_eq!(
+            (code, out.trim()),
+            (Some(0), "\"zqxjk\""),
+            "{filter}: {err}"
+        );
         // A call nobody can receive: the broker returns the request (mandatory).
         let (_, _, unroutable) = run(&format!("{topic}_nobody"));
         signal(child.id(), "TERM");
         exit_within(&mut child, Duration::from_secs(30)).expect("serve stops");
         let served = served.join().expect("serve's stderr");
-        for (who, text) in [("call", &err), ("unroutable call", &unroutable), ("serve", &served)]
-        {
-            assert!(!shows_the_password(text), "{filter}: {who} shows it:\n{text}");
+        for (who, text) in [
+            ("call", &err),
+            ("unroutable call", &unroutable),
+            ("serve", &served),
+        ] {
+            assert!(
+                !shows_the_password(text),
+                "{filter}: {who} shows it:\n{text}"
+            );
             let packed: String = text.chars().filter(|c| !c.is_whitespace()).collect();
             assert!(
                 !packed.contains("122,113,120,106,107"),

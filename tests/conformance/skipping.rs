@@ -56,7 +56,10 @@ fn fails_by_default_and_skips_when_allowed(name: &str, env: &[(&str, &str)], mis
         String::from_utf8_lossy(&failed.stdout),
         String::from_utf8_lossy(&failed.stderr)
     );
-    assert!(!failed.status.success(), "{name} passed without its {missing}: {output}");
+    assert!(
+        !failed.status.success(),
+        "{name} passed without its {missing}: {output}"
+    );
     assert!(output.contains("1 failed"), "{name}: {output}");
     assert!(output.contains(missing), "{name}: {output}");
     assert!(output.contains("MQRPC_ALLOW_SKIP=1"), "{name}: {output}");

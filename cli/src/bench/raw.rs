@@ -1110,7 +1110,9 @@ mod tests {
                     .await;
                 assert!(still.is_err(), "the topic queue is gone");
             }
-            Err(err) => crate::skips::missing("bench raw amqp", &format!("broker unavailable ({err:#})")),
+            Err(err) => {
+                crate::skips::missing("bench raw amqp", &format!("broker unavailable ({err:#})"))
+            }
         }
         let redis_url = "redis://127.0.0.1:6379/";
         let client = redis::Client::open(redis_url).expect("URL");
@@ -1131,7 +1133,9 @@ mod tests {
                     .expect("EXISTS");
                 assert_eq!(exists, 0, "the server stream is gone");
             }
-            Err(err) => crate::skips::missing("bench raw redis", &format!("broker unavailable ({err:#})")),
+            Err(err) => {
+                crate::skips::missing("bench raw redis", &format!("broker unavailable ({err:#})"))
+            }
         }
     }
 
