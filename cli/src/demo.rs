@@ -49,10 +49,16 @@ struct Bump {
     seconds: f64,
 }
 
-/// The pause `seconds` asks for, or the `ValueError` a caller gets for a bad one.
-fn pause(seconds: f64) -> Result<Duration, RemoteError> {
-    Duration::try_from_secs_f64(seconds)
-        .map_err(|_| RemoteError::new("ValueError", "seconds must be a non-negative number"))
+/// Waits `seconds`, or fails with `ValueError` when that is not a duration.
+async fn pause(seconds: f64) -> Result<(), RemoteError> {
+    let Ok(pause) = Duration::try_from_secs_f64(seconds) else {
+        return Err(RemoteError::new(
+            "ValueError",
+            "seconds must be a non-negative number",
+        ));
+    };
+    tokio::time::sleep(pause).await;
+    Ok(())
 }
 
 /// A number as JSON: an integer when it is one, so `add(1, 2)` prints `3`.
@@ -80,7 +86,7 @@ pub(crate) fn endpoint(bumps: Arc<AtomicU64>) -> Endpoint {
             Ok::<_, RemoteError>(number(args.a + args.b))
         })
         .method("sleep", |_ctx: Context, args: Sleep| async move {
-            tokio::time::sleep(pause(args.seconds)?).await;
+            pause(args.seconds).await?;
             Ok::<_, RemoteError>(number(args.seconds))
         })
         .method("fail", |_ctx: Context, args: Fail| async move {
@@ -100,7 +106,7 @@ pub(crate) fn endpoint(bumps: Arc<AtomicU64>) -> Endpoint {
         .method("bump", move |_ctx: Context, args: Bump| {
             let bumps = bumps.clone();
             async move {
-                tokio::time::sleep(pause(args.seconds)?).await;
+                pause(args.seconds).await?;
                 bumps.fetch_add(1, Ordering::Relaxed);
                 Ok::<_, RemoteError>(())
             }
