@@ -87,15 +87,11 @@ impl ByteBudget {
         let held = &self.inner.held;
         let mut now = held.load(Ordering::Acquire);
         loop {
-            let fits = now == 0
-                || now
-                    .checked_add(bytes)
-                    .is_some_and(|n| n <= self.inner.limit);
+            let fits = now == 0 || now.checked_add(bytes).is_some_and(|n| n <= self.inner.limit);
             if !fits {
                 return None;
             }
-            match held.compare_exchange_weak(now, now + bytes, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match held.compare_exchange_weak(now, now + bytes, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
                     return Some(Charge {
                         budget: self.clone(),
@@ -175,9 +171,7 @@ impl Drop for Charge {
 
 impl fmt::Debug for Charge {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Charge")
-            .field("bytes", &self.bytes)
-            .finish()
+        f.debug_struct("Charge").field("bytes", &self.bytes).finish()
     }
 }
 

@@ -300,7 +300,8 @@ async fn serve(
         // the broker and not in this process.
         // Likewise when the requests held use up the byte budget: a handler that
         // finishes gives its bytes back.
-        while running.len() >= concurrency || (!running.is_empty() && serving.budget.is_exhausted())
+        while running.len() >= concurrency
+            || (!running.is_empty() && serving.budget.is_exhausted())
         {
             tokio::select! {
                 biased;
