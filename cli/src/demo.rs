@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
+use futures::StreamExt;
 use mqrpc::{Context, Endpoint, RemoteError, Server, Target, Version};
 use serde::Deserialize;
 use serde_json::Value;
@@ -37,6 +38,29 @@ struct Count {
     n: u64,
 }
 
+/// The most items `count(n)` streams: a larger `n` fails with `ValueError`, so that
+/// no stream of the demo server runs (nearly) forever.
+pub(crate) const MAX_COUNT: u64 = 10_000;
+
+#[derive(Deserialize)]
+struct Bump {
+    /// How long the handler works before it counts (default: not at all).
+    #[serde(default)]
+    seconds: f64,
+}
+
+/// Waits `seconds`, or fails with `ValueError` when that is not a duration.
+async fn pause(seconds: f64) -> Result<(), RemoteError> {
+    let Ok(pause) = Duration::try_from_secs_f64(seconds) else {
+        return Err(RemoteError::new(
+            "ValueError",
+            "seconds must be a non-negative number",
+        ));
+    };
+    tokio::time::sleep(pause).await;
+    Ok(())
+}
+
 /// A number as JSON: an integer when it is one, so `add(1, 2)` prints `3`.
 fn number(x: f64) -> Value {
     if x.fract() == 0.0 && x.abs() < 9.0e15 {
@@ -47,7 +71,10 @@ fn number(x: f64) -> Value {
 }
 
 /// The demo endpoint: `echo(payload)`, `add(a, b)`, `sleep(seconds)`, `fail(message)`
-/// (a Python `ValueError`), `count(n)` streaming 0..n, `bump()` and `bumps()`.
+/// (a Python `ValueError`), `count(n)` streaming 0..n (`n` at most [`MAX_COUNT`]),
+/// `bump(seconds = 0)` (works `seconds`, then counts) and `bumps()` (the count).
+/// Arguments a method does not take (a `payload` beside `seconds`, say) are read
+/// and ignored.
 pub(crate) fn endpoint(bumps: Arc<AtomicU64>) -> Endpoint {
     let read = bumps.clone();
     Endpoint::new()
@@ -59,21 +86,30 @@ pub(crate) fn endpoint(bumps: Arc<AtomicU64>) -> Endpoint {
             Ok::<_, RemoteError>(number(args.a + args.b))
         })
         .method("sleep", |_ctx: Context, args: Sleep| async move {
-            let pause = Duration::try_from_secs_f64(args.seconds).map_err(|_| {
-                RemoteError::new("ValueError", "seconds must be a non-negative number")
-            })?;
-            tokio::time::sleep(pause).await;
+            pause(args.seconds).await?;
             Ok::<_, RemoteError>(number(args.seconds))
         })
         .method("fail", |_ctx: Context, args: Fail| async move {
             Err::<(), _>(RemoteError::new("ValueError", args.message))
         })
         .stream_method("count", |_ctx: Context, args: Count| {
-            futures::stream::iter((0..args.n).map(Ok::<u64, RemoteError>))
+            if args.n <= MAX_COUNT {
+                futures::stream::iter((0..args.n).map(Ok)).left_stream()
+            } else {
+                let too_many = RemoteError::new(
+                    "ValueError",
+                    format!("n must be at most {MAX_COUNT}, not {}", args.n),
+                );
+                futures::stream::iter([Err(too_many)]).right_stream()
+            }
         })
-        .method("bump", move |_ctx: Context, _args: mqrpc::NoArgs| {
-            bumps.fetch_add(1, Ordering::Relaxed);
-            async move { Ok::<_, RemoteError>(()) }
+        .method("bump", move |_ctx: Context, args: Bump| {
+            let bumps = bumps.clone();
+            async move {
+                pause(args.seconds).await?;
+                bumps.fetch_add(1, Ordering::Relaxed);
+                Ok::<_, RemoteError>(())
+            }
         })
         .method("bumps", move |_ctx: Context, _args: mqrpc::NoArgs| {
             let count = read.load(Ordering::Relaxed);
@@ -81,19 +117,26 @@ pub(crate) fn endpoint(bumps: Arc<AtomicU64>) -> Endpoint {
         })
 }
 
+/// `mqrpc serve`. SIGINT or SIGTERM stops it at any time: while it connects or
+/// declares, at once; while it serves, gracefully (the requests in progress finish,
+/// within the server's grace period). A second signal during that shutdown exits at
+/// once with status 130, abandoning them.
 pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     let server_name = args
         .server
         .unwrap_or_else(|| format!("mqrpc-{}", std::process::id()));
     let bumps = Arc::new(AtomicU64::new(0));
     let mut ready = false;
-    // One signal listener for the whole run: one made per turn of the loop would
-    // miss a signal that came between turns.
-    let stop = crate::stopped();
-    tokio::pin!(stop);
+    // One catcher for the whole run: one made per wait would miss a signal that
+    // came between two waits.
+    let mut signals = crate::StopSignals::new();
+    let stopped_starting = || {
+        eprintln!("mqrpc: stopped before serving");
+        Ok(())
+    };
     loop {
         let opened = tokio::select! {
-            () = &mut stop => return Ok(()),
+            () = signals.next() => return stopped_starting(),
             opened = crate::memory_bus::open(&args.url, crate::memory_bus::Role::Member) => opened?,
         };
         let mut builder = Server::builder(
@@ -101,11 +144,16 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
             Target::new(&args.topic).server(&server_name),
         )
         .endpoint(endpoint(bumps.clone()))
-        .concurrency(args.concurrency);
+        .concurrency(args.concurrency)
+        .max_pending_bytes(args.max_pending_bytes);
         if let Some(auth) = args.auth.message_auth()? {
             builder = builder.message_auth(auth);
         }
-        let server = match builder.start().await {
+        let started = tokio::select! {
+            () = signals.next() => return stopped_starting(),
+            started = builder.start() => started,
+        };
+        let server = match started {
             Ok(server) => server,
             // The keeper went away between attaching and starting: attach again.
             Err(err) if opened.keeper_lost() => {
@@ -126,8 +174,18 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
             );
         }
         tokio::select! {
-            () = &mut stop => {
-                server.shutdown().await.context("shutting down")?;
+            () = signals.next() => {
+                eprintln!(
+                    "mqrpc: stopping: the requests in progress finish first (Ctrl-C again \
+                     exits at once)"
+                );
+                tokio::select! {
+                    stopped = server.shutdown() => stopped.context("shutting down")?,
+                    () = signals.next() => {
+                        eprintln!("mqrpc: exiting at once; requests in progress are abandoned");
+                        std::process::exit(crate::EXIT_INTERRUPTED);
+                    }
+                }
                 break;
             }
             // Serving goes on as long as this command runs: on a memory bus whose

@@ -5,6 +5,8 @@
 mod bench;
 mod demo;
 mod memory_bus;
+#[cfg(test)]
+mod skips;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -174,6 +176,11 @@ pub(crate) struct ServeArgs {
     /// Handlers running at once.
     #[arg(long, default_value_t = mqrpc::DEFAULT_CONCURRENCY)]
     pub(crate) concurrency: usize,
+    /// Bytes of requests taken from the broker but not yet handled that the server
+    /// holds at most (more wait in the broker; core NATS drops them): bytes
+    /// (`1048576`) or with a unit (`64MiB`, `512KiB`, `1GiB`, `100MB`, `64kB`).
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    pub(crate) max_pending_bytes: usize,
     #[command(flatten)]
     pub(crate) auth: AuthArgs,
 }
@@ -188,6 +195,38 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
+/// A size in bytes: a whole number (`1048576`), or one with a unit, binary (`KiB`,
+/// `MiB`, `GiB`) or decimal (`B`, `kB`, `MB`, `GB`); units are not case-sensitive.
+fn parse_size(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (bytes, or a number and a unit)"))?;
+    let unit_bytes: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "{other:?} is not a unit of size: use B, KiB, MiB, GiB, kB, MB or GB"
+            ));
+        }
+    };
+    number
+        .checked_mul(unit_bytes)
+        .and_then(|bytes| usize::try_from(bytes).ok())
+        .filter(|bytes| *bytes > 0)
+        .ok_or_else(|| format!("{text:?} is not a size between 1 byte and {}", usize::MAX))
+}
+
 fn parse_object(text: &str, what: &str) -> Result<serde_json::Map<String, Value>> {
     match serde_json::from_str::<Value>(text).with_context(|| format!("{what} is not JSON"))? {
         Value::Object(map) => Ok(map),
@@ -195,14 +234,15 @@ fn parse_object(text: &str, what: &str) -> Result<serde_json::Map<String, Value>
     }
 }
 
-fn client(transport: Arc<dyn Transport>, args: &CallArgs) -> Result<Client> {
+/// The client `args` describe, whose calls time out after `timeout`.
+fn client(transport: Arc<dyn Transport>, args: &CallArgs, timeout: Duration) -> Result<Client> {
     let mut target = Target::new(&args.topic);
     target.server.clone_from(&args.server);
     target.fanout = args.fanout;
     target.namespace.clone_from(&args.namespace);
     target.version = args.version;
     let client = Client::new(transport, target)
-        .timeout(args.timeout)
+        .timeout(timeout)
         .call_monitor(args.call_monitor);
     Ok(match args.auth.message_auth()? {
         Some(auth) => client.message_auth(auth),
@@ -303,7 +343,12 @@ async fn listen(args: ListenArgs) -> Result<()> {
             () = &mut stop => return Ok(()),
             opened = memory_bus::open(&args.url, memory_bus::Role::Member) => opened?,
         };
-        let mut tap = match opened.transport.monitor(&Target::new(&args.topic)).await {
+        let target = Target::new(&args.topic);
+        let watching = tokio::select! {
+            () = &mut stop => return Ok(()),
+            watching = opened.transport.monitor(&target) => watching,
+        };
+        let mut tap = match watching {
             Ok(tap) => tap,
             Err(err) if opened.keeper_lost() => {
                 eprintln!("mqrpc: {err}; attaching again");
@@ -338,37 +383,108 @@ async fn listen(args: ListenArgs) -> Result<()> {
     Ok(())
 }
 
+/// The client of a `call`, `cast` or `multicall`, its context and its arguments.
+/// `--timeout` bounds the whole command: connecting takes from it, and the call
+/// gets what is left.
 async fn prepare(args: &CallArgs) -> Result<(Client, Context, serde_json::Map<String, Value>)> {
+    let started = tokio::time::Instant::now();
     let kwargs = parse_object(&args.args, "ARGS")?;
     let ctx = Context::from(parse_object(&args.context, "--context")?);
     // Fails at once, on a memory bus nobody holds, instead of waiting out the timeout
     // for a server that cannot exist.
-    let opened = memory_bus::open(&args.url, memory_bus::Role::Client).await?;
-    Ok((client(opened.transport, args)?, ctx, kwargs))
+    let opened = tokio::time::timeout(
+        args.timeout,
+        memory_bus::open(&args.url, memory_bus::Role::Client),
+    )
+    .await
+    .map_err(|_| {
+        anyhow::anyhow!(
+            "connecting: no answer within {} (--timeout)",
+            humantime::format_duration(args.timeout)
+        )
+    })??;
+    let left = args
+        .timeout
+        .saturating_sub(started.elapsed())
+        .max(Duration::from_millis(1));
+    Ok((client(opened.transport, args, left)?, ctx, kwargs))
+}
+
+/// The exit status of a command stopped at once by a second signal (128 + SIGINT, as
+/// shells report a process that Ctrl-C ended).
+pub(crate) const EXIT_INTERRUPTED: i32 = 130;
+
+/// SIGINT (Ctrl-C) and SIGTERM, the ways an operator or a supervisor stops a command
+/// that runs until stopped. Signals are caught from the moment this is made, so none
+/// is missed between two waits, and each one is seen once.
+pub(crate) struct StopSignals {
+    interrupt: Option<tokio::signal::unix::Signal>,
+    terminate: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    /// Starts catching SIGINT and SIGTERM.
+    pub(crate) fn new() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        StopSignals {
+            interrupt: signal(SignalKind::interrupt()).ok(),
+            terminate: signal(SignalKind::terminate()).ok(),
+        }
+    }
+
+    /// Resolves at the next SIGINT or SIGTERM.
+    pub(crate) async fn next(&mut self) {
+        async fn one(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+            signal.as_mut()?.recv().await
+        }
+        tokio::select! {
+            Some(()) = one(&mut self.interrupt) => {}
+            Some(()) = one(&mut self.terminate) => {}
+            else => std::future::pending().await,
+        }
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM, the ways an operator or a supervisor stops a
 /// command that runs until stopped.
 pub(crate) async fn stopped() {
-    let mut terminate =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        Some(()) = async { terminate.as_mut()?.recv().await } => {}
+    StopSignals::new().next().await;
+}
+
+/// Whether a log event or span of `metadata` may be shown, whatever `MQRPC_LOG`
+/// says. Never: TRACE of lapin and amq-protocol (their frame and URI dumps hold the
+/// AMQP credentials, as bytes or text), nor lapin's report of a message the broker
+/// returned (a WARN with the whole body as decimal bytes; mqrpc logs returned
+/// messages itself, without content).
+fn shown(metadata: &tracing::Metadata<'_>) -> bool {
+    let target = metadata.target();
+    let amqp_library =
+        target == "lapin" || target.starts_with("lapin::") || target.starts_with("amq_protocol");
+    if !amqp_library {
+        return true;
     }
+    let returned_message =
+        target == "lapin::returned_messages" || target.starts_with("lapin::returned_messages::");
+    *metadata.level() != tracing::Level::TRACE && !returned_message
+}
+
+/// Logs on stderr, filtered by `MQRPC_LOG` (default `warn`) and then by [`shown`].
+fn init_logging() {
+    use tracing_subscriber::filter::{EnvFilter, FilterExt, filter_fn};
+    use tracing_subscriber::prelude::*;
+
+    let wanted = EnvFilter::try_from_env("MQRPC_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        // Colours only on a terminal, not in a log file or a pipe.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_filter(wanted.and(filter_fn(shown)));
+    tracing_subscriber::registry().with(layer).init();
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MQRPC_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal, not in a log file or a pipe.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logging();
     match run(Cli::parse()).await {
         Ok(code) => code,
         Err(err) => {
@@ -410,6 +526,32 @@ mod tests {
         assert_eq!(ok("2m"), Duration::from_secs(120));
         for bad in ["-1", "inf", "NaN", "soon", ""] {
             assert!(parse_duration(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn sizes_read_as_bytes_or_with_a_unit() {
+        let ok = |text| parse_size(text).expect(text);
+        assert_eq!(ok("1048576"), 1 << 20);
+        assert_eq!(ok("64MiB"), 64 << 20);
+        assert_eq!(ok("64mib"), 64 << 20);
+        assert_eq!(ok("16 MiB"), 16 << 20);
+        assert_eq!(ok("512KiB"), 512 << 10);
+        assert_eq!(ok("1GiB"), 1 << 30);
+        assert_eq!(ok("100MB"), 100_000_000);
+        assert_eq!(ok("64kB"), 64_000);
+        assert_eq!(ok("7B"), 7);
+        for bad in [
+            "",
+            "0",
+            "0MiB",
+            "MiB",
+            "1.5MiB",
+            "-1",
+            "12XB",
+            "99999999999999999999",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad:?} was accepted");
         }
     }
 

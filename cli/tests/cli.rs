@@ -1,10 +1,16 @@
 //! The `mqrpc` binary as an operator runs it: `serve` and `call`/`cast`/`multicall`/
 //! `listen` as separate processes on a broker (NATS) and on a shared memory bus, and
-//! `bench` on the memory bus.
+//! `bench` on the memory bus; `--timeout` bounding the connection, `serve` stopped
+//! by signals, and logs that never show the AMQP password.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+#[path = "../src/skips.rs"]
+mod skips;
 
 const MQRPC: &str = env!("CARGO_BIN_EXE_mqrpc");
 
@@ -12,20 +18,30 @@ fn nats_url() -> String {
     std::env::var("MQRPC_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
 }
 
-fn nats_available() -> bool {
-    let address = nats_url()
+fn amqp_url() -> String {
+    std::env::var("MQRPC_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/".to_owned())
+}
+
+/// Whether the broker of `url` accepts connections. When it does not: a failure, or
+/// `false` after a recorded skip under `MQRPC_ALLOW_SKIP=1`.
+fn broker_available(what: &str, url: &str) -> bool {
+    let address = url
         .split_once("://")
-        .map(|(_, rest)| rest.split(['?', '/']).next().unwrap_or(rest).to_owned())
+        .map(|(_, rest)| rest.split(['?', '/']).next().unwrap_or(rest))
+        .map(|authority| authority.rsplit('@').next().unwrap_or(authority).to_owned())
         .unwrap_or_default();
-    let reachable = std::net::TcpStream::connect(&address).is_ok();
-    if !reachable {
-        assert!(
-            std::env::var("MQRPC_REQUIRE_BROKERS").as_deref() != Ok("1"),
-            "NATS unreachable at {address} and MQRPC_REQUIRE_BROKERS=1"
-        );
-        eprintln!("SKIP cli on nats: NATS unreachable at {address}");
+    match std::net::TcpStream::connect(&address) {
+        Ok(_) => true,
+        Err(err) => {
+            skips::missing(what, &format!("broker unavailable at {address} ({err})"));
+            false
+        }
     }
-    reachable
+}
+
+fn nats_available() -> bool {
+    broker_available("cli on nats", &nats_url())
 }
 
 fn mqrpc(args: &[&str]) -> (i32, String, String) {
@@ -158,6 +174,26 @@ fn serve_and_call_as_processes(url: &str, nobody: &str) {
     assert_eq!(
         (code, out.lines().collect::<Vec<_>>()),
         (0, vec!["0", "1", "2"])
+    );
+    // The demo's streams are capped: count(n) streams at most 10 000 items.
+    let counted = |n: u64| {
+        let mut all = vec!["multicall"];
+        all.extend_from_slice(&common);
+        let args = format!(r#"{{"n": {n}}}"#);
+        all.extend_from_slice(&["count", &args]);
+        mqrpc(&all)
+    };
+    let (code, out, err) = counted(10_000);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 10_000);
+    assert_eq!(out.lines().last(), Some("9999"));
+    let (code, out, err) = counted(10_001);
+    assert_eq!(code, 1, "{out} {err}");
+    let error: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON error");
+    assert_eq!(error["error"]["class"], "ValueError");
+    assert_eq!(
+        error["error"]["message"],
+        "n must be at most 10000, not 10001"
     );
 
     let mut cast = vec!["cast"];
@@ -390,4 +426,329 @@ fn a_memory_bus_outlives_the_listener_that_started_it() {
     let (code, out, err) = call(r#"{"payload": 2}"#);
     assert_eq!((code, out.trim()), (0, "2"), "{err}");
     drop(serving);
+}
+
+/// The copy of the skip helper that the command line's tests use is the one of the
+/// conformance suite.
+#[test]
+fn the_skip_helper_is_the_conformance_suites() {
+    assert_eq!(
+        include_str!("../src/skips.rs"),
+        include_str!("../../tests/conformance/skips.rs"),
+        "cli/src/skips.rs must stay a copy of tests/conformance/skips.rs"
+    );
+}
+
+/// A loopback listener that accepts connections and never answers, as a broker that
+/// hangs would: it holds every connection it accepted until the test ends.
+struct Silent {
+    port: u16,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl Silent {
+    fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for stream in listener.incoming().flatten() {
+                held.push(stream);
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        Silent { port, accepted }
+    }
+
+    /// The URL of this listener for `scheme`.
+    fn url(&self, scheme: &str) -> String {
+        match scheme {
+            "amqp" => format!("amqp://guest:guest@127.0.0.1:{}/", self.port),
+            "redis" => format!("redis://127.0.0.1:{}/", self.port),
+            _ => format!("nats://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// Waits (up to 10 s) until a client has connected.
+    fn wait_for_a_connection(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.accepted.load(Ordering::SeqCst) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "nothing connected to the listener"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Waits up to `limit` for `child` to exit; its status, or `None` (then it is
+/// killed).
+fn exit_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends `signal` (`TERM`, `INT`) to the process `pid`.
+fn signal(pid: u32, signal: &str) {
+    let sent = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill -{signal} {pid}");
+}
+
+/// `--timeout` bounds the whole command, connecting included: against a broker that
+/// accepts TCP and never answers, `call`, `cast` and `multicall` fail after their
+/// timeout (before this fix: 10 s on AMQP and 21 s on Redis for `--timeout 5`),
+/// saying so, with the status of a connection failure.
+#[test]
+fn timeout_bounds_connecting_to_a_broker_that_never_answers() {
+    let silent = Silent::start();
+    let runs: Vec<_> = ["amqp", "redis", "nats"]
+        .into_iter()
+        .flat_map(|scheme| ["call", "cast", "multicall"].map(|command| (scheme, command)))
+        .map(|(scheme, command)| {
+            let url = silent.url(scheme);
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let (code, out, err) = mqrpc(&[
+                    command,
+                    "--url",
+                    &url,
+                    "--topic",
+                    "t",
+                    "--timeout",
+                    "2",
+                    "echo",
+                    "{}",
+                ]);
+                (scheme, command, started.elapsed(), code, out, err)
+            })
+        })
+        .collect();
+    for run in runs {
+        let (scheme, command, took, code, out, err) = run.join().expect("a run");
+        assert_eq!(code, 2, "{scheme} {command}: {out} {err}");
+        assert!(
+            err.contains("connecting: no answer within 2s (--timeout)"),
+            "{scheme} {command}: {err}"
+        );
+        // Generous: 2 s plus the start of a debug binary on a busy machine.
+        assert!(
+            took < Duration::from_secs(8),
+            "{scheme} {command} took {took:?}"
+        );
+    }
+    assert!(silent.accepted.load(Ordering::SeqCst) >= 9);
+}
+
+/// SIGTERM or SIGINT stops a `serve` that is still connecting (its broker accepts
+/// TCP and never answers) at once.
+#[test]
+fn serve_stops_on_a_signal_while_it_is_still_starting() {
+    for (scheme, sig) in [("amqp", "TERM"), ("redis", "INT"), ("nats", "TERM")] {
+        let silent = Silent::start();
+        let mut child = Command::new(MQRPC)
+            .args(["serve", "--url", &silent.url(scheme), "--topic", "t"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start mqrpc serve");
+        silent.wait_for_a_connection();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            child.try_wait().expect("try_wait").is_none(),
+            "{scheme}: serve ended before the signal"
+        );
+        signal(child.id(), sig);
+        let status = exit_within(&mut child, Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("{scheme}: serve still running 5 s after SIG{sig}"));
+        let output = child.wait_with_output().expect("output");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(status.success(), "{scheme}: {status} {stderr}");
+        assert!(
+            stderr.contains("stopped before serving"),
+            "{scheme}: {stderr}"
+        );
+        assert!(output.stdout.is_empty(), "{scheme}: it never said ready");
+    }
+}
+
+/// The first Ctrl-C stops `serve` gracefully: it waits for the handler in progress.
+/// A second one exits at once, with status 130.
+#[test]
+fn a_second_ctrl_c_stops_serve_at_once() {
+    let url = format!("memory://cli-sigint-{}", std::process::id());
+    let topic = "sigint";
+    let mut serving = serve(&url, topic, &[]);
+    let mut listener = Command::new(MQRPC)
+        .args(["listen", "--url", &url, "--topic", topic, "--count", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start mqrpc listen");
+    let mut started = String::new();
+    BufReader::new(listener.stderr.take().expect("stderr"))
+        .read_line(&mut started)
+        .expect("the listener says it listens");
+    assert!(started.contains("listening"), "{started:?}");
+    let mut slow = Command::new(MQRPC)
+        .args(["call", "--url", &url, "--topic", topic, "--timeout", "60"])
+        .args(["sleep", r#"{"seconds": 50}"#])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start a slow call");
+    // The listener saw the call on the topic: the idle server takes it at once.
+    let seen = listener.wait_with_output().expect("the listener ends");
+    assert!(
+        String::from_utf8_lossy(&seen.stdout).contains("\"sleep\""),
+        "{seen:?}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
+    let pid = serving.0.id();
+    signal(pid, "INT");
+    // Still serving: the handler has 49 s to go and the grace period is longer.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        serving.0.try_wait().expect("try_wait").is_none(),
+        "serve ended on the first Ctrl-C although a handler was running"
+    );
+    signal(pid, "INT");
+    let status = exit_within(&mut serving.0, Duration::from_secs(5))
+        .expect("serve still running 5 s after the second Ctrl-C");
+    assert_eq!(status.code(), Some(130), "{status}");
+    let _ = slow.kill();
+    let _ = slow.wait();
+}
+
+/// `--max-pending-bytes` takes bytes or a size with a unit, and refuses anything
+/// else before starting.
+#[test]
+fn serve_refuses_a_bad_max_pending_bytes() {
+    for bad in ["0", "12XB", "-1", "MiB", "99999999999999999999GiB"] {
+        let (code, _, err) = mqrpc(&[
+            "serve",
+            "--url",
+            "memory://never",
+            "--topic",
+            "t",
+            &format!("--max-pending-bytes={bad}"),
+        ]);
+        assert_eq!(code, 2, "{bad}: {err}");
+        assert!(err.contains("--max-pending-bytes"), "{bad}: {err}");
+    }
+}
+
+/// Whether `text` shows the AMQP password `guest`: as text, or as the decimal bytes
+/// lapin's frame dumps write (`[103, 117, 101, 115, 116]`, in any spacing).
+fn shows_the_password(text: &str) -> bool {
+    let packed: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+    text.to_ascii_lowercase().contains("guest") || packed.contains("103,117,101,115,116")
+}
+
+/// No log level shows the AMQP password (lapin and amq-protocol trace their frames
+/// and the URI), and lapin's dump of a returned message (a WARN with the whole body
+/// as decimal bytes) is never printed: not even when `MQRPC_LOG` asks for their
+/// targets by name.
+#[test]
+fn no_log_level_shows_the_amqp_password() {
+    let url = amqp_url();
+    if !broker_available("cli on amqp", &url) {
+        return;
+    }
+    assert!(
+        url.contains(":guest@"),
+        "this test knows the password `guest` of the test broker: {url}"
+    );
+    let topic = format!("cli_logs_{}", std::process::id());
+    // A payload whose bytes are easy to find: "zqxjk" is [122, 113, 120, 106, 107].
+    let payload = r#"{"payload": "zqxjk"}"#;
+    for filter in [
+        "trace",
+        "lapin=trace,amq_protocol=trace,amq_protocol_tcp=trace,amq_protocol_uri=trace",
+        "warn",
+    ] {
+        let mut child = Command::new(MQRPC)
+            .args(["serve", "--url", &url, "--topic", &topic, "--server", "s1"])
+            .env("MQRPC_LOG", filter)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start mqrpc serve");
+        // Read all along: a serve logging at TRACE fills a pipe nobody reads.
+        let mut stderr = child.stderr.take().expect("stderr");
+        let served = std::thread::spawn(move || {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut stderr, &mut text).expect("serve's stderr");
+            text
+        });
+        let mut ready = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut ready)
+            .expect("read the ready line");
+        assert!(ready.contains("\"ready\""), "{ready:?}");
+        let run = |topic: &str| {
+            let output = Command::new(MQRPC)
+                .args(["call", "--url", &url, "--topic", topic, "--timeout", "5"])
+                .args(["echo", payload])
+                .env("MQRPC_LOG", filter)
+                .output()
+                .expect("run mqrpc call");
+            (
+                output.status.code(),
+                String::from_utf8_lossy(&output.stdout).into_owned(),
+                String::from_utf8_lossy(&output.stderr).into_owned(),
+            )
+        };
+        let (code, out, err) = run(&topic);
+        assert_eq!(
+            (code, out.trim()),
+            (Some(0), "\"zqxjk\""),
+            "{filter}: {err}"
+        );
+        // A call nobody can receive: the broker returns the request (mandatory).
+        let (_, _, unroutable) = run(&format!("{topic}_nobody"));
+        signal(child.id(), "TERM");
+        exit_within(&mut child, Duration::from_secs(30)).expect("serve stops");
+        let served = served.join().expect("serve's stderr");
+        for (who, text) in [
+            ("call", &err),
+            ("unroutable call", &unroutable),
+            ("serve", &served),
+        ] {
+            assert!(
+                !shows_the_password(text),
+                "{filter}: {who} shows it:\n{text}"
+            );
+            let packed: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+            assert!(
+                !packed.contains("122,113,120,106,107"),
+                "{filter}: {who} dumps a body:\n{text}"
+            );
+            assert!(
+                !text.contains("Server returned us a message"),
+                "{filter}: {who}:\n{text}"
+            );
+        }
+        if filter == "trace" {
+            // The filter keeps the rest: mqrpc's own events and lapin's DEBUG.
+            assert!(err.contains("rpc_core"), "{err}");
+            assert!(served.contains("lapin"), "{served}");
+        }
+    }
 }

@@ -1,7 +1,8 @@
 //! The conformance suite on RabbitMQ. `MQRPC_AMQP_URL` names the broker (default
 //! `amqp://guest:guest@127.0.0.1:5672/?topic_ttl=300`); every transport is a connection of its own.
 
-use crate::suite::{Backend, broker_unavailable};
+use crate::skips::broker_unavailable;
+use crate::suite::Backend;
 
 pub(crate) fn url() -> String {
     std::env::var("MQRPC_AMQP_URL")

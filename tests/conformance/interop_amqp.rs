@@ -13,7 +13,6 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 use crate::service::{self, Recorder};
-use crate::suite::brokers_required;
 
 /// oslo.messaging's URL for the broker the Rust side uses.
 fn oslo_url() -> String {
@@ -30,8 +29,8 @@ fn oslo_url() -> String {
     )
 }
 
-/// The Python interpreter with oslo.messaging, or `None` (after a SKIP line) when it
-/// is missing and brokers are not required.
+/// The Python interpreter with oslo.messaging. When it is missing: a failure, or
+/// `None` after a recorded skip under `MQRPC_ALLOW_SKIP=1`.
 fn python() -> Option<PathBuf> {
     let path = match std::env::var_os("MQRPC_OSLO_PYTHON") {
         Some(path) => PathBuf::from(path),
@@ -48,11 +47,13 @@ fn python() -> Option<PathBuf> {
     if path.exists() {
         return Some(path);
     }
-    let why = format!("{} not found; run scripts/oslo-venv.sh", path.display());
-    if brokers_required() {
-        panic!("oslo.messaging interop needs Python: {why}");
-    }
-    eprintln!("SKIP amqp interop: {why}");
+    crate::skips::missing(
+        "amqp interop",
+        &format!(
+            "the Python peer {} is missing; run scripts/oslo-venv.sh",
+            path.display()
+        ),
+    );
     None
 }
 

@@ -2,7 +2,8 @@
 //! and JetStream mode (casts kept while no server runs and redelivered until acked).
 //! `MQRPC_NATS_URL` names the server (default `nats://127.0.0.1:4222`).
 
-use crate::suite::{Backend, broker_unavailable};
+use crate::skips::broker_unavailable;
+use crate::suite::Backend;
 
 pub(crate) fn base_url() -> String {
     std::env::var("MQRPC_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())

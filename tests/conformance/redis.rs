@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use crate::suite::{Backend, broker_unavailable};
+use crate::skips::broker_unavailable;
+use crate::suite::Backend;
 
 pub(crate) fn base_url() -> String {
     std::env::var("MQRPC_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_owned())

@@ -50,24 +50,6 @@ impl Backend {
     }
 }
 
-/// Whether the broker tests must fail rather than skip when a broker is missing.
-pub fn brokers_required() -> bool {
-    std::env::var("MQRPC_REQUIRE_BROKERS").is_ok_and(|v| v == "1")
-}
-
-/// Reports a broker that does not answer: a loud SKIP, or a failure when
-/// `MQRPC_REQUIRE_BROKERS=1`.
-#[allow(dead_code)]
-pub fn broker_unavailable(backend: &str, err: &mqrpc::Error) -> Option<Backend> {
-    if brokers_required() {
-        panic!("{backend} broker unavailable and MQRPC_REQUIRE_BROKERS=1: {err}");
-    }
-    eprintln!(
-        "SKIP {backend}: broker unavailable ({err}); set MQRPC_REQUIRE_BROKERS=1 to fail instead"
-    );
-    None
-}
-
 /// Says loudly that a case does not apply to a backend, and why.
 fn skip(backend: &Backend, case: &str, why: &str) {
     eprintln!("SKIP {}::{case}: {why}", backend.name);
