@@ -50,7 +50,7 @@ pub use transport_memory::MemoryTransport;
 pub use transport_memory::shared as shared_memory;
 
 #[cfg(feature = "amqp")]
-pub use transport_amqp::{AmqpConfig, AmqpTransport};
+pub use transport_amqp::{AmqpConfig, AmqpTransport, ReplyQueues};
 
 #[cfg(feature = "redis")]
 pub use transport_redis::{RedisConfig, RedisTransport};

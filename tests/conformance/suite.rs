@@ -52,7 +52,7 @@ impl Backend {
 
 /// Says loudly that a case does not apply to a backend, and why.
 fn skip(backend: &Backend, case: &str, why: &str) {
-    eprintln!("SKIP {}::{case}: {why}", backend.name);
+    crate::skips::record_skip(&format!("{}::{case}", backend.name), why);
 }
 
 /// A topic name no other test uses.
