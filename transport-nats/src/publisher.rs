@@ -93,6 +93,7 @@ impl NatsPublisher {
         address: &Address,
         body: bytes::Bytes,
     ) -> Result<()> {
+        NatsConfig::check_subject(&js_subject, address)?;
         self.ensure_stream(js, address).await?;
         let ack = js
             .publish(js_subject, body)
@@ -142,19 +143,21 @@ impl NatsPublisher {
         Some(subject)
     }
 
-    fn subject(&self, address: &Address) -> Option<async_nats::Subject> {
+    /// The subject of a topic, server or fanout address (`None` for a reply), or an
+    /// error when it is too long for NATS.
+    fn subject(&self, address: &Address) -> Result<Option<async_nats::Subject>> {
         // Replies (a server's every publish) have no subject: no lock for them.
         if matches!(address, Address::Reply(_)) {
-            return None;
+            return Ok(None);
         }
         let c = &self.config;
         let mut last = self.last_subject.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((known, subject)) = last.as_ref()
             && known == address
         {
-            return Some(subject.clone());
+            return Ok(Some(subject.clone()));
         }
-        let subject = async_nats::Subject::from(match address {
+        let subject = match address {
             Address::Topic { exchange, topic } => c.topic_subject(exchange, topic),
             Address::Server {
                 exchange,
@@ -162,10 +165,12 @@ impl NatsPublisher {
                 server,
             } => c.server_subject(exchange, topic, server),
             Address::Fanout { exchange, topic } => c.fanout_subject(exchange, topic),
-            Address::Reply(_) => return None,
-        });
+            Address::Reply(_) => return Ok(None),
+        };
+        NatsConfig::check_subject(&subject, address)?;
+        let subject = async_nats::Subject::from(subject);
         *last = Some((address.clone(), subject.clone()));
-        Some(subject)
+        Ok(Some(subject))
     }
 }
 
@@ -195,7 +200,7 @@ impl Publisher for NatsPublisher {
         let limit = crate::message_limit(&self.client, &self.config);
         let size = message.body.len();
         Error::check_size(size, limit)?;
-        let Some(subject) = self.subject(address) else {
+        let Some(subject) = self.subject(address)? else {
             // A reply. Requests may name any reply address; only inboxes are written.
             let Address::Reply(inbox) = address else {
                 return Ok(());
