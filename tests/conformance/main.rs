@@ -28,3 +28,5 @@ mod redis;
 
 #[cfg(feature = "nats")]
 mod nats;
+#[cfg(feature = "nats")]
+mod nats_hardening;

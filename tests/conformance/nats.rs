@@ -8,7 +8,7 @@ pub(crate) fn base_url() -> String {
     std::env::var("MQRPC_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
 }
 
-fn with_options(options: &str) -> String {
+pub(crate) fn with_options(options: &str) -> String {
     let base = base_url();
     let separator = if base.contains('?') { '&' } else { '?' };
     format!("{base}{separator}{options}")
