@@ -185,8 +185,8 @@ async fn gated_server(options: &str, topic: &str) -> (Server, Arc<BudgetSpy>, Ar
         .start()
         .await
         .expect("server");
-    let client = Client::new(connect(options).await, Target::new(topic))
-        .timeout(Duration::from_secs(10));
+    let client =
+        Client::new(connect(options).await, Target::new(topic)).timeout(Duration::from_secs(10));
     (server, spy, held, client)
 }
 
@@ -243,7 +243,10 @@ async fn core_nats_drops_requests_beyond_the_budget_and_keeps_serving() {
 
     // The handlers finish; the server takes requests again.
     held.gate.add_permits(1_000);
-    let sum: i64 = client.call(&ctx, "add", json!({"a": 2, "b": 3})).await.expect("call");
+    let sum: i64 = client
+        .call(&ctx, "add", json!({"a": 2, "b": 3}))
+        .await
+        .expect("call");
     assert_eq!(sum, 5);
     let before = held.started().len();
     client
@@ -329,8 +332,8 @@ async fn serve_everything_on(options: &str, topic: &str) {
         .start()
         .await
         .unwrap_or_else(|err| panic!("a server of {topic:?} starts: {err}"));
-    let client = Client::new(connect(options).await, Target::new(topic))
-        .timeout(Duration::from_secs(10));
+    let client =
+        Client::new(connect(options).await, Target::new(topic)).timeout(Duration::from_secs(10));
     let ctx = Context::new();
     let sum: i64 = client
         .call(&ctx, "add", json!({"a": 2, "b": 3}))

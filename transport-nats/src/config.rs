@@ -380,7 +380,11 @@ fn hashed(head: &str, full: &str) -> String {
     let room = MAX_JETSTREAM_NAME - 2 - hash.len();
     let mut head = &head[..head.len().min(room)];
     // Not in the middle of a `_XX` escape: cut at its `_` instead.
-    if let Some(at) = head.len().checked_sub(2).and_then(|from| head[from..].rfind('_')) {
+    if let Some(at) = head
+        .len()
+        .checked_sub(2)
+        .and_then(|from| head[from..].rfind('_'))
+    {
         head = &head[..head.len() - 2 + at];
     }
     format!("{head}__{hash}")
@@ -531,13 +535,19 @@ mod tests {
             })
             .expect("a subject"),
         );
-        assert!(hashed.starts_with("mqrpc-test-js-js-openstack-"), "{hashed}");
+        assert!(
+            hashed.starts_with("mqrpc-test-js-js-openstack-"),
+            "{hashed}"
+        );
         assert!(hashed.contains("__"), "{hashed}");
         // A long exchange: the stream name fits too.
         let stream = c.jetstream_stream(&"e".repeat(300));
         assert!(stream.len() <= MAX_JETSTREAM_NAME, "{stream}");
         assert_ne!(stream, c.jetstream_stream(&"e".repeat(301)));
-        assert_eq!(c.jetstream_stream("openstack"), "mqrpc-test-js_openstack_casts");
+        assert_eq!(
+            c.jetstream_stream("openstack"),
+            "mqrpc-test-js_openstack_casts"
+        );
     }
 
     #[test]
