@@ -583,3 +583,95 @@ async fn replies_go_only_to_inboxes() {
     assert_eq!(sum, 4);
     server.shutdown().await.expect("shutdown");
 }
+
+/// Sets its flag when dropped: tells when a server let go of a handler's stream.
+struct DropFlag(watch::Sender<bool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
+    }
+}
+
+/// A stream to a caller that has gone stops at once (issue #22, defect 4): nats-server
+/// answers a reply nobody listens for with "no responders", and the server's next
+/// reply to that inbox fails, which ends the stream. The request carries no
+/// deadline, so nothing else would stop it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_to_a_caller_that_has_gone_stops() {
+    let Some(_) = super::nats::core::backend().await else {
+        return;
+    };
+    let config = NatsConfig::parse(&super::nats::with_options(CORE)).expect("URL");
+    let topic = unique("gone_caller");
+    let produced = Arc::new(AtomicUsize::new(0));
+    let (dropped, mut stream_dropped) = watch::channel(false);
+    let dropped = Arc::new(Mutex::new(Some(dropped)));
+    let endpoint = Endpoint::new()
+        .stream_method("endless", {
+            let produced = produced.clone();
+            move |_ctx: Context, _args: mqrpc::NoArgs| {
+                let flag = dropped.lock().expect("lock").take().map(DropFlag);
+                let produced = produced.clone();
+                futures::stream::unfold((0u64, flag), move |(i, flag)| {
+                    let produced = produced.clone();
+                    async move {
+                        produced.fetch_add(1, Ordering::Relaxed);
+                        tokio::task::yield_now().await;
+                        Some((Ok::<u64, RemoteError>(i), (i + 1, flag)))
+                    }
+                })
+            }
+        })
+        .method("ping", |_ctx: Context, _args: mqrpc::NoArgs| async move {
+            Ok::<_, RemoteError>("pong")
+        });
+    let transport = connect(CORE).await;
+    let server = Server::builder(transport, Target::new(&topic).server("s1"))
+        .endpoint(endpoint)
+        .start()
+        .await
+        .expect("server");
+
+    // The caller's inbox, with nobody subscribed any more.
+    let inbox = format!("{}{}.r", config.reply_prefix(), mqrpc::wire::new_id());
+    let inner = json!({
+        "method": "endless",
+        "args": {},
+        "_unique_id": mqrpc::wire::new_id(),
+        "_msg_id": mqrpc::wire::new_id(),
+        "_reply_q": inbox,
+        "_timeout": null,
+    });
+    let body = json!({"oslo.version": "2.0", "oslo.message": inner.to_string()});
+    let raw = async_nats::connect(config.servers[0].as_str())
+        .await
+        .expect("a plain NATS connection");
+    raw.publish(
+        config.topic_subject(&config.exchange, &topic),
+        body.to_string().into(),
+    )
+    .await
+    .expect("publish");
+    raw.flush().await.expect("flush");
+
+    let stopped = tokio::time::timeout(
+        Duration::from_secs(10),
+        stream_dropped.wait_for(|dropped| *dropped),
+    )
+    .await;
+    let items = produced.load(Ordering::Relaxed);
+    assert!(
+        stopped.is_ok(),
+        "the stream still runs after {items} items to an inbox nobody listens on"
+    );
+    assert!(items > 0, "the stream never started");
+    // The server serves on.
+    let pong: String = Client::new(connect(CORE).await, Target::new(&topic))
+        .timeout(Duration::from_secs(10))
+        .call(&Context::new(), "ping", json!({}))
+        .await
+        .expect("call");
+    assert_eq!(pong, "pong");
+    server.shutdown().await.expect("shutdown");
+}
