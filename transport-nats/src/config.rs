@@ -267,7 +267,7 @@ impl NatsConfig {
     /// replies, which always use core NATS).
     ///
     /// A name whose escaped token is longer than [`MAX_JETSTREAM_NAME`] characters
-    /// goes in as a readable head and a hash of the whole name (see [`fit_name`]):
+    /// goes in as a readable head, `__` and 16 hex digits of the SHA-256 of the token:
     /// subjects stay far below nats-server's protocol line limit. Shorter names keep
     /// the token they always had, so casts stored by earlier versions are still found.
     pub fn jetstream_subject(&self, address: &rpc_core::Address) -> Option<String> {

@@ -11,6 +11,21 @@
 //!   `jetstream=true`, casts to a topic or server go through a JetStream work-queue
 //!   stream instead: kept while no server runs, delivered again until a server acks.
 //! - Reconnection is async-nats' own: it reconnects and re-subscribes by itself.
+//!   `connect_timeout` (URL option, seconds, default 10) bounds each attempt.
+//! - A server holds no more request bytes than its budget
+//!   ([`rpc_core::ListenOptions::budget`]): its core NATS subscriptions are drained
+//!   as messages arrive, and a request that does not fit is dropped at once and
+//!   counted ([`NatsTransport::dropped_requests`], one rate-limited warning), as
+//!   core NATS is at-most-once. JetStream casts are pulled only while the budget has
+//!   room, for at most that many bytes; the rest waits in the stream.
+//! - Replies are published with a NATS reply subject of the server's own: when the
+//!   caller's inbox has no listener any more, nats-server answers "no responders"
+//!   and the server's next reply to it fails, which stops a stream to a caller
+//!   that has gone.
+//! - Names: subjects are escaped tokens and at most [`MAX_SUBJECT_BYTES`]
+//!   long (a longer topic is refused with a clear error, as nats-server would close
+//!   the connection); JetStream stream and consumer names fit nats-server's 255
+//!   characters whatever the topic (a readable head and a hash when longer).
 //!
 //! ```no_run
 //! # async fn demo() -> rpc_core::Result<()> {
@@ -36,7 +51,9 @@ use rpc_core::{
     Capabilities, Consumer, Error, ListenOptions, Publisher, ReplyQueue, Result, Target, Transport,
 };
 
-pub use config::{Auth, NatsConfig};
+pub use config::{
+    Auth, DEFAULT_CONNECT_TIMEOUT, MAX_JETSTREAM_NAME, MAX_SUBJECT_BYTES, NatsConfig,
+};
 
 use consumer::{ReplyConsumer, ServerConsumer};
 use publisher::NatsPublisher;

@@ -192,7 +192,10 @@ impl NatsPublisher {
                 };
                 let mut routes = routes.lock().unwrap_or_else(|e| e.into_inner());
                 let Routes { by_inbox, by_token } = &mut *routes;
-                if let Some(route) = by_token.get(token).and_then(|inbox| by_inbox.get_mut(inbox)) {
+                if let Some(route) = by_token
+                    .get(token)
+                    .and_then(|inbox| by_inbox.get_mut(inbox))
+                {
                     route.gone_until = Some(Instant::now() + GONE_FOR);
                 }
             }
