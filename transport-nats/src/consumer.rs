@@ -127,8 +127,8 @@ impl DropReport {
             queue_full = self.queue_full,
             max_pending_bytes = self.limit,
             "core NATS requests dropped: the server's byte budget (max_pending_bytes) or \
-             queue (subscription_capacity) is full; core NATS is at-most-once, their \
-             callers time out"
+             queue (subscription_capacity) was full; core NATS is at-most-once, so the \
+             callers of dropped calls time out"
         );
         self.over_budget = 0;
         self.queue_full = 0;
