@@ -28,5 +28,3 @@ mod redis;
 
 #[cfg(feature = "nats")]
 mod nats;
-#[cfg(feature = "nats")]
-mod nats_hardening;

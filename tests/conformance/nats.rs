@@ -28,6 +28,10 @@ async fn backend_at(name: &'static str, url: String) -> Option<Backend> {
     }))
 }
 
+/// Issue #22 on NATS (in a file of its own, run with the rest by `-- nats::`).
+#[path = "nats_hardening.rs"]
+mod hardening;
+
 pub mod core {
     pub async fn backend() -> Option<crate::suite::Backend> {
         super::backend_at("nats", super::with_options("prefix=mqrpc-test")).await

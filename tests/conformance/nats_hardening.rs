@@ -1,7 +1,8 @@
-//! Issue #22 on NATS, core and JetStream: a server holds no more request bytes than
-//! its budget (core NATS drops and counts the rest, JetStream leaves it in the
-//! stream), long and non-ASCII topics are served, connecting is bounded by
-//! `connect_timeout`, and replies go only to client inboxes.
+//! Issue #22 on NATS, core and JetStream (`nats::hardening::`): a server holds no
+//! more request bytes than its budget (core NATS drops and counts the rest,
+//! JetStream leaves it in the stream), long and non-ASCII topics are served,
+//! connecting is bounded by `connect_timeout`, replies go only to client inboxes, and
+//! a stream to a caller that has gone stops.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -28,7 +29,7 @@ fn unique(what: &str) -> String {
 
 async fn connect(options: &str) -> Arc<NatsTransport> {
     Arc::new(
-        NatsTransport::connect(&super::nats::with_options(options))
+        NatsTransport::connect(&super::with_options(options))
             .await
             .expect("connect to NATS"),
     )
@@ -202,7 +203,7 @@ fn budget_of(spy: &BudgetSpy) -> ByteBudget {
 /// it keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn core_nats_drops_requests_beyond_the_budget_and_keeps_serving() {
-    let Some(_) = super::nats::core::backend().await else {
+    let Some(_) = super::core::backend().await else {
         return;
     };
     let topic = unique("budget_core");
@@ -261,7 +262,7 @@ async fn core_nats_drops_requests_beyond_the_budget_and_keeps_serving() {
 /// in the stream, and every cast is handled once the handlers finish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_leaves_casts_beyond_the_budget_in_the_stream() {
-    let Some(_) = super::nats::jetstream::backend().await else {
+    let Some(_) = super::jetstream::backend().await else {
         return;
     };
     let topic = unique("budget_js");
@@ -288,7 +289,7 @@ async fn jetstream_leaves_casts_beyond_the_budget_in_the_stream() {
         watch.peak()
     );
     // The rest waits in the stream.
-    let config = NatsConfig::parse(&super::nats::with_options(JETSTREAM)).expect("URL");
+    let config = NatsConfig::parse(&super::with_options(JETSTREAM)).expect("URL");
     let subject = config
         .jetstream_subject(&mqrpc::Address::Topic {
             exchange: config.exchange.clone(),
@@ -300,7 +301,7 @@ async fn jetstream_leaves_casts_beyond_the_budget_in_the_stream() {
             .await
             .expect("a plain NATS connection"),
     );
-    let mut stream = js
+    let stream = js
         .get_stream(config.jetstream_stream(&config.exchange))
         .await
         .expect("the exchange's stream");
@@ -313,7 +314,6 @@ async fn jetstream_leaves_casts_beyond_the_budget_in_the_stream() {
         waiting >= sent as usize - fit,
         "{waiting} casts wait in the stream"
     );
-    let _ = stream.info().await.expect("stream info");
 
     held.gate.add_permits(1_000);
     held.wait_started(sent as usize, Duration::from_secs(60))
@@ -394,7 +394,7 @@ fn topic_of_200() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn core_nats_serves_a_cyrillic_topic() {
-    let Some(_) = super::nats::core::backend().await else {
+    let Some(_) = super::core::backend().await else {
         return;
     };
     serve_everything_on(CORE, &cyrillic_topic()).await;
@@ -402,7 +402,7 @@ async fn core_nats_serves_a_cyrillic_topic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn core_nats_serves_a_topic_of_200_characters() {
-    let Some(_) = super::nats::core::backend().await else {
+    let Some(_) = super::core::backend().await else {
         return;
     };
     serve_everything_on(CORE, &topic_of_200()).await;
@@ -410,7 +410,7 @@ async fn core_nats_serves_a_topic_of_200_characters() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_serves_a_cyrillic_topic() {
-    let Some(_) = super::nats::jetstream::backend().await else {
+    let Some(_) = super::jetstream::backend().await else {
         return;
     };
     serve_everything_on(JETSTREAM, &cyrillic_topic()).await;
@@ -418,7 +418,7 @@ async fn jetstream_serves_a_cyrillic_topic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_serves_a_topic_of_200_characters() {
-    let Some(_) = super::nats::jetstream::backend().await else {
+    let Some(_) = super::jetstream::backend().await else {
         return;
     };
     serve_everything_on(JETSTREAM, &topic_of_200()).await;
@@ -428,7 +428,7 @@ async fn jetstream_serves_a_topic_of_200_characters() {
 /// clear error (nats-server would close the connection), and the connection serves on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_too_long_for_nats_is_a_clear_error() {
-    let Some(_) = super::nats::core::backend().await else {
+    let Some(_) = super::core::backend().await else {
         return;
     };
     let transport = connect(CORE).await;
@@ -494,10 +494,10 @@ async fn connect_timeout_bounds_connecting_to_a_silent_broker() {
 /// naming an inbox is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_go_only_to_inboxes() {
-    let Some(_) = super::nats::core::backend().await else {
+    let Some(_) = super::core::backend().await else {
         return;
     };
-    let url = super::nats::with_options(CORE);
+    let url = super::with_options(CORE);
     let config = NatsConfig::parse(&url).expect("URL");
     let topic = unique("confined");
     let victim = unique("victim");
@@ -599,10 +599,10 @@ impl Drop for DropFlag {
 /// deadline, so nothing else would stop it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_to_a_caller_that_has_gone_stops() {
-    let Some(_) = super::nats::core::backend().await else {
+    let Some(_) = super::core::backend().await else {
         return;
     };
-    let config = NatsConfig::parse(&super::nats::with_options(CORE)).expect("URL");
+    let config = NatsConfig::parse(&super::with_options(CORE)).expect("URL");
     let topic = unique("gone_caller");
     let produced = Arc::new(AtomicUsize::new(0));
     let (dropped, mut stream_dropped) = watch::channel(false);
