@@ -9,7 +9,7 @@ pub(crate) fn base_url() -> String {
     std::env::var("MQRPC_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
 }
 
-fn with_options(options: &str) -> String {
+pub(crate) fn with_options(options: &str) -> String {
     let base = base_url();
     let separator = if base.contains('?') { '&' } else { '?' };
     format!("{base}{separator}{options}")
@@ -28,6 +28,10 @@ async fn backend_at(name: &'static str, url: String) -> Option<Backend> {
         }
     }))
 }
+
+/// Issue #22 on NATS (in a file of its own, run with the rest by `-- nats::`).
+#[path = "nats_hardening.rs"]
+mod hardening;
 
 pub mod core {
     pub async fn backend() -> Option<crate::suite::Backend> {

@@ -54,6 +54,11 @@ pub struct NatsConfig {
     pub ack_wait: Duration,
     /// How long JetStream keeps casts nobody took.
     pub max_age: Duration,
+    /// How long one attempt to connect to a server may take (`connect_timeout`,
+    /// seconds, default 10): the TCP connect, TLS and the NATS handshake. It bounds
+    /// the first connect (at most this long per server listed) and every reconnect
+    /// attempt.
+    pub connect_timeout: Duration,
     /// Messages a subscription buffers before the client counts a slow consumer.
     pub subscription_capacity: usize,
     /// The largest message sent or accepted, in bytes (`max_message_size`); never
@@ -70,8 +75,8 @@ impl NatsConfig {
     ///
     /// Options: `prefix`, `exchange`, `token`, `creds` (path of a credentials file),
     /// `tls`, `jetstream` (casts through JetStream), `ack_wait` and `max_age`
-    /// (seconds, JetStream mode), `subscription_capacity`, `max_message_size`
-    /// (bytes).
+    /// (seconds, JetStream mode), `connect_timeout` (seconds, decimals allowed,
+    /// default 10), `subscription_capacity`, `max_message_size` (bytes).
     pub fn parse(url: &str) -> Result<Self> {
         let bad = |what: String| Error::InvalidUrl(format!("NATS URL: {what}"));
         let (scheme, rest) = url
@@ -96,6 +101,7 @@ impl NatsConfig {
             jetstream: false,
             ack_wait: Duration::from_secs(30),
             max_age: Duration::from_secs(24 * 3600),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             subscription_capacity: 65_536,
             max_message_size: None,
             tls_files: rpc_core::TlsFiles::default(),
@@ -145,6 +151,7 @@ impl NatsConfig {
                 "jetstream" => config.jetstream = flag()?,
                 "ack_wait" => config.ack_wait = seconds()?,
                 "max_age" => config.max_age = seconds()?,
+                "connect_timeout" => config.connect_timeout = seconds()?,
                 "subscription_capacity" => {
                     config.subscription_capacity =
                         value.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
@@ -167,7 +174,8 @@ impl NatsConfig {
                 other => {
                     return Err(bad(format!(
                         "unknown option {other:?} (known: prefix, exchange, token, creds, tls, \
-                         jetstream, ack_wait, max_age, subscription_capacity, max_message_size, \
+                         jetstream, ack_wait, max_age, connect_timeout, subscription_capacity, \
+                         max_message_size, \
                          {})",
                         rpc_core::TlsFiles::OPTION_NAMES
                     )));
@@ -257,6 +265,11 @@ impl NatsConfig {
 
     /// The JetStream subject of a cast to a topic or server (`None` for fanout and
     /// replies, which always use core NATS).
+    ///
+    /// A name whose escaped token is longer than [`MAX_JETSTREAM_NAME`] characters
+    /// goes in as a readable head, `__` and 16 hex digits of the SHA-256 of the token:
+    /// subjects stay far below nats-server's protocol line limit. Shorter names keep
+    /// the token they always had, so casts stored by earlier versions are still found.
     pub fn jetstream_subject(&self, address: &rpc_core::Address) -> Option<String> {
         match address {
             // JetStream refuses consumer filters with `%` (nats-server 2.9), so these
@@ -264,8 +277,8 @@ impl NatsConfig {
             rpc_core::Address::Topic { exchange, topic } => Some(format!(
                 "{}.{JETSTREAM_TOKEN}.{}.{}",
                 self.prefix,
-                name_safe(exchange),
-                name_safe(topic)
+                jetstream_token(exchange),
+                jetstream_token(topic)
             )),
             rpc_core::Address::Server {
                 exchange,
@@ -274,9 +287,9 @@ impl NatsConfig {
             } => Some(format!(
                 "{}.{JETSTREAM_TOKEN}.{}.{}.s.{}",
                 self.prefix,
-                name_safe(exchange),
-                name_safe(topic),
-                name_safe(server)
+                jetstream_token(exchange),
+                jetstream_token(topic),
+                jetstream_token(server)
             )),
             _ => None,
         }
@@ -284,8 +297,97 @@ impl NatsConfig {
 
     /// The JetStream stream holding casts of an exchange.
     pub fn jetstream_stream(&self, exchange: &str) -> String {
-        format!("{}_{}_casts", name_safe(&self.prefix), name_safe(exchange))
+        fit_name(format!(
+            "{}_{}_casts",
+            name_safe(&self.prefix),
+            name_safe(exchange)
+        ))
     }
+
+    /// The durable consumer that takes the casts of a JetStream subject (one of
+    /// [`NatsConfig::jetstream_subject`]): the subject escaped with `name_safe`, or,
+    /// when that is longer than [`MAX_JETSTREAM_NAME`], a readable head of the subject
+    /// and a hash of it. Stable across restarts and versions (a name that fits is the
+    /// one earlier versions used), and distinct for distinct subjects.
+    pub fn jetstream_durable(&self, subject: &str) -> String {
+        let name = name_safe(subject);
+        if name.len() <= MAX_JETSTREAM_NAME {
+            return name;
+        }
+        // Readable: the subject's own safe characters, its dots as `-`.
+        let head: String = subject
+            .chars()
+            .map(|c| match c {
+                'a'..='z' | 'A'..='Z' | '0'..='9' | '-' | '_' => c,
+                '.' => '-',
+                _ => '_',
+            })
+            .collect();
+        hashed(&head, subject)
+    }
+
+    /// Checks that a subject mqrpc is about to subscribe or publish to fits in a
+    /// NATS protocol line: nats-server closes the connection of a client whose line
+    /// is longer than its `max_control_line` (4096 bytes by default), which would
+    /// cut every call sharing the connection.
+    pub fn check_subject(subject: &str, target: &dyn fmt::Display) -> Result<()> {
+        if subject.len() > MAX_SUBJECT_BYTES {
+            return Err(Error::InvalidTarget(format!(
+                "{target}: its NATS subject would be {} bytes, above the {MAX_SUBJECT_BYTES} \
+                 bytes mqrpc allows (nats-server refuses protocol lines over 4096 bytes); \
+                 use a shorter topic, server or exchange name",
+                subject.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The longest subject mqrpc subscribes or publishes to, in bytes: nats-server's
+/// default `max_control_line` (4096) less room for the reply subject, the queue
+/// group and the size on the same protocol line.
+pub const MAX_SUBJECT_BYTES: usize = 3072;
+
+/// The longest name nats-server accepts for a JetStream stream or consumer.
+pub const MAX_JETSTREAM_NAME: usize = 255;
+
+/// How long one attempt to connect may take unless the URL says otherwise.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A name's JetStream subject token: `name_safe`, fitted by [`fit_name`].
+fn jetstream_token(name: &str) -> String {
+    fit_name(name_safe(name))
+}
+
+/// `name` when it has at most [`MAX_JETSTREAM_NAME`] characters; otherwise its head
+/// and `__` and 16 hex digits of the SHA-256 of the whole of it, [`MAX_JETSTREAM_NAME`]
+/// characters in all. `name` is made of `name_safe` output, which never holds `__`
+/// (every `_` it writes is followed by two hex digits) nor ends in 16 lowercase hex
+/// digits after `__`: a fitted name never equals a name that fits as it is.
+pub(crate) fn fit_name(name: String) -> String {
+    if name.len() <= MAX_JETSTREAM_NAME {
+        return name;
+    }
+    hashed(&name, &name)
+}
+
+/// A readable `head` of ASCII name characters, cut so that the whole is at most
+/// [`MAX_JETSTREAM_NAME`] long, then `__` and 16 hex digits of the SHA-256 of `full`.
+fn hashed(head: &str, full: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(full.as_bytes());
+    let hash: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let room = MAX_JETSTREAM_NAME - 2 - hash.len();
+    let mut head = &head[..head.len().min(room)];
+    // Not in the middle of a `_XX` escape: cut at its `_` instead.
+    if let Some(at) = head
+        .len()
+        .checked_sub(2)
+        .and_then(|from| head[from..].rfind('_'))
+    {
+        head = &head[..head.len() - 2 + at];
+    }
+    format!("{head}__{hash}")
 }
 
 fn decode(text: &str) -> Result<String> {
@@ -368,6 +470,95 @@ mod tests {
         let c = NatsConfig::parse("nats://[::1]:4223,[::1]?max_message_size=4096").expect("parse");
         assert_eq!(c.servers, ["nats://[::1]:4223", "nats://[::1]:4222"]);
         assert_eq!(c.max_message_size, Some(4096));
+    }
+
+    #[test]
+    fn connect_timeout_is_seconds_with_a_default_of_ten() {
+        let c = NatsConfig::parse("nats://h").expect("parse");
+        assert_eq!(c.connect_timeout, Duration::from_secs(10));
+        let c = NatsConfig::parse("nats://h?connect_timeout=2.5").expect("parse");
+        assert_eq!(c.connect_timeout, Duration::from_millis(2500));
+        for bad in ["0", "-1", "x", ""] {
+            let url = format!("nats://h?connect_timeout={bad}");
+            let err = NatsConfig::parse(&url).expect_err(&url);
+            assert!(err.to_string().contains("connect_timeout"), "{err}");
+        }
+    }
+
+    /// Defect 8 of issue #22: a 35-character Cyrillic topic escaped twice made a
+    /// consumer name of over 255 characters, which JetStream refuses.
+    #[test]
+    fn jetstream_names_always_fit_and_stay_distinct() {
+        let c = NatsConfig::parse("nats://h?prefix=mqrpc-test-js").expect("parse");
+        let cyrillic = "обработка_заказов_высокий_приоритет";
+        assert_eq!(cyrillic.chars().count(), 35);
+        let long = "t".repeat(200);
+        let mut durables = std::collections::HashSet::new();
+        for topic in [cyrillic, &long, "calc", "calc2", &"я".repeat(400)] {
+            for server in [None, Some("host-1"), Some(&*"s".repeat(300))] {
+                let address = match server {
+                    None => rpc_core::Address::Topic {
+                        exchange: "openstack".into(),
+                        topic: topic.to_owned(),
+                    },
+                    Some(server) => rpc_core::Address::Server {
+                        exchange: "openstack".into(),
+                        topic: topic.to_owned(),
+                        server: server.to_owned(),
+                    },
+                };
+                let subject = c.jetstream_subject(&address).expect("a subject");
+                NatsConfig::check_subject(&subject, &address).expect("a subject that fits");
+                assert!(!subject.contains('%'), "{subject}");
+                let durable = c.jetstream_durable(&subject);
+                assert!(durable.len() <= MAX_JETSTREAM_NAME, "{durable}");
+                assert!(
+                    durable
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
+                    "{durable}"
+                );
+                // The same name every time (a restart finds its consumer).
+                assert_eq!(durable, c.jetstream_durable(&subject));
+                assert!(durables.insert(durable), "two addresses share a durable");
+            }
+        }
+        // Names that fitted before keep the name they had.
+        assert_eq!(
+            c.jetstream_durable("mqrpc-test-js.js.openstack.calc"),
+            "mqrpc-test-js_2Ejs_2Eopenstack_2Ecalc"
+        );
+        let hashed = c.jetstream_durable(
+            &c.jetstream_subject(&rpc_core::Address::Topic {
+                exchange: "openstack".into(),
+                topic: cyrillic.to_owned(),
+            })
+            .expect("a subject"),
+        );
+        assert!(
+            hashed.starts_with("mqrpc-test-js-js-openstack-"),
+            "{hashed}"
+        );
+        assert!(hashed.contains("__"), "{hashed}");
+        // A long exchange: the stream name fits too.
+        let stream = c.jetstream_stream(&"e".repeat(300));
+        assert!(stream.len() <= MAX_JETSTREAM_NAME, "{stream}");
+        assert_ne!(stream, c.jetstream_stream(&"e".repeat(301)));
+        assert_eq!(
+            c.jetstream_stream("openstack"),
+            "mqrpc-test-js_openstack_casts"
+        );
+    }
+
+    #[test]
+    fn subjects_too_long_for_a_protocol_line_are_refused() {
+        let c = NatsConfig::parse("nats://h").expect("parse");
+        let fits = c.topic_subject("openstack", &"a".repeat(3000));
+        NatsConfig::check_subject(&fits, &"t").expect("3000 bytes fit");
+        let long = c.topic_subject("openstack", &"a".repeat(4000));
+        let err = NatsConfig::check_subject(&long, &"openstack/aaa").expect_err("too long");
+        assert!(matches!(err, Error::InvalidTarget(_)), "{err:?}");
+        assert!(err.to_string().contains("3072"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,21 @@
 //!   `jetstream=true`, casts to a topic or server go through a JetStream work-queue
 //!   stream instead: kept while no server runs, delivered again until a server acks.
 //! - Reconnection is async-nats' own: it reconnects and re-subscribes by itself.
+//!   `connect_timeout` (URL option, seconds, default 10) bounds each attempt.
+//! - A server holds no more request bytes than its budget
+//!   ([`rpc_core::ListenOptions::budget`]): its core NATS subscriptions are drained
+//!   as messages arrive, and a request that does not fit is dropped at once and
+//!   counted ([`NatsTransport::dropped_requests`], one rate-limited warning), as
+//!   core NATS is at-most-once. JetStream casts are pulled only while the budget has
+//!   room, for at most that many bytes; the rest waits in the stream.
+//! - Replies are published with a NATS reply subject of the server's own: when the
+//!   caller's inbox has no listener any more, nats-server answers "no responders"
+//!   and the server's next reply to it fails, which stops a stream to a caller
+//!   that has gone.
+//! - Names: subjects are escaped tokens and at most [`MAX_SUBJECT_BYTES`]
+//!   long (a longer topic is refused with a clear error, as nats-server would close
+//!   the connection); JetStream stream and consumer names fit nats-server's 255
+//!   characters whatever the topic (a readable head and a hash when longer).
 //!
 //! ```no_run
 //! # async fn demo() -> rpc_core::Result<()> {
@@ -36,7 +51,9 @@ use rpc_core::{
     Capabilities, Consumer, Error, ListenOptions, Publisher, ReplyQueue, Result, Target, Transport,
 };
 
-pub use config::{Auth, NatsConfig};
+pub use config::{
+    Auth, DEFAULT_CONNECT_TIMEOUT, MAX_JETSTREAM_NAME, MAX_SUBJECT_BYTES, NatsConfig,
+};
 
 use consumer::{ReplyConsumer, ServerConsumer};
 use publisher::NatsPublisher;
@@ -53,6 +70,9 @@ pub(crate) struct Shared {
     pub(crate) jetstream: Option<jetstream::Context>,
     /// Slow-consumer events the client reported (messages it dropped).
     pub(crate) slow_consumers: Arc<AtomicU64>,
+    /// Core NATS requests this transport's servers dropped because they did not fit
+    /// in the server's byte budget or queue.
+    pub(crate) dropped: AtomicU64,
     publisher: Arc<NatsPublisher>,
 }
 
@@ -104,7 +124,7 @@ impl NatsTransport {
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("mqrpc:{}", std::process::id()))
             .subscription_capacity(config.subscription_capacity)
-            .connection_timeout(Duration::from_secs(5))
+            .connection_timeout(config.connect_timeout)
             // Every subject this transport publishes to is made of escaped tokens under
             // a checked prefix, and a reply inbox taken from a request is checked in
             // the publisher (`valid_inbox`); async-nats's own scan of each subject
@@ -160,10 +180,30 @@ impl NatsTransport {
             .map(|s| s.parse())
             .collect::<std::result::Result<_, _>>()
             .map_err(|_| Error::InvalidUrl("NATS URL: a server address is malformed".to_owned()))?;
-        let client = options
-            .connect(servers)
-            .await
-            .map_err(|e| nats_error("cannot connect to NATS", e))?;
+        // Each attempt is bounded by async-nats (`connection_timeout`), reconnects
+        // included; the whole first connect, name resolution too, by this timeout.
+        let attempts = u32::try_from(servers.len().max(1)).unwrap_or(u32::MAX);
+        let bound = config.connect_timeout.saturating_mul(attempts);
+        let where_to = config.servers.join(",");
+        let timed_out = || {
+            Error::transport_msg(format!(
+                "connecting to NATS at {where_to} timed out after {:?} (connect_timeout)",
+                config.connect_timeout
+            ))
+        };
+        let client = match tokio::time::timeout(bound, options.connect(servers)).await {
+            Ok(Ok(client)) => client,
+            Ok(Err(err)) if err.kind() == async_nats::ConnectErrorKind::TimedOut => {
+                return Err(timed_out());
+            }
+            Ok(Err(err)) => {
+                return Err(nats_error(
+                    &format!("cannot connect to NATS at {where_to}"),
+                    err,
+                ));
+            }
+            Err(_) => return Err(timed_out()),
+        };
         let jetstream = config.jetstream.then(|| jetstream::new(client.clone()));
         let publisher = Arc::new(NatsPublisher::new(
             client.clone(),
@@ -175,6 +215,7 @@ impl NatsTransport {
             client,
             jetstream,
             slow_consumers,
+            dropped: AtomicU64::new(0),
             publisher,
         });
         if let Some(js) = &shared.jetstream {
@@ -187,6 +228,15 @@ impl NatsTransport {
     /// The parsed configuration.
     pub fn config(&self) -> &NatsConfig {
         &self.shared.config
+    }
+
+    /// Requests the servers of this transport dropped on core NATS, since it
+    /// connected, because they did not fit in the server's byte budget
+    /// (`ServerBuilder::max_pending_bytes`) or its queue (`subscription_capacity`
+    /// messages). Core NATS is at-most-once: such a request is lost, its caller
+    /// times out. Each drop is also counted in a rate-limited warning.
+    pub fn dropped_requests(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
     }
 
     /// The largest message the connected server accepts (its `max_payload`).
@@ -239,7 +289,7 @@ impl Transport for NatsTransport {
 
     async fn listen(&self, target: &Target, options: &ListenOptions) -> Result<Box<dyn Consumer>> {
         target.validate_for_listen()?;
-        let consumer = ServerConsumer::start(self.shared.clone(), target, options.prefetch).await?;
+        let consumer = ServerConsumer::start(self.shared.clone(), target, options).await?;
         Ok(Box::new(consumer))
     }
 

@@ -5,9 +5,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use async_trait::async_trait;
+use futures::StreamExt;
 use rpc_core::{Address, Error, Outgoing, Publisher, Result};
 
 use crate::batch::Requests;
@@ -29,16 +31,61 @@ pub(crate) struct NatsPublisher {
     /// The subject of the last address published to: a client mostly sends to one
     /// target, and working a subject out formats several strings.
     last_subject: Mutex<Option<(Address, async_nats::Subject)>>,
-    /// The subjects of the inboxes replied to lately, checked once: a server answers
-    /// the same clients again and again, and async-nats copies a subject given as a
-    /// string twice per publish, where a kept `Subject` is shared.
-    reply_subjects: Mutex<HashMap<String, async_nats::Subject, foldhash::fast::RandomState>>,
+    /// The inboxes replied to lately, checked once: a server answers the same
+    /// clients again and again, and async-nats copies a subject given as a string
+    /// twice per publish, where a kept `Subject` is shared.
+    routes: Arc<Mutex<Routes>>,
+    /// Where "no responders" answers to replies arrive (see `Routes`), subscribed on
+    /// the first reply; `None` inside when that failed.
+    gone_watch: tokio::sync::OnceCell<Option<GoneWatch>>,
     /// Call requests waiting to be handed to async-nats together (see `batch.rs`).
     requests: Arc<Requests>,
 }
 
 /// How many reply subjects a publisher keeps before it starts afresh.
 const REPLY_SUBJECTS: usize = 1024;
+
+/// How long a "no responders" answer to a reply makes the next reply to the same
+/// inbox fail. Short: a client cut off for a moment comes back with the same inbox.
+const GONE_FOR: Duration = Duration::from_secs(1);
+
+/// Where replies go, and what nats-server said about them.
+///
+/// Each reply is published with a NATS reply subject of its own under the
+/// publisher's watch inbox (`<watch>.<token>`, one random token per client inbox).
+/// When no one listens on the client's inbox any more (its process is gone),
+/// nats-server answers that subject "no responders" at once, and the next reply to
+/// the inbox fails with `Error::Undeliverable`: a server streaming to a caller that
+/// has gone stops the stream, as AMQP's unroutable replies stop it. The token is
+/// random, so a caller cannot forge the answer for another client's inbox.
+#[derive(Default)]
+struct Routes {
+    by_inbox: HashMap<String, Route, foldhash::fast::RandomState>,
+    /// The inbox of each token.
+    by_token: HashMap<String, String, foldhash::fast::RandomState>,
+}
+
+struct Route {
+    subject: async_nats::Subject,
+    /// The NATS reply subject replies to this inbox carry (`None` without a watch).
+    watch: Option<async_nats::Subject>,
+    /// Set by a "no responders" answer: the next reply until then fails.
+    gone_until: Option<Instant>,
+}
+
+/// The subscription that hears "no responders" answers to replies.
+struct GoneWatch {
+    /// `<reply prefix><id>.`: a token appended makes a route's watch subject.
+    base: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for GoneWatch {
+    fn drop(&mut self) {
+        // The subscription would keep the connection open.
+        self.task.abort();
+    }
+}
 
 impl NatsPublisher {
     pub(crate) fn new(
@@ -54,7 +101,8 @@ impl NatsPublisher {
             jetstream,
             streams: Mutex::new(HashSet::new()),
             last_subject: Mutex::new(None),
-            reply_subjects: Mutex::new(HashMap::default()),
+            routes: Arc::default(),
+            gone_watch: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -93,6 +141,7 @@ impl NatsPublisher {
         address: &Address,
         body: bytes::Bytes,
     ) -> Result<()> {
+        NatsConfig::check_subject(&js_subject, address)?;
         self.ensure_stream(js, address).await?;
         let ack = js
             .publish(js_subject, body)
@@ -121,40 +170,102 @@ impl NatsPublisher {
         crate::round_trip(&self.client, &self.config).await
     }
 
-    /// The subject of a reply inbox a request named, or `None` when it is not one
-    /// of this transport's inboxes or cannot go into a `PUB` line.
-    fn reply_subject(&self, inbox: &str) -> Option<async_nats::Subject> {
-        let mut known = self
-            .reply_subjects
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(subject) = known.get(inbox) {
-            return Some(subject.clone());
-        }
-        if !inbox.starts_with(&self.reply_prefix) || !valid_inbox(inbox) {
-            return None;
-        }
-        if known.len() >= REPLY_SUBJECTS {
-            known.clear();
-        }
-        let subject = async_nats::Subject::from(inbox);
-        known.insert(inbox.to_owned(), subject.clone());
-        Some(subject)
+    /// Subscribes to the "no responders" answers to replies (see `Routes`).
+    async fn start_gone_watch(&self) -> Option<GoneWatch> {
+        let base = format!("{}{}.", self.reply_prefix, rpc_core::wire::new_id());
+        let mut subscriber = match self.client.subscribe(format!("{base}>")).await {
+            Ok(subscriber) => subscriber,
+            Err(err) => {
+                tracing::debug!(error = %err, "no watch for replies nobody hears");
+                return None;
+            }
+        };
+        let routes = self.routes.clone();
+        let prefix = base.clone();
+        let task = tokio::spawn(async move {
+            while let Some(message) = subscriber.next().await {
+                if message.status != Some(async_nats::StatusCode::NO_RESPONDERS) {
+                    continue;
+                }
+                let Some(token) = message.subject.as_str().strip_prefix(&prefix) else {
+                    continue;
+                };
+                let mut routes = routes.lock().unwrap_or_else(|e| e.into_inner());
+                let Routes { by_inbox, by_token } = &mut *routes;
+                if let Some(route) = by_token
+                    .get(token)
+                    .and_then(|inbox| by_inbox.get_mut(inbox))
+                {
+                    route.gone_until = Some(Instant::now() + GONE_FOR);
+                }
+            }
+        });
+        Some(GoneWatch { base, task })
     }
 
-    fn subject(&self, address: &Address) -> Option<async_nats::Subject> {
+    /// Where a reply to `inbox` goes: its subject and NATS reply subject, or an error
+    /// when `inbox` is not one of this transport's inboxes, cannot go into a `PUB`
+    /// line, or was just found to have no listener.
+    async fn reply_route(
+        &self,
+        address: &Address,
+        inbox: &str,
+    ) -> Result<(async_nats::Subject, Option<async_nats::Subject>)> {
+        let undeliverable = || Error::Undeliverable {
+            address: address.to_string(),
+        };
+        {
+            let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(route) = routes.by_inbox.get_mut(inbox) {
+                if let Some(until) = route.gone_until.take()
+                    && Instant::now() < until
+                {
+                    return Err(undeliverable());
+                }
+                return Ok((route.subject.clone(), route.watch.clone()));
+            }
+        }
+        if !inbox.starts_with(&self.reply_prefix) || !valid_inbox(inbox) {
+            return Err(undeliverable());
+        }
+        let watch = self
+            .gone_watch
+            .get_or_init(|| self.start_gone_watch())
+            .await
+            .as_ref()
+            .map(|watch| watch.base.clone());
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        if routes.by_inbox.len() >= REPLY_SUBJECTS {
+            routes.by_inbox.clear();
+            routes.by_token.clear();
+        }
+        let token = rpc_core::wire::new_id();
+        let route = Route {
+            subject: async_nats::Subject::from(inbox),
+            watch: watch.map(|base| async_nats::Subject::from(format!("{base}{token}"))),
+            gone_until: None,
+        };
+        let found = (route.subject.clone(), route.watch.clone());
+        routes.by_token.insert(token, inbox.to_owned());
+        routes.by_inbox.insert(inbox.to_owned(), route);
+        Ok(found)
+    }
+
+    /// The subject of a topic, server or fanout address (`None` for a reply), or an
+    /// error when it is too long for NATS.
+    fn subject(&self, address: &Address) -> Result<Option<async_nats::Subject>> {
         // Replies (a server's every publish) have no subject: no lock for them.
         if matches!(address, Address::Reply(_)) {
-            return None;
+            return Ok(None);
         }
         let c = &self.config;
         let mut last = self.last_subject.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((known, subject)) = last.as_ref()
             && known == address
         {
-            return Some(subject.clone());
+            return Ok(Some(subject.clone()));
         }
-        let subject = async_nats::Subject::from(match address {
+        let subject = match address {
             Address::Topic { exchange, topic } => c.topic_subject(exchange, topic),
             Address::Server {
                 exchange,
@@ -162,10 +273,12 @@ impl NatsPublisher {
                 server,
             } => c.server_subject(exchange, topic, server),
             Address::Fanout { exchange, topic } => c.fanout_subject(exchange, topic),
-            Address::Reply(_) => return None,
-        });
+            Address::Reply(_) => return Ok(None),
+        };
+        NatsConfig::check_subject(&subject, address)?;
+        let subject = async_nats::Subject::from(subject);
         *last = Some((address.clone(), subject.clone()));
-        Some(subject)
+        Ok(Some(subject))
     }
 }
 
@@ -195,21 +308,21 @@ impl Publisher for NatsPublisher {
         let limit = crate::message_limit(&self.client, &self.config);
         let size = message.body.len();
         Error::check_size(size, limit)?;
-        let Some(subject) = self.subject(address) else {
+        let Some(subject) = self.subject(address)? else {
             // A reply. Requests may name any reply address; only inboxes are written.
             let Address::Reply(inbox) = address else {
                 return Ok(());
             };
-            let Some(inbox) = self.reply_subject(inbox) else {
-                return Err(Error::Undeliverable {
-                    address: address.to_string(),
-                });
+            let (inbox, watch) = self.reply_route(address, inbox).await?;
+            let published = match watch {
+                Some(watch) => {
+                    (self.client)
+                        .publish_with_reply(inbox, watch, message.body)
+                        .await
+                }
+                None => self.client.publish(inbox, message.body).await,
             };
-            return self
-                .client
-                .publish(inbox, message.body)
-                .await
-                .map_err(|e| publish_error(address, e, size, limit));
+            return published.map_err(|e| publish_error(address, e, size, limit));
         };
         if let Some(call) = &message.call {
             // The NATS reply subject exists only for "no responders"; servers answer
