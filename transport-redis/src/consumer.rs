@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::pace::Pace;
+use crate::pace::{Pace, RELAX_AFTER};
 use crate::publisher::{BODY_FIELD, EXPIRES_FIELD, backoff, is_connection_error, now_millis};
 use crate::{Shared, connection_manager, redis_error};
 
@@ -581,6 +581,12 @@ impl Reader {
                 tokio::select! {
                     _ = self.stop.cancelled() => return,
                     () = self.budget.until_available(wanted) => {}
+                    () = tokio::time::sleep(RELAX_AFTER) => {
+                        pace.relax();
+                        if let Some(shared) = &self.largest {
+                            shared.store(pace.largest(), Ordering::Relaxed);
+                        }
+                    }
                 }
                 continue;
             }
@@ -660,8 +666,10 @@ impl Reader {
     /// Asks Redis for this reader's connection id, and checks that this user may
     /// unblock it (`CLIENT UNBLOCK` of a connection that is not blocked answers 0).
     async fn identify(&mut self) -> ClientId {
-        let id: redis::RedisResult<i64> =
-            redis::cmd("CLIENT").arg("ID").query_async(&mut self.conn).await;
+        let id: redis::RedisResult<i64> = redis::cmd("CLIENT")
+            .arg("ID")
+            .query_async(&mut self.conn)
+            .await;
         let id = match id {
             Ok(id) => id,
             Err(err) if is_connection_error(&err) => return ClientId::Unknown,
@@ -1192,9 +1200,12 @@ impl ReplyConsumer {
         let mut conn = shared.commands.clone();
         create_reply_stream(&mut conn, &key, shared.config.reply_ttl).await?;
         let block = shared.config.block.min(shared.config.reply_ttl / 3);
-        let reader =
-            connection_manager(&shared.client, &shared.config, block + Duration::from_secs(5))
-                .await?;
+        let reader = connection_manager(
+            &shared.client,
+            &shared.config,
+            block + Duration::from_secs(5),
+        )
+        .await?;
         let (tx, rx) = mpsc::channel(1024);
         let stop = CancellationToken::new();
         let task = tokio::spawn(read_replies(
@@ -1467,9 +1478,12 @@ impl MonitorConsumer {
             );
         }
         let block = config.block;
-        let reader =
-            connection_manager(&shared.client, &shared.config, block + Duration::from_secs(5))
-                .await?;
+        let reader = connection_manager(
+            &shared.client,
+            &shared.config,
+            block + Duration::from_secs(5),
+        )
+        .await?;
         let (tx, rx) = mpsc::channel(1024);
         let stop = CancellationToken::new();
         // Says the keep-groups are wanted: servers remove those of a watcher whose

@@ -7,6 +7,19 @@
 //! budget has room for one such entry, and takes as many as fit in what is free. It
 //! starts at one entry (after an idle spell too) and doubles while reads come back
 //! full, up to the buffer's room; one big entry brings it back at once.
+//!
+//! What a server holds thus stays within its budget while entries keep about the
+//! same size, and exceeds it by at most the one entry a read took when entries grow.
+//! A reader that has waited [`RELAX_AFTER`] for room lowers what it waits for (the
+//! entries that come next may be small), so that a big request held by a long
+//! handler does not keep small ones waiting in Redis all that time; that too exceeds
+//! the budget by one entry at most.
+
+use std::time::Duration;
+
+/// How long a reader waits for room for an entry as large as the largest one lately
+/// before it halves that size.
+pub(crate) const RELAX_AFTER: Duration = Duration::from_secs(1);
 
 /// The pace of one reader.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +80,11 @@ impl Pace {
     pub(crate) fn idle(&mut self) {
         self.count = 1;
     }
+
+    /// The reader has waited [`RELAX_AFTER`] for room: it waits for half as much.
+    pub(crate) fn relax(&mut self) {
+        self.largest /= 2;
+    }
 }
 
 #[cfg(test)]
@@ -119,6 +137,25 @@ mod tests {
         pace.read(4, 4, 10 * 1000 * 1000);
         assert_eq!(pace.count(64, limit), 6);
         assert_eq!(pace.count(64, 25 * 1000 * 1000), 2);
+    }
+
+    #[test]
+    fn waiting_long_lowers_what_is_waited_for() {
+        let mut pace = Pace::new(64);
+        pace.read(1, 1, 60 * MIB);
+        // A long handler holds 60 MiB of a 64 MiB budget: 4 MiB are free.
+        let free = 4 * MIB;
+        let mut waited = 0;
+        while pace.wanted(64 * MIB) > free {
+            pace.relax();
+            waited += 1;
+        }
+        assert_eq!(waited, 4);
+        assert_eq!(pace.count(64, free), 1);
+        // A small entry comes: the pace picks up from there.
+        pace.read(1, 1, 1000);
+        assert!(pace.wanted(64 * MIB) < free);
+        assert!(pace.count(64, free) > 1);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use mqrpc::{
-    Address, AckMode, ByteBudget, Client, Context, Delivery, Endpoint, ListenOptions, Outgoing,
+    AckMode, Address, ByteBudget, Client, Context, Delivery, Endpoint, ListenOptions, Outgoing,
     RemoteError, Server, Target, Transport,
 };
 use serde_json::json;
@@ -150,7 +150,11 @@ async fn consumer_within_budget(settle_on_receipt: bool) {
             "{} bytes held with a budget of {limit}",
             budget.held()
         );
-        assert!(seen.insert(number(&next)), "entry {} came twice", number(&next));
+        assert!(
+            seen.insert(number(&next)),
+            "entry {} came twice",
+            number(&next)
+        );
         handlers.push(finish(next));
     }
     for handler in handlers {
@@ -268,7 +272,10 @@ async fn redis_connect_gives_up_after_connect_timeout() {
     .expect_err("nothing answers");
     let waited = started.elapsed();
     // A bound for correctness, not a speed measurement: 1 s and a wide margin.
-    assert!(waited < Duration::from_secs(4), "connecting took {waited:?}");
+    assert!(
+        waited < Duration::from_secs(4),
+        "connecting took {waited:?}"
+    );
     let text = err.to_string();
     assert!(
         text.contains("timed out") && text.contains(&format!("127.0.0.1:{port}")),
@@ -287,8 +294,7 @@ struct CountingForwarder {
 
 impl CountingForwarder {
     async fn start() -> Self {
-        let upstream =
-            crate::faults::upstream(&crate::faults::host_port(&base_url(), 6379)).await;
+        let upstream = crate::faults::upstream(&crate::faults::host_port(&base_url(), 6379)).await;
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("address").port();
         let open = Arc::new(AtomicUsize::new(0));
@@ -369,7 +375,9 @@ async fn redis_idle_servers_shut_down_at_once() {
         .wait_for_open(1, "after the shutdowns (the transport's own)")
         .await;
     drop(transport);
-    forwarder.wait_for_open(0, "once the transport is gone").await;
+    forwarder
+        .wait_for_open(0, "once the transport is gone")
+        .await;
     let left = keys_under(&prefix);
     assert!(
         left.iter()
@@ -451,7 +459,11 @@ async fn redis_a_reply_goes_only_to_a_reply_stream() {
         assert_eq!(sum, 5);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(redis_cli(&["XLEN", &victim]), "1", "a reply reached {victim}");
+    assert_eq!(
+        redis_cli(&["XLEN", &victim]),
+        "1",
+        "a reply reached {victim}"
+    );
     for key in [&own_topic, &own_server] {
         // Handled entries are deleted: nothing is left, and no reply came in.
         let entries = redis_cli(&["XRANGE", key, "-", "+"]);
