@@ -581,6 +581,49 @@ mod reliability {
         server.shutdown().await.expect("shutdown");
     }
 
+    /// A Redis whose ACL refuses `CLIENT` (or only `CLIENT UNBLOCK`), so a stopping
+    /// server cannot wake its blocked read: servers still serve, read with short
+    /// blocks instead, and stop within about one of them (0.5 s).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_servers_serve_and_stop_when_client_unblock_is_refused() {
+        use mqrpc::{Client, Target};
+        for refused in ["-client", "-client|unblock"] {
+            let acl = [
+                "--user", "default", "on", "nopass", "~*", "&*", "+@all", refused,
+            ];
+            let Some(broker) = OwnBroker::start("redis-server", |port| own_redis(port, &acl)).await
+            else {
+                return;
+            };
+            let transport = connect(broker.port, "mqrpc-noclient").await;
+            let server = super::service_server(
+                transport,
+                "noclient",
+                "s1",
+                &crate::service::Recorder::new(),
+            )
+            .await;
+            let client = Client::new(
+                connect(broker.port, "mqrpc-noclient").await,
+                Target::new("noclient"),
+            )
+            .timeout(std::time::Duration::from_secs(10));
+            super::echo_in_hundreds(&client, 200).await;
+            client.close().await;
+            // Idle now: the readers block, for 0.5 s at most.
+            tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+            let started = std::time::Instant::now();
+            server.shutdown().await.expect("shutdown");
+            let took = started.elapsed();
+            // A bound for correctness (a blocked read of 2 s, block_ms, would exceed
+            // it), generous for a busy machine.
+            assert!(
+                took < std::time::Duration::from_millis(1500),
+                "with {refused}, an idle server took {took:?} to stop"
+            );
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn redis_server_restart_is_survived() {
         let Some(mut broker) = OwnBroker::start("redis-server", |port| own_redis(port, &[])).await

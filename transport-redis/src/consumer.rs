@@ -1,9 +1,11 @@
 //! Consumers. A server reads its topic and server streams through the shared group
 //! `servers`, and the fanout stream through a group of its own, each with a blocking
-//! `XREADGROUP` on a connection of its own; a housekeeping task takes over entries
-//! that dead consumers left pending (`XAUTOCLAIM`), keeps the streams' TTLs fresh and
-//! prunes groups and consumers of servers that died. A client reads its reply stream
-//! with a blocking `XREAD`.
+//! `XREADGROUP` on a connection of its own, taking only as many entries as its byte
+//! budget has room for (see `pace.rs`); a stop wakes a blocked read with
+//! `CLIENT UNBLOCK`. A housekeeping task takes over entries that dead consumers left
+//! pending (`XAUTOCLAIM`), deletes entries every group has settled, keeps the
+//! streams' TTLs fresh and prunes groups and consumers of servers and watchers that
+//! died. A client reads its reply stream with a blocking `XREAD`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};

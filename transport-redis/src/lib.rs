@@ -7,9 +7,13 @@
 //!   TTL the client refreshes; servers write replies with `NOMKSTREAM`, so a reply to
 //!   a client that is gone fails as undeliverable instead of creating a key.
 //! - Blocking reads run on connections of their own; publishing shares one
-//!   multiplexed, auto-reconnecting connection (pipelined).
+//!   multiplexed, auto-reconnecting connection (pipelined). Connecting, and each
+//!   attempt to reconnect, gives up after `connect_timeout` (10 s).
+//! - A server reads no more entries than its byte budget
+//!   ([`rpc_core::ListenOptions::budget`]) has room for; the rest wait in Redis.
 //! - Entries left pending by a dead consumer longer than `claim_idle_ms` are taken
-//!   over with `XAUTOCLAIM`; streams are capped with an approximate `MAXLEN`.
+//!   over with `XAUTOCLAIM`; entries every group has settled are deleted by the
+//!   servers' housekeeping; streams are capped with an approximate `MAXLEN`.
 //!
 //! ```no_run
 //! # async fn demo() -> rpc_core::Result<()> {
