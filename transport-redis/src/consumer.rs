@@ -592,7 +592,8 @@ impl Reader {
                 }
                 continue;
             }
-            let count = pace.count(room, self.budget.available());
+            // COUNT is per stream: the shared group's read may bring it from both.
+            let count = pace.count(room, self.budget.available() / self.streams.len().max(1));
             if self.client_id == ClientId::Unknown {
                 self.client_id = self.identify().await;
             }
