@@ -166,6 +166,65 @@ async fn consumer_within_budget(settle_on_receipt: bool) {
     }
 }
 
+/// An entry bigger than the whole budget is still taken, alone: while one is held
+/// nothing else is read, and the next comes once it is handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_an_entry_bigger_than_the_budget_is_taken_alone() {
+    let Some(_) = backend().await else { return };
+    let prefix = unique("oversize");
+    let url = format!("{}&claim_idle_ms=60000", url_with_prefix(&prefix));
+    let transport = mqrpc::connect(&url).await.expect("redis");
+    let budget = ByteBudget::new(MIB);
+    let options = ListenOptions::new(64)
+        .settle_on_receipt(true)
+        .budget(budget.clone());
+    let mut consumer = transport
+        .listen(&Target::new("oversize").server("s1"), &options)
+        .await
+        .expect("listen");
+    let publisher = transport.publisher().await.expect("publisher");
+    let address = Address::Topic {
+        exchange: transport.default_exchange().to_owned(),
+        topic: "oversize".to_owned(),
+    };
+    for n in 0..3 {
+        let mut body = format!("{n:04}:").into_bytes();
+        body.resize(2 * MIB, b'x');
+        publisher
+            .send(&address, Outgoing::new(body))
+            .await
+            .expect("send");
+    }
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let next = tokio::time::timeout(Duration::from_secs(20), consumer.recv())
+            .await
+            .expect("the next entry comes once the one before is handled")
+            .expect("open")
+            .expect("a delivery");
+        seen.push(number(&next));
+        // One entry, alone: nothing else is read while it is held (waiting longer
+        // than a relaxed reader waits for room does not change that).
+        let more = tokio::time::timeout(Duration::from_millis(1500), consumer.recv()).await;
+        assert!(
+            more.is_err(),
+            "a second entry came while one of 2 MiB was held"
+        );
+        assert!(
+            budget.held() <= 2 * MIB + 64,
+            "{} bytes held",
+            budget.held()
+        );
+        next.ack().await.expect("ack");
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, [0, 1, 2]);
+    consumer.close().await.expect("close");
+    for key in keys_under(&prefix) {
+        redis_cli(&["DEL", &key]);
+    }
+}
+
 /// The same through a server whose handlers are busy (acks after handling, so what
 /// the server took from Redis is exactly what Redis lists as pending): it takes what
 /// its `max_pending_bytes` has room for, the rest waits in Redis, and every request
