@@ -342,6 +342,27 @@ async fn redis_connect_gives_up_after_connect_timeout() {
     );
     assert!(!format!("{err:?}").contains("s3cret"), "{err:?}");
     listener.abort();
+
+    // Nothing listening at all: refused (tried again a few times, within the
+    // timeout), and the error says where.
+    let closed = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        probe.local_addr().expect("address").port()
+    };
+    let started = Instant::now();
+    let err = mqrpc::connect(&format!(
+        "redis://:s3cret@127.0.0.1:{closed}/?connect_timeout=1"
+    ))
+    .await
+    .expect_err("nothing listens");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let text = err.to_string();
+    assert!(text.contains(&format!("127.0.0.1:{closed}")), "{text}");
+    assert!(!format!("{err:?}").contains("s3cret"), "{err:?}");
 }
 
 /// A TCP forwarder to Redis that counts the connections open through it.
