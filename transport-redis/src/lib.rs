@@ -151,7 +151,7 @@ pub(crate) async fn connection_manager(
         Ok(Ok(connection)) => Ok(connection),
         Ok(Err(err)) if err.is_timeout() => Err(connect_timed_out(config)),
         Ok(Err(err)) => Err(redis_error(
-            &format!("cannot connect to {}", describe(config)),
+            &format!("cannot connect to Redis at {}", address(config)),
             err,
         )),
         Err(_elapsed) => Err(connect_timed_out(config)),
@@ -160,24 +160,30 @@ pub(crate) async fn connection_manager(
 
 fn connect_timed_out(config: &RedisConfig) -> Error {
     Error::transport_msg(format!(
-        "connecting to {} timed out after {:?} (connect_timeout)",
-        describe(config),
+        "connecting to Redis at {} timed out after {:?} (TCP connect, TLS and Redis \
+         handshake; URL option connect_timeout)",
+        address(config),
         config.connect_timeout
     ))
 }
 
-/// Where `config` connects, without credentials: `redis 127.0.0.1:6379/`.
-fn describe(config: &RedisConfig) -> String {
+/// Where `config` connects, without credentials: `127.0.0.1:6379/`.
+fn address(config: &RedisConfig) -> String {
     // The connection URL holds the password: print only host, port and db.
     match url::Url::parse(&config.connection_url) {
         Ok(url) => format!(
-            "redis {}:{}{}",
+            "{}:{}{}",
             url.host_str().unwrap_or("?"),
             url.port().unwrap_or(6379),
             url.path()
         ),
-        Err(_) => "redis".to_owned(),
+        Err(_) => "?".to_owned(),
     }
+}
+
+/// Where `config` connects, without credentials: `redis 127.0.0.1:6379/`.
+fn describe(config: &RedisConfig) -> String {
+    format!("redis {}", address(config))
 }
 
 #[async_trait]
