@@ -38,6 +38,8 @@ pub async fn backend() -> Option<Backend> {
 
 conformance_suite!(backend);
 
+mod hardening;
+
 /// Keys under `prefix`, read with `redis-cli --scan` as an operator would.
 fn keys_under(prefix: &str) -> Vec<String> {
     let url = base_url();
@@ -66,13 +68,20 @@ async fn service_server(
         .expect("server")
 }
 
+/// Nothing is left behind: no reply or fanout key once clients and servers are gone,
+/// and, while servers still run, no request entry and no watcher's group. Entries
+/// handled while a watcher was attached (which keeps them for it), entries kept by
+/// the group of a watcher that crashed, and entries whose settle a cut connection
+/// lost are all deleted by the servers' housekeeping, and the crashed watcher's
+/// group is pruned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_leaves_no_reply_or_fanout_keys_after_shutdown() {
     let Some(_) = backend().await else { return };
     use mqrpc::{Client, Context, Target};
     use serde_json::json;
     let prefix = format!("mqrpc-cleanup-{}", &mqrpc::wire::new_id()[..12]);
-    let url = url_with_prefix(&prefix);
+    // Dead watchers are pruned within about a second.
+    let url = format!("{}&prune_idle=1", url_with_prefix(&prefix));
     let recorder = crate::service::Recorder::new();
     let mut servers = Vec::new();
     for name in ["s1", "s2"] {
@@ -98,7 +107,113 @@ async fn redis_leaves_no_reply_or_fanout_keys_after_shutdown() {
     let during = keys_under(&prefix);
     assert!(during.iter().any(|k| k.contains(":reply:")), "{during:?}");
     assert!(during.iter().any(|k| k.ends_with(":fanout")), "{during:?}");
+    let calls = |first: i64| {
+        let client = &client;
+        async move {
+            for a in first..first + 5 {
+                let sum: i64 = client
+                    .call(&Context::new(), "add", json!({"a": a, "b": 1}))
+                    .await
+                    .expect("call");
+                assert_eq!(sum, a + 1);
+            }
+        }
+    };
 
+    // A watcher attached while requests are handled, then detached.
+    let watching = mqrpc::connect(&url).await.expect("redis");
+    let mut tap = watching
+        .monitor(&Target::new("cleanup"))
+        .await
+        .expect("a watcher");
+    calls(10).await;
+    tap.stop().await.expect("stop watching");
+    drop(tap);
+
+    // A watcher that crashes: its process ends without removing its groups.
+    crash_a_watcher(&url, "cleanup");
+    calls(20).await;
+
+    // A server whose settles a cut connection loses (with NOACK reads, handled
+    // entries are deleted in the background; those deletes go).
+    let proxy = crate::proxy::TcpProxy::start(
+        crate::faults::upstream(&crate::faults::host_port(&base_url(), 6379)).await,
+    )
+    .await;
+    let proxied = mqrpc::connect(&format!(
+        "redis://127.0.0.1:{}/?prefix={prefix}&claim_idle_ms=1000&stream_ttl=300&block_ms=2000&prune_idle=1",
+        proxy.port()
+    ))
+    .await
+    .expect("redis through the proxy");
+    let mut s3 = proxied
+        .listen(
+            &Target::new("cleanup").server("s3"),
+            &mqrpc::ListenOptions::new(8).settle_on_receipt(true),
+        )
+        .await
+        .expect("listen as s3");
+    for id in 0..3 {
+        client
+            .prepare()
+            .server("s3")
+            .cast(&Context::new(), "record", json!({ "id": id }))
+            .await
+            .expect("cast to s3");
+    }
+    let mut taken = Vec::new();
+    while taken.len() < 3 {
+        let next = tokio::time::timeout(Duration::from_secs(20), s3.recv())
+            .await
+            .expect("s3 gets its casts")
+            .expect("open")
+            .expect("a delivery");
+        taken.push(next);
+    }
+    let s3_stream = format!("{prefix}:{{openstack:cleanup}}:server:s3");
+    proxy.black_hole(true);
+    for delivery in taken {
+        delivery.ack().await.expect("ack");
+    }
+    // The deletes are on their way, held by the black hole, and the cut drops them.
+    // (Housekeeping may have deleted the entries already: what matters is that
+    // none is left however the race went.)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.cut();
+    proxy.black_hole(false);
+
+    // While the servers run, their housekeeping leaves no entry and no watcher group.
+    let streams = [
+        format!("{prefix}:{{openstack:cleanup}}:topic"),
+        format!("{prefix}:{{openstack:cleanup}}:server:s1"),
+        format!("{prefix}:{{openstack:cleanup}}:server:s2"),
+        s3_stream,
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left: Vec<String> = streams
+            .iter()
+            .filter_map(|key| {
+                let length = redis_cli(&["XLEN", key]);
+                let watchers: Vec<String> = group_names(key)
+                    .into_iter()
+                    .filter(|g| g.starts_with("monitor:"))
+                    .collect();
+                (length != "0" || !watchers.is_empty())
+                    .then(|| format!("{key}: {length} entries, watcher groups {watchers:?}"))
+            })
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left behind while the servers run: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    s3.close().await.expect("close s3");
     client.close().await;
     for server in servers {
         server.shutdown().await.expect("shutdown");
@@ -115,6 +230,34 @@ async fn redis_leaves_no_reply_or_fanout_keys_after_shutdown() {
         let ttl = ttl_of(key);
         assert!(ttl > 0, "{key} has no expiry ({ttl})");
     }
+}
+
+/// Starts a watcher of `topic` in a runtime of its own and kills that runtime: like
+/// a watcher's process ending, nothing runs its clean-up or refreshes its alive key,
+/// and its groups stay on the streams.
+fn crash_a_watcher(url: &str, topic: &str) {
+    let url = url.to_owned();
+    let topic = topic.to_owned();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let (transport, watcher) = runtime.block_on(async {
+            let transport = mqrpc::connect(&url).await.expect("redis");
+            let watcher = transport
+                .monitor(&mqrpc::Target::new(&topic))
+                .await
+                .expect("a watcher");
+            (transport, watcher)
+        });
+        drop(runtime);
+        // Outside any runtime: the watcher's drop cannot start its clean-up.
+        drop(watcher);
+        drop(transport);
+    })
+    .join()
+    .expect("the watcher's thread");
 }
 
 /// A send to a stream that does not exist (no server made it) creates it with its
@@ -437,6 +580,49 @@ mod reliability {
         super::echo_in_hundreds(&client, 1000).await;
         client.close().await;
         server.shutdown().await.expect("shutdown");
+    }
+
+    /// A Redis whose ACL refuses `CLIENT` (or only `CLIENT UNBLOCK`), so a stopping
+    /// server cannot wake its blocked read: servers still serve, read with short
+    /// blocks instead, and stop within about one of them (0.5 s).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_servers_serve_and_stop_when_client_unblock_is_refused() {
+        use mqrpc::{Client, Target};
+        for refused in ["-client", "-client|unblock"] {
+            let acl = [
+                "--user", "default", "on", "nopass", "~*", "&*", "+@all", refused,
+            ];
+            let Some(broker) = OwnBroker::start("redis-server", |port| own_redis(port, &acl)).await
+            else {
+                return;
+            };
+            let transport = connect(broker.port, "mqrpc-noclient").await;
+            let server = super::service_server(
+                transport,
+                "noclient",
+                "s1",
+                &crate::service::Recorder::new(),
+            )
+            .await;
+            let client = Client::new(
+                connect(broker.port, "mqrpc-noclient").await,
+                Target::new("noclient"),
+            )
+            .timeout(std::time::Duration::from_secs(10));
+            super::echo_in_hundreds(&client, 200).await;
+            client.close().await;
+            // Idle now: the readers block, for 0.5 s at most.
+            tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+            let started = std::time::Instant::now();
+            server.shutdown().await.expect("shutdown");
+            let took = started.elapsed();
+            // A bound for correctness (a blocked read of 2 s, block_ms, would exceed
+            // it), generous for a busy machine.
+            assert!(
+                took < std::time::Duration::from_millis(1500),
+                "with {refused}, an idle server took {took:?} to stop"
+            );
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

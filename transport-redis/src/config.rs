@@ -42,6 +42,11 @@ pub struct RedisConfig {
     pub prune_idle: Duration,
     /// The largest message sent.
     pub max_message_size: usize,
+    /// How long one attempt to connect may take: the TCP connection, TLS and Redis's
+    /// handshake. It bounds [`crate::RedisTransport::connect`] as a whole and every
+    /// attempt of a reconnection (`connect_timeout`, in seconds, decimals allowed;
+    /// default 10 s).
+    pub connect_timeout: Duration,
     /// CA and client certificate files (`tls_ca_file`, `tls_cert_file`,
     /// `tls_key_file`); naming any turns TLS on (`rediss://`).
     pub tls_files: rpc_core::TlsFiles,
@@ -60,6 +65,7 @@ impl fmt::Debug for RedisConfig {
             .field("reply_ttl", &self.reply_ttl)
             .field("prune_idle", &self.prune_idle)
             .field("max_message_size", &self.max_message_size)
+            .field("connect_timeout", &self.connect_timeout)
             .field("tls_files", &self.tls_files)
             .finish()
     }
@@ -70,7 +76,8 @@ impl RedisConfig {
     ///
     /// Options: `prefix`, `exchange`, `maxlen`, `block_ms`, `claim_idle_ms`,
     /// `stream_ttl` (seconds), `reply_ttl` (seconds), `prune_idle` (seconds),
-    /// `max_message_size` (bytes), and the TLS files `tls_ca_file`, `tls_cert_file`,
+    /// `max_message_size` (bytes), `connect_timeout` (seconds, decimals allowed:
+    /// `connect_timeout=2.5`), and the TLS files `tls_ca_file`, `tls_cert_file`,
     /// `tls_key_file`, which turn TLS on. Unknown options are errors.
     pub fn parse(url: &str) -> Result<Self> {
         let bad = |what: String| Error::InvalidUrl(format!("Redis URL: {what}"));
@@ -89,6 +96,7 @@ impl RedisConfig {
             reply_ttl: Duration::from_secs(60),
             prune_idle: Duration::from_secs(300),
             max_message_size: 64 * 1024 * 1024,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             tls_files: rpc_core::TlsFiles::default(),
         };
         let pairs: Vec<(String, String)> = parsed.query_pairs().into_owned().collect();
@@ -121,10 +129,16 @@ impl RedisConfig {
                 "reply_ttl" => config.reply_ttl = Duration::from_secs(number()?),
                 "prune_idle" => config.prune_idle = Duration::from_secs(number()?),
                 "max_message_size" => config.max_message_size = number()? as usize,
+                "connect_timeout" => {
+                    config.connect_timeout = seconds(value).ok_or_else(|| {
+                        bad(format!("option {key} must be a positive number of seconds"))
+                    })?;
+                }
                 other => {
                     return Err(bad(format!(
                         "unknown option {other:?} (known: prefix, exchange, maxlen, block_ms, \
-                         claim_idle_ms, stream_ttl, reply_ttl, prune_idle, max_message_size, {})",
+                         claim_idle_ms, stream_ttl, reply_ttl, prune_idle, max_message_size, \
+                         connect_timeout, {})",
                         rpc_core::TlsFiles::OPTION_NAMES
                     )));
                 }
@@ -176,6 +190,20 @@ impl RedisConfig {
     }
 }
 
+/// How long connecting may take unless the URL says otherwise.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A positive, finite number of seconds (`2`, `2.5`, `0.25`), as a duration.
+fn seconds(text: &str) -> Option<Duration> {
+    let value: f64 = text.trim().parse().ok()?;
+    if !(value.is_finite() && value > 0.0) {
+        return None;
+    }
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| !d.is_zero())
+}
+
 /// Escapes the characters that structure a key: `%`, `:`, `{`, `}`.
 fn escape(name: &str) -> Cow<'_, str> {
     if !name.contains(['%', ':', '{', '}']) {
@@ -207,6 +235,7 @@ mod tests {
         assert_eq!(c.maxlen, 50);
         assert_eq!(c.block, Duration::from_millis(100));
         assert_eq!(c.connection_url, "redis://:s3cret@127.0.0.1:6379/2");
+        assert_eq!(c.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
         assert!(!format!("{c:?}").contains("s3cret"));
     }
 
@@ -217,10 +246,28 @@ mod tests {
             "redis://:s3cret@h?bogus=1",
             "redis://:s3cret@h?maxlen=0",
             "redis://:s3cret@h?prefix=",
+            "redis://:s3cret@h?connect_timeout=0",
+            "redis://:s3cret@h?connect_timeout=-1",
+            "redis://:s3cret@h?connect_timeout=soon",
+            "redis://:s3cret@h?connect_timeout=inf",
+            "redis://:s3cret@h?connect_timeout=NaN",
         ] {
             let err = RedisConfig::parse(url).expect_err(url);
             assert!(matches!(err, Error::InvalidUrl(_)), "{err:?}");
             assert!(!err.to_string().contains("s3cret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn connect_timeout_takes_decimal_seconds() {
+        for (url, expected) in [
+            ("redis://h?connect_timeout=2.5", Duration::from_millis(2500)),
+            ("redis://h?connect_timeout=1", Duration::from_secs(1)),
+            ("redis://h?connect_timeout=0.25", Duration::from_millis(250)),
+        ] {
+            let c = RedisConfig::parse(url).expect(url);
+            assert_eq!(c.connect_timeout, expected, "{url}");
+            assert_eq!(c.connection_url, "redis://h", "{url}");
         }
     }
 

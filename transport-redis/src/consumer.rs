@@ -1,23 +1,30 @@
 //! Consumers. A server reads its topic and server streams through the shared group
 //! `servers`, and the fanout stream through a group of its own, each with a blocking
-//! `XREADGROUP` on a connection of its own; a housekeeping task takes over entries
-//! that dead consumers left pending (`XAUTOCLAIM`), keeps the streams' TTLs fresh and
-//! prunes groups and consumers of servers that died. A client reads its reply stream
-//! with a blocking `XREAD`.
+//! `XREADGROUP` on a connection of its own, taking only as many entries as its byte
+//! budget has room for (see `pace.rs`); a stop wakes a blocked read with
+//! `CLIENT UNBLOCK`. A housekeeping task takes over entries that dead consumers left
+//! pending (`XAUTOCLAIM`), deletes entries every group has settled, keeps the
+//! streams' TTLs fresh and prunes groups and consumers of servers and watchers that
+//! died. A client reads its reply stream with a blocking `XREAD`.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use redis::Value;
 use redis::aio::ConnectionManager;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
-use rpc_core::{Acker, Consumer, Delivery, Error, ListenOptions, NoAck, Result, Target};
+use rpc_core::{
+    Acker, ByteBudget, Charge, Consumer, Delivery, Error, ListenOptions, NoAck, Result, Target,
+};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::pace::{Pace, RELAX_AFTER};
 use crate::publisher::{BODY_FIELD, EXPIRES_FIELD, backoff, is_connection_error, now_millis};
 use crate::{Shared, connection_manager, redis_error};
 
@@ -57,8 +64,60 @@ return 0
     )
 });
 
-/// The longest a `NOACK` read blocks, so that a stopping server waits for it briefly.
+/// The longest a `NOACK` read blocks when Redis does not let this user wake it
+/// (`CLIENT ID` or `CLIENT UNBLOCK` refused), so that a stopping server waits for it
+/// briefly. Otherwise a stop wakes the read (see `Reader::read`).
 const ON_READ_BLOCK: Duration = Duration::from_millis(500);
+
+/// How long a stopping reader waits for its read to end after asking Redis to wake
+/// it, before asking again (the read may not have reached Redis yet).
+const UNBLOCK_RETRY: Duration = Duration::from_millis(20);
+
+/// Deletes the entries of a stream that every group has read and settled: those
+/// before both the next entry any group has yet to read and the oldest entry any
+/// group still has pending (`XTRIM ... MINID`). Settles that were lost (a cut
+/// connection) and entries a watcher's group kept while it was there end so.
+/// Returns how many entries went.
+static TRIM_SETTLED: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local groups = redis.pcall('XINFO', 'GROUPS', KEYS[1])
+if type(groups) ~= 'table' or groups.err or #groups == 0 then return 0 end
+local function parse(id)
+  local ms, seq = string.match(id or '', '^(%d+)-(%d+)$')
+  ms, seq = tonumber(ms), tonumber(seq)
+  -- Beyond 2^52 a Lua number loses the exactness this needs: leave the stream.
+  if ms == nil or seq == nil or ms > 4503599627370496 or seq > 4503599627370496 then return nil end
+  return ms, seq
+end
+local floor_ms, floor_seq
+local function lower(ms, seq)
+  if floor_ms == nil or ms < floor_ms or (ms == floor_ms and seq < floor_seq) then
+    floor_ms, floor_seq = ms, seq
+  end
+end
+for _, group in ipairs(groups) do
+  local name, pending, last
+  for i = 1, #group, 2 do
+    local field = group[i]
+    if field == 'name' then name = group[i + 1]
+    elseif field == 'pending' then pending = group[i + 1]
+    elseif field == 'last-delivered-id' then last = group[i + 1] end
+  end
+  local ms, seq = parse(last)
+  if ms == nil then return 0 end
+  lower(ms, seq + 1)
+  if pending and pending > 0 then
+    local oldest = redis.call('XPENDING', KEYS[1], name)
+    local pms, pseq = parse(oldest[2])
+    if pms == nil then return 0 end
+    lower(pms, pseq)
+  end
+end
+return redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d-%d', floor_ms, floor_seq))
+",
+    )
+});
 
 /// How many entry ids one `DELETE_SETTLED` call takes (Lua's stack bounds `unpack`).
 const DELETE_CHUNK: usize = 512;
@@ -196,17 +255,22 @@ fn lock(in_flight: &InFlight) -> std::sync::MutexGuard<'_, HashSet<(String, Stri
     in_flight.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Turns a stream entry into a delivery; an expired call is acked and skipped.
-/// Entries of the shared group are tracked in `in_flight` until settled.
+/// Turns a stream entry into a delivery carrying `charge`, the entry's bytes counted
+/// against the server's budget; an expired call is acked and skipped. Entries of the
+/// shared group are tracked in `in_flight` until settled.
 async fn delivery(
     shared: &Arc<Shared>,
     key: &str,
     group: &str,
     entry: StreamId,
     settle: &Settle,
+    charge: Charge,
 ) -> Option<Delivery> {
-    let StreamId { id, map, .. } = entry;
-    let body = field_bytes(&map, BODY_FIELD).unwrap_or_default();
+    let StreamId { id, mut map, .. } = entry;
+    let expires = expiry(&map);
+    // Moved, not copied: an entry can be tens of megabytes.
+    let body = Bytes::from(take_field(&mut map, BODY_FIELD).unwrap_or_default());
+    drop(map);
     if let Settle::Ack(Some(in_flight)) = settle {
         lock(in_flight).insert((key.to_owned(), id.clone()));
     }
@@ -218,23 +282,48 @@ async fn delivery(
         body: body.clone(),
         settle: settle.clone(),
     };
-    let expires = field_bytes(&map, EXPIRES_FIELD)
-        .and_then(|raw| String::from_utf8(raw).ok())
-        .and_then(|text| text.parse::<u64>().ok());
-    if expires.is_some_and(|at| at < now_millis()) {
+    let now = now_millis();
+    if expires.is_some_and(|at| at < now) {
         tracing::debug!(stream = key, "dropping a call whose caller stopped waiting");
         if let Err(err) = Box::new(acker).ack().await {
             tracing::debug!(error = %err, "could not ack an expired entry");
         }
         return None;
     }
-    Some(Delivery::new(body, Box::new(acker)))
+    let delivery = Delivery::new(body, Box::new(acker)).with_charge(charge);
+    Some(match expires {
+        Some(at) => delivery.with_time_to_live(Duration::from_millis(at.saturating_sub(now))),
+        None => delivery,
+    })
 }
 
-fn field_bytes(map: &HashMap<String, Value>, field: &str) -> Option<Vec<u8>> {
-    match map.get(field)? {
-        Value::BulkString(bytes) => Some(bytes.clone()),
-        Value::SimpleString(text) => Some(text.clone().into_bytes()),
+/// The time (Unix ms) after which the entry is not worth handling, if it says.
+fn expiry(map: &HashMap<String, Value>) -> Option<u64> {
+    match map.get(EXPIRES_FIELD)? {
+        Value::BulkString(bytes) => std::str::from_utf8(bytes).ok()?.parse().ok(),
+        Value::SimpleString(text) => text.parse().ok(),
+        _ => None,
+    }
+}
+
+/// The bytes of an entry's fields, names and values: what reading it put in memory.
+fn entry_size(map: &HashMap<String, Value>) -> usize {
+    map.iter()
+        .map(|(name, value)| {
+            name.len()
+                + match value {
+                    Value::BulkString(bytes) => bytes.len(),
+                    Value::SimpleString(text) => text.len(),
+                    _ => 0,
+                }
+        })
+        .sum()
+}
+
+fn take_field(map: &mut HashMap<String, Value>, field: &str) -> Option<Vec<u8>> {
+    match map.remove(field)? {
+        Value::BulkString(bytes) => Some(bytes),
+        Value::SimpleString(text) => Some(text.into_bytes()),
         _ => None,
     }
 }
@@ -279,15 +368,13 @@ impl ServerConsumer {
         .await
         .map_err(|e| redis_error("marking the server alive", e))?;
         let blocking_timeout = config.block + Duration::from_secs(5);
-        let shared_reader = connection_manager(&shared.client, blocking_timeout)
-            .await
-            .map_err(|e| redis_error("opening a reading connection", e))?;
-        let fanout_reader = connection_manager(&shared.client, blocking_timeout)
-            .await
-            .map_err(|e| redis_error("opening a reading connection", e))?;
+        let shared_reader = connection_manager(&shared.client, config, blocking_timeout).await?;
+        let fanout_reader = connection_manager(&shared.client, config, blocking_timeout).await?;
         let (tx, rx) = mpsc::channel(prefetch.clamp(1, MAX_BATCH));
         let stop = CancellationToken::new();
         let in_flight: InFlight = Arc::default();
+        // The largest entry the shared group's reader read lately, for claims.
+        let largest = Arc::new(AtomicUsize::new(0));
         let deletes = options.settle_on_receipt.then(|| {
             let (deletes, rx) = mpsc::unbounded_channel();
             tokio::spawn(delete_settled(shared.clone(), rx));
@@ -307,6 +394,9 @@ impl ServerConsumer {
             keys: keys.clone(),
             tx: tx.clone(),
             stop: stop.clone(),
+            budget: options.budget.clone(),
+            client_id: ClientId::Unknown,
+            largest: (group == GROUP).then(|| largest.clone()),
         };
         let tasks = vec![
             tokio::spawn(
@@ -325,6 +415,8 @@ impl ServerConsumer {
                     in_flight: in_flight.clone(),
                     tx,
                     stop: stop.clone(),
+                    budget: options.budget.clone(),
+                    largest,
                 }
                 .run(),
             ),
@@ -441,6 +533,26 @@ struct Reader {
     keys: ServerKeys,
     tx: mpsc::Sender<Result<Delivery>>,
     stop: CancellationToken,
+    /// The server's budget: every entry read is charged to it, and reads wait for it.
+    budget: ByteBudget,
+    /// This reader's connection as Redis knows it, so that a stop can wake its
+    /// blocked read.
+    client_id: ClientId,
+    /// Where the shared group's reader says how large its entries are lately, for
+    /// the claims of housekeeping; `None` for the fanout reader.
+    largest: Option<Arc<AtomicUsize>>,
+}
+
+/// A reading connection's id (`CLIENT ID`), which `CLIENT UNBLOCK` takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientId {
+    /// Not asked yet, or the connection was lost since (a new one has a new id).
+    Unknown,
+    /// The id, and this user may unblock it.
+    Known(i64),
+    /// Redis refused `CLIENT ID` or `CLIENT UNBLOCK` (an ACL): a stop waits for the
+    /// read to end by itself, so `NOACK` reads block for at most `ON_READ_BLOCK`.
+    Refused,
 }
 
 impl Reader {
@@ -451,17 +563,14 @@ impl Reader {
 
     async fn run(mut self) {
         let on_read = self.on_read();
-        let block = if on_read {
-            // A NOACK read is never cancelled (what it returns would be lost), so a
-            // stop waits for it: keep the wait short.
-            self.shared.config.block.min(ON_READ_BLOCK)
-        } else {
-            self.shared.config.block
-        };
-        let block_ms = block.as_millis().max(1);
+        let mut pace = Pace::new(MAX_BATCH);
         let mut attempt = 0u32;
         loop {
-            // Read only as much as there is room for: waiting work stays in Redis.
+            if self.stop.is_cancelled() {
+                return;
+            }
+            // Read only as much as there is room for, in the buffer and in the byte
+            // budget: waiting work stays in Redis.
             let room = tokio::select! {
                 _ = self.stop.cancelled() => return,
                 permit = self.tx.reserve() => match permit {
@@ -469,66 +578,56 @@ impl Reader {
                     Err(_) => return,
                 },
             };
+            let wanted = pace.wanted(self.budget.limit());
+            if self.budget.available() < wanted {
+                tokio::select! {
+                    _ = self.stop.cancelled() => return,
+                    () = self.budget.until_available(wanted) => {}
+                    () = tokio::time::sleep(RELAX_AFTER) => {
+                        pace.relax();
+                        if let Some(shared) = &self.largest {
+                            shared.store(pace.largest(), Ordering::Relaxed);
+                        }
+                    }
+                }
+                continue;
+            }
+            // COUNT is per stream: the shared group's read may bring it from both.
+            let count = pace.count(room, self.budget.available() / self.streams.len().max(1));
+            if self.client_id == ClientId::Unknown {
+                self.client_id = self.identify().await;
+            }
+            let block = match self.client_id {
+                // A NOACK read cannot be abandoned (what it returns would be lost), so
+                // a stop waits for it: unless Redis lets the stop wake it, keep it short.
+                ClientId::Refused | ClientId::Unknown if on_read => {
+                    self.shared.config.block.min(ON_READ_BLOCK)
+                }
+                _ => self.shared.config.block,
+            };
             let mut cmd = redis::cmd("XREADGROUP");
             cmd.arg("GROUP")
                 .arg(&self.group)
                 .arg(&self.consumer)
                 .arg("COUNT")
-                .arg(room.min(MAX_BATCH))
+                .arg(count)
                 .arg("BLOCK")
-                .arg(u64::try_from(block_ms).unwrap_or(u64::MAX));
-            if matches!(self.settle, Settle::OnRead(_)) {
+                .arg(u64::try_from(block.as_millis().max(1)).unwrap_or(u64::MAX));
+            if on_read {
                 cmd.arg("NOACK");
             }
             cmd.arg("STREAMS").arg(&self.streams);
             for _ in &self.streams {
                 cmd.arg(">");
             }
-            let read: redis::RedisResult<Option<StreamReadReply>> = if on_read {
-                cmd.query_async(&mut self.conn).await
-            } else {
-                tokio::select! {
-                    _ = self.stop.cancelled() => return,
-                    read = cmd.query_async(&mut self.conn) => read,
-                }
+            let Some(read) = self.read(&cmd, block).await else {
+                return;
             };
             match read {
-                Ok(None) => {}
+                Ok(None) => pace.idle(),
                 Ok(Some(reply)) => {
                     attempt = 0;
-                    let mut stopping = false;
-                    for stream in reply.keys {
-                        for entry in stream.ids {
-                            let Some(delivery) = delivery(
-                                &self.shared,
-                                &stream.key,
-                                &self.group,
-                                entry,
-                                &self.settle,
-                            )
-                            .await
-                            else {
-                                continue;
-                            };
-                            if stopping || self.stop.is_cancelled() {
-                                stopping = true;
-                                give_back(on_read, delivery).await;
-                                continue;
-                            }
-                            let reserved = tokio::select! {
-                                _ = self.stop.cancelled() => None,
-                                permit = self.tx.reserve() => permit.ok(),
-                            };
-                            match reserved {
-                                Some(permit) => permit.send(Ok(delivery)),
-                                None => {
-                                    stopping = true;
-                                    give_back(on_read, delivery).await;
-                                }
-                            }
-                        }
-                    }
-                    if stopping {
+                    if self.hand_over(reply, count, &mut pace).await {
                         return;
                     }
                 }
@@ -547,6 +646,10 @@ impl Reader {
                     }
                 }
                 Err(err) => {
+                    if self.client_id != ClientId::Refused {
+                        // Perhaps a new connection next time, with an id of its own.
+                        self.client_id = ClientId::Unknown;
+                    }
                     let wait = backoff(attempt);
                     attempt = attempt.saturating_add(1);
                     if is_connection_error(&err) {
@@ -562,15 +665,152 @@ impl Reader {
             }
         }
     }
+
+    /// Asks Redis for this reader's connection id, and checks that this user may
+    /// unblock it (`CLIENT UNBLOCK` of a connection that is not blocked answers 0).
+    async fn identify(&mut self) -> ClientId {
+        let id: redis::RedisResult<i64> = redis::cmd("CLIENT")
+            .arg("ID")
+            .query_async(&mut self.conn)
+            .await;
+        let id = match id {
+            Ok(id) => id,
+            Err(err) if is_connection_error(&err) => return ClientId::Unknown,
+            Err(err) => {
+                tracing::debug!(error = %err, "CLIENT ID refused; a stop waits for the blocked read");
+                return ClientId::Refused;
+            }
+        };
+        let mut commands = self.shared.commands.clone();
+        let probe: redis::RedisResult<i64> = redis::cmd("CLIENT")
+            .arg("UNBLOCK")
+            .arg(id)
+            .query_async(&mut commands)
+            .await;
+        match probe {
+            Ok(_) => ClientId::Known(id),
+            Err(err) if is_connection_error(&err) => ClientId::Unknown,
+            Err(err) => {
+                tracing::debug!(error = %err, "CLIENT UNBLOCK refused; a stop waits for the blocked read");
+                ClientId::Refused
+            }
+        }
+    }
+
+    /// Runs one blocking read; `None` when the consumer stopped and the read is
+    /// over without entries to hand over.
+    ///
+    /// A stop does not abandon a read in flight: Redis may have answered it already,
+    /// and with `NOACK` what it took exists nowhere else. The stop wakes it instead
+    /// (`CLIENT UNBLOCK`, from the commands connection: Redis then answers the read
+    /// as if its block ran out, taking nothing), and the entries of a read answered
+    /// before are given back. So stopping an idle server costs two round trips, not
+    /// the rest of a block.
+    async fn read(
+        &mut self,
+        cmd: &redis::Cmd,
+        block: Duration,
+    ) -> Option<redis::RedisResult<Option<StreamReadReply>>> {
+        let read = cmd.query_async::<Option<StreamReadReply>>(&mut self.conn);
+        tokio::pin!(read);
+        tokio::select! {
+            biased;
+            read = &mut read => return Some(read),
+            _ = self.stop.cancelled() => {}
+        }
+        let give_up = tokio::time::Instant::now() + block + Duration::from_secs(1);
+        match self.client_id {
+            ClientId::Known(id) => loop {
+                let mut commands = self.shared.commands.clone();
+                let nudge = async move {
+                    let mut unblock = redis::cmd("CLIENT");
+                    unblock.arg("UNBLOCK").arg(id);
+                    let unblock = unblock.query_async::<i64>(&mut commands);
+                    let _ = tokio::time::timeout(Duration::from_secs(1), unblock).await;
+                    // Answered 0 when the read has not reached Redis yet: again.
+                    tokio::time::sleep(UNBLOCK_RETRY).await;
+                };
+                tokio::select! {
+                    biased;
+                    read = &mut read => return Some(read),
+                    () = nudge => {}
+                }
+                if tokio::time::Instant::now() >= give_up {
+                    return None;
+                }
+            },
+            // What a NOACK read returns exists nowhere else: wait for it.
+            _ if matches!(self.settle, Settle::OnRead(_)) => {
+                tokio::time::timeout_at(give_up, read).await.ok()
+            }
+            // What it took stays pending, for another server to claim.
+            _ => None,
+        }
+    }
+
+    /// Hands a read's entries over, each charged to the budget; returns whether the
+    /// consumer is stopping (the entries not handed out are then given back).
+    async fn hand_over(&mut self, reply: StreamReadReply, asked: usize, pace: &mut Pace) -> bool {
+        let on_read = self.on_read();
+        let mut stopping = false;
+        let mut most = 0;
+        let mut largest = 0;
+        for stream in reply.keys {
+            most = most.max(stream.ids.len());
+            for entry in stream.ids {
+                let size = entry_size(&entry.map);
+                largest = largest.max(size);
+                let charge = self.budget.charge(size);
+                let Some(delivery) = delivery(
+                    &self.shared,
+                    &stream.key,
+                    &self.group,
+                    entry,
+                    &self.settle,
+                    charge,
+                )
+                .await
+                else {
+                    continue;
+                };
+                if stopping || self.stop.is_cancelled() {
+                    stopping = true;
+                    give_back(on_read, delivery).await;
+                    continue;
+                }
+                let reserved = tokio::select! {
+                    _ = self.stop.cancelled() => None,
+                    permit = self.tx.reserve() => permit.ok(),
+                };
+                match reserved {
+                    Some(permit) => permit.send(Ok(delivery)),
+                    None => {
+                        stopping = true;
+                        give_back(on_read, delivery).await;
+                    }
+                }
+            }
+        }
+        pace.read(asked, most, largest);
+        if let Some(shared) = &self.largest {
+            shared.store(pace.largest(), Ordering::Relaxed);
+        }
+        stopping
+    }
 }
 
-/// Claims abandoned entries, refreshes TTLs and prunes dead servers' groups.
+/// Claims abandoned entries, deletes settled ones, refreshes TTLs and prunes dead
+/// servers' and watchers' groups.
 struct Housekeeping {
     in_flight: InFlight,
     shared: Arc<Shared>,
     keys: ServerKeys,
     tx: mpsc::Sender<Result<Delivery>>,
     stop: CancellationToken,
+    /// The server's budget, which claimed entries are charged to.
+    budget: ByteBudget,
+    /// The largest entry the shared group's reader read lately (0: none yet).
+    largest: Arc<AtomicUsize>,
 }
 
 impl Housekeeping {
@@ -596,6 +836,9 @@ impl Housekeeping {
             for key in [&self.keys.topic, &self.keys.server] {
                 if let Err(err) = self.claim(key).await {
                     tracing::debug!(error = %err, stream = %key, "claiming abandoned entries failed");
+                }
+                if let Err(err) = self.trim(&mut conn, key).await {
+                    tracing::debug!(error = %err, stream = %key, "deleting settled entries failed");
                 }
             }
             if last_refresh.elapsed() >= config.stream_ttl / 3 {
@@ -623,6 +866,19 @@ impl Housekeeping {
         if room == 0 {
             return Ok(());
         }
+        // As many as the budget has room for at the size of the entries read lately
+        // (one when none has been read); none while it has no room for one: they
+        // wait for the next tick.
+        let largest = self.largest.load(Ordering::Relaxed);
+        let available = self.budget.available();
+        if available < largest.clamp(1, self.budget.limit()) {
+            return Ok(());
+        }
+        let count = available
+            .checked_div(largest)
+            .unwrap_or(1)
+            .min(room)
+            .clamp(1, MAX_BATCH);
         let mut conn = self.shared.commands.clone();
         let claimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
             .arg(key)
@@ -631,7 +887,7 @@ impl Housekeeping {
             .arg(u64::try_from(self.shared.config.claim_idle.as_millis()).unwrap_or(u64::MAX))
             .arg("0-0")
             .arg("COUNT")
-            .arg(room.min(MAX_BATCH))
+            .arg(count)
             .query_async(&mut conn)
             .await
             .map_err(|e| redis_error("XAUTOCLAIM", e))?;
@@ -647,12 +903,14 @@ impl Housekeeping {
                 // Ours already, read and not yet settled: not a second time.
                 continue;
             }
+            let charge = self.budget.charge(entry_size(&entry.map));
             if let Some(delivery) = delivery(
                 &self.shared,
                 key,
                 GROUP,
                 entry,
                 &Settle::Ack(Some(self.in_flight.clone())),
+                charge,
             )
             .await
             {
@@ -661,6 +919,24 @@ impl Housekeeping {
                     sent = self.tx.send(Ok(delivery)) => if sent.is_err() { return Err(Error::Closed) },
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Deletes the entries of `key` that every group has read and settled (see
+    /// `TRIM_SETTLED`).
+    async fn trim(&self, conn: &mut ConnectionManager, key: &str) -> Result<()> {
+        let trimmed: i64 = TRIM_SETTLED
+            .key(key)
+            .invoke_async(conn)
+            .await
+            .map_err(|e| redis_error("deleting settled entries", e))?;
+        if trimmed > 0 {
+            tracing::debug!(
+                stream = key,
+                count = trimmed,
+                "deleted entries every group had settled"
+            );
         }
         Ok(())
     }
@@ -807,7 +1083,7 @@ struct RedisAcker {
     key: String,
     group: String,
     id: String,
-    body: Vec<u8>,
+    body: Bytes,
     settle: Settle,
 }
 
@@ -874,7 +1150,7 @@ impl Acker for RedisAcker {
                 .arg(&self.key)
                 .arg("*")
                 .arg(BODY_FIELD)
-                .arg(&self.body)
+                .arg(&self.body[..])
                 .query_async::<()>(&mut self.conn)
                 .await
                 .map_err(|e| redis_error("requeueing", e))?;
@@ -927,9 +1203,12 @@ impl ReplyConsumer {
         let mut conn = shared.commands.clone();
         create_reply_stream(&mut conn, &key, shared.config.reply_ttl).await?;
         let block = shared.config.block.min(shared.config.reply_ttl / 3);
-        let reader = connection_manager(&shared.client, block + Duration::from_secs(5))
-            .await
-            .map_err(|e| redis_error("opening a reading connection", e))?;
+        let reader = connection_manager(
+            &shared.client,
+            &shared.config,
+            block + Duration::from_secs(5),
+        )
+        .await?;
         let (tx, rx) = mpsc::channel(1024);
         let stop = CancellationToken::new();
         let task = tokio::spawn(read_replies(
@@ -1010,7 +1289,8 @@ async fn read_after(
         for entry in stream.ids {
             count += 1;
             ids[slot].clone_from(&entry.id);
-            let body = field_bytes(&entry.map, BODY_FIELD).unwrap_or_default();
+            let mut map = entry.map;
+            let body = take_field(&mut map, BODY_FIELD).unwrap_or_default();
             tokio::select! {
                 _ = stop.cancelled() => return ReadOutcome::Stopped,
                 sent = tx.send(Ok(Delivery::new(body, Box::new(NoAck)))) => {
@@ -1201,9 +1481,12 @@ impl MonitorConsumer {
             );
         }
         let block = config.block;
-        let reader = connection_manager(&shared.client, block + Duration::from_secs(5))
-            .await
-            .map_err(|e| redis_error("opening a reading connection", e))?;
+        let reader = connection_manager(
+            &shared.client,
+            &shared.config,
+            block + Duration::from_secs(5),
+        )
+        .await?;
         let (tx, rx) = mpsc::channel(1024);
         let stop = CancellationToken::new();
         // Says the keep-groups are wanted: servers remove those of a watcher whose
@@ -1218,7 +1501,28 @@ impl MonitorConsumer {
             config.prune_idle,
             stop.clone(),
         ));
-        tokio::spawn(watch(reader, keys, ids, block, tx, stop.clone()));
+        let kept_slots = keys
+            .iter()
+            .enumerate()
+            .filter(|(_, key)| kept.contains(key))
+            .map(|(slot, _)| slot)
+            .collect();
+        tokio::spawn(
+            Watch {
+                reader,
+                commands: shared.commands.clone(),
+                advanced: ids.clone(),
+                keys,
+                ids,
+                kept: kept_slots,
+                group: group.clone(),
+                block,
+                stream_ttl: config.stream_ttl,
+                tx,
+                stop: stop.clone(),
+            }
+            .run(),
+        );
         Ok(MonitorConsumer {
             rx,
             stop,
@@ -1264,28 +1568,89 @@ async fn keep_watcher_alive(
     }
 }
 
-async fn watch(
-    mut reader: ConnectionManager,
+/// A watcher's reading task.
+struct Watch {
+    reader: ConnectionManager,
+    commands: ConnectionManager,
+    /// The streams read, and the last id read in each.
     keys: Vec<String>,
-    mut ids: Vec<String>,
+    ids: Vec<String>,
+    /// Where the keep-group stands on each stream (as `ids`).
+    advanced: Vec<String>,
+    /// The streams (slots of `keys`) where the watcher has its keep-group.
+    kept: Vec<usize>,
+    group: String,
     block: Duration,
+    stream_ttl: Duration,
     tx: mpsc::Sender<Result<Delivery>>,
     stop: CancellationToken,
-) {
-    let mut attempt = 0u32;
-    loop {
-        // Others read these streams too: a watcher never trims them.
-        match read_after(&mut reader, &keys, &mut ids, block, false, &tx, &stop).await {
-            ReadOutcome::Read(_) => attempt = 0,
-            ReadOutcome::Stopped => return,
-            ReadOutcome::Failed(err) => {
-                let wait = backoff(attempt);
-                attempt = attempt.saturating_add(1);
-                tracing::warn!(error = %err, ?wait, "watching the topic failed; retrying");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(wait) => {}
+}
+
+impl Watch {
+    async fn run(mut self) {
+        let mut attempt = 0u32;
+        loop {
+            // Others read these streams too: a watcher never trims them.
+            match read_after(
+                &mut self.reader,
+                &self.keys,
+                &mut self.ids,
+                self.block,
+                false,
+                &self.tx,
+                &self.stop,
+            )
+            .await
+            {
+                ReadOutcome::Read(count) => {
+                    attempt = 0;
+                    if count > 0 {
+                        self.advance().await;
+                    }
                 }
+                ReadOutcome::Stopped => return,
+                ReadOutcome::Failed(err) => {
+                    let wait = backoff(attempt);
+                    attempt = attempt.saturating_add(1);
+                    tracing::warn!(error = %err, ?wait, "watching the topic failed; retrying");
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves the keep-group to what the watcher has read (`XGROUP SETID`), so that
+    /// servers may delete what comes before (see `TRIM_SETTLED`) while the watcher
+    /// is still there. A group servers removed meanwhile (this watcher was cut off
+    /// longer than `prune_idle`) is made again where the watcher stands.
+    async fn advance(&mut self) {
+        for &slot in &self.kept {
+            let (key, id) = (&self.keys[slot], &self.ids[slot]);
+            if *id == self.advanced[slot] {
+                continue;
+            }
+            let moved: redis::RedisResult<()> = redis::cmd("XGROUP")
+                .arg("SETID")
+                .arg(key)
+                .arg(&self.group)
+                .arg(id)
+                .query_async(&mut self.commands)
+                .await;
+            let moved = match moved {
+                // A stopping watcher removes its groups: not made again then (one made
+                // in a race with the stop is pruned, its alive key being gone).
+                Err(err) if is_missing_group(&err) && !self.stop.is_cancelled() => {
+                    create_group(&mut self.commands, key, &self.group, id, self.stream_ttl).await
+                }
+                other => other.map_err(|e| redis_error("XGROUP SETID", e)),
+            };
+            match moved {
+                Ok(()) => self.advanced[slot].clone_from(id),
+                Err(err) => tracing::debug!(error = %err, stream = %key,
+                    "could not move the watcher's group; servers keep its entries longer"),
             }
         }
     }

@@ -7,9 +7,13 @@
 //!   TTL the client refreshes; servers write replies with `NOMKSTREAM`, so a reply to
 //!   a client that is gone fails as undeliverable instead of creating a key.
 //! - Blocking reads run on connections of their own; publishing shares one
-//!   multiplexed, auto-reconnecting connection (pipelined).
+//!   multiplexed, auto-reconnecting connection (pipelined). Connecting, and each
+//!   attempt to reconnect, gives up after `connect_timeout` (10 s).
+//! - A server reads no more entries than its byte budget
+//!   ([`rpc_core::ListenOptions::budget`]) has room for; the rest wait in Redis.
 //! - Entries left pending by a dead consumer longer than `claim_idle_ms` are taken
-//!   over with `XAUTOCLAIM`; streams are capped with an approximate `MAXLEN`.
+//!   over with `XAUTOCLAIM`; entries every group has settled are deleted by the
+//!   servers' housekeeping; streams are capped with an approximate `MAXLEN`.
 //!
 //! ```no_run
 //! # async fn demo() -> rpc_core::Result<()> {
@@ -22,6 +26,7 @@
 
 mod config;
 mod consumer;
+mod pace;
 mod publisher;
 
 use std::sync::Arc;
@@ -33,7 +38,7 @@ use rpc_core::{
     Capabilities, Consumer, Error, ListenOptions, Publisher, ReplyQueue, Result, Target, Transport,
 };
 
-pub use config::RedisConfig;
+pub use config::{DEFAULT_CONNECT_TIMEOUT, RedisConfig};
 
 use consumer::{ReplyConsumer, ServerConsumer};
 use publisher::RedisPublisher;
@@ -93,9 +98,7 @@ impl RedisTransport {
             redis::Client::open(url)
         }
         .map_err(|e| Error::InvalidUrl(format!("Redis URL: {}", e.kind_description())))?;
-        let commands = connection_manager(&client, COMMAND_TIMEOUT)
-            .await
-            .map_err(|e| redis_error("cannot connect to Redis", e))?;
+        let commands = connection_manager(&client, &config, COMMAND_TIMEOUT).await?;
         let publisher = Arc::new(RedisPublisher::new(commands.clone(), config.clone()));
         Ok(RedisTransport {
             shared: Arc::new(Shared {
@@ -125,16 +128,62 @@ impl KindDescription for redis::RedisError {
 }
 
 /// An auto-reconnecting connection whose commands time out after `response_timeout`.
+/// Connecting it, retries included, takes at most the configured `connect_timeout`,
+/// and so does each attempt of a later reconnection.
 pub(crate) async fn connection_manager(
     client: &redis::Client,
+    config: &RedisConfig,
     response_timeout: Duration,
-) -> redis::RedisResult<ConnectionManager> {
-    let config = ConnectionManagerConfig::new()
+) -> Result<ConnectionManager> {
+    let manager = ConnectionManagerConfig::new()
         .set_response_timeout(Some(response_timeout))
-        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_connection_timeout(Some(config.connect_timeout))
         .set_max_delay(Duration::from_secs(5))
         .set_number_of_retries(3);
-    client.get_connection_manager_with_config(config).await
+    // redis-rs bounds each attempt, and retries the first connection as it retries a
+    // reconnection: the whole of it must fit in the one timeout the user gave.
+    match tokio::time::timeout(
+        config.connect_timeout,
+        client.get_connection_manager_with_config(manager),
+    )
+    .await
+    {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(err)) if err.is_timeout() => Err(connect_timed_out(config)),
+        Ok(Err(err)) => Err(redis_error(
+            &format!("cannot connect to Redis at {}", address(config)),
+            err,
+        )),
+        Err(_elapsed) => Err(connect_timed_out(config)),
+    }
+}
+
+fn connect_timed_out(config: &RedisConfig) -> Error {
+    Error::transport_msg(format!(
+        "connecting to Redis at {} timed out after {:?} (TCP connect, TLS and Redis \
+         handshake; URL option connect_timeout)",
+        address(config),
+        config.connect_timeout
+    ))
+}
+
+/// Where `config` connects, without credentials: `127.0.0.1:6379/`.
+fn address(config: &RedisConfig) -> String {
+    // The connection URL holds the password: print only host, port and db.
+    match url::Url::parse(&config.connection_url) {
+        Ok(url) => format!(
+            "{}:{}{}",
+            url.host_str().unwrap_or("?"),
+            url.port().unwrap_or(6379),
+            url.path()
+        ),
+        Err(_) => "?".to_owned(),
+    }
+}
+
+/// Where `config` connects, without credentials: `redis 127.0.0.1:6379/`.
+fn describe(config: &RedisConfig) -> String {
+    format!("redis {}", address(config))
 }
 
 #[async_trait]
@@ -156,16 +205,7 @@ impl Transport for RedisTransport {
     }
 
     fn describe(&self) -> String {
-        // The connection URL holds the password: print only host, port and db.
-        match url::Url::parse(&self.shared.config.connection_url) {
-            Ok(url) => format!(
-                "redis {}:{}{}",
-                url.host_str().unwrap_or("?"),
-                url.port().unwrap_or(6379),
-                url.path()
-            ),
-            Err(_) => "redis".to_owned(),
-        }
+        describe(&self.shared.config)
     }
 
     async fn publisher(&self) -> Result<Arc<dyn Publisher>> {
