@@ -285,6 +285,11 @@ async fn serve(
     // `spawn_blocking` (as in any async server).
     let mut running = FuturesUnordered::new();
     let mut seen = RecentIds::new(DEDUP_WINDOW);
+    // The bytes of the requests handed to `running`: the part of the budget this
+    // loop can free by waiting. What a consumer has read ahead and not handed out
+    // is in memory already and counts in `serving.budget`; waiting for it would
+    // only stall the loop behind work that is never started.
+    let working = ByteBudget::new(serving.budget.limit());
     // Takes a delivery: checks and decodes it, and returns the future that runs its
     // work (or only settles it), for the running set.
     let mut start = |mut delivery: Delivery| {
@@ -292,6 +297,7 @@ async fn serve(
         // its bytes (or the arguments decoded from them) live.
         let charge = (delivery.take_charge())
             .unwrap_or_else(|| serving.budget.charge(delivery.body().len()));
+        let charge = (charge, working.charge(delivery.body().len()));
         let ttl = delivery.time_to_live();
         let (body, acker) = delivery.into_parts();
         match accept(body, acker, ttl, &serving, &mut seen) {
@@ -319,8 +325,7 @@ async fn serve(
         // the broker and not in this process.
         // Likewise when the requests held use up the byte budget: a handler that
         // finishes gives its bytes back.
-        while running.len() >= concurrency || (!running.is_empty() && serving.budget.is_exhausted())
-        {
+        while running.len() >= concurrency || (!running.is_empty() && working.is_exhausted()) {
             tokio::select! {
                 biased;
                 _ = token.cancelled() => break 'serving,
@@ -518,14 +523,16 @@ fn accept(
             "dropping duplicate request");
         return Accepted::Settle(Settle { acker, ack: true });
     }
-    // The caller waits `_expires_in` from sending, the transport may know how long
-    // the message is worth delivering: past the earlier, nobody waits for the reply.
-    let expires_in = (request.expires_in)
-        .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
-        .into_iter()
-        .chain(ttl)
-        .min()
-        .map(|limit| limit.min(MAX_CALL_LIFETIME));
+    // The caller waits `_expires_in` from sending; past it nobody waits for the
+    // reply. A request without it (from oslo.messaging) may still carry the
+    // transport's time to live (AMQP's `expiration`, the call timeout). The
+    // caller's own figure goes first: a transport's may come from the caller's
+    // wall clock, which need not agree with this server's.
+    let expires_in = match request.expires_in {
+        Some(secs) => Duration::try_from_secs_f64(secs.min(MAX_CALL_LIFETIME.as_secs_f64())).ok(),
+        None => ttl,
+    }
+    .map(|limit| limit.min(MAX_CALL_LIFETIME));
     let deadline = expires_in.and_then(|limit| received.checked_add(limit));
     Accepted::Work(Work {
         request,
@@ -558,7 +565,7 @@ impl Work {
             _ if acker.is_noop() => None,
             AckMode::BeforeDispatch => {
                 if let Err(err) = acker.ack().await {
-                    tracing::warn!(error = %err, method = %request.method,
+                    tracing::warn!(error = %err, method = %Escaped(&request.method),
                         "discarding request: acknowledgement failed");
                     return;
                 }
