@@ -10,8 +10,9 @@
 //! `scripts/test.sh` sets it and prints the summary of what was skipped after
 //! `cargo test`, outside libtest.
 //!
-//! This file is self-contained (std only): `cli/src/skips.rs` is a copy of it, for
-//! the command line's tests, and a test there checks that the two stay the same.
+//! This file is self-contained (std only): the command line (`mqrpc bench --raw`),
+//! its tests and the conformance suite (`tests/conformance`, by `#[path]`) all
+//! compile this one file.
 
 use std::io::Write;
 

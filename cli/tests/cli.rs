@@ -428,17 +428,6 @@ fn a_memory_bus_outlives_the_listener_that_started_it() {
     drop(serving);
 }
 
-/// The copy of the skip helper that the command line's tests use is the one of the
-/// conformance suite.
-#[test]
-fn the_skip_helper_is_the_conformance_suites() {
-    assert_eq!(
-        include_str!("../src/skips.rs"),
-        include_str!("../../tests/conformance/skips.rs"),
-        "cli/src/skips.rs must stay a copy of tests/conformance/skips.rs"
-    );
-}
-
 /// A loopback listener that accepts connections and never answers, as a broker that
 /// hangs would: it holds every connection it accepted until the test ends.
 struct Silent {

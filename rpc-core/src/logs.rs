@@ -61,11 +61,15 @@ struct ThrottleState {
 }
 
 impl Throttle {
-    /// At most one line per `interval`.
-    pub fn new(interval: Duration) -> Self {
+    /// At most one line per `interval`. A `const fn`, so a throttle can be a
+    /// `static` for warnings that have no owner to hold one.
+    pub const fn new(interval: Duration) -> Self {
         Throttle {
             interval,
-            state: Mutex::new(ThrottleState::default()),
+            state: Mutex::new(ThrottleState {
+                last: None,
+                suppressed: 0,
+            }),
         }
     }
 

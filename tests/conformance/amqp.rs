@@ -229,19 +229,18 @@ mod hardening {
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
-    use async_trait::async_trait;
     use futures::StreamExt;
     use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
     use lapin::types::{AMQPValue, FieldTable};
     use lapin::{BasicProperties, Channel};
     use mqrpc::{
-        AckMode, ByteBudget, Capabilities, Client, Consumer, Context, Endpoint, Error,
-        ListenOptions, Publisher, RemoteError, ReplyQueue, Server, Target, Transport,
+        AckMode, Client, Context, Endpoint, Error, ListenOptions, RemoteError, Server, Target,
     };
     use serde::Deserialize;
     use serde_json::{Value, json};
 
     use crate::service::{self, Recorder};
+    use crate::spy::BudgetSpy;
 
     fn topic(case: &str) -> String {
         format!("{case}_{}", &mqrpc::wire::new_id()[..12])
@@ -541,43 +540,6 @@ mod hardening {
         accepting.abort();
     }
 
-    /// A transport that lets the test read the byte budget its server is given.
-    #[derive(Debug)]
-    struct BudgetSpy {
-        inner: Arc<dyn Transport>,
-        budget: Mutex<Option<ByteBudget>>,
-    }
-
-    #[async_trait]
-    impl Transport for BudgetSpy {
-        fn name(&self) -> &'static str {
-            self.inner.name()
-        }
-        fn capabilities(&self) -> Capabilities {
-            self.inner.capabilities()
-        }
-        fn describe(&self) -> String {
-            self.inner.describe()
-        }
-        fn default_exchange(&self) -> &str {
-            self.inner.default_exchange()
-        }
-        async fn publisher(&self) -> mqrpc::Result<Arc<dyn Publisher>> {
-            self.inner.publisher().await
-        }
-        async fn listen(
-            &self,
-            target: &Target,
-            options: &ListenOptions,
-        ) -> mqrpc::Result<Box<dyn Consumer>> {
-            *self.budget.lock().expect("lock") = Some(options.budget.clone());
-            self.inner.listen(target, options).await
-        }
-        async fn reply_queue(&self) -> mqrpc::Result<ReplyQueue> {
-            self.inner.reply_queue().await
-        }
-    }
-
     #[derive(Deserialize)]
     struct HoldArgs {
         id: u64,
@@ -592,10 +554,7 @@ mod hardening {
         const SIZE: usize = 3 * 1024 * 1024;
         const COUNT: u64 = 10;
         let url = super::suite_url();
-        let spy = Arc::new(BudgetSpy {
-            inner: mqrpc::connect(&url).await.expect("RabbitMQ"),
-            budget: Mutex::new(None),
-        });
+        let spy = BudgetSpy::new(mqrpc::connect(&url).await.expect("RabbitMQ"));
         let name = topic("budget");
         let handled = Arc::new(Mutex::new(Vec::new()));
         let endpoint = Endpoint::new().method("hold", {
@@ -620,7 +579,7 @@ mod hardening {
             .start()
             .await
             .expect("server");
-        let budget = spy.budget.lock().expect("lock").clone().expect("listened");
+        let budget = spy.budget();
         assert_eq!(budget.limit(), BUDGET);
 
         let (_connection, channel) = raw_channel().await;

@@ -3,42 +3,13 @@
 //! and a flood of refused messages writes one warning per interval with a count,
 //! on a server and on a client's reply queue.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mqrpc::transport::{Address, Outgoing};
 use mqrpc::{Client, Context, Endpoint, ListenOptions, RemoteError, Server, Target};
 use serde_json::json;
 
-/// A log sink the test reads back.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().expect("log lock")).into_owned()
-    }
-}
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("log lock").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-    type Writer = Captured;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
+use crate::redaction::Captured;
 
 const FORGED: &str = "2026-12-06T00:00:00.000000Z ERROR mqrpc: forged";
 

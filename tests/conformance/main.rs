@@ -15,6 +15,10 @@ mod redaction;
 mod service;
 mod settling;
 mod skipping;
+#[cfg(any(feature = "amqp", feature = "nats"))]
+mod spy;
+// The command line's skip helper; one file for both packages.
+#[path = "../../cli/src/skips.rs"]
 mod skips;
 #[cfg(any(feature = "amqp", feature = "redis", feature = "nats"))]
 mod tls;

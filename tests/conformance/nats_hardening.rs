@@ -9,16 +9,15 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use futures::StreamExt;
 use mqrpc::{
-    ByteBudget, Capabilities, Client, Consumer, Context, Endpoint, ListenOptions, NatsConfig,
-    NatsTransport, Publisher, RemoteError, ReplyQueue, Server, Target, Transport,
+    ByteBudget, Client, Context, Endpoint, NatsConfig, NatsTransport, RemoteError, Server, Target,
 };
 use serde_json::json;
 use tokio::sync::{Semaphore, watch};
 
 use crate::service::{self, Recorder};
+use crate::spy::BudgetSpy;
 
 const CORE: &str = "prefix=mqrpc-test";
 const JETSTREAM: &str = "prefix=mqrpc-test-js&jetstream=true&ack_wait=2&max_age=600";
@@ -37,48 +36,6 @@ async fn connect(options: &str) -> Arc<NatsTransport> {
 
 /// A transport that hands everything to the NATS one and keeps the byte budget the
 /// server shares with its consumer, so the test can watch what the server holds.
-#[derive(Debug)]
-struct BudgetSpy {
-    inner: Arc<NatsTransport>,
-    budget: Mutex<Option<ByteBudget>>,
-}
-
-#[async_trait]
-impl Transport for BudgetSpy {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-
-    fn default_exchange(&self) -> &str {
-        self.inner.default_exchange()
-    }
-
-    async fn publisher(&self) -> mqrpc::Result<Arc<dyn Publisher>> {
-        self.inner.publisher().await
-    }
-
-    async fn listen(
-        &self,
-        target: &Target,
-        options: &ListenOptions,
-    ) -> mqrpc::Result<Box<dyn Consumer>> {
-        *self.budget.lock().expect("lock") = Some(options.budget.clone());
-        self.inner.listen(target, options).await
-    }
-
-    async fn reply_queue(&self) -> mqrpc::Result<ReplyQueue> {
-        self.inner.reply_queue().await
-    }
-}
-
 /// The most bytes a budget was seen holding, sampled until the watcher is dropped.
 struct PeakWatch {
     peak: Arc<AtomicUsize>,
@@ -173,11 +130,11 @@ const BUDGET: usize = 1024 * 1024;
 
 /// A server with a budget of [`BUDGET`] bytes whose handlers wait for a gate, the
 /// spy that sees its budget, and a client of the topic.
-async fn gated_server(options: &str, topic: &str) -> (Server, Arc<BudgetSpy>, Arc<Held>, Client) {
-    let spy = Arc::new(BudgetSpy {
-        inner: connect(options).await,
-        budget: Mutex::new(None),
-    });
+async fn gated_server(
+    options: &str,
+    topic: &str,
+) -> (Server, Arc<BudgetSpy<NatsTransport>>, Arc<Held>, Client) {
+    let spy = BudgetSpy::new(connect(options).await);
     let held = Held::new();
     let server = Server::builder(spy.clone(), Target::new(topic).server("s1"))
         .endpoint(held.endpoint())
@@ -191,9 +148,8 @@ async fn gated_server(options: &str, topic: &str) -> (Server, Arc<BudgetSpy>, Ar
     (server, spy, held, client)
 }
 
-fn budget_of(spy: &BudgetSpy) -> ByteBudget {
-    let budget = spy.budget.lock().expect("lock").clone();
-    let budget = budget.expect("the server listened");
+fn budget_of(spy: &BudgetSpy<NatsTransport>) -> ByteBudget {
+    let budget = spy.budget();
     assert_eq!(budget.limit(), BUDGET);
     budget
 }

@@ -15,7 +15,14 @@ const SECRET: &str = "s3cr3t-Pa55w0rd";
 
 /// A log sink the test reads back.
 #[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
+pub struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Captured {
+    /// What was logged so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log lock")).into_owned()
+    }
+}
 
 impl Write for Captured {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -130,7 +137,7 @@ async fn credentials_never_appear_in_debug_display_errors_or_logs() {
             "the secret of {url:?} leaked into: {seen}"
         );
     }
-    let logged = String::from_utf8_lossy(&log.0.lock().expect("log lock")).into_owned();
+    let logged = log.text();
     assert!(!logged.is_empty(), "the failures were logged");
     assert!(
         !logged.contains(SECRET),

@@ -37,6 +37,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
+use rpc_core::logs::{DEFAULT_WARN_INTERVAL, Escaped, Throttle};
 use rpc_core::transport::Merged;
 use rpc_core::{Acker, ByteBudget, Consumer, Delivery, Error, NoAck, Result};
 use tokio::sync::{mpsc, oneshot};
@@ -344,6 +345,8 @@ fn blocking_if_large<T>(size: usize, bzip2: bool, work: impl FnOnce() -> T) -> T
 /// handed on as it came, with a warning, and then refused as malformed by the server
 /// or the client (never lost silently).
 fn inflated(body: Vec<u8>, properties: &BasicProperties, max_message_size: usize) -> Vec<u8> {
+    // Peers choose these bodies: one line per interval, whatever their number.
+    static REFUSED: Throttle = Throttle::new(DEFAULT_WARN_INTERVAL);
     let compression = properties
         .headers()
         .as_ref()
@@ -357,7 +360,10 @@ fn inflated(body: Vec<u8>, properties: &BasicProperties, max_message_size: usize
         return body;
     };
     let Some(kind) = Compression::from_header(&compression) else {
-        tracing::warn!(%compression, size = body.len(), "body compression not supported; the message will be refused");
+        if let Some(suppressed) = REFUSED.hit() {
+            tracing::warn!(compression = %Escaped(&compression), size = body.len(), suppressed,
+                "body compression not supported; the message will be refused");
+        }
         return body;
     };
     let decoder = kind.decoder(&body);
@@ -369,16 +375,21 @@ fn inflated(body: Vec<u8>, properties: &BasicProperties, max_message_size: usize
     match read {
         Ok(size) if u64::try_from(size).unwrap_or(u64::MAX) <= limit => text,
         Ok(_) => {
-            tracing::warn!(
-                size = body.len(),
-                limit = max_message_size,
-                "compressed body inflates beyond max_message_size; the message will be refused"
-            );
+            if let Some(suppressed) = REFUSED.hit() {
+                tracing::warn!(
+                    size = body.len(),
+                    limit = max_message_size,
+                    suppressed,
+                    "compressed body inflates beyond max_message_size; the message will be refused"
+                );
+            }
             body
         }
         Err(err) => {
-            tracing::warn!(error = %err, size = body.len(),
-                "compressed body does not inflate; the message will be refused");
+            if let Some(suppressed) = REFUSED.hit() {
+                tracing::warn!(error = %err, size = body.len(), suppressed,
+                    "compressed body does not inflate; the message will be refused");
+            }
             body
         }
     }
