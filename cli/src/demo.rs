@@ -57,7 +57,12 @@ async fn pause(seconds: f64) -> Result<(), RemoteError> {
             "seconds must be a non-negative number",
         ));
     };
-    tokio::time::sleep(pause).await;
+    // A zero pause must not touch the timer: `sleep(0)` still waits for the next
+    // timer tick (a millisecond), which would cap `bump` casts at 1 000/s per
+    // handler.
+    if !pause.is_zero() {
+        tokio::time::sleep(pause).await;
+    }
     Ok(())
 }
 
