@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-#[path = "../src/skips.rs"]
-mod skips;
+mod common;
+
+use common::broker_available;
 
 const MQRPC: &str = env!("CARGO_BIN_EXE_mqrpc");
 
@@ -21,23 +22,6 @@ fn nats_url() -> String {
 fn amqp_url() -> String {
     std::env::var("MQRPC_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/".to_owned())
-}
-
-/// Whether the broker of `url` accepts connections. When it does not: a failure, or
-/// `false` after a recorded skip under `MQRPC_ALLOW_SKIP=1`.
-fn broker_available(what: &str, url: &str) -> bool {
-    let address = url
-        .split_once("://")
-        .map(|(_, rest)| rest.split(['?', '/']).next().unwrap_or(rest))
-        .map(|authority| authority.rsplit('@').next().unwrap_or(authority).to_owned())
-        .unwrap_or_default();
-    match std::net::TcpStream::connect(&address) {
-        Ok(_) => true,
-        Err(err) => {
-            skips::missing(what, &format!("broker unavailable at {address} ({err})"));
-            false
-        }
-    }
 }
 
 fn nats_available() -> bool {

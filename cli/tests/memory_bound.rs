@@ -37,8 +37,9 @@ use std::time::{Duration, Instant};
 use mqrpc::{Client, Context, Target};
 use serde_json::json;
 
-#[path = "../src/skips.rs"]
-mod skips;
+mod common;
+
+use common::broker_available;
 
 const MQRPC: &str = env!("CARGO_BIN_EXE_mqrpc");
 
@@ -54,23 +55,6 @@ fn env_or(name: &str, default: &str) -> String {
 fn with_options(base: String, options: &str) -> String {
     let separator = if base.contains('?') { '&' } else { '?' };
     format!("{base}{separator}{options}")
-}
-
-/// Whether the broker of `url` accepts connections. When it does not: a failure, or
-/// `false` after a recorded skip under `MQRPC_ALLOW_SKIP=1`.
-fn broker_available(what: &str, url: &str) -> bool {
-    let address = url
-        .split_once("://")
-        .map(|(_, rest)| rest.split(['?', '/']).next().unwrap_or(rest))
-        .map(|authority| authority.rsplit('@').next().unwrap_or(authority).to_owned())
-        .unwrap_or_default();
-    match std::net::TcpStream::connect(&address) {
-        Ok(_) => true,
-        Err(err) => {
-            skips::missing(what, &format!("broker unavailable at {address} ({err})"));
-            false
-        }
-    }
 }
 
 /// A `mqrpc serve` child process, killed if the test ends early; its stderr is
