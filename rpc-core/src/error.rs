@@ -71,6 +71,8 @@ pub enum Error {
     /// A broker or connection error.
     #[error("transport error: {message}")]
     Transport {
+        /// What kind of failure it was (see [`Error::is_retryable`]).
+        kind: TransportErrorKind,
         /// What failed.
         message: String,
         /// The broker client's own error, when there is one.
@@ -131,19 +133,73 @@ pub enum Error {
 }
 
 impl Error {
-    /// A transport error with a message and the underlying error.
-    pub fn transport(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+    /// A transport error of `kind` with a message and the broker client's error.
+    pub fn transport(
+        kind: TransportErrorKind,
+        message: impl Into<String>,
+        source: impl Into<BoxError>,
+    ) -> Self {
         Error::Transport {
+            kind,
             message: message.into(),
             source: Some(source.into()),
         }
     }
 
-    /// A transport error with a message only.
-    pub fn transport_msg(message: impl Into<String>) -> Self {
+    /// A transport error of `kind` with a message only.
+    pub fn transport_msg(kind: TransportErrorKind, message: impl Into<String>) -> Self {
         Error::Transport {
+            kind,
             message: message.into(),
             source: None,
+        }
+    }
+
+    /// What kind of error this is, for callers that branch on it.
+    ///
+    /// ```
+    /// use mqrpc::{Error, ErrorKind};
+    ///
+    /// fn advice(err: &Error) -> &'static str {
+    ///     match err.kind() {
+    ///         ErrorKind::Timeout | ErrorKind::NoResponders => "try again later",
+    ///         ErrorKind::Remote => "the server's method failed",
+    ///         ErrorKind::Config => "fix the configuration",
+    ///         _ => "see the error's message",
+    ///     }
+    /// }
+    /// let err = Error::InvalidUrl("no host".into());
+    /// assert_eq!(advice(&err), "fix the configuration");
+    /// ```
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Timeout { .. } => ErrorKind::Timeout,
+            Error::Remote(_) => ErrorKind::Remote,
+            Error::NoSuchMethod { .. } | Error::UnsupportedVersion { .. } => ErrorKind::NotServed,
+            Error::NoResponders { .. } | Error::Undeliverable { .. } => ErrorKind::NoResponders,
+            Error::Authentication(_) => ErrorKind::Authentication,
+            Error::Transport { kind, .. } => ErrorKind::Transport(*kind),
+            Error::Codec(_) => ErrorKind::Codec,
+            Error::InvalidTarget(_)
+            | Error::InvalidArguments(_)
+            | Error::MessageTooLarge { .. }
+            | Error::Unsupported(_) => ErrorKind::InvalidInput,
+            Error::InvalidConfig(_)
+            | Error::InvalidUrl(_)
+            | Error::BackendNotEnabled { .. }
+            | Error::UnknownScheme { .. } => ErrorKind::Config,
+            Error::Closed => ErrorKind::Closed,
+        }
+    }
+
+    /// Whether sending the same request again may succeed: a timeout, nobody
+    /// listening yet, or a broker or connection failure other than a refusal. Only
+    /// idempotent calls should be retried ([`crate::RetryPolicy`] does so).
+    pub fn is_retryable(&self) -> bool {
+        match self.kind() {
+            ErrorKind::Timeout | ErrorKind::NoResponders => true,
+            ErrorKind::Transport(kind) => kind != TransportErrorKind::Refused,
+            _ => false,
         }
     }
 
@@ -162,6 +218,62 @@ impl Error {
             Error::Remote(remote) => Some(remote),
             _ => None,
         }
+    }
+}
+
+/// The kinds of [`Error`], small enough to match on ([`Error::kind`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// No reply (or no heartbeat, or no broker confirmation) in time.
+    Timeout,
+    /// The server ran the method and it failed ([`Error::Remote`]).
+    Remote,
+    /// The server does not serve the method or version asked for.
+    NotServed,
+    /// Nothing listens on the address, or the broker could not route the message.
+    NoResponders,
+    /// Message authentication refused a request or a reply.
+    Authentication,
+    /// The broker or the connection failed; the inner kind tells how.
+    Transport(TransportErrorKind),
+    /// A message did not follow the wire format.
+    Codec,
+    /// The caller's input cannot be sent: a bad target, arguments that are not keyword
+    /// arguments, an oversized message, an operation the backend cannot do.
+    InvalidInput,
+    /// A URL or setting is invalid, or names a backend this build lacks.
+    Config,
+    /// The client, server or transport was closed.
+    Closed,
+}
+
+/// How a broker or connection failed ([`Error::Transport`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TransportErrorKind {
+    /// Connecting (TCP, TLS or the broker's handshake) failed or took too long.
+    Connect,
+    /// An established connection or channel went away.
+    Disconnected,
+    /// The broker refused the operation: credentials, permissions, a resource that
+    /// exists with other settings. Sending again will not help.
+    Refused,
+    /// The broker did not answer an operation in time.
+    Timeout,
+    /// Anything else the broker client reported.
+    Other,
+}
+
+impl fmt::Display for TransportErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TransportErrorKind::Connect => "connect",
+            TransportErrorKind::Disconnected => "disconnected",
+            TransportErrorKind::Refused => "refused",
+            TransportErrorKind::Timeout => "timeout",
+            TransportErrorKind::Other => "other",
+        })
     }
 }
 

@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 mod auth;
+pub mod backoff;
 mod budget;
 mod client;
 mod context;
@@ -26,6 +27,7 @@ mod error;
 pub mod fuzzing;
 mod inner;
 pub mod logs;
+pub mod options;
 mod reply;
 mod server;
 mod target;
@@ -37,6 +39,7 @@ pub use auth::{
     AUTH_FAILURE_CLASS, AUTH_FAILURE_MODULE, AuthFailure, DEFAULT_FRESHNESS, MIN_KEY_LEN,
     MessageAuth, Rejections,
 };
+pub use backoff::{Backoff, Jitter, Retry};
 pub use budget::{ByteBudget, Charge, DEFAULT_MAX_PENDING_BYTES};
 pub use client::{
     Client, DEFAULT_TIMEOUT, MAX_TIMEOUT, MIN_CALL_MONITOR, NO_RESPONDERS_CLASS, ReplyStream,
@@ -45,7 +48,8 @@ pub use client::{
 pub use context::Context;
 pub use endpoint::{Endpoint, NoArgs};
 pub use error::{
-    BoxError, CodecError, ERROR_KWARG, Error, IntoRemoteError, RemoteError, Result, TimeoutKind,
+    BoxError, CodecError, ERROR_KWARG, Error, ErrorKind, IntoRemoteError, RemoteError, Result,
+    TimeoutKind, TransportErrorKind,
 };
 pub use server::{
     AckMode, DEFAULT_CONCURRENCY, DEFAULT_GRACE_PERIOD, SERVER_SHUTDOWN_CLASS, Server,

@@ -238,8 +238,13 @@ impl Server {
     pub async fn shutdown(mut self) -> Result<()> {
         self.token.cancel();
         if let Some(task) = self.task.take() {
-            task.await
-                .map_err(|e| Error::transport("server task failed", e))?;
+            task.await.map_err(|e| {
+                Error::transport(
+                    crate::error::TransportErrorKind::Other,
+                    "server task failed",
+                    e,
+                )
+            })?;
         }
         tracing::debug!(target = %self.target, "server stopped");
         Ok(())
@@ -864,9 +869,10 @@ impl Replier {
         let send = self.publisher.send(reply_to, outgoing);
         match tokio::time::timeout(REPLY_SEND_LIMIT, send).await {
             Ok(sent) => sent,
-            Err(_) => Err(Error::transport_msg(format!(
-                "reply not accepted by the transport within {REPLY_SEND_LIMIT:?}"
-            ))),
+            Err(_) => Err(Error::transport_msg(
+                crate::error::TransportErrorKind::Timeout,
+                format!("reply not accepted by the transport within {REPLY_SEND_LIMIT:?}"),
+            )),
         }
     }
 }

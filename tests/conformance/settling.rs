@@ -63,7 +63,10 @@ impl Publisher for UnsettledPublisher {
             Settle::Never => std::future::pending().await,
             Settle::FailAfter(wait) => {
                 tokio::time::sleep(wait).await;
-                Err(Error::transport_msg(REFUSED))
+                Err(Error::transport_msg(
+                    mqrpc::TransportErrorKind::Other,
+                    REFUSED,
+                ))
             }
             Settle::SendAfter(_) => Ok(()),
         }

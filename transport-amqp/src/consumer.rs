@@ -586,8 +586,13 @@ impl Consumer for AmqpConsumer {
         // Dropping the guard cancels `closed`; the task then cleans up and ends.
         drop(self.close_on_drop.take());
         if let Some(task) = self.task.take() {
-            task.await
-                .map_err(|e| Error::transport("consumer task failed", e))?;
+            task.await.map_err(|e| {
+                Error::transport(
+                    rpc_core::TransportErrorKind::Other,
+                    "consumer task failed",
+                    e,
+                )
+            })?;
         }
         Ok(())
     }
@@ -866,9 +871,10 @@ impl Acker for AmqpAcker {
 fn settled(outcome: lapin::Result<bool>, what: &str) -> Result<()> {
     match outcome {
         Ok(true) => Ok(()),
-        Ok(false) => Err(Error::transport_msg(format!(
-            "{what} failed: the delivery's channel is closed (the broker requeued it)"
-        ))),
+        Ok(false) => Err(Error::transport_msg(
+            rpc_core::TransportErrorKind::Other,
+            format!("{what} failed: the delivery's channel is closed (the broker requeued it)"),
+        )),
         Err(err) => Err(lapin_error(what, err)),
     }
 }

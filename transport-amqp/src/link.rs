@@ -177,16 +177,23 @@ impl Link {
             Ok(Err(err)) => {
                 let transient = is_reset(&err);
                 return Err((
-                    Error::transport(format!("cannot connect to {host}"), err),
+                    Error::transport(
+                        rpc_core::TransportErrorKind::Other,
+                        format!("cannot connect to {host}"),
+                        err,
+                    ),
                     transient,
                 ));
             }
             Err(_) => {
                 return Err((
-                    Error::transport_msg(format!(
-                        "connecting to the AMQP broker at {host} timed out after {limit:?} \
+                    Error::transport_msg(
+                        rpc_core::TransportErrorKind::Other,
+                        format!(
+                            "connecting to the AMQP broker at {host} timed out after {limit:?} \
                          (TCP connect, TLS and AMQP handshake; URL option connect_timeout)"
-                    )),
+                        ),
+                    ),
                     false,
                 ));
             }

@@ -319,6 +319,7 @@ impl AmqpPublisher {
                 // again could run a request twice, so only replies are retried.
                 Err(err) if !matches!(address, Address::Reply(_)) => {
                     return Err(Error::transport(
+                        rpc_core::TransportErrorKind::Other,
                         format!(
                             "the broker connection failed before it confirmed the message to \
                              {address}; it may or may not have been delivered"
@@ -369,9 +370,10 @@ impl AmqpPublisher {
             if acked {
                 Ok(())
             } else {
-                Err(Error::transport_msg(format!(
-                    "the broker refused the message to {address} (nack)"
-                )))
+                Err(Error::transport_msg(
+                    rpc_core::TransportErrorKind::Other,
+                    format!("the broker refused the message to {address} (nack)"),
+                ))
             }
         }
         .await;
@@ -455,7 +457,13 @@ async fn compressed(compression: Compression, body: bytes::Bytes) -> Result<byte
     }
     tokio::task::spawn_blocking(move || compression.compress(&body).into())
         .await
-        .map_err(|e| Error::transport("compressing a message", e))
+        .map_err(|e| {
+            Error::transport(
+                rpc_core::TransportErrorKind::Other,
+                "compressing a message",
+                e,
+            )
+        })
 }
 
 /// The error of a publish the broker returned (`basic.return`): for a request, no

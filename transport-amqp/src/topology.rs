@@ -46,7 +46,7 @@ pub(crate) fn reply_queue() -> String {
 }
 
 pub(crate) fn lapin_error(what: &str, err: lapin::Error) -> Error {
-    Error::transport(what.to_owned(), err)
+    Error::transport(rpc_core::TransportErrorKind::Other, what.to_owned(), err)
 }
 
 /// Declares the control (topic) exchange.

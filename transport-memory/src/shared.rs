@@ -170,9 +170,10 @@ impl From<WireError> for Error {
             WireError::MessageTooLarge { size, limit } => Error::MessageTooLarge { size, limit },
             WireError::InvalidTarget { message } => Error::InvalidTarget(message),
             WireError::Closed => Error::Closed,
-            WireError::Other { message } => {
-                Error::transport_msg(format!("shared memory bus: {message}"))
-            }
+            WireError::Other { message } => Error::transport_msg(
+                rpc_core::TransportErrorKind::Other,
+                format!("shared memory bus: {message}"),
+            ),
         }
     }
 }
@@ -518,9 +519,10 @@ impl Held {
     /// settles it (or forgets it, which requeues it).
     fn take(&mut self, delivery: u64) -> Result<Box<dyn Acker>> {
         self.ackers.remove(&delivery).ok_or_else(|| {
-            Error::transport_msg(format!(
-                "delivery {delivery} is not held by this connection"
-            ))
+            Error::transport_msg(
+                rpc_core::TransportErrorKind::Other,
+                format!("delivery {delivery} is not held by this connection"),
+            )
         })
     }
 }
@@ -561,9 +563,10 @@ async fn serve_connection(bus: MemoryTransport, stream: UnixStream) {
                     Some(ttl) => tokio::time::timeout(ttl, publisher.send(&address, message))
                         .await
                         .unwrap_or_else(|_| {
-                            Err(Error::transport_msg(format!(
-                                "{address} stayed full for the message's time to live"
-                            )))
+                            Err(Error::transport_msg(
+                                rpc_core::TransportErrorKind::Other,
+                                format!("{address} stayed full for the message's time to live"),
+                            ))
                         }),
                     None => publisher.send(&address, message).await,
                 };
@@ -808,12 +811,15 @@ impl Drop for Link {
 
 impl Link {
     fn lost(&self) -> Error {
-        Error::transport_msg(format!(
-            "the process sharing memory bus {:?} (pid {}, {}) went away",
-            self.bus,
-            self.holder,
-            self.path.display()
-        ))
+        Error::transport_msg(
+            rpc_core::TransportErrorKind::Other,
+            format!(
+                "the process sharing memory bus {:?} (pid {}, {}) went away",
+                self.bus,
+                self.holder,
+                self.path.display()
+            ),
+        )
     }
 
     /// Sends a request made with a fresh id and waits for its answer.
@@ -840,6 +846,7 @@ impl Link {
         } = self.request(frame, &[]).await?
         else {
             return Err(Error::transport_msg(
+                rpc_core::TransportErrorKind::Other,
                 "shared memory bus: the holder opened no stream",
             ));
         };
@@ -1083,7 +1090,10 @@ impl Transport for AttachedBus {
     async fn reply_queue(&self) -> Result<ReplyQueue> {
         let mut consumer = self.link.open(|id| Frame::ReplyQueue { id }).await?;
         let address = consumer.address.take().ok_or_else(|| {
-            Error::transport_msg("shared memory bus: the holder gave no reply address")
+            Error::transport_msg(
+                rpc_core::TransportErrorKind::Other,
+                "shared memory bus: the holder gave no reply address",
+            )
         })?;
         Ok(ReplyQueue {
             address,

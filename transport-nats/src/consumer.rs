@@ -316,6 +316,7 @@ impl PullSource {
                 if description.contains("Consumer Deleted") {
                     self.consumer = None;
                     return Some(Err(Error::transport_msg(
+                        rpc_core::TransportErrorKind::Other,
                         "JetStream consumer deleted; creating it again",
                     )));
                 }
@@ -330,15 +331,17 @@ impl PullSource {
                 self.pending = None;
                 self.consumer = None;
                 return Some(Err(Error::transport_msg(
+                    rpc_core::TransportErrorKind::Other,
                     "JetStream pull: no responders (creating the consumer again)",
                 )));
             }
             other => {
                 self.pending = None;
                 tokio::time::sleep(PULL_RETRY).await;
-                return Some(Err(Error::transport_msg(format!(
-                    "JetStream pull: unexpected status {other}"
-                ))));
+                return Some(Err(Error::transport_msg(
+                    rpc_core::TransportErrorKind::Other,
+                    format!("JetStream pull: unexpected status {other}"),
+                )));
             }
         }
         let size = message.payload.len();
@@ -582,6 +585,7 @@ impl Consumer for ServerConsumer {
         if slow != self.slow_seen {
             self.slow_seen = slow;
             return Some(Err(Error::transport_msg(
+                rpc_core::TransportErrorKind::Other,
                 "NATS slow consumer: the client dropped messages it could not buffer \
                  (raise subscription_capacity or the server's concurrency)",
             )));
@@ -620,6 +624,7 @@ impl Consumer for ServerConsumer {
         match tokio::time::timeout(crate::ROUND_TRIP_LIMIT, self.shared.client.flush()).await {
             Ok(flushed) => flushed.map_err(|e| nats_error("flushing the last replies", e)),
             Err(_) => Err(Error::transport_msg(
+                rpc_core::TransportErrorKind::Other,
                 "the last replies could not be flushed (disconnected)",
             )),
         }
@@ -706,10 +711,12 @@ struct JetStreamAcker {
 #[async_trait]
 impl Acker for JetStreamAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
-        self.message
-            .ack()
-            .await
-            .map_err(|e| Error::transport_msg(format!("JetStream ack failed: {e}")))
+        self.message.ack().await.map_err(|e| {
+            Error::transport_msg(
+                rpc_core::TransportErrorKind::Other,
+                format!("JetStream ack failed: {e}"),
+            )
+        })
     }
 
     async fn reject(self: Box<Self>, requeue: bool) -> Result<()> {
@@ -718,10 +725,12 @@ impl Acker for JetStreamAcker {
         } else {
             AckKind::Term
         };
-        self.message
-            .ack_with(kind)
-            .await
-            .map_err(|e| Error::transport_msg(format!("JetStream reject failed: {e}")))
+        self.message.ack_with(kind).await.map_err(|e| {
+            Error::transport_msg(
+                rpc_core::TransportErrorKind::Other,
+                format!("JetStream reject failed: {e}"),
+            )
+        })
     }
 }
 

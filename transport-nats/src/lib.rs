@@ -100,14 +100,15 @@ pub(crate) async fn round_trip(
         Ok(Err(err)) if err.kind() == async_nats::client::RequestErrorKind::NoResponders => Ok(()),
         Ok(Ok(_)) => Ok(()),
         Ok(Err(err)) => Err(nats_error("round trip to the NATS server", err)),
-        Err(_) => Err(Error::transport_msg(format!(
-            "the NATS server did not answer within {ROUND_TRIP_LIMIT:?}"
-        ))),
+        Err(_) => Err(Error::transport_msg(
+            rpc_core::TransportErrorKind::Other,
+            format!("the NATS server did not answer within {ROUND_TRIP_LIMIT:?}"),
+        )),
     }
 }
 
 pub(crate) fn nats_error(what: &str, err: impl std::error::Error + Send + Sync + 'static) -> Error {
-    Error::transport(what.to_owned(), err)
+    Error::transport(rpc_core::TransportErrorKind::Other, what.to_owned(), err)
 }
 
 impl NatsTransport {
@@ -186,10 +187,13 @@ impl NatsTransport {
         let bound = config.connect_timeout.saturating_mul(attempts);
         let where_to = config.servers.join(",");
         let timed_out = || {
-            Error::transport_msg(format!(
-                "connecting to NATS at {where_to} timed out after {:?} (connect_timeout)",
-                config.connect_timeout
-            ))
+            Error::transport_msg(
+                rpc_core::TransportErrorKind::Other,
+                format!(
+                    "connecting to NATS at {where_to} timed out after {:?} (connect_timeout)",
+                    config.connect_timeout
+                ),
+            )
         };
         let client = match tokio::time::timeout(bound, options.connect(servers)).await {
             Ok(Ok(client)) => client,

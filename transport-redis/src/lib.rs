@@ -69,7 +69,7 @@ impl std::fmt::Debug for RedisTransport {
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub(crate) fn redis_error(what: &str, err: redis::RedisError) -> Error {
-    Error::transport(what.to_owned(), err)
+    Error::transport(rpc_core::TransportErrorKind::Other, what.to_owned(), err)
 }
 
 impl RedisTransport {
@@ -159,12 +159,15 @@ pub(crate) async fn connection_manager(
 }
 
 fn connect_timed_out(config: &RedisConfig) -> Error {
-    Error::transport_msg(format!(
-        "connecting to Redis at {} timed out after {:?} (TCP connect, TLS and Redis \
+    Error::transport_msg(
+        rpc_core::TransportErrorKind::Other,
+        format!(
+            "connecting to Redis at {} timed out after {:?} (TCP connect, TLS and Redis \
          handshake; URL option connect_timeout)",
-        address(config),
-        config.connect_timeout
-    ))
+            address(config),
+            config.connect_timeout
+        ),
+    )
 }
 
 /// Where `config` connects, without credentials: `127.0.0.1:6379/`.
