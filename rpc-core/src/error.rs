@@ -192,10 +192,15 @@ impl Error {
         }
     }
 
-    /// Whether sending the same request again may succeed: a timeout, nobody
-    /// listening yet, or a broker or connection failure other than a refusal. Only
+    /// Whether sending the same request again may succeed: a timeout, no server
+    /// listening yet ([`Error::NoResponders`]), or a broker or connection failure other than a refusal. Only
     /// idempotent calls should be retried ([`crate::RetryPolicy`] does so).
     pub fn is_retryable(&self) -> bool {
+        if let Error::Undeliverable { .. } = self {
+            // The broker dropped the message for want of a queue: the address is
+            // wrong, not busy.
+            return false;
+        }
         match self.kind() {
             ErrorKind::Timeout | ErrorKind::NoResponders => true,
             ErrorKind::Transport(kind) => kind != TransportErrorKind::Refused,
