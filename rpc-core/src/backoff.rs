@@ -146,10 +146,21 @@ impl Retry {
     /// Calls `op` with the attempt number (0 first) until it returns `Ok`, or an error
     /// that `retryable` refuses, or the attempts or the deadline run out; the last
     /// error is returned.
-    pub async fn run<T, E, F, Fut>(
+    pub async fn run<T, E, F, Fut>(&self, op: F, retryable: impl FnMut(&E) -> bool) -> Result<T, E>
+    where
+        F: FnMut(u32) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.run_notify(op, retryable, |_, _| {}).await
+    }
+
+    /// Like [`Retry::run`], and tells `before_wait` each error that is retried and the
+    /// wait before the next attempt, so the caller's log line can say how long it is.
+    pub async fn run_notify<T, E, F, Fut>(
         &self,
         mut op: F,
         mut retryable: impl FnMut(&E) -> bool,
+        mut before_wait: impl FnMut(&E, Duration),
     ) -> Result<T, E>
     where
         F: FnMut(u32) -> Fut,
@@ -173,6 +184,7 @@ impl Retry {
                 }
                 wait = wait.min(left);
             }
+            before_wait(&err, wait);
             tokio::time::sleep(wait).await;
             attempt = attempt.saturating_add(1);
         }
@@ -237,5 +249,21 @@ mod tests {
         // Attempts at 0 s, 1 s, 2 s and 2.5 s (the last wait cut to the deadline).
         assert_eq!(timed, Err(3));
         assert_eq!(start.elapsed(), Duration::from_millis(2500));
+
+        let mut told = Vec::new();
+        let notified: Result<(), u32> = Retry::new(backoff.jitter(Jitter::None))
+            .attempts(3)
+            .run_notify(
+                |n| async move { Err(n) },
+                |_| true,
+                |e, wait| told.push((*e, wait)),
+            )
+            .await;
+        // Told of the two waits, not of the last failure, which is returned.
+        assert_eq!(notified, Err(2));
+        assert_eq!(
+            told,
+            [(0, Duration::from_secs(1)), (1, Duration::from_secs(1))]
+        );
     }
 }

@@ -332,6 +332,50 @@ async fn redis_a_watcher_that_creates_a_stream_gives_it_a_ttl() {
     }
 }
 
+/// A configuration built with setters, not a URL's options, connects and serves:
+/// its prefix names the keys, and the streams expire after its `stream_ttl`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_config_built_with_setters_serves_calls() {
+    let Some(_) = backend().await else { return };
+    let prefix = format!("mqrpc-built-{}", &mqrpc::wire::new_id()[..12]);
+    let config = mqrpc::RedisConfig::parse(&base_url())
+        .expect("MQRPC_REDIS_URL")
+        .prefix(prefix.clone())
+        .claim_idle(Duration::from_secs(1))
+        .stream_ttl(Duration::from_secs(300))
+        .block(Duration::from_millis(500))
+        .reply_ttl(Duration::from_secs(30));
+    let transport: std::sync::Arc<dyn mqrpc::Transport> = std::sync::Arc::new(
+        mqrpc::RedisTransport::with_config(config)
+            .await
+            .expect("redis"),
+    );
+    let server = service_server(
+        transport.clone(),
+        "built",
+        "s1",
+        &crate::service::Recorder::new(),
+    )
+    .await;
+    let client = mqrpc::Client::new(transport, mqrpc::Target::new("built"));
+    echo_in_hundreds(&client, 100).await;
+    let keys = keys_under(&prefix);
+    let topic = keys
+        .iter()
+        .find(|k| k.ends_with(":topic"))
+        .unwrap_or_else(|| panic!("no topic stream under {prefix}: {keys:?}"));
+    let ttl = ttl_of(topic);
+    assert!(
+        (1..=300).contains(&ttl),
+        "{topic} has TTL {ttl}, not stream_ttl"
+    );
+    client.close().await;
+    server.shutdown().await.expect("shutdown");
+    for key in keys_under(&prefix) {
+        redis_cli(&["DEL", &key]);
+    }
+}
+
 /// `total` echo calls, a hundred at a time, each checked.
 async fn echo_in_hundreds(client: &mqrpc::Client, total: u64) {
     for chunk in 0..total / 100 {

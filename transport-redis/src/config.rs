@@ -1,4 +1,5 @@
-//! URL parsing (`redis://`, `rediss://`) and the key layout.
+//! The Redis backend's settings: read from a URL (`redis://`, `rediss://`) or built
+//! with setters, and the key layout.
 //!
 //! Keys of one topic share the hash tag `{<exchange>:<topic>}` so a topic lives in
 //! one Redis Cluster slot; every name is escaped so a `:`, `{` or `}` inside a topic
@@ -8,48 +9,92 @@ use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
-use rpc_core::{Error, Result};
+use rpc_core::options::{DEFAULT_CONNECT_TIMEOUT, Unit, UrlOption};
+use rpc_core::{Error, Result, TlsFiles};
+
+/// Where a configuration built without a URL connects.
+const DEFAULT_URL: &str = "redis://127.0.0.1:6379/";
+
+/// The options a Redis URL takes besides the TLS files, for the error about an
+/// unknown one (`block_ms` and `claim_idle_ms` are the old names of `block` and
+/// `claim_idle`, whose plain numbers count milliseconds).
+const OPTION_NAMES: &str = "prefix, exchange, maxlen, block, claim_idle, stream_ttl, reply_ttl, \
+prune_idle, max_message_size, connect_timeout, block_ms, claim_idle_ms";
 
 /// Everything a Redis URL configures.
+///
+/// Read from a URL with [`RedisConfig::parse`], or built from [`Default`] (Redis at
+/// `127.0.0.1:6379`, database 0) with setters named after the fields:
+///
+/// ```
+/// use std::time::Duration;
+/// use mqrpc::RedisConfig;
+///
+/// let config = RedisConfig::default()
+///     .url("redis://:secret@cache.internal:6380/2")?
+///     .prefix("app")
+///     .maxlen(10_000)
+///     .claim_idle(Duration::from_secs(60));
+/// assert_eq!(config.maxlen, 10_000);
+///
+/// // The same, as a URL: durations take 500ms, 2s, or plain seconds (60, 0.5).
+/// let parsed = RedisConfig::parse(
+///     "redis://:secret@cache.internal:6380/2?prefix=app&maxlen=10000&claim_idle=60",
+/// )?;
+/// assert_eq!(parsed, config);
+/// // The password is never printed.
+/// assert!(!format!("{config:?}").contains("secret"));
+/// # Ok::<(), mqrpc::Error>(())
+/// ```
+///
+/// A configuration is checked when it connects
+/// ([`crate::RedisTransport::with_config`]): names must not be empty, numbers and
+/// durations must be positive.
 #[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RedisConfig {
     /// The URL handed to redis-rs (scheme, credentials, host, port, db), without
     /// mqrpc's own options. Never printed.
     pub(crate) connection_url: String,
-    /// Prefix of every key (default `mqrpc`).
+    /// Prefix of every key (`prefix`, default `mqrpc`).
     pub prefix: String,
-    /// The control exchange (default `openstack`), part of each topic's keys.
+    /// The control exchange (`exchange`, default `openstack`), part of each topic's
+    /// keys.
     pub exchange: String,
-    /// Approximate cap of each stream's length (`XADD MAXLEN ~`, default 100 000).
-    /// Topic and server streams hold only unsettled entries, so this bounds a backlog:
-    /// beyond it the oldest waiting entries are dropped. Reply streams are capped at
-    /// this or 100 000, whichever is larger (their client deletes what it has read).
+    /// Approximate cap of each stream's length (`XADD MAXLEN ~`; `maxlen`, default
+    /// 100 000). Topic and server streams hold only unsettled entries, so this bounds
+    /// a backlog: beyond it the oldest waiting entries are dropped. Reply streams are
+    /// capped at this or 100 000, whichever is larger (their client deletes what it
+    /// has read).
     pub maxlen: usize,
-    /// How long one blocking read waits before it is issued again.
+    /// How long one blocking read waits before it is issued again (`block`, or
+    /// `block_ms` whose plain numbers are milliseconds; default 5 s).
     pub block: Duration,
     /// Entries pending this long on a consumer are taken over by another server
-    /// (`XAUTOCLAIM`). A live server refreshes the entries it holds, so only servers
-    /// that stopped (died, lost Redis, shutting down) lose theirs; keep it above the
-    /// shutdown grace period in after-handling ack mode.
+    /// (`XAUTOCLAIM`; `claim_idle`, or `claim_idle_ms` whose plain numbers are
+    /// milliseconds; default 30 s). A live server refreshes the entries it holds, so
+    /// only servers that stopped (died, lost Redis, shutting down) lose theirs; keep
+    /// it above the shutdown grace period in after-handling ack mode.
     pub claim_idle: Duration,
     /// Topic, server and fanout streams expire after this long without a live server
-    /// refreshing them.
+    /// refreshing them (`stream_ttl`, default 24 h; Redis counts whole seconds).
     pub stream_ttl: Duration,
-    /// A client's reply stream expires this long after the client stops refreshing it.
+    /// A client's reply stream expires this long after the client stops refreshing it
+    /// (`reply_ttl`, default 60 s; Redis counts whole seconds).
     pub reply_ttl: Duration,
     /// Fanout groups (and topic consumers) idle this long belong to dead servers and
-    /// are removed.
+    /// are removed (`prune_idle`, default 300 s).
     pub prune_idle: Duration,
-    /// The largest message sent.
+    /// The largest message sent, in bytes (`max_message_size`, default 64 MiB).
     pub max_message_size: usize,
     /// How long one attempt to connect may take: the TCP connection, TLS and Redis's
     /// handshake. It bounds [`crate::RedisTransport::connect`] as a whole and every
-    /// attempt of a reconnection (`connect_timeout`, in seconds, decimals allowed;
-    /// default 10 s).
+    /// attempt of a reconnection (`connect_timeout`; default
+    /// [`DEFAULT_CONNECT_TIMEOUT`], 10 s).
     pub connect_timeout: Duration,
     /// CA and client certificate files (`tls_ca_file`, `tls_cert_file`,
     /// `tls_key_file`); naming any turns TLS on (`rediss://`).
-    pub tls_files: rpc_core::TlsFiles,
+    pub tls_files: TlsFiles,
 }
 
 impl fmt::Debug for RedisConfig {
@@ -71,22 +116,12 @@ impl fmt::Debug for RedisConfig {
     }
 }
 
-impl RedisConfig {
-    /// Parses `redis://[[user]:password@]host[:port][/db][?options]` or `rediss://...`.
-    ///
-    /// Options: `prefix`, `exchange`, `maxlen`, `block_ms`, `claim_idle_ms`,
-    /// `stream_ttl` (seconds), `reply_ttl` (seconds), `prune_idle` (seconds),
-    /// `max_message_size` (bytes), `connect_timeout` (seconds, decimals allowed:
-    /// `connect_timeout=2.5`), and the TLS files `tls_ca_file`, `tls_cert_file`,
-    /// `tls_key_file`, which turn TLS on. Unknown options are errors.
-    pub fn parse(url: &str) -> Result<Self> {
-        let bad = |what: String| Error::InvalidUrl(format!("Redis URL: {what}"));
-        let mut parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
-        if !matches!(parsed.scheme(), "redis" | "rediss") {
-            return Err(bad(format!("unsupported scheme {:?}", parsed.scheme())));
-        }
-        let mut config = RedisConfig {
-            connection_url: String::new(),
+impl Default for RedisConfig {
+    /// Redis at `redis://127.0.0.1:6379/`, with the defaults a URL without options
+    /// gets.
+    fn default() -> Self {
+        RedisConfig {
+            connection_url: DEFAULT_URL.to_owned(),
             prefix: "mqrpc".to_owned(),
             exchange: rpc_core::DEFAULT_EXCHANGE.to_owned(),
             maxlen: 100_000,
@@ -97,62 +132,190 @@ impl RedisConfig {
             prune_idle: Duration::from_secs(300),
             max_message_size: 64 * 1024 * 1024,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            tls_files: rpc_core::TlsFiles::default(),
-        };
+            tls_files: TlsFiles::default(),
+        }
+    }
+}
+
+/// An [`Error::InvalidUrl`] about a Redis URL.
+fn bad(what: impl fmt::Display) -> Error {
+    Error::InvalidUrl(format!("Redis URL: {what}"))
+}
+
+/// Parses a `redis://` or `rediss://` URL (options included).
+fn parse_url(url: &str) -> Result<url::Url> {
+    let parsed = url::Url::parse(url).map_err(bad)?;
+    if !matches!(parsed.scheme(), "redis" | "rediss") {
+        return Err(bad(format_args!(
+            "unsupported scheme {:?}",
+            parsed.scheme()
+        )));
+    }
+    Ok(parsed)
+}
+
+impl RedisConfig {
+    /// Parses `redis://[[user]:password@]host[:port][/db][?options]` or `rediss://...`.
+    ///
+    /// Options: `prefix`, `exchange`, `maxlen`, `block`, `claim_idle`, `stream_ttl`,
+    /// `reply_ttl`, `prune_idle`, `connect_timeout` (durations: `500ms`, `2s`, `1m`, or
+    /// plain seconds with fractions, `2.5`), `max_message_size` (bytes), and the TLS
+    /// files `tls_ca_file`, `tls_cert_file`, `tls_key_file`, which turn TLS on. The old
+    /// names `block_ms` and `claim_idle_ms` are aliases of `block` and `claim_idle`
+    /// whose plain numbers count milliseconds (`block_ms=2000` is `block=2s`).
+    /// Unknown options are errors.
+    pub fn parse(url: &str) -> Result<Self> {
+        let mut parsed = parse_url(url)?;
+        let mut config = RedisConfig::default();
         let pairs: Vec<(String, String)> = parsed.query_pairs().into_owned().collect();
         for (key, value) in &pairs {
-            let number = || -> Result<u64> {
-                value
-                    .parse::<u64>()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| bad(format!("option {key} must be a positive integer")))
-            };
             if config.tls_files.set_option(key, value).is_some() {
                 continue;
             }
+            let option = UrlOption::new("Redis", key, value);
             match key.as_str() {
-                "prefix" | "exchange" => {
-                    if value.is_empty() {
-                        return Err(bad(format!("option {key} must not be empty")));
-                    }
-                    if key == "prefix" {
-                        config.prefix = value.clone();
-                    } else {
-                        config.exchange = value.clone();
-                    }
-                }
-                "maxlen" => config.maxlen = number()? as usize,
-                "block_ms" => config.block = Duration::from_millis(number()?),
-                "claim_idle_ms" => config.claim_idle = Duration::from_millis(number()?),
-                "stream_ttl" => config.stream_ttl = Duration::from_secs(number()?),
-                "reply_ttl" => config.reply_ttl = Duration::from_secs(number()?),
-                "prune_idle" => config.prune_idle = Duration::from_secs(number()?),
-                "max_message_size" => config.max_message_size = number()? as usize,
-                "connect_timeout" => {
-                    config.connect_timeout = seconds(value).ok_or_else(|| {
-                        bad(format!("option {key} must be a positive number of seconds"))
-                    })?;
-                }
-                other => {
-                    return Err(bad(format!(
-                        "unknown option {other:?} (known: prefix, exchange, maxlen, block_ms, \
-                         claim_idle_ms, stream_ttl, reply_ttl, prune_idle, max_message_size, \
-                         connect_timeout, {})",
-                        rpc_core::TlsFiles::OPTION_NAMES
-                    )));
+                "prefix" => config.prefix = option.text()?.to_owned(),
+                "exchange" => config.exchange = option.text()?.to_owned(),
+                "maxlen" => config.maxlen = option.positive()?,
+                "block" => config.block = option.duration()?,
+                "block_ms" => config.block = option.duration_with(Unit::Millis)?,
+                "claim_idle" => config.claim_idle = option.duration()?,
+                "claim_idle_ms" => config.claim_idle = option.duration_with(Unit::Millis)?,
+                "stream_ttl" => config.stream_ttl = option.duration()?,
+                "reply_ttl" => config.reply_ttl = option.duration()?,
+                "prune_idle" => config.prune_idle = option.duration()?,
+                "max_message_size" => config.max_message_size = option.positive()?,
+                "connect_timeout" => config.connect_timeout = option.duration()?,
+                _ => {
+                    return Err(
+                        option.unknown(&format!("{OPTION_NAMES}, {}", TlsFiles::OPTION_NAMES))
+                    );
                 }
             }
         }
         config.tls_files.validate()?;
-        if config.tls_files.any() && parsed.scheme() == "redis" {
-            parsed
-                .set_scheme("rediss")
-                .map_err(|()| bad("cannot switch to rediss://".to_owned()))?;
-        }
         parsed.set_query(None);
         config.connection_url = parsed.to_string();
         Ok(config)
+    }
+
+    /// Connects to the Redis of `url`: `redis://[[user]:password@]host[:port][/db]`,
+    /// or `rediss://...` for TLS. The URL carries no options (the setters set them; see
+    /// [`RedisConfig::parse`] to read both from one URL).
+    pub fn url(mut self, url: &str) -> Result<Self> {
+        let parsed = parse_url(url)?;
+        if parsed.query().is_some() {
+            return Err(bad(
+                "RedisConfig::url takes no options: use the setters, or RedisConfig::parse",
+            ));
+        }
+        self.connection_url = parsed.to_string();
+        Ok(self)
+    }
+
+    /// Sets [`RedisConfig::prefix`].
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Sets [`RedisConfig::exchange`].
+    pub fn exchange(mut self, exchange: impl Into<String>) -> Self {
+        self.exchange = exchange.into();
+        self
+    }
+
+    /// Sets [`RedisConfig::maxlen`].
+    pub fn maxlen(mut self, maxlen: usize) -> Self {
+        self.maxlen = maxlen;
+        self
+    }
+
+    /// Sets [`RedisConfig::block`].
+    pub fn block(mut self, block: Duration) -> Self {
+        self.block = block;
+        self
+    }
+
+    /// Sets [`RedisConfig::claim_idle`].
+    pub fn claim_idle(mut self, claim_idle: Duration) -> Self {
+        self.claim_idle = claim_idle;
+        self
+    }
+
+    /// Sets [`RedisConfig::stream_ttl`].
+    pub fn stream_ttl(mut self, stream_ttl: Duration) -> Self {
+        self.stream_ttl = stream_ttl;
+        self
+    }
+
+    /// Sets [`RedisConfig::reply_ttl`].
+    pub fn reply_ttl(mut self, reply_ttl: Duration) -> Self {
+        self.reply_ttl = reply_ttl;
+        self
+    }
+
+    /// Sets [`RedisConfig::prune_idle`].
+    pub fn prune_idle(mut self, prune_idle: Duration) -> Self {
+        self.prune_idle = prune_idle;
+        self
+    }
+
+    /// Sets [`RedisConfig::max_message_size`].
+    pub fn max_message_size(mut self, max_message_size: usize) -> Self {
+        self.max_message_size = max_message_size;
+        self
+    }
+
+    /// Sets [`RedisConfig::connect_timeout`].
+    pub fn connect_timeout(mut self, connect_timeout: Duration) -> Self {
+        self.connect_timeout = connect_timeout;
+        self
+    }
+
+    /// Sets [`RedisConfig::tls_files`]; naming any file turns TLS on.
+    pub fn tls_files(mut self, tls_files: TlsFiles) -> Self {
+        self.tls_files = tls_files;
+        self
+    }
+
+    /// Checks what [`RedisConfig::parse`] checks of each option, for a configuration
+    /// built with setters: a zero `prune_idle`, say, would make Redis refuse every
+    /// alive key.
+    pub(crate) fn validate(&self) -> Result<()> {
+        let invalid = |what: &str| Err(Error::InvalidConfig(format!("Redis: {what}")));
+        if self.prefix.is_empty() || self.exchange.is_empty() {
+            return invalid("prefix and exchange must not be empty");
+        }
+        if self.maxlen == 0 || self.max_message_size == 0 {
+            return invalid("maxlen and max_message_size must be positive");
+        }
+        for (name, duration) in [
+            ("block", self.block),
+            ("claim_idle", self.claim_idle),
+            ("stream_ttl", self.stream_ttl),
+            ("reply_ttl", self.reply_ttl),
+            ("prune_idle", self.prune_idle),
+            ("connect_timeout", self.connect_timeout),
+        ] {
+            if duration.is_zero() {
+                return invalid(&format!("{name} must be a positive duration"));
+            }
+        }
+        self.tls_files.validate()
+    }
+
+    /// The URL redis-rs connects to: `rediss://` when TLS files are named, since they
+    /// ask for TLS whatever the scheme said.
+    pub(crate) fn client_url(&self) -> Result<Cow<'_, str>> {
+        if !self.tls_files.any() || !self.connection_url.starts_with("redis://") {
+            return Ok(Cow::Borrowed(&self.connection_url));
+        }
+        let mut url = url::Url::parse(&self.connection_url)
+            .map_err(|_| bad("the server address is not a URL"))?;
+        url.set_scheme("rediss")
+            .map_err(|()| bad("cannot switch to rediss://"))?;
+        Ok(Cow::Owned(url.to_string()))
     }
 
     fn base(&self, exchange: &str, topic: &str) -> String {
@@ -188,20 +351,6 @@ impl RedisConfig {
     pub fn reply_prefix(&self) -> String {
         format!("{}:reply:", escape(&self.prefix))
     }
-}
-
-/// How long connecting may take unless the URL says otherwise.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A positive, finite number of seconds (`2`, `2.5`, `0.25`), as a duration.
-fn seconds(text: &str) -> Option<Duration> {
-    let value: f64 = text.trim().parse().ok()?;
-    if !(value.is_finite() && value > 0.0) {
-        return None;
-    }
-    Duration::try_from_secs_f64(value)
-        .ok()
-        .filter(|d| !d.is_zero())
 }
 
 /// Escapes the characters that structure a key: `%`, `:`, `{`, `}`.
@@ -269,6 +418,94 @@ mod tests {
             assert_eq!(c.connect_timeout, expected, "{url}");
             assert_eq!(c.connection_url, "redis://h", "{url}");
         }
+    }
+
+    #[test]
+    fn every_duration_takes_units_and_fractions_and_old_names_count_millis() {
+        let c = RedisConfig::parse(
+            "redis://h?block=250ms&claim_idle=1.5&stream_ttl=2m&reply_ttl=30s\
+             &prune_idle=0.5&connect_timeout=2s",
+        )
+        .expect("parse");
+        assert_eq!(c.block, Duration::from_millis(250));
+        assert_eq!(c.claim_idle, Duration::from_millis(1500));
+        assert_eq!(c.stream_ttl, Duration::from_secs(120));
+        assert_eq!(c.reply_ttl, Duration::from_secs(30));
+        assert_eq!(c.prune_idle, Duration::from_millis(500));
+        assert_eq!(c.connect_timeout, Duration::from_secs(2));
+        // The old names: a plain number is milliseconds, a unit says what it says.
+        let c = RedisConfig::parse("redis://h?block_ms=2000&claim_idle_ms=1s").expect("parse");
+        assert_eq!(c.block, Duration::from_secs(2));
+        assert_eq!(c.claim_idle, Duration::from_secs(1));
+        for url in [
+            "redis://h?block=0",
+            "redis://h?block_ms=0ms",
+            "redis://h?stream_ttl=soon",
+            "redis://h?prune_idle=-1",
+        ] {
+            let err = RedisConfig::parse(url).expect_err(url).to_string();
+            assert!(err.contains("must be a positive duration"), "{err}");
+        }
+        let err = RedisConfig::parse("redis://h?bogus=1").expect_err("unknown");
+        let text = err.to_string();
+        assert!(
+            text.contains("unknown option \"bogus\"") && text.contains("block_ms, claim_idle_ms"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn setters_build_what_a_url_would() {
+        let built = RedisConfig::default()
+            .url("rediss://u:pw@h:6380/3")
+            .expect("url")
+            .prefix("app")
+            .exchange("x")
+            .maxlen(10)
+            .block(Duration::from_millis(100))
+            .claim_idle(Duration::from_secs(2))
+            .stream_ttl(Duration::from_secs(3))
+            .reply_ttl(Duration::from_secs(4))
+            .prune_idle(Duration::from_secs(5))
+            .max_message_size(1000)
+            .connect_timeout(Duration::from_secs(6));
+        let parsed = RedisConfig::parse(
+            "rediss://u:pw@h:6380/3?prefix=app&exchange=x&maxlen=10&block=100ms&claim_idle=2\
+             &stream_ttl=3&reply_ttl=4&prune_idle=5&max_message_size=1000&connect_timeout=6",
+        )
+        .expect("parse");
+        assert_eq!(built, parsed);
+        assert!(built.validate().is_ok());
+        assert_eq!(
+            RedisConfig::default(),
+            RedisConfig::parse(DEFAULT_URL).expect("parse")
+        );
+        assert!(RedisConfig::default().url("redis://h?prefix=a").is_err());
+        assert!(RedisConfig::default().url("http://h").is_err());
+        for broken in [
+            RedisConfig::default().prefix(""),
+            RedisConfig::default().maxlen(0),
+            RedisConfig::default().prune_idle(Duration::ZERO),
+        ] {
+            assert!(
+                matches!(broken.validate(), Err(Error::InvalidConfig(_))),
+                "{broken:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn tls_files_switch_to_rediss_when_connecting() {
+        let c = RedisConfig::parse("redis://h:1/?tls_ca_file=/ca.pem").expect("parse");
+        assert_eq!(c.client_url().expect("url"), "rediss://h:1/");
+        let mut files = TlsFiles::default();
+        files.ca_file = Some("/ca.pem".into());
+        let c = RedisConfig::default().tls_files(files);
+        assert_eq!(c.client_url().expect("url"), "rediss://127.0.0.1:6379/");
+        assert_eq!(
+            RedisConfig::default().client_url().expect("url"),
+            "redis://127.0.0.1:6379/"
+        );
     }
 
     #[test]

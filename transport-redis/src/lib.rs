@@ -8,26 +8,31 @@
 //!   a client that is gone fails as undeliverable instead of creating a key.
 //! - Blocking reads run on connections of their own; publishing shares one
 //!   multiplexed, auto-reconnecting connection (pipelined). Connecting, and each
-//!   attempt to reconnect, gives up after `connect_timeout` (10 s).
+//!   attempt to reconnect, gives up after `connect_timeout` (10 s). Every other retry
+//!   waits from 50 ms, doubling up to 5 s, with jitter.
 //! - A server reads no more entries than its byte budget
 //!   ([`rpc_core::ListenOptions::budget`]) has room for; the rest wait in Redis.
-//! - Entries left pending by a dead consumer longer than `claim_idle_ms` are taken
+//! - Entries left pending by a dead consumer longer than `claim_idle` are taken
 //!   over with `XAUTOCLAIM`; entries every group has settled are deleted by the
 //!   servers' housekeeping; streams are capped with an approximate `MAXLEN`.
 //!
 //! ```no_run
-//! # async fn demo() -> rpc_core::Result<()> {
-//! let transport = transport_redis::RedisTransport::connect("redis://127.0.0.1:6379/").await?;
+//! # async fn demo() -> mqrpc::Result<()> {
+//! let transport = mqrpc::RedisTransport::connect("redis://127.0.0.1:6379/?prefix=app").await?;
 //! # let _ = transport; Ok(()) }
 //! ```
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod commands;
 mod config;
-mod consumer;
-mod pace;
+mod entry;
+mod error;
 mod publisher;
+mod replies;
+mod server;
+mod watcher;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,13 +40,18 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use rpc_core::{
-    Capabilities, Consumer, Error, ListenOptions, Publisher, ReplyQueue, Result, Target, Transport,
+    Backoff, Capabilities, Consumer, Error, ListenOptions, Publisher, ReplyQueue, Result, Target,
+    Transport, TransportErrorKind,
 };
 
-pub use config::{DEFAULT_CONNECT_TIMEOUT, RedisConfig};
+pub use config::RedisConfig;
+pub use rpc_core::options::DEFAULT_CONNECT_TIMEOUT;
 
-use consumer::{ReplyConsumer, ServerConsumer};
+use error::{connect_error, kind_description};
 use publisher::RedisPublisher;
+use replies::ReplyConsumer;
+use server::ServerConsumer;
+use watcher::MonitorConsumer;
 
 /// A connection to Redis. Cheap to clone; clones share the publishing connection.
 #[derive(Clone)]
@@ -68,9 +78,11 @@ impl std::fmt::Debug for RedisTransport {
 /// A non-blocking command answered later than this counts as a lost connection.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub(crate) fn redis_error(what: &str, err: redis::RedisError) -> Error {
-    Error::transport(rpc_core::TransportErrorKind::Other, what.to_owned(), err)
-}
+/// How every retry of this backend waits: a publish refused a connection, a read
+/// that failed, a consumer group to create again. From 50 ms, doubling up to 5 s,
+/// each wait drawn from its upper half so that servers cut off together do not
+/// come back together.
+pub(crate) const BACKOFF: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
 
 impl RedisTransport {
     /// Connects to the Redis of a `redis://` or `rediss://` URL (see
@@ -79,9 +91,11 @@ impl RedisTransport {
         Self::with_config(RedisConfig::parse(url)?).await
     }
 
-    /// Connects with a parsed configuration.
+    /// Connects with a configuration, parsed or built (see [`RedisConfig`]).
     pub async fn with_config(config: RedisConfig) -> Result<Self> {
-        let url = config.connection_url.as_str();
+        config.validate()?;
+        let url = config.client_url()?;
+        let url = url.as_ref();
         let client = if config.tls_files.any() {
             let pem = config.tls_files.load()?;
             let certificates = redis::TlsCertificates {
@@ -97,7 +111,7 @@ impl RedisTransport {
         } else {
             redis::Client::open(url)
         }
-        .map_err(|e| Error::InvalidUrl(format!("Redis URL: {}", e.kind_description())))?;
+        .map_err(|e| Error::InvalidUrl(format!("Redis URL: {}", kind_description(&e))))?;
         let commands = connection_manager(&client, &config, COMMAND_TIMEOUT).await?;
         let publisher = Arc::new(RedisPublisher::new(commands.clone(), config.clone()));
         Ok(RedisTransport {
@@ -116,17 +130,6 @@ impl RedisTransport {
     }
 }
 
-trait KindDescription {
-    fn kind_description(&self) -> String;
-}
-
-impl KindDescription for redis::RedisError {
-    /// The error without its detail, which can quote the URL (and its password).
-    fn kind_description(&self) -> String {
-        format!("{:?}", self.kind())
-    }
-}
-
 /// An auto-reconnecting connection whose commands time out after `response_timeout`.
 /// Connecting it, retries included, takes at most the configured `connect_timeout`,
 /// and so does each attempt of a later reconnection.
@@ -138,7 +141,8 @@ pub(crate) async fn connection_manager(
     let manager = ConnectionManagerConfig::new()
         .set_response_timeout(Some(response_timeout))
         .set_connection_timeout(Some(config.connect_timeout))
-        .set_max_delay(Duration::from_secs(5))
+        // redis-rs reconnects on its own schedule; its waits stop where ours do.
+        .set_max_delay(BACKOFF.max())
         .set_number_of_retries(3);
     // redis-rs bounds each attempt, and retries the first connection as it retries a
     // reconnection: the whole of it must fit in the one timeout the user gave.
@@ -150,8 +154,8 @@ pub(crate) async fn connection_manager(
     {
         Ok(Ok(connection)) => Ok(connection),
         Ok(Err(err)) if err.is_timeout() => Err(connect_timed_out(config)),
-        Ok(Err(err)) => Err(redis_error(
-            &format!("cannot connect to Redis at {}", address(config)),
+        Ok(Err(err)) => Err(connect_error(
+            format!("cannot connect to Redis at {}", address(config)),
             err,
         )),
         Err(_elapsed) => Err(connect_timed_out(config)),
@@ -160,7 +164,7 @@ pub(crate) async fn connection_manager(
 
 fn connect_timed_out(config: &RedisConfig) -> Error {
     Error::transport_msg(
-        rpc_core::TransportErrorKind::Other,
+        TransportErrorKind::Connect,
         format!(
             "connecting to Redis at {} timed out after {:?} (TCP connect, TLS and Redis \
          handshake; URL option connect_timeout)",
@@ -223,7 +227,7 @@ impl Transport for RedisTransport {
 
     async fn monitor(&self, target: &Target) -> Result<Box<dyn Consumer>> {
         Ok(Box::new(
-            consumer::MonitorConsumer::start(self.shared.clone(), target).await?,
+            MonitorConsumer::start(self.shared.clone(), target).await?,
         ))
     }
 

@@ -4,15 +4,15 @@
 //! stream mqrpc creates carries a time-to-live. Replies use `NOMKSTREAM` only: a reply to a stream
 //! that no longer exists is undeliverable, never a new key.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use rand::Rng;
 use redis::aio::ConnectionManager;
-use rpc_core::{Address, Error, Outgoing, Publisher, Result};
+use rpc_core::{Address, Error, Outgoing, Publisher, Result, Retry};
 
+use crate::BACKOFF;
 use crate::config::RedisConfig;
-use crate::redis_error;
+use crate::error::redis_error;
 
 /// Field of an entry holding the encoded message.
 pub(crate) const BODY_FIELD: &str = "b";
@@ -33,21 +33,6 @@ pub(crate) fn now_millis() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// Whether an error means the connection is gone (worth retrying after reconnecting).
-pub(crate) fn is_connection_error(err: &redis::RedisError) -> bool {
-    err.is_io_error()
-        || err.is_connection_dropped()
-        || err.is_connection_refusal()
-        || err.is_timeout()
-}
-
-/// Capped exponential backoff with jitter.
-pub(crate) fn backoff(attempt: u32) -> Duration {
-    let base = Duration::from_millis(50).saturating_mul(1 << attempt.min(7));
-    base.min(Duration::from_secs(5))
-        .mul_f64(rand::rng().random_range(0.5..=1.0))
 }
 
 impl RedisPublisher {
@@ -148,26 +133,24 @@ impl RedisPublisher {
 impl Publisher for RedisPublisher {
     async fn send(&self, address: &Address, message: Outgoing) -> Result<()> {
         Error::check_size(message.body.len(), self.config.max_message_size)?;
-        let mut attempt = 0u32;
-        loop {
-            match self.attempt(address, &message).await {
-                Ok(true) => return Ok(()),
-                Ok(false) if message.mandatory => {
-                    return Err(Error::Undeliverable {
-                        address: address.to_string(),
-                    });
-                }
-                Ok(false) => return Ok(()),
+        let sent = Retry::new(BACKOFF)
+            .run_notify(
+                |_| self.attempt(address, &message),
                 // Only a refused connection proves the command was not applied; after
                 // any other failure the entry may exist, and a second would run twice.
-                Err(err) if err.is_connection_refusal() => {
-                    let wait = backoff(attempt);
-                    attempt = attempt.saturating_add(1);
+                redis::RedisError::is_connection_refusal,
+                |err, wait| {
                     tracing::warn!(error = %err, %address, ?wait, "publish failed; retrying after reconnection");
-                    tokio::time::sleep(wait).await;
-                }
-                Err(err) => return Err(redis_error(&format!("publishing to {address}"), err)),
-            }
+                },
+            )
+            .await;
+        match sent {
+            Ok(true) => Ok(()),
+            Ok(false) if message.mandatory => Err(Error::Undeliverable {
+                address: address.to_string(),
+            }),
+            Ok(false) => Ok(()),
+            Err(err) => Err(redis_error(&format!("publishing to {address}"), err)),
         }
     }
 }

@@ -341,6 +341,11 @@ async fn redis_connect_gives_up_after_connect_timeout() {
         "{text}"
     );
     assert!(!format!("{err:?}").contains("s3cret"), "{err:?}");
+    assert_eq!(
+        err.kind(),
+        mqrpc::ErrorKind::Transport(mqrpc::TransportErrorKind::Connect),
+        "{err}"
+    );
     listener.abort();
 
     // Nothing listening at all: refused (tried again a few times, within the
@@ -362,6 +367,33 @@ async fn redis_connect_gives_up_after_connect_timeout() {
     );
     let text = err.to_string();
     assert!(text.contains(&format!("127.0.0.1:{closed}")), "{text}");
+    assert!(!format!("{err:?}").contains("s3cret"), "{err:?}");
+    assert_eq!(
+        err.kind(),
+        mqrpc::ErrorKind::Transport(mqrpc::TransportErrorKind::Connect),
+        "{err}"
+    );
+    assert!(err.is_retryable(), "{err}");
+}
+
+/// A login Redis refuses is a `Refused` transport error, which no retry helps, with
+/// redis-rs's error kept as its source and the password in neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_refused_login_is_a_refused_error() {
+    let Some(_) = backend().await else { return };
+    let address = crate::faults::host_port(&base_url(), 6379);
+    let err = mqrpc::connect(&format!(
+        "redis://mqrpc-nobody:s3cret@{address}/?connect_timeout=2"
+    ))
+    .await
+    .expect_err("no such user");
+    assert_eq!(
+        err.kind(),
+        mqrpc::ErrorKind::Transport(mqrpc::TransportErrorKind::Refused),
+        "{err}"
+    );
+    assert!(!err.is_retryable(), "{err}");
+    assert!(std::error::Error::source(&err).is_some(), "{err:?}");
     assert!(!format!("{err:?}").contains("s3cret"), "{err:?}");
 }
 

@@ -1,0 +1,149 @@
+//! The Redis commands and Lua scripts that servers, their housekeeping and watchers
+//! share: creating a consumer group with its stream's TTL, alive keys, and the
+//! scripts that settle, trim and prune atomically.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use rpc_core::Result;
+
+use crate::error::redis_error;
+
+/// Destroys a server's fanout group, and the stream with the last group.
+pub(crate) const DROP_FANOUT_GROUP: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('XGROUP', 'DESTROY', KEYS[1], ARGV[1])
+if #redis.call('XINFO', 'GROUPS', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) end
+return 1
+";
+
+/// Acks an entry of a topic or server stream and deletes it when the stream has no
+/// group but the servers' (a watcher's group keeps entries for it to read).
+pub(crate) static SETTLE_SHARED: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| {
+        redis::Script::new(
+            r"
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if #redis.call('XINFO', 'GROUPS', KEYS[1]) == 1 then redis.call('XDEL', KEYS[1], ARGV[2]) end
+return 1
+",
+        )
+    });
+
+/// Deletes entries read with `NOACK` once handled, unless a watcher keeps them.
+pub(crate) static DELETE_SETTLED: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(
+    || {
+        redis::Script::new(
+            r"
+if #redis.call('XINFO', 'GROUPS', KEYS[1]) == 1 then return redis.call('XDEL', KEYS[1], unpack(ARGV)) end
+return 0
+",
+        )
+    },
+);
+
+/// Deletes the entries of a stream that every group has read and settled: those
+/// before both the next entry any group has yet to read and the oldest entry any
+/// group still has pending (`XTRIM ... MINID`). Settles that were lost (a cut
+/// connection) and entries a watcher's group kept while it was there end so.
+/// Returns how many entries went.
+pub(crate) static TRIM_SETTLED: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| {
+        redis::Script::new(
+            r"
+local groups = redis.pcall('XINFO', 'GROUPS', KEYS[1])
+if type(groups) ~= 'table' or groups.err or #groups == 0 then return 0 end
+local function parse(id)
+  local ms, seq = string.match(id or '', '^(%d+)-(%d+)$')
+  ms, seq = tonumber(ms), tonumber(seq)
+  -- Beyond 2^52 a Lua number loses the exactness this needs: leave the stream.
+  if ms == nil or seq == nil or ms > 4503599627370496 or seq > 4503599627370496 then return nil end
+  return ms, seq
+end
+local floor_ms, floor_seq
+local function lower(ms, seq)
+  if floor_ms == nil or ms < floor_ms or (ms == floor_ms and seq < floor_seq) then
+    floor_ms, floor_seq = ms, seq
+  end
+end
+for _, group in ipairs(groups) do
+  local name, pending, last
+  for i = 1, #group, 2 do
+    local field = group[i]
+    if field == 'name' then name = group[i + 1]
+    elseif field == 'pending' then pending = group[i + 1]
+    elseif field == 'last-delivered-id' then last = group[i + 1] end
+  end
+  local ms, seq = parse(last)
+  if ms == nil then return 0 end
+  lower(ms, seq + 1)
+  if pending and pending > 0 then
+    local oldest = redis.call('XPENDING', KEYS[1], name)
+    local pms, pseq = parse(oldest[2])
+    if pms == nil then return 0 end
+    lower(pms, pseq)
+  end
+end
+return redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d-%d', floor_ms, floor_seq))
+",
+        )
+    });
+
+/// Removes a consumer from a group unless it still has pending entries.
+pub(crate) const DROP_IDLE_CONSUMER: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #pending == 0 then redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) end
+return #pending
+";
+
+/// Creates a group (and its stream, with `MKSTREAM`) and gives the stream a TTL if
+/// it has none, in one script: a server that dies between the two steps must not
+/// leave a stream without a TTL. A group that exists already is accepted.
+static CREATE_GROUP: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local created = redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], ARGV[2], 'MKSTREAM')
+if type(created) == 'table' and created.err and not string.find(created.err, '^BUSYGROUP') then
+  return created
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3], 'NX')
+return 1
+",
+    )
+});
+
+/// Creates `group` on `key` from `start`, accepting one that exists already; a
+/// stream this makes expires after `ttl` (an existing TTL is left alone).
+pub(crate) async fn create_group(
+    conn: &mut ConnectionManager,
+    key: &str,
+    group: &str,
+    start: &str,
+    ttl: Duration,
+) -> Result<()> {
+    CREATE_GROUP
+        .key(key)
+        .arg(group)
+        .arg(start)
+        .arg(ttl.as_secs().max(1))
+        .invoke_async::<i64>(conn)
+        .await
+        .map(drop)
+        .map_err(|err| redis_error(&format!("creating group {group} on {key}"), err))
+}
+
+/// Sets a server's or watcher's alive key, which expires after `ttl` unless set again.
+pub(crate) async fn mark_alive(
+    conn: &mut ConnectionManager,
+    key: &str,
+    ttl: Duration,
+) -> redis::RedisResult<()> {
+    redis::cmd("SET")
+        .arg(key)
+        .arg(1)
+        .arg("PX")
+        .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+        .query_async::<()>(conn)
+        .await
+}

@@ -1,0 +1,106 @@
+//! What a redis-rs error means to mqrpc: the [`TransportErrorKind`] of each failure,
+//! decided in one place, and the few errors the consumers react to by name.
+
+use redis::{ErrorKind, RedisError, ServerErrorKind};
+use rpc_core::{Error, TransportErrorKind};
+
+/// How a redis-rs error counts: a refused TCP connection is `Connect`, an I/O
+/// timeout `Timeout`, any other I/O failure (a reset, an EOF) `Disconnected`, a
+/// failed login or a command the user's ACL forbids `Refused`, the rest `Other`.
+pub(crate) fn error_kind(err: &RedisError) -> TransportErrorKind {
+    // Order matters: redis-rs counts a refusal as a dropped connection too.
+    if err.is_connection_refusal() {
+        TransportErrorKind::Connect
+    } else if err.is_timeout() {
+        TransportErrorKind::Timeout
+    } else if err.is_connection_dropped() || err.is_io_error() {
+        TransportErrorKind::Disconnected
+    } else if matches!(
+        err.kind(),
+        ErrorKind::AuthenticationFailed | ErrorKind::Server(ServerErrorKind::NoPerm)
+    ) || matches!(err.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
+    {
+        TransportErrorKind::Refused
+    } else {
+        TransportErrorKind::Other
+    }
+}
+
+/// A transport error saying `what` failed, of the kind [`error_kind`] gives, with
+/// redis-rs's error kept as its source.
+pub(crate) fn redis_error(what: &str, err: RedisError) -> Error {
+    Error::transport(error_kind(&err), what.to_owned(), err)
+}
+
+/// A failure to connect: `Connect`, unless Redis refused the login (`Refused`,
+/// since connecting again with the same credentials will not help).
+pub(crate) fn connect_error(what: String, err: RedisError) -> Error {
+    let kind = match error_kind(&err) {
+        TransportErrorKind::Refused => TransportErrorKind::Refused,
+        _ => TransportErrorKind::Connect,
+    };
+    Error::transport(kind, what, err)
+}
+
+/// Whether an error means the connection is gone (worth retrying after reconnecting)
+/// rather than Redis refusing the command.
+pub(crate) fn is_connection_error(err: &RedisError) -> bool {
+    matches!(
+        error_kind(err),
+        TransportErrorKind::Connect
+            | TransportErrorKind::Disconnected
+            | TransportErrorKind::Timeout
+    )
+}
+
+/// Whether Redis answered that a consumer group (or its stream) does not exist.
+pub(crate) fn is_missing_group(err: &RedisError) -> bool {
+    err.code() == Some("NOGROUP")
+}
+
+/// The error without its detail, which can quote the URL (and its password).
+pub(crate) fn kind_description(err: &RedisError) -> String {
+    format!("{:?}", err.kind())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io(kind: std::io::ErrorKind) -> RedisError {
+        std::io::Error::new(kind, "test").into()
+    }
+
+    #[test]
+    fn failures_are_classified_by_what_happened() {
+        use std::io::ErrorKind as Io;
+        assert_eq!(
+            error_kind(&io(Io::ConnectionRefused)),
+            TransportErrorKind::Connect
+        );
+        assert_eq!(error_kind(&io(Io::TimedOut)), TransportErrorKind::Timeout);
+        for kind in [Io::ConnectionReset, Io::UnexpectedEof, Io::BrokenPipe] {
+            assert_eq!(error_kind(&io(kind)), TransportErrorKind::Disconnected);
+        }
+        let login: RedisError = (ErrorKind::AuthenticationFailed, "no").into();
+        assert_eq!(error_kind(&login), TransportErrorKind::Refused);
+        let noperm: RedisError = (ErrorKind::Server(ServerErrorKind::NoPerm), "acl").into();
+        assert_eq!(error_kind(&noperm), TransportErrorKind::Refused);
+        let other: RedisError = (ErrorKind::Server(ServerErrorKind::ResponseError), "x").into();
+        assert_eq!(error_kind(&other), TransportErrorKind::Other);
+        assert!(is_connection_error(&io(Io::ConnectionReset)));
+        assert!(!is_connection_error(&noperm));
+    }
+
+    #[test]
+    fn connecting_fails_as_connect_unless_the_login_is_refused() {
+        let reset = connect_error("c".into(), io(std::io::ErrorKind::ConnectionReset));
+        assert_eq!(
+            reset.kind(),
+            rpc_core::ErrorKind::Transport(TransportErrorKind::Connect)
+        );
+        let login = connect_error("c".into(), (ErrorKind::AuthenticationFailed, "no").into());
+        assert!(!login.is_retryable());
+        assert!(std::error::Error::source(&login).is_some());
+    }
+}
