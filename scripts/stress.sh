@@ -14,7 +14,7 @@ export MQRPC_STRESS="${MQRPC_STRESS:-20}"
 unset MQRPC_ALLOW_SKIP
 backends=("$@")
 if [ ${#backends[@]} -eq 0 ]; then
-    backends=(memory:: memory_shared:: amqp:: redis:: nats::core:: nats::jetstream::)
+    backends=(memory:: amqp:: redis:: nats::core:: nats::jetstream::)
 fi
 cargo test --workspace --all-features --test conformance --no-run
 logs="${CARGO_TARGET_DIR:-target}/stress"

@@ -44,11 +44,6 @@ pub use rpc_core::*;
 #[cfg(feature = "memory")]
 pub use transport_memory::MemoryTransport;
 
-/// One memory bus for several processes of a machine, over a Unix socket (what lets
-/// `mqrpc serve` and `mqrpc call` meet on `memory://`).
-#[cfg(all(feature = "memory", unix))]
-pub use transport_memory::shared as shared_memory;
-
 #[cfg(feature = "amqp")]
 pub use transport_amqp::{AmqpConfig, AmqpTransport, ReplyQueues};
 
@@ -77,7 +72,7 @@ redis://, rediss:// (feature redis), nats://, tls:// (feature nats)";
 /// Opens a transport for `url`; the scheme picks the backend.
 ///
 /// - `memory://` is a new private in-process bus; `memory://NAME` is the bus of that
-///   name, shared by every `connect` in this process.
+///   name, shared by every `connect` in this process (and by nothing outside it).
 /// - `amqp://`, `amqps://` and oslo's `rabbit://` connect to RabbitMQ (feature
 ///   `amqp`); see [`AmqpTransport`] for hosts, virtual host and options.
 /// - `redis://` and `rediss://` use Redis streams (feature `redis`); see

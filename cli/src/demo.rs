@@ -130,8 +130,12 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     let server_name = args
         .server
         .unwrap_or_else(|| format!("mqrpc-{}", std::process::id()));
-    let bumps = Arc::new(AtomicU64::new(0));
-    let mut ready = false;
+    if crate::in_process(&args.url) {
+        eprintln!(
+            "mqrpc: warning: {}; no client can call this server",
+            crate::IN_PROCESS
+        );
+    }
     // One catcher for the whole run: one made per wait would miss a signal that
     // came between two waits.
     let mut signals = crate::StopSignals::new();
@@ -139,70 +143,38 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
         eprintln!("mqrpc: stopped before serving");
         Ok(())
     };
-    loop {
-        let opened = tokio::select! {
-            () = signals.next() => return stopped_starting(),
-            opened = crate::memory_bus::open(&args.url, crate::memory_bus::Role::Member) => opened?,
-        };
-        let mut builder = Server::builder(
-            opened.transport.clone(),
-            Target::new(&args.topic).server(&server_name),
-        )
-        .endpoint(endpoint(bumps.clone()))
+    let transport = tokio::select! {
+        () = signals.next() => return stopped_starting(),
+        transport = mqrpc::connect(&args.url) => transport.context("connecting")?,
+    };
+    let mut builder = Server::builder(transport, Target::new(&args.topic).server(&server_name))
+        .endpoint(endpoint(Arc::new(AtomicU64::new(0))))
         .concurrency(args.concurrency)
         .max_pending_bytes(args.max_pending_bytes);
-        if let Some(auth) = args.auth.message_auth()? {
-            builder = builder.message_auth(auth);
-        }
-        let started = tokio::select! {
-            () = signals.next() => return stopped_starting(),
-            started = builder.start() => started,
-        };
-        let server = match started {
-            Ok(server) => server,
-            // The keeper went away between attaching and starting: attach again.
-            Err(err) if opened.keeper_lost() => {
-                eprintln!("mqrpc: {err}; attaching again");
-                continue;
-            }
-            Err(err) => return Err(err).context("starting the server"),
-        };
-        if !ready {
-            ready = true;
-            eprintln!(
-                "mqrpc: serving topic {} as server {} (Ctrl-C stops)",
-                args.topic, server_name
-            );
-            println!(
-                "{}",
-                serde_json::json!({"event": "ready", "topic": args.topic, "server": server_name})
-            );
-        }
-        tokio::select! {
-            () = signals.next() => {
-                eprintln!(
-                    "mqrpc: stopping: the requests in progress finish first (Ctrl-C again \
-                     exits at once)"
-                );
-                tokio::select! {
-                    stopped = server.shutdown() => stopped.context("shutting down")?,
-                    () = signals.next() => {
-                        eprintln!("mqrpc: exiting at once; requests in progress are abandoned");
-                        std::process::exit(crate::EXIT_INTERRUPTED);
-                    }
-                }
-                break;
-            }
-            // Serving goes on as long as this command runs: on a memory bus whose
-            // keeper was killed, a keeper is started anew and this server attaches to
-            // it, as a server reconnects to a restarted broker.
-            () = opened.keeper_gone() => {
-                eprintln!(
-                    "mqrpc: the keeper of the memory bus went away; serving on a \
-                     bus kept anew"
-                );
-                let _ = server.shutdown().await;
-            }
+    if let Some(auth) = args.auth.message_auth()? {
+        builder = builder.message_auth(auth);
+    }
+    let server = tokio::select! {
+        () = signals.next() => return stopped_starting(),
+        started = builder.start() => started.context("starting the server")?,
+    };
+    eprintln!(
+        "mqrpc: serving topic {} as server {} (Ctrl-C stops)",
+        args.topic, server_name
+    );
+    println!(
+        "{}",
+        serde_json::json!({"event": "ready", "topic": args.topic, "server": server_name})
+    );
+    signals.next().await;
+    eprintln!(
+        "mqrpc: stopping: the requests in progress finish first (Ctrl-C again exits at once)"
+    );
+    tokio::select! {
+        stopped = server.shutdown() => stopped.context("shutting down")?,
+        () = signals.next() => {
+            eprintln!("mqrpc: exiting at once; requests in progress are abandoned");
+            std::process::exit(crate::EXIT_INTERRUPTED);
         }
     }
     Ok(())

@@ -4,7 +4,6 @@
 
 mod bench;
 mod demo;
-mod memory_bus;
 #[cfg(test)]
 mod skips;
 
@@ -47,17 +46,6 @@ enum Command {
     Serve(ServeArgs),
     /// Measure latency and throughput (with --raw, beside the broker's bare client).
     Bench(bench::BenchArgs),
-    /// Keep a memory bus for other mqrpc commands (started by `serve` and `listen`).
-    #[command(hide = true)]
-    KeepBus(KeepBusArgs),
-}
-
-/// Which memory bus to keep.
-#[derive(Args, Debug)]
-struct KeepBusArgs {
-    /// The memory URL.
-    #[arg(long)]
-    url: String,
 }
 
 /// Message authentication (HMAC-SHA256), for peers that require signed messages.
@@ -107,8 +95,8 @@ impl AuthArgs {
 /// Where to send and what.
 #[derive(Args, Debug)]
 struct CallArgs {
-    /// Broker URL (amqp://, rabbit://, redis://, nats://, ...), or memory://NAME to
-    /// reach the memory bus an `mqrpc serve` on that URL started.
+    /// Broker URL (amqp://, rabbit://, redis://, nats://, ...; not memory://, a bus
+    /// inside one process that no other command can reach).
     #[arg(long, env = "MQRPC_URL")]
     url: String,
     /// Topic.
@@ -148,8 +136,7 @@ struct CallArgs {
 /// What to watch.
 #[derive(Args, Debug)]
 struct ListenArgs {
-    /// Broker URL, or memory://NAME: the memory bus of the commands on that URL, kept
-    /// by a background mqrpc process the first `serve` or `listen` starts.
+    /// Broker URL (on memory://, a bus inside this process, nothing passes).
     #[arg(long, env = "MQRPC_URL")]
     url: String,
     /// Topic.
@@ -163,8 +150,7 @@ struct ListenArgs {
 /// What to serve.
 #[derive(Args, Debug)]
 pub(crate) struct ServeArgs {
-    /// Broker URL, or memory://NAME: the memory bus of the commands on that URL, kept
-    /// by a background mqrpc process the first `serve` or `listen` starts.
+    /// Broker URL (on memory://, a bus inside this process, no client can call).
     #[arg(long, env = "MQRPC_URL")]
     pub(crate) url: String,
     /// Topic.
@@ -309,9 +295,6 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Listen(args) => listen(args).await.map(|()| ExitCode::SUCCESS),
         Command::Serve(args) => demo::serve(args).await.map(|()| ExitCode::SUCCESS),
         Command::Bench(args) => bench::run(args).await.map(|()| ExitCode::SUCCESS),
-        Command::KeepBus(args) => memory_bus::keep(&args.url)
-            .await
-            .map(|()| ExitCode::SUCCESS),
     }
 }
 
@@ -333,54 +316,56 @@ fn describe(body: &[u8]) -> Value {
 }
 
 async fn listen(args: ListenArgs) -> Result<()> {
+    if in_process(&args.url) {
+        eprintln!("mqrpc: warning: {IN_PROCESS}; nothing can pass on this topic");
+    }
     let stop = stopped();
     tokio::pin!(stop);
+    let transport = tokio::select! {
+        () = &mut stop => return Ok(()),
+        transport = mqrpc::connect(&args.url) => transport.context("connecting")?,
+    };
+    let target = Target::new(&args.topic);
+    let mut tap = tokio::select! {
+        () = &mut stop => return Ok(()),
+        tap = transport.monitor(&target) => tap.context("watching the topic")?,
+    };
+    eprintln!("mqrpc: listening on topic {} (Ctrl-C stops)", args.topic);
     let mut seen = 0u64;
-    // Turns again only on a memory bus whose keeper went away: a new one is
-    // started and watched, as a watcher reconnects to a restarted broker.
-    let mut tap = 'watching: loop {
-        let opened = tokio::select! {
-            () = &mut stop => return Ok(()),
-            opened = memory_bus::open(&args.url, memory_bus::Role::Member) => opened?,
+    loop {
+        let next = tokio::select! {
+            () = &mut stop => break,
+            next = tap.recv() => next,
         };
-        let target = Target::new(&args.topic);
-        let watching = tokio::select! {
-            () = &mut stop => return Ok(()),
-            watching = opened.transport.monitor(&target) => watching,
-        };
-        let mut tap = match watching {
-            Ok(tap) => tap,
-            Err(err) if opened.keeper_lost() => {
-                eprintln!("mqrpc: {err}; attaching again");
-                continue;
-            }
-            Err(err) => return Err(err).context("watching the topic"),
-        };
-        if seen == 0 {
-            eprintln!("mqrpc: listening on topic {} (Ctrl-C stops)", args.topic);
-        }
-        loop {
-            let next = tokio::select! {
-                () = &mut stop => break 'watching tap,
-                next = tap.recv() => next,
-            };
-            match next {
-                None if opened.keeper_lost() => continue 'watching,
-                None => break 'watching tap,
-                Some(Err(err)) => eprintln!("mqrpc: {err}"),
-                Some(Ok(delivery)) => {
-                    println!("{}", describe(delivery.body()));
-                    seen += 1;
-                    if args.count.is_some_and(|limit| seen >= limit) {
-                        break 'watching tap;
-                    }
+        match next {
+            None => break,
+            Some(Err(err)) => eprintln!("mqrpc: {err}"),
+            Some(Ok(delivery)) => {
+                println!("{}", describe(delivery.body()));
+                seen += 1;
+                if args.count.is_some_and(|limit| seen >= limit) {
+                    break;
                 }
             }
         }
-    };
+    }
     // Leaves the broker as it was (a Redis watcher removes its groups).
     tap.stop().await.context("stopping the watcher")?;
     Ok(())
+}
+
+/// Why a command of its own process cannot use the memory bus: the CLI documents a
+/// broker (a local `nats-server` is one binary) for trying commands across processes.
+pub(crate) const IN_PROCESS: &str = "memory:// is a bus inside one process, which no other \
+    mqrpc process can reach; use a broker URL (a local nats-server: nats://127.0.0.1:4222; \
+    amqp://, redis://), or `mqrpc bench --url memory://`, which runs its servers and clients \
+    in one process";
+
+/// Whether `url` names the in-process memory bus.
+pub(crate) fn in_process(url: &str) -> bool {
+    url.trim_start()
+        .get(..7)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("memory:"))
 }
 
 /// The client of a `call`, `cast` or `multicall`, its context and its arguments.
@@ -388,26 +373,24 @@ async fn listen(args: ListenArgs) -> Result<()> {
 /// gets what is left.
 async fn prepare(args: &CallArgs) -> Result<(Client, Context, serde_json::Map<String, Value>)> {
     let started = tokio::time::Instant::now();
+    // Fails at once instead of waiting out the timeout for a server that cannot exist.
+    anyhow::ensure!(!in_process(&args.url), "{IN_PROCESS}");
     let kwargs = parse_object(&args.args, "ARGS")?;
     let ctx = Context::from(parse_object(&args.context, "--context")?);
-    // Fails at once, on a memory bus nobody holds, instead of waiting out the timeout
-    // for a server that cannot exist.
-    let opened = tokio::time::timeout(
-        args.timeout,
-        memory_bus::open(&args.url, memory_bus::Role::Client),
-    )
-    .await
-    .map_err(|_| {
-        anyhow::anyhow!(
-            "connecting: no answer within {} (--timeout)",
-            humantime::format_duration(args.timeout)
-        )
-    })??;
+    let transport = tokio::time::timeout(args.timeout, mqrpc::connect(&args.url))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "connecting: no answer within {} (--timeout)",
+                humantime::format_duration(args.timeout)
+            )
+        })?
+        .context("connecting")?;
     let left = args
         .timeout
         .saturating_sub(started.elapsed())
         .max(Duration::from_millis(1));
-    Ok((client(opened.transport, args, left)?, ctx, kwargs))
+    Ok((client(transport, args, left)?, ctx, kwargs))
 }
 
 /// The exit status of a command stopped at once by a second signal (128 + SIGINT, as

@@ -16,9 +16,8 @@ use crate::budget::{ByteBudget, Charge};
 use crate::error::Result;
 use crate::target::Target;
 
-/// Where a message is sent. It serializes with serde (externally tagged), for
-/// transports that hand addresses to another process.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+/// Where a message is sent.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Address {
     /// The shared queue of a topic: one of its servers gets the message.
     Topic {

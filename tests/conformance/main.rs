@@ -24,8 +24,6 @@ mod skips;
 mod tls;
 
 mod memory;
-#[cfg(unix)]
-mod memory_shared;
 
 #[cfg(feature = "amqp")]
 mod amqp;

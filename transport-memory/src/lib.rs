@@ -1,6 +1,7 @@
 //! The in-process transport of mqrpc: broker semantics on channels, for tests and
 //! embedded use. It carries the same encoded bytes the brokers carry, so the whole
-//! wire path runs.
+//! wire path runs. A bus lives inside one process: `memory://NAME` reaches the same
+//! bus from anywhere in the process, and nothing outside it.
 //!
 //! - Topic and `topic.server` queues are created on first use and kept for the life of
 //!   the bus, like declared broker queues: a message sent before any server listens
@@ -25,9 +26,6 @@
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
-
-#[cfg(unix)]
-pub mod shared;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -174,7 +172,7 @@ impl Default for MemoryTransport {
     }
 }
 
-/// What a memory bus can do, in this process or attached to it.
+/// What a memory bus can do.
 fn capabilities(max_message_size: usize) -> Capabilities {
     Capabilities::default()
         .keeps_messages_without_listener(true)

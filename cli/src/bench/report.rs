@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context as _, Result};
 use plotters::prelude::*;
 
-use super::{Figures, Rate, Run, Shaped};
+use super::figures::{Figures, Latency, Rate, Run, Shaped};
 
 fn ratio(ours: f64, raw: Option<f64>) -> String {
     match raw {
@@ -81,7 +81,7 @@ pub(crate) fn markdown(run: &Run) -> String {
     let _ = writeln!(out, "|---|---|---|---|---|");
     if let Some(latency) = &run.mqrpc.latency {
         let raw_latency = raw.and_then(|r| r.latency.as_ref());
-        type Pick = fn(&super::Latency) -> f64;
+        type Pick = fn(&Latency) -> f64;
         for (name, pick) in [
             ("latency p50 (µs)", (|l| l.p50_us) as Pick),
             ("latency p99 (µs)", |l| l.p99_us),
