@@ -40,6 +40,7 @@ mod batch;
 mod config;
 mod consumer;
 mod publisher;
+mod reply;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,8 +56,9 @@ pub use config::{
     Auth, DEFAULT_CONNECT_TIMEOUT, MAX_JETSTREAM_NAME, MAX_SUBJECT_BYTES, NatsConfig,
 };
 
-use consumer::{ReplyConsumer, ServerConsumer};
+use consumer::ServerConsumer;
 use publisher::NatsPublisher;
+use reply::ReplyConsumer;
 
 /// A connection to NATS. Cheap to clone; clones share the connection.
 #[derive(Clone)]
