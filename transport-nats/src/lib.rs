@@ -38,15 +38,16 @@
 
 mod batch;
 mod config;
-mod consumer;
+mod jetstream;
+mod monitor;
 mod publisher;
 mod reply;
+mod server;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream;
 use async_trait::async_trait;
 use rpc_core::{
     Capabilities, Consumer, Error, ListenOptions, Publisher, ReplyQueue, Result, Target, Transport,
@@ -56,9 +57,9 @@ pub use config::{
     Auth, DEFAULT_CONNECT_TIMEOUT, MAX_JETSTREAM_NAME, MAX_SUBJECT_BYTES, NatsConfig,
 };
 
-use consumer::ServerConsumer;
 use publisher::NatsPublisher;
 use reply::ReplyConsumer;
+use server::ServerConsumer;
 
 /// A connection to NATS. Cheap to clone; clones share the connection.
 #[derive(Clone)]
@@ -69,7 +70,7 @@ pub struct NatsTransport {
 pub(crate) struct Shared {
     pub(crate) config: NatsConfig,
     pub(crate) client: async_nats::Client,
-    pub(crate) jetstream: Option<jetstream::Context>,
+    pub(crate) jetstream: Option<async_nats::jetstream::Context>,
     /// Slow-consumer events the client reported (messages it dropped).
     pub(crate) slow_consumers: Arc<AtomicU64>,
     /// Core NATS requests this transport's servers dropped because they did not fit
@@ -85,6 +86,9 @@ impl std::fmt::Debug for NatsTransport {
             .finish()
     }
 }
+
+/// What a consumer hands out, merged from several subscriptions or pulls.
+pub(crate) type Deliveries = futures::stream::BoxStream<'static, Result<rpc_core::Delivery>>;
 
 /// How long a round trip to the server or a flush may take before it counts as failed.
 pub(crate) const ROUND_TRIP_LIMIT: Duration = Duration::from_secs(5);
@@ -210,7 +214,9 @@ impl NatsTransport {
             }
             Err(_) => return Err(timed_out()),
         };
-        let jetstream = config.jetstream.then(|| jetstream::new(client.clone()));
+        let jetstream = config
+            .jetstream
+            .then(|| async_nats::jetstream::new(client.clone()));
         let publisher = Arc::new(NatsPublisher::new(
             client.clone(),
             config.clone(),
@@ -225,7 +231,7 @@ impl NatsTransport {
             publisher,
         });
         if let Some(js) = &shared.jetstream {
-            consumer::ensure_stream(js, &shared.config, &shared.config.exchange).await?;
+            jetstream::ensure_stream(js, &shared.config, &shared.config.exchange).await?;
             shared.publisher.streams_ready(&shared.config.exchange);
         }
         Ok(NatsTransport { shared })
@@ -301,7 +307,7 @@ impl Transport for NatsTransport {
 
     async fn monitor(&self, target: &Target) -> Result<Box<dyn Consumer>> {
         Ok(Box::new(
-            consumer::Monitor::start(self.shared.clone(), target).await?,
+            monitor::Monitor::start(self.shared.clone(), target).await?,
         ))
     }
 

@@ -126,7 +126,7 @@ impl NatsPublisher {
             .unwrap_or_else(|e| e.into_inner())
             .contains(exchange);
         if !known {
-            crate::consumer::ensure_stream(js, &self.config, exchange).await?;
+            crate::jetstream::ensure_stream(js, &self.config, exchange).await?;
             self.streams_ready(exchange);
         }
         Ok(())
