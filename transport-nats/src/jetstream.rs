@@ -8,9 +8,10 @@ use async_nats::jetstream::{self, AckKind};
 use async_trait::async_trait;
 use futures::StreamExt;
 use rpc_core::transport::Merged;
-use rpc_core::{Acker, ByteBudget, Delivery, Error, Result, Target};
+use rpc_core::{Acker, ByteBudget, Delivery, Error, Result, Target, TransportErrorKind};
 
 use crate::config::NatsConfig;
+use crate::error::boxed_nats_error;
 use crate::{Deliveries, nats_error};
 
 /// Creates (or finds) the work-queue stream holding an exchange's casts.
@@ -242,7 +243,7 @@ impl PullSource {
                 if description.contains("Consumer Deleted") {
                     self.consumer = None;
                     return Some(Err(Error::transport_msg(
-                        rpc_core::TransportErrorKind::Other,
+                        TransportErrorKind::Other,
                         "JetStream consumer deleted; creating it again",
                     )));
                 }
@@ -257,7 +258,7 @@ impl PullSource {
                 self.pending = None;
                 self.consumer = None;
                 return Some(Err(Error::transport_msg(
-                    rpc_core::TransportErrorKind::Other,
+                    TransportErrorKind::Other,
                     "JetStream pull: no responders (creating the consumer again)",
                 )));
             }
@@ -265,7 +266,7 @@ impl PullSource {
                 self.pending = None;
                 tokio::time::sleep(PULL_RETRY).await;
                 return Some(Err(Error::transport_msg(
-                    rpc_core::TransportErrorKind::Other,
+                    TransportErrorKind::Other,
                     format!("JetStream pull: unexpected status {other}"),
                 )));
             }
@@ -368,12 +369,8 @@ struct JetStreamAcker {
 #[async_trait]
 impl Acker for JetStreamAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
-        self.message.ack().await.map_err(|e| {
-            Error::transport_msg(
-                rpc_core::TransportErrorKind::Other,
-                format!("JetStream ack failed: {e}"),
-            )
-        })
+        (self.message.ack().await)
+            .map_err(|e| boxed_nats_error(format!("JetStream ack failed: {e}"), e))
     }
 
     async fn reject(self: Box<Self>, requeue: bool) -> Result<()> {
@@ -382,11 +379,7 @@ impl Acker for JetStreamAcker {
         } else {
             AckKind::Term
         };
-        self.message.ack_with(kind).await.map_err(|e| {
-            Error::transport_msg(
-                rpc_core::TransportErrorKind::Other,
-                format!("JetStream reject failed: {e}"),
-            )
-        })
+        (self.message.ack_with(kind).await)
+            .map_err(|e| boxed_nats_error(format!("JetStream reject failed: {e}"), e))
     }
 }

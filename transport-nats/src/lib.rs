@@ -38,6 +38,7 @@
 
 mod batch;
 mod config;
+mod error;
 mod jetstream;
 mod monitor;
 mod publisher;
@@ -51,12 +52,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rpc_core::{
     Capabilities, Consumer, Error, ListenOptions, Publisher, ReplyQueue, Result, Target, Transport,
+    TransportErrorKind,
 };
 
 pub use config::{
     Auth, DEFAULT_CONNECT_TIMEOUT, MAX_JETSTREAM_NAME, MAX_SUBJECT_BYTES, NatsConfig,
 };
 
+pub(crate) use error::nats_error;
 use publisher::NatsPublisher;
 use reply::ReplyConsumer;
 use server::ServerConsumer;
@@ -107,14 +110,10 @@ pub(crate) async fn round_trip(
         Ok(Ok(_)) => Ok(()),
         Ok(Err(err)) => Err(nats_error("round trip to the NATS server", err)),
         Err(_) => Err(Error::transport_msg(
-            rpc_core::TransportErrorKind::Other,
+            TransportErrorKind::Timeout,
             format!("the NATS server did not answer within {ROUND_TRIP_LIMIT:?}"),
         )),
     }
-}
-
-pub(crate) fn nats_error(what: &str, err: impl std::error::Error + Send + Sync + 'static) -> Error {
-    Error::transport(rpc_core::TransportErrorKind::Other, what.to_owned(), err)
 }
 
 impl NatsTransport {
@@ -192,19 +191,14 @@ impl NatsTransport {
         let attempts = u32::try_from(servers.len().max(1)).unwrap_or(u32::MAX);
         let bound = config.connect_timeout.saturating_mul(attempts);
         let where_to = config.servers.join(",");
-        let timed_out = || {
-            Error::transport_msg(
-                rpc_core::TransportErrorKind::Other,
-                format!(
-                    "connecting to NATS at {where_to} timed out after {:?} (connect_timeout)",
-                    config.connect_timeout
-                ),
-            )
-        };
+        let timed_out = format!(
+            "connecting to NATS at {where_to} timed out after {:?} (connect_timeout)",
+            config.connect_timeout
+        );
         let client = match tokio::time::timeout(bound, options.connect(servers)).await {
             Ok(Ok(client)) => client,
             Ok(Err(err)) if err.kind() == async_nats::ConnectErrorKind::TimedOut => {
-                return Err(timed_out());
+                return Err(nats_error(&timed_out, err));
             }
             Ok(Err(err)) => {
                 return Err(nats_error(
@@ -212,7 +206,9 @@ impl NatsTransport {
                     err,
                 ));
             }
-            Err(_) => return Err(timed_out()),
+            Err(_) => {
+                return Err(Error::transport_msg(TransportErrorKind::Connect, timed_out));
+            }
         };
         let jetstream = config
             .jetstream

@@ -282,7 +282,7 @@ impl Consumer for ServerConsumer {
         match tokio::time::timeout(crate::ROUND_TRIP_LIMIT, self.shared.client.flush()).await {
             Ok(flushed) => flushed.map_err(|e| nats_error("flushing the last replies", e)),
             Err(_) => Err(Error::transport_msg(
-                rpc_core::TransportErrorKind::Other,
+                rpc_core::TransportErrorKind::Disconnected,
                 "the last replies could not be flushed (disconnected)",
             )),
         }
