@@ -7,6 +7,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind};
 use async_trait::async_trait;
 use futures::StreamExt;
+use rpc_core::backoff::{Backoff, Jitter};
 use rpc_core::transport::Merged;
 use rpc_core::{Acker, ByteBudget, Delivery, Error, Result, Target, TransportErrorKind};
 
@@ -83,7 +84,7 @@ pub(crate) async fn pulls(
             js: js.clone(),
             nats: config.clone(),
             exchange: exchange.to_owned(),
-            retry: PULL_RETRY,
+            failures: 0,
             stream: stream.clone(),
             config: jetstream::consumer::pull::Config {
                 durable_name: Some(durable),
@@ -116,11 +117,12 @@ const PULL_EXPIRES: Duration = Duration::from_secs(10);
 /// Idle heartbeat asked of the server while a pull request waits; two missed
 /// heartbeats mean the request is gone and a new one is sent.
 const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
-/// Pause before pulling again after a pull failed to start or the server refused it,
-/// and the first pause before creating a deleted consumer again.
-const PULL_RETRY: Duration = Duration::from_millis(500);
-/// The longest pause between attempts to create a consumer again.
-const PULL_RETRY_MAX: Duration = Duration::from_secs(10);
+/// Pauses between attempts to create a deleted consumer again: 0.5 s doubling up to
+/// 10 s. Without jitter: the servers sharing a consumer recreate it idempotently.
+const PULL_BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(500), Duration::from_secs(10)).jitter(Jitter::None);
+/// Pause before pulling again after a pull failed to start or the server refused it.
+const PULL_RETRY: Duration = PULL_BACKOFF.first();
 /// The least room in the budget worth a pull (or the whole budget, when smaller).
 const PULL_MIN_ROOM: usize = 4096;
 
@@ -144,8 +146,9 @@ struct PullSource {
     stream: jetstream::stream::Stream,
     config: jetstream::consumer::pull::Config,
     batch: usize,
-    /// Pause before the next attempt to create the consumer again.
-    retry: Duration,
+    /// Failed attempts to create the consumer again since it last worked
+    /// ([`PULL_BACKOFF`]).
+    failures: u32,
     budget: ByteBudget,
     /// The consumer; `None` when it must be created (again).
     consumer: Option<jetstream::consumer::PullConsumer>,
@@ -179,7 +182,7 @@ impl PullSource {
                     })?
             }
         };
-        self.retry = PULL_RETRY;
+        self.failures = 0;
         Ok(consumer)
     }
 
@@ -315,14 +318,14 @@ fn pulled(source: PullSource) -> Deliveries {
     futures::stream::unfold(source, |mut source| async move {
         loop {
             let Some(consumer) = source.consumer.clone() else {
-                tokio::time::sleep(source.retry).await;
+                tokio::time::sleep(PULL_BACKOFF.delay(source.failures)).await;
                 match source.consumer().await {
                     Ok(fresh) => {
                         source.consumer = Some(fresh);
                         source.pending = None;
                     }
                     Err(err) => {
-                        source.retry = (source.retry * 2).min(PULL_RETRY_MAX);
+                        source.failures = source.failures.saturating_add(1);
                         return Some((Err(err), source));
                     }
                 }

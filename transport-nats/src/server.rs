@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
+use rpc_core::logs::{DEFAULT_WARN_INTERVAL, Throttle};
 use rpc_core::transport::Merged;
 use rpc_core::{ByteBudget, Consumer, Delivery, Error, ListenOptions, NoAck, Result, Target};
 use tokio::sync::{mpsc, oneshot};
@@ -43,22 +43,31 @@ struct Drain {
     task: tokio::task::JoinHandle<()>,
 }
 
-/// The shortest pause between two warnings about dropped core NATS requests.
-const DROP_WARNING_INTERVAL: Duration = Duration::from_secs(10);
-
 /// Counts the core NATS requests a server drops and says so in at most one line per
-/// [`DROP_WARNING_INTERVAL`], with the counts since the last line and no content.
+/// [`DEFAULT_WARN_INTERVAL`] ([`Throttle`]), with the counts since the last line and
+/// no content.
 struct DropReport {
     topic: String,
     limit: usize,
+    /// Drops since the last line, by cause.
     over_budget: u64,
     queue_full: u64,
-    /// When the next line may be written (`None`: at once).
-    next_line: Option<tokio::time::Instant>,
+    throttle: Throttle,
     shared: Arc<Shared>,
 }
 
 impl DropReport {
+    fn new(topic: String, limit: usize, shared: Arc<Shared>) -> Self {
+        DropReport {
+            topic,
+            limit,
+            over_budget: 0,
+            queue_full: 0,
+            throttle: Throttle::new(DEFAULT_WARN_INTERVAL),
+            shared,
+        }
+    }
+
     fn dropped(&mut self, over_budget: bool) {
         self.shared.dropped.fetch_add(1, Ordering::Relaxed);
         if over_budget {
@@ -66,14 +75,21 @@ impl DropReport {
         } else {
             self.queue_full += 1;
         }
-        let now = tokio::time::Instant::now();
-        if self.next_line.is_none_or(|at| at <= now) {
-            self.write(now);
+        if self.throttle.hit().is_some() {
+            self.write();
+        }
+    }
+
+    /// The drops counted since the last line are due: written, unless the interval
+    /// has not passed after all.
+    fn due_now(&mut self) {
+        if self.throttle.hit().is_some() {
+            self.write();
         }
     }
 
     /// Writes the counts since the last line, if any.
-    fn write(&mut self, now: tokio::time::Instant) {
+    fn write(&mut self) {
         if self.over_budget + self.queue_full == 0 {
             return;
         }
@@ -88,14 +104,11 @@ impl DropReport {
         );
         self.over_budget = 0;
         self.queue_full = 0;
-        self.next_line = Some(now + DROP_WARNING_INTERVAL);
     }
 
-    /// When the counts gathered since the last line are due (`None`: nothing to say).
+    /// When the drops counted since the last line are due (`None`: nothing to say).
     fn due(&self) -> Option<tokio::time::Instant> {
-        (self.over_budget + self.queue_full > 0)
-            .then_some(self.next_line)
-            .flatten()
+        self.throttle.due().map(tokio::time::Instant::from_std)
     }
 }
 
@@ -118,7 +131,7 @@ async fn drain(
             _ = async { tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)).await },
                 if due.is_some() =>
             {
-                report.write(tokio::time::Instant::now());
+                report.due_now();
             }
             message = subscriptions.next() => {
                 let Some(message) = message else { break };
@@ -135,7 +148,7 @@ async fn drain(
             }
         }
     }
-    report.write(tokio::time::Instant::now());
+    report.write();
     // Dropping the subscribers unsubscribes them.
 }
 
@@ -184,14 +197,7 @@ impl ServerConsumer {
         crate::round_trip(client, config).await?;
         let (queue, core) = mpsc::channel(config.subscription_capacity);
         let (stop, stopped) = oneshot::channel();
-        let report = DropReport {
-            topic: target.topic.clone(),
-            limit: budget.limit(),
-            over_budget: 0,
-            queue_full: 0,
-            next_line: None,
-            shared: shared.clone(),
-        };
+        let report = DropReport::new(target.topic.clone(), budget.limit(), shared.clone());
         let task = tokio::spawn(drain(subscriptions, budget, queue, stopped, report));
         let slow_seen = shared.slow_consumers.load(Ordering::Relaxed);
         Ok(ServerConsumer {
