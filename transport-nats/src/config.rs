@@ -7,10 +7,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use percent_encoding::percent_decode_str;
-use rpc_core::{Error, Result};
+use rpc_core::options::{DEFAULT_CONNECT_TIMEOUT, UrlOption};
+use rpc_core::{Error, Result, TlsFiles};
 
 /// How a client authenticates.
 #[derive(Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Auth {
     /// No credentials.
     #[default]
@@ -34,39 +36,85 @@ impl fmt::Debug for Auth {
     }
 }
 
-/// Everything a NATS URL configures.
+/// Everything a NATS URL configures: parsed from one with [`NatsConfig::parse`], or
+/// built from [`NatsConfig::default`] (a server at `nats://127.0.0.1:4222`, the
+/// defaults a URL without options gets) with the setters named after the fields.
+///
+/// ```
+/// use std::time::Duration;
+/// use mqrpc::NatsConfig;
+///
+/// let config = NatsConfig::default()
+///     .servers(["nats://10.0.0.7:4222"])
+///     .jetstream(true)
+///     .ack_wait(Duration::from_secs(30));
+/// let parsed = NatsConfig::parse("nats://10.0.0.7?jetstream=true&ack_wait=30s")?;
+/// assert_eq!(config, parsed);
+/// # Ok::<(), mqrpc::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct NatsConfig {
-    /// Servers as `nats://host:port` or `tls://host:port`.
+    /// Servers as `nats://host:port` or `tls://host:port` (default
+    /// `nats://127.0.0.1:4222`).
     pub servers: Vec<String>,
     /// Credentials.
     pub auth: Auth,
     /// TLS required (`tls://`, or `tls=true`).
     pub tls: bool,
-    /// First token(s) of every subject (default `mqrpc`).
+    /// First token(s) of every subject (`prefix`, default `mqrpc`).
     pub prefix: String,
-    /// The control exchange (default `openstack`), part of each topic's subjects.
+    /// The control exchange (`exchange`, default `openstack`), part of each topic's
+    /// subjects.
     pub exchange: String,
     /// Casts to a topic or server go through JetStream (kept while no server runs,
-    /// acked by the server) instead of core NATS.
+    /// acked by the server) instead of core NATS (`jetstream`, default off).
     pub jetstream: bool,
-    /// How long JetStream waits for a server's ack before delivering a cast again.
+    /// How long JetStream waits for a server's ack before delivering a cast again
+    /// (`ack_wait`, default 30 s).
     pub ack_wait: Duration,
-    /// How long JetStream keeps casts nobody took.
+    /// How long JetStream keeps casts nobody took (`max_age`, default 24 h).
     pub max_age: Duration,
     /// How long one attempt to connect to a server may take (`connect_timeout`,
-    /// seconds, default 10): the TCP connect, TLS and the NATS handshake. It bounds
-    /// the first connect (at most this long per server listed) and every reconnect
-    /// attempt.
+    /// default [`DEFAULT_CONNECT_TIMEOUT`], 10 s): the TCP connect, TLS and the NATS
+    /// handshake. It bounds the first connect (at most this long per server listed)
+    /// and every reconnect attempt.
     pub connect_timeout: Duration,
-    /// Messages a subscription buffers before the client counts a slow consumer.
+    /// Messages a subscription buffers before the client counts a slow consumer
+    /// (`subscription_capacity`, default 65 536).
     pub subscription_capacity: usize,
     /// The largest message sent or accepted, in bytes (`max_message_size`); never
     /// more than the server's own `max_payload`, which applies when this is unset.
     pub max_message_size: Option<usize>,
     /// CA and client certificate files (`tls_ca_file`, `tls_cert_file`,
     /// `tls_key_file`); naming any requires TLS.
-    pub tls_files: rpc_core::TlsFiles,
+    pub tls_files: TlsFiles,
+}
+
+/// The server of a URL without one, and of [`NatsConfig::default`].
+const DEFAULT_SERVER: &str = "127.0.0.1:4222";
+
+/// The options a NATS URL takes, for the error about an unknown one.
+const KNOWN_OPTIONS: &str = "prefix, exchange, token, creds, tls, jetstream, ack_wait, max_age, \
+     connect_timeout, subscription_capacity, max_message_size";
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            servers: vec![format!("nats://{DEFAULT_SERVER}")],
+            auth: Auth::None,
+            tls: false,
+            prefix: "mqrpc".to_owned(),
+            exchange: rpc_core::DEFAULT_EXCHANGE.to_owned(),
+            jetstream: false,
+            ack_wait: Duration::from_secs(30),
+            max_age: Duration::from_secs(24 * 3600),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            subscription_capacity: 65_536,
+            max_message_size: None,
+            tls_files: TlsFiles::default(),
+        }
+    }
 }
 
 impl NatsConfig {
@@ -75,8 +123,10 @@ impl NatsConfig {
     ///
     /// Options: `prefix`, `exchange`, `token`, `creds` (path of a credentials file),
     /// `tls`, `jetstream` (casts through JetStream), `ack_wait` and `max_age`
-    /// (seconds, JetStream mode), `connect_timeout` (seconds, decimals allowed,
-    /// default 10), `subscription_capacity`, `max_message_size` (bytes).
+    /// (JetStream mode), `connect_timeout`, `subscription_capacity`,
+    /// `max_message_size` (bytes), and the TLS files (`tls_ca_file`, `tls_cert_file`,
+    /// `tls_key_file`). Durations take `500ms`, `2s`, `1m` or plain seconds
+    /// (`1.5`).
     pub fn parse(url: &str) -> Result<Self> {
         let bad = |what: String| Error::InvalidUrl(format!("NATS URL: {what}"));
         let (scheme, rest) = url
@@ -94,51 +144,19 @@ impl NatsConfig {
         let netlocs = rest.trim_end_matches('/');
         let mut config = NatsConfig {
             servers: Vec::new(),
-            auth: Auth::None,
             tls,
-            prefix: "mqrpc".to_owned(),
-            exchange: rpc_core::DEFAULT_EXCHANGE.to_owned(),
-            jetstream: false,
-            ack_wait: Duration::from_secs(30),
-            max_age: Duration::from_secs(24 * 3600),
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            subscription_capacity: 65_536,
-            max_message_size: None,
-            tls_files: rpc_core::TlsFiles::default(),
+            ..NatsConfig::default()
         };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             let value = decode(value)?;
-            let flag = || match value.to_ascii_lowercase().as_str() {
-                "1" | "true" | "yes" | "on" => Ok(true),
-                "0" | "false" | "no" | "off" => Ok(false),
-                _ => Err(bad(format!("option {key} must be true or false"))),
-            };
-            let seconds = || {
-                value
-                    .parse::<f64>()
-                    .ok()
-                    .and_then(|s| Duration::try_from_secs_f64(s).ok())
-                    .filter(|d| !d.is_zero())
-                    .ok_or_else(|| {
-                        bad(format!("option {key} must be a positive number of seconds"))
-                    })
-            };
             if config.tls_files.set_option(key, &value).is_some() {
                 continue;
             }
+            let option = UrlOption::new("NATS", key, &value);
             match key {
                 "prefix" | "exchange" => {
-                    // Subjects are not checked again on publish (see `NatsTransport`), so
-                    // no white space or control character gets into the protocol line.
-                    if value.is_empty()
-                        || value.contains(['*', '>'])
-                        || !protocol_safe(&value)
-                        || value.starts_with('.')
-                        || value.ends_with('.')
-                    {
-                        return Err(bad(format!("option {key} is not a valid subject prefix")));
-                    }
+                    check_subject_prefix(&option)?;
                     if key == "prefix" {
                         config.prefix = value;
                     } else {
@@ -147,23 +165,13 @@ impl NatsConfig {
                 }
                 "token" => config.auth = Auth::Token(value),
                 "creds" => config.auth = Auth::CredentialsFile(PathBuf::from(value)),
-                "tls" => tls = flag()?,
-                "jetstream" => config.jetstream = flag()?,
-                "ack_wait" => config.ack_wait = seconds()?,
-                "max_age" => config.max_age = seconds()?,
-                "connect_timeout" => config.connect_timeout = seconds()?,
-                "subscription_capacity" => {
-                    config.subscription_capacity =
-                        value.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
-                            bad(format!("option {key} must be a positive integer"))
-                        })?;
-                }
-                "max_message_size" => {
-                    config.max_message_size =
-                        Some(value.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
-                            bad(format!("option {key} must be a positive integer"))
-                        })?);
-                }
+                "tls" => tls = option.flag()?,
+                "jetstream" => config.jetstream = option.flag()?,
+                "ack_wait" => config.ack_wait = option.duration()?,
+                "max_age" => config.max_age = option.duration()?,
+                "connect_timeout" => config.connect_timeout = option.duration()?,
+                "subscription_capacity" => config.subscription_capacity = option.positive()?,
+                "max_message_size" => config.max_message_size = Some(option.positive()?),
                 other if other.contains('@') => {
                     // An unencoded `?` in a password split the URL early: what looks like
                     // an option holds part of the password, so it is not echoed.
@@ -171,14 +179,10 @@ impl NatsConfig {
                         "an option name holds '@': percent-encode '?' in credentials".to_owned(),
                     ));
                 }
-                other => {
-                    return Err(bad(format!(
-                        "unknown option {other:?} (known: prefix, exchange, token, creds, tls, \
-                         jetstream, ack_wait, max_age, connect_timeout, subscription_capacity, \
-                         max_message_size, \
-                         {})",
-                        rpc_core::TlsFiles::OPTION_NAMES
-                    )));
+                _ => {
+                    return Err(
+                        option.unknown(&format!("{KNOWN_OPTIONS}, {}", TlsFiles::OPTION_NAMES))
+                    );
                 }
             }
         }
@@ -201,7 +205,7 @@ impl NatsConfig {
                 }
             }
             let hostport = if hostport.is_empty() {
-                "127.0.0.1:4222"
+                DEFAULT_SERVER
             } else {
                 hostport
             };
@@ -224,6 +228,88 @@ impl NatsConfig {
             config.servers.push(format!("{scheme}://{with_port}"));
         }
         Ok(config)
+    }
+
+    /// Checks what the setters cannot: the prefix and exchange make valid subject
+    /// tokens (subjects are not checked again on publish), and a client certificate
+    /// comes with its key. [`crate::NatsTransport::with_config`] calls it; a parsed
+    /// configuration always passes.
+    pub fn validate(&self) -> Result<()> {
+        check_subject_prefix(&UrlOption::new("NATS", "prefix", &self.prefix))?;
+        check_subject_prefix(&UrlOption::new("NATS", "exchange", &self.exchange))?;
+        self.tls_files.validate()
+    }
+
+    /// Sets [`NatsConfig::servers`]: `nats://host:port` or `tls://host:port` each.
+    pub fn servers(mut self, servers: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.servers = servers.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets [`NatsConfig::auth`].
+    pub fn auth(mut self, auth: Auth) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// Sets [`NatsConfig::tls`].
+    pub fn tls(mut self, tls: bool) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// Sets [`NatsConfig::prefix`].
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Sets [`NatsConfig::exchange`].
+    pub fn exchange(mut self, exchange: impl Into<String>) -> Self {
+        self.exchange = exchange.into();
+        self
+    }
+
+    /// Sets [`NatsConfig::jetstream`].
+    pub fn jetstream(mut self, jetstream: bool) -> Self {
+        self.jetstream = jetstream;
+        self
+    }
+
+    /// Sets [`NatsConfig::ack_wait`].
+    pub fn ack_wait(mut self, ack_wait: Duration) -> Self {
+        self.ack_wait = ack_wait;
+        self
+    }
+
+    /// Sets [`NatsConfig::max_age`].
+    pub fn max_age(mut self, max_age: Duration) -> Self {
+        self.max_age = max_age;
+        self
+    }
+
+    /// Sets [`NatsConfig::connect_timeout`].
+    pub fn connect_timeout(mut self, connect_timeout: Duration) -> Self {
+        self.connect_timeout = connect_timeout;
+        self
+    }
+
+    /// Sets [`NatsConfig::subscription_capacity`].
+    pub fn subscription_capacity(mut self, subscription_capacity: usize) -> Self {
+        self.subscription_capacity = subscription_capacity;
+        self
+    }
+
+    /// Sets [`NatsConfig::max_message_size`] (`None`: the server's `max_payload`).
+    pub fn max_message_size(mut self, max_message_size: impl Into<Option<usize>>) -> Self {
+        self.max_message_size = max_message_size.into();
+        self
+    }
+
+    /// Sets [`NatsConfig::tls_files`].
+    pub fn tls_files(mut self, tls_files: TlsFiles) -> Self {
+        self.tls_files = tls_files;
+        self
     }
 
     fn base(&self, exchange: &str, topic: &str) -> String {
@@ -351,9 +437,6 @@ pub const MAX_SUBJECT_BYTES: usize = 3072;
 /// The longest name nats-server accepts for a JetStream stream or consumer.
 pub const MAX_JETSTREAM_NAME: usize = 255;
 
-/// How long one attempt to connect may take unless the URL says otherwise.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// A name's JetStream subject token: `name_safe`, fitted by [`fit_name`].
 fn jetstream_token(name: &str) -> String {
     fit_name(name_safe(name))
@@ -388,6 +471,22 @@ fn hashed(head: &str, full: &str) -> String {
         head = &head[..head.len() - 2 + at];
     }
     format!("{head}__{hash}")
+}
+
+/// Refuses a prefix or exchange that would not make valid subject tokens: empty, a
+/// wildcard, a leading or trailing `.`, or a character that would split the
+/// protocol line (subjects are not checked again on publish, see `NatsTransport`).
+fn check_subject_prefix(option: &UrlOption<'_>) -> Result<()> {
+    let value = option.value();
+    if value.is_empty()
+        || value.contains(['*', '>'])
+        || !protocol_safe(value)
+        || value.starts_with('.')
+        || value.ends_with('.')
+    {
+        return Err(option.invalid("is not a valid subject prefix"));
+    }
+    Ok(())
 }
 
 fn decode(text: &str) -> Result<String> {
@@ -478,11 +577,73 @@ mod tests {
         assert_eq!(c.connect_timeout, Duration::from_secs(10));
         let c = NatsConfig::parse("nats://h?connect_timeout=2.5").expect("parse");
         assert_eq!(c.connect_timeout, Duration::from_millis(2500));
-        for bad in ["0", "-1", "x", ""] {
+        for bad in ["0", "-1", "x", "", "0ms", "2 weeks"] {
             let url = format!("nats://h?connect_timeout={bad}");
             let err = NatsConfig::parse(&url).expect_err(&url);
             assert!(err.to_string().contains("connect_timeout"), "{err}");
         }
+    }
+
+    #[test]
+    fn durations_take_units_and_plain_seconds() {
+        let c = NatsConfig::parse("nats://h?ack_wait=500ms&max_age=2h&connect_timeout=1.5s")
+            .expect("parse");
+        assert_eq!(c.ack_wait, Duration::from_millis(500));
+        assert_eq!(c.max_age, Duration::from_secs(7200));
+        assert_eq!(c.connect_timeout, Duration::from_millis(1500));
+        let c = NatsConfig::parse("nats://h?ack_wait=45&max_age=0.5").expect("parse");
+        assert_eq!(c.ack_wait, Duration::from_secs(45));
+        assert_eq!(c.max_age, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn unknown_options_are_errors_that_list_the_known_ones() {
+        let err = NatsConfig::parse("nats://h?ackwait=3").expect_err("unknown option");
+        let text = err.to_string();
+        assert!(text.contains("unknown option \"ackwait\""), "{text}");
+        assert!(text.contains("ack_wait") && text.contains("tls_ca_file"), "{text}");
+    }
+
+    #[test]
+    fn the_default_is_a_url_without_options_and_setters_match_options() {
+        assert_eq!(
+            NatsConfig::default(),
+            NatsConfig::parse("nats://").expect("parse")
+        );
+        assert_eq!(NatsConfig::default().servers, ["nats://127.0.0.1:4222"]);
+        let built = NatsConfig::default()
+            .servers(["tls://h1:4223", "tls://h2:4222"])
+            .auth(Auth::Token("t0ken".into()))
+            .tls(true)
+            .prefix("p")
+            .exchange("e")
+            .jetstream(true)
+            .ack_wait(Duration::from_secs(5))
+            .max_age(Duration::from_secs(60))
+            .connect_timeout(Duration::from_millis(2500))
+            .subscription_capacity(128)
+            .max_message_size(4096);
+        let parsed = NatsConfig::parse(
+            "tls://t0ken@h1:4223,h2?prefix=p&exchange=e&jetstream=1&ack_wait=5s&max_age=1m\
+             &connect_timeout=2500ms&subscription_capacity=128&max_message_size=4096",
+        )
+        .expect("parse");
+        assert_eq!(built, parsed);
+        built.validate().expect("valid");
+        assert_eq!(built.max_message_size(None).max_message_size, None);
+    }
+
+    #[test]
+    fn a_built_config_with_a_prefix_that_breaks_subjects_is_refused() {
+        for prefix in ["", "a.*", "a b", "a\r\nPUB x", ".a"] {
+            let err = NatsConfig::default()
+                .prefix(prefix)
+                .validate()
+                .expect_err(prefix);
+            assert!(matches!(err, Error::InvalidUrl(_)), "{err:?}");
+        }
+        let err = NatsConfig::default().exchange("x>").validate();
+        assert!(err.is_err());
     }
 
     /// Defect 8 of issue #22: a 35-character Cyrillic topic escaped twice made a

@@ -11,7 +11,8 @@
 //!   `jetstream=true`, casts to a topic or server go through a JetStream work-queue
 //!   stream instead: kept while no server runs, delivered again until a server acks.
 //! - Reconnection is async-nats' own: it reconnects and re-subscribes by itself.
-//!   `connect_timeout` (URL option, seconds, default 10) bounds each attempt.
+//!   `connect_timeout` (URL option, `2s` or plain seconds, default 10 s) bounds each
+//!   attempt.
 //! - A server holds no more request bytes than its budget
 //!   ([`rpc_core::ListenOptions::budget`]): its core NATS subscriptions are drained
 //!   as messages arrive, and a request that does not fit is dropped at once and
@@ -28,8 +29,8 @@
 //!   characters whatever the topic (a readable head and a hash when longer).
 //!
 //! ```no_run
-//! # async fn demo() -> rpc_core::Result<()> {
-//! let transport = transport_nats::NatsTransport::connect("nats://127.0.0.1:4222").await?;
+//! # async fn demo() -> mqrpc::Result<()> {
+//! let transport = mqrpc::NatsTransport::connect("nats://127.0.0.1:4222").await?;
 //! # let _ = transport; Ok(()) }
 //! ```
 
@@ -55,9 +56,8 @@ use rpc_core::{
     TransportErrorKind,
 };
 
-pub use config::{
-    Auth, DEFAULT_CONNECT_TIMEOUT, MAX_JETSTREAM_NAME, MAX_SUBJECT_BYTES, NatsConfig,
-};
+pub use config::{Auth, MAX_JETSTREAM_NAME, MAX_SUBJECT_BYTES, NatsConfig};
+pub use rpc_core::options::DEFAULT_CONNECT_TIMEOUT;
 
 pub(crate) use error::nats_error;
 use publisher::NatsPublisher;
@@ -123,8 +123,10 @@ impl NatsTransport {
         Self::with_config(NatsConfig::parse(url)?).await
     }
 
-    /// Connects with a parsed configuration.
+    /// Connects with a configuration, parsed or built (checked first with
+    /// [`NatsConfig::validate`]).
     pub async fn with_config(config: NatsConfig) -> Result<Self> {
+        config.validate()?;
         let slow_consumers = Arc::new(AtomicU64::new(0));
         let counter = slow_consumers.clone();
         let mut options = async_nats::ConnectOptions::new()
