@@ -45,6 +45,7 @@ mod monitor;
 mod publisher;
 mod reply;
 mod server;
+mod subjects;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,8 +57,9 @@ use rpc_core::{
     TransportErrorKind,
 };
 
-pub use config::{Auth, MAX_JETSTREAM_NAME, MAX_SUBJECT_BYTES, NatsConfig};
+pub use config::{Auth, NatsConfig};
 pub use rpc_core::options::DEFAULT_CONNECT_TIMEOUT;
+pub use subjects::{MAX_JETSTREAM_NAME, MAX_SUBJECT_BYTES};
 
 pub(crate) use error::nats_error;
 use publisher::NatsPublisher;

@@ -287,7 +287,7 @@ impl NatsPublisher {
 /// and not empty. async-nats does not check published subjects here (see
 /// `NatsTransport`), and the inbox comes from the network.
 fn valid_inbox(inbox: &str) -> bool {
-    !inbox.is_empty() && crate::config::protocol_safe(inbox)
+    !inbox.is_empty() && crate::subjects::protocol_safe(inbox)
 }
 
 fn publish_error(
