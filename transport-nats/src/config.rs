@@ -232,11 +232,16 @@ impl NatsConfig {
         Ok(config)
     }
 
-    /// Checks what the setters cannot: the prefix and exchange make valid subject
-    /// tokens (subjects are not checked again on publish), and a client certificate
-    /// comes with its key. [`crate::NatsTransport::with_config`] calls it; a parsed
-    /// configuration always passes.
+    /// Checks what the setters cannot: there is a server, the prefix and exchange
+    /// make valid subject tokens (subjects are not checked again on publish), and a
+    /// client certificate comes with its key. [`crate::NatsTransport::with_config`]
+    /// calls it; a parsed configuration always passes.
     pub fn validate(&self) -> Result<()> {
+        if self.servers.is_empty() {
+            return Err(Error::InvalidConfig(
+                "NATS: no server to connect to".to_owned(),
+            ));
+        }
         check_subject_prefix(&UrlOption::new("NATS", "prefix", &self.prefix))?;
         check_subject_prefix(&UrlOption::new("NATS", "exchange", &self.exchange))?;
         self.tls_files.validate()
@@ -438,6 +443,9 @@ mod tests {
         }
         let err = NatsConfig::default().exchange("x>").validate();
         assert!(err.is_err());
+        let none: [&str; 0] = [];
+        let err = NatsConfig::default().servers(none).validate();
+        assert!(matches!(err, Err(Error::InvalidConfig(_))), "{err:?}");
     }
 
     /// Defect 8 of issue #22: a 35-character Cyrillic topic escaped twice made a
