@@ -75,14 +75,11 @@ impl DropReport {
         } else {
             self.queue_full += 1;
         }
-        if self.throttle.hit().is_some() {
-            self.write();
-        }
+        self.write_if_due();
     }
 
-    /// The drops counted since the last line are due: written, unless the interval
-    /// has not passed after all.
-    fn due_now(&mut self) {
+    /// Writes the counts since the last line when the throttle lets a line through.
+    fn write_if_due(&mut self) {
         if self.throttle.hit().is_some() {
             self.write();
         }
@@ -131,7 +128,7 @@ async fn drain(
             _ = async { tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)).await },
                 if due.is_some() =>
             {
-                report.due_now();
+                report.write_if_due();
             }
             message = subscriptions.next() => {
                 let Some(message) = message else { break };
