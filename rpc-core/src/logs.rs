@@ -93,6 +93,18 @@ impl Throttle {
             }
         }
     }
+
+    /// When the occurrences counted since the last line may be written, if any were
+    /// counted. A caller that wants a burst that then stopped reported too (not only
+    /// at the next occurrence) calls [`Throttle::hit`] again at that instant.
+    pub fn due(&self) -> Option<Instant> {
+        let state = self
+            .state
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let last = state.last.filter(|_| state.suppressed > 0)?;
+        Some(last + self.interval)
+    }
 }
 
 impl Default for Throttle {
@@ -125,10 +137,14 @@ mod tests {
     #[test]
     fn throttle_counts_what_it_suppresses() {
         let throttle = Throttle::new(Duration::from_millis(500));
+        assert_eq!(throttle.due(), None);
         assert_eq!(throttle.hit(), Some(0));
+        assert_eq!(throttle.due(), None, "nothing suppressed yet");
         assert_eq!(throttle.hit(), None);
         assert_eq!(throttle.hit(), None);
+        let due = throttle.due().expect("two suppressed");
         std::thread::sleep(Duration::from_millis(550));
+        assert!(due <= std::time::Instant::now());
         assert_eq!(throttle.hit(), Some(2));
         assert_eq!(throttle.hit(), None);
     }

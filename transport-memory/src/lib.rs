@@ -35,6 +35,7 @@ use async_channel::{Receiver, Sender, TrySendError};
 use async_trait::async_trait;
 use bytes::Bytes;
 use dashmap::DashMap;
+use rpc_core::options::UrlOption;
 use rpc_core::{
     Acker, Address, Capabilities, Consumer, Delivery, Error, ListenOptions, NoAck, Outgoing,
     Publisher, ReplyQueue, Result, Target, Transport,
@@ -107,21 +108,11 @@ impl MemoryTransport {
         }
         let mut options = BusOptions::default();
         for (key, value) in parsed.query_pairs() {
-            let number = || {
-                value
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| Error::InvalidUrl(format!("{key} must be a positive integer")))
-            };
-            match key.as_ref() {
-                "capacity" => options.capacity = number()?,
-                "max_message_size" => options.max_message_size = number()?,
-                other => {
-                    return Err(Error::InvalidUrl(format!(
-                        "unknown memory:// option {other:?} (known: capacity, max_message_size)"
-                    )));
-                }
+            let option = UrlOption::new("memory", &key, &value);
+            match option.key() {
+                "capacity" => options.capacity = option.positive()?,
+                "max_message_size" => options.max_message_size = option.positive()?,
+                _ => return Err(option.unknown("capacity, max_message_size")),
             }
         }
         let name = parsed.host_str().unwrap_or_default();
@@ -639,5 +630,34 @@ impl Acker for MemoryAcker {
 impl Drop for MemoryAcker {
     fn drop(&mut self) {
         self.requeue();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MemoryTransport;
+
+    #[test]
+    fn url_options_are_positive_integers_and_unknown_ones_are_named() {
+        let bus = MemoryTransport::connect("memory://?capacity=3&max_message_size=100")
+            .expect("valid options");
+        assert_eq!((bus.bus.capacity, bus.bus.max_message_size), (3, 100));
+        for (url, expected) in [
+            (
+                "memory://?capacity=0",
+                "memory URL: option capacity must be a positive integer",
+            ),
+            (
+                "memory://?max_message_size=-1",
+                "option max_message_size must be a positive integer",
+            ),
+            (
+                "memory://?colour=red",
+                "unknown option \"colour\" (known: capacity, max_message_size)",
+            ),
+        ] {
+            let err = MemoryTransport::connect(url).expect_err(url);
+            assert!(err.to_string().contains(expected), "{url}: {err}");
+        }
     }
 }

@@ -1,16 +1,20 @@
-//! URL parsing (`nats://`, `tls://`, several comma-separated servers, user/password,
-//! token, credentials file) and the subject layout, with every name escaped so that
-//! a `.`, `*`, `>` or white space in a topic or server cannot alias another subject.
+//! The configuration of a NATS transport: parsed from a URL (`nats://`, `tls://`,
+//! several comma-separated servers, user/password, token, credentials file, options)
+//! or built with setters. Where it puts each subject is in `subjects.rs`.
 
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use percent_encoding::percent_decode_str;
-use rpc_core::{Error, Result};
+use rpc_core::options::{DEFAULT_CONNECT_TIMEOUT, UrlOption};
+use rpc_core::{Error, Result, TlsFiles};
+
+use crate::subjects::protocol_safe;
 
 /// How a client authenticates.
 #[derive(Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Auth {
     /// No credentials.
     #[default]
@@ -34,39 +38,85 @@ impl fmt::Debug for Auth {
     }
 }
 
-/// Everything a NATS URL configures.
+/// Everything a NATS URL configures: parsed from one with [`NatsConfig::parse`], or
+/// built from [`NatsConfig::default`] (a server at `nats://127.0.0.1:4222`, the
+/// defaults a URL without options gets) with the setters named after the fields.
+///
+/// ```
+/// use std::time::Duration;
+/// use mqrpc::NatsConfig;
+///
+/// let config = NatsConfig::default()
+///     .servers(["nats://10.0.0.7:4222"])
+///     .jetstream(true)
+///     .ack_wait(Duration::from_secs(30));
+/// let parsed = NatsConfig::parse("nats://10.0.0.7?jetstream=true&ack_wait=30s")?;
+/// assert_eq!(config, parsed);
+/// # Ok::<(), mqrpc::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct NatsConfig {
-    /// Servers as `nats://host:port` or `tls://host:port`.
+    /// Servers as `nats://host:port` or `tls://host:port` (default
+    /// `nats://127.0.0.1:4222`).
     pub servers: Vec<String>,
     /// Credentials.
     pub auth: Auth,
     /// TLS required (`tls://`, or `tls=true`).
     pub tls: bool,
-    /// First token(s) of every subject (default `mqrpc`).
+    /// First token(s) of every subject (`prefix`, default `mqrpc`).
     pub prefix: String,
-    /// The control exchange (default `openstack`), part of each topic's subjects.
+    /// The control exchange (`exchange`, default `openstack`), part of each topic's
+    /// subjects.
     pub exchange: String,
     /// Casts to a topic or server go through JetStream (kept while no server runs,
-    /// acked by the server) instead of core NATS.
+    /// acked by the server) instead of core NATS (`jetstream`, default off).
     pub jetstream: bool,
-    /// How long JetStream waits for a server's ack before delivering a cast again.
+    /// How long JetStream waits for a server's ack before delivering a cast again
+    /// (`ack_wait`, default 30 s).
     pub ack_wait: Duration,
-    /// How long JetStream keeps casts nobody took.
+    /// How long JetStream keeps casts nobody took (`max_age`, default 24 h).
     pub max_age: Duration,
     /// How long one attempt to connect to a server may take (`connect_timeout`,
-    /// seconds, default 10): the TCP connect, TLS and the NATS handshake. It bounds
-    /// the first connect (at most this long per server listed) and every reconnect
-    /// attempt.
+    /// default [`DEFAULT_CONNECT_TIMEOUT`], 10 s): the TCP connect, TLS and the NATS
+    /// handshake. It bounds the first connect (at most this long per server listed)
+    /// and every reconnect attempt.
     pub connect_timeout: Duration,
-    /// Messages a subscription buffers before the client counts a slow consumer.
+    /// Messages a subscription buffers before the client counts a slow consumer
+    /// (`subscription_capacity`, default 65 536).
     pub subscription_capacity: usize,
     /// The largest message sent or accepted, in bytes (`max_message_size`); never
     /// more than the server's own `max_payload`, which applies when this is unset.
     pub max_message_size: Option<usize>,
     /// CA and client certificate files (`tls_ca_file`, `tls_cert_file`,
     /// `tls_key_file`); naming any requires TLS.
-    pub tls_files: rpc_core::TlsFiles,
+    pub tls_files: TlsFiles,
+}
+
+/// The server of a URL without one, and of [`NatsConfig::default`].
+const DEFAULT_SERVER: &str = "127.0.0.1:4222";
+
+/// The options a NATS URL takes, for the error about an unknown one.
+const KNOWN_OPTIONS: &str = "prefix, exchange, token, creds, tls, jetstream, ack_wait, max_age, \
+     connect_timeout, subscription_capacity, max_message_size";
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            servers: vec![format!("nats://{DEFAULT_SERVER}")],
+            auth: Auth::None,
+            tls: false,
+            prefix: "mqrpc".to_owned(),
+            exchange: rpc_core::DEFAULT_EXCHANGE.to_owned(),
+            jetstream: false,
+            ack_wait: Duration::from_secs(30),
+            max_age: Duration::from_secs(24 * 3600),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            subscription_capacity: 65_536,
+            max_message_size: None,
+            tls_files: TlsFiles::default(),
+        }
+    }
 }
 
 impl NatsConfig {
@@ -75,8 +125,10 @@ impl NatsConfig {
     ///
     /// Options: `prefix`, `exchange`, `token`, `creds` (path of a credentials file),
     /// `tls`, `jetstream` (casts through JetStream), `ack_wait` and `max_age`
-    /// (seconds, JetStream mode), `connect_timeout` (seconds, decimals allowed,
-    /// default 10), `subscription_capacity`, `max_message_size` (bytes).
+    /// (JetStream mode), `connect_timeout`, `subscription_capacity`,
+    /// `max_message_size` (bytes), and the TLS files (`tls_ca_file`, `tls_cert_file`,
+    /// `tls_key_file`). Durations take `500ms`, `2s`, `1m` or plain seconds
+    /// (`1.5`).
     pub fn parse(url: &str) -> Result<Self> {
         let bad = |what: String| Error::InvalidUrl(format!("NATS URL: {what}"));
         let (scheme, rest) = url
@@ -94,51 +146,19 @@ impl NatsConfig {
         let netlocs = rest.trim_end_matches('/');
         let mut config = NatsConfig {
             servers: Vec::new(),
-            auth: Auth::None,
             tls,
-            prefix: "mqrpc".to_owned(),
-            exchange: rpc_core::DEFAULT_EXCHANGE.to_owned(),
-            jetstream: false,
-            ack_wait: Duration::from_secs(30),
-            max_age: Duration::from_secs(24 * 3600),
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            subscription_capacity: 65_536,
-            max_message_size: None,
-            tls_files: rpc_core::TlsFiles::default(),
+            ..NatsConfig::default()
         };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             let value = decode(value)?;
-            let flag = || match value.to_ascii_lowercase().as_str() {
-                "1" | "true" | "yes" | "on" => Ok(true),
-                "0" | "false" | "no" | "off" => Ok(false),
-                _ => Err(bad(format!("option {key} must be true or false"))),
-            };
-            let seconds = || {
-                value
-                    .parse::<f64>()
-                    .ok()
-                    .and_then(|s| Duration::try_from_secs_f64(s).ok())
-                    .filter(|d| !d.is_zero())
-                    .ok_or_else(|| {
-                        bad(format!("option {key} must be a positive number of seconds"))
-                    })
-            };
             if config.tls_files.set_option(key, &value).is_some() {
                 continue;
             }
+            let option = UrlOption::new("NATS", key, &value);
             match key {
                 "prefix" | "exchange" => {
-                    // Subjects are not checked again on publish (see `NatsTransport`), so
-                    // no white space or control character gets into the protocol line.
-                    if value.is_empty()
-                        || value.contains(['*', '>'])
-                        || !protocol_safe(&value)
-                        || value.starts_with('.')
-                        || value.ends_with('.')
-                    {
-                        return Err(bad(format!("option {key} is not a valid subject prefix")));
-                    }
+                    check_subject_prefix(&option)?;
                     if key == "prefix" {
                         config.prefix = value;
                     } else {
@@ -147,23 +167,13 @@ impl NatsConfig {
                 }
                 "token" => config.auth = Auth::Token(value),
                 "creds" => config.auth = Auth::CredentialsFile(PathBuf::from(value)),
-                "tls" => tls = flag()?,
-                "jetstream" => config.jetstream = flag()?,
-                "ack_wait" => config.ack_wait = seconds()?,
-                "max_age" => config.max_age = seconds()?,
-                "connect_timeout" => config.connect_timeout = seconds()?,
-                "subscription_capacity" => {
-                    config.subscription_capacity =
-                        value.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
-                            bad(format!("option {key} must be a positive integer"))
-                        })?;
-                }
-                "max_message_size" => {
-                    config.max_message_size =
-                        Some(value.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
-                            bad(format!("option {key} must be a positive integer"))
-                        })?);
-                }
+                "tls" => tls = option.flag()?,
+                "jetstream" => config.jetstream = option.flag()?,
+                "ack_wait" => config.ack_wait = option.duration()?,
+                "max_age" => config.max_age = option.duration()?,
+                "connect_timeout" => config.connect_timeout = option.duration()?,
+                "subscription_capacity" => config.subscription_capacity = option.positive()?,
+                "max_message_size" => config.max_message_size = Some(option.positive()?),
                 other if other.contains('@') => {
                     // An unencoded `?` in a password split the URL early: what looks like
                     // an option holds part of the password, so it is not echoed.
@@ -171,14 +181,10 @@ impl NatsConfig {
                         "an option name holds '@': percent-encode '?' in credentials".to_owned(),
                     ));
                 }
-                other => {
-                    return Err(bad(format!(
-                        "unknown option {other:?} (known: prefix, exchange, token, creds, tls, \
-                         jetstream, ack_wait, max_age, connect_timeout, subscription_capacity, \
-                         max_message_size, \
-                         {})",
-                        rpc_core::TlsFiles::OPTION_NAMES
-                    )));
+                _ => {
+                    return Err(
+                        option.unknown(&format!("{KNOWN_OPTIONS}, {}", TlsFiles::OPTION_NAMES))
+                    );
                 }
             }
         }
@@ -201,7 +207,7 @@ impl NatsConfig {
                 }
             }
             let hostport = if hostport.is_empty() {
-                "127.0.0.1:4222"
+                DEFAULT_SERVER
             } else {
                 hostport
             };
@@ -226,168 +232,108 @@ impl NatsConfig {
         Ok(config)
     }
 
-    fn base(&self, exchange: &str, topic: &str) -> String {
-        let mut exchange = token(exchange);
-        if exchange == JETSTREAM_TOKEN {
-            // The exchange token sits where JetStream subjects have their fixed `js`
-            // token: escape its first letter so the two subject spaces stay apart.
-            // No other name escapes to this (a literal `%` becomes `%25`).
-            exchange = "%6As".to_owned();
+    /// Checks what the setters cannot: there is a server, the prefix and exchange
+    /// make valid subject tokens (subjects are not checked again on publish), and a
+    /// client certificate comes with its key. [`crate::NatsTransport::with_config`]
+    /// calls it; a parsed configuration always passes.
+    pub fn validate(&self) -> Result<()> {
+        if self.servers.is_empty() {
+            return Err(Error::InvalidConfig(
+                "NATS: no server to connect to".to_owned(),
+            ));
         }
-        format!("{}.{}.{}", self.prefix, exchange, token(topic))
+        check_subject_prefix(&UrlOption::new("NATS", "prefix", &self.prefix))?;
+        check_subject_prefix(&UrlOption::new("NATS", "exchange", &self.exchange))?;
+        self.tls_files.validate()
     }
 
-    /// The subject all servers of a topic share (a queue group).
-    pub fn topic_subject(&self, exchange: &str, topic: &str) -> String {
-        self.base(exchange, topic)
+    /// Sets [`NatsConfig::servers`]: `nats://host:port` or `tls://host:port` each.
+    pub fn servers(mut self, servers: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.servers = servers.into_iter().map(Into::into).collect();
+        self
     }
 
-    /// The subject of one named server.
-    pub fn server_subject(&self, exchange: &str, topic: &str, server: &str) -> String {
-        format!("{}.s.{}", self.base(exchange, topic), token(server))
+    /// Sets [`NatsConfig::auth`].
+    pub fn auth(mut self, auth: Auth) -> Self {
+        self.auth = auth;
+        self
     }
 
-    /// The fanout subject of a topic.
-    pub fn fanout_subject(&self, exchange: &str, topic: &str) -> String {
-        format!("{}.fanout", self.base(exchange, topic))
+    /// Sets [`NatsConfig::tls`].
+    pub fn tls(mut self, tls: bool) -> Self {
+        self.tls = tls;
+        self
     }
 
-    /// Prefix of every client inbox. The `%` token cannot come out of escaping a
-    /// name (every escaped `%` is followed by two hex digits), so no exchange aliases it.
-    pub fn reply_prefix(&self) -> String {
-        format!("{}.%reply.", self.prefix)
+    /// Sets [`NatsConfig::prefix`].
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
     }
 
-    /// A subject nobody subscribes to, for round trips to the server.
-    pub(crate) fn ping_subject(&self) -> String {
-        format!("{}.%ping.{}", self.prefix, rpc_core::wire::new_id())
+    /// Sets [`NatsConfig::exchange`].
+    pub fn exchange(mut self, exchange: impl Into<String>) -> Self {
+        self.exchange = exchange.into();
+        self
     }
 
-    /// The JetStream subject of a cast to a topic or server (`None` for fanout and
-    /// replies, which always use core NATS).
-    ///
-    /// A name whose escaped token is longer than [`MAX_JETSTREAM_NAME`] characters
-    /// goes in as a readable head, `__` and 16 hex digits of the SHA-256 of the token:
-    /// subjects stay far below nats-server's protocol line limit. Shorter names keep
-    /// the token they always had, so casts stored by earlier versions are still found.
-    pub fn jetstream_subject(&self, address: &rpc_core::Address) -> Option<String> {
-        match address {
-            // JetStream refuses consumer filters with `%` (nats-server 2.9), so these
-            // subjects escape names with `name_safe` instead of `token`.
-            rpc_core::Address::Topic { exchange, topic } => Some(format!(
-                "{}.{JETSTREAM_TOKEN}.{}.{}",
-                self.prefix,
-                jetstream_token(exchange),
-                jetstream_token(topic)
-            )),
-            rpc_core::Address::Server {
-                exchange,
-                topic,
-                server,
-            } => Some(format!(
-                "{}.{JETSTREAM_TOKEN}.{}.{}.s.{}",
-                self.prefix,
-                jetstream_token(exchange),
-                jetstream_token(topic),
-                jetstream_token(server)
-            )),
-            _ => None,
-        }
+    /// Sets [`NatsConfig::jetstream`].
+    pub fn jetstream(mut self, jetstream: bool) -> Self {
+        self.jetstream = jetstream;
+        self
     }
 
-    /// The JetStream stream holding casts of an exchange.
-    pub fn jetstream_stream(&self, exchange: &str) -> String {
-        fit_name(format!(
-            "{}_{}_casts",
-            name_safe(&self.prefix),
-            name_safe(exchange)
-        ))
+    /// Sets [`NatsConfig::ack_wait`].
+    pub fn ack_wait(mut self, ack_wait: Duration) -> Self {
+        self.ack_wait = ack_wait;
+        self
     }
 
-    /// The durable consumer that takes the casts of a JetStream subject (one of
-    /// [`NatsConfig::jetstream_subject`]): the subject escaped with `name_safe`, or,
-    /// when that is longer than [`MAX_JETSTREAM_NAME`], a readable head of the subject
-    /// and a hash of it. Stable across restarts and versions (a name that fits is the
-    /// one earlier versions used), and distinct for distinct subjects.
-    pub fn jetstream_durable(&self, subject: &str) -> String {
-        let name = name_safe(subject);
-        if name.len() <= MAX_JETSTREAM_NAME {
-            return name;
-        }
-        // Readable: the subject's own safe characters, its dots as `-`.
-        let head: String = subject
-            .chars()
-            .map(|c| match c {
-                'a'..='z' | 'A'..='Z' | '0'..='9' | '-' | '_' => c,
-                '.' => '-',
-                _ => '_',
-            })
-            .collect();
-        hashed(&head, subject)
+    /// Sets [`NatsConfig::max_age`].
+    pub fn max_age(mut self, max_age: Duration) -> Self {
+        self.max_age = max_age;
+        self
     }
 
-    /// Checks that a subject mqrpc is about to subscribe or publish to fits in a
-    /// NATS protocol line: nats-server closes the connection of a client whose line
-    /// is longer than its `max_control_line` (4096 bytes by default), which would
-    /// cut every call sharing the connection.
-    pub fn check_subject(subject: &str, target: &dyn fmt::Display) -> Result<()> {
-        if subject.len() > MAX_SUBJECT_BYTES {
-            return Err(Error::InvalidTarget(format!(
-                "{target}: its NATS subject would be {} bytes, above the {MAX_SUBJECT_BYTES} \
-                 bytes mqrpc allows (nats-server refuses protocol lines over 4096 bytes); \
-                 use a shorter topic, server or exchange name",
-                subject.len()
-            )));
-        }
-        Ok(())
+    /// Sets [`NatsConfig::connect_timeout`].
+    pub fn connect_timeout(mut self, connect_timeout: Duration) -> Self {
+        self.connect_timeout = connect_timeout;
+        self
+    }
+
+    /// Sets [`NatsConfig::subscription_capacity`].
+    pub fn subscription_capacity(mut self, subscription_capacity: usize) -> Self {
+        self.subscription_capacity = subscription_capacity;
+        self
+    }
+
+    /// Sets [`NatsConfig::max_message_size`] (`None`: the server's `max_payload`).
+    pub fn max_message_size(mut self, max_message_size: impl Into<Option<usize>>) -> Self {
+        self.max_message_size = max_message_size.into();
+        self
+    }
+
+    /// Sets [`NatsConfig::tls_files`].
+    pub fn tls_files(mut self, tls_files: TlsFiles) -> Self {
+        self.tls_files = tls_files;
+        self
     }
 }
 
-/// The longest subject mqrpc subscribes or publishes to, in bytes: nats-server's
-/// default `max_control_line` (4096) less room for the reply subject, the queue
-/// group and the size on the same protocol line.
-pub const MAX_SUBJECT_BYTES: usize = 3072;
-
-/// The longest name nats-server accepts for a JetStream stream or consumer.
-pub const MAX_JETSTREAM_NAME: usize = 255;
-
-/// How long one attempt to connect may take unless the URL says otherwise.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A name's JetStream subject token: `name_safe`, fitted by [`fit_name`].
-fn jetstream_token(name: &str) -> String {
-    fit_name(name_safe(name))
-}
-
-/// `name` when it has at most [`MAX_JETSTREAM_NAME`] characters; otherwise its head
-/// and `__` and 16 hex digits of the SHA-256 of the whole of it, [`MAX_JETSTREAM_NAME`]
-/// characters in all. `name` is made of `name_safe` output, which never holds `__`
-/// (every `_` it writes is followed by two hex digits) nor ends in 16 lowercase hex
-/// digits after `__`: a fitted name never equals a name that fits as it is.
-pub(crate) fn fit_name(name: String) -> String {
-    if name.len() <= MAX_JETSTREAM_NAME {
-        return name;
-    }
-    hashed(&name, &name)
-}
-
-/// A readable `head` of ASCII name characters, cut so that the whole is at most
-/// [`MAX_JETSTREAM_NAME`] long, then `__` and 16 hex digits of the SHA-256 of `full`.
-fn hashed(head: &str, full: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(full.as_bytes());
-    let hash: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-    let room = MAX_JETSTREAM_NAME - 2 - hash.len();
-    let mut head = &head[..head.len().min(room)];
-    // Not in the middle of a `_XX` escape: cut at its `_` instead.
-    if let Some(at) = head
-        .len()
-        .checked_sub(2)
-        .and_then(|from| head[from..].rfind('_'))
+/// Refuses a prefix or exchange that would not make valid subject tokens: empty, a
+/// wildcard, a leading or trailing `.`, or a character that would split the
+/// protocol line (subjects are not checked again on publish, see `NatsTransport`).
+fn check_subject_prefix(option: &UrlOption<'_>) -> Result<()> {
+    let value = option.value();
+    if value.is_empty()
+        || value.contains(['*', '>'])
+        || !protocol_safe(value)
+        || value.starts_with('.')
+        || value.ends_with('.')
     {
-        head = &head[..head.len() - 2 + at];
+        return Err(option.invalid("is not a valid subject prefix"));
     }
-    format!("{head}__{hash}")
+    Ok(())
 }
 
 fn decode(text: &str) -> Result<String> {
@@ -395,57 +341,6 @@ fn decode(text: &str) -> Result<String> {
         .decode_utf8()
         .map(|s| s.into_owned())
         .map_err(|_| Error::InvalidUrl("NATS URL: a value is not valid UTF-8".to_owned()))
-}
-
-/// The token after the prefix that marks the subjects of JetStream casts.
-const JETSTREAM_TOKEN: &str = "js";
-
-/// A character that would split or end a NATS protocol line: white space or a
-/// control character.
-fn breaks_protocol(c: char) -> bool {
-    c.is_whitespace() || c.is_control()
-}
-
-/// Whether `text` can go into a subject as it is: no character of it
-/// [`breaks_protocol`]. Printable ASCII, what mqrpc's own subjects are made of, is
-/// found without branching per byte; other text is looked at a character at a time.
-pub(crate) fn protocol_safe(text: &str) -> bool {
-    let printable = (text.bytes()).fold(true, |ok, b| ok & (b.wrapping_sub(0x21) < 0x5e));
-    printable || !text.contains(breaks_protocol)
-}
-
-/// One subject token: `%`, `.`, `*`, `>` and white space are percent-escaped.
-pub(crate) fn token(name: &str) -> String {
-    let mut out = String::with_capacity(name.len());
-    for c in name.chars() {
-        match c {
-            '%' | '.' | '*' | '>' => out.push_str(&format!("%{:02X}", c as u32)),
-            c if breaks_protocol(c) => {
-                let mut buf = [0u8; 4];
-                for byte in c.encode_utf8(&mut buf).bytes() {
-                    out.push_str(&format!("%{byte:02X}"));
-                }
-            }
-            c => out.push(c),
-        }
-    }
-    if out.is_empty() {
-        out.push_str("%00");
-    }
-    out
-}
-
-/// A JetStream stream or consumer name: letters, digits, `_` and `-` only; anything
-/// else becomes `_XX` (its bytes in hex), so different names stay different.
-pub(crate) fn name_safe(name: &str) -> String {
-    let mut out = String::with_capacity(name.len());
-    for byte in name.bytes() {
-        match byte {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' => out.push(byte as char),
-            _ => out.push_str(&format!("_{byte:02X}")),
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -478,89 +373,83 @@ mod tests {
         assert_eq!(c.connect_timeout, Duration::from_secs(10));
         let c = NatsConfig::parse("nats://h?connect_timeout=2.5").expect("parse");
         assert_eq!(c.connect_timeout, Duration::from_millis(2500));
-        for bad in ["0", "-1", "x", ""] {
+        for bad in ["0", "-1", "x", "", "0ms", "2 weeks"] {
             let url = format!("nats://h?connect_timeout={bad}");
             let err = NatsConfig::parse(&url).expect_err(&url);
             assert!(err.to_string().contains("connect_timeout"), "{err}");
         }
     }
 
+    #[test]
+    fn durations_take_units_and_plain_seconds() {
+        let c = NatsConfig::parse("nats://h?ack_wait=500ms&max_age=2h&connect_timeout=1.5s")
+            .expect("parse");
+        assert_eq!(c.ack_wait, Duration::from_millis(500));
+        assert_eq!(c.max_age, Duration::from_secs(7200));
+        assert_eq!(c.connect_timeout, Duration::from_millis(1500));
+        let c = NatsConfig::parse("nats://h?ack_wait=45&max_age=0.5").expect("parse");
+        assert_eq!(c.ack_wait, Duration::from_secs(45));
+        assert_eq!(c.max_age, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn unknown_options_are_errors_that_list_the_known_ones() {
+        let err = NatsConfig::parse("nats://h?ackwait=3").expect_err("unknown option");
+        let text = err.to_string();
+        assert!(text.contains("unknown option \"ackwait\""), "{text}");
+        assert!(
+            text.contains("ack_wait") && text.contains("tls_ca_file"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_default_is_a_url_without_options_and_setters_match_options() {
+        assert_eq!(
+            NatsConfig::default(),
+            NatsConfig::parse("nats://").expect("parse")
+        );
+        assert_eq!(NatsConfig::default().servers, ["nats://127.0.0.1:4222"]);
+        let built = NatsConfig::default()
+            .servers(["tls://h1:4223", "tls://h2:4222"])
+            .auth(Auth::Token("t0ken".into()))
+            .tls(true)
+            .prefix("p")
+            .exchange("e")
+            .jetstream(true)
+            .ack_wait(Duration::from_secs(5))
+            .max_age(Duration::from_secs(60))
+            .connect_timeout(Duration::from_millis(2500))
+            .subscription_capacity(128)
+            .max_message_size(4096);
+        let parsed = NatsConfig::parse(
+            "tls://t0ken@h1:4223,h2?prefix=p&exchange=e&jetstream=1&ack_wait=5s&max_age=1m\
+             &connect_timeout=2500ms&subscription_capacity=128&max_message_size=4096",
+        )
+        .expect("parse");
+        assert_eq!(built, parsed);
+        built.validate().expect("valid");
+        assert_eq!(built.max_message_size(None).max_message_size, None);
+    }
+
+    #[test]
+    fn a_built_config_with_a_prefix_that_breaks_subjects_is_refused() {
+        for prefix in ["", "a.*", "a b", "a\r\nPUB x", ".a"] {
+            let err = NatsConfig::default()
+                .prefix(prefix)
+                .validate()
+                .expect_err(prefix);
+            assert!(matches!(err, Error::InvalidUrl(_)), "{err:?}");
+        }
+        let err = NatsConfig::default().exchange("x>").validate();
+        assert!(err.is_err());
+        let none: [&str; 0] = [];
+        let err = NatsConfig::default().servers(none).validate();
+        assert!(matches!(err, Err(Error::InvalidConfig(_))), "{err:?}");
+    }
+
     /// Defect 8 of issue #22: a 35-character Cyrillic topic escaped twice made a
     /// consumer name of over 255 characters, which JetStream refuses.
-    #[test]
-    fn jetstream_names_always_fit_and_stay_distinct() {
-        let c = NatsConfig::parse("nats://h?prefix=mqrpc-test-js").expect("parse");
-        let cyrillic = "обработка_заказов_высокий_приоритет";
-        assert_eq!(cyrillic.chars().count(), 35);
-        let long = "t".repeat(200);
-        let mut durables = std::collections::HashSet::new();
-        for topic in [cyrillic, &long, "calc", "calc2", &"я".repeat(400)] {
-            for server in [None, Some("host-1"), Some(&*"s".repeat(300))] {
-                let address = match server {
-                    None => rpc_core::Address::Topic {
-                        exchange: "openstack".into(),
-                        topic: topic.to_owned(),
-                    },
-                    Some(server) => rpc_core::Address::Server {
-                        exchange: "openstack".into(),
-                        topic: topic.to_owned(),
-                        server: server.to_owned(),
-                    },
-                };
-                let subject = c.jetstream_subject(&address).expect("a subject");
-                NatsConfig::check_subject(&subject, &address).expect("a subject that fits");
-                assert!(!subject.contains('%'), "{subject}");
-                let durable = c.jetstream_durable(&subject);
-                assert!(durable.len() <= MAX_JETSTREAM_NAME, "{durable}");
-                assert!(
-                    durable
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
-                    "{durable}"
-                );
-                // The same name every time (a restart finds its consumer).
-                assert_eq!(durable, c.jetstream_durable(&subject));
-                assert!(durables.insert(durable), "two addresses share a durable");
-            }
-        }
-        // Names that fitted before keep the name they had.
-        assert_eq!(
-            c.jetstream_durable("mqrpc-test-js.js.openstack.calc"),
-            "mqrpc-test-js_2Ejs_2Eopenstack_2Ecalc"
-        );
-        let hashed = c.jetstream_durable(
-            &c.jetstream_subject(&rpc_core::Address::Topic {
-                exchange: "openstack".into(),
-                topic: cyrillic.to_owned(),
-            })
-            .expect("a subject"),
-        );
-        assert!(
-            hashed.starts_with("mqrpc-test-js-js-openstack-"),
-            "{hashed}"
-        );
-        assert!(hashed.contains("__"), "{hashed}");
-        // A long exchange: the stream name fits too.
-        let stream = c.jetstream_stream(&"e".repeat(300));
-        assert!(stream.len() <= MAX_JETSTREAM_NAME, "{stream}");
-        assert_ne!(stream, c.jetstream_stream(&"e".repeat(301)));
-        assert_eq!(
-            c.jetstream_stream("openstack"),
-            "mqrpc-test-js_openstack_casts"
-        );
-    }
-
-    #[test]
-    fn subjects_too_long_for_a_protocol_line_are_refused() {
-        let c = NatsConfig::parse("nats://h").expect("parse");
-        let fits = c.topic_subject("openstack", &"a".repeat(3000));
-        NatsConfig::check_subject(&fits, &"t").expect("3000 bytes fit");
-        let long = c.topic_subject("openstack", &"a".repeat(4000));
-        let err = NatsConfig::check_subject(&long, &"openstack/aaa").expect_err("too long");
-        assert!(matches!(err, Error::InvalidTarget(_)), "{err:?}");
-        assert!(err.to_string().contains("3072"), "{err}");
-    }
-
     #[test]
     fn bad_urls_are_clear_errors_without_secrets() {
         for url in [
@@ -580,50 +469,5 @@ mod tests {
             assert!(!err.to_string().contains("s3cret"), "{err}");
             assert!(!err.to_string().contains("ret"), "{err}");
         }
-    }
-
-    #[test]
-    fn names_cannot_alias_other_subjects() {
-        let c = NatsConfig::parse("nats://h").expect("parse");
-        assert_eq!(c.topic_subject("openstack", "calc"), "mqrpc.openstack.calc");
-        assert_eq!(
-            c.server_subject("openstack", "calc", "h1"),
-            "mqrpc.openstack.calc.s.h1"
-        );
-        assert_eq!(
-            c.fanout_subject("openstack", "calc"),
-            "mqrpc.openstack.calc.fanout"
-        );
-        assert_eq!(c.topic_subject("x", "a.b"), "mqrpc.x.a%2Eb");
-        assert_eq!(c.topic_subject("x", "a b>*"), "mqrpc.x.a%20b%3E%2A");
-        assert_ne!(
-            c.server_subject("x", "a", "b.c"),
-            c.server_subject("x", "a.b", "c")
-        );
-        assert_ne!(
-            c.fanout_subject("x", "t"),
-            c.server_subject("x", "t", "fanout")
-        );
-        assert_eq!(name_safe("a_b.x"), "a_5Fb_2Ex");
-        assert_eq!(c.jetstream_stream("openstack"), "mqrpc_openstack_casts");
-        let server = rpc_core::Address::Server {
-            exchange: "x".into(),
-            topic: "a.b%c".into(),
-            server: "h 1".into(),
-        };
-        let js = c.jetstream_subject(&server).expect("a JetStream subject");
-        assert_eq!(js, "mqrpc.js.x.a_2Eb_25c.s.h_201");
-        assert!(!js.contains('%'), "JetStream filters cannot hold %");
-        // An exchange named `js` does not reach into the JetStream subjects.
-        assert_eq!(c.fanout_subject("js", "x"), "mqrpc.%6As.x.fanout");
-        assert_ne!(c.topic_subject("js", "x"), c.topic_subject("%6As", "x"));
-        let topic = rpc_core::Address::Topic {
-            exchange: "x".into(),
-            topic: "fanout".into(),
-        };
-        assert_ne!(
-            c.jetstream_subject(&topic).expect("a JetStream subject"),
-            c.fanout_subject("js", "x")
-        );
     }
 }

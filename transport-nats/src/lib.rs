@@ -11,7 +11,8 @@
 //!   `jetstream=true`, casts to a topic or server go through a JetStream work-queue
 //!   stream instead: kept while no server runs, delivered again until a server acks.
 //! - Reconnection is async-nats' own: it reconnects and re-subscribes by itself.
-//!   `connect_timeout` (URL option, seconds, default 10) bounds each attempt.
+//!   `connect_timeout` (URL option, `2s` or plain seconds, default 10 s) bounds each
+//!   attempt.
 //! - A server holds no more request bytes than its budget
 //!   ([`rpc_core::ListenOptions::budget`]): its core NATS subscriptions are drained
 //!   as messages arrive, and a request that does not fit is dropped at once and
@@ -28,8 +29,8 @@
 //!   characters whatever the topic (a readable head and a hash when longer).
 //!
 //! ```no_run
-//! # async fn demo() -> rpc_core::Result<()> {
-//! let transport = transport_nats::NatsTransport::connect("nats://127.0.0.1:4222").await?;
+//! # async fn demo() -> mqrpc::Result<()> {
+//! let transport = mqrpc::NatsTransport::connect("nats://127.0.0.1:4222").await?;
 //! # let _ = transport; Ok(()) }
 //! ```
 
@@ -38,25 +39,32 @@
 
 mod batch;
 mod config;
-mod consumer;
+mod error;
+mod jetstream;
+mod monitor;
 mod publisher;
+mod reply;
+mod server;
+mod subjects;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream;
 use async_trait::async_trait;
 use rpc_core::{
     Capabilities, Consumer, Error, ListenOptions, Publisher, ReplyQueue, Result, Target, Transport,
+    TransportErrorKind,
 };
 
-pub use config::{
-    Auth, DEFAULT_CONNECT_TIMEOUT, MAX_JETSTREAM_NAME, MAX_SUBJECT_BYTES, NatsConfig,
-};
+pub use config::{Auth, NatsConfig};
+pub use rpc_core::options::DEFAULT_CONNECT_TIMEOUT;
+pub use subjects::{MAX_JETSTREAM_NAME, MAX_SUBJECT_BYTES};
 
-use consumer::{ReplyConsumer, ServerConsumer};
+pub(crate) use error::nats_error;
 use publisher::NatsPublisher;
+use reply::ReplyConsumer;
+use server::ServerConsumer;
 
 /// A connection to NATS. Cheap to clone; clones share the connection.
 #[derive(Clone)]
@@ -67,7 +75,7 @@ pub struct NatsTransport {
 pub(crate) struct Shared {
     pub(crate) config: NatsConfig,
     pub(crate) client: async_nats::Client,
-    pub(crate) jetstream: Option<jetstream::Context>,
+    pub(crate) jetstream: Option<async_nats::jetstream::Context>,
     /// Slow-consumer events the client reported (messages it dropped).
     pub(crate) slow_consumers: Arc<AtomicU64>,
     /// Core NATS requests this transport's servers dropped because they did not fit
@@ -83,6 +91,9 @@ impl std::fmt::Debug for NatsTransport {
             .finish()
     }
 }
+
+/// What a consumer hands out, merged from several subscriptions or pulls.
+pub(crate) type Deliveries = futures::stream::BoxStream<'static, Result<rpc_core::Delivery>>;
 
 /// How long a round trip to the server or a flush may take before it counts as failed.
 pub(crate) const ROUND_TRIP_LIMIT: Duration = Duration::from_secs(5);
@@ -101,14 +112,10 @@ pub(crate) async fn round_trip(
         Ok(Ok(_)) => Ok(()),
         Ok(Err(err)) => Err(nats_error("round trip to the NATS server", err)),
         Err(_) => Err(Error::transport_msg(
-            rpc_core::TransportErrorKind::Other,
+            TransportErrorKind::Timeout,
             format!("the NATS server did not answer within {ROUND_TRIP_LIMIT:?}"),
         )),
     }
-}
-
-pub(crate) fn nats_error(what: &str, err: impl std::error::Error + Send + Sync + 'static) -> Error {
-    Error::transport(rpc_core::TransportErrorKind::Other, what.to_owned(), err)
 }
 
 impl NatsTransport {
@@ -118,8 +125,10 @@ impl NatsTransport {
         Self::with_config(NatsConfig::parse(url)?).await
     }
 
-    /// Connects with a parsed configuration.
+    /// Connects with a configuration, parsed or built (checked first with
+    /// [`NatsConfig::validate`]).
     pub async fn with_config(config: NatsConfig) -> Result<Self> {
+        config.validate()?;
         let slow_consumers = Arc::new(AtomicU64::new(0));
         let counter = slow_consumers.clone();
         let mut options = async_nats::ConnectOptions::new()
@@ -186,19 +195,14 @@ impl NatsTransport {
         let attempts = u32::try_from(servers.len().max(1)).unwrap_or(u32::MAX);
         let bound = config.connect_timeout.saturating_mul(attempts);
         let where_to = config.servers.join(",");
-        let timed_out = || {
-            Error::transport_msg(
-                rpc_core::TransportErrorKind::Other,
-                format!(
-                    "connecting to NATS at {where_to} timed out after {:?} (connect_timeout)",
-                    config.connect_timeout
-                ),
-            )
-        };
+        let timed_out = format!(
+            "connecting to NATS at {where_to} timed out after {:?} (connect_timeout)",
+            config.connect_timeout
+        );
         let client = match tokio::time::timeout(bound, options.connect(servers)).await {
             Ok(Ok(client)) => client,
             Ok(Err(err)) if err.kind() == async_nats::ConnectErrorKind::TimedOut => {
-                return Err(timed_out());
+                return Err(nats_error(&timed_out, err));
             }
             Ok(Err(err)) => {
                 return Err(nats_error(
@@ -206,9 +210,13 @@ impl NatsTransport {
                     err,
                 ));
             }
-            Err(_) => return Err(timed_out()),
+            Err(_) => {
+                return Err(Error::transport_msg(TransportErrorKind::Connect, timed_out));
+            }
         };
-        let jetstream = config.jetstream.then(|| jetstream::new(client.clone()));
+        let jetstream = config
+            .jetstream
+            .then(|| async_nats::jetstream::new(client.clone()));
         let publisher = Arc::new(NatsPublisher::new(
             client.clone(),
             config.clone(),
@@ -223,7 +231,7 @@ impl NatsTransport {
             publisher,
         });
         if let Some(js) = &shared.jetstream {
-            consumer::ensure_stream(js, &shared.config, &shared.config.exchange).await?;
+            jetstream::ensure_stream(js, &shared.config, &shared.config.exchange).await?;
             shared.publisher.streams_ready(&shared.config.exchange);
         }
         Ok(NatsTransport { shared })
@@ -299,7 +307,7 @@ impl Transport for NatsTransport {
 
     async fn monitor(&self, target: &Target) -> Result<Box<dyn Consumer>> {
         Ok(Box::new(
-            consumer::Monitor::start(self.shared.clone(), target).await?,
+            monitor::Monitor::start(self.shared.clone(), target).await?,
         ))
     }
 

@@ -126,7 +126,7 @@ impl NatsPublisher {
             .unwrap_or_else(|e| e.into_inner())
             .contains(exchange);
         if !known {
-            crate::consumer::ensure_stream(js, &self.config, exchange).await?;
+            crate::jetstream::ensure_stream(js, &self.config, exchange).await?;
             self.streams_ready(exchange);
         }
         Ok(())
@@ -287,7 +287,7 @@ impl NatsPublisher {
 /// and not empty. async-nats does not check published subjects here (see
 /// `NatsTransport`), and the inbox comes from the network.
 fn valid_inbox(inbox: &str) -> bool {
-    !inbox.is_empty() && crate::config::protocol_safe(inbox)
+    !inbox.is_empty() && crate::subjects::protocol_safe(inbox)
 }
 
 fn publish_error(
