@@ -146,10 +146,22 @@ impl Retry {
     /// Calls `op` with the attempt number (0 first) until it returns `Ok`, or an error
     /// that `retryable` refuses, or the attempts or the deadline run out; the last
     /// error is returned.
-    pub async fn run<T, E, F, Fut>(
+    pub async fn run<T, E, F, Fut>(&self, op: F, retryable: impl FnMut(&E) -> bool) -> Result<T, E>
+    where
+        F: FnMut(u32) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.run_notify(op, retryable, |_, _, _| {}).await
+    }
+
+    /// Like [`Retry::run`], and `notify` hears of every failure that is retried, with
+    /// its attempt number and the wait before the next attempt: where a reconnect
+    /// loop logs "attempt failed, trying again in ...".
+    pub async fn run_notify<T, E, F, Fut>(
         &self,
         mut op: F,
         mut retryable: impl FnMut(&E) -> bool,
+        mut notify: impl FnMut(&E, u32, Duration),
     ) -> Result<T, E>
     where
         F: FnMut(u32) -> Fut,
@@ -173,6 +185,7 @@ impl Retry {
                 }
                 wait = wait.min(left);
             }
+            notify(&err, attempt, wait);
             tokio::time::sleep(wait).await;
             attempt = attempt.saturating_add(1);
         }
@@ -237,5 +250,23 @@ mod tests {
         // Attempts at 0 s, 1 s, 2 s and 2.5 s (the last wait cut to the deadline).
         assert_eq!(timed, Err(3));
         assert_eq!(start.elapsed(), Duration::from_millis(2500));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn notify_hears_each_retried_failure_and_its_wait() {
+        let backoff =
+            Backoff::new(Duration::from_secs(1), Duration::from_secs(2)).jitter(Jitter::None);
+        let mut heard = Vec::new();
+        let result: Result<(), u32> = Retry::new(backoff)
+            .attempts(4)
+            .run_notify(
+                |n| async move { Err(n) },
+                |_| true,
+                |err, attempt, wait| heard.push((*err, attempt, wait.as_secs())),
+            )
+            .await;
+        // The last failure is returned, not retried: nobody hears of it.
+        assert_eq!(result, Err(3));
+        assert_eq!(heard, [(0, 0, 1), (1, 1, 2), (2, 2, 2)]);
     }
 }
