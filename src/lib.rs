@@ -50,7 +50,7 @@ pub use transport_memory::MemoryTransport;
 pub use transport_memory::shared as shared_memory;
 
 #[cfg(feature = "amqp")]
-pub use transport_amqp::{AmqpConfig, AmqpTransport, ReplyQueues};
+pub use transport_amqp::{AmqpConfig, AmqpTransport, Compression, Host, ReplyQueues};
 
 #[cfg(feature = "redis")]
 pub use transport_redis::{RedisConfig, RedisTransport};
