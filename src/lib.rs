@@ -45,7 +45,7 @@ pub use rpc_core::*;
 pub use transport_memory::MemoryTransport;
 
 #[cfg(feature = "amqp")]
-pub use transport_amqp::{AmqpConfig, AmqpTransport, ReplyQueues};
+pub use transport_amqp::{AmqpConfig, AmqpTransport, Compression, Host, ReplyQueues};
 
 #[cfg(feature = "redis")]
 pub use transport_redis::{RedisConfig, RedisTransport};

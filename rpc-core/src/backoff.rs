@@ -151,16 +151,17 @@ impl Retry {
         F: FnMut(u32) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        self.run_notify(op, retryable, |_, _| {}).await
+        self.run_notify(op, retryable, |_, _, _| {}).await
     }
 
-    /// Like [`Retry::run`], and tells `before_wait` each error that is retried and the
-    /// wait before the next attempt, so the caller's log line can say how long it is.
+    /// Like [`Retry::run`], and `notify` hears of every failure that is retried, with
+    /// its attempt number and the wait before the next attempt: where a reconnect
+    /// loop logs "attempt failed, trying again in ...".
     pub async fn run_notify<T, E, F, Fut>(
         &self,
         mut op: F,
         mut retryable: impl FnMut(&E) -> bool,
-        mut before_wait: impl FnMut(&E, Duration),
+        mut notify: impl FnMut(&E, u32, Duration),
     ) -> Result<T, E>
     where
         F: FnMut(u32) -> Fut,
@@ -184,7 +185,7 @@ impl Retry {
                 }
                 wait = wait.min(left);
             }
-            before_wait(&err, wait);
+            notify(&err, attempt, wait);
             tokio::time::sleep(wait).await;
             attempt = attempt.saturating_add(1);
         }
@@ -249,21 +250,23 @@ mod tests {
         // Attempts at 0 s, 1 s, 2 s and 2.5 s (the last wait cut to the deadline).
         assert_eq!(timed, Err(3));
         assert_eq!(start.elapsed(), Duration::from_millis(2500));
+    }
 
-        let mut told = Vec::new();
-        let notified: Result<(), u32> = Retry::new(backoff.jitter(Jitter::None))
-            .attempts(3)
+    #[tokio::test(start_paused = true)]
+    async fn notify_hears_each_retried_failure_and_its_wait() {
+        let backoff =
+            Backoff::new(Duration::from_secs(1), Duration::from_secs(2)).jitter(Jitter::None);
+        let mut heard = Vec::new();
+        let result: Result<(), u32> = Retry::new(backoff)
+            .attempts(4)
             .run_notify(
                 |n| async move { Err(n) },
                 |_| true,
-                |e, wait| told.push((*e, wait)),
+                |err, attempt, wait| heard.push((*err, attempt, wait.as_secs())),
             )
             .await;
-        // Told of the two waits, not of the last failure, which is returned.
-        assert_eq!(notified, Err(2));
-        assert_eq!(
-            told,
-            [(0, Duration::from_secs(1)), (1, Duration::from_secs(1))]
-        );
+        // The last failure is returned, not retried: nobody hears of it.
+        assert_eq!(result, Err(3));
+        assert_eq!(heard, [(0, 0, 1), (1, 1, 2), (2, 2, 2)]);
     }
 }

@@ -234,7 +234,8 @@ mod hardening {
     use lapin::types::{AMQPValue, FieldTable};
     use lapin::{BasicProperties, Channel};
     use mqrpc::{
-        AckMode, Client, Context, Endpoint, Error, ListenOptions, RemoteError, Server, Target,
+        AckMode, Client, Context, Endpoint, Error, ErrorKind, ListenOptions, RemoteError, Server,
+        Target, TransportErrorKind,
     };
     use serde::Deserialize;
     use serde_json::{Value, json};
@@ -533,11 +534,76 @@ mod hardening {
         assert!(text.contains("connect_timeout"), "{text}");
         assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
         assert!(!text.contains("Zq9-silent-secret"), "{text}");
+        assert_eq!(
+            err.kind(),
+            ErrorKind::Transport(TransportErrorKind::Connect),
+            "{text}"
+        );
         assert!(
             !held.lock().expect("lock").is_empty(),
             "the test's listener was reached"
         );
         accepting.abort();
+    }
+
+    /// Transport errors say what kind of failure they are, with lapin's error as their
+    /// source: a wrong password and a queue that exists with other arguments are
+    /// refusals (sending again will not help), a port with nothing listening a failure
+    /// to connect (it may).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn amqp_errors_tell_a_refusal_from_a_failure_to_connect() {
+        if super::backend().await.is_none() {
+            return;
+        }
+        let config = mqrpc::AmqpConfig::parse(&super::url()).expect("AMQP URL");
+        let host = &config.hosts[0];
+        let wrong = format!("amqp://{}:not-the-password@{host}/", host.username);
+        let err = mqrpc::connect(&wrong).await.expect_err("a wrong password");
+        assert_eq!(
+            err.kind(),
+            ErrorKind::Transport(TransportErrorKind::Refused),
+            "{err}"
+        );
+        assert!(!err.is_retryable(), "{err}");
+        assert!(std::error::Error::source(&err).is_some(), "{err:?}");
+
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("a port")
+            .local_addr()
+            .expect("address")
+            .port();
+        let url = format!("amqp://guest:guest@127.0.0.1:{closed}/?connect_timeout=2");
+        let err = mqrpc::connect(&url).await.expect_err("nothing listens");
+        assert_eq!(
+            err.kind(),
+            ErrorKind::Transport(TransportErrorKind::Connect),
+            "{err}"
+        );
+        assert!(err.is_retryable(), "{err}");
+
+        // A server declares the topic's queue with one x-expires; a second that
+        // declares it with another is refused (PRECONDITION_FAILED). Both expire.
+        let name = topic("precondition");
+        let first = mqrpc::connect(&super::suite_url()).await.expect("RabbitMQ");
+        let base = super::url();
+        let separator = if base.contains('?') { '&' } else { '?' };
+        let other = mqrpc::connect(&format!("{base}{separator}topic_ttl=301"))
+            .await
+            .expect("RabbitMQ");
+        let target = Target::new(&name).server("s1");
+        let mut listening = first
+            .listen(&target, &ListenOptions::new(1))
+            .await
+            .expect("the first server");
+        let Err(err) = other.listen(&target, &ListenOptions::new(1)).await else {
+            panic!("a queue declared with other arguments was accepted");
+        };
+        assert_eq!(
+            err.kind(),
+            ErrorKind::Transport(TransportErrorKind::Refused),
+            "{err}"
+        );
+        listening.close().await.expect("close");
     }
 
     #[derive(Deserialize)]

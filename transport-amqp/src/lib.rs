@@ -33,18 +33,21 @@
 //! so only a global subscriber sees them.
 //!
 //! ```no_run
-//! # async fn demo() -> rpc_core::Result<()> {
-//! let transport = transport_amqp::AmqpTransport::connect("rabbit://guest:guest@127.0.0.1:5672/").await?;
+//! # async fn demo() -> mqrpc::Result<()> {
+//! let transport = mqrpc::AmqpTransport::connect("rabbit://guest:guest@127.0.0.1:5672/").await?;
 //! # let _ = transport; Ok(()) }
 //! ```
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod compression;
 mod config;
 mod consumer;
+mod error;
 mod link;
 mod publisher;
+mod reply_queues;
 mod topology;
 
 use std::sync::Arc;
@@ -54,10 +57,12 @@ use rpc_core::{
     Capabilities, Consumer, ListenOptions, Publisher, ReplyQueue, Result, Target, Transport,
 };
 
+pub use compression::Compression;
 pub use config::{
-    AmqpConfig, Compression, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEARTBEAT, DEFAULT_MAX_MESSAGE_SIZE,
-    DEFAULT_TRANSIENT_TTL, Host, ReplyQueues,
+    AmqpConfig, DEFAULT_HEARTBEAT, DEFAULT_MAX_BACKOFF, DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_TRANSIENT_TTL, Host,
 };
+pub use reply_queues::ReplyQueues;
 
 use consumer::{AmqpConsumer, Subscription};
 use link::Link;

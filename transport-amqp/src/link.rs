@@ -1,6 +1,6 @@
-//! The connection to the broker, re-opened when lost: capped exponential backoff with
-//! jitter, rotating through the URL's hosts. Everyone who needs the connection asks
-//! the `Link`; only one task reconnects at a time.
+//! The connection to the broker, re-opened when lost: rpc-core's capped exponential
+//! [`Backoff`] with jitter, rotating through the URL's hosts. Everyone who needs the
+//! connection asks the `Link`; only one task reconnects at a time.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,12 +9,13 @@ use std::time::Duration;
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
 use lapin::{Connection, ConnectionProperties};
-use rand::Rng;
-use rpc_core::{Error, Result};
+use rpc_core::backoff::{Backoff, Retry};
+use rpc_core::{Error, Result, TransportErrorKind};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AmqpConfig, Host};
+use crate::error::connect_kind;
 
 /// First wait between reconnection attempts.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -45,6 +46,11 @@ impl Link {
     /// credentials) or a handshake that stalls for the whole `connect_timeout` fails
     /// once every host failed.
     pub(crate) async fn open(config: AmqpConfig) -> Result<Arc<Link>> {
+        if config.hosts.is_empty() {
+            return Err(Error::InvalidConfig(
+                "an AMQP configuration needs at least one host".to_owned(),
+            ));
+        }
         let pem = config.tls_files.load()?;
         let tls = OwnedTLSConfig {
             identity: pem
@@ -72,31 +78,40 @@ impl Link {
         });
         let mut current = link.current.lock().await;
         let deadline = tokio::time::Instant::now() + link.config.connect_timeout;
-        let mut attempt = 0u32;
-        loop {
-            let mut transient = None;
-            let mut refused = None;
-            for _ in 0..link.config.hosts.len() {
-                match link.try_connect_next().await {
-                    Ok(connected) => {
-                        *current = Some(connected);
-                        drop(current);
-                        return Ok(link);
+        let connected = Retry::new(link.backoff())
+            .deadline(deadline)
+            .run_notify(
+                |_| link.try_every_host(),
+                |failed| failed.transient.is_some(),
+                |failed, _, wait| {
+                    if let Some(err) = &failed.transient {
+                        tracing::debug!(error = %err, ?wait, "broker reset the connection; trying again");
                     }
-                    Err((err, true)) => transient = Some(err),
-                    Err((err, false)) => refused = Some(err),
-                }
-            }
-            let wait = link.backoff(attempt);
-            attempt = attempt.saturating_add(1);
-            match transient {
-                Some(err) if tokio::time::Instant::now() + wait < deadline => {
-                    tracing::debug!(error = %err, ?wait, "broker reset the connection; trying again");
-                    tokio::time::sleep(wait).await;
-                }
-                _ => return Err(refused.or(transient).unwrap_or(Error::Closed)),
+                },
+            )
+            .await
+            .map_err(|failed| {
+                (failed.refused.or(failed.transient)).unwrap_or(Error::Closed)
+            })?;
+        *current = Some(connected);
+        drop(current);
+        Ok(link)
+    }
+
+    /// One connection attempt to each host in turn, until one answers.
+    async fn try_every_host(&self) -> std::result::Result<Connected, EveryHostFailed> {
+        let mut failed = EveryHostFailed {
+            transient: None,
+            refused: None,
+        };
+        for _ in 0..self.config.hosts.len() {
+            match self.try_connect_next().await {
+                Ok(connected) => return Ok(connected),
+                Err((err, true)) => failed.transient = Some(err),
+                Err((err, false)) => failed.refused = Some(err),
             }
         }
+        Err(failed)
     }
 
     /// How many connections this link has opened (1 until the first reconnection).
@@ -123,43 +138,34 @@ impl Link {
             tracing::warn!(connection = %self.name, "connection to the broker lost; reconnecting");
         }
         *current = None;
-        let mut attempt = 0u32;
-        loop {
-            if self.closed.is_cancelled() {
-                return Err(Error::Closed);
-            }
-            match self.connect_next().await {
-                Ok(connected) => {
-                    tracing::info!(connection = %self.name, attempt, "reconnected to the broker");
-                    *current = Some(connected.clone());
-                    return Ok(connected);
-                }
-                Err(err) => {
-                    let wait = self.backoff(attempt);
-                    tracing::warn!(error = %err, ?wait, attempt, "broker connection attempt failed");
-                    attempt = attempt.saturating_add(1);
-                    tokio::select! {
-                        _ = self.closed.cancelled() => return Err(Error::Closed),
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                }
-            }
-        }
+        let retry = Retry::new(self.backoff());
+        let reconnect = retry.run_notify(
+            |attempt| async move {
+                let connected = self.try_connect_next().await.map_err(|(err, _)| err)?;
+                tracing::info!(connection = %self.name, attempt, "reconnected to the broker");
+                Ok(connected)
+            },
+            // Every failure is worth another attempt: the broker may come back.
+            |_: &Error| true,
+            |err, attempt, wait| {
+                tracing::warn!(error = %err, ?wait, attempt, "broker connection attempt failed");
+            },
+        );
+        let connected = tokio::select! {
+            biased;
+            _ = self.closed.cancelled() => return Err(Error::Closed),
+            connected = reconnect => connected?,
+        };
+        *current = Some(connected.clone());
+        Ok(connected)
     }
 
-    /// Capped exponential backoff with full jitter in the upper half.
-    pub(crate) fn backoff(&self, attempt: u32) -> Duration {
-        let cap = self.config.max_backoff;
-        let exp = FIRST_BACKOFF
-            .checked_mul(1u32 << attempt.min(16))
-            .unwrap_or(cap)
-            .min(cap);
-        let jitter: f64 = rand::rng().random_range(0.5..=1.0);
-        exp.mul_f64(jitter)
-    }
-
-    async fn connect_next(&self) -> Result<Connected> {
-        self.try_connect_next().await.map_err(|(err, _)| err)
+    /// The wait between attempts to reconnect, resubscribe or republish: from 100 ms
+    /// (or the URL's `max_backoff`, if shorter), doubling up to `max_backoff`, each
+    /// drawn in the upper half of its nominal value.
+    pub(crate) fn backoff(&self) -> Backoff {
+        let max = self.config.max_backoff;
+        Backoff::new(FIRST_BACKOFF.min(max), max)
     }
 
     /// Connects to the next host; a failure says whether it was transient (the broker
@@ -177,18 +183,14 @@ impl Link {
             Ok(Err(err)) => {
                 let transient = is_reset(&err);
                 return Err((
-                    Error::transport(
-                        rpc_core::TransportErrorKind::Other,
-                        format!("cannot connect to {host}"),
-                        err,
-                    ),
+                    Error::transport(connect_kind(&err), format!("cannot connect to {host}"), err),
                     transient,
                 ));
             }
             Err(_) => {
                 return Err((
                     Error::transport_msg(
-                        rpc_core::TransportErrorKind::Other,
+                        TransportErrorKind::Connect,
                         format!(
                             "connecting to the AMQP broker at {host} timed out after {limit:?} \
                          (TCP connect, TLS and AMQP handshake; URL option connect_timeout)"
@@ -254,6 +256,16 @@ impl Link {
             let _ = connected.connection.close(200, "closing".into()).await;
         }
     }
+}
+
+/// Every host of the URL failed one connection attempt: the last failure of each
+/// sort.
+struct EveryHostFailed {
+    /// A host reset the handshake (RabbitMQ under a storm of connections): worth
+    /// another round.
+    transient: Option<Error>,
+    /// A host refused, had nothing listening, or stalled for all of `connect_timeout`.
+    refused: Option<Error>,
 }
 
 /// Whether the broker accepted the TCP connection and then dropped it mid-handshake.

@@ -12,17 +12,19 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
+use rpc_core::backoff::Retry;
+use rpc_core::{Address, Error, Outgoing, Publisher, Result, TransportErrorKind};
 
-use crate::config::Compression;
-use rpc_core::{Address, Error, Outgoing, Publisher, Result};
-
+use crate::compression::compressed;
+use crate::error::{kind_of, lapin_error};
 use crate::link::Link;
-use crate::topology::{self, lapin_error, short};
+use crate::topology::{self, short};
 
 /// A confirm-mode channel and the exchanges already declared on it.
 struct PublishChannel {
@@ -271,6 +273,9 @@ impl AmqpPublisher {
                 Failure::Connection(err)
             }
         };
+        // The message left but its confirm never came: whether the broker routed it is
+        // unknown, so it is not sent again.
+        let mut unconfirmed = false;
         let outcome = async {
             self.ensure_exchange(&pc, address).await?;
             let (exchange, routing_key) = route(address);
@@ -318,8 +323,9 @@ impl AmqpPublisher {
                 // The message left; whether the broker routed it is unknown. Sending it
                 // again could run a request twice, so only replies are retried.
                 Err(err) if !matches!(address, Address::Reply(_)) => {
+                    unconfirmed = true;
                     return Err(Error::transport(
-                        rpc_core::TransportErrorKind::Other,
+                        kind_of(&err),
                         format!(
                             "the broker connection failed before it confirmed the message to \
                              {address}; it may or may not have been delivered"
@@ -370,8 +376,11 @@ impl AmqpPublisher {
             if acked {
                 Ok(())
             } else {
+                // Not `Refused`: RabbitMQ nacks when a queue is full (`x-overflow`
+                // `reject-publish`) or a queue process failed, which a later attempt
+                // may get past.
                 Err(Error::transport_msg(
-                    rpc_core::TransportErrorKind::Other,
+                    TransportErrorKind::Other,
                     format!("the broker refused the message to {address} (nack)"),
                 ))
             }
@@ -381,9 +390,7 @@ impl AmqpPublisher {
             Error::Undeliverable { .. } | Error::NoResponders { .. } | Error::InvalidTarget(_) => {
                 Failure::Refused(err)
             }
-            Error::Transport { ref message, .. }
-                if message.contains("may or may not have been delivered") =>
-            {
+            err if unconfirmed => {
                 if !pc.channel.status().connected() {
                     self.forget(&pc);
                 }
@@ -444,28 +451,6 @@ async fn drain_dropped_confirms(channel: Channel) {
     }
 }
 
-/// gzip bodies larger than this are compressed on a blocking thread, not on the
-/// caller's worker.
-const COMPRESS_INLINE_LIMIT: usize = 64 * 1024;
-
-/// `body` compressed as the URL asked. bzip2 always runs on a blocking thread: it sets
-/// up megabytes of working memory even for a small body, and takes tens of
-/// milliseconds per MiB.
-async fn compressed(compression: Compression, body: bytes::Bytes) -> Result<bytes::Bytes> {
-    if compression == Compression::Gzip && body.len() <= COMPRESS_INLINE_LIMIT {
-        return Ok(compression.compress(&body).into());
-    }
-    tokio::task::spawn_blocking(move || compression.compress(&body).into())
-        .await
-        .map_err(|e| {
-            Error::transport(
-                rpc_core::TransportErrorKind::Other,
-                "compressing a message",
-                e,
-            )
-        })
-}
-
 /// The error of a publish the broker returned (`basic.return`): for a request, no
 /// queue is bound to its routing key, so no server has ever listened there (a server
 /// that has, even one since stopped, left its queue behind, which keeps the request);
@@ -515,30 +500,38 @@ impl Publisher for AmqpPublisher {
         if let Some(compression) = self.link.config.compression {
             message.body = compressed(compression, message.body).await?;
         }
-        let mut attempt = 0u32;
-        let mut retried_on_new_channel = false;
-        loop {
-            match self.attempt(address, &message).await {
-                Ok(()) => return Ok(()),
-                Err(Failure::Refused(err)) => return Err(err),
-                Err(Failure::ChannelClosed(err)) => {
-                    if retried_on_new_channel {
-                        return Err(err);
+        let message = &message;
+        let retried_on_new_channel = &AtomicBool::new(false);
+        // A lost connection is retried (with backoff) until the caller's deadline drops
+        // this future; a publish whose channel the broker closed is tried once more, at
+        // once, on a new channel.
+        let sent = Retry::new(self.link.backoff())
+            .run_notify(
+                |_| async move {
+                    match self.attempt(address, message).await {
+                        Err(Failure::ChannelClosed(err))
+                            if !retried_on_new_channel.swap(true, Ordering::Relaxed) =>
+                        {
+                            tracing::debug!(error = %err, %address, "channel closed by the broker; retrying once");
+                            self.attempt(address, message).await
+                        }
+                        outcome => outcome,
                     }
-                    tracing::debug!(error = %err, %address, "channel closed by the broker; retrying once");
-                    retried_on_new_channel = true;
-                }
-                Err(Failure::Connection(err)) => {
-                    if self.link.closed.is_cancelled() {
-                        return Err(Error::Closed);
+                },
+                |failure| {
+                    matches!(failure, Failure::Connection(_)) && !self.link.closed.is_cancelled()
+                },
+                |failure, _, wait| {
+                    if let Failure::Connection(err) = failure {
+                        tracing::warn!(error = %err, %address, ?wait, "publish failed; retrying after reconnection");
                     }
-                    let wait = self.link.backoff(attempt);
-                    tracing::warn!(error = %err, %address, ?wait, "publish failed; retrying after reconnection");
-                    attempt = attempt.saturating_add(1);
-                    tokio::time::sleep(wait).await;
-                }
-            }
-        }
+                },
+            )
+            .await;
+        sent.map_err(|failure| match failure {
+            Failure::Connection(_) if self.link.closed.is_cancelled() => Error::Closed,
+            Failure::Connection(err) | Failure::Refused(err) | Failure::ChannelClosed(err) => err,
+        })
     }
 }
 

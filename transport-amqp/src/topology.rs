@@ -17,6 +17,7 @@ use lapin::{Channel, ExchangeKind};
 use rpc_core::{Error, Result};
 
 use crate::config::AmqpConfig;
+use crate::error::lapin_error;
 
 /// An AMQP short string (at most 255 bytes), or a clear error naming what was too long.
 pub(crate) fn short(text: &str) -> Result<ShortString> {
@@ -43,10 +44,6 @@ pub(crate) fn fanout_queue(topic: &str) -> String {
 
 pub(crate) fn reply_queue() -> String {
     format!("reply_{}", rpc_core::wire::new_id())
-}
-
-pub(crate) fn lapin_error(what: &str, err: lapin::Error) -> Error {
-    Error::transport(rpc_core::TransportErrorKind::Other, what.to_owned(), err)
 }
 
 /// Declares the control (topic) exchange.
@@ -133,7 +130,8 @@ pub(crate) async fn declare_transient_queue(
 fn expiry(ttl: Option<std::time::Duration>) -> FieldTable {
     let mut arguments = FieldTable::default();
     if let Some(ttl) = ttl {
-        let millis = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        // RabbitMQ refuses an `x-expires` of 0: a sub-millisecond one is 1 ms.
+        let millis = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
         arguments.insert("x-expires".into(), AMQPValue::LongLongInt(millis));
     }
     arguments

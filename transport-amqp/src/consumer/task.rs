@@ -1,0 +1,278 @@
+//! The task behind each consumer: it declares the topology and subscribes, hands each
+//! fresh subscription to the consumer, and when one is lost (or retired for a new
+//! prefetch) subscribes again, with rpc-core's backoff between failed attempts.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use lapin::Channel;
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use rpc_core::backoff::Retry;
+use rpc_core::transport::Merged;
+use rpc_core::{Error, Result};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::settle::{settled, until_lost};
+use super::{Live, Subscription};
+use crate::error::lapin_error;
+use crate::link::Link;
+use crate::topology::{self, short};
+
+/// How long each clean-up step on close may wait for the broker.
+const CLEANUP_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Deliveries of one consumer; its end (the broker cancelled it) is an error item,
+/// so losing one of several consumers is noticed, not silently absorbed by the merge.
+pub(super) type Deliveries =
+    BoxStream<'static, std::result::Result<lapin::message::Delivery, String>>;
+
+/// One subscription on one channel.
+struct Session {
+    channel: Arc<Channel>,
+    stream: Merged<Deliveries>,
+    tags: Vec<String>,
+}
+
+/// What the task of one consumer owns.
+pub(super) struct ConsumerTask {
+    pub(super) link: Arc<Link>,
+    pub(super) subscription: Subscription,
+    pub(super) sessions: mpsc::UnboundedSender<Live>,
+    pub(super) lost: mpsc::UnboundedReceiver<Option<Live>>,
+    pub(super) stop: CancellationToken,
+    pub(super) closed: CancellationToken,
+    /// The prefetch of a server's next subscription (set by the consumer).
+    pub(super) prefetch: Arc<AtomicU16>,
+}
+
+impl ConsumerTask {
+    pub(super) async fn run(mut self, ready: oneshot::Sender<Result<()>>) {
+        let mut ready = Some(ready);
+        loop {
+            // The first subscription's failure is the caller's to see; a later one is
+            // tried again until the transport closes.
+            let first = ready.is_some();
+            let retry = Retry::new(self.link.backoff());
+            let subscribing = retry.run_notify(
+                |_| self.open(),
+                |err| !first && !matches!(err, Error::Closed),
+                |err, _, wait| {
+                    tracing::warn!(error = %err, ?wait, "re-subscribing failed; will retry");
+                },
+            );
+            let opened = tokio::select! {
+                _ = self.closed.cancelled() => return,
+                _ = self.stop.cancelled() => return self.finish(None).await,
+                opened = subscribing => opened,
+            };
+            let session = match opened {
+                Ok(session) => session,
+                Err(err) => {
+                    // The caller hears why the first subscription failed; after a
+                    // later one the transport was closed: this consumer is finished.
+                    if let Some(ready) = ready.take() {
+                        let _ = ready.send(Err(err));
+                    }
+                    return;
+                }
+            };
+            if let Some(ready) = ready.take() {
+                let _ = ready.send(Ok(()));
+            } else {
+                tracing::info!(subscription = ?self.subscription, "re-subscribed after reconnection");
+            }
+            let Session {
+                channel,
+                stream,
+                tags,
+            } = session;
+            let settles = matches!(self.subscription, Subscription::Server { .. });
+            let live = Live {
+                stream,
+                channel: channel.clone(),
+                settles,
+                tags: tags.clone(),
+            };
+            if self.sessions.send(live).is_err() {
+                // The consumer is gone.
+                return self.finish(Some((channel, tags))).await;
+            }
+            tokio::select! {
+                biased;
+                _ = self.closed.cancelled() => return self.finish(Some((channel, tags))).await,
+                _ = self.stop.cancelled() => return self.finish(Some((channel, tags))).await,
+                lost = self.lost.recv() => match lost {
+                    None => return self.finish(Some((channel, tags))).await,
+                    Some(None) => {}
+                    Some(Some(retired)) => retire(retired).await,
+                }
+            }
+        }
+    }
+
+    async fn open(&self) -> Result<Session> {
+        let connected = self.link.connection().await?;
+        let channel = connected
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| lapin_error("opening a consumer channel", e))?;
+        let config = &self.link.config;
+        let (queues, no_ack) = match &self.subscription {
+            Subscription::Server {
+                exchange,
+                topic,
+                server,
+                fanout_queue,
+                prefetch: _,
+            } => {
+                let prefetch = self.prefetch.load(Ordering::Relaxed);
+                channel
+                    // Per consumer, as oslo.messaging sets it: RabbitMQ's channel-wide
+                    // (`global`) limit coordinates the channel and its queues on every
+                    // message and cost a third of the calls per second here.
+                    .basic_qos(prefetch, BasicQosOptions { global: false })
+                    .await
+                    .map_err(|e| lapin_error("setting prefetch", e))?;
+                let direct = topology::server_queue(topic, server);
+                let fanout = topology::fanout_exchange(topic);
+                topology::declare_topic_exchange(&channel, config, exchange).await?;
+                topology::declare_shared_queue(&channel, config, exchange, topic).await?;
+                topology::declare_shared_queue(&channel, config, exchange, &direct).await?;
+                topology::declare_fanout_exchange(&channel, topic).await?;
+                topology::declare_transient_queue(&channel, config, fanout_queue).await?;
+                topology::bind(&channel, fanout_queue, &fanout, topic).await?;
+                (vec![topic.clone(), direct, fanout_queue.clone()], false)
+            }
+            Subscription::Reply { queue } => {
+                topology::declare_transient_queue(&channel, config, queue).await?;
+                (vec![queue.clone()], true)
+            }
+            Subscription::Monitor {
+                exchange,
+                topic,
+                queue,
+            } => {
+                topology::declare_topic_exchange(&channel, config, exchange).await?;
+                topology::declare_fanout_exchange(&channel, topic).await?;
+                topology::declare_private_queue(&channel, queue).await?;
+                topology::bind(&channel, queue, exchange, topic).await?;
+                topology::bind(&channel, queue, exchange, &format!("{topic}.*")).await?;
+                topology::bind(&channel, queue, &topology::fanout_exchange(topic), topic).await?;
+                (vec![queue.clone()], true)
+            }
+        };
+        let mut stream = Merged::new();
+        let mut tags = Vec::new();
+        for queue in queues {
+            let consumer = channel
+                .basic_consume(
+                    short(&queue)?,
+                    "".into(),
+                    BasicConsumeOptions {
+                        no_ack,
+                        ..BasicConsumeOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| lapin_error(&format!("consuming {queue}"), e))?;
+            tags.push(consumer.tag().to_string());
+            let ended = format!("the broker cancelled the consumer of {queue}");
+            stream.push(
+                consumer
+                    .map(|item| item.map_err(|e| e.to_string()))
+                    .chain(futures::stream::once(async move { Err(ended) }))
+                    .boxed(),
+            );
+        }
+        Ok(Session {
+            channel: Arc::new(channel),
+            stream,
+            tags,
+        })
+    }
+
+    /// Stops consuming but keeps the channel open, so deliveries already handed out
+    /// can still be acked; closes it (deleting a server's fanout queue, as oslo does on
+    /// a graceful close) when the consumer is dropped.
+    async fn finish(self, session: Option<(Arc<Channel>, Vec<String>)>) {
+        let Some((channel, tags)) = session else {
+            return;
+        };
+        for tag in &tags {
+            let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+            match tokio::time::timeout(CLEANUP_LIMIT, cancel).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => tracing::debug!(error = %err, "basic.cancel failed"),
+                Err(_) => tracing::debug!("basic.cancel unanswered"),
+            }
+        }
+        // No fresh subscription follows: a `recv` after `stop` ends.
+        drop(self.sessions);
+        self.closed.cancelled().await;
+        if let Subscription::Server { fanout_queue, .. } = &self.subscription
+            && let Ok(name) = short(fanout_queue)
+        {
+            let delete = channel.queue_delete(name, QueueDeleteOptions::default());
+            match tokio::time::timeout(CLEANUP_LIMIT, delete).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => {
+                    tracing::debug!(error = %err, "could not delete the fanout queue")
+                }
+                Err(_) => tracing::debug!("fanout queue deletion unanswered"),
+            }
+        }
+        let close = channel.close(200, "consumer closed".into());
+        let _ = tokio::time::timeout(CLEANUP_LIMIT, close).await;
+    }
+}
+
+/// Retires a subscription replaced for a new prefetch: cancels its consumers, so the
+/// broker sends them nothing more, then (on a task of its own, while the new
+/// subscription starts) gives back to the broker every delivery they had been sent
+/// and the server had not read, until their streams end. The channel closes once the
+/// deliveries handed out from it are settled.
+async fn retire(live: Live) {
+    for tag in &live.tags {
+        let cancel = live
+            .channel
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+        match tokio::time::timeout(CLEANUP_LIMIT, cancel).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::debug!(error = %err, "basic.cancel failed"),
+            Err(_) => tracing::debug!("basic.cancel unanswered"),
+        }
+    }
+    tokio::spawn(async move {
+        let Live {
+            mut stream,
+            channel,
+            ..
+        } = live;
+        let mut requeued = 0usize;
+        // After cancel-ok the broker sends these consumers nothing more: their
+        // streams yield what lapin holds, then end.
+        while let Ok(Some(item)) = tokio::time::timeout(CLEANUP_LIMIT, stream.next()).await {
+            if let Ok(delivery) = item {
+                let requeue = delivery.acker.reject(BasicRejectOptions { requeue: true });
+                if settled(until_lost(&channel, requeue).await, "requeueing").is_ok() {
+                    requeued += 1;
+                }
+            }
+        }
+        if requeued > 0 {
+            tracing::debug!(
+                requeued,
+                "deliveries of the old subscription given back to the broker"
+            );
+        }
+    });
+}
