@@ -39,19 +39,47 @@
 
 use std::sync::Arc;
 
-pub use rpc_core::*;
+// The application API, by name. What only a backend author needs lives in
+// `mqrpc::transport`, the protocol's names and constants in `mqrpc::wire`.
+pub use rpc_core::{
+    AckMode, AuthFailure, Backoff, BoxError, Client, CodecError, Context, DEFAULT_CONCURRENCY,
+    DEFAULT_EXCHANGE, DEFAULT_FRESHNESS, DEFAULT_GRACE_PERIOD, DEFAULT_MAX_PENDING_BYTES,
+    DEFAULT_TIMEOUT, Endpoint, Error, ErrorKind, IntoRemoteError, Jitter, MAX_TIMEOUT,
+    MIN_CALL_MONITOR, MIN_KEY_LEN, MessageAuth, NoArgs, ParseVersionError, Rejections, RemoteError,
+    ReplyStream, Result, Retry, RetryPolicy, Server, ServerBuilder, Target, TimeoutKind, TlsFiles,
+    TlsPem, Transport, TransportErrorKind, Version,
+};
+
+/// For backend authors: the traits a transport implements to move bytes and acks
+/// (`rpc_core::transport`), the byte budget consumers honour, the URL option reader and
+/// the log helpers shared by the backends.
+pub mod transport {
+    pub use rpc_core::logs;
+    pub use rpc_core::options;
+    pub use rpc_core::transport::*;
+    pub use rpc_core::{ByteBudget, Charge};
+}
+
+/// oslo.messaging's message format 2.0 (`rpc_core::wire`), and the class and module
+/// names of the failures mqrpc itself sends.
+pub mod wire {
+    pub use rpc_core::wire::*;
+    pub use rpc_core::{
+        AUTH_FAILURE_CLASS, AUTH_FAILURE_MODULE, ERROR_KWARG, SERVER_SHUTDOWN_CLASS,
+    };
+}
 
 #[cfg(feature = "memory")]
 pub use transport_memory::MemoryTransport;
 
 #[cfg(feature = "amqp")]
-pub use transport_amqp::{AmqpConfig, AmqpTransport, Compression, Host, ReplyQueues};
+pub use transport_amqp::{AmqpConfig, AmqpTransport, Compression, Host as AmqpHost, ReplyQueues};
 
 #[cfg(feature = "redis")]
 pub use transport_redis::{RedisConfig, RedisTransport};
 
 #[cfg(feature = "nats")]
-pub use transport_nats::{NatsConfig, NatsTransport};
+pub use transport_nats::{Auth as NatsAuth, NatsConfig, NatsTransport};
 
 /// The URL schemes mqrpc knows and the Cargo feature that provides each.
 const SCHEMES: &[(&str, &str)] = &[

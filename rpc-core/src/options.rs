@@ -17,7 +17,7 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 ///
 /// ```
 /// use std::time::Duration;
-/// use mqrpc::options::UrlOption;
+/// use mqrpc::transport::options::UrlOption;
 ///
 /// let option = UrlOption::new("Redis", "block", "250ms");
 /// assert_eq!(option.duration().unwrap(), Duration::from_millis(250));
@@ -152,7 +152,7 @@ impl Unit {
 ///
 /// ```
 /// use std::time::Duration;
-/// use mqrpc::options::{Unit, parse_duration};
+/// use mqrpc::transport::options::{Unit, parse_duration};
 ///
 /// assert_eq!(parse_duration("2s", Unit::Seconds), Some(Duration::from_secs(2)));
 /// assert_eq!(parse_duration("0.5", Unit::Seconds), Some(Duration::from_millis(500)));

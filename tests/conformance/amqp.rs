@@ -233,9 +233,10 @@ mod hardening {
     use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
     use lapin::types::{AMQPValue, FieldTable};
     use lapin::{BasicProperties, Channel};
+    use mqrpc::transport::ListenOptions;
     use mqrpc::{
-        AckMode, Client, Context, Endpoint, Error, ErrorKind, ListenOptions, RemoteError, Server,
-        Target, TransportErrorKind,
+        AckMode, Client, Context, Endpoint, Error, ErrorKind, RemoteError, Server, Target,
+        TransportErrorKind,
     };
     use serde::Deserialize;
     use serde_json::{Value, json};

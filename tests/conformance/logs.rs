@@ -5,8 +5,9 @@
 
 use std::time::Duration;
 
+use mqrpc::transport::ListenOptions;
 use mqrpc::transport::{Address, Outgoing};
-use mqrpc::{Client, Context, Endpoint, ListenOptions, RemoteError, Server, Target};
+use mqrpc::{Client, Context, Endpoint, RemoteError, Server, Target};
 use serde_json::json;
 
 use crate::redaction::Captured;

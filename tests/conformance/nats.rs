@@ -195,7 +195,7 @@ mod faults {
 
         // Delete the topic's durable consumer behind the server's back.
         let subject = config
-            .jetstream_subject(&mqrpc::Address::Topic {
+            .jetstream_subject(&mqrpc::transport::Address::Topic {
                 exchange: config.exchange.clone(),
                 topic: topic.clone(),
             })
@@ -420,7 +420,8 @@ mod batching {
     use std::task::Poll;
     use std::time::Duration;
 
-    use mqrpc::{Address, CallHint, Consumer, ListenOptions, Outgoing, Target, Transport};
+    use mqrpc::transport::{Address, CallHint, Consumer, ListenOptions, Outgoing};
+    use mqrpc::{Target, Transport};
 
     /// A transport, a server's consumer of a fresh topic, its address, and a reply
     /// queue's address to name in requests.

@@ -10,9 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use mqrpc::{
-    ByteBudget, Client, Context, Endpoint, NatsConfig, NatsTransport, RemoteError, Server, Target,
-};
+use mqrpc::transport::ByteBudget;
+use mqrpc::{Client, Context, Endpoint, NatsConfig, NatsTransport, RemoteError, Server, Target};
 use serde_json::json;
 use tokio::sync::{Semaphore, watch};
 
@@ -247,7 +246,7 @@ async fn jetstream_leaves_casts_beyond_the_budget_in_the_stream() {
     // The rest waits in the stream.
     let config = NatsConfig::parse(&super::with_options(JETSTREAM)).expect("URL");
     let subject = config
-        .jetstream_subject(&mqrpc::Address::Topic {
+        .jetstream_subject(&mqrpc::transport::Address::Topic {
             exchange: config.exchange.clone(),
             topic: topic.clone(),
         })

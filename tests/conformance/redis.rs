@@ -149,7 +149,7 @@ async fn redis_leaves_no_reply_or_fanout_keys_after_shutdown() {
     let mut s3 = proxied
         .listen(
             &Target::new("cleanup").server("s3"),
-            &mqrpc::ListenOptions::new(8).settle_on_receipt(true),
+            &mqrpc::transport::ListenOptions::new(8).settle_on_receipt(true),
         )
         .await
         .expect("listen as s3");

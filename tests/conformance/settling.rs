@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use mqrpc::{
-    Address, Capabilities, Consumer, Error, ListenOptions, Outgoing, Publisher, ReplyQueue, Result,
-    Target, Transport,
+use mqrpc::transport::{
+    Address, Capabilities, Consumer, ListenOptions, Outgoing, Publisher, ReplyQueue,
 };
+use mqrpc::{Error, Result, Target, Transport};
 
 /// What happens to a call request's publish once the real transport sent it.
 #[derive(Clone, Copy, Debug)]

@@ -4,9 +4,8 @@
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use mqrpc::{
-    ByteBudget, Capabilities, Consumer, ListenOptions, Publisher, ReplyQueue, Target, Transport,
-};
+use mqrpc::transport::{ByteBudget, Capabilities, Consumer, ListenOptions, Publisher, ReplyQueue};
+use mqrpc::{Target, Transport};
 
 /// Passes everything to `inner` and keeps the budget of the last `listen`.
 #[derive(Debug)]

@@ -12,10 +12,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use mqrpc::{
-    AckMode, Address, Client, Context, Error, ListenOptions, Outgoing, Server, Target, TimeoutKind,
-    Transport, Version,
-};
+use mqrpc::transport::{Address, ListenOptions, Outgoing};
+use mqrpc::{AckMode, Client, Context, Error, Server, Target, TimeoutKind, Transport, Version};
 use serde_json::{Value, json};
 
 use crate::service::{self, Recorder, ServiceError};

@@ -139,7 +139,7 @@ impl Publisher for RedisPublisher {
                 // Only a refused connection proves the command was not applied; after
                 // any other failure the entry may exist, and a second would run twice.
                 redis::RedisError::is_connection_refusal,
-                |err, wait| {
+                |err, _attempt, wait| {
                     tracing::warn!(error = %err, %address, ?wait, "publish failed; retrying after reconnection");
                 },
             )

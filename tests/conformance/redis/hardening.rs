@@ -8,10 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use mqrpc::{
-    AckMode, Address, ByteBudget, Client, Context, Delivery, Endpoint, ListenOptions, Outgoing,
-    RemoteError, Server, Target, Transport,
-};
+use mqrpc::transport::{Address, ByteBudget, Delivery, ListenOptions, Outgoing};
+use mqrpc::{AckMode, Client, Context, Endpoint, RemoteError, Server, Target, Transport};
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;

@@ -97,7 +97,7 @@ pub async fn grace_period_end_fails_unfinished_calls_at_once(backend: Backend) {
     let remote = err
         .as_remote()
         .unwrap_or_else(|| panic!("a remote failure, not {err:?}"));
-    assert_eq!(remote.class, mqrpc::SERVER_SHUTDOWN_CLASS);
+    assert_eq!(remote.class, mqrpc::wire::SERVER_SHUTDOWN_CLASS);
     assert!(
         remote
             .message

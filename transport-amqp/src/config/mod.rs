@@ -136,7 +136,7 @@ pub struct AmqpConfig {
     pub compression: Option<Compression>,
     /// How long one connection attempt may take: TCP connect, TLS handshake and
     /// AMQP handshake together (`connect_timeout`, default 10 s:
-    /// `mqrpc::options::DEFAULT_CONNECT_TIMEOUT`). It bounds the first connect and every
+    /// `mqrpc::transport::options::DEFAULT_CONNECT_TIMEOUT`). It bounds the first connect and every
     /// reconnection attempt.
     pub connect_timeout: Duration,
     /// Reply-queue names a server answers besides the shape oslo.messaging and mqrpc
