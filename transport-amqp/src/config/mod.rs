@@ -88,10 +88,10 @@ impl fmt::Display for Host {
 /// ```no_run
 /// # async fn demo() -> mqrpc::Result<()> {
 /// use std::time::Duration;
-/// use mqrpc::{AmqpConfig, AmqpTransport, Host};
+/// use mqrpc::{AmqpConfig, AmqpHost, AmqpTransport};
 ///
 /// let config = AmqpConfig::default()
-///     .hosts([Host::new("rabbit-1", 5672).credentials("nova", "secret")])
+///     .hosts([AmqpHost::new("rabbit-1", 5672).credentials("nova", "secret")])
 ///     .vhost("nova")
 ///     .prefetch(64)
 ///     .durable(true)
