@@ -123,11 +123,11 @@ struct Seen {
 /// Clones share their counters and replay memory.
 ///
 /// ```
-/// use rpc_core::MessageAuth;
+/// use mqrpc::MessageAuth;
 /// let auth = MessageAuth::new("2026-11", b"a shared secret of 32 bytes.....".to_vec())?
 ///     // The previous key is still accepted while every peer moves to the new one.
 ///     .accept("2026-10", b"last month's shared secret......".to_vec())?;
-/// # Ok::<(), rpc_core::Error>(())
+/// # Ok::<(), mqrpc::Error>(())
 /// ```
 #[derive(Clone)]
 pub struct MessageAuth {

@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 /// oslo.messaging sends it.
 ///
 /// ```
-/// use rpc_core::Context;
+/// use mqrpc::Context;
 /// let ctx = Context::new().with("user", "alice").with("request_id", "req-1");
 /// assert_eq!(ctx.get_as::<String>("user").as_deref(), Some("alice"));
 /// ```

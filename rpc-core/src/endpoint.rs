@@ -39,7 +39,7 @@ type Method = Arc<dyn Fn(Context, Map<String, Value>) -> Invocation + Send + Syn
 /// A set of methods served under one namespace and version.
 ///
 /// ```
-/// use rpc_core::{Context, Endpoint, RemoteError, Version};
+/// use mqrpc::{Context, Endpoint, RemoteError, Version};
 /// #[derive(serde::Deserialize)]
 /// struct Add { a: i64, b: i64 }
 ///

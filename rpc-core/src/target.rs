@@ -14,7 +14,7 @@ pub const DEFAULT_EXCHANGE: &str = "openstack";
 /// `server`. Built with chained setters:
 ///
 /// ```
-/// use rpc_core::{Target, Version};
+/// use mqrpc::{Target, Version};
 /// let target = Target::new("compute").server("host-1").version(Version::new(1, 3));
 /// assert_eq!(target.topic, "compute");
 /// ```
@@ -120,7 +120,7 @@ impl fmt::Display for Target {
 /// the minors are equal, likewise for the revision).
 ///
 /// ```
-/// use rpc_core::Version;
+/// use mqrpc::Version;
 /// let implemented: Version = "1.3".parse().unwrap();
 /// assert!(implemented.serves(&"1.2".parse().unwrap()));
 /// assert!(!implemented.serves(&"1.4".parse().unwrap()));

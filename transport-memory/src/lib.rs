@@ -17,7 +17,7 @@
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
-//! use transport_memory::MemoryTransport;
+//! use mqrpc::MemoryTransport;
 //! let bus = MemoryTransport::connect("memory://shared?capacity=100").unwrap();
 //! let same = MemoryTransport::connect("memory://shared").unwrap();
 //! assert!(bus.same_bus(&same));
