@@ -655,12 +655,10 @@ async fn serve_connection(bus: MemoryTransport, stream: UnixStream) {
                 target.exchange = exchange;
                 open(bus.monitor(&target).await, false, id, None);
             }
-            Frame::ReplyQueue { id } => match bus.reply_queue().await {
-                Ok(ReplyQueue { address, consumer }) => {
-                    open(Ok(consumer), false, id, Some(address))
-                }
-                Err(err) => out.reply(id, Err(err)),
-            },
+            Frame::ReplyQueue { id } => {
+                let (address, consumer) = bus.open_reply_queue();
+                open(Ok(Box::new(consumer)), false, id, Some(address))
+            }
             Frame::Pull { stream } => tell(&streams, &out, stream, StreamCommand::Pull),
             Frame::Stop { id, stream } => tell(&streams, &out, stream, StreamCommand::Stop(id)),
             Frame::Close { id, stream } => tell(&streams, &out, stream, StreamCommand::Close(id)),
@@ -1095,10 +1093,7 @@ impl Transport for AttachedBus {
                 "shared memory bus: the holder gave no reply address",
             )
         })?;
-        Ok(ReplyQueue {
-            address,
-            consumer: Box::new(consumer),
-        })
+        Ok(ReplyQueue::new(address, consumer))
     }
 }
 
