@@ -28,6 +28,8 @@ mod error;
 pub mod fuzzing;
 mod inner;
 pub mod logs;
+#[cfg(test)]
+mod module_graph;
 pub mod options;
 mod reply;
 mod server;
