@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::error::Error;
+use crate::error::{Error, RemoteError};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -26,11 +26,27 @@ pub const AUTH_FAILURE_MODULE: &str = "mqrpc.auth";
 /// The class of that failure; callers see it as [`Error::Authentication`].
 pub const AUTH_FAILURE_CLASS: &str = "MessageAuthenticationFailed";
 
-/// The failure sent to a caller whose request was refused, or delivered to a call
-/// whose reply was refused.
-pub(crate) fn refusal(what: &str, failure: &AuthFailure) -> crate::error::RemoteError {
-    crate::error::RemoteError::new(AUTH_FAILURE_CLASS, format!("{what} refused: {failure}"))
+/// What a caller is told when its `what` ("request" or "reply") is refused.
+fn refusal_message(what: &str, failure: &AuthFailure) -> String {
+    format!("{what} refused: {failure}")
+}
+
+/// The failure a server sends a caller whose request it refused.
+pub(crate) fn request_refusal(failure: &AuthFailure) -> RemoteError {
+    RemoteError::new(AUTH_FAILURE_CLASS, refusal_message("request", failure))
         .with_module(AUTH_FAILURE_MODULE)
+}
+
+/// The error of a call whose reply its client refused.
+pub(crate) fn reply_refusal(failure: &AuthFailure) -> Error {
+    Error::Authentication(refusal_message("reply", failure))
+}
+
+/// The error a caller gets for a failure reply that says the server refused its
+/// request ([`request_refusal`]); `None` for any other failure.
+pub(crate) fn refused_by_server(failure: &RemoteError) -> Option<Error> {
+    (failure.module == AUTH_FAILURE_MODULE && failure.class == AUTH_FAILURE_CLASS)
+        .then(|| Error::Authentication(failure.message.clone()))
 }
 
 /// The envelope member that carries the signature.

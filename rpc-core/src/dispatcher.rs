@@ -11,8 +11,8 @@
 
 use serde_json::{Map, Value};
 
-use crate::client::DISPATCHER_MODULE;
 use crate::context::Context;
+use crate::dispatch_failure::DispatchFailure;
 use crate::endpoint::{Endpoint, Invocation};
 use crate::error::RemoteError;
 use crate::target::Version;
@@ -65,34 +65,26 @@ impl Dispatcher {
 }
 
 /// The failure oslo.messaging sends for a method the endpoint does not have.
-pub(crate) fn no_such_method(method: &str) -> RemoteError {
-    let mut failure = RemoteError::new(
-        "NoSuchMethod",
-        format!("Endpoint does not support RPC method {method}"),
-    )
-    .with_module(DISPATCHER_MODULE);
-    // Positional arguments as Python's `NoSuchMethod(method)` takes them.
-    failure.args = vec![Value::String(method.to_owned())];
-    failure
+fn no_such_method(method: &str) -> RemoteError {
+    DispatchFailure::NoSuchMethod {
+        method: method.to_owned(),
+    }
+    .to_remote()
 }
 
 /// The failure oslo.messaging sends when no endpoint serves the version.
-pub(crate) fn unsupported_version(version: &str, method: &str) -> RemoteError {
-    let mut failure = RemoteError::new(
-        "UnsupportedVersion",
-        format!("Endpoint does not support RPC version {version}. Attempted method: {method}"),
-    )
-    .with_module(DISPATCHER_MODULE);
-    failure.args = vec![
-        Value::String(version.to_owned()),
-        Value::String(method.to_owned()),
-    ];
-    failure
+fn unsupported_version(version: &str, method: &str) -> RemoteError {
+    DispatchFailure::UnsupportedVersion {
+        version: version.to_owned(),
+        method: method.to_owned(),
+    }
+    .to_remote()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::endpoint::NoArgs;
     use crate::error::RemoteError;
 
     fn endpoint(version: Version, namespace: Option<&str>, methods: &[&'static str]) -> Endpoint {
@@ -101,7 +93,7 @@ mod tests {
             endpoint = endpoint.namespace(ns);
         }
         for &name in methods {
-            endpoint = endpoint.method(name, move |_ctx: Context, _args: crate::NoArgs| async move {
+            endpoint = endpoint.method(name, move |_ctx: Context, _args: NoArgs| async move {
                 Ok::<_, RemoteError>(name)
             });
         }

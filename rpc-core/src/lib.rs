@@ -18,6 +18,7 @@ pub mod backoff;
 mod budget;
 mod client;
 mod context;
+mod dispatch_failure;
 mod dispatcher;
 mod endpoint;
 mod envelope;
@@ -27,10 +28,13 @@ mod error;
 pub mod fuzzing;
 mod inner;
 pub mod logs;
+#[cfg(test)]
+mod module_graph;
 pub mod options;
 mod reply;
 mod server;
 mod target;
+mod timing;
 mod tls;
 pub mod transport;
 pub mod wire;
@@ -41,10 +45,7 @@ pub use auth::{
 };
 pub use backoff::{Backoff, Jitter, Retry};
 pub use budget::{ByteBudget, Charge, DEFAULT_MAX_PENDING_BYTES};
-pub use client::{
-    Client, DEFAULT_TIMEOUT, MAX_TIMEOUT, MIN_CALL_MONITOR, NO_RESPONDERS_CLASS, ReplyStream,
-    RetryPolicy, TRANSPORT_FAILURE_MODULE,
-};
+pub use client::{Client, ReplyStream, RetryPolicy};
 pub use context::Context;
 pub use endpoint::{Endpoint, NoArgs};
 pub use error::{
@@ -56,8 +57,9 @@ pub use server::{
     ServerBuilder,
 };
 pub use target::{DEFAULT_EXCHANGE, ParseVersionError, Target, Version};
+pub use timing::{DEFAULT_TIMEOUT, MAX_TIMEOUT, MIN_CALL_MONITOR};
 pub use tls::{TlsFiles, TlsPem};
 pub use transport::{
     Acker, Address, CallHint, Capabilities, Consumer, Delivery, ListenOptions, NoAck, Outgoing,
-    Publisher, ReplyQueue, Transport,
+    Publisher, ReplyConsumer, ReplyEvent, ReplyQueue, Transport,
 };

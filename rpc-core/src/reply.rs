@@ -1,5 +1,6 @@
 //! The reply side of a client: one task consumes the client's reply queue and hands
-//! each reply to the waiter registered under its `_msg_id`. Late or unknown replies
+//! each reply to the waiter registered under its `_msg_id`, or the error that ends
+//! the call (a refused reply, the broker's "no responders"). Late or unknown replies
 //! are dropped with a debug log. Waiting is event-driven, never polled.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,13 +11,26 @@ use futures::channel::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{AuthFailure, MessageAuth, refusal};
+use crate::auth::{AuthFailure, MessageAuth, reply_refusal};
 use crate::error::{Error, Result};
 use crate::logs::{Escaped, Throttle};
-use crate::transport::{Consumer, ReplyQueue};
+use crate::target::Target;
+use crate::transport::{ReplyConsumer, ReplyEvent, ReplyQueue};
 use crate::wire::{self, Reply};
 
-type Waiters = Arc<DashMap<Arc<str>, mpsc::UnboundedSender<Reply>, foldhash::fast::RandomState>>;
+/// What a call waits on: its replies, or the error that ends it (a refused reply,
+/// nothing listening), in the order they came.
+pub(crate) type Replies = mpsc::UnboundedReceiver<Result<Reply>>;
+
+/// A call waiting for its replies.
+#[derive(Clone)]
+struct Waiter {
+    tx: mpsc::UnboundedSender<Result<Reply>>,
+    /// Named in the errors the call gets from the broker rather than its server.
+    target: Arc<Target>,
+}
+
+type Waiters = Arc<DashMap<Arc<str>, Waiter, foldhash::fast::RandomState>>;
 
 /// Routes the replies of one client's reply queue to the calls waiting for them.
 pub(crate) struct ReplyRouter {
@@ -66,16 +80,22 @@ impl ReplyRouter {
         self.address.clone()
     }
 
-    /// Registers a waiter for `msg_id`; it is removed when the returned guard drops.
+    /// Registers a waiter for the call `msg_id` to `target`; it is removed when the
+    /// returned guard drops.
     pub(crate) fn register(
         &self,
         msg_id: &Arc<str>,
-    ) -> Result<(PendingReplies, mpsc::UnboundedReceiver<Reply>)> {
+        target: &Arc<Target>,
+    ) -> Result<(PendingReplies, Replies)> {
         // Unbounded so that one slow multicall reader never stalls the replies of
         // every other call; a call's replies are bounded by what its server sends.
         // futures' channel allocates per message, not a block of slots per call.
         let (tx, rx) = mpsc::unbounded();
-        self.waiters.insert(msg_id.clone(), tx);
+        let waiter = Waiter {
+            tx,
+            target: target.clone(),
+        };
+        self.waiters.insert(msg_id.clone(), waiter);
         let guard = PendingReplies {
             waiters: self.waiters.clone(),
             msg_id: msg_id.clone(),
@@ -125,7 +145,7 @@ impl Drop for PendingReplies {
 }
 
 async fn route(
-    mut consumer: Box<dyn Consumer>,
+    mut consumer: Box<dyn ReplyConsumer>,
     waiters: Waiters,
     closed: Arc<AtomicBool>,
     shutdown: CancellationToken,
@@ -145,68 +165,45 @@ async fn route(
             }
             next = consumer.recv() => next,
         };
-        let delivery = match next {
-            Some(Ok(delivery)) => delivery,
+        let event = match next {
+            Some(Ok(event)) => event,
             Some(Err(err)) => {
                 tracing::warn!(error = %err, queue = %address, "reply queue reported an error");
                 continue;
             }
             None => break,
         };
-        let (body, acker) = delivery.into_parts();
-        if !acker.is_noop()
-            && let Err(err) = acker.ack().await
-        {
-            tracing::debug!(error = %err, "could not ack a reply");
-        }
-        if let Some(limit) = max_reply.filter(|limit| body.len() > *limit) {
-            // Never parsed: its size alone is reason enough. The call it was meant
-            // for, if any, times out naming its deadline.
-            if let Some(suppressed) = rejections.hit() {
-                tracing::warn!(size = body.len(), limit, queue = %address, suppressed,
-                    "dropping a reply above the message size limit");
-            }
-            continue;
-        }
-        let refused = auth.as_ref().and_then(|auth| auth.open(&body).err());
-        let reply = match wire::decode_routed_reply(&body) {
-            Ok(reply) if refused.is_some() => {
-                let failure = refused.unwrap_or(AuthFailure::Unsigned);
-                if let Some(suppressed) = rejections.hit() {
-                    tracing::warn!(reason = %failure, size = body.len(), queue = %address,
-                        suppressed, "refusing a reply that fails authentication");
+        let (msg_id, routed) = match event {
+            ReplyEvent::Reply(delivery) => {
+                let (body, acker) = delivery.into_parts();
+                if !acker.is_noop()
+                    && let Err(err) = acker.ack().await
+                {
+                    tracing::debug!(error = %err, "could not ack a reply");
                 }
-                // The call it names fails now, saying why, instead of timing out.
-                Reply::failure(&reply.msg_id, refusal("reply", &failure))
-            }
-            Ok(reply) => reply,
-            Err(_) if refused.is_some() => {
-                if let Some(suppressed) = rejections.hit() {
-                    tracing::warn!(size = body.len(), queue = %address, suppressed,
-                        "refusing a reply that fails authentication and does not decode");
+                let read = read_reply(&body, auth.as_ref(), max_reply, &rejections, &address);
+                match read {
+                    Some((reply, None)) => (reply.msg_id.clone(), Routed::Reply(reply)),
+                    Some((reply, Some(failure))) => (reply.msg_id, Routed::Refused(failure)),
+                    None => continue,
                 }
-                continue;
             }
-            Err(err) => {
-                if let Some(suppressed) = rejections.hit() {
-                    tracing::warn!(size = body.len(), error = %Escaped(&err.to_string()),
-                        queue = %address, suppressed, "dropping malformed reply");
-                }
-                continue;
-            }
+            ReplyEvent::NoResponders { msg_id } => (msg_id, Routed::NoResponders),
         };
-        // Clone the sender out so no map shard stays locked while sending.
-        let waiter = waiters
-            .get(reply.msg_id.as_str())
-            .map(|w| w.value().clone());
+        // Clone the waiter out so no map shard stays locked while sending.
+        let waiter = waiters.get(msg_id.as_str()).map(|w| w.value().clone());
         match waiter {
-            Some(tx) => {
-                if tx.unbounded_send(reply).is_err() {
+            Some(waiter) => {
+                if waiter
+                    .tx
+                    .unbounded_send(routed.for_call(&waiter.target))
+                    .is_err()
+                {
                     tracing::debug!("dropping reply: its call just ended");
                 }
             }
             None => {
-                tracing::debug!(msg_id = %Escaped(&reply.msg_id), queue = %address,
+                tracing::debug!(msg_id = %Escaped(&msg_id), queue = %address,
                     "no call is waiting for this reply (late or foreign); dropped");
             }
         }
@@ -218,4 +215,143 @@ async fn route(
     closed.store(true, Ordering::SeqCst);
     // Dropping the senders wakes every waiter with `Closed`.
     waiters.clear();
+}
+
+/// What the reply queue brought a call.
+enum Routed {
+    /// A reply its server sent.
+    Reply(Reply),
+    /// A reply that failed authentication: the call fails now, saying why, instead
+    /// of timing out.
+    Refused(AuthFailure),
+    /// The broker found nothing listening where the call's request went.
+    NoResponders,
+}
+
+impl Routed {
+    /// The next item of the call to `target`.
+    fn for_call(self, target: &Target) -> Result<Reply> {
+        match self {
+            Routed::Reply(reply) => Ok(reply),
+            Routed::Refused(failure) => Err(reply_refusal(&failure)),
+            Routed::NoResponders => Err(Error::NoResponders {
+                address: target.to_string(),
+            }),
+        }
+    }
+}
+
+/// Decodes a reply's body, with the reason its authentication failed if it did;
+/// `None` (logged, throttled) for a body too large, malformed, or refused without
+/// naming a call.
+fn read_reply(
+    body: &[u8],
+    auth: Option<&MessageAuth>,
+    max_reply: Option<usize>,
+    rejections: &Throttle,
+    address: &str,
+) -> Option<(Reply, Option<AuthFailure>)> {
+    if let Some(limit) = max_reply.filter(|limit| body.len() > *limit) {
+        // Never parsed: its size alone is reason enough. The call it was meant
+        // for, if any, times out naming its deadline.
+        if let Some(suppressed) = rejections.hit() {
+            tracing::warn!(size = body.len(), limit, queue = %address, suppressed,
+                "dropping a reply above the message size limit");
+        }
+        return None;
+    }
+    let refused = auth.and_then(|auth| auth.open(body).err());
+    match wire::decode_routed_reply(body) {
+        Ok(reply) => {
+            if let Some(failure) = &refused
+                && let Some(suppressed) = rejections.hit()
+            {
+                tracing::warn!(reason = %failure, size = body.len(), queue = %address,
+                    suppressed, "refusing a reply that fails authentication");
+            }
+            Some((reply, refused))
+        }
+        Err(_) if refused.is_some() => {
+            if let Some(suppressed) = rejections.hit() {
+                tracing::warn!(size = body.len(), queue = %address, suppressed,
+                    "refusing a reply that fails authentication and does not decode");
+            }
+            None
+        }
+        Err(err) => {
+            if let Some(suppressed) = rejections.hit() {
+                tracing::warn!(size = body.len(), error = %Escaped(&err.to_string()),
+                    queue = %address, suppressed, "dropping malformed reply");
+            }
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use async_trait::async_trait;
+    use futures::StreamExt;
+    use serde_json::json;
+
+    use super::*;
+    use crate::transport::{Delivery, NoAck};
+
+    /// A reply queue that yields what the test sends it.
+    struct Scripted(mpsc::UnboundedReceiver<ReplyEvent>);
+
+    #[async_trait]
+    impl ReplyConsumer for Scripted {
+        async fn recv(&mut self) -> Option<Result<ReplyEvent>> {
+            self.0.next().await.map(Ok)
+        }
+    }
+
+    fn reply(body: Vec<u8>) -> ReplyEvent {
+        ReplyEvent::Reply(Delivery::new(body, Box::new(NoAck)))
+    }
+
+    #[tokio::test]
+    async fn each_call_gets_its_replies_and_the_errors_that_name_it() {
+        let auth = MessageAuth::new("k1", vec![7; 32]).expect("a key");
+        let (events, rx) = mpsc::unbounded();
+        let queue = ReplyQueue {
+            address: "q".into(),
+            consumer: Box::new(Scripted(rx)),
+        };
+        let router = ReplyRouter::start(queue, Some(auth.clone()), None);
+        let target = Arc::new(Target::new("topic").server("host-1"));
+        let (_first, mut answered) = router.register(&"m1".into(), &target).expect("open");
+        let (_second, mut nobody) = router.register(&"m2".into(), &target).expect("open");
+        let (_third, mut forged) = router.register(&"m3".into(), &target).expect("open");
+
+        let signed =
+            auth.seal(wire::encode_reply(&Reply::result("m1", json!(7))).expect("encodes"));
+        let unsigned = wire::encode_reply(&Reply::result("m3", json!(8))).expect("encodes");
+        for event in [
+            ReplyEvent::NoResponders {
+                msg_id: "m2".into(),
+            },
+            reply(unsigned),
+            reply(signed),
+        ] {
+            events.unbounded_send(event).expect("routing");
+        }
+
+        match answered.next().await {
+            Some(Ok(reply)) => assert_eq!(reply.result, json!(7)),
+            other => panic!("{other:?}"),
+        }
+        match nobody.next().await {
+            Some(Err(Error::NoResponders { address })) => assert_eq!(address, target.to_string()),
+            other => panic!("{other:?}"),
+        }
+        match forged.next().await {
+            Some(Err(Error::Authentication(message))) => {
+                assert_eq!(message, "reply refused: the message is not signed")
+            }
+            other => panic!("{other:?}"),
+        }
+        router.close().await;
+    }
 }

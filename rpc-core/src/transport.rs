@@ -303,7 +303,19 @@ pub struct ReplyQueue {
     /// The address servers reply to (`_reply_q` on the wire).
     pub address: String,
     /// The queue's consumer.
-    pub consumer: Box<dyn Consumer>,
+    pub consumer: Box<dyn ReplyConsumer>,
+}
+
+impl ReplyQueue {
+    /// A reply queue whose consumer yields only the replies servers sent, as most
+    /// brokers' do. A broker that also reports on calls (NATS "no responders") sets
+    /// [`ReplyQueue::consumer`] to a [`ReplyConsumer`] of its own.
+    pub fn new(address: impl Into<String>, consumer: impl Consumer) -> Self {
+        ReplyQueue {
+            address: address.into(),
+            consumer: Box::new(RepliesOnly(consumer)),
+        }
+    }
 }
 
 impl fmt::Debug for ReplyQueue {
@@ -311,6 +323,55 @@ impl fmt::Debug for ReplyQueue {
         f.debug_struct("ReplyQueue")
             .field("address", &self.address)
             .finish_non_exhaustive()
+    }
+}
+
+/// What a client's reply queue yields: a reply a server sent, or what the broker
+/// itself says about a call. The client's reply router hands each to the call it
+/// names, as the call's next reply or as its error.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ReplyEvent {
+    /// An encoded reply (see [`crate::wire`]), as a server sent it.
+    Reply(Delivery),
+    /// The broker found nothing listening on the address the call `msg_id` was sent
+    /// to (the NATS "no responders" status). The call fails at once with
+    /// [`crate::Error::NoResponders`] instead of waiting for its timeout.
+    NoResponders {
+        /// The call's `_msg_id`.
+        msg_id: String,
+    },
+}
+
+/// Reads a client's reply queue. [`ReplyQueue::new`] makes one of any [`Consumer`]
+/// whose deliveries are all replies; a broker that also reports on calls implements
+/// this trait itself.
+#[async_trait]
+pub trait ReplyConsumer: Send + 'static {
+    /// The next reply or report. `None` means the queue is finished for good;
+    /// `Some(Err)` reports a problem the consumer could not hide while it keeps trying.
+    ///
+    /// Cancel-safe: dropping the future loses nothing.
+    async fn recv(&mut self) -> Option<Result<ReplyEvent>>;
+
+    /// Releases the queue at the broker. Dropping the consumer releases it too, in
+    /// the background; `close` waits until it is done. Does nothing by default.
+    async fn close(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A [`Consumer`] whose every delivery is a reply ([`ReplyQueue::new`]).
+struct RepliesOnly<C>(C);
+
+#[async_trait]
+impl<C: Consumer> ReplyConsumer for RepliesOnly<C> {
+    async fn recv(&mut self) -> Option<Result<ReplyEvent>> {
+        Some(self.0.recv().await?.map(ReplyEvent::Reply))
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        self.0.close().await
     }
 }
 

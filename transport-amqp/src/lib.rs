@@ -185,9 +185,6 @@ impl Transport for AmqpTransport {
             queue: queue.clone(),
         };
         let consumer = AmqpConsumer::start(self.link.clone(), subscription, false, None).await?;
-        Ok(ReplyQueue {
-            address: queue,
-            consumer: Box::new(consumer),
-        })
+        Ok(ReplyQueue::new(queue, consumer))
     }
 }

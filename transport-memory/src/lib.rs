@@ -330,17 +330,23 @@ impl Transport for MemoryTransport {
     }
 
     async fn reply_queue(&self) -> Result<ReplyQueue> {
+        let (address, consumer) = self.open_reply_queue();
+        Ok(ReplyQueue::new(address, consumer))
+    }
+}
+
+impl MemoryTransport {
+    /// A new reply queue on the bus: its address and its consumer.
+    fn open_reply_queue(&self) -> (String, ReplyConsumer) {
         let address = format!("reply_{}", rpc_core::wire::new_id());
         let (tx, rx) = async_channel::bounded(self.bus.capacity);
         self.bus.replies.insert(address.clone(), tx.clone());
-        Ok(ReplyQueue {
+        let consumer = ReplyConsumer {
+            queue: Queue { tx, rx },
             address: address.clone(),
-            consumer: Box::new(ReplyConsumer {
-                queue: Queue { tx, rx },
-                address,
-                bus: self.bus.clone(),
-            }),
-        })
+            bus: self.bus.clone(),
+        };
+        (address, consumer)
     }
 }
 

@@ -3,11 +3,8 @@
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use rpc_core::wire::{Reply, encode_reply};
-use rpc_core::{
-    Consumer, Delivery, Error, NO_RESPONDERS_CLASS, NoAck, RemoteError, Result,
-    TRANSPORT_FAILURE_MODULE,
-};
+use rpc_core::transport::ReplyEvent;
+use rpc_core::{Delivery, NoAck, Result};
 use std::sync::Arc;
 
 use crate::publisher::{NO_RESPONDERS_TOKEN, REPLY_TOKEN};
@@ -43,8 +40,8 @@ impl ReplyConsumer {
 }
 
 #[async_trait]
-impl Consumer for ReplyConsumer {
-    async fn recv(&mut self) -> Option<Result<Delivery>> {
+impl rpc_core::ReplyConsumer for ReplyConsumer {
+    async fn recv(&mut self) -> Option<Result<ReplyEvent>> {
         let message = self.subscriber.next().await?;
         let no_responders = message.status == Some(async_nats::StatusCode::NO_RESPONDERS);
         if let Some(msg_id) = message
@@ -53,25 +50,11 @@ impl Consumer for ReplyConsumer {
             .strip_prefix(&self.no_responders_prefix)
             .filter(|_| no_responders)
         {
-            // The server's answer to a call nobody listened for: a failure for that call.
-            let mut failure = RemoteError::new(
-                NO_RESPONDERS_CLASS,
-                "no server listens on the call's subject",
-            )
-            .with_module(TRANSPORT_FAILURE_MODULE);
-            // The client names the call's target in the error.
-            failure.args = Vec::new();
-            return Some(
-                encode_reply(&Reply::failure(msg_id, failure))
-                    .map(|body| Delivery::new(body, Box::new(NoAck)))
-                    .map_err(Error::from),
-            );
+            // The server's answer to a call nobody listened for.
+            let msg_id = msg_id.to_owned();
+            return Some(Ok(ReplyEvent::NoResponders { msg_id }));
         }
-        Some(Ok(Delivery::new(message.payload, Box::new(NoAck))))
-    }
-
-    async fn stop(&mut self) -> Result<()> {
-        let _ = self.subscriber.unsubscribe().await;
-        Ok(())
+        let reply = Delivery::new(message.payload, Box::new(NoAck));
+        Some(Ok(ReplyEvent::Reply(reply)))
     }
 }

@@ -233,9 +233,6 @@ impl Transport for RedisTransport {
 
     async fn reply_queue(&self) -> Result<ReplyQueue> {
         let (address, consumer) = ReplyConsumer::start(self.shared.clone()).await?;
-        Ok(ReplyQueue {
-            address,
-            consumer: Box::new(consumer),
-        })
+        Ok(ReplyQueue::new(address, consumer))
     }
 }

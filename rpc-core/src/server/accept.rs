@@ -1,0 +1,196 @@
+//! What the serving loop does with a delivery before any work: size limit,
+//! authentication, decoding, duplicate suppression and the caller's deadline. It
+//! yields the work to run, or how to settle a message that is not run.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use super::Serving;
+use super::work::Work;
+use crate::auth::{AuthFailure, request_refusal};
+use crate::logs::Escaped;
+use crate::timing::MAX_TIMEOUT;
+use crate::transport::{Acker, Address};
+use crate::wire::{self, Answer, Request};
+
+/// No call is worked on for longer than this, whatever its `_expires_in` says.
+const MAX_CALL_LIFETIME: Duration = MAX_TIMEOUT;
+
+/// What to do with a delivery: run it, or only settle it.
+// Lives for one `match`; boxing the work would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Accepted {
+    Work(Work),
+    Settle(Settle),
+}
+
+/// A delivery that is not run: acked (a duplicate) or rejected for good.
+pub(super) struct Settle {
+    acker: Box<dyn Acker>,
+    ack: bool,
+}
+
+impl Settle {
+    fn reject(acker: Box<dyn Acker>) -> Accepted {
+        Accepted::Settle(Settle { acker, ack: false })
+    }
+
+    pub(super) async fn run(self) {
+        let settled = if self.ack {
+            self.acker.ack().await
+        } else {
+            self.acker.reject(false).await
+        };
+        if let Err(err) = settled {
+            tracing::debug!(error = %err, ack = self.ack, "could not settle a refused message");
+        }
+    }
+}
+
+/// Checks and decodes a delivery; returns the work to run, or how to settle it.
+pub(super) fn accept(
+    body: Bytes,
+    acker: Box<dyn Acker>,
+    ttl: Option<Duration>,
+    serving: &Serving,
+    seen: &mut RecentIds,
+) -> Accepted {
+    let received = Instant::now();
+    if let Some(limit) = serving.max_request.filter(|limit| body.len() > *limit) {
+        // Dropped for good and never parsed: its size alone is reason enough.
+        if let Some(suppressed) = serving.rejections.hit() {
+            tracing::warn!(size = body.len(), limit, topic = %Escaped(&serving.topic),
+                suppressed, "rejecting a request above the message size limit");
+        }
+        return Settle::reject(acker);
+    }
+    if let Some(failure) = serving
+        .auth
+        .as_ref()
+        .and_then(|auth| auth.open(&body).err())
+    {
+        if let Some(suppressed) = serving.rejections.hit() {
+            tracing::warn!(reason = %failure, size = body.len(), topic = %Escaped(&serving.topic),
+                suppressed, "rejecting a request that fails authentication");
+        }
+        // A caller with a wrong key learns why instead of timing out; a replay (a
+        // copy of a request already taken) gets no answer, like a duplicate. At most
+        // a few refusals are on their way at once, so a flood costs no more.
+        let answer = !matches!(failure, AuthFailure::Replayed);
+        let permit = answer
+            .then(|| serving.refusals.clone().try_acquire_owned().ok())
+            .flatten();
+        if let (
+            Some(permit),
+            Ok(Request {
+                msg_id: Some(msg_id),
+                reply_to: Some(reply_to),
+                ..
+            }),
+        ) = (permit, wire::decode_request(&body))
+        {
+            let replier = serving.replier.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let answer = Answer::failure(request_refusal(&failure));
+                if let Err(err) = replier
+                    .send(&Address::Reply(reply_to), &msg_id, &answer)
+                    .await
+                {
+                    tracing::debug!(error = %err, "could not tell the caller its request was refused");
+                }
+            });
+        }
+        return Settle::reject(acker);
+    }
+    let request = match wire::decode_request(&body) {
+        Ok(request) => request,
+        Err(err) => {
+            // A poison message is dropped for good, never retried.
+            if let Some(suppressed) = serving.rejections.hit() {
+                tracing::warn!(size = body.len(), error = %Escaped(&err.to_string()),
+                    topic = %Escaped(&serving.topic), suppressed, "rejecting malformed message");
+            }
+            tracing::trace!(prefix = %String::from_utf8_lossy(&body[..body.len().min(64)]),
+                "malformed message prefix");
+            return Settle::reject(acker);
+        }
+    };
+    if let Some(unique_id) = &request.unique_id
+        && !seen.insert(unique_id)
+    {
+        tracing::info!(unique_id = %Escaped(unique_id), method = %Escaped(&request.method),
+            "dropping duplicate request");
+        return Accepted::Settle(Settle { acker, ack: true });
+    }
+    // The caller waits `_expires_in` from sending; past it nobody waits for the
+    // reply. A request without it (from oslo.messaging) may still carry the
+    // transport's time to live (AMQP's `expiration`, the call timeout). The
+    // caller's own figure goes first: a transport's may come from the caller's
+    // wall clock, which need not agree with this server's.
+    let expires_in = match request.expires_in {
+        Some(secs) => Duration::try_from_secs_f64(secs.min(MAX_CALL_LIFETIME.as_secs_f64())).ok(),
+        None => ttl,
+    }
+    .map(|limit| limit.min(MAX_CALL_LIFETIME));
+    let deadline = expires_in.and_then(|limit| received.checked_add(limit));
+    Accepted::Work(Work {
+        request,
+        acker,
+        ack_mode: serving.ack_mode,
+        deadline,
+    })
+}
+
+/// The last `capacity` ids seen, to drop redelivered duplicates.
+pub(super) struct RecentIds {
+    order: VecDeque<Arc<str>>,
+    ids: HashSet<Arc<str>, foldhash::fast::RandomState>,
+    capacity: usize,
+}
+
+impl RecentIds {
+    pub(super) fn new(capacity: usize) -> Self {
+        RecentIds {
+            order: VecDeque::with_capacity(capacity),
+            ids: HashSet::with_capacity_and_hasher(capacity, Default::default()),
+            capacity,
+        }
+    }
+
+    /// Records `id`; false when it was already there.
+    pub(super) fn insert(&mut self, id: &str) -> bool {
+        if self.ids.contains(id) {
+            return false;
+        }
+        if self.order.len() == self.capacity
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.ids.remove(&oldest);
+        }
+        let id: Arc<str> = Arc::from(id);
+        self.order.push_back(id.clone());
+        self.ids.insert(id);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RecentIds;
+
+    #[test]
+    fn recent_ids_forget_the_oldest() {
+        let mut ids = RecentIds::new(2);
+        assert!(ids.insert("a"));
+        assert!(!ids.insert("a"));
+        assert!(ids.insert("b"));
+        assert!(ids.insert("c"));
+        assert!(ids.insert("a"), "a fell out of the window");
+        assert!(!ids.insert("c"));
+    }
+}

@@ -1,0 +1,170 @@
+//! [`ServerBuilder`]: a server's settings, and `start`, which subscribes and spawns
+//! the serving loop.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::serve::serve;
+use super::{AckMode, DEFAULT_CONCURRENCY, DEFAULT_GRACE_PERIOD, Replier, Server, Serving};
+use crate::auth::MessageAuth;
+use crate::budget::{ByteBudget, DEFAULT_MAX_PENDING_BYTES};
+use crate::dispatcher::Dispatcher;
+use crate::endpoint::Endpoint;
+use crate::error::Result;
+use crate::logs::Throttle;
+use crate::target::Target;
+use crate::transport::{ListenOptions, Transport};
+
+/// How many refusals of unauthenticated requests a server sends at once; beyond
+/// that, refused requests are dropped without an answer.
+const MAX_REFUSALS_IN_FLIGHT: usize = 16;
+
+/// Configures and starts a [`Server`].
+#[must_use = "a builder does nothing until start() is awaited"]
+pub struct ServerBuilder {
+    transport: Arc<dyn Transport>,
+    target: Target,
+    endpoints: Vec<Endpoint>,
+    concurrency: usize,
+    ack_mode: AckMode,
+    grace_period: Duration,
+    max_message_size: Option<usize>,
+    max_pending_bytes: usize,
+    auth: Option<MessageAuth>,
+}
+
+impl fmt::Debug for ServerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerBuilder")
+            .field("transport", &self.transport.name())
+            .field("target", &self.target)
+            .field("endpoints", &self.endpoints)
+            .field("concurrency", &self.concurrency)
+            .field("ack_mode", &self.ack_mode)
+            .field("grace_period", &self.grace_period)
+            .field("max_message_size", &self.max_message_size)
+            .field("max_pending_bytes", &self.max_pending_bytes)
+            .field("auth", &self.auth)
+            .finish()
+    }
+}
+
+impl ServerBuilder {
+    /// The defaults, for [`Server::builder`].
+    pub(super) fn new(transport: Arc<dyn Transport>, target: Target) -> Self {
+        ServerBuilder {
+            transport,
+            target,
+            endpoints: Vec::new(),
+            concurrency: DEFAULT_CONCURRENCY,
+            ack_mode: AckMode::default(),
+            grace_period: DEFAULT_GRACE_PERIOD,
+            max_message_size: None,
+            max_pending_bytes: DEFAULT_MAX_PENDING_BYTES,
+            auth: None,
+        }
+    }
+}
+
+impl ServerBuilder {
+    /// Adds an endpoint; endpoints are tried in the order they are added.
+    pub fn endpoint(mut self, endpoint: Endpoint) -> Self {
+        self.endpoints.push(endpoint);
+        self
+    }
+
+    /// At most this many handlers run at once, and no more deliveries than that are
+    /// taken from the broker (default 64; 0 is taken as 1).
+    pub fn concurrency(mut self, limit: usize) -> Self {
+        self.concurrency = limit.max(1);
+        self
+    }
+
+    /// When requests are acknowledged (default [`AckMode::BeforeDispatch`]).
+    pub fn ack_mode(mut self, mode: AckMode) -> Self {
+        self.ack_mode = mode;
+        self
+    }
+
+    /// How long [`Server::shutdown`] waits for in-flight handlers (default 30 s).
+    pub fn grace_period(mut self, grace: Duration) -> Self {
+        self.grace_period = grace;
+        self
+    }
+
+    /// Requests larger than this many bytes are rejected on receipt, unread (default:
+    /// the transport's own limit, [`crate::Capabilities::max_message_size`]).
+    pub fn max_message_size(mut self, limit: usize) -> Self {
+        self.max_message_size = Some(limit);
+        self
+    }
+
+    /// At most about this many bytes of requests are held by the server at once:
+    /// taken from the broker and not yet handled to the end (default
+    /// [`DEFAULT_MAX_PENDING_BYTES`], 64 MiB). Past it the server takes no more;
+    /// AMQP, Redis and JetStream leave the rest waiting in the broker, core NATS
+    /// (at-most-once) drops what does not fit, with a rate-limited warning. One
+    /// request bigger than the budget is still taken when nothing else is held.
+    pub fn max_pending_bytes(mut self, bytes: usize) -> Self {
+        self.max_pending_bytes = bytes.max(1);
+        self
+    }
+
+    /// Accepts only requests that `auth` verifies and signs every reply (opt-in
+    /// message authentication; see [`MessageAuth`]). A refused request is counted,
+    /// logged without its payload, dropped, and answered with
+    /// [`crate::AUTH_FAILURE_CLASS`] when it names a reply address.
+    pub fn message_auth(mut self, auth: MessageAuth) -> Self {
+        self.auth = Some(auth.own_memory());
+        self
+    }
+
+    /// Subscribes to the topic, `topic.server` and the fanout, and starts serving.
+    /// When this returns, messages sent to the target reach this server.
+    pub async fn start(self) -> Result<Server> {
+        self.target.validate_for_listen()?;
+        let budget = ByteBudget::new(self.max_pending_bytes);
+        let options = ListenOptions::new(self.concurrency)
+            .settle_on_receipt(self.ack_mode == AckMode::BeforeDispatch)
+            .budget(budget.clone());
+        let publisher = self.transport.publisher().await?;
+        let consumer = self.transport.listen(&self.target, &options).await?;
+        let max_message_size = self.transport.capabilities().max_message_size;
+        let max_request = self.max_message_size.or(max_message_size);
+        let token = CancellationToken::new();
+        let serving = Serving {
+            dispatcher: Arc::new(Dispatcher::new(self.endpoints)),
+            replier: Replier {
+                publisher,
+                max_message_size,
+                auth: self.auth.clone(),
+                dropped: Arc::new(Throttle::default()),
+            },
+            auth: self.auth,
+            ack_mode: self.ack_mode,
+            topic: Arc::from(self.target.topic.as_str()),
+            max_request,
+            refusals: Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT)),
+            budget,
+            rejections: Arc::new(Throttle::default()),
+            abandoned: Arc::default(),
+        };
+        let task = tokio::spawn(serve(
+            consumer,
+            serving,
+            self.concurrency,
+            self.grace_period,
+            token.clone(),
+        ));
+        tracing::debug!(target = %self.target, "server started");
+        Ok(Server {
+            target: self.target,
+            token,
+            task: Some(task),
+        })
+    }
+}

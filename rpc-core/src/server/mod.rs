@@ -1,0 +1,112 @@
+//! The RPC server: consumes a target's three addresses, bounds work with a concurrency
+//! limit, dispatches each request, replies (with call-monitor heartbeats), turns
+//! panics into failures and shuts down gracefully.
+
+// A `RemoteError` here is the failure document itself, built once per failed
+// request and sent as it is; boxing it would only add an allocation.
+#![allow(clippy::result_large_err)]
+
+mod accept;
+mod builder;
+mod replier;
+mod serve;
+mod shutdown;
+mod work;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::MessageAuth;
+use crate::budget::ByteBudget;
+use crate::dispatcher::Dispatcher;
+use crate::error::{Error, Result, TransportErrorKind};
+use crate::logs::Throttle;
+use crate::target::Target;
+use crate::transport::{Address, Transport};
+pub use builder::ServerBuilder;
+use replier::Replier;
+pub use shutdown::SERVER_SHUTDOWN_CLASS;
+
+/// How many requests a server handles at once unless told otherwise (oslo's
+/// `executor_thread_pool_size`).
+pub const DEFAULT_CONCURRENCY: usize = 64;
+/// How long `shutdown()` lets in-flight handlers run unless told otherwise.
+pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
+
+/// When a server acknowledges a request to the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum AckMode {
+    /// On receipt, before the handler runs: at-most-once, oslo.messaging's behaviour.
+    #[default]
+    BeforeDispatch,
+    /// After the handler finished and its reply was sent: at-least-once; a server
+    /// that dies mid-request leaves the message to be delivered again. Duplicates are
+    /// suppressed by `_unique_id` over a bounded window.
+    AfterHandling,
+}
+
+/// A running server. [`Server::shutdown`] stops it gracefully; dropping it stops
+/// consuming at once and lets in-flight handlers finish in the background.
+#[derive(Debug)]
+pub struct Server {
+    target: Target,
+    token: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Starts configuring a server of `target` (which needs topic and server) over
+    /// `transport`.
+    pub fn builder(transport: Arc<dyn Transport>, target: Target) -> ServerBuilder {
+        ServerBuilder::new(transport, target)
+    }
+
+    /// The target this server listens on.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// Stops consuming, lets in-flight handlers finish (within the grace period; the
+    /// rest are aborted), then closes the consumer.
+    pub async fn shutdown(mut self) -> Result<()> {
+        self.token.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.map_err(|e| {
+                Error::transport(TransportErrorKind::Other, "server task failed", e)
+            })?;
+        }
+        tracing::debug!(target = %self.target, "server stopped");
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+/// What every request task needs.
+#[derive(Clone)]
+struct Serving {
+    dispatcher: Arc<Dispatcher>,
+    replier: Replier,
+    ack_mode: AckMode,
+    topic: Arc<str>,
+    /// Larger requests are rejected unread.
+    max_request: Option<usize>,
+    auth: Option<MessageAuth>,
+    /// Bounds the refusals of unauthenticated requests being answered at once.
+    refusals: Arc<Semaphore>,
+    /// Bytes of requests held, from their receipt to the end of their work.
+    budget: ByteBudget,
+    /// Limits the warnings about refused messages to one line per interval.
+    rejections: Arc<Throttle>,
+    /// Calls whose handlers were dropped unfinished; their callers are told.
+    abandoned: Arc<Mutex<Vec<(String, Address)>>>,
+}

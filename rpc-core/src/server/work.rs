@@ -1,0 +1,283 @@
+//! The work of one accepted request: settle it when its [`super::AckMode`] says,
+//! dispatch it, and for a call answer its caller (results, streamed items,
+//! failures, heartbeats) until it is done or the caller's deadline passes.
+
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt};
+use serde_json::Value;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::shutdown::Unfinished;
+use super::{AckMode, Replier, Serving};
+use crate::endpoint::{Invocation, panic_failure};
+use crate::error::RemoteError;
+use crate::logs::Escaped;
+use crate::timing::MIN_CALL_MONITOR;
+use crate::transport::{Acker, Address};
+use crate::wire::{Answer, Request};
+
+/// One accepted request and its unsettled acker. The ack happens in the request's
+/// own task (before dispatch, or after handling), never in the receiving loop, so a
+/// broker round trip per ack does not serialise the server.
+pub(super) struct Work {
+    pub(super) request: Request,
+    pub(super) acker: Box<dyn Acker>,
+    pub(super) ack_mode: AckMode,
+    /// When the caller stops waiting, if the request says.
+    pub(super) deadline: Option<Instant>,
+}
+
+impl Work {
+    pub(super) async fn run(self, serving: Serving) {
+        let Work {
+            request,
+            acker,
+            ack_mode,
+            deadline,
+        } = self;
+        let acker = match ack_mode {
+            _ if acker.is_noop() => None,
+            AckMode::BeforeDispatch => {
+                if let Err(err) = acker.ack().await {
+                    tracing::warn!(error = %err, method = %Escaped(&request.method),
+                        "discarding request: acknowledgement failed");
+                    return;
+                }
+                None
+            }
+            AckMode::AfterHandling => Some(acker),
+        };
+        // A request still held by the broker goes to another server if this one stops
+        // before it is handled; one already taken from the broker does not.
+        let redelivered_if_dropped = acker.is_some();
+        let span = tracing::debug_span!("rpc.dispatch",
+            msg_id = %Escaped(request.msg_id.as_deref().unwrap_or("")),
+            topic = %Escaped(&serving.topic), method = %Escaped(&request.method));
+        async {
+            let Request {
+                method,
+                args,
+                namespace,
+                version,
+                context,
+                msg_id,
+                reply_to,
+                call_monitor,
+                ..
+            } = request;
+            let invocation = serving.dispatcher.dispatch(
+                namespace.as_deref(),
+                version.as_deref(),
+                &method,
+                context,
+                args,
+            );
+            match (msg_id, reply_to) {
+                (Some(msg_id), Some(reply_to)) => {
+                    let reply_to = Address::Reply(reply_to);
+                    let call = Call {
+                        replier: &serving.replier,
+                        msg_id: &msg_id,
+                        reply_to: &reply_to,
+                    };
+                    let mut unfinished = Unfinished {
+                        abandoned: &serving.abandoned,
+                        msg_id: &msg_id,
+                        reply_to: &reply_to,
+                        armed: !redelivered_if_dropped,
+                    };
+                    call.answer(invocation, call_monitor, deadline).await;
+                    unfinished.armed = false;
+                }
+                (msg_id, _) => {
+                    if msg_id.is_some() {
+                        tracing::warn!("call without a reply address (_reply_q); no reply sent");
+                    }
+                    run_cast(invocation).await;
+                }
+            }
+            if let Some(acker) = acker
+                && let Err(err) = acker.ack().await
+            {
+                tracing::warn!(error = %err, "could not ack handled request");
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+}
+
+async fn run_cast(invocation: Invocation) {
+    let failure = match invocation {
+        Invocation::Failed(failure) => Some(failure),
+        Invocation::Unary(future) => match AssertUnwindSafe(future).catch_unwind().await {
+            Ok(Ok(_)) => None,
+            Ok(Err(failure)) => Some(failure),
+            Err(panic) => Some(panic_failure(&*panic)),
+        },
+        Invocation::Stream(stream) => {
+            let mut stream = AssertUnwindSafe(stream).catch_unwind();
+            let mut failure = None;
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(f)) => {
+                        failure = Some(f);
+                        break;
+                    }
+                    Err(panic) => {
+                        failure = Some(panic_failure(&*panic));
+                        break;
+                    }
+                }
+            }
+            failure
+        }
+    };
+    if let Some(failure) = failure {
+        tracing::warn!(class = %Escaped(&failure.class), message = %Escaped(&failure.message),
+            "cast failed");
+    }
+}
+
+/// Answers one call.
+struct Call<'a> {
+    replier: &'a Replier,
+    msg_id: &'a str,
+    /// An [`Address::Reply`].
+    reply_to: &'a Address,
+}
+
+impl Call<'_> {
+    /// Runs the call and replies, heartbeating if asked, until it is done or its
+    /// `deadline` passes: then the caller has stopped waiting, and its handler or
+    /// stream is dropped unfinished.
+    async fn answer(
+        &self,
+        invocation: Invocation,
+        call_monitor: Option<f64>,
+        deadline: Option<Instant>,
+    ) {
+        let answering = self.answer_until_done(invocation, call_monitor);
+        match deadline {
+            Some(deadline) => {
+                if tokio::time::timeout_at(deadline, answering).await.is_err() {
+                    tracing::debug!("the caller's deadline passed; the call's work stops");
+                }
+            }
+            None => answering.await,
+        }
+    }
+
+    async fn answer_until_done(&self, invocation: Invocation, call_monitor: Option<f64>) {
+        let work = self.reply_all(invocation);
+        let interval = call_monitor
+            .filter(|t| *t >= MIN_CALL_MONITOR.as_secs_f64())
+            // The value comes from the network: no panic on absurd ones, and no
+            // heartbeat interval beyond a day.
+            .and_then(|t| Duration::try_from_secs_f64(t / 2.0).ok())
+            .map(|d| d.min(Duration::from_secs(86_400)));
+        match interval {
+            // Boxed: this future is stored inline in every request's future, and most
+            // calls ask for no heartbeats; moving a large future costs every request.
+            Some(interval) => {
+                Box::pin(async move {
+                    let mut work = std::pin::pin!(work);
+                    tokio::select! {
+                        _ = &mut work => {}
+                        _ = self.heartbeats(interval) => work.await,
+                    }
+                })
+                .await;
+            }
+            None => work.await,
+        }
+    }
+
+    /// Sends a heartbeat every `interval`; returns only when one cannot be sent.
+    async fn heartbeats(&self, interval: Duration) {
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        loop {
+            ticks.tick().await;
+            if let Err(err) = self
+                .replier
+                .send(self.reply_to, self.msg_id, &Answer::heartbeat())
+                .await
+            {
+                tracing::debug!(error = %err, "heartbeat not delivered; heartbeats stop");
+                return;
+            }
+        }
+    }
+
+    async fn reply_all(&self, invocation: Invocation) {
+        match invocation {
+            Invocation::Failed(failure) => {
+                self.reply(Answer::failure(failure)).await;
+            }
+            Invocation::Unary(future) => {
+                let reply = match AssertUnwindSafe(future).catch_unwind().await {
+                    Ok(Ok(value)) => Answer::result(value),
+                    Ok(Err(failure)) => Answer::failure(failure),
+                    Err(panic) => {
+                        tracing::error!("handler panicked; sending the failure to the caller");
+                        Answer::failure(panic_failure(&*panic))
+                    }
+                };
+                self.reply(reply).await;
+            }
+            // Boxed, like the heartbeats above: streams are the rarer kind.
+            Invocation::Stream(stream) => Box::pin(self.reply_stream(stream)).await,
+        }
+    }
+
+    async fn reply_stream(&self, stream: BoxStream<'static, Result<Value, RemoteError>>) {
+        let mut stream = AssertUnwindSafe(stream).catch_unwind();
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(Ok(Value::Null)) => {
+                    tracing::warn!("streamed item is null (reads as a heartbeat); skipped");
+                }
+                Ok(Ok(value)) => {
+                    if !self.reply(Answer::item(value)).await {
+                        return;
+                    }
+                }
+                Ok(Err(failure)) => {
+                    self.reply(Answer::failure(failure)).await;
+                    return;
+                }
+                Err(panic) => {
+                    tracing::error!("streaming handler panicked; sending the failure");
+                    self.reply(Answer::failure(panic_failure(&*panic))).await;
+                    return;
+                }
+            }
+        }
+        self.reply(Answer::end()).await;
+    }
+
+    /// Sends a reply; a reply that cannot be delivered is logged and dropped.
+    async fn reply(&self, answer: Answer) -> bool {
+        match self.replier.send(self.reply_to, self.msg_id, &answer).await {
+            Ok(()) => true,
+            Err(err) => {
+                let reply_to = match self.reply_to {
+                    Address::Reply(queue) => queue.as_str(),
+                    _ => "",
+                };
+                // A request may name any reply address: a flood of undeliverable ones
+                // writes one line per interval.
+                if let Some(suppressed) = self.replier.dropped.hit() {
+                    tracing::warn!(error = %Escaped(&err.to_string()), reply_to = %Escaped(reply_to),
+                        suppressed, "reply dropped");
+                }
+                false
+            }
+        }
+    }
+}
