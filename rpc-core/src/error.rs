@@ -345,6 +345,7 @@ pub const ERROR_KWARG: &str = "error";
 /// Display` type converts into a `RemoteError` through [`IntoRemoteError`], and a
 /// `RemoteError` returned by a handler is sent as it is.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct RemoteError {
     /// Exception class name (`ValueError`, or the Rust type name of a handler error).
     pub class: String,

@@ -19,6 +19,7 @@ pub const DEFAULT_EXCHANGE: &str = "openstack";
 /// assert_eq!(target.topic, "compute");
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct Target {
     /// Scope of the topic; `None` means the transport's default (`openstack`).
     pub exchange: Option<String>,
