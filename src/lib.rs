@@ -30,6 +30,10 @@
 //! # Ok(()) }
 //! ```
 //!
+//! `examples/calculator.rs` in the repository shows the rest (`cargo run --example
+//! calculator`): multicall, casts, a fanout, a directed call, a typed error decoded on
+//! the caller's side, versions.
+//!
 //! # Features
 //! One Cargo feature per backend: `memory` (default), `amqp`, `redis`, `nats`, and
 //! `full` for all of them.
@@ -111,6 +115,20 @@ redis://, rediss:// (feature redis), nats://, tls:// (feature nats)";
 /// [`Error::BackendNotEnabled`] naming the Cargo feature to enable; an unknown
 /// scheme fails with [`Error::UnknownScheme`]. Credentials in the URL never appear
 /// in errors.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> mqrpc::Result<()> {
+/// use mqrpc::ErrorKind;
+///
+/// let transport = mqrpc::connect("memory://orders?capacity=1000").await?;
+/// assert_eq!(transport.name(), "memory");
+/// // The same code takes a broker's URL, e.g. from configuration:
+/// // mqrpc::connect("rabbit://nova:secret@rabbit-1:5672/nova?prefetch=64").await?;
+/// let err = mqrpc::connect("kafka://127.0.0.1:9092").await.err().expect("unknown");
+/// assert_eq!(err.kind(), ErrorKind::Config);
+/// # Ok(()) }
+/// ```
 pub async fn connect(url: &str) -> Result<Arc<dyn Transport>> {
     let scheme = url
         .split_once("://")

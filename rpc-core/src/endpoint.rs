@@ -99,6 +99,25 @@ impl Endpoint {
     ///
     /// Arguments that do not decode into `A` fail the call with a `TypeError`, as a
     /// Python server does. Names starting with `_` are never dispatched.
+    ///
+    /// ```
+    /// use mqrpc::{Context, Endpoint, RemoteError};
+    ///
+    /// #[derive(serde::Deserialize)]
+    /// struct Resize {
+    ///     instance: String,
+    ///     flavor: u32,
+    /// }
+    ///
+    /// let endpoint = Endpoint::new().method("resize", |ctx: Context, args: Resize| async move {
+    ///     if args.flavor == 0 {
+    ///         return Err(RemoteError::new("ValueError", "flavor 0 does not exist"));
+    ///     }
+    ///     let user = ctx.get("user").cloned();
+    ///     Ok(serde_json::json!({"instance": args.instance, "by": user}))
+    /// });
+    /// assert!(endpoint.has_method("resize"));
+    /// ```
     pub fn method<A, T, E, F, Fut>(self, name: impl Into<String>, handler: F) -> Self
     where
         A: DeserializeOwned + Send + 'static,

@@ -17,6 +17,25 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in mqrpc.
+///
+/// Each variant says where a request failed; [`Error::kind`] groups them for a
+/// `match`, [`Error::is_retryable`] says whether sending again may help.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use std::time::Duration;
+/// use mqrpc::{Client, Context, Error, ErrorKind, Target, TimeoutKind};
+///
+/// let transport = mqrpc::connect("memory://").await.expect("memory bus");
+/// // Nobody serves "nobody" on this bus: the call waits out its timeout.
+/// let client = Client::new(transport, Target::new("nobody")).timeout(Duration::from_millis(50));
+/// let err = client.call::<_, u32>(&Context::new(), "size", ()).await.unwrap_err();
+/// assert!(matches!(err, Error::Timeout { kind: TimeoutKind::Reply, .. }));
+/// assert_eq!(err.kind(), ErrorKind::Timeout);
+/// assert!(err.is_retryable());
+/// # }
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -462,6 +481,33 @@ impl RemoteError {
     /// Decodes the typed error a Rust handler returned (it travels in
     /// `kwargs["error"]`). `None` when the failure carries no such value or it is
     /// not an `E`.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> mqrpc::Result<()> {
+    /// use mqrpc::{Client, Context, Endpoint, Server, Target};
+    ///
+    /// #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize, thiserror::Error)]
+    /// enum QuotaError {
+    ///     #[error("over quota by {0}")]
+    ///     Over(u32),
+    /// }
+    ///
+    /// let transport = mqrpc::connect("memory://").await?;
+    /// let endpoint = Endpoint::new().method("reserve", |_ctx, _: mqrpc::NoArgs| async {
+    ///     Err::<(), _>(QuotaError::Over(3))
+    /// });
+    /// let server = Server::builder(transport.clone(), Target::new("quota").server("q1"))
+    ///     .endpoint(endpoint)
+    ///     .start()
+    ///     .await?;
+    /// let client = Client::new(transport, Target::new("quota"));
+    /// let err = client.call::<_, ()>(&Context::new(), "reserve", ()).await.unwrap_err();
+    /// let remote = err.as_remote().expect("the handler failed");
+    /// assert_eq!(remote.decode::<QuotaError>(), Some(QuotaError::Over(3)));
+    /// server.shutdown().await
+    /// # }
+    /// ```
     pub fn decode<E: DeserializeOwned>(&self) -> Option<E> {
         let value = self.kwargs.get(ERROR_KWARG)?;
         E::deserialize(value).ok()

@@ -204,6 +204,29 @@ impl Client {
     ///
     /// `args` must serialize to a JSON object (the keyword arguments); `()` and
     /// [`crate::NoArgs`] send `{}`. A server method that streams returns its last item.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> mqrpc::Result<()> {
+    /// use mqrpc::{Client, Context, Endpoint, RemoteError, Server, Target};
+    ///
+    /// let transport = mqrpc::connect("memory://").await?;
+    /// let echo = Endpoint::new().method("echo", |_ctx, args: serde_json::Value| async move {
+    ///     Ok::<_, RemoteError>(args["text"].clone())
+    /// });
+    /// let server = Server::builder(transport.clone(), Target::new("demo").server("s1"))
+    ///     .endpoint(echo)
+    ///     .start()
+    ///     .await?;
+    ///
+    /// let client = Client::new(transport, Target::new("demo"));
+    /// let text: String = client
+    ///     .call(&Context::new(), "echo", serde_json::json!({"text": "hi"}))
+    ///     .await?;
+    /// assert_eq!(text, "hi");
+    /// server.shutdown().await
+    /// # }
+    /// ```
     pub async fn call<A, R>(&self, ctx: &Context, method: &str, args: A) -> Result<R>
     where
         A: Serialize,

@@ -62,6 +62,27 @@ pub struct Server {
 impl Server {
     /// Starts configuring a server of `target` (which needs topic and server) over
     /// `transport`.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> mqrpc::Result<()> {
+    /// use std::time::Duration;
+    /// use mqrpc::{AckMode, Context, Endpoint, RemoteError, Server, Target};
+    ///
+    /// let transport = mqrpc::connect("memory://").await?;
+    /// let ping = Endpoint::new().method("ping", |_ctx: Context, _: mqrpc::NoArgs| async {
+    ///     Ok::<_, RemoteError>("pong")
+    /// });
+    /// let server = Server::builder(transport, Target::new("compute").server("host-1"))
+    ///     .endpoint(ping)
+    ///     .concurrency(16)
+    ///     .ack_mode(AckMode::AfterHandling)
+    ///     .grace_period(Duration::from_secs(5))
+    ///     .start()
+    ///     .await?;
+    /// server.shutdown().await
+    /// # }
+    /// ```
     pub fn builder(transport: Arc<dyn Transport>, target: Target) -> ServerBuilder {
         ServerBuilder::new(transport, target)
     }
