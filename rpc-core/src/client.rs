@@ -22,7 +22,6 @@ use tracing::Instrument;
 
 use crate::auth::MessageAuth;
 use crate::context::Context;
-use crate::envelope;
 use crate::error::{Error, RemoteError, Result, TimeoutKind};
 use crate::reply::{PendingReplies, ReplyRouter};
 use crate::target::{Target, Version};
@@ -603,7 +602,7 @@ struct EncodedArgs(Vec<u8>);
 
 /// Accepts anything that serializes to a JSON object; `()` means no arguments.
 fn encode_args<A: Serialize>(args: A) -> Result<EncodedArgs> {
-    let text = envelope::escaped(&args).map_err(|err| Error::InvalidArguments(err.to_string()))?;
+    let text = wire::escaped(&args).map_err(|err| Error::InvalidArguments(err.to_string()))?;
     // The first byte tells what the value is: compact JSON, with a string's quote
     // escaped (`\"`).
     let other = match text.first() {

@@ -19,12 +19,10 @@ mod client;
 mod context;
 mod dispatcher;
 mod endpoint;
-mod envelope;
 mod error;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
-mod inner;
 pub mod logs;
 mod reply;
 mod server;
