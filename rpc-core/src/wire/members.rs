@@ -83,7 +83,7 @@ enum Wanted {
 }
 
 /// A JSON string, borrowed from the input when it holds no escapes: the keys of
-/// every member, and the envelope's two strings.
+/// the members, and the envelope's version.
 struct Text<'a>(Cow<'a, str>);
 
 impl<'de> Deserialize<'de> for Text<'de> {

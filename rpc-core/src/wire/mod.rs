@@ -3,10 +3,11 @@
 //! whose inner JSON carries the request or reply keys, with the context flattened into
 //! `_context_*` keys.
 //!
-//! This module holds the messages and the format's constants; its `encode` module
-//! writes bodies in one pass through serde_json's `Formatter`, its `decode` module
-//! reads them with serde_json alone. Decoding never panics: anything that is not a well-formed
-//! message is a [`CodecError`].
+//! This module holds the messages, the format's constants and the members each
+//! kind of message reads. `encode` writes bodies in one pass through serde_json's
+//! `Formatter`; `members` reads a body's members with serde_json alone, and
+//! `decode` turns them into messages. Decoding never panics: anything that is not
+//! a well-formed message is a [`CodecError`].
 //!
 //! [`CodecError`]: crate::CodecError
 
