@@ -6,7 +6,8 @@ use std::sync::LazyLock;
 
 use futures::StreamExt;
 use serde::Deserialize;
-use serde_json::Value;
+use serde::de::IgnoredAny;
+use serde_json::{Map, Value};
 
 use crate::auth::{AuthFailure, MessageAuth};
 use crate::dispatcher::Dispatcher;
@@ -15,14 +16,14 @@ use crate::error::RemoteError;
 use crate::target::Version;
 use crate::wire::{self, Reply};
 
-/// Decodes `data` as a request and as a reply; whatever decodes must encode again
-/// and decode to the same value. The decoder's fast path must read what its general
-/// path reads, from `data` and from `data` as the inner document of an envelope.
+/// Decodes `data` as a request and as a reply: the decoder reads what plain
+/// serde_json reads, from `data` and from `data` as the inner document of an
+/// envelope; whatever decodes must encode again and decode to the same value.
 pub fn decode(data: &[u8]) {
-    paths_agree(data);
+    agrees_with_serde_json(data);
     if let Ok(text) = std::str::from_utf8(data) {
         let envelope = serde_json::json!({"oslo.version": "2.0", "oslo.message": text});
-        paths_agree(&serde_json::to_vec(&envelope).expect("an envelope encodes"));
+        agrees_with_serde_json(&serde_json::to_vec(&envelope).expect("an envelope encodes"));
     }
     if let Ok(mut request) = wire::decode_request(data) {
         let body = wire::encode_request(&request).expect("a decoded request encodes");
@@ -42,16 +43,110 @@ pub fn decode(data: &[u8]) {
     }
 }
 
-/// Wherever the fast path of the decoder reads a body, the general path reads it
-/// too, with the same members.
-fn paths_agree(body: &[u8]) {
-    for keys in [&wire::REQUEST, &wire::REPLY] {
-        if let Some(fast) = wire::read_fast(body, keys) {
-            let general = wire::read_general(body, keys)
-                .expect("the general path reads what the fast path reads");
-            assert_eq!(fast, general, "fast and general paths differ");
+/// The top-level members of a body's inner document as plain serde_json reads
+/// them: the body as a [`Value`], its envelope members as `#[derive(Deserialize)]`
+/// reads them (a repeated one is an error, null is absent), the inner document (or
+/// a bare body) as a map of [`Value`]s; `None` where any of that fails, where the
+/// envelope's version is not 2.0, or where the map nests deeper than
+/// [`wire::MAX_DEPTH`].
+pub(crate) fn members_by_serde_json(body: &[u8]) -> Option<Map<String, Value>> {
+    #[derive(Deserialize)]
+    struct Envelope {
+        #[serde(rename = "oslo.version")]
+        version: Option<String>,
+        #[serde(rename = "oslo.message")]
+        message: Option<String>,
+    }
+    let Value::Object(whole) = serde_json::from_slice(body).ok()? else {
+        return None;
+    };
+    let envelope: Envelope = serde_json::from_slice(body).ok()?;
+    let members = match (envelope.version, envelope.message) {
+        (Some(version), Some(message)) => {
+            let version: Version = version.parse().ok()?;
+            if (version.major, version.minor) != (2, 0) {
+                return None;
+            }
+            match serde_json::from_str(&message).ok()? {
+                Value::Object(members) => members,
+                _ => return None,
+            }
+        }
+        _ => whole,
+    };
+    fn depth(value: &Value) -> usize {
+        match value {
+            Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+            Value::Object(members) => 1 + members.values().map(depth).max().unwrap_or(0),
+            _ => 0,
         }
     }
+    let members = Value::Object(members);
+    if depth(&members) > wire::MAX_DEPTH {
+        return None;
+    }
+    match members {
+        Value::Object(members) => Some(members),
+        _ => None,
+    }
+}
+
+/// The decoder against plain serde_json ([`members_by_serde_json`]): where serde_json
+/// reads a body, the decoder reads the same members from it, and a request decoded
+/// from it carries their values. The decoder may read more: members it does not
+/// read are skipped by serde_json's `IgnoredAny`, which checks their syntax only
+/// (not their depth, the range of their numbers or the pairing of their `\u`
+/// escapes), so there serde_json must at least take the body's syntax.
+fn agrees_with_serde_json(body: &[u8]) {
+    let reference = members_by_serde_json(body);
+    for keys in [&wire::REQUEST, &wire::REPLY] {
+        let ours = wire::read_members(body, keys);
+        match (ours, &reference) {
+            (Ok(ours), Some(members)) => {
+                let theirs = wire::Read::from_members(members.clone(), keys);
+                assert_eq!(
+                    ours, theirs,
+                    "the decoder and serde_json read different members"
+                );
+            }
+            (Err(err), Some(_)) => panic!("the decoder refuses what serde_json reads: {err}"),
+            (Ok(_), None) => assert!(
+                serde_json::from_slice::<IgnoredAny>(body).is_ok(),
+                "the decoder reads what is not JSON"
+            ),
+            (Err(_), None) => {}
+        }
+    }
+    let (Ok(request), Some(members)) = (wire::decode_request(body), reference) else {
+        return;
+    };
+    let member = |key: &str| members.get(key).filter(|value| !value.is_null());
+    assert_eq!(
+        member("method"),
+        Some(&Value::String(request.method.clone()))
+    );
+    let args = member("args")
+        .cloned()
+        .unwrap_or_else(|| Value::Object(Map::new()));
+    assert_eq!(args, Value::Object(request.args.clone()), "args");
+    for (key, value) in [
+        ("_msg_id", &request.msg_id),
+        ("_reply_q", &request.reply_to),
+        ("namespace", &request.namespace),
+        ("version", &request.version),
+        ("_unique_id", &request.unique_id),
+    ] {
+        assert_eq!(
+            member(key).and_then(Value::as_str),
+            value.as_deref(),
+            "{key}"
+        );
+    }
+    let context: Map<String, Value> = members
+        .iter()
+        .filter_map(|(key, value)| Some((key.strip_prefix("_context_")?.to_owned(), value.clone())))
+        .collect();
+    assert_eq!(&context, request.context.as_map(), "context");
 }
 
 #[derive(Deserialize)]

@@ -21,12 +21,10 @@ mod context;
 mod dispatch_failure;
 mod dispatcher;
 mod endpoint;
-mod envelope;
 mod error;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
-mod inner;
 pub mod logs;
 #[cfg(test)]
 mod module_graph;

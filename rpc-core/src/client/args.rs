@@ -4,8 +4,8 @@
 
 use serde::Serialize;
 
-use crate::envelope;
 use crate::error::{Error, Result};
+use crate::wire;
 
 /// A call's keyword arguments, serialized once, straight into the escaped text the
 /// envelope carries (no map of values in between), and written from there into
@@ -14,7 +14,7 @@ pub(super) struct EncodedArgs(pub(super) Vec<u8>);
 
 /// Accepts anything that serializes to a JSON object; `()` means no arguments.
 pub(super) fn encode_args<A: Serialize>(args: A) -> Result<EncodedArgs> {
-    let text = envelope::escaped(&args).map_err(|err| Error::InvalidArguments(err.to_string()))?;
+    let text = wire::escaped(&args).map_err(|err| Error::InvalidArguments(err.to_string()))?;
     // The first byte tells what the value is: compact JSON, with a string's quote
     // escaped (`\"`).
     let other = match text.first() {

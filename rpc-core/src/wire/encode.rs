@@ -1,13 +1,6 @@
-//! The outer layer of a 2.0 message, `{"oslo.version": "2.0", "oslo.message": "…"}`,
-//! written and read without a general JSON pass.
-//!
-//! Every message crosses this layer twice (encoded by its sender, decoded by its
-//! receiver), and the inner document is a JSON string inside it. [`Writer`] writes
-//! the inner document already escaped for that string, in one pass. Most bodies are
-//! read without unescaping at all (`crate::inner`); when that gives up, [`read`]
-//! unescapes the inner document, finding quotes and backslashes a word at a time, for
-//! the plain shape (two string members, no `\u` escapes); anything else returns
-//! `None` and is read by serde_json, which also words the errors.
+//! Writing bodies: the 2.0 envelope and its inner document in one pass, the inner
+//! document written already escaped as the envelope's string by serde_json itself,
+//! through the [`InsideString`] formatter, instead of serialized and escaped again.
 
 use std::borrow::Cow;
 use std::io;
@@ -16,8 +9,129 @@ use serde::Serialize;
 use serde_json::ser::{CharEscape, Formatter};
 use serde_json::{Map, Value};
 
+use super::{Answer, Args, CONTEXT_PREFIX, Head, ID_LEN, Reply, Request, fresh_id};
+use crate::error::{CodecError, RemoteError};
+
+/// Encodes a request into an enveloped body. The members are written in the order
+/// oslo.messaging writes them.
+pub fn encode_request(req: &Request) -> Result<Vec<u8>, CodecError> {
+    let head = Head {
+        method: &req.method,
+        namespace: req.namespace.as_deref(),
+        version: req.version.as_deref().map(Cow::Borrowed),
+        context: &req.context,
+        msg_id: req.msg_id.as_deref(),
+        reply_to: req.reply_to.as_deref(),
+        call_monitor: req.call_monitor,
+        unique_id: req.unique_id.as_deref(),
+        expires_in: req.expires_in,
+    };
+    encode_request_with(&head, Args::Map(&req.args))
+}
+
+/// Encodes the request `head` with `args`: a client encodes its keyword arguments
+/// once and writes them from there into every attempt's body.
+pub(crate) fn encode_request_with(head: &Head<'_>, args: Args<'_>) -> Result<Vec<u8>, CodecError> {
+    let mut out = Writer::new();
+    out.member(br#"\"method\":"#);
+    out.string(head.method)?;
+    out.member(br#"\"args\":"#);
+    match args {
+        Args::Map(args) => out.object(args)?,
+        Args::Escaped(text) => out.escaped(text),
+    }
+    if let Some(namespace) = head.namespace {
+        out.member(br#"\"namespace\":"#);
+        out.string(namespace)?;
+    }
+    if let Some(version) = &head.version {
+        out.member(br#"\"version\":"#);
+        out.string(version)?;
+    }
+    if let Some(msg_id) = head.msg_id {
+        out.member(br#"\"_msg_id\":"#);
+        out.string(msg_id)?;
+    }
+    // oslo always sends both keys on calls (null when unset). A cast carries
+    // neither, but a request decoded with them (found by the fuzzer) must encode
+    // back to what it was.
+    let call = head.msg_id.is_some();
+    if call || head.reply_to.is_some() {
+        out.member(br#"\"_reply_q\":"#);
+        out.optional_string(head.reply_to)?;
+    }
+    if call || head.call_monitor.is_some() {
+        out.member(br#"\"_timeout\":"#);
+        out.serde(&head.call_monitor)?;
+    }
+    if let Some(expires_in) = head.expires_in {
+        out.member(br#"\"_expires_in\":"#);
+        out.serde(&expires_in)?;
+    }
+    unique_id_member(&mut out, head.unique_id)?;
+    for (key, value) in head.context.iter() {
+        out.key(CONTEXT_PREFIX, key)?;
+        out.value(value)?;
+    }
+    Ok(out.finish())
+}
+
+/// Encodes a reply into an enveloped body; every key is always present.
+pub fn encode_reply(reply: &Reply) -> Result<Vec<u8>, CodecError> {
+    let Reply {
+        result,
+        failure,
+        ending,
+        msg_id,
+        unique_id,
+    } = reply;
+    write_reply(result, failure.as_ref(), *ending, msg_id, Some(unique_id))
+}
+
+/// Encodes `answer` as the reply to `msg_id`, with a fresh `_unique_id`.
+pub(crate) fn encode_answer(answer: &Answer, msg_id: &str) -> Result<Vec<u8>, CodecError> {
+    write_reply(
+        &answer.result,
+        answer.failure.as_ref(),
+        answer.ending,
+        msg_id,
+        None,
+    )
+}
+
+/// A reply's members in oslo's order; `unique_id: None` writes a fresh one.
+fn write_reply(
+    result: &Value,
+    failure: Option<&RemoteError>,
+    ending: bool,
+    msg_id: &str,
+    unique_id: Option<&str>,
+) -> Result<Vec<u8>, CodecError> {
+    let mut out = Writer::new();
+    out.member(br#"\"result\":"#);
+    out.value(result)?;
+    out.member(br#"\"failure\":"#);
+    // A JSON document inside the JSON document, as oslo sends it.
+    let failure = failure.map(RemoteError::to_failure_json);
+    out.optional_string(failure.transpose()?.as_deref())?;
+    out.member(br#"\"ending\":"#);
+    out.serde(&ending)?;
+    out.member(br#"\"_msg_id\":"#);
+    out.string(msg_id)?;
+    unique_id_member(&mut out, unique_id)?;
+    Ok(out.finish())
+}
+
+/// The `_unique_id` member: `given`, or a fresh id written in place.
+fn unique_id_member(out: &mut Writer, given: Option<&str>) -> Result<(), CodecError> {
+    out.member(br#"\"_unique_id\":"#);
+    let mut id = [0; ID_LEN];
+    out.string(given.unwrap_or_else(|| fresh_id(&mut id)))?;
+    Ok(())
+}
+
 /// What [`Writer`] puts before the escaped inner document (the version is
-/// [`crate::wire::ENVELOPE_VERSION`]).
+/// [`super::ENVELOPE_VERSION`]).
 const OPEN: &[u8] = br#"{"oslo.version":"2.0","oslo.message":""#;
 /// What [`Writer`] puts after it.
 const CLOSE: &[u8] = br#""}"#;
@@ -261,59 +375,14 @@ impl Formatter for InsideString {
     }
 }
 
-/// The inner document of a plain 2.0 envelope: exactly the members `oslo.version`
-/// (the string `"2.0"`) and `oslo.message` (a string), in either order, with any
-/// JSON whitespace. `None` for anything else (another version, a bare 1.0 body, other
-/// members, a `\u` escape, invalid UTF-8, malformed JSON): the caller then reads the
-/// body with serde_json.
-///
-/// One leniency against strict JSON: a raw tab, newline or carriage return inside
-/// the message string is kept as it is (it can only end up as whitespace between the
-/// inner document's tokens, or be refused by the inner parse inside its strings).
-pub(crate) fn read(body: &[u8]) -> Option<Cow<'_, str>> {
-    let mut at = skip_ws(body, 0);
-    if body.get(at) != Some(&b'{') {
-        return None;
-    }
-    let (mut version, mut message) = (None, None);
-    at = skip_ws(body, at + 1);
-    loop {
-        let (key, next) = key(body, at)?;
-        at = skip_ws(body, next);
-        if body.get(at) != Some(&b':') {
-            return None;
-        }
-        at = skip_ws(body, at + 1);
-        let (value, next) = string(body, at)?;
-        let slot = match key {
-            b"oslo.version" => &mut version,
-            b"oslo.message" => &mut message,
-            _ => return None,
-        };
-        if slot.replace(value).is_some() {
-            return None;
-        }
-        at = skip_ws(body, next);
-        match body.get(at) {
-            Some(b',') => at = skip_ws(body, at + 1),
-            Some(b'}') => break,
-            _ => return None,
-        }
-    }
-    if skip_ws(body, at + 1) != body.len() || version?.as_ref() != crate::wire::ENVELOPE_VERSION {
-        return None;
-    }
-    message
-}
-
 /// A word of eight bytes with every byte set to `byte`.
-pub(crate) const fn splat(byte: u8) -> u64 {
+const fn splat(byte: u8) -> u64 {
     u64::from_ne_bytes([byte; 8])
 }
 
 /// The high bit of each byte of `word` (read little-endian) that is a quote or a
 /// backslash. Bits above the lowest may be false positives (a borrow carries into
-/// the next byte), so only the lowest one is used: it is always exact.
+/// the next byte), but only ever above a true one: whether any is set is exact.
 const fn specials(word: u64) -> u64 {
     const ONES: u64 = splat(0x01);
     const HIGH: u64 = splat(0x80);
@@ -327,107 +396,10 @@ fn word_at(bytes: &[u8], at: usize) -> Option<[u8; 8]> {
     bytes.get(at..at.checked_add(8)?)?.try_into().ok()
 }
 
-/// The index of the first quote or backslash at or after `from`. Most escapes of an
-/// inner document are its quotes, a few bytes apart: the next two words are tested
-/// eight bytes at a time (no call, no setup) before a vector search, which pays a
-/// setup on every call, takes a longer run.
-fn special(bytes: &[u8], from: usize) -> Option<usize> {
-    let mut at = from;
-    for _ in 0..2 {
-        let Some(word) = word_at(bytes, at) else {
-            let tail = bytes.get(at..)?;
-            return tail
-                .iter()
-                .position(|&b| b == b'"' || b == b'\\')
-                .map(|i| at + i);
-        };
-        let found = specials(u64::from_le_bytes(word));
-        if found != 0 {
-            return Some(at + (found.trailing_zeros() / 8) as usize);
-        }
-        at += 8;
-    }
-    memchr::memchr2(b'"', b'\\', &bytes[at..]).map(|i| at + i)
-}
-
-/// Appends `bytes[from..to]`. Most runs between escapes are shorter than a word: it
-/// is copied whole and the excess cut, which costs a store instead of a `memcpy`
-/// call.
-fn push_run(out: &mut Vec<u8>, bytes: &[u8], from: usize, to: usize) {
-    match word_at(bytes, from) {
-        Some(word) if to - from <= 8 => {
-            let keep = out.len() + (to - from);
-            out.extend_from_slice(&word);
-            out.truncate(keep);
-        }
-        _ => out.extend_from_slice(&bytes[from..to]),
-    }
-}
-
-pub(crate) fn skip_ws(body: &[u8], mut at: usize) -> usize {
-    while matches!(body.get(at), Some(b' ' | b'\t' | b'\n' | b'\r')) {
-        at += 1;
-    }
-    at
-}
-
-/// The bytes of the key starting at `at`, and the index after its closing quote.
-/// A key with an escape is not one of ours, whatever it spells: `None`.
-fn key(body: &[u8], at: usize) -> Option<(&[u8], usize)> {
-    if body.get(at) != Some(&b'"') {
-        return None;
-    }
-    let start = at + 1;
-    let end = special(body, start)?;
-    (body[end] == b'"').then(|| (&body[start..end], end + 1))
-}
-
-/// The string starting at `at` with its escapes resolved, and the index after its
-/// closing quote, in one pass; `None` for `\u` escapes (left to serde_json, which
-/// pairs surrogates), unknown escapes, an unterminated string and invalid UTF-8.
-fn string(body: &[u8], at: usize) -> Option<(Cow<'_, str>, usize)> {
-    if body.get(at) != Some(&b'"') {
-        return None;
-    }
-    let start = at + 1;
-    let mut i = start;
-    let mut out: Option<Vec<u8>> = None;
-    let mut run = start;
-    loop {
-        i = special(body, i)?;
-        if body[i] == b'"' {
-            break;
-        }
-        let out = out.get_or_insert_with(|| Vec::with_capacity(body.len() - start));
-        push_run(out, body, run, i);
-        out.push(match body.get(i + 1)? {
-            b'"' => b'"',
-            b'\\' => b'\\',
-            b'/' => b'/',
-            b'b' => 0x08,
-            b'f' => 0x0c,
-            b'n' => b'\n',
-            b'r' => b'\r',
-            b't' => b'\t',
-            _ => return None,
-        });
-        i += 2;
-        run = i;
-    }
-    let text = match out {
-        None => Cow::Borrowed(std::str::from_utf8(&body[start..i]).ok()?),
-        Some(mut out) => {
-            out.extend_from_slice(&body[run..i]);
-            Cow::Owned(String::from_utf8(out).ok()?)
-        }
-    };
-    Some((text, i + 1))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::{Value, json};
+    use serde_json::json;
 
     /// Envelopes a JSON object through [`Writer`], member by member.
     fn write(document: &Value) -> Vec<u8> {
@@ -439,18 +411,20 @@ mod tests {
         out.finish()
     }
 
-    /// What serde_json makes of an envelope, for comparison.
-    fn by_serde(body: &[u8]) -> Option<String> {
-        let value: Value = serde_json::from_slice(body).ok()?;
-        let object = value.as_object()?;
-        if object.len() != 2 || object.get("oslo.version")? != "2.0" {
-            return None;
-        }
-        Some(object.get("oslo.message")?.as_str()?.to_owned())
+    /// The inner document of an envelope, as serde_json reads it.
+    fn inner_text(body: &[u8]) -> String {
+        let value: Value = serde_json::from_slice(body).expect("the envelope is JSON");
+        let object = value.as_object().expect("an object");
+        assert_eq!(object.len(), 2);
+        assert_eq!(object["oslo.version"], super::super::ENVELOPE_VERSION);
+        object["oslo.message"]
+            .as_str()
+            .expect("a string")
+            .to_owned()
     }
 
     #[test]
-    fn writes_what_serde_json_reads_back() {
+    fn writes_what_serde_json_writes() {
         let document = json!({
             "method": "echo",
             "args": {"payload": "quote \" backslash \\ slash / controls \n\t\u{1} é 😀"},
@@ -459,65 +433,24 @@ mod tests {
             "": "",
             "key \" with \\ escapes\u{7}": {"": [[], {}, "\u{1f}"]},
         });
-        let inner = document.to_string();
         let body = write(&document);
-        assert_eq!(by_serde(&body).as_deref(), Some(inner.as_str()));
-        assert_eq!(read(&body).as_deref(), Some(inner.as_str()));
+        assert_eq!(inner_text(&body), document.to_string());
+        // The envelope around it is serde_json's compact output too.
+        let message = Value::String(document.to_string());
+        let expected = format!(r#"{{"oslo.version":"2.0","oslo.message":{message}}}"#);
+        assert_eq!(String::from_utf8(body).expect("utf-8"), expected);
     }
 
     #[test]
-    fn reads_what_python_writes() {
-        // json.dumps with its default separators and ensure_ascii.
-        let body = br#"{"oslo.version": "2.0", "oslo.message": "{\"method\": \"echo\", \"args\": {\"s\": \"caf\\u00e9\"}}"}"#;
-        let expected = r#"{"method": "echo", "args": {"s": "caf\u00e9"}}"#;
-        assert_eq!(read(body).as_deref(), Some(expected));
-        let reordered = br#" { "oslo.message" : "{}" ,
-            "oslo.version" : "2.0" } "#;
-        assert_eq!(read(reordered).as_deref(), Some("{}"));
-    }
-
-    #[test]
-    fn leaves_every_other_shape_to_serde_json() {
-        let others: [&[u8]; 12] = [
-            br#"{"oslo.version":"2.1","oslo.message":"{}"}"#,
-            br#"{"oslo.version":"2.0"}"#,
-            br#"{"oslo.version":"2.0","oslo.message":"{}","extra":1}"#,
-            br#"{"oslo.version":"2.0","oslo.message":"{}","oslo.message":"{}"}"#,
-            br#"{"oslo.version":"2.0","oslo.message":"\u007b}"}"#,
-            br#"{"oslo.version":"2.0","oslo.message":"\x"}"#,
-            br#"{"oslo.version":"2.0","oslo.message":{}}"#,
-            br#"{"oslo.version":"2.0","oslo.message":"{}"} x"#,
-            br#"{"oslo.version":"2.0","oslo.message":"{}""#,
-            br#"{"oslo.version":"2.0","oslo.message":"\"#,
-            br#"{"method":"echo"}"#,
-            b"{\"oslo.version\":\"2.0\",\"oslo.message\":\"\xff\"}",
-        ];
-        for body in others {
-            assert_eq!(read(body), None, "{}", String::from_utf8_lossy(body));
-        }
-    }
-
-    #[test]
-    fn finds_every_first_quote_or_backslash() {
-        // Every position of a quote or backslash in runs around the word and scan
-        // boundaries, with bytes next to them that differ from them by one bit or a
-        // borrow (`!`, `#`, `[`, `]`, 0x80 and above).
-        let fillers = [b'x', b'!', b'#', b'[', b']', 0x22 ^ 0x80, 0x5c ^ 0x80, 0xff];
-        for len in 0..40 {
-            for filler in fillers {
-                for (special_at, byte) in (0..len).flat_map(|at| [(at, b'"'), (at, b'\\')]) {
-                    let mut bytes = vec![filler; len];
-                    bytes[special_at] = byte;
-                    for from in 0..=len + 1 {
-                        let naive = bytes
-                            .get(from..)
-                            .and_then(|rest| rest.iter().position(|&b| b == b'"' || b == b'\\'))
-                            .map(|i| from + i);
-                        assert_eq!(special(&bytes, from), naive, "{bytes:?} from {from}");
-                    }
-                }
-            }
-        }
+    fn escaped_values_are_written_as_the_writer_writes_them() {
+        let value = json!({"a": ["x\"y", 1.25, {"\n": null}]});
+        let mut out = Writer::new();
+        out.member(br#"\"v\":"#);
+        out.escaped(&escaped(&value).expect("escapes"));
+        let mut direct = Writer::new();
+        direct.member(br#"\"v\":"#);
+        direct.value(&value).expect("value");
+        assert_eq!(out.finish(), direct.finish());
     }
 
     #[test]
@@ -542,41 +475,9 @@ mod tests {
         out.string("u").expect("value");
         out.key("_context_", "a\"b").expect("key");
         out.value(&json!(1.5)).expect("value");
-        let inner = read(&out.finish()).expect("an envelope").into_owned();
-        assert_eq!(inner, r#"{"_context_user":"u","_context_a\"b":1.5}"#);
-    }
-
-    #[test]
-    fn copies_runs_of_every_length() {
-        let bytes: Vec<u8> = (0..40).collect();
-        for from in 0..bytes.len() {
-            for to in from..=bytes.len() {
-                let mut out = vec![7];
-                push_run(&mut out, &bytes, from, to);
-                assert_eq!(out[0], 7);
-                assert_eq!(&out[1..], &bytes[from..to]);
-            }
-        }
-    }
-
-    #[test]
-    fn agrees_with_serde_json_wherever_it_reads() {
-        // Every prefix and one-byte corruption of a real envelope: where the fast
-        // path gives an answer, it is serde_json's answer.
-        let body = write(&json!({"method": "m", "args": {"x": "a\"b\\c/d\ne"}}));
-        let mut checked = 0;
-        for len in 0..=body.len() {
-            for flip in [None, Some(b'"'), Some(b'\\'), Some(b'}'), Some(b' ')] {
-                let mut case = body[..len].to_vec();
-                if let (Some(byte), Some(last)) = (flip, case.last_mut()) {
-                    *last = byte;
-                }
-                if let Some(fast) = read(&case) {
-                    assert_eq!(Some(fast.into_owned()), by_serde(&case));
-                    checked += 1;
-                }
-            }
-        }
-        assert!(checked > 0);
+        assert_eq!(
+            inner_text(&out.finish()),
+            r#"{"_context_user":"u","_context_a\"b":1.5}"#
+        );
     }
 }
