@@ -39,9 +39,9 @@ pub use retry::RetryPolicy;
 /// settings are changed on a copy, in the style of oslo.messaging's `prepare()`:
 ///
 /// ```
-/// # async fn demo(client: rpc_core::Client) -> rpc_core::Result<()> {
+/// # async fn demo(client: mqrpc::Client) -> mqrpc::Result<()> {
 /// use std::time::Duration;
-/// use rpc_core::{Context, Version};
+/// use mqrpc::{Context, Version};
 /// let sum: i64 = client
 ///     .prepare()
 ///     .server("host-1")
