@@ -70,6 +70,7 @@ pub mod wire {
     pub use rpc_core::wire::*;
     pub use rpc_core::{
         AUTH_FAILURE_CLASS, AUTH_FAILURE_MODULE, ERROR_KWARG, SERVER_SHUTDOWN_CLASS,
+        SERVER_SHUTDOWN_MODULE,
     };
 }
 

@@ -131,7 +131,8 @@ impl Retry {
         self
     }
 
-    /// No attempt starts after `deadline`; the last wait is cut short to end there.
+    /// No attempt starts at or after `deadline`: when the next wait would reach it,
+    /// the last error is returned at once.
     pub const fn deadline(mut self, deadline: Instant) -> Self {
         self.deadline = Some(deadline);
         self
@@ -177,13 +178,13 @@ impl Retry {
             if last || !retryable(&err) {
                 return Err(err);
             }
-            let mut wait = self.backoff.delay(attempt);
-            if let Some(deadline) = self.deadline {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(err);
-                }
-                wait = wait.min(left);
+            let wait = self.backoff.delay(attempt);
+            // An attempt that could only start at the deadline would overrun it.
+            if self
+                .deadline
+                .is_some_and(|deadline| Instant::now() + wait >= deadline)
+            {
+                return Err(err);
             }
             notify(&err, attempt, wait);
             tokio::time::sleep(wait).await;
@@ -247,9 +248,9 @@ mod tests {
             .deadline(start + Duration::from_millis(2500))
             .run(|n| async move { Err(n) }, |_| true)
             .await;
-        // Attempts at 0 s, 1 s, 2 s and 2.5 s (the last wait cut to the deadline).
-        assert_eq!(timed, Err(3));
-        assert_eq!(start.elapsed(), Duration::from_millis(2500));
+        // Attempts at 0 s, 1 s and 2 s; a fourth would start at 3 s, past 2.5 s.
+        assert_eq!(timed, Err(2));
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
     }
 
     #[tokio::test(start_paused = true)]

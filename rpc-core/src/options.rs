@@ -162,6 +162,16 @@ impl Unit {
 /// ```
 pub fn parse_duration(text: &str, plain: Unit) -> Option<Duration> {
     let text = text.trim();
+    // A plain number first, so that an exponent (`1e3`, `2E-1`) is not read as a unit.
+    if let Ok(value) = text.parse::<f64>() {
+        let seconds_per_unit = match plain {
+            Unit::Seconds => 1.0,
+            Unit::Millis => 0.001,
+        };
+        return (value.is_finite() && value >= 0.0)
+            .then(|| Duration::try_from_secs_f64(value * seconds_per_unit).ok())
+            .flatten();
+    }
     let split = text
         .find(|c: char| c.is_ascii_alphabetic())
         .unwrap_or(text.len());
@@ -198,6 +208,8 @@ mod tests {
         assert_eq!(s("2m"), Some(Duration::from_secs(120)));
         assert_eq!(s("1h"), Some(Duration::from_secs(3600)));
         assert_eq!(s("0"), Some(Duration::ZERO));
+        assert_eq!(s("1e3"), Some(Duration::from_secs(1000)));
+        assert_eq!(s("2E-1"), Some(Duration::from_millis(200)));
         for bad in [
             "", "ms", "-1", "NaN", "inf", "1e400", "2 weeks", "3d", "1.2.3",
         ] {

@@ -51,6 +51,12 @@ impl Link {
                 "an AMQP configuration needs at least one host".to_owned(),
             ));
         }
+        // A URL cannot give these zero; setters can.
+        if config.max_backoff.is_zero() || config.connect_timeout.is_zero() {
+            return Err(Error::InvalidConfig(
+                "AMQP: max_backoff and connect_timeout must be positive durations".to_owned(),
+            ));
+        }
         let pem = config.tls_files.load()?;
         let tls = OwnedTLSConfig {
             identity: pem

@@ -233,8 +233,8 @@ impl NatsConfig {
     }
 
     /// Checks what the setters cannot: there is a server, the prefix and exchange
-    /// make valid subject tokens (subjects are not checked again on publish), and a
-    /// client certificate comes with its key. [`crate::NatsTransport::with_config`]
+    /// make valid subject tokens (subjects are not checked again on publish), counts
+    /// and durations are positive, and a client certificate comes with its key. [`crate::NatsTransport::with_config`]
     /// calls it; a parsed configuration always passes.
     pub fn validate(&self) -> Result<()> {
         if self.servers.is_empty() {
@@ -244,6 +244,19 @@ impl NatsConfig {
         }
         check_subject_prefix(&UrlOption::new("NATS", "prefix", &self.prefix))?;
         check_subject_prefix(&UrlOption::new("NATS", "exchange", &self.exchange))?;
+        let invalid = |what: &str| Err(Error::InvalidConfig(format!("NATS: {what}")));
+        if self.subscription_capacity == 0 || self.max_message_size == Some(0) {
+            return invalid("subscription_capacity and max_message_size must be positive");
+        }
+        for (name, duration) in [
+            ("ack_wait", self.ack_wait),
+            ("max_age", self.max_age),
+            ("connect_timeout", self.connect_timeout),
+        ] {
+            if duration.is_zero() {
+                return invalid(&format!("{name} must be a positive duration"));
+            }
+        }
         self.tls_files.validate()
     }
 

@@ -56,17 +56,11 @@ impl RetryPolicy {
         F: FnMut(u32) -> Fut,
         Fut: Future<Output = Result<T>>,
     {
-        let retryable = |err: &Error| {
-            // Asked only when another attempt would follow.
-            let again = err.is_retryable();
-            if again {
-                tracing::debug!(error = %err, method, "retrying an idempotent call");
-            }
-            again
-        };
         Retry::new(self.waits())
             .attempts(self.attempts)
-            .run(attempt, retryable)
+            .run_notify(attempt, Error::is_retryable, |err, _, wait| {
+                tracing::debug!(error = %err, ?wait, method, "retrying an idempotent call");
+            })
             .await
     }
 }

@@ -29,7 +29,7 @@ use crate::target::Target;
 use crate::transport::{Address, Transport};
 pub use builder::ServerBuilder;
 use replier::Replier;
-pub use shutdown::SERVER_SHUTDOWN_CLASS;
+pub use shutdown::{SERVER_SHUTDOWN_CLASS, SERVER_SHUTDOWN_MODULE};
 
 /// How many requests a server handles at once unless told otherwise (oslo's
 /// `executor_thread_pool_size`).

@@ -17,7 +17,7 @@ const SHUTDOWN_REPLY_LIMIT: Duration = Duration::from_secs(5);
 /// handler finished (the grace period ended).
 pub const SERVER_SHUTDOWN_CLASS: &str = "ServerShutdown";
 /// The module of that failure on the wire (callers may match on it).
-const SERVER_SHUTDOWN_MODULE: &str = "mqrpc.transport";
+pub const SERVER_SHUTDOWN_MODULE: &str = "mqrpc.transport";
 
 /// Sends a failure to every caller whose handler the end of the grace period cut
 /// off, so that none waits out its timeout for a reply that cannot come.
