@@ -75,7 +75,7 @@ pub mod wire {
 }
 
 #[cfg(feature = "memory")]
-pub use transport_memory::MemoryTransport;
+pub use transport_memory::{MemoryConfig, MemoryTransport};
 
 #[cfg(feature = "amqp")]
 pub use transport_amqp::{AmqpConfig, AmqpTransport, Compression, Host as AmqpHost, ReplyQueues};

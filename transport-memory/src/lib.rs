@@ -35,16 +35,14 @@ use async_channel::{Receiver, Sender, TrySendError};
 use async_trait::async_trait;
 use bytes::Bytes;
 use dashmap::DashMap;
-use rpc_core::options::UrlOption;
 use rpc_core::{
     Acker, Address, Capabilities, Consumer, Delivery, Error, ListenOptions, NoAck, Outgoing,
     Publisher, ReplyQueue, Result, Target, Transport,
 };
 
-/// Messages a queue holds before a send waits, unless the URL says otherwise.
-pub const DEFAULT_CAPACITY: usize = 10_000;
-/// The largest message the bus carries unless the URL says otherwise (64 MiB).
-pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
+mod config;
+
+pub use config::{DEFAULT_CAPACITY, DEFAULT_MAX_MESSAGE_SIZE, MemoryConfig};
 
 /// Named buses of this process: `memory://NAME` always reaches the same one while
 /// any transport on it is alive.
@@ -66,33 +64,29 @@ impl std::fmt::Debug for MemoryTransport {
     }
 }
 
-/// Settings of a bus, read from the URL's query.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct BusOptions {
-    capacity: usize,
-    max_message_size: usize,
-}
-
-impl Default for BusOptions {
-    fn default() -> Self {
-        BusOptions {
-            capacity: DEFAULT_CAPACITY,
-            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
-        }
-    }
-}
-
 impl MemoryTransport {
     /// A transport on a new private bus that nothing else can reach.
     pub fn new() -> Self {
         MemoryTransport {
-            bus: Arc::new(Bus::new(String::new(), BusOptions::default())),
+            bus: Arc::new(Bus::new(String::new(), MemoryConfig::default())),
         }
     }
 
     /// A transport on the bus called `name` in this process, created if needed.
     pub fn named(name: &str) -> Self {
-        Self::with_options(name, BusOptions::default())
+        Self::on_bus(name, MemoryConfig::default())
+    }
+
+    /// A transport on the bus called `name` in this process (a new private bus when
+    /// `name` is empty), created with `config` if it does not exist yet.
+    pub fn with_config(name: &str, config: MemoryConfig) -> Result<Self> {
+        config.validate()?;
+        if name.is_empty() {
+            return Ok(MemoryTransport {
+                bus: Arc::new(Bus::new(String::new(), config)),
+            });
+        }
+        Ok(Self::on_bus(name, config))
     }
 
     /// Parses `memory://` (a new private bus) or `memory://NAME` (the process-wide bus
@@ -106,31 +100,17 @@ impl MemoryTransport {
                 parsed.scheme()
             )));
         }
-        let mut options = BusOptions::default();
-        for (key, value) in parsed.query_pairs() {
-            let option = UrlOption::new("memory", &key, &value);
-            match option.key() {
-                "capacity" => options.capacity = option.positive()?,
-                "max_message_size" => options.max_message_size = option.positive()?,
-                _ => return Err(option.unknown("capacity, max_message_size")),
-            }
-        }
-        let name = parsed.host_str().unwrap_or_default();
-        if name.is_empty() {
-            return Ok(MemoryTransport {
-                bus: Arc::new(Bus::new(String::new(), options)),
-            });
-        }
-        Ok(Self::with_options(name, options))
+        let config = MemoryConfig::from_query(parsed.query_pairs())?;
+        Self::with_config(parsed.host_str().unwrap_or_default(), config)
     }
 
-    fn with_options(name: &str, options: BusOptions) -> Self {
+    fn on_bus(name: &str, config: MemoryConfig) -> Self {
         let mut buses = NAMED_BUSES.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(bus) = buses.get(name).and_then(Weak::upgrade) {
             return MemoryTransport { bus };
         }
         buses.retain(|_, bus| bus.strong_count() > 0);
-        let bus = Arc::new(Bus::new(name.to_owned(), options));
+        let bus = Arc::new(Bus::new(name.to_owned(), config));
         buses.insert(name.to_owned(), Arc::downgrade(&bus));
         MemoryTransport { bus }
     }
@@ -213,11 +193,11 @@ struct Bus {
 }
 
 impl Bus {
-    fn new(name: String, options: BusOptions) -> Self {
+    fn new(name: String, config: MemoryConfig) -> Self {
         Bus {
             name,
-            capacity: options.capacity,
-            max_message_size: options.max_message_size,
+            capacity: config.capacity,
+            max_message_size: config.max_message_size,
             queues: DashMap::new(),
             fanouts: DashMap::new(),
             taps: DashMap::new(),
@@ -641,7 +621,7 @@ impl Drop for MemoryAcker {
 
 #[cfg(test)]
 mod tests {
-    use super::MemoryTransport;
+    use super::{MemoryConfig, MemoryTransport};
 
     #[test]
     fn url_options_are_positive_integers_and_unknown_ones_are_named() {
@@ -665,5 +645,14 @@ mod tests {
             let err = MemoryTransport::connect(url).expect_err(url);
             assert!(err.to_string().contains(expected), "{url}: {err}");
         }
+    }
+
+    #[test]
+    fn a_config_built_in_code_sets_the_bus_and_refuses_zero_bounds() {
+        let config = MemoryConfig::default().capacity(7).max_message_size(70);
+        let bus = MemoryTransport::with_config("", config).expect("valid config");
+        assert_eq!((bus.bus.capacity, bus.bus.max_message_size), (7, 70));
+        let zero = MemoryTransport::with_config("x", MemoryConfig::default().capacity(0));
+        assert!(matches!(zero, Err(rpc_core::Error::InvalidConfig(_))));
     }
 }
