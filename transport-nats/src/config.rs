@@ -242,9 +242,13 @@ impl NatsConfig {
                 "NATS: no server to connect to".to_owned(),
             ));
         }
-        check_subject_prefix(&UrlOption::new("NATS", "prefix", &self.prefix))?;
-        check_subject_prefix(&UrlOption::new("NATS", "exchange", &self.exchange))?;
         let invalid = |what: &str| Err(Error::InvalidConfig(format!("NATS: {what}")));
+        // The same rule as the URL's, said as a configuration error: there may be no URL.
+        for (name, value) in [("prefix", &self.prefix), ("exchange", &self.exchange)] {
+            if check_subject_prefix(&UrlOption::new("NATS", name, value)).is_err() {
+                return invalid(&format!("{name} {value:?} is not a valid subject prefix"));
+            }
+        }
         if self.subscription_capacity == 0 || self.max_message_size == Some(0) {
             return invalid("subscription_capacity and max_message_size must be positive");
         }
@@ -452,7 +456,7 @@ mod tests {
                 .prefix(prefix)
                 .validate()
                 .expect_err(prefix);
-            assert!(matches!(err, Error::InvalidUrl(_)), "{err:?}");
+            assert!(matches!(err, Error::InvalidConfig(_)), "{err:?}");
         }
         let err = NatsConfig::default().exchange("x>").validate();
         assert!(err.is_err());
