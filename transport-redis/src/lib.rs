@@ -130,6 +130,16 @@ impl RedisTransport {
     }
 }
 
+/// A connection of its own for blocking reads (`XREADGROUP`/`XREAD ... BLOCK`) of up
+/// to `block`: its commands may take that long, and 5 s more, before they are late.
+pub(crate) async fn blocking_connection(
+    client: &redis::Client,
+    config: &RedisConfig,
+    block: Duration,
+) -> Result<ConnectionManager> {
+    connection_manager(client, config, block + Duration::from_secs(5)).await
+}
+
 /// An auto-reconnecting connection whose commands time out after `response_timeout`.
 /// Connecting it, retries included, takes at most the configured `connect_timeout`,
 /// and so does each attempt of a later reconnection.

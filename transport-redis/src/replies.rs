@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::entry::{READ_COUNT, ReadOutcome, read_after};
 use crate::error::{is_connection_error, redis_error};
-use crate::{BACKOFF, Shared, connection_manager};
+use crate::{BACKOFF, Shared, blocking_connection};
 
 /// A client's reply stream.
 pub(crate) struct ReplyConsumer {
@@ -60,12 +60,7 @@ impl ReplyConsumer {
         let mut conn = shared.commands.clone();
         create_reply_stream(&mut conn, &key, shared.config.reply_ttl).await?;
         let block = shared.config.block.min(shared.config.reply_ttl / 3);
-        let reader = connection_manager(
-            &shared.client,
-            &shared.config,
-            block + Duration::from_secs(5),
-        )
-        .await?;
+        let reader = blocking_connection(&shared.client, &shared.config, block).await?;
         let (tx, rx) = mpsc::channel(1024);
         let stop = CancellationToken::new();
         let task = tokio::spawn(read_replies(

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::commands::{create_group, mark_alive};
 use crate::entry::{ReadOutcome, read_after};
 use crate::error::{is_missing_group, redis_error};
-use crate::{BACKOFF, Shared, connection_manager};
+use crate::{BACKOFF, Shared, blocking_connection};
 
 /// How the name of a watcher's keep-group starts.
 pub(crate) const WATCHER_GROUP_PREFIX: &str = "monitor:";
@@ -77,12 +77,7 @@ impl MonitorConsumer {
             );
         }
         let block = config.block;
-        let reader = connection_manager(
-            &shared.client,
-            &shared.config,
-            block + Duration::from_secs(5),
-        )
-        .await?;
+        let reader = blocking_connection(&shared.client, &shared.config, block).await?;
         let (tx, rx) = mpsc::channel(1024);
         let stop = CancellationToken::new();
         // Says the keep-groups are wanted: servers remove those of a watcher whose

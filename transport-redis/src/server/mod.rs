@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::commands::{DROP_FANOUT_GROUP, DROP_IDLE_CONSUMER, create_group, mark_alive};
 use crate::error::redis_error;
-use crate::{Shared, connection_manager};
+use crate::{Shared, blocking_connection};
 use housekeeping::Housekeeping;
 use reader::{ClientId, Reader};
 use settle::{InFlight, Settle, delete_settled};
@@ -108,9 +108,8 @@ impl ServerConsumer {
         )
         .await
         .map_err(|e| redis_error("marking the server alive", e))?;
-        let blocking_timeout = config.block + Duration::from_secs(5);
-        let shared_reader = connection_manager(&shared.client, config, blocking_timeout).await?;
-        let fanout_reader = connection_manager(&shared.client, config, blocking_timeout).await?;
+        let shared_reader = blocking_connection(&shared.client, config, config.block).await?;
+        let fanout_reader = blocking_connection(&shared.client, config, config.block).await?;
         let (tx, rx) = mpsc::channel(prefetch.clamp(1, MAX_BATCH));
         let stop = CancellationToken::new();
         let in_flight: InFlight = Arc::default();
