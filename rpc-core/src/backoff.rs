@@ -138,12 +138,6 @@ impl Retry {
         self
     }
 
-    /// Like [`Retry::deadline`], when there is one.
-    pub const fn deadline_opt(mut self, deadline: Option<Instant>) -> Self {
-        self.deadline = deadline;
-        self
-    }
-
     /// Calls `op` with the attempt number (0 first) until it returns `Ok`, or an error
     /// that `retryable` refuses, or the attempts or the deadline run out; the last
     /// error is returned.
