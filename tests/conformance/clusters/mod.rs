@@ -11,8 +11,8 @@
 //!
 //! ```text
 //! bash scripts/cluster-nats.sh up
-//! MQRPC_CLUSTER=nats cargo test --all-features --test conformance -- clusters::nats::suite
-//! MQRPC_CLUSTER=nats cargo test --all-features --test conformance -- clusters::nats::faults --test-threads=1
+//! MQRPC_CLUSTER=nats cargo test --workspace --all-features --test conformance -- clusters::nats::suite
+//! MQRPC_CLUSTER=nats cargo test --workspace --all-features --test conformance -- clusters::nats::faults --test-threads=1
 //! bash scripts/cluster-nats.sh down
 //! ```
 //!
