@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::connection::Connection;
 use redis::Value;
-use redis::aio::ConnectionManager;
 use redis::streams::StreamReadReply;
 use rpc_core::{Delivery, NoAck, Result};
 use tokio::sync::mpsc;
@@ -65,7 +65,7 @@ pub(crate) const READ_COUNT: usize = 256;
 /// before `ids` are deleted first (`XTRIM ... MINID`, in the same round trip): the
 /// reader is their only reader and has them.
 pub(crate) async fn read_after(
-    reader: &mut ConnectionManager,
+    reader: &mut Connection,
     keys: &[String],
     ids: &mut [String],
     block: Duration,

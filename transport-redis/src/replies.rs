@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::connection::Connection;
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use rpc_core::{Consumer, Delivery, Result};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -26,7 +26,7 @@ pub(crate) struct ReplyConsumer {
 }
 
 /// Creates an empty stream (a group created with `MKSTREAM`, then destroyed) with a TTL.
-async fn create_reply_stream(conn: &mut ConnectionManager, key: &str, ttl: Duration) -> Result<()> {
+async fn create_reply_stream(conn: &mut Connection, key: &str, ttl: Duration) -> Result<()> {
     redis::pipe()
         .atomic()
         .cmd("XGROUP")
@@ -86,7 +86,7 @@ impl ReplyConsumer {
 
 async fn read_replies(
     shared: Arc<Shared>,
-    mut reader: ConnectionManager,
+    mut reader: Connection,
     key: String,
     block: Duration,
     tx: mpsc::Sender<Result<Delivery>>,

@@ -6,9 +6,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::connection::Connection;
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::aio::ConnectionManager;
 use redis::streams::StreamId;
 use rpc_core::{Acker, Charge, Delivery, Result};
 use tokio::sync::mpsc;
@@ -120,7 +120,7 @@ pub(super) async fn delivery(
 
 /// Settles one stream entry.
 struct RedisAcker {
-    conn: ConnectionManager,
+    conn: Connection,
     key: String,
     group: String,
     id: String,
