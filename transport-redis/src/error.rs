@@ -64,7 +64,7 @@ pub(crate) fn connect_error(what: String, err: RedisError) -> Error {
         TransportErrorKind::Refused => TransportErrorKind::Refused,
         _ => TransportErrorKind::Connect,
     };
-    Error::transport(kind, what, err)
+    Error::transport(kind, describe(&what, &err), err)
 }
 
 /// Whether an error means the connection is gone (worth retrying after reconnecting)

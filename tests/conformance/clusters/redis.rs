@@ -79,9 +79,8 @@ mod faults {
         }
     }
 
-    /// Calls and casts in turn until `stop`.
-    async fn traffic(client: Client, seen: Arc<Traffic>, stop: Arc<AtomicBool>) {
-        let mut id = 0u64;
+    /// Calls one after another until `stop`.
+    async fn calls(client: Client, seen: Arc<Traffic>, stop: Arc<AtomicBool>) {
         while !stop.load(Ordering::Relaxed) {
             match client
                 .call::<_, i64>(&Context::new(), "add", json!({"a": 1, "b": 1}))
@@ -94,6 +93,14 @@ mod faults {
                     seen.calls_failed.fetch_add(1, Ordering::Relaxed)
                 }
             };
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Numbered casts one after another, beside the calls, until `stop`.
+    async fn casts(client: Client, seen: Arc<Traffic>, stop: Arc<AtomicBool>) {
+        let mut id = 0u64;
+        while !stop.load(Ordering::Relaxed) {
             id += 1;
             match client
                 .cast(&Context::new(), "record", json!({"id": id}))
@@ -109,7 +116,7 @@ mod faults {
                     seen.casts_failed.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
@@ -184,7 +191,10 @@ mod faults {
 
         let seen = Arc::new(Traffic::default());
         let stop = Arc::new(AtomicBool::new(false));
-        let task = tokio::spawn(traffic(client.clone(), seen.clone(), stop.clone()));
+        let tasks = [
+            tokio::spawn(calls(client.clone(), seen.clone(), stop.clone())),
+            tokio::spawn(casts(client.clone(), seen.clone(), stop.clone())),
+        ];
         tokio::time::sleep(Duration::from_secs(2)).await;
         let before = seen.calls_ok.load(Ordering::Relaxed);
         assert!(before > 0, "calls worked before the kill");
@@ -219,7 +229,9 @@ mod faults {
         // The traffic goes on a while on the new master.
         tokio::time::sleep(Duration::from_secs(3)).await;
         stop.store(true, Ordering::Relaxed);
-        task.await.expect("traffic task");
+        for task in tasks {
+            task.await.expect("traffic task");
+        }
 
         // Every call after the recovery works, on the server that never restarted.
         for _ in 0..20 {
