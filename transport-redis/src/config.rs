@@ -174,7 +174,14 @@ fn split_hosts(url: &str) -> Vec<String> {
 /// Parses a URL with one host or several (see [`split_hosts`]): one parsed URL per
 /// host, options included.
 fn parse_urls(url: &str) -> Result<Vec<url::Url>> {
-    split_hosts(url).iter().map(|url| parse_url(url)).collect()
+    let urls = split_hosts(url)
+        .iter()
+        .map(|url| parse_url(url))
+        .collect::<Result<Vec<_>>>()?;
+    if urls.len() > 1 && urls.iter().any(|url| url.host_str().unwrap_or("").is_empty()) {
+        return Err(bad("a host of the list is empty"));
+    }
+    Ok(urls)
 }
 
 /// The error about several hosts without cluster mode.
