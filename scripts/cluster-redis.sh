@@ -11,6 +11,7 @@
 #   kill N        kill -9 node N (1-6) and remove its pid file
 #   start N       start node N again with its nodes.conf (it rejoins, as a replica if
 #                 its slots failed over meanwhile) and wait until the others see it
+#                 and, as a replica, it has synced (else it could not take over)
 #   stop N/cont N SIGSTOP / SIGCONT node N
 #   slot-master KEY   host:port of the master that owns KEY's slot now
 #   status        CLUSTER NODES as a live node sees it
@@ -63,6 +64,7 @@ start_node() {
         --cluster-enabled yes --cluster-config-file "$dir/nodes.conf" \
         --cluster-node-timeout 5000 \
         --save "" --appendonly no --dir "$dir" \
+        --repl-diskless-sync-delay 0 \
         --daemonize yes --pidfile "$(pid_file "$n")" --logfile "$dir/redis.log" >/dev/null
     local i
     for i in $(seq 1 100); do
@@ -72,9 +74,20 @@ start_node() {
     die "node $n (port $port) did not answer PING; see $dir/redis.log"
 }
 
-# Whether node N says cluster_state:ok and lists 3 live replicas and 3 live masters.
+# Whether node N, if a replica, has its copy of the master's data: a replica that
+# never synced cannot take over when its master dies.
+synced() {
+    local replication
+    replication="$(ask "$1" INFO replication)" || return 1
+    grep -q '^role:master' <<<"$replication" && return 0
+    grep -q '^master_link_status:up' <<<"$replication"
+}
+
+# Whether node N says cluster_state:ok, lists 3 live replicas and 3 live masters,
+# and has synced if it is a replica.
 node_ready() {
     local info nodes
+    synced "$1" || return 1
     info="$(ask "$1" CLUSTER INFO)" || return 1
     grep -q '^cluster_state:ok' <<<"$info" || return 1
     nodes="$(ask "$1" CLUSTER NODES)" || return 1
@@ -155,6 +168,7 @@ cmd_kill() {
 rejoined() {
     local n=$1 m port nodes
     port="$(port_of "$n")"
+    synced "$n" || return 1
     [[ "$(ask "$n" CLUSTER INFO | grep -c '^cluster_state:ok')" -eq 1 ]] || return 1
     for m in $(seq 1 $COUNT); do
         [[ $m -eq $n ]] && continue

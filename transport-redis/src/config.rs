@@ -178,7 +178,11 @@ fn parse_urls(url: &str) -> Result<Vec<url::Url>> {
         .iter()
         .map(|url| parse_url(url))
         .collect::<Result<Vec<_>>>()?;
-    if urls.len() > 1 && urls.iter().any(|url| url.host_str().unwrap_or("").is_empty()) {
+    if urls.len() > 1
+        && urls
+            .iter()
+            .any(|url| url.host_str().unwrap_or("").is_empty())
+    {
         return Err(bad("a host of the list is empty"));
     }
     Ok(urls)

@@ -10,6 +10,14 @@
 //!   multiplexed, auto-reconnecting connection (pipelined). Connecting, and each
 //!   attempt to reconnect, gives up after `connect_timeout` (10 s). Every other retry
 //!   waits from 50 ms, doubling up to 5 s, with jitter.
+//! - Redis Cluster (`redis://h1:p1,h2:p2,h3:p3/?cluster=true`; any host is a seed):
+//!   commands go to the master of their key's slot through redis-rs's cluster client,
+//!   which follows `MOVED`/`ASK` and failovers. Every key of a topic shares its hash
+//!   tag, so the reads, pipelines and scripts of a topic stay in one slot; reply
+//!   streams and alive keys are used alone. Each blocking reader has a cluster
+//!   connection of its own (a read blocked on a shared one would hold every other
+//!   command to its node). Replication is asynchronous: a cast a master acknowledged
+//!   just before it died may be missing on the replica that takes over.
 //! - A server reads no more entries than its byte budget
 //!   ([`rpc_core::ListenOptions::budget`]) has room for; the rest wait in Redis.
 //! - Entries left pending by a dead consumer longer than `claim_idle` are taken
@@ -19,7 +27,12 @@
 //! ```no_run
 //! # async fn demo() -> mqrpc::Result<()> {
 //! let transport = mqrpc::RedisTransport::connect("redis://127.0.0.1:6379/?prefix=app").await?;
-//! # let _ = transport; Ok(()) }
+//! // A Redis Cluster, through any of its nodes:
+//! let cluster = mqrpc::RedisTransport::connect(
+//!     "redis://10.0.0.1:7000,10.0.0.2:7000,10.0.0.3:7000/?cluster=true",
+//! )
+//! .await?;
+//! # let _ = (transport, cluster); Ok(()) }
 //! ```
 
 #![deny(missing_docs)]

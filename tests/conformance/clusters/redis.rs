@@ -180,8 +180,11 @@ mod faults {
         .start()
         .await
         .expect("server starts on the cluster");
+        // The client's seed list names the master that is about to die, too.
         let client = Client::new(
-            mqrpc::connect(&url(&seed)).await.expect("client transport"),
+            mqrpc::connect(&url(&format!("{seed},{master}")))
+                .await
+                .expect("client transport"),
             Target::new(&topic),
         )
         .timeout(Duration::from_secs(5));
@@ -201,6 +204,7 @@ mod faults {
 
         let killed = index_of(&cluster, &master);
         cluster.ctl(&["kill", &killed.to_string()]);
+        let restart = Restart(&cluster, killed);
         let kill_time = Instant::now();
         // The failover: a replica takes the slot over.
         let new_master = loop {
@@ -281,7 +285,22 @@ mod faults {
         );
 
         server.shutdown().await.expect("shutdown");
-        // Later tests see the whole cluster again (the node rejoins as a replica).
-        cluster.ctl(&["start", &killed.to_string()]);
+        drop(restart);
+    }
+
+    /// Starts a killed node again when dropped, the test passed or not, so later
+    /// tests see the whole cluster (the node rejoins as a replica).
+    struct Restart<'a>(&'a Cluster, usize);
+
+    impl Drop for Restart<'_> {
+        fn drop(&mut self) {
+            let started = std::process::Command::new("bash")
+                .arg(self.0.script())
+                .args(["start", &self.1.to_string()])
+                .status();
+            if !matches!(started, Ok(status) if status.success()) {
+                eprintln!("could not start node {} again: {started:?}", self.1);
+            }
+        }
     }
 }
