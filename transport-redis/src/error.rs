@@ -51,9 +51,18 @@ fn describe(what: &str, err: &RedisError) -> String {
     // Other errors' details may quote a command's arguments: only the code.
     let cluster =
         is_cluster_change(err) || err.kind() == ErrorKind::Server(ServerErrorKind::CrossSlot);
+    // The cluster client follows redirections: one that reaches the caller most
+    // likely comes from a cluster node reached without cluster mode.
+    let hint = if matches!(code, "MOVED" | "ASK") {
+        "; a Redis Cluster needs cluster=true in the URL"
+    } else {
+        ""
+    };
     match err.detail() {
-        Some(detail) if cluster && !detail.is_empty() => format!("{what} (Redis {code} {detail})"),
-        _ => format!("{what} (Redis {code})"),
+        Some(detail) if cluster && !detail.is_empty() => {
+            format!("{what} (Redis {code} {detail}{hint})")
+        }
+        _ => format!("{what} (Redis {code}{hint})"),
     }
 }
 

@@ -25,8 +25,19 @@ fn url(node: &str) -> String {
     format!("redis://{node}/?{OPTIONS}")
 }
 
+/// A master that owns none of `master`'s slots: the master of another key's slot.
+fn other_master(cluster: &Cluster, master: &str) -> String {
+    (0..100)
+        .map(|i| cluster.ctl(&["slot-master", &format!("seed-{i}")]))
+        .find(|node| node != master)
+        .expect("another master owns some slot")
+}
+
 pub mod suite {
-    use super::{Cluster, url};
+    use mqrpc::{RedisConfig, Server, Target};
+
+    use super::{Cluster, other_master, url};
+    use crate::service::{self, Recorder};
     use crate::suite::Backend;
 
     pub async fn backend() -> Option<Backend> {
@@ -35,6 +46,34 @@ pub mod suite {
     }
 
     conformance_suite!(backend);
+
+    /// A URL without `cluster=true` talks to its one node: what that node does not
+    /// own fails, and the error names Redis's `MOVED`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_cluster_mode_errors_name_moved() {
+        let Some(cluster) = Cluster::get("redis") else {
+            return;
+        };
+        let topic = format!("plain_{}", &mqrpc::wire::new_id()[..10]);
+        let config = RedisConfig::parse(&url(&cluster.nodes[0])).expect("URL");
+        let master = cluster.ctl(&["slot-master", &config.topic_key(&config.exchange, &topic)]);
+        let other = other_master(&cluster, &master);
+        let transport = mqrpc::connect(&format!("redis://{other}/?prefix=mqrpc-cluster"))
+            .await
+            .expect("one node answers");
+        let err = Server::builder(transport, Target::new(&topic).server("s1"))
+            .endpoint(service::endpoint("s1", &Recorder::new()))
+            .start()
+            .await
+            .expect_err("the topic's slot is on another node");
+        let text = err.to_string();
+        assert!(
+            text.contains("(Redis MOVED ")
+                && text.contains(&master)
+                && text.contains("cluster=true"),
+            "{text}"
+        );
+    }
 }
 
 mod faults {
@@ -45,7 +84,7 @@ mod faults {
     use mqrpc::{AckMode, Client, Context, RedisConfig, Server, Target};
     use serde_json::json;
 
-    use super::{Cluster, url};
+    use super::{Cluster, other_master, url};
     use crate::faults::figures;
     use crate::service::{self, Recorder};
 
@@ -145,14 +184,6 @@ mod faults {
             .position(|n| n == node)
             .unwrap_or_else(|| panic!("{node} is not one of {:?}", cluster.nodes))
             + 1
-    }
-
-    /// A master that owns none of `key`'s slot: the master of another key's slot.
-    fn other_master(cluster: &Cluster, master: &str) -> String {
-        (0..100)
-            .map(|i| cluster.ctl(&["slot-master", &format!("seed-{i}")]))
-            .find(|node| node != master)
-            .expect("another master owns some slot")
     }
 
     /// Kill -9 of the master of the topic's slot during calls and casts: calls work
