@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use crate::connection::Connection;
 use rpc_core::Result;
 
+use crate::connection::Connection;
 use crate::error::redis_error;
 
 /// Destroys a server's fanout group, and the stream with the last group.

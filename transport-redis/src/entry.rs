@@ -5,13 +5,13 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::connection::Connection;
 use redis::Value;
 use redis::streams::StreamReadReply;
 use rpc_core::{Delivery, NoAck, Result};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::connection::Connection;
 use crate::publisher::{BODY_FIELD, EXPIRES_FIELD};
 
 /// The time (Unix ms) after which the entry is not worth handling, if it says.

@@ -6,12 +6,12 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::connection::Connection;
 use async_trait::async_trait;
 use rpc_core::{Address, Error, Outgoing, Publisher, Result, Retry};
 
 use crate::BACKOFF;
 use crate::config::RedisConfig;
+use crate::connection::Connection;
 use crate::error::{is_cluster_change, redis_error};
 
 /// Field of an entry holding the encoded message.

@@ -5,13 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::connection::Connection;
 use async_trait::async_trait;
 use rpc_core::{Consumer, Delivery, Result};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::connection::Connection;
 use crate::entry::{READ_COUNT, ReadOutcome, read_after};
 use crate::error::{is_connection_error, redis_error};
 use crate::{BACKOFF, Shared, blocking_connection};

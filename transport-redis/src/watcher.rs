@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::connection::Connection;
 use async_trait::async_trait;
 use redis::streams::StreamId;
 use rpc_core::{Consumer, Delivery, Result, Target};
@@ -13,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::commands::{create_group, mark_alive};
+use crate::connection::Connection;
 use crate::entry::{ReadOutcome, read_after};
 use crate::error::{is_missing_group, redis_error};
 use crate::{BACKOFF, Shared, blocking_connection};

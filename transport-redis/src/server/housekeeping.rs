@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::connection::Connection;
 use redis::streams::StreamAutoClaimReply;
 use rpc_core::{ByteBudget, Delivery, Error, Result};
 use tokio::sync::mpsc;
@@ -16,6 +15,7 @@ use super::settle::{InFlight, Settle, delivery, lock};
 use super::{GROUP, MAX_BATCH, ServerKeys};
 use crate::Shared;
 use crate::commands::{DROP_FANOUT_GROUP, DROP_IDLE_CONSUMER, TRIM_SETTLED, mark_alive};
+use crate::connection::Connection;
 use crate::entry::entry_size;
 use crate::error::redis_error;
 use crate::watcher::WATCHER_GROUP_PREFIX;

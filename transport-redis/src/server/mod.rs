@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
-use crate::connection::Connection;
 use async_trait::async_trait;
 use rpc_core::{Consumer, Delivery, ListenOptions, Result, Target};
 use tokio::sync::mpsc;
@@ -21,6 +20,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::commands::{DROP_FANOUT_GROUP, DROP_IDLE_CONSUMER, create_group, mark_alive};
+use crate::connection::Connection;
 use crate::error::redis_error;
 use crate::{Shared, blocking_connection};
 use housekeeping::Housekeeping;

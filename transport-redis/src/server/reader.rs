@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::connection::Connection;
 use redis::streams::StreamReadReply;
 use rpc_core::{ByteBudget, Delivery, Result};
 use tokio::sync::mpsc;
@@ -15,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::pace::{Pace, RELAX_AFTER};
 use super::settle::{Settle, delivery};
 use super::{MAX_BATCH, ServerKeys, give_back};
+use crate::connection::Connection;
 use crate::entry::entry_size;
 use crate::error::{is_connection_error, is_missing_group};
 use crate::{BACKOFF, Shared};

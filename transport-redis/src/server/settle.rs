@@ -6,7 +6,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::connection::Connection;
 use async_trait::async_trait;
 use bytes::Bytes;
 use redis::streams::StreamId;
@@ -16,6 +15,7 @@ use tokio::sync::mpsc;
 use super::GROUP;
 use crate::Shared;
 use crate::commands::{DELETE_SETTLED, SETTLE_SHARED};
+use crate::connection::Connection;
 use crate::entry::{expiry, take_field};
 use crate::error::redis_error;
 use crate::publisher::{BODY_FIELD, now_millis};
