@@ -130,7 +130,16 @@ impl Reader {
                 return;
             };
             match read {
-                Ok(None) => pace.idle(),
+                Ok(None) => {
+                    pace.idle();
+                    if self.shared.config.cluster && self.client_id != ClientId::Refused {
+                        // A cluster client may have moved the read to a new master
+                        // after a failover without failing it: that connection has
+                        // another id. Asked again while idle, the only time a stop
+                        // waits on a blocked read.
+                        self.client_id = ClientId::Unknown;
+                    }
+                }
                 Ok(Some(reply)) => {
                     attempt = 0;
                     if self.hand_over(reply, count, &mut pace).await {
