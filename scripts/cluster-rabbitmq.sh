@@ -9,6 +9,7 @@
 #   bash scripts/cluster-rabbitmq.sh start N       # start node N again, wait until clustered
 #   bash scripts/cluster-rabbitmq.sh stop N|cont N # SIGSTOP / SIGCONT node N
 #   bash scripts/cluster-rabbitmq.sh quorum-leader QUEUE [VHOST]   # node number of the leader
+#   bash scripts/cluster-rabbitmq.sh connection-node NAME         # node number of a connection
 #   bash scripts/cluster-rabbitmq.sh heal          # restart the app of nodes that see a partition
 #   bash scripts/cluster-rabbitmq.sh ctl N ARGS... # rabbitmqctl -n rN@localhost ARGS
 #
@@ -26,6 +27,8 @@ DIR=$BASE/rabbitmq
 RMQ_BIN=${RABBITMQ_BIN:-/usr/lib/rabbitmq/bin}
 NODES=3
 TICKTIME=${MQRPC_RABBITMQ_NET_TICKTIME:-10}
+# A node name (r2@localhost) or an Erlang pid on it (<r2@localhost.1.2.3>).
+NODE_RE='^<?r([0-9])@'
 
 amqp_port() { echo $((5700 + $1)); }
 dist_port() { echo $((25700 + $1)); }
@@ -128,6 +131,16 @@ node_pid() {
     echo "$pid"
 }
 
+# Node N's pid when it runs and is not stopped (SIGSTOP): a CLI command to a frozen
+# node would hang.
+node_live() {
+    local pid state
+    pid=$(node_pid "$1") || return 1
+    state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) || return 1
+    [ "$state" != T ] || return 1
+    echo "$pid"
+}
+
 running_nodes() {
     ctl "$1" eval 'lists:sort(rabbit_nodes:all_running()).' 2>/dev/null | tr -d "[]\n '" || true
 }
@@ -225,10 +238,10 @@ cmd_signal() {
 cmd_quorum_leader() {
     local queue=${1:?queue name} vhost=${2:-/} n out
     for n in $(seq 1 $NODES); do
-        node_pid "$n" >/dev/null || continue
+        node_live "$n" >/dev/null || continue
         out=$(ctl "$n" list_queues -p "$vhost" --quiet --no-table-headers name leader 2>/dev/null) || continue
         out=$(awk -v q="$queue" -F'\t' '$1 == q { print $2 }' <<<"$out")
-        if [[ $out =~ ^r([0-9])@ ]]; then
+        if [[ $out =~ $NODE_RE ]]; then
             echo "${BASH_REMATCH[1]}"
             return 0
         fi
@@ -236,12 +249,28 @@ cmd_quorum_leader() {
     die "no leader found for quorum queue $queue"
 }
 
+# The node number a client connection (by its connection name) is on.
+cmd_connection_node() {
+    local name=${1:?connection name} n out
+    for n in $(seq 1 $NODES); do
+        node_live "$n" >/dev/null || continue
+        # The name a client gives its connection is in its client properties.
+        out=$(ctl "$n" list_connections --quiet --no-table-headers pid client_properties 2>/dev/null) || continue
+        out=$(grep -F "\"$name\"" <<<"$out" | grep -o '^<r[0-9]@' | head -1) || true
+        if [[ $out =~ $NODE_RE ]]; then
+            echo "${BASH_REMATCH[1]}"
+            return 0
+        fi
+    done
+    die "no connection named $name"
+}
+
 # pause_minority usually heals by itself; a node that still lists partitions gets its
 # app restarted.
 cmd_heal() {
     local n parts
     for n in $(seq 1 $NODES); do
-        node_pid "$n" >/dev/null || continue
+        node_live "$n" >/dev/null || continue
         parts=$(ctl "$n" eval 'rabbit_node_monitor:partitions().' 2>/dev/null | tr -d '\n ')
         if [ -n "$parts" ] && [ "$parts" != "[]" ]; then
             log "r$n sees a partition $parts; restarting its app"
@@ -266,6 +295,7 @@ start) cmd_start "${2:-}" ;;
 stop) cmd_signal STOP "${2:-}" ;;
 cont) cmd_signal CONT "${2:-}" ;;
 quorum-leader) cmd_quorum_leader "${2:-}" "${3:-/}" ;;
+connection-node) cmd_connection_node "${2:-}" ;;
 heal) cmd_heal ;;
 ctl)
     check_n "${2:-}"
@@ -273,5 +303,5 @@ ctl)
     shift 2
     ctl "$n" "$@"
     ;;
-*) die "usage: $0 up|down|nodes|kill N|start N|stop N|cont N|quorum-leader QUEUE [VHOST]|heal|ctl N ARGS" ;;
+*) die "usage: $0 up|down|nodes|kill N|start N|stop N|cont N|quorum-leader QUEUE [VHOST]|connection-node NAME|heal|ctl N ARGS" ;;
 esac
