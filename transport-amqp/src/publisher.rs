@@ -605,7 +605,9 @@ impl Publisher for AmqpPublisher {
             .await;
         sent.map_err(|failure| match failure {
             Failure::Connection(_) if self.link.closed.is_cancelled() => Error::Closed,
-            Failure::Nacked(_) => nack_error(address, nacks.load(Ordering::Relaxed), started.elapsed()),
+            Failure::Nacked(_) => {
+                nack_error(address, nacks.load(Ordering::Relaxed), started.elapsed())
+            }
             Failure::Connection(err) | Failure::Refused(err) | Failure::ChannelClosed(err) => err,
         })
     }

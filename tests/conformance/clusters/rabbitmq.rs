@@ -13,7 +13,7 @@
 /// The options every cluster test adds: quorum queues everywhere, fast detection of
 /// a lost node (heartbeat 2 s), fast reconnection, and short re-subscription steps.
 const OPTIONS: &str = "quorum=true&transient_quorum=true&heartbeat=2&max_backoff=0.5\
-    &resubscribe_timeout=3s&topic_ttl=300";
+    &resubscribe_timeout=3s&topic_ttl=300&transient_ttl=120";
 
 pub mod suite {
     use crate::clusters::Cluster;
@@ -31,7 +31,7 @@ pub mod suite {
 
 pub mod faults {
     use std::collections::HashMap;
-    use std::sync::{Arc, Mutex};
+    use std::sync::{Arc, Mutex, OnceLock};
     use std::time::{Duration, Instant};
 
     use mqrpc::{AmqpConfig, AmqpTransport, Client, Context, Server, Target};
@@ -39,6 +39,7 @@ pub mod faults {
     use tokio::task::JoinHandle;
 
     use crate::clusters::Cluster;
+    use crate::redaction::Captured;
     use crate::service::{self, Recorder};
 
     /// A URL listing every node, node `first` first, tried in that order (so a
@@ -120,6 +121,43 @@ pub mod faults {
             }
         }
         ctl(cluster, &["heal"]).await;
+    }
+
+    /// The log of this test process (transport-amqp at INFO), when this process's
+    /// global subscriber could be set (the fault tests run in a process of their own,
+    /// `--test-threads=1`); `None` otherwise.
+    fn log() -> Option<&'static Captured> {
+        static LOG: OnceLock<Option<Captured>> = OnceLock::new();
+        LOG.get_or_init(|| {
+            let captured = Captured::default();
+            let subscriber = tracing_subscriber::fmt()
+                .with_env_filter("warn,transport_amqp=info")
+                .with_ansi(false)
+                .with_writer(captured.clone())
+                .finish();
+            tracing::subscriber::set_global_default(subscriber)
+                .ok()
+                .map(|()| captured)
+        })
+        .as_ref()
+    }
+
+    /// Lines of the log since `from` (a length of it) that contain `needle`.
+    fn logged(from: usize, needle: &str) -> Vec<String> {
+        let Some(log) = log() else {
+            return Vec::new();
+        };
+        let text = log.text();
+        text.get(from..)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn log_len() -> usize {
+        log().map_or(0, |log| log.text().len())
     }
 
     /// One call of the traffic: when it was sent, when it ended, and how.
@@ -427,6 +465,7 @@ pub mod faults {
         let Some(cluster) = Cluster::get("rabbitmq") else {
             return;
         };
+        let log_from = log_len();
         let rig = Rig::new(&cluster, "kills", 3, 1, 2).await;
         let traffic = Traffic::start(&rig.client, Duration::from_millis(20));
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -490,11 +529,16 @@ pub mod faults {
             "a cast failed with a nack"
         );
         let (confirmed, failed, failed_handled, duplicates) = rig.judge_casts(&casts).await;
+        let nacks = logged(log_from, "the broker nacked a publish; trying again");
+        if let Some(line) = nacks.first() {
+            eprintln!("rabbitmq kills: first nack retried: {line}");
+        }
         eprintln!(
             "SUMMARY rabbitmq node kills: {}; casts confirmed {confirmed} (each handled once), \
              failed {failed} {cast_kinds:?} ({failed_handled} of them handled anyway), \
-             duplicates executed {duplicates}",
-            summary.join("; ")
+             duplicates executed {duplicates}; nacked publishes tried again {}",
+            summary.join("; "),
+            nacks.len()
         );
         rig.finish().await;
     }
@@ -582,6 +626,7 @@ pub mod faults {
             return;
         };
         // Leader and server on r1, client on r2.
+        let log_from = log_len();
         let rig = Rig::new(&cluster, "frozen", 1, 1, 2).await;
         let (server, leader, client) = rig.where_().await;
         assert_ne!(server, client, "server and client on different nodes");
@@ -613,10 +658,95 @@ pub mod faults {
             calls.len(),
             failed.len(),
         );
+        let stuck = logged(log_from, "subscribing is stuck");
+        for line in stuck.iter().take(3) {
+            eprintln!("rabbitmq frozen node: {line}");
+        }
+        eprintln!(
+            "rabbitmq frozen node: {} re-subscription steps logged as stuck",
+            stuck.len()
+        );
         let recovered = recovered.unwrap_or_else(|| {
             panic!("the server did not serve again within {bound:?} of its node freezing")
         });
         assert!(recovered < bound);
         rig.finish().await;
+    }
+
+    /// The trap: `durable=true` without quorum makes classic durable queues, which
+    /// live on one node. While that node is down the server cannot re-subscribe (the
+    /// broker answers 404 "home node ... is down or inaccessible") and calls fail;
+    /// once it is back, the server subscribes again by itself. On its own exchange,
+    /// since a vhost's queues and exchanges cannot change mode.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn durable_without_quorum_waits_for_the_queues_node() {
+        let Some(cluster) = Cluster::get("rabbitmq") else {
+            return;
+        };
+        all_nodes_up(&cluster).await;
+        let log_from = log_len();
+        let options = "durable=true&exchange=mqrpc_durable_classic&heartbeat=2&max_backoff=0.5\
+            &resubscribe_timeout=3s&topic_ttl=300&transient_ttl=120&shuffle_hosts=false";
+        let url = |first: usize| {
+            let n = cluster.nodes.len();
+            let hosts: Vec<String> = (0..n)
+                .map(|i| format!("guest:guest@{}", cluster.nodes[(first - 1 + i) % n]))
+                .collect();
+            format!("amqp://{}/?{options}", hosts.join(","))
+        };
+        let topic = format!("classic_{}", &mqrpc::wire::new_id()[..8]);
+        let recorder = Recorder::new();
+        // The server, and so its queues, on r2; the client on r1.
+        let server_side = AmqpTransport::connect(&url(2)).await.expect("server side");
+        let server = Server::builder(
+            Arc::new(server_side.clone()),
+            Target::new(&topic).server("s1"),
+        )
+        .endpoint(service::endpoint("s1", &recorder))
+        .start()
+        .await
+        .expect("server");
+        let client_side = AmqpTransport::connect(&url(1)).await.expect("client side");
+        let client = Client::new(Arc::new(client_side.clone()), Target::new(&topic))
+            .timeout(Duration::from_secs(2));
+        let ctx = Context::new();
+        let add = || client.call::<_, i64>(&ctx, "add", json!({"a": 1, "b": 1}));
+        assert_eq!(add().await.expect("before the kill"), 2);
+        let killed_at = Instant::now();
+        ctl(&cluster, &["kill", "2"]).await;
+        let mut failed_down = 0;
+        for _ in 0..3 {
+            if add().await.is_err() {
+                failed_down += 1;
+            }
+        }
+        let refused = logged(log_from, "is down or inaccessible").len();
+        let down_for = killed_at.elapsed();
+        ctl(&cluster, &["start", "2"]).await;
+        let back_at = Instant::now();
+        let mut recovered = None;
+        for _ in 0..40 {
+            if add().await.is_ok() {
+                recovered = Some(back_at.elapsed());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        eprintln!(
+            "SUMMARY rabbitmq durable=true without quorum: {failed_down} of 3 calls failed \
+             while the queues' node was down ({down_for:.1?}; 404 home-node-down logged \
+             {refused} times); calls ok again {recovered:.2?} after the node was back"
+        );
+        assert_eq!(
+            failed_down, 3,
+            "calls fail while the classic queues' node is down"
+        );
+        assert!(
+            recovered.is_some(),
+            "the server subscribes again once the node is back"
+        );
+        server.shutdown().await.expect("shutdown");
+        client_side.close().await;
+        server_side.close().await;
     }
 }
