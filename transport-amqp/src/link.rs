@@ -1,5 +1,6 @@
 //! The connection to the broker, re-opened when lost: rpc-core's capped exponential
-//! [`Backoff`] with jitter, rotating through the URL's hosts. Everyone who needs the
+//! [`Backoff`] with jitter, rotating through the URL's hosts (in an order drawn once
+//! per link with `shuffle_hosts`, the default, as oslo.messaging does). Everyone who needs the
 //! connection asks the `Link`; only one task reconnects at a time.
 
 use std::sync::Arc;
@@ -42,7 +43,8 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    /// Opens the first connection. Each host is tried in turn, each attempt bounded
+    /// Opens the first connection. Each host is tried in turn (in the URL's order, or
+    /// in this link's shuffled order with `shuffle_hosts`), each attempt bounded
     /// by the URL's `connect_timeout`; a broker that resets the handshake (RabbitMQ
     /// under a storm of connections) is tried again with backoff within
     /// `connect_timeout` overall, while a refusal (nothing listening, bad

@@ -204,7 +204,8 @@ impl Default for AmqpConfig {
 
 /// Setters, one per field, for a configuration built without a URL.
 impl AmqpConfig {
-    /// The brokers to try, in order (at least one; a TLS broker usually listens on
+    /// The brokers to try, in this order unless [`AmqpConfig::shuffle_hosts`] (at
+    /// least one; a TLS broker usually listens on
     /// 5671).
     #[must_use]
     pub fn hosts(mut self, hosts: impl IntoIterator<Item = Host>) -> Self {

@@ -290,6 +290,12 @@ mod tests {
         assert_eq!(c.transient_ttl, None);
         assert!(parse("rabbit://h?ssl=true").tls);
         assert!(parse("rabbit://h?amqp_durable_queues=true").durable);
+        // Clusters: oslo's names, hosts shuffled unless told otherwise.
+        let c = parse("rabbit://h1,h2?rabbit_transient_quorum_queue=true&resubscribe_timeout=2.5");
+        assert!(c.transient_quorum && c.shuffle_hosts);
+        assert_eq!(c.resubscribe_timeout, Duration::from_millis(2500));
+        assert!(!parse("rabbit://h1,h2?shuffle_hosts=false").shuffle_hosts);
+        assert!(AmqpConfig::parse("amqp://h?resubscribe_timeout=0").is_err());
     }
 
     #[test]
