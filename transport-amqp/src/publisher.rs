@@ -182,6 +182,9 @@ enum Failure {
     Nacked(Error),
 }
 
+/// How long a retired publish channel waits for its last confirms before it closes.
+const RETIRE_LIMIT: Duration = Duration::from_secs(30);
+
 /// How many times in all a nacked publish is tried (the first included), while the
 /// caller's deadline (and the message's time to live) allows.
 pub(crate) const NACK_ATTEMPTS: u32 = 8;
@@ -247,6 +250,37 @@ impl AmqpPublisher {
             c.channel.id() == failed.channel.id() && c.generation == failed.generation
         }) {
             *current = None;
+        }
+    }
+
+    /// Stops publishing on a channel whose publish was nacked: the next publish opens
+    /// a fresh one. RabbitMQ 3.10 was seen to nack every publish of a channel to a
+    /// quorum queue for as long as that channel lived after the queue's leader was
+    /// killed (30 s and more, while a new channel's publishes went through at once):
+    /// the channel's view of the queue's leader is stale. Publishes still waiting on
+    /// the old channel keep it until their confirms arrive; it is closed then (or
+    /// after [`RETIRE_LIMIT`]).
+    fn retire(&self, nacked: &PublishChannel) {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(live) = current
+            .as_ref()
+            .filter(|c| c.channel.id() == nacked.channel.id() && c.generation == nacked.generation)
+        else {
+            return;
+        };
+        let channel = live.channel.clone();
+        *current = None;
+        drop(current);
+        tracing::debug!(
+            channel = channel.id(),
+            "a publish was nacked; publishing on a fresh channel"
+        );
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = tokio::time::timeout(RETIRE_LIMIT, channel.wait_for_confirms()).await;
+                let _ =
+                    tokio::time::timeout(RETIRE_LIMIT, channel.close(200, "retired".into())).await;
+            });
         }
     }
 
@@ -412,7 +446,10 @@ impl AmqpPublisher {
             Error::Undeliverable { .. } | Error::NoResponders { .. } | Error::InvalidTarget(_) => {
                 Failure::Refused(err)
             }
-            err if nacked => Failure::Nacked(err),
+            err if nacked => {
+                self.retire(&pc);
+                Failure::Nacked(err)
+            }
             err if unconfirmed => {
                 if !pc.channel.status().connected() {
                     self.forget(&pc);

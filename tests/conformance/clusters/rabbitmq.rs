@@ -156,6 +156,17 @@ pub mod faults {
             .collect()
     }
 
+    /// Prints the log since `from` (for a failure's post-mortem).
+    fn dump_log(from: usize) {
+        if let Some(log) = log() {
+            let text = log.text();
+            eprintln!(
+                "--- log ---\n{}\n--- end of log ---",
+                text.get(from..).unwrap_or_default()
+            );
+        }
+    }
+
     fn log_len() -> usize {
         log().map_or(0, |log| log.text().len())
     }
@@ -486,7 +497,17 @@ pub mod faults {
             let recovered = traffic
                 .ok_again_after(killed_at, Duration::from_secs(30))
                 .await
-                .unwrap_or_else(|| panic!("calls never worked again after the kill of r{victim}"));
+                .unwrap_or_else(|| {
+                    dump_log(log_from);
+                    for call in traffic.calls_since(killed_at) {
+                        eprintln!(
+                            "call sent {:?} after the kill: {:?}",
+                            call.sent - killed_at,
+                            call.error
+                        );
+                    }
+                    panic!("calls never worked again after the kill of r{victim}")
+                });
             tokio::time::sleep(Duration::from_secs(2)).await;
             ctl(&cluster, &["start", &victim.to_string()]).await;
             tokio::time::sleep(Duration::from_secs(2)).await;
