@@ -525,6 +525,17 @@ pub mod faults {
                 calls.len(),
                 failed.len()
             ));
+            crate::faults::figures(format!(
+                "FIGURES rabbitmq-cluster kill_{role} node=r{victim} calls={} calls_failed={} \
+                 nack={} unconfirmed={} timeout={} first_ok_ms={} longest_gap_ms={}",
+                calls.len(),
+                failed.len(),
+                counts.get("nack").unwrap_or(&0),
+                counts.get("unconfirmed").unwrap_or(&0),
+                counts.get("timeout").unwrap_or(&0),
+                recovered.as_millis(),
+                gap.as_millis()
+            ));
             assert!(
                 failed.len() <= 1,
                 "{} calls failed across the kill of the {role}'s node: {failed:?}",
@@ -554,13 +565,19 @@ pub mod faults {
         if let Some(line) = nacks.first() {
             eprintln!("rabbitmq kills: first nack retried: {line}");
         }
-        eprintln!(
+        crate::faults::figures(format!(
+            "FIGURES rabbitmq-cluster kills casts_confirmed={confirmed} casts_failed={failed} \
+             casts_failed_but_handled={failed_handled} casts_lost=0 \
+             casts_duplicated={duplicates} nack_retries={}",
+            nacks.len()
+        ));
+        crate::faults::figures(format!(
             "SUMMARY rabbitmq node kills: {}; casts confirmed {confirmed} (each handled once), \
              failed {failed} {cast_kinds:?} ({failed_handled} of them handled anyway), \
              duplicates executed {duplicates}; nacked publishes tried again {}",
             summary.join("; "),
             nacks.len()
-        );
+        ));
         rig.finish().await;
     }
 
@@ -614,7 +631,7 @@ pub mod faults {
             .expect("directed call after recovery");
         assert_eq!(who, "s1");
         let (confirmed, cast_failed, failed_handled, duplicates) = rig.judge_casts(&casts).await;
-        eprintln!(
+        crate::faults::figures(format!(
             "SUMMARY rabbitmq majority loss: calls {} failed {} {counts:?} ({} of {} while \
              2 nodes were down); nodes back after {:.1?} (start took {:.1?}); calls ok \
              again {recovered:.2?} after; casts confirmed {confirmed} (each handled once), \
@@ -625,7 +642,7 @@ pub mod faults {
             during.len(),
             back_at - lost_at,
             back_at - starting_at,
-        );
+        ));
         assert!(
             failed_during > 0 && failed_during == during.len(),
             "calls fail while the majority is down ({failed_during} of {})",
@@ -670,7 +687,7 @@ pub mod faults {
         ctl(&cluster, &["heal"]).await;
         let (_, casts) = traffic.finish().await;
         let (confirmed, cast_failed, failed_handled, duplicates) = rig.judge_casts(&casts).await;
-        eprintln!(
+        crate::faults::figures(format!(
             "SUMMARY rabbitmq frozen server node r{server} (leader r{leader}, client \
              r{client}): calls ok again after {recovered:.2?} (bound {bound:?}), calls while \
              frozen {} failed {} {counts:?}, resumed after {resumed_after:.1?}; casts \
@@ -678,7 +695,7 @@ pub mod faults {
              ({failed_handled} handled anyway), duplicates {duplicates}",
             calls.len(),
             failed.len(),
-        );
+        ));
         let stuck = logged(log_from, "subscribing is stuck");
         for line in stuck.iter().take(3) {
             eprintln!("rabbitmq frozen node: {line}");
@@ -753,11 +770,11 @@ pub mod faults {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        eprintln!(
+        crate::faults::figures(format!(
             "SUMMARY rabbitmq durable=true without quorum: {failed_down} of 3 calls failed \
              while the queues' node was down ({down_for:.1?}; 404 home-node-down logged \
              {refused} times); calls ok again {recovered:.2?} after the node was back"
-        );
+        ));
         assert_eq!(
             failed_down, 3,
             "calls fail while the classic queues' node is down"
