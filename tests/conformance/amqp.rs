@@ -250,7 +250,7 @@ mod hardening {
 
     /// A raw lapin channel on the suite's broker (lapin reads an empty path as the
     /// vhost "", where mqrpc reads `/`).
-    async fn raw_channel() -> (lapin::Connection, Channel) {
+    pub(super) async fn raw_channel() -> (lapin::Connection, Channel) {
         let base = super::url();
         let url = match base.strip_suffix('/') {
             Some(host) if !host.ends_with('/') => format!("{host}/%2f"),
@@ -274,7 +274,7 @@ mod hardening {
     }
 
     /// How many messages wait in `queue`.
-    async fn waiting(channel: &Channel, queue: &str) -> u32 {
+    pub(super) async fn waiting(channel: &Channel, queue: &str) -> u32 {
         channel
             .queue_declare(
                 queue.into(),
@@ -844,5 +844,114 @@ mod hardening {
         assert_eq!(after, later, "the stream still runs");
         assert!(later < 100, "the stream ran on for {later} items");
         server.shutdown().await.expect("shutdown");
+    }
+}
+
+/// Issue #24 on RabbitMQ: a publish the broker nacks (a quorum queue without a leader,
+/// here a full queue with `reject-publish`) is tried again a few times within the
+/// caller's deadline, and the error after the last try says how often it was nacked.
+mod nacks {
+    use std::time::{Duration, Instant};
+
+    use lapin::BasicProperties;
+    use lapin::options::{
+        BasicGetOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
+    };
+    use lapin::types::{AMQPValue, FieldTable};
+    use mqrpc::{Client, Context, Target};
+    use serde_json::json;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn amqp_nacked_publish_is_retried_then_reported_with_its_count() {
+        let Some(_) = super::backend().await else {
+            return;
+        };
+        let topic = format!("nacked_{}", &mqrpc::wire::new_id()[..12]);
+        let (_connection, channel) = super::hardening::raw_channel().await;
+        // The topic's queue holds one message and nacks any more.
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
+        arguments.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+        arguments.insert("x-expires".into(), AMQPValue::LongLongInt(60_000));
+        channel
+            .queue_declare(
+                topic.as_str().into(),
+                QueueDeclareOptions::default(),
+                arguments,
+            )
+            .await
+            .expect("bounded queue");
+        let transport = mqrpc::connect(&super::suite_url()).await.expect("connect");
+        let exchange = transport.default_exchange().to_owned();
+        let client = Client::new(transport, Target::new(&topic)).timeout(Duration::from_secs(30));
+        let ctx = Context::new();
+        // mqrpc declares its exchange on its first publish (to no queue yet: no
+        // responders); then the queue is bound to it.
+        let unbound = client.cast(&ctx, "record", json!({"id": 0})).await;
+        assert!(unbound.is_err(), "no queue is bound yet");
+        channel
+            .queue_bind(
+                topic.as_str().into(),
+                exchange.as_str().into(),
+                topic.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+        channel
+            .basic_publish(
+                "".into(),
+                topic.as_str().into(),
+                BasicPublishOptions::default(),
+                b"filler",
+                BasicProperties::default(),
+            )
+            .await
+            .expect("publish the filler");
+        let filled = tokio::time::timeout(Duration::from_secs(5), async {
+            while super::hardening::waiting(&channel, &topic).await < 1 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(filled.is_ok(), "the filler is queued");
+
+        // Full for good: nacked on every try, then reported with the count.
+        let started = Instant::now();
+        let err = client
+            .cast(&ctx, "record", json!({"id": 1}))
+            .await
+            .expect_err("a full queue nacks");
+        let text = err.to_string();
+        eprintln!(
+            "amqp nacked cast failed after {:?}: {text}",
+            started.elapsed()
+        );
+        assert!(text.contains("(nack)"), "{text}");
+        assert!(text.contains("nacked 8 times"), "{text}");
+
+        // Room made a moment after the first nack: the cast goes through.
+        let drain = {
+            let channel = channel.clone();
+            let topic = topic.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                channel
+                    .basic_get(topic.as_str().into(), BasicGetOptions { no_ack: true })
+                    .await
+                    .expect("get")
+                    .expect("the filler")
+            })
+        };
+        client
+            .cast(&ctx, "record", json!({"id": 2}))
+            .await
+            .expect("a nacked cast is tried again until the queue has room");
+        assert_eq!(drain.await.expect("drain").delivery.data, b"filler");
+        assert_eq!(super::hardening::waiting(&channel, &topic).await, 1);
     }
 }

@@ -60,7 +60,7 @@ use rpc_core::{
 pub use compression::Compression;
 pub use config::{
     AmqpConfig, DEFAULT_HEARTBEAT, DEFAULT_MAX_BACKOFF, DEFAULT_MAX_MESSAGE_SIZE,
-    DEFAULT_TRANSIENT_TTL, Host,
+    DEFAULT_RESUBSCRIBE_TIMEOUT, DEFAULT_TRANSIENT_TTL, Host,
 };
 pub use reply_queues::ReplyQueues;
 

@@ -1,5 +1,6 @@
 //! The connection to the broker, re-opened when lost: rpc-core's capped exponential
-//! [`Backoff`] with jitter, rotating through the URL's hosts. Everyone who needs the
+//! [`Backoff`] with jitter, rotating through the URL's hosts (in an order drawn once
+//! per link with `shuffle_hosts`, the default, as oslo.messaging does). Everyone who needs the
 //! connection asks the `Link`; only one task reconnects at a time.
 
 use std::sync::Arc;
@@ -30,6 +31,9 @@ pub(crate) struct Connected {
 pub(crate) struct Link {
     pub(crate) config: Arc<AmqpConfig>,
     current: Mutex<Option<Connected>>,
+    /// The order in which this link tries the URL's hosts (indexes into
+    /// `config.hosts`): the URL's, or drawn once at random (`shuffle_hosts`).
+    order: Vec<usize>,
     next_host: AtomicUsize,
     generation: AtomicUsize,
     name: String,
@@ -39,7 +43,8 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    /// Opens the first connection. Each host is tried in turn, each attempt bounded
+    /// Opens the first connection. Each host is tried in turn (in the URL's order, or
+    /// in this link's shuffled order with `shuffle_hosts`), each attempt bounded
     /// by the URL's `connect_timeout`; a broker that resets the handshake (RabbitMQ
     /// under a storm of connections) is tried again with backoff within
     /// `connect_timeout` overall, while a refusal (nothing listening, bad
@@ -69,8 +74,10 @@ impl Link {
                 None => None,
             },
         };
+        let order = host_order(config.hosts.len(), config.shuffle_hosts);
         let link = Arc::new(Link {
             tls,
+            order,
             config: Arc::new(config),
             current: Mutex::new(None),
             next_host: AtomicUsize::new(0),
@@ -178,7 +185,8 @@ impl Link {
     /// reset or stalled the handshake) rather than a refusal.
     async fn try_connect_next(&self) -> std::result::Result<Connected, (Error, bool)> {
         let hosts = &self.config.hosts;
-        let host = &hosts[self.next_host.fetch_add(1, Ordering::Relaxed) % hosts.len()];
+        let next = self.next_host.fetch_add(1, Ordering::Relaxed) % hosts.len();
+        let host = &hosts[self.order[next]];
         let uri = self.uri(host);
         let properties =
             ConnectionProperties::default().with_connection_name(self.name.clone().into());
@@ -264,6 +272,17 @@ impl Link {
     }
 }
 
+/// The order in which a link tries `count` hosts: as given, or shuffled (oslo's
+/// behaviour, so that a deployment's processes spread over a cluster's nodes).
+fn host_order(count: usize, shuffle: bool) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..count).collect();
+    if shuffle {
+        use rand::seq::SliceRandom;
+        order.shuffle(&mut rand::rng());
+    }
+    order
+}
+
 /// Every host of the URL failed one connection attempt: the last failure of each
 /// sort.
 struct EveryHostFailed {
@@ -286,5 +305,23 @@ fn is_reset(err: &lapin::Error) -> bool {
                 | ErrorKind::UnexpectedEof
         ),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_are_tried_in_order_or_in_a_shuffled_order_of_them_all() {
+        assert_eq!(host_order(3, false), [0, 1, 2]);
+        let mut firsts = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let mut order = host_order(3, true);
+            firsts.insert(order[0]);
+            order.sort_unstable();
+            assert_eq!(order, [0, 1, 2]);
+        }
+        assert_eq!(firsts.len(), 3, "every host comes first sometimes");
     }
 }

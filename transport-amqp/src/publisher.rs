@@ -1,7 +1,11 @@
 //! Publishing with publisher confirms on one shared channel. Every publish awaits its
 //! own confirm, so many publishes are in flight at once (pipelined), not one round
 //! trip at a time. A lost connection is re-opened and the publish retried until the
-//! caller's deadline; a refusal by the broker is returned as it is.
+//! caller's deadline; a nacked publish (a quorum queue electing a leader) is tried
+//! again a few times within the caller's deadline and the message's time to live
+//! (servers drop duplicates by `_unique_id`); a publish whose confirm was lost with
+//! the connection is not sent again (it may or may not have been delivered); any
+//! other refusal by the broker is returned as it is.
 //!
 //! Requests to a topic or a server and every reply are published `mandatory`: a
 //! message the broker cannot route comes back (`basic.return`) and its publish fails,
@@ -12,13 +16,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
-use rpc_core::backoff::Retry;
+use rpc_core::backoff::{Backoff, Retry};
 use rpc_core::{Address, Error, Outgoing, Publisher, Result, TransportErrorKind};
 
 use crate::compression::compressed;
@@ -171,6 +176,24 @@ enum Failure {
     /// that was auto-deleted since it was declared): worth one try on a new channel,
     /// which declares its exchanges again.
     ChannelClosed(Error),
+    /// The broker nacked the message: it took it but could not enqueue it (a quorum
+    /// queue electing a leader, a queue process that failed, a full queue with
+    /// `reject-publish`). Worth a few more tries, shortly after.
+    Nacked(Error),
+}
+
+/// How long a retired publish channel waits for its last confirms before it closes.
+const RETIRE_LIMIT: Duration = Duration::from_secs(30);
+
+/// How many times in all a nacked publish is tried (the first included), while the
+/// caller's deadline (and the message's time to live) allows.
+pub(crate) const NACK_ATTEMPTS: u32 = 8;
+
+/// The waits between the tries of a nacked publish: 100 ms doubling up to 1 s, each
+/// drawn in the upper half (about 2 to 4.5 s over [`NACK_ATTEMPTS`] tries, long
+/// enough for a quorum queue to elect a new leader after its node is lost).
+fn nack_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(100), Duration::from_secs(1))
 }
 
 impl AmqpPublisher {
@@ -230,6 +253,37 @@ impl AmqpPublisher {
         }
     }
 
+    /// Stops publishing on a channel whose publish was nacked: the next publish opens
+    /// a fresh one. RabbitMQ 3.10 was seen to nack every publish of a channel to a
+    /// quorum queue for as long as that channel lived after the queue's leader was
+    /// killed (30 s and more, while a new channel's publishes went through at once):
+    /// the channel's view of the queue's leader is stale. Publishes still waiting on
+    /// the old channel keep it until their confirms arrive; it is closed then (or
+    /// after [`RETIRE_LIMIT`]).
+    fn retire(&self, nacked: &PublishChannel) {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(live) = current
+            .as_ref()
+            .filter(|c| c.channel.id() == nacked.channel.id() && c.generation == nacked.generation)
+        else {
+            return;
+        };
+        let channel = live.channel.clone();
+        *current = None;
+        drop(current);
+        tracing::debug!(
+            channel = channel.id(),
+            "a publish was nacked; publishing on a fresh channel"
+        );
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = tokio::time::timeout(RETIRE_LIMIT, channel.wait_for_confirms()).await;
+                let _ =
+                    tokio::time::timeout(RETIRE_LIMIT, channel.close(200, "retired".into())).await;
+            });
+        }
+    }
+
     /// Declares the exchange a publish needs, once per channel.
     async fn ensure_exchange(&self, pc: &PublishChannel, address: &Address) -> Result<()> {
         let (name, fanout_topic) = match address {
@@ -276,6 +330,7 @@ impl AmqpPublisher {
         // The message left but its confirm never came: whether the broker routed it is
         // unknown, so it is not sent again.
         let mut unconfirmed = false;
+        let mut nacked = false;
         let outcome = async {
             self.ensure_exchange(&pc, address).await?;
             let (exchange, routing_key) = route(address);
@@ -377,8 +432,9 @@ impl AmqpPublisher {
                 Ok(())
             } else {
                 // Not `Refused`: RabbitMQ nacks when a queue is full (`x-overflow`
-                // `reject-publish`) or a queue process failed, which a later attempt
-                // may get past.
+                // `reject-publish`), a queue process failed or a quorum queue has no
+                // leader, which a later attempt may get past.
+                nacked = true;
                 Err(Error::transport_msg(
                     TransportErrorKind::Other,
                     format!("the broker refused the message to {address} (nack)"),
@@ -389,6 +445,10 @@ impl AmqpPublisher {
         outcome.map_err(|err| match err {
             Error::Undeliverable { .. } | Error::NoResponders { .. } | Error::InvalidTarget(_) => {
                 Failure::Refused(err)
+            }
+            err if nacked => {
+                self.retire(&pc);
+                Failure::Nacked(err)
             }
             err if unconfirmed => {
                 if !pc.channel.status().connected() {
@@ -468,6 +528,24 @@ fn unroutable(address: &Address) -> Error {
     }
 }
 
+/// The error of a publish the broker nacked every time it was tried.
+fn nack_error(address: &Address, times: u32, over: Duration) -> Error {
+    let times = times.max(1);
+    let tries = if times == 1 { "once" } else { "times" };
+    let count = if times == 1 {
+        String::new()
+    } else {
+        format!("{times} ")
+    };
+    Error::transport_msg(
+        TransportErrorKind::Other,
+        format!(
+            "the broker refused the message to {address} (nack): nacked {count}{tries} over \
+             {over:.1?} (a queue without a leader, full with reject-publish, or failed)"
+        ),
+    )
+}
+
 /// The exchange and routing key of an address, as oslo publishes.
 fn route(address: &Address) -> (String, String) {
     match address {
@@ -502,22 +580,56 @@ impl Publisher for AmqpPublisher {
         }
         let message = &message;
         let retried_on_new_channel = &AtomicBool::new(false);
+        let nacks = &AtomicU32::new(0);
+        let started = Instant::now();
+        // A call's request is worth nothing past its time to live (its timeout).
+        let deadline = message
+            .time_to_live
+            .and_then(|ttl| tokio::time::Instant::now().checked_add(ttl));
+        // One publish, tried again on a new channel once if the broker closed its
+        // channel, and again shortly after a nack, a few times (servers drop the
+        // duplicates a nack may leave, by `_unique_id`).
+        let publish_once = || async move {
+            let outcome = match self.attempt(address, message).await {
+                Err(Failure::ChannelClosed(err))
+                    if !retried_on_new_channel.swap(true, Ordering::Relaxed) =>
+                {
+                    tracing::debug!(error = %err, %address, "channel closed by the broker; retrying once");
+                    self.attempt(address, message).await
+                }
+                outcome => outcome,
+            };
+            if matches!(outcome, Err(Failure::Nacked(_))) {
+                nacks.fetch_add(1, Ordering::Relaxed);
+            }
+            outcome
+        };
+        let publish = |_| async move {
+            let mut retry = Retry::new(nack_backoff()).attempts(NACK_ATTEMPTS);
+            if let Some(deadline) = deadline {
+                retry = retry.deadline(deadline);
+            }
+            retry
+                .run_notify(
+                    |_| publish_once(),
+                    |failure| {
+                        matches!(failure, Failure::Nacked(_)) && !self.link.closed.is_cancelled()
+                    },
+                    |failure, attempt, wait| {
+                        if let Failure::Nacked(err) = failure {
+                            tracing::info!(error = %err, %address, ?wait, attempt,
+                                "the broker nacked a publish; trying again");
+                        }
+                    },
+                )
+                .await
+        };
         // A lost connection is retried (with backoff) until the caller's deadline drops
         // this future; a publish whose channel the broker closed is tried once more, at
         // once, on a new channel.
         let sent = Retry::new(self.link.backoff())
             .run_notify(
-                |_| async move {
-                    match self.attempt(address, message).await {
-                        Err(Failure::ChannelClosed(err))
-                            if !retried_on_new_channel.swap(true, Ordering::Relaxed) =>
-                        {
-                            tracing::debug!(error = %err, %address, "channel closed by the broker; retrying once");
-                            self.attempt(address, message).await
-                        }
-                        outcome => outcome,
-                    }
-                },
+                publish,
                 |failure| {
                     matches!(failure, Failure::Connection(_)) && !self.link.closed.is_cancelled()
                 },
@@ -530,6 +642,9 @@ impl Publisher for AmqpPublisher {
             .await;
         sent.map_err(|failure| match failure {
             Failure::Connection(_) if self.link.closed.is_cancelled() => Error::Closed,
+            Failure::Nacked(_) => {
+                nack_error(address, nacks.load(Ordering::Relaxed), started.elapsed())
+            }
             Failure::Connection(err) | Failure::Refused(err) | Failure::ChannelClosed(err) => err,
         })
     }
@@ -569,6 +684,19 @@ mod tests {
         assert!(!returns.deliver(&other, returned));
         drop(my_watch);
         assert!(returns.waiting.lock().expect("lock").is_empty());
+    }
+
+    #[test]
+    fn a_nack_error_says_how_many_times() {
+        let topic = Address::Topic {
+            exchange: "openstack".to_owned(),
+            topic: "compute".to_owned(),
+        };
+        let text = nack_error(&topic, 8, Duration::from_millis(3200)).to_string();
+        assert!(text.contains("(nack)"), "{text}");
+        assert!(text.contains("nacked 8 times"), "{text}");
+        let text = nack_error(&topic, 1, Duration::ZERO).to_string();
+        assert!(text.contains("nacked once"), "{text}");
     }
 
     #[test]

@@ -10,6 +10,9 @@
 //! | fanout exchange | `<topic>_fanout` | fanout, auto-delete |
 //! | fanout queue | `<topic>_fanout_<uuid>` | one per server, `x-expires` |
 //! | reply queue | `reply_<uuid>` | reached through the default exchange, `x-expires` |
+//!
+//! Topic and server queues are quorum queues with `quorum`, fanout and reply queues
+//! with `transient_quorum` (both durable, as quorum queues must be).
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -112,15 +115,31 @@ pub(crate) async fn declare_shared_queue(
     bind(channel, name, exchange, name).await
 }
 
-/// Declares a transient queue (fanout or reply) with oslo's `x-expires`.
+/// Declares a transient queue (fanout or reply) with oslo's `x-expires`: classic and
+/// not durable, or with `transient_quorum` a quorum queue (durable, as quorum queues
+/// must be; never exclusive or auto-delete, which they refuse; `x-expires` still
+/// removes it once unused).
 pub(crate) async fn declare_transient_queue(
     channel: &Channel,
     config: &AmqpConfig,
     name: &str,
 ) -> Result<()> {
-    let arguments = expiry(config.transient_ttl);
+    let mut arguments = expiry(config.transient_ttl);
+    if config.transient_quorum {
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+    }
     channel
-        .queue_declare(short(name)?, QueueDeclareOptions::default(), arguments)
+        .queue_declare(
+            short(name)?,
+            QueueDeclareOptions {
+                durable: config.transient_quorum,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
         .await
         .map_err(|e| lapin_error(&format!("declaring queue {name}"), e))?;
     Ok(())

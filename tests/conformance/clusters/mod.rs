@@ -31,6 +31,8 @@ use crate::suite::Backend;
 
 // One module per kind, added with its cluster (`#[cfg(feature = "nats")] mod nats;`,
 // `redis`, `rabbitmq` behind `amqp`).
+#[cfg(feature = "amqp")]
+mod rabbitmq;
 #[cfg(feature = "redis")]
 mod redis;
 

@@ -23,6 +23,11 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
 /// The longest wait between reconnection attempts unless the URL says otherwise
 /// (`max_backoff`).
 pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How long each step of a re-subscription after a reconnection (declaring an
+/// exchange or a queue, binding, consuming) may wait for the broker before it is
+/// logged as stuck and tried again, unless the URL says otherwise
+/// (`resubscribe_timeout`).
+pub const DEFAULT_RESUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One broker host: where it listens and whom to connect as (`Host::new` then
 /// [`Host::credentials`], or one comma-separated host of a URL).
@@ -102,8 +107,14 @@ impl fmt::Display for Host {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct AmqpConfig {
-    /// Brokers to try, in order (rotated on each reconnection).
+    /// Brokers to try (rotated on each reconnection), in this order or, with
+    /// [`AmqpConfig::shuffle_hosts`], in an order drawn for each transport.
     pub hosts: Vec<Host>,
+    /// Whether each transport tries the hosts in an order of its own, drawn at
+    /// random when it connects, as oslo.messaging does (`shuffle_hosts`, default
+    /// true), so that the processes of a deployment spread over a cluster's nodes
+    /// instead of all starting on the first. False tries them in the URL's order.
+    pub shuffle_hosts: bool,
     /// Virtual host.
     pub vhost: String,
     /// TLS (`amqps://`, or `ssl=true` on `rabbit://`).
@@ -114,6 +125,11 @@ pub struct AmqpConfig {
     pub durable: bool,
     /// Quorum topic/server queues (`rabbit_quorum_queue`; implies durable).
     pub quorum: bool,
+    /// Quorum reply and fanout queues (`transient_quorum`, oslo's
+    /// `rabbit_transient_quorum_queue`): they survive the loss of a cluster node
+    /// instead of dying with the node that held them. They keep their `x-expires`
+    /// (`transient_ttl`) and are durable, as quorum queues must be.
+    pub transient_quorum: bool,
     /// AMQP heartbeat in whole seconds, the protocol's unit (0 disables).
     pub heartbeat: u16,
     /// Prefetch of server consumers; `None` uses the server's concurrency limit.
@@ -127,6 +143,12 @@ pub struct AmqpConfig {
     pub max_message_size: usize,
     /// Longest wait between reconnection attempts.
     pub max_backoff: Duration,
+    /// How long each step of a re-subscription (declare, bind, consume) may wait for
+    /// the broker before it is logged (WARN, naming the step and the queue) and the
+    /// subscription tried again on a fresh channel (`resubscribe_timeout`, default
+    /// [`DEFAULT_RESUBSCRIBE_TIMEOUT`]). A broker node that froze keeps declarations
+    /// waiting until the cluster declares it down (RabbitMQ's `net_ticktime`).
+    pub resubscribe_timeout: Duration,
     /// CA and client certificate files (`tls_ca_file`, `tls_cert_file`,
     /// `tls_key_file`, or oslo's `ssl_*` names); naming any turns TLS on.
     pub tls_files: TlsFiles,
@@ -158,17 +180,20 @@ impl Default for AmqpConfig {
     fn default() -> Self {
         AmqpConfig {
             hosts: vec![Host::new("localhost", 5672)],
+            shuffle_hosts: true,
             vhost: "/".to_owned(),
             tls: false,
             exchange: rpc_core::DEFAULT_EXCHANGE.to_owned(),
             durable: false,
             quorum: false,
+            transient_quorum: false,
             heartbeat: DEFAULT_HEARTBEAT,
             prefetch: None,
             transient_ttl: Some(DEFAULT_TRANSIENT_TTL),
             topic_ttl: None,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             max_backoff: DEFAULT_MAX_BACKOFF,
+            resubscribe_timeout: DEFAULT_RESUBSCRIBE_TIMEOUT,
             tls_files: TlsFiles::default(),
             compression: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -179,11 +204,20 @@ impl Default for AmqpConfig {
 
 /// Setters, one per field, for a configuration built without a URL.
 impl AmqpConfig {
-    /// The brokers to try, in order (at least one; a TLS broker usually listens on
+    /// The brokers to try, in this order unless [`AmqpConfig::shuffle_hosts`] (at
+    /// least one; a TLS broker usually listens on
     /// 5671).
     #[must_use]
     pub fn hosts(mut self, hosts: impl IntoIterator<Item = Host>) -> Self {
         self.hosts = hosts.into_iter().collect();
+        self
+    }
+
+    /// Whether each transport tries the hosts in an order drawn at random (true, the
+    /// default, as oslo.messaging) or in the order given (false).
+    #[must_use]
+    pub fn shuffle_hosts(mut self, shuffle: bool) -> Self {
+        self.shuffle_hosts = shuffle;
         self
     }
 
@@ -219,6 +253,13 @@ impl AmqpConfig {
     #[must_use]
     pub fn quorum(mut self, quorum: bool) -> Self {
         self.quorum = quorum;
+        self
+    }
+
+    /// Quorum reply and fanout queues (oslo's `rabbit_transient_quorum_queue`).
+    #[must_use]
+    pub fn transient_quorum(mut self, transient_quorum: bool) -> Self {
+        self.transient_quorum = transient_quorum;
         self
     }
 
@@ -262,6 +303,14 @@ impl AmqpConfig {
     #[must_use]
     pub fn max_backoff(mut self, max_backoff: Duration) -> Self {
         self.max_backoff = max_backoff;
+        self
+    }
+
+    /// How long each re-subscription step (declare, bind, consume) may wait for the
+    /// broker before it is logged as stuck and tried again.
+    #[must_use]
+    pub fn resubscribe_timeout(mut self, timeout: Duration) -> Self {
+        self.resubscribe_timeout = timeout;
         self
     }
 
@@ -312,6 +361,9 @@ mod tests {
                 Host::new("::1", 5674).credentials("u2", "p2"),
             ])
             .vhost("vh")
+            .shuffle_hosts(false)
+            .transient_quorum(true)
+            .resubscribe_timeout(Duration::from_secs(3))
             .exchange("nova")
             .durable(true)
             .heartbeat(5)
@@ -325,7 +377,8 @@ mod tests {
         let parsed = parse(
             "amqp://u1:p%40ss@h1:5673,u2:p2@[::1]:5674/vh?exchange=nova&durable=1&heartbeat=5\
              &prefetch=10&transient_ttl=0&topic_ttl=300&max_backoff=0.5&connect_timeout=250ms\
-             &compression=gzip&allow_reply_queues=legacy",
+             &compression=gzip&allow_reply_queues=legacy&shuffle_hosts=false\
+             &transient_quorum=true&resubscribe_timeout=3s",
         );
         assert_eq!(built, parsed);
         assert_eq!(AmqpConfig::default().prefetch(0).prefetch, None);

@@ -15,7 +15,7 @@ use crate::reply_queues::ReplyQueues;
 /// The URL options, for the error about an unknown one (the TLS files' are added).
 const KNOWN_OPTIONS: &str = "exchange, durable, quorum, heartbeat, prefetch, transient_ttl, \
     topic_ttl, ssl, max_message_size, max_backoff, compression, connect_timeout, \
-    allow_reply_queues";
+    allow_reply_queues, shuffle_hosts, transient_quorum, resubscribe_timeout";
 
 impl AmqpConfig {
     /// Parses an AMQP URL.
@@ -24,7 +24,12 @@ impl AmqpConfig {
     /// where SCHEME is `amqp`, `amqps` or `rabbit`. The virtual host follows
     /// oslo.messaging: none or empty means `/`, `//` and `/%2F` mean `/`. Options
     /// (oslo's option names are accepted too): `exchange` (`control_exchange`),
-    /// `durable` (`amqp_durable_queues`), `quorum` (`rabbit_quorum_queue`), `heartbeat`
+    /// `durable` (`amqp_durable_queues`), `quorum` (`rabbit_quorum_queue`),
+    /// `transient_quorum` (`rabbit_transient_quorum_queue`: quorum reply and fanout
+    /// queues), `shuffle_hosts` (default true: each transport tries the hosts in an
+    /// order drawn at random, as oslo.messaging; false keeps the URL's order),
+    /// `resubscribe_timeout` (default 10 s: how long each declare, bind or consume of
+    /// a re-subscription may wait before it is logged as stuck and retried), `heartbeat`
     /// (`heartbeat_timeout_threshold`; rounded up to whole seconds, 0 disables),
     /// `prefetch` (`rabbit_qos_prefetch_count`), `transient_ttl`
     /// (`rabbit_transient_queues_ttl`, 0 = none), `topic_ttl` (`x-expires` on topic
@@ -96,6 +101,11 @@ impl AmqpConfig {
             "exchange" | "control_exchange" => self.exchange = option.text()?.to_owned(),
             "durable" | "amqp_durable_queues" => self.durable = option.flag()?,
             "quorum" | "rabbit_quorum_queue" => self.quorum = option.flag()?,
+            "transient_quorum" | "rabbit_transient_quorum_queue" => {
+                self.transient_quorum = option.flag()?;
+            }
+            "shuffle_hosts" => self.shuffle_hosts = option.flag()?,
+            "resubscribe_timeout" => self.resubscribe_timeout = option.duration()?,
             "ssl" | "tls" => *tls = option.flag()?,
             "heartbeat" | "heartbeat_timeout_threshold" => {
                 self.heartbeat = heartbeat_seconds(&option)?;
@@ -280,6 +290,12 @@ mod tests {
         assert_eq!(c.transient_ttl, None);
         assert!(parse("rabbit://h?ssl=true").tls);
         assert!(parse("rabbit://h?amqp_durable_queues=true").durable);
+        // Clusters: oslo's names, hosts shuffled unless told otherwise.
+        let c = parse("rabbit://h1,h2?rabbit_transient_quorum_queue=true&resubscribe_timeout=2.5");
+        assert!(c.transient_quorum && c.shuffle_hosts);
+        assert_eq!(c.resubscribe_timeout, Duration::from_millis(2500));
+        assert!(!parse("rabbit://h1,h2?shuffle_hosts=false").shuffle_hosts);
+        assert!(AmqpConfig::parse("amqp://h?resubscribe_timeout=0").is_err());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! fresh subscription to the consumer, and when one is lost (or retired for a new
 //! prefetch) subscribes again, with rpc-core's backoff between failed attempts.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 
@@ -15,7 +16,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use rpc_core::backoff::Retry;
 use rpc_core::transport::Merged;
-use rpc_core::{Error, Result};
+use rpc_core::{Error, Result, TransportErrorKind};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -24,6 +25,35 @@ use super::{Live, Subscription};
 use crate::error::lapin_error;
 use crate::link::Link;
 use crate::topology::{self, short};
+
+/// The error of a subscription step the broker left unanswered for `limit`.
+fn stuck(step: &str, name: &str, limit: std::time::Duration) -> Error {
+    let what = if name.is_empty() {
+        step.to_owned()
+    } else {
+        format!("{step} {name}")
+    };
+    Error::transport_msg(
+        TransportErrorKind::Timeout,
+        format!(
+            "{what}: the broker did not answer within {limit:?} (URL option \
+             resubscribe_timeout; a frozen cluster node holds declarations until the \
+             cluster declares it down, after its net_ticktime)"
+        ),
+    )
+}
+
+/// Whether a subscription failed because a step was stuck (worth retrying even for
+/// the first subscription: the broker is slow, not refusing).
+fn is_stuck(err: &Error) -> bool {
+    matches!(
+        err,
+        Error::Transport {
+            kind: TransportErrorKind::Timeout,
+            ..
+        }
+    )
+}
 
 /// How long each clean-up step on close may wait for the broker.
 const CLEANUP_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -62,7 +92,7 @@ impl ConsumerTask {
             let retry = Retry::new(self.link.backoff());
             let subscribing = retry.run_notify(
                 |_| self.open(),
-                |err| !first && !matches!(err, Error::Closed),
+                |err| (!first || is_stuck(err)) && !matches!(err, Error::Closed),
                 |err, _, wait| {
                     tracing::warn!(error = %err, ?wait, "re-subscribing failed; will retry");
                 },
@@ -117,13 +147,67 @@ impl ConsumerTask {
         }
     }
 
+    /// Runs one step of a subscription (declare, bind, consume) under
+    /// `resubscribe_timeout`: a step the broker leaves unanswered (a node that froze,
+    /// a queue whose leader is on it) is logged, naming the step and the queue or
+    /// exchange, and fails with a timeout, so the subscription is tried again.
+    async fn step<T>(
+        &self,
+        step: &str,
+        name: &str,
+        work: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let limit = self.link.config.resubscribe_timeout;
+        match tokio::time::timeout(limit, work).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                tracing::warn!(
+                    step,
+                    name,
+                    ?limit,
+                    connection = %self.link.name(),
+                    "subscribing is stuck: the broker has not answered; trying again on a \
+                     fresh channel"
+                );
+                Err(stuck(step, name, limit))
+            }
+        }
+    }
+
     async fn open(&self) -> Result<Session> {
         let connected = self.link.connection().await?;
-        let channel = connected
-            .connection
-            .create_channel()
-            .await
-            .map_err(|e| lapin_error("opening a consumer channel", e))?;
+        let channel = self
+            .step("opening a channel", "", async {
+                connected
+                    .connection
+                    .create_channel()
+                    .await
+                    .map_err(|e| lapin_error("opening a consumer channel", e))
+            })
+            .await?;
+        match self.subscribe(&channel).await {
+            Ok((stream, tags)) => Ok(Session {
+                channel: Arc::new(channel),
+                stream,
+                tags,
+            }),
+            Err(err) => {
+                // A step that timed out left the channel open, waiting on the broker:
+                // close it without waiting (the broker may not answer for a while).
+                if channel.status().connected() {
+                    tokio::spawn(async move {
+                        let close = channel.close(200, "subscription abandoned".into());
+                        let _ = tokio::time::timeout(CLEANUP_LIMIT, close).await;
+                    });
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Declares and binds what the subscription needs on `channel` and consumes its
+    /// queues, each step bounded by [`ConsumerTask::step`].
+    async fn subscribe(&self, channel: &Channel) -> Result<(Merged<Deliveries>, Vec<String>)> {
         let config = &self.link.config;
         let (queues, no_ack) = match &self.subscription {
             Subscription::Server {
@@ -134,25 +218,60 @@ impl ConsumerTask {
                 prefetch: _,
             } => {
                 let prefetch = self.prefetch.load(Ordering::Relaxed);
-                channel
-                    // Per consumer, as oslo.messaging sets it: RabbitMQ's channel-wide
-                    // (`global`) limit coordinates the channel and its queues on every
-                    // message and cost a third of the calls per second here.
-                    .basic_qos(prefetch, BasicQosOptions { global: false })
-                    .await
-                    .map_err(|e| lapin_error("setting prefetch", e))?;
+                self.step("setting prefetch", "", async {
+                    channel
+                        // Per consumer, as oslo.messaging sets it: RabbitMQ's
+                        // channel-wide (`global`) limit coordinates the channel and its
+                        // queues on every message and cost a third of the calls per
+                        // second here.
+                        .basic_qos(prefetch, BasicQosOptions { global: false })
+                        .await
+                        .map_err(|e| lapin_error("setting prefetch", e))
+                })
+                .await?;
                 let direct = topology::server_queue(topic, server);
                 let fanout = topology::fanout_exchange(topic);
-                topology::declare_topic_exchange(&channel, config, exchange).await?;
-                topology::declare_shared_queue(&channel, config, exchange, topic).await?;
-                topology::declare_shared_queue(&channel, config, exchange, &direct).await?;
-                topology::declare_fanout_exchange(&channel, topic).await?;
-                topology::declare_transient_queue(&channel, config, fanout_queue).await?;
-                topology::bind(&channel, fanout_queue, &fanout, topic).await?;
+                self.step(
+                    "declaring exchange",
+                    exchange,
+                    topology::declare_topic_exchange(channel, config, exchange),
+                )
+                .await?;
+                for queue in [topic, &direct] {
+                    self.step(
+                        "declaring and binding queue",
+                        queue,
+                        topology::declare_shared_queue(channel, config, exchange, queue),
+                    )
+                    .await?;
+                }
+                self.step(
+                    "declaring exchange",
+                    &fanout,
+                    topology::declare_fanout_exchange(channel, topic),
+                )
+                .await?;
+                self.step(
+                    "declaring queue",
+                    fanout_queue,
+                    topology::declare_transient_queue(channel, config, fanout_queue),
+                )
+                .await?;
+                self.step(
+                    "binding queue",
+                    fanout_queue,
+                    topology::bind(channel, fanout_queue, &fanout, topic),
+                )
+                .await?;
                 (vec![topic.clone(), direct, fanout_queue.clone()], false)
             }
             Subscription::Reply { queue } => {
-                topology::declare_transient_queue(&channel, config, queue).await?;
+                self.step(
+                    "declaring queue",
+                    queue,
+                    topology::declare_transient_queue(channel, config, queue),
+                )
+                .await?;
                 (vec![queue.clone()], true)
             }
             Subscription::Monitor {
@@ -160,30 +279,60 @@ impl ConsumerTask {
                 topic,
                 queue,
             } => {
-                topology::declare_topic_exchange(&channel, config, exchange).await?;
-                topology::declare_fanout_exchange(&channel, topic).await?;
-                topology::declare_private_queue(&channel, queue).await?;
-                topology::bind(&channel, queue, exchange, topic).await?;
-                topology::bind(&channel, queue, exchange, &format!("{topic}.*")).await?;
-                topology::bind(&channel, queue, &topology::fanout_exchange(topic), topic).await?;
+                self.step(
+                    "declaring exchange",
+                    exchange,
+                    topology::declare_topic_exchange(channel, config, exchange),
+                )
+                .await?;
+                let fanout = topology::fanout_exchange(topic);
+                self.step(
+                    "declaring exchange",
+                    &fanout,
+                    topology::declare_fanout_exchange(channel, topic),
+                )
+                .await?;
+                self.step(
+                    "declaring queue",
+                    queue,
+                    topology::declare_private_queue(channel, queue),
+                )
+                .await?;
+                let bindings = [
+                    (exchange.as_str(), topic.clone()),
+                    (exchange.as_str(), format!("{topic}.*")),
+                    (fanout.as_str(), topic.clone()),
+                ];
+                for (source, key) in &bindings {
+                    self.step(
+                        "binding queue",
+                        queue,
+                        topology::bind(channel, queue, source, key),
+                    )
+                    .await?;
+                }
                 (vec![queue.clone()], true)
             }
         };
         let mut stream = Merged::new();
         let mut tags = Vec::new();
         for queue in queues {
-            let consumer = channel
-                .basic_consume(
-                    short(&queue)?,
-                    "".into(),
-                    BasicConsumeOptions {
-                        no_ack,
-                        ..BasicConsumeOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|e| lapin_error(&format!("consuming {queue}"), e))?;
+            let consumer = self
+                .step("consuming", &queue, async {
+                    channel
+                        .basic_consume(
+                            short(&queue)?,
+                            "".into(),
+                            BasicConsumeOptions {
+                                no_ack,
+                                ..BasicConsumeOptions::default()
+                            },
+                            FieldTable::default(),
+                        )
+                        .await
+                        .map_err(|e| lapin_error(&format!("consuming {queue}"), e))
+                })
+                .await?;
             tags.push(consumer.tag().to_string());
             let ended = format!("the broker cancelled the consumer of {queue}");
             stream.push(
@@ -193,11 +342,7 @@ impl ConsumerTask {
                     .boxed(),
             );
         }
-        Ok(Session {
-            channel: Arc::new(channel),
-            stream,
-            tags,
-        })
+        Ok((stream, tags))
     }
 
     /// Stops consuming but keeps the channel open, so deliveries already handed out
