@@ -15,34 +15,156 @@ use crate::config::NatsConfig;
 use crate::error::boxed_nats_error;
 use crate::{Deliveries, nats_error};
 
-/// Creates (or finds) the work-queue stream holding an exchange's casts.
+/// The subject filter of an exchange's stream: every JetStream subject of its topics
+/// and servers (`<prefix>.js.<exchange>.>`, escaped).
+pub(crate) fn stream_subject(config: &NatsConfig, exchange: &str) -> String {
+    config
+        .jetstream_subject(&rpc_core::Address::Topic {
+            exchange: exchange.to_owned(),
+            topic: "x".to_owned(),
+        })
+        .and_then(|s| s.rsplit_once('.').map(|(base, _)| format!("{base}.>")))
+        .unwrap_or_default()
+}
+
+/// The work-queue stream holding an exchange's casts, made to match what mqrpc owns
+/// of it without touching the rest.
+///
+/// - Missing: created with the exchange's subject, `max_age` and
+///   [`NatsConfig::replicas`] copies.
+/// - Existing: its current configuration is read, and only what mqrpc owns changes on
+///   top of it: its subject is listed, its `max_age` is the configured one, and its
+///   replicas are raised to `replicas` when it has fewer, never lowered (an operator's
+///   R3 stream stays R3 whatever a client asks). Nothing is sent when nothing changes.
+///
+/// Every request is bounded by the JetStream context's timeout
+/// ([`JETSTREAM_API_TIMEOUT`]); a stream that exists but has no leader does not
+/// answer, and that is said in the error.
 pub(crate) async fn ensure_stream(
     js: &jetstream::Context,
     config: &NatsConfig,
     exchange: &str,
 ) -> Result<jetstream::stream::Stream> {
     let name = config.jetstream_stream(exchange);
-    let subject = config
-        .jetstream_subject(&rpc_core::Address::Topic {
-            exchange: exchange.to_owned(),
-            topic: "x".to_owned(),
-        })
-        .and_then(|s| s.rsplit_once('.').map(|(base, _)| format!("{base}.>")))
-        .unwrap_or_default();
-    // Create, or bring an existing stream's subjects and limits up to date.
-    js.create_or_update_stream(jetstream::stream::Config {
-        name: name.clone(),
-        subjects: vec![subject],
-        retention: jetstream::stream::RetentionPolicy::WorkQueue,
-        max_age: config.max_age,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| nats_error(&format!("creating JetStream stream {name}"), e))?;
+    let subject = stream_subject(config, exchange);
+    // Twice at most: a stream another process created between our look-up and our
+    // create is then updated like any existing one.
+    for _ in 0..2 {
+        match js.get_stream(&name).await {
+            Ok(stream) => return update_owned(js, stream, &subject, config).await,
+            Err(err) if stream_not_found(&err) => {}
+            Err(err) => return Err(unanswered(&name, "reading the JetStream stream", err)),
+        }
+        let created = js
+            .create_stream(jetstream::stream::Config {
+                name: name.clone(),
+                subjects: vec![subject.clone()],
+                retention: jetstream::stream::RetentionPolicy::WorkQueue,
+                max_age: config.max_age,
+                num_replicas: config.replicas,
+                ..Default::default()
+            })
+            .await;
+        match created {
+            Ok(stream) => {
+                tracing::info!(stream = %name, replicas = config.replicas, "created the JetStream stream");
+                return Ok(stream);
+            }
+            Err(err) if name_taken(&err) => continue,
+            Err(err) => return Err(unanswered(&name, "creating the JetStream stream", err)),
+        }
+    }
+    Err(Error::transport_msg(
+        TransportErrorKind::Other,
+        format!("JetStream stream {name} exists, but could not be read or created"),
+    ))
+}
+
+/// Brings what mqrpc owns of an existing stream up to date (see [`ensure_stream`]).
+async fn update_owned(
+    js: &jetstream::Context,
+    stream: jetstream::stream::Stream,
+    subject: &str,
+    config: &NatsConfig,
+) -> Result<jetstream::stream::Stream> {
+    let current = &stream.cached_info().config;
+    let Some(wanted) = owned_changes(current, subject, config) else {
+        return Ok(stream);
+    };
+    let name = wanted.name.clone();
+    tracing::info!(
+        stream = %name,
+        replicas = wanted.num_replicas,
+        was = current.num_replicas,
+        max_age = ?wanted.max_age,
+        "updating the JetStream stream"
+    );
+    js.update_stream(&wanted)
+        .await
+        .map_err(|e| unanswered(&name, "updating the JetStream stream", e))?;
     js.get_stream(&name)
         .await
-        .map_err(|e| nats_error(&format!("opening JetStream stream {name}"), e))
+        .map_err(|e| unanswered(&name, "reading the JetStream stream", e))
 }
+
+/// The configuration `current` should have: the same, but with `subject` listed, the
+/// configured `max_age`, and at least the configured replicas. `None` when it has
+/// them already.
+pub(crate) fn owned_changes(
+    current: &jetstream::stream::Config,
+    subject: &str,
+    config: &NatsConfig,
+) -> Option<jetstream::stream::Config> {
+    let mut wanted = current.clone();
+    if !wanted.subjects.iter().any(|s| s == subject) {
+        wanted.subjects.push(subject.to_owned());
+    }
+    wanted.max_age = config.max_age;
+    // Raised only (0, as some servers report a single copy, counts as 1).
+    if config.replicas > current.num_replicas.max(1) {
+        wanted.num_replicas = config.replicas;
+    }
+    (wanted != *current).then_some(wanted)
+}
+
+/// Whether a stream look-up failed because there is no such stream.
+fn stream_not_found(err: &async_nats::jetstream::context::GetStreamError) -> bool {
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    matches!(err.kind(), GetStreamErrorKind::JetStream(api)
+        if api.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
+
+/// Whether a create failed because another process created the stream meanwhile.
+fn name_taken(err: &async_nats::jetstream::context::CreateStreamError) -> bool {
+    use async_nats::jetstream::context::CreateStreamErrorKind;
+    matches!(err.kind(), CreateStreamErrorKind::JetStream(api)
+        if api.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST)
+}
+
+/// An error about stream `name` that says its cause in its message (the CLI prints
+/// only that), and that a request nobody answered in time most likely means the
+/// stream (or the JetStream meta group) has no leader.
+pub(crate) fn unanswered(
+    name: &str,
+    what: &str,
+    err: impl std::error::Error + Send + Sync + 'static,
+) -> Error {
+    let kind = crate::error::kind_of(&err);
+    let why = if kind == TransportErrorKind::Timeout {
+        format!(
+            "no answer within {JETSTREAM_API_TIMEOUT:?}: the stream or the JetStream cluster              has no leader (a node down, or an election under way)"
+        )
+    } else {
+        err.to_string()
+    };
+    Error::transport(kind, format!("{what} {name}: {why}"), err)
+}
+
+/// How long a JetStream API request (stream and consumer set-up) or a cast's store
+/// acknowledgement may take. async-nats would wait 10 s for API requests, longer than
+/// a caller's usual deadline for a cast, and then the cause would be lost in the
+/// caller's own timeout.
+pub(crate) const JETSTREAM_API_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The casts a server of `target` takes: one pull loop for the topic's JetStream
 /// subject and one for its server's, each on a durable consumer shared by every

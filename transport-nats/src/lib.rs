@@ -214,9 +214,13 @@ impl NatsTransport {
                 return Err(Error::transport_msg(TransportErrorKind::Connect, timed_out));
             }
         };
-        let jetstream = config
-            .jetstream
-            .then(|| async_nats::jetstream::new(client.clone()));
+        // API requests and store acknowledgements bounded well inside a cast's usual
+        // deadline, so a stream without a leader is reported as such.
+        let jetstream = config.jetstream.then(|| {
+            async_nats::jetstream::ContextBuilder::new()
+                .timeout(jetstream::JETSTREAM_API_TIMEOUT)
+                .build(client.clone())
+        });
         let publisher = Arc::new(NatsPublisher::new(
             client.clone(),
             config.clone(),
@@ -230,10 +234,9 @@ impl NatsTransport {
             dropped: AtomicU64::new(0),
             publisher,
         });
-        if let Some(js) = &shared.jetstream {
-            jetstream::ensure_stream(js, &shared.config, &shared.config.exchange).await?;
-            shared.publisher.streams_ready(&shared.config.exchange);
-        }
+        // No JetStream request here: the stream is created by the first cast that
+        // finds none, and set up by each server that listens (`jetstream::pulls`), so
+        // connecting never waits on a stream that has no leader.
         Ok(NatsTransport { shared })
     }
 

@@ -3,14 +3,14 @@
 //! the server has the message (or, in JetStream mode, once the stream stored it);
 //! replies are published plainly.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use async_trait::async_trait;
 use futures::StreamExt;
-use rpc_core::{Address, Error, Outgoing, Publisher, Result};
+use rpc_core::{Address, Error, Outgoing, Publisher, Result, TransportErrorKind};
 
 use crate::batch::Requests;
 use crate::config::NatsConfig;
@@ -26,8 +26,6 @@ pub(crate) struct NatsPublisher {
     config: NatsConfig,
     jetstream: Option<jetstream::Context>,
     reply_prefix: String,
-    /// Exchanges whose JetStream stream is known to exist.
-    streams: Mutex<HashSet<String>>,
     /// The subject of the last address published to: a client mostly sends to one
     /// target, and working a subject out formats several strings.
     last_subject: Mutex<Option<(Address, async_nats::Subject)>>,
@@ -99,41 +97,21 @@ impl NatsPublisher {
             client,
             config,
             jetstream,
-            streams: Mutex::new(HashSet::new()),
             last_subject: Mutex::new(None),
             routes: Arc::default(),
             gone_watch: tokio::sync::OnceCell::new(),
         }
     }
 
-    /// Records that the stream of `exchange` exists.
-    pub(crate) fn streams_ready(&self, exchange: &str) {
-        self.streams
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(exchange.to_owned());
-    }
-
-    /// Creates the stream of `exchange` on its first cast.
-    async fn ensure_stream(&self, js: &jetstream::Context, address: &Address) -> Result<()> {
-        let exchange = match address {
-            Address::Topic { exchange, .. } | Address::Server { exchange, .. } => exchange,
-            _ => return Ok(()),
-        };
-        let known = self
-            .streams
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(exchange);
-        if !known {
-            crate::jetstream::ensure_stream(js, &self.config, exchange).await?;
-            self.streams_ready(exchange);
-        }
-        Ok(())
-    }
-
     /// A cast in JetStream mode: published to the exchange's stream, and done once
     /// the stream stored it.
+    ///
+    /// Nothing is asked of JetStream before: when no stream takes the subject ("no
+    /// responders"), the meta leader is asked whether the exchange's stream exists.
+    /// If it does not, it is created ([`crate::jetstream::ensure_stream`]) and the
+    /// cast published again; if it does, it has no leader (its nodes are down, or it
+    /// is electing one) and the cast fails saying so. So `connect` never waits on a
+    /// stream, and a cast fails at once, with its cause, while its stream is offline.
     async fn store_cast(
         &self,
         js: &jetstream::Context,
@@ -142,15 +120,50 @@ impl NatsPublisher {
         body: bytes::Bytes,
     ) -> Result<()> {
         NatsConfig::check_subject(&js_subject, address)?;
-        self.ensure_stream(js, address).await?;
-        let ack = js
-            .publish(js_subject, body)
-            .await
-            .map_err(|e| nats_error(&format!("publishing to JetStream for {address}"), e))?;
-        ack.await.map_err(|e| {
-            nats_error(&format!("JetStream did not store the cast to {address}"), e)
-        })?;
-        Ok(())
+        let not_stored = format!("JetStream did not store the cast to {address}");
+        let mut created = false;
+        loop {
+            let ack = js
+                .publish(js_subject.clone(), body.clone())
+                .await
+                .map_err(|e| nats_error(&format!("publishing to JetStream for {address}"), e))?;
+            let err = match ack.await {
+                Ok(_) => return Ok(()),
+                Err(err) => err,
+            };
+            if err.kind() != jetstream::context::PublishErrorKind::StreamNotFound || created {
+                return Err(because(&not_stored, err));
+            }
+            let (Address::Topic { exchange, .. } | Address::Server { exchange, .. }) = address
+            else {
+                return Err(because(&not_stored, err));
+            };
+            let filter = crate::jetstream::stream_subject(&self.config, exchange);
+            let name = self.config.jetstream_stream(exchange);
+            match js.stream_by_subject(filter).await {
+                Ok(found) => {
+                    return Err(Error::transport(
+                        TransportErrorKind::Other,
+                        format!(
+                            "{not_stored}: stream {found} has no leader (its nodes are down, or \
+                             it is electing one): no responders on {js_subject}"
+                        ),
+                        err,
+                    ));
+                }
+                Err(e) if e.kind() == jetstream::context::GetStreamByNameErrorKind::NotFound => {
+                    crate::jetstream::ensure_stream(js, &self.config, exchange).await?;
+                    created = true;
+                }
+                Err(e) => {
+                    return Err(crate::jetstream::unanswered(
+                        &name,
+                        &format!("{not_stored}: looking up the stream"),
+                        e,
+                    ));
+                }
+            }
+        }
     }
 
     /// A plain cast: published, and done once a round trip shows the server has it.
@@ -288,6 +301,16 @@ impl NatsPublisher {
 /// `NatsTransport`), and the inbox comes from the network.
 fn valid_inbox(inbox: &str) -> bool {
     !inbox.is_empty() && crate::subjects::protocol_safe(inbox)
+}
+
+/// A transport error whose message says `what` failed and why (the CLI prints only
+/// the message), with async-nats's error kept as its source.
+fn because(what: &str, err: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::transport(
+        crate::error::kind_of(&err),
+        format!("{what}: {err}"),
+        err,
+    )
 }
 
 fn publish_error(
