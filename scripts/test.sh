@@ -9,7 +9,17 @@
 #                                  interop tests; idempotent, well under a second
 #                                  when already installed
 #   3. cargo test --workspace --all-features [ARGS...]
-#   4. a summary of what was skipped (count and lines), printed after cargo test,
+#      (but the cluster suites: `-- --skip clusters::`)
+#   4. the cluster suites, one cluster at a time (NATS, Redis Cluster, RabbitMQ):
+#      bash scripts/cluster-<kind>.sh up, then
+#      MQRPC_CLUSTER=<kind> cargo test --all-features --test conformance --
+#        clusters::<kind>::suite        (client and server on different nodes)
+#        clusters::<kind>::faults       (node kills, --test-threads=1)
+#      and always bash scripts/cluster-<kind>.sh down. Each cluster runs on spare
+#      loopback ports with its own data directory; the shared brokers are never
+#      touched. With extra arguments (a filtered run) the clusters run only when
+#      MQRPC_CLUSTERS names them, e.g. MQRPC_CLUSTERS="nats redis".
+#   5. a summary of what was skipped (count and lines), printed after cargo test,
 #      outside libtest's captured output
 #
 # A test whose broker, broker program or Python peer is missing FAILS. Setting
@@ -59,9 +69,56 @@ MQRPC_SKIP_LOG="$(cd "$target" && pwd)/mqrpc-skipped.log"
 export MQRPC_SKIP_LOG
 : >"$MQRPC_SKIP_LOG"
 
-header "test: cargo test --workspace --all-features $*"
+# The cluster suites run below, each with its cluster up; the main run leaves them
+# out with libtest's --skip (after the `--` that the arguments may hold already).
+args=("$@")
+has_separator=0
+for arg in "${args[@]}"; do
+    [ "$arg" = -- ] && has_separator=1
+done
+[ "$has_separator" = 1 ] || args+=(--)
+args+=(--skip clusters::)
+
+header "test: cargo test --workspace --all-features ${args[*]}"
 status=0
-cargo test --workspace --all-features "$@" || status=$?
+cargo test --workspace --all-features "${args[@]}" || status=$?
+
+if [ "$#" -eq 0 ]; then
+    clusters="${MQRPC_CLUSTERS-nats redis rabbitmq}"
+else
+    clusters="${MQRPC_CLUSTERS-}"
+fi
+# run_cluster KIND: brings the cluster up, runs its suites, tears it down (also
+# when a suite fails or the run is interrupted).
+run_cluster() {
+    local kind="$1" script="scripts/cluster-$1.sh"
+    header "cluster $kind: bash $script up"
+    if ! bash "$script" up; then
+        bash "$script" down || true
+        if [ "$skip_allowed" = 1 ]; then
+            printf 'SKIP clusters::%s: the cluster did not come up (bash %s up failed)\n' \
+                "$kind" "$script" >>"$MQRPC_SKIP_LOG"
+            return 0
+        fi
+        printf 'test.sh: error: the %s cluster did not come up\n' "$kind" >&2
+        return 1
+    fi
+    trap 'bash "'"$script"'" down' EXIT
+    local result=0
+    header "cluster $kind: cargo test --all-features --test conformance -- clusters::$kind::suite"
+    MQRPC_CLUSTER="$kind" cargo test --all-features --test conformance -- \
+        "clusters::$kind::suite" || result=1
+    header "cluster $kind: cargo test --all-features --test conformance -- clusters::$kind::faults --test-threads=1"
+    MQRPC_CLUSTER="$kind" cargo test --all-features --test conformance -- \
+        "clusters::$kind::faults" --test-threads=1 || result=1
+    header "cluster $kind: bash $script down"
+    bash "$script" down || true
+    trap - EXIT
+    return "$result"
+}
+for kind in $clusters; do
+    run_cluster "$kind" || status=1
+done
 
 skipped="$(grep -c . "$MQRPC_SKIP_LOG" || true)"
 if [ "$skipped" -eq 0 ]; then

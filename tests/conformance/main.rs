@@ -8,6 +8,8 @@
 #[macro_use]
 mod suite;
 #[cfg(any(feature = "amqp", feature = "redis", feature = "nats"))]
+mod clusters;
+#[cfg(any(feature = "amqp", feature = "redis", feature = "nats"))]
 mod faults;
 mod logs;
 mod proxy;
