@@ -42,6 +42,13 @@ check_node() {
     case "${1:-}" in 1 | 2 | 3) ;; *) die "node must be 1, 2 or 3 (got '${1:-}')" ;; esac
 }
 
+# alive PID: the process runs (a zombie waiting for its parent to reap it does not).
+alive() {
+    local state
+    state="$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" || return 1
+    [ -n "$state" ] && [ "$state" != Z ]
+}
+
 # pid_of N: the PID of node N, if it runs.
 pid_of() {
     local f
@@ -49,7 +56,7 @@ pid_of() {
     [ -f "$f" ] || return 1
     local pid
     pid="$(cat "$f")"
-    kill -0 "$pid" 2>/dev/null || return 1
+    alive "$pid" || return 1
     echo "$pid"
 }
 
@@ -70,7 +77,7 @@ launch() {
         -n "n$n" --cluster_name "$CLUSTER_NAME" \
         --cluster "nats://$HOST:$(route_port "$n")" --routes "$joined" \
         -js -sd "$DIR/store/n$n" \
-        -P "$(pidfile "$n")" -l "$DIR/n$n.log" &
+        -P "$(pidfile "$n")" -l "$DIR/n$n.log" </dev/null >>"$DIR/n$n.out" 2>&1 &
     # The pid file is written by the server itself; keep ours until then.
     echo $! >"$(pidfile "$n")"
     disown
@@ -139,7 +146,7 @@ cmd_kill() {
     local pid
     if pid="$(pid_of "$1")"; then
         kill -9 "$pid"
-        while kill -0 "$pid" 2>/dev/null; do sleep 0.02; done
+        while alive "$pid"; do sleep 0.02; done
     fi
     rm -f "$(pidfile "$1")"
 }

@@ -3,7 +3,7 @@
 //! the server has the message (or, in JetStream mode, once the stream stored it);
 //! replies are published plainly.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,9 @@ pub(crate) struct NatsPublisher {
     client: async_nats::Client,
     config: NatsConfig,
     jetstream: Option<jetstream::Context>,
+    /// Exchanges whose JetStream stream stored a cast of this publisher: it exists,
+    /// so "no responders" means it has no leader.
+    stored: Mutex<HashSet<String>>,
     reply_prefix: String,
     /// The subject of the last address published to: a client mostly sends to one
     /// target, and working a subject out formats several strings.
@@ -39,6 +42,10 @@ pub(crate) struct NatsPublisher {
     /// Call requests waiting to be handed to async-nats together (see `batch.rs`).
     requests: Arc<Requests>,
 }
+
+/// How long a cast that no stream took waits for the JetStream API to say whether
+/// its stream exists: short, so the cause reaches the caller before its deadline.
+const STREAM_LOOKUP_LIMIT: Duration = Duration::from_secs(2);
 
 /// How many reply subjects a publisher keeps before it starts afresh.
 const REPLY_SUBJECTS: usize = 1024;
@@ -97,6 +104,7 @@ impl NatsPublisher {
             client,
             config,
             jetstream,
+            stored: Mutex::default(),
             last_subject: Mutex::new(None),
             routes: Arc::default(),
             gone_watch: tokio::sync::OnceCell::new(),
@@ -121,6 +129,11 @@ impl NatsPublisher {
     ) -> Result<()> {
         NatsConfig::check_subject(&js_subject, address)?;
         let not_stored = format!("JetStream did not store the cast to {address}");
+        let (Address::Topic { exchange, .. } | Address::Server { exchange, .. }) = address else {
+            return Err(Error::InvalidTarget(format!(
+                "{address}: only casts to a topic or server go through JetStream"
+            )));
+        };
         let mut created = false;
         loop {
             let ack = js
@@ -128,42 +141,75 @@ impl NatsPublisher {
                 .await
                 .map_err(|e| nats_error(&format!("publishing to JetStream for {address}"), e))?;
             let err = match ack.await {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    self.stored_once(exchange);
+                    return Ok(());
+                }
                 Err(err) => err,
             };
             if err.kind() != jetstream::context::PublishErrorKind::StreamNotFound || created {
                 return Err(because(&not_stored, err));
             }
-            let (Address::Topic { exchange, .. } | Address::Server { exchange, .. }) = address
-            else {
-                return Err(because(&not_stored, err));
+            let no_leader = |found: &str, err| {
+                Error::transport(
+                    TransportErrorKind::Other,
+                    format!(
+                        "{not_stored}: stream {found} has no leader (its nodes are down, or it is \
+                         electing one): no responders on {js_subject}"
+                    ),
+                    err,
+                )
             };
-            let filter = crate::jetstream::stream_subject(&self.config, exchange);
             let name = self.config.jetstream_stream(exchange);
-            match js.stream_by_subject(filter).await {
-                Ok(found) => {
+            if self.has_stored(exchange) {
+                // It took casts before: it exists, without a leader for now.
+                return Err(no_leader(&name, err));
+            }
+            // Is there a stream at all? The meta leader knows; it may itself be
+            // electing, so the question is bounded well inside a cast's deadline.
+            let filter = crate::jetstream::stream_subject(&self.config, exchange);
+            match tokio::time::timeout(STREAM_LOOKUP_LIMIT, js.stream_by_subject(filter)).await {
+                Ok(Ok(found)) => return Err(no_leader(&found, err)),
+                Ok(Err(e))
+                    if e.kind() == jetstream::context::GetStreamByNameErrorKind::NotFound =>
+                {
+                    crate::jetstream::ensure_stream(js, &self.config, exchange).await?;
+                    created = true;
+                }
+                Ok(Err(e)) => {
+                    return Err(crate::jetstream::unanswered(
+                        &name,
+                        &format!("{not_stored}: no responders, and looking up the stream"),
+                        e,
+                    ));
+                }
+                Err(_) => {
                     return Err(Error::transport(
-                        TransportErrorKind::Other,
+                        TransportErrorKind::Timeout,
                         format!(
-                            "{not_stored}: stream {found} has no leader (its nodes are down, or \
-                             it is electing one): no responders on {js_subject}"
+                            "{not_stored}: no stream answered on {js_subject}, and the JetStream \
+                             API did not answer within {STREAM_LOOKUP_LIMIT:?} whether stream \
+                             {name} exists: the cluster has no leader for it or for JetStream \
+                             (nodes down, or an election under way)"
                         ),
                         err,
                     ));
                 }
-                Err(e) if e.kind() == jetstream::context::GetStreamByNameErrorKind::NotFound => {
-                    crate::jetstream::ensure_stream(js, &self.config, exchange).await?;
-                    created = true;
-                }
-                Err(e) => {
-                    return Err(crate::jetstream::unanswered(
-                        &name,
-                        &format!("{not_stored}: looking up the stream"),
-                        e,
-                    ));
-                }
             }
         }
+    }
+
+    /// Records that a cast to `exchange` was stored: its stream exists.
+    fn stored_once(&self, exchange: &str) {
+        let mut stored = self.stored.lock().unwrap_or_else(|e| e.into_inner());
+        if !stored.contains(exchange) {
+            stored.insert(exchange.to_owned());
+        }
+    }
+
+    /// Whether a cast to `exchange` was stored before.
+    fn has_stored(&self, exchange: &str) -> bool {
+        (self.stored.lock().unwrap_or_else(|e| e.into_inner())).contains(exchange)
     }
 
     /// A plain cast: published, and done once a round trip shows the server has it.
@@ -306,11 +352,7 @@ fn valid_inbox(inbox: &str) -> bool {
 /// A transport error whose message says `what` failed and why (the CLI prints only
 /// the message), with async-nats's error kept as its source.
 fn because(what: &str, err: impl std::error::Error + Send + Sync + 'static) -> Error {
-    Error::transport(
-        crate::error::kind_of(&err),
-        format!("{what}: {err}"),
-        err,
-    )
+    Error::transport(crate::error::kind_of(&err), format!("{what}: {err}"), err)
 }
 
 fn publish_error(

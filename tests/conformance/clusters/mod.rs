@@ -28,6 +28,8 @@ use crate::suite::Backend;
 
 // One module per kind, added with its cluster (`#[cfg(feature = "nats")] mod nats;`,
 // `redis`, `rabbitmq` behind `amqp`).
+#[cfg(feature = "nats")]
+mod nats;
 
 /// The environment variable naming the cluster kind that is up (`nats`, `redis`
 /// or `rabbitmq`); `scripts/test.sh` sets it while that cluster runs.
