@@ -99,12 +99,66 @@ async fn update_owned(
         max_age = ?wanted.max_age,
         "updating the JetStream stream"
     );
-    js.update_stream(&wanted)
-        .await
-        .map_err(|e| unanswered(&name, "updating the JetStream stream", e))?;
+    update_raw(js, &name, &wanted).await?;
     js.get_stream(&name)
         .await
         .map_err(|e| unanswered(&name, "reading the JetStream stream", e))
+}
+
+/// Sends the stream's configuration back with only the fields mqrpc owns replaced
+/// (`subjects`, `max_age`, `num_replicas`), on the JSON the server answered, not
+/// async-nats's typed copy of it: a setting that async-nats does not know (one of a
+/// newer server) is kept as it is instead of being dropped.
+async fn update_raw(
+    js: &jetstream::Context,
+    name: &str,
+    wanted: &jetstream::stream::Config,
+) -> Result<()> {
+    let reading = "reading the JetStream stream";
+    let info: serde_json::Value = js
+        .request(format!("STREAM.INFO.{name}"), &serde_json::json!({}))
+        .await
+        .map_err(|e| unanswered(name, reading, e))?;
+    api_answer(name, reading, &info)?;
+    let mut config = info.get("config").cloned().unwrap_or_default();
+    let Some(fields) = config.as_object_mut() else {
+        return Err(Error::transport_msg(
+            TransportErrorKind::Other,
+            format!("{reading} {name}: the answer has no configuration"),
+        ));
+    };
+    fields.insert("subjects".to_owned(), serde_json::json!(wanted.subjects));
+    let max_age = u64::try_from(wanted.max_age.as_nanos()).unwrap_or(u64::MAX);
+    fields.insert("max_age".to_owned(), serde_json::json!(max_age));
+    fields.insert(
+        "num_replicas".to_owned(),
+        serde_json::json!(wanted.num_replicas),
+    );
+    let updating = "updating the JetStream stream";
+    let answer: serde_json::Value = js
+        .request(format!("STREAM.UPDATE.{name}"), &config)
+        .await
+        .map_err(|e| unanswered(name, updating, e))?;
+    api_answer(name, updating, &answer)
+}
+
+/// The error a JetStream API answer carries, if any.
+fn api_answer(name: &str, what: &str, answer: &serde_json::Value) -> Result<()> {
+    let Some(error) = answer.get("error") else {
+        return Ok(());
+    };
+    let text = error.to_string();
+    Err(
+        match serde_json::from_value::<jetstream::Error>(error.clone()) {
+            Ok(api) => {
+                let kind = crate::error::kind_of(&api);
+                Error::transport(kind, format!("{what} {name}: {api}"), api)
+            }
+            Err(_) => {
+                Error::transport_msg(TransportErrorKind::Other, format!("{what} {name}: {text}"))
+            }
+        },
+    )
 }
 
 /// The configuration `current` should have: the same, but with `subject` listed, the
@@ -506,5 +560,69 @@ impl Acker for JetStreamAcker {
         };
         (self.message.ack_with(kind).await)
             .map_err(|e| boxed_nats_error(format!("JetStream reject failed: {e}"), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use async_nats::jetstream::stream::Config;
+
+    use super::owned_changes;
+    use crate::NatsConfig;
+
+    fn stream(replicas: usize, subjects: &[&str], max_age: Duration) -> Config {
+        Config {
+            name: "s".to_owned(),
+            subjects: subjects.iter().map(|s| (*s).to_owned()).collect(),
+            num_replicas: replicas,
+            max_age,
+            // A setting mqrpc does not own.
+            max_messages: 77,
+            ..Default::default()
+        }
+    }
+
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+
+    #[test]
+    fn a_stream_that_has_what_mqrpc_owns_is_not_updated() {
+        let config = NatsConfig::default();
+        assert_eq!(
+            owned_changes(&stream(1, &["a.>"], DAY), "a.>", &config),
+            None
+        );
+        // More replicas than asked for: left as they are.
+        assert_eq!(
+            owned_changes(&stream(3, &["a.>"], DAY), "a.>", &config),
+            None
+        );
+        // Some servers say 0 for a single copy.
+        assert_eq!(
+            owned_changes(&stream(0, &["a.>"], DAY), "a.>", &config),
+            None
+        );
+    }
+
+    #[test]
+    fn replicas_are_raised_never_lowered() {
+        let three = NatsConfig::default().replicas(3);
+        let raised = owned_changes(&stream(1, &["a.>"], DAY), "a.>", &three).expect("raised");
+        assert_eq!(raised.num_replicas, 3);
+        assert_eq!(raised.max_messages, 77, "the rest is kept");
+        let five = stream(5, &["a.>"], DAY);
+        assert_eq!(owned_changes(&five, "a.>", &three), None);
+    }
+
+    #[test]
+    fn the_subject_and_max_age_are_brought_up_to_date() {
+        let config = NatsConfig::default().max_age(Duration::from_secs(60));
+        let changed =
+            owned_changes(&stream(3, &["other.>"], DAY), "a.>", &config).expect("changed");
+        assert_eq!(changed.subjects, ["other.>", "a.>"]);
+        assert_eq!(changed.max_age, Duration::from_secs(60));
+        assert_eq!(changed.num_replicas, 3);
+        assert_eq!(changed.max_messages, 77);
     }
 }

@@ -140,9 +140,28 @@ pub mod faults {
     struct CallCounts {
         sent: usize,
         ok: usize,
-        failed: Vec<String>,
+        /// When (after the kill) and how each call failed.
+        failed: Vec<(Duration, mqrpc::ErrorKind, String)>,
         /// From the kill to the first answered call after the last failure.
         recovered: Option<Duration>,
+    }
+
+    impl CallCounts {
+        /// Calls refused at once because no server was subscribed (the server's
+        /// connection moving to another node), and the others (lost, timed out).
+        fn split(&self) -> (usize, Vec<&(Duration, mqrpc::ErrorKind, String)>) {
+            let refused = self
+                .failed
+                .iter()
+                .filter(|f| f.1 == mqrpc::ErrorKind::NoResponders)
+                .count();
+            let other = self
+                .failed
+                .iter()
+                .filter(|f| f.1 != mqrpc::ErrorKind::NoResponders)
+                .collect();
+            (refused, other)
+        }
     }
 
     /// Calls `add` one after another on `client` (each with its timeout): `before`
@@ -155,7 +174,8 @@ pub mod faults {
     ) -> CallCounts {
         let ctx = Context::new();
         let mut counts = CallCounts::default();
-        let call = async |counts: &mut CallCounts| {
+        let mut killed_at = None::<Instant>;
+        let call = async |counts: &mut CallCounts, killed_at: Option<Instant>| {
             counts.sent += 1;
             let n = counts.sent as i64;
             match client
@@ -168,32 +188,31 @@ pub mod faults {
                     true
                 }
                 Err(err) => {
-                    counts.failed.push(err.to_string());
+                    let at = killed_at.map(|k| k.elapsed()).unwrap_or_default();
+                    counts.failed.push((at, err.kind(), err.to_string()));
                     false
                 }
             }
         };
         while counts.ok < before {
-            call(&mut counts).await;
+            call(&mut counts, None).await;
             assert!(
                 counts.sent < before * 2,
                 "calls fail before the kill: {counts:?}"
             );
         }
-        let killed_at = Instant::now();
+        let at = Instant::now();
+        killed_at = Some(at);
         kill();
         let ok_before = counts.ok;
         while counts.ok < ok_before + after {
-            let failures = counts.failed.len();
-            if call(&mut counts).await {
-                if counts.recovered.is_none() || counts.failed.len() > failures {
-                    counts.recovered.get_or_insert(killed_at.elapsed());
-                }
+            if call(&mut counts, killed_at).await {
+                counts.recovered.get_or_insert(at.elapsed());
             } else {
                 counts.recovered = None;
             }
             assert!(
-                killed_at.elapsed() < Duration::from_secs(60),
+                at.elapsed() < Duration::from_secs(60),
                 "calls do not work again a minute after the kill: {counts:?}"
             );
         }
@@ -236,25 +255,43 @@ pub mod faults {
         eprintln!("core, client's node n{client_node} killed: {client_kill:?}");
         nodes.start(client_node);
 
+        let (server_refused, server_other) = server_kill.split();
+        let (client_refused, client_other) = client_kill.split();
         eprintln!(
-            "SUMMARY nats core: kill server's node: {} calls, {} failed, ok again after {:?}; \
-             kill client's node: {} calls, {} failed, ok again after {:?}",
+            "SUMMARY nats core: kill server's node: {} calls, {} failed ({server_refused} \
+             refused at once with no responders, last {:?} after the kill; {} other), ok again \
+             after {:?}; kill client's node: {} calls, {} failed ({client_refused} no responders, \
+             last {:?} after the kill; {} other), ok again after {:?}",
             server_kill.sent,
             server_kill.failed.len(),
+            server_kill.failed.last().map(|f| f.0),
+            server_other.len(),
             server_kill.recovered,
             client_kill.sent,
             client_kill.failed.len(),
+            client_kill.failed.last().map(|f| f.0),
+            client_other.len(),
             client_kill.recovered,
         );
-        for (fault, counts) in [
-            ("server's node", &server_kill),
-            ("client's node", &client_kill),
+        for (fault, counts, other) in [
+            ("server's node", &server_kill, &server_other),
+            ("client's node", &client_kill, &client_other),
         ] {
+            // At most one call lost in flight. Calls sent while the server's
+            // subscription moves to another node fail at once with "no responders"
+            // (retryable): they are counted, and must all fall in that moment.
             assert!(
-                counts.failed.len() <= 1,
-                "{fault}: more than one failed call: {:?}",
-                counts.failed
+                other.len() <= 1,
+                "{fault}: more than one call lost: {other:?}"
             );
+            for failure in &counts.failed {
+                assert!(
+                    failure.0 < Duration::from_secs(2),
+                    "{fault}: a call failed {:?} after the kill: {}",
+                    failure.0,
+                    failure.2
+                );
+            }
             let recovered = counts.recovered.expect("recovered");
             // 2 s in the issue, with room for a loaded machine: the counts above
             // are the point, the time is printed.
@@ -402,6 +439,61 @@ pub mod faults {
                 "casts failed {last:?} after the kill, past the election"
             );
         }
+        server.shutdown().await.expect("shutdown");
+    }
+
+    /// A stream made with 1 replica (by a cast with the default `replicas`) is raised
+    /// to 3 by a server asking for 3, and a setting an operator made that mqrpc does
+    /// not own is kept through the update.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn jetstream_replicas_are_raised_and_foreign_settings_kept() {
+        let Some(cluster) = super::cluster() else {
+            return;
+        };
+        let prefix = unique("mqrpc-cl-up");
+        let topic = unique("cl_up");
+        let url = format!(
+            "nats://{}?prefix={prefix}&jetstream=true&max_age=600",
+            all_nodes(&cluster)
+        );
+        Client::new(
+            Arc::new(NatsTransport::connect(&url).await.expect("client")),
+            Target::new(&topic),
+        )
+        .cast(&Context::new(), "record", json!({"id": 1}))
+        .await
+        .expect("the first cast creates the stream");
+        let stream = mqrpc::NatsConfig::parse(&url)
+            .expect("URL")
+            .jetstream_stream("openstack");
+        let info = stream_info(&cluster, &stream).await;
+        assert_eq!(info.config.num_replicas, 1);
+        // An operator's own setting.
+        let client = async_nats::connect(cluster.nodes[0].as_str())
+            .await
+            .expect("async-nats connects");
+        let js = async_nats::jetstream::new(client);
+        let mut operator = info.config.clone();
+        operator.max_messages = 123_456;
+        operator.description = Some("set by hand".to_owned());
+        js.update_stream(&operator)
+            .await
+            .expect("operator's update");
+
+        let recorder = Recorder::new();
+        let server = server(&format!("{url}&replicas=3"), &topic, &recorder).await;
+        let info = stream_info(&cluster, &stream).await;
+        eprintln!(
+            "after a server with replicas=3: {} replicas, max_messages {}, description {:?}",
+            info.config.num_replicas, info.config.max_messages, info.config.description
+        );
+        assert_eq!(info.config.num_replicas, 3, "raised");
+        assert_eq!(
+            info.config.max_messages, 123_456,
+            "the operator's setting stays"
+        );
+        assert_eq!(info.config.description.as_deref(), Some("set by hand"));
+        recorder.wait_for(1, Duration::from_secs(30)).await;
         server.shutdown().await.expect("shutdown");
     }
 
