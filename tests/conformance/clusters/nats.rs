@@ -174,7 +174,6 @@ pub mod faults {
     ) -> CallCounts {
         let ctx = Context::new();
         let mut counts = CallCounts::default();
-        let mut killed_at = None::<Instant>;
         let call = async |counts: &mut CallCounts, killed_at: Option<Instant>| {
             counts.sent += 1;
             let n = counts.sent as i64;
@@ -202,11 +201,10 @@ pub mod faults {
             );
         }
         let at = Instant::now();
-        killed_at = Some(at);
         kill();
         let ok_before = counts.ok;
         while counts.ok < ok_before + after {
-            if call(&mut counts, killed_at).await {
+            if call(&mut counts, Some(at)).await {
                 counts.recovered.get_or_insert(at.elapsed());
             } else {
                 counts.recovered = None;
