@@ -12,7 +12,7 @@
 #      (but the cluster suites: `-- --skip clusters::`)
 #   4. the cluster suites, one cluster at a time (NATS, Redis Cluster, RabbitMQ):
 #      bash scripts/cluster-<kind>.sh up, then
-#      MQRPC_CLUSTER=<kind> cargo test --all-features --test conformance --
+#      MQRPC_CLUSTER=<kind> cargo test --workspace --all-features --test conformance --
 #        clusters::<kind>::suite        (client and server on different nodes)
 #        clusters::<kind>::faults       (node kills, --test-threads=1)
 #      and always bash scripts/cluster-<kind>.sh down. Each cluster runs on spare
@@ -105,11 +105,11 @@ run_cluster() {
     fi
     trap 'bash "'"$script"'" down' EXIT
     local result=0
-    header "cluster $kind: cargo test --all-features --test conformance -- clusters::$kind::suite"
-    MQRPC_CLUSTER="$kind" cargo test --all-features --test conformance -- \
+    header "cluster $kind: cargo test --workspace --all-features --test conformance -- clusters::$kind::suite"
+    MQRPC_CLUSTER="$kind" cargo test --workspace --all-features --test conformance -- \
         "clusters::$kind::suite" || result=1
-    header "cluster $kind: cargo test --all-features --test conformance -- clusters::$kind::faults --test-threads=1"
-    MQRPC_CLUSTER="$kind" cargo test --all-features --test conformance -- \
+    header "cluster $kind: cargo test --workspace --all-features --test conformance -- clusters::$kind::faults --test-threads=1"
+    MQRPC_CLUSTER="$kind" cargo test --workspace --all-features --test conformance -- \
         "clusters::$kind::faults" --test-threads=1 || result=1
     header "cluster $kind: bash $script down"
     bash "$script" down || true

@@ -47,11 +47,12 @@ use std::sync::Arc;
 // `mqrpc::transport`, the protocol's names and constants in `mqrpc::wire`.
 pub use rpc_core::{
     AckMode, AuthFailure, Backoff, BoxError, Client, CodecError, Context, DEFAULT_CONCURRENCY,
-    DEFAULT_EXCHANGE, DEFAULT_FRESHNESS, DEFAULT_GRACE_PERIOD, DEFAULT_MAX_PENDING_BYTES,
-    DEFAULT_TIMEOUT, Endpoint, Error, ErrorKind, IntoRemoteError, Jitter, MAX_TIMEOUT,
-    MIN_CALL_MONITOR, MIN_KEY_LEN, MessageAuth, NoArgs, ParseVersionError, Rejections, RemoteError,
-    ReplyStream, Result, Retry, RetryPolicy, Server, ServerBuilder, Target, TimeoutKind, TlsFiles,
-    TlsPem, Transport, TransportErrorKind, Version,
+    DEFAULT_DUPLICATE_WINDOW, DEFAULT_EXCHANGE, DEFAULT_FRESHNESS, DEFAULT_GRACE_PERIOD,
+    DEFAULT_MAX_DUPLICATE_IDS, DEFAULT_MAX_PENDING_BYTES, DEFAULT_TIMEOUT, Endpoint, Error,
+    ErrorKind, IntoRemoteError, Jitter, MAX_TIMEOUT, MIN_CALL_MONITOR, MIN_KEY_LEN, MessageAuth,
+    NoArgs, ParseVersionError, Rejections, RemoteError, ReplyStream, Result, Retry, RetryPolicy,
+    Server, ServerBuilder, Target, TimeoutKind, TlsFiles, TlsPem, Transport, TransportErrorKind,
+    Version,
 };
 
 /// For backend authors: the traits a transport implements to move bytes and acks

@@ -251,7 +251,9 @@ fn report(err: &Error) -> ExitCode {
             });
             println!("{document}");
         }
-        other => eprintln!("mqrpc: {other}"),
+        // With its causes: "JetStream did not store the cast" alone does not say
+        // that the stream has no leader.
+        other => eprintln!("mqrpc: {}", chain(other)),
     }
     ExitCode::FAILURE
 }
@@ -339,7 +341,7 @@ async fn listen(args: ListenArgs) -> Result<()> {
         };
         match next {
             None => break,
-            Some(Err(err)) => eprintln!("mqrpc: {err}"),
+            Some(Err(err)) => eprintln!("mqrpc: {}", chain(&err)),
             Some(Ok(delivery)) => {
                 println!("{}", describe(delivery.body()));
                 seen += 1;
@@ -471,7 +473,7 @@ async fn main() -> ExitCode {
     match run(Cli::parse()).await {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("mqrpc: {}", chain(&err));
+            eprintln!("mqrpc: {}", chain(err.as_ref()));
             ExitCode::from(2)
         }
     }
@@ -480,9 +482,9 @@ async fn main() -> ExitCode {
 /// An error and its causes on one line, `: `-separated, leaving out a cause whose
 /// text its parent already ends with (lapin, for one, prints its source inside its
 /// own message and also returns it as the source).
-fn chain(err: &anyhow::Error) -> String {
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut line = String::new();
-    for cause in err.chain() {
+    for cause in std::iter::successors(Some(err), |cause| cause.source()) {
         let text = cause.to_string();
         // Only a whole cause counts: "reconnected" does not contain "connected".
         if line == text || line.ends_with(&format!(": {text}")) {
@@ -555,10 +557,10 @@ mod tests {
         }
         let inner = std::io::Error::other("refused");
         let err = anyhow::Error::new(Wrapping(inner)).context("connecting");
-        assert_eq!(chain(&err), "connecting: protocol error: refused");
+        assert_eq!(chain(err.as_ref()), "connecting: protocol error: refused");
         let plain = anyhow::anyhow!("refused").context("connecting");
-        assert_eq!(chain(&plain), "connecting: refused");
+        assert_eq!(chain(plain.as_ref()), "connecting: refused");
         let suffix = anyhow::anyhow!("connected").context("reconnected");
-        assert_eq!(chain(&suffix), "reconnected: connected");
+        assert_eq!(chain(suffix.as_ref()), "reconnected: connected");
     }
 }

@@ -51,8 +51,9 @@ pub use error::{
     TimeoutKind, TransportErrorKind,
 };
 pub use server::{
-    AckMode, DEFAULT_CONCURRENCY, DEFAULT_GRACE_PERIOD, SERVER_SHUTDOWN_CLASS,
-    SERVER_SHUTDOWN_MODULE, Server, ServerBuilder,
+    AckMode, DEFAULT_CONCURRENCY, DEFAULT_DUPLICATE_WINDOW, DEFAULT_GRACE_PERIOD,
+    DEFAULT_MAX_DUPLICATE_IDS, SERVER_SHUTDOWN_CLASS, SERVER_SHUTDOWN_MODULE, Server,
+    ServerBuilder,
 };
 pub use target::{DEFAULT_EXCHANGE, ParseVersionError, Target, Version};
 pub use timing::{DEFAULT_TIMEOUT, MAX_TIMEOUT, MIN_CALL_MONITOR};

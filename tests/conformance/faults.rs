@@ -100,18 +100,21 @@ struct Scene {
     client: Client,
 }
 
-/// Prints a `FIGURES` line and appends it to `reliability-figures.txt` in cargo's
-/// temporary directory for tests (`target/tmp`), so a run's figures outlive its
-/// captured output.
+/// Writes a `FIGURES` line to the real stderr (libtest does not capture a direct
+/// write, so the line shows in a passing run's log too) and appends it to
+/// `reliability-figures.txt` in cargo's temporary directory for tests
+/// (`target/tmp`), so a run's figures outlive the run's output.
 pub fn figures(line: String) {
-    eprintln!("{line}");
+    use std::io::Write;
+    let _ = std::io::stderr()
+        .lock()
+        .write_all(format!("{line}\n").as_bytes());
     let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("reliability-figures.txt");
     if let Ok(mut file) = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
     {
-        use std::io::Write;
         let _ = writeln!(file, "{line}");
     }
 }

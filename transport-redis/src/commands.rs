@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use rpc_core::Result;
 
+use crate::connection::Connection;
 use crate::error::redis_error;
 
 /// Destroys a server's fanout group, and the stream with the last group.
@@ -116,7 +116,7 @@ return 1
 /// Creates `group` on `key` from `start`, accepting one that exists already; a
 /// stream this makes expires after `ttl` (an existing TTL is left alone).
 pub(crate) async fn create_group(
-    conn: &mut ConnectionManager,
+    conn: &mut Connection,
     key: &str,
     group: &str,
     start: &str,
@@ -135,7 +135,7 @@ pub(crate) async fn create_group(
 
 /// Sets a server's or watcher's alive key, which expires after `ttl` unless set again.
 pub(crate) async fn mark_alive(
-    conn: &mut ConnectionManager,
+    conn: &mut Connection,
     key: &str,
     ttl: Duration,
 ) -> redis::RedisResult<()> {

@@ -18,7 +18,7 @@ const DEFAULT_URL: &str = "redis://127.0.0.1:6379/";
 /// The options a Redis URL takes besides the TLS files, for the error about an
 /// unknown one (`block_ms` and `claim_idle_ms` are the old names of `block` and
 /// `claim_idle`, whose plain numbers count milliseconds).
-const OPTION_NAMES: &str = "prefix, exchange, maxlen, block, claim_idle, stream_ttl, reply_ttl, \
+const OPTION_NAMES: &str = "cluster, prefix, exchange, maxlen, block, claim_idle, stream_ttl, reply_ttl, \
 prune_idle, max_message_size, connect_timeout, block_ms, claim_idle_ms";
 
 /// Everything a Redis URL configures.
@@ -53,9 +53,13 @@ prune_idle, max_message_size, connect_timeout, block_ms, claim_idle_ms";
 #[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RedisConfig {
-    /// The URL handed to redis-rs (scheme, credentials, host, port, db), without
-    /// mqrpc's own options. Never printed.
-    pub(crate) connection_url: String,
+    /// The URLs handed to redis-rs (scheme, credentials, host, port, db), one per
+    /// host of the URL, without mqrpc's own options. Never printed.
+    pub(crate) connection_urls: Vec<String>,
+    /// Whether the hosts are seed nodes of a Redis Cluster (`cluster`, default
+    /// false): commands go to the node owning each key's slot, and `MOVED`, `ASK`
+    /// and failovers are followed. A URL with several hosts needs it.
+    pub cluster: bool,
     /// Prefix of every key (`prefix`, default `mqrpc`).
     pub prefix: String,
     /// The control exchange (`exchange`, default `openstack`), part of each topic's
@@ -100,7 +104,8 @@ pub struct RedisConfig {
 impl fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisConfig")
-            .field("connection_url", &"<redacted>")
+            .field("connection_urls", &"<redacted>")
+            .field("cluster", &self.cluster)
             .field("prefix", &self.prefix)
             .field("exchange", &self.exchange)
             .field("maxlen", &self.maxlen)
@@ -121,7 +126,8 @@ impl Default for RedisConfig {
     /// gets.
     fn default() -> Self {
         RedisConfig {
-            connection_url: DEFAULT_URL.to_owned(),
+            connection_urls: vec![DEFAULT_URL.to_owned()],
+            cluster: false,
             prefix: "mqrpc".to_owned(),
             exchange: rpc_core::DEFAULT_EXCHANGE.to_owned(),
             maxlen: 100_000,
@@ -142,6 +148,53 @@ fn bad(what: impl fmt::Display) -> Error {
     Error::InvalidUrl(format!("Redis URL: {what}"))
 }
 
+/// Splits a URL with several hosts, `redis://[userinfo@]h1:p1,h2:p2/db?options`,
+/// into one URL per host, each with the userinfo, the path and the options (the
+/// `url` crate takes one host). Credentials are everything before the last `@` of
+/// the authority, so a `,` in a password needs no encoding.
+fn split_hosts(url: &str) -> Vec<String> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return vec![url.to_owned()];
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => (format!("{userinfo}@"), hosts),
+        None => (String::new(), authority),
+    };
+    if !hosts.contains(',') {
+        return vec![url.to_owned()];
+    }
+    hosts
+        .split(',')
+        .map(|host| format!("{scheme}://{userinfo}{host}{tail}"))
+        .collect()
+}
+
+/// Parses a URL with one host or several (see [`split_hosts`]): one parsed URL per
+/// host, options included.
+fn parse_urls(url: &str) -> Result<Vec<url::Url>> {
+    let urls = split_hosts(url)
+        .iter()
+        .map(|url| parse_url(url))
+        .collect::<Result<Vec<_>>>()?;
+    if urls.len() > 1
+        && urls
+            .iter()
+            .any(|url| url.host_str().unwrap_or("").is_empty())
+    {
+        return Err(bad("a host of the list is empty"));
+    }
+    Ok(urls)
+}
+
+/// The error about several hosts without cluster mode.
+fn several_hosts_without_cluster() -> String {
+    "several hosts are the seed nodes of a Redis Cluster: add cluster=true \
+     (RedisConfig::cluster), or name one host"
+        .to_owned()
+}
+
 /// Parses a `redis://` or `rediss://` URL (options included).
 fn parse_url(url: &str) -> Result<url::Url> {
     let parsed = url::Url::parse(url).map_err(bad)?;
@@ -157,7 +210,13 @@ fn parse_url(url: &str) -> Result<url::Url> {
 impl RedisConfig {
     /// Parses `redis://[[user]:password@]host[:port][/db][?options]` or `rediss://...`.
     ///
-    /// Options: `prefix`, `exchange`, `maxlen`, `block`, `claim_idle`, `stream_ttl`,
+    /// A Redis Cluster: `redis://[[user]:password@]h1:p1,h2:p2,h3:p3/?cluster=true`
+    /// (or `rediss://`). Each host is a seed node: one is enough, the others are
+    /// found from it, and more let the transport connect while some are down. Every
+    /// node takes the same credentials, and a cluster has database 0 only. Several
+    /// hosts without `cluster=true` are an error.
+    ///
+    /// Options: `cluster` (`true`/`false`, default false), `prefix`, `exchange`, `maxlen`, `block`, `claim_idle`, `stream_ttl`,
     /// `reply_ttl`, `prune_idle`, `connect_timeout` (durations: `500ms`, `2s`, `1m`, or
     /// plain seconds with fractions, `2.5`), `max_message_size` (bytes), and the TLS
     /// files `tls_ca_file`, `tls_cert_file`, `tls_key_file`, which turn TLS on. The old
@@ -165,15 +224,19 @@ impl RedisConfig {
     /// whose plain numbers count milliseconds (`block_ms=2000` is `block=2s`).
     /// Unknown options are errors.
     pub fn parse(url: &str) -> Result<Self> {
-        let mut parsed = parse_url(url)?;
+        let mut parsed = parse_urls(url)?;
         let mut config = RedisConfig::default();
-        let pairs: Vec<(String, String)> = parsed.query_pairs().into_owned().collect();
+        let pairs: Vec<(String, String)> = parsed
+            .first()
+            .map(|first| first.query_pairs().into_owned().collect())
+            .unwrap_or_default();
         for (key, value) in &pairs {
             if config.tls_files.set_option(key, value).is_some() {
                 continue;
             }
             let option = UrlOption::new("Redis", key, value);
             match key.as_str() {
+                "cluster" => config.cluster = option.flag()?,
                 "prefix" => config.prefix = option.text()?.to_owned(),
                 "exchange" => config.exchange = option.text()?.to_owned(),
                 "maxlen" => config.maxlen = option.positive()?,
@@ -194,23 +257,50 @@ impl RedisConfig {
             }
         }
         config.tls_files.validate()?;
-        parsed.set_query(None);
-        config.connection_url = parsed.to_string();
+        if parsed.len() > 1 && !config.cluster {
+            return Err(bad(several_hosts_without_cluster()));
+        }
+        for url in &mut parsed {
+            url.set_query(None);
+        }
+        config.connection_urls = parsed.iter().map(ToString::to_string).collect();
+        config.check_cluster_db().map_err(bad)?;
         Ok(config)
     }
 
     /// Connects to the Redis of `url`: `redis://[[user]:password@]host[:port][/db]`,
-    /// or `rediss://...` for TLS. The URL carries no options (the setters set them; see
-    /// [`RedisConfig::parse`] to read both from one URL).
+    /// or `rediss://...` for TLS; for a Redis Cluster, one or several seed nodes
+    /// (`redis://h1:p1,h2:p2,h3:p3`) with [`RedisConfig::cluster`]. The URL carries no
+    /// options (the setters set them; see [`RedisConfig::parse`] to read both from one
+    /// URL).
     pub fn url(mut self, url: &str) -> Result<Self> {
-        let parsed = parse_url(url)?;
-        if parsed.query().is_some() {
+        let parsed = parse_urls(url)?;
+        if parsed.iter().any(|url| url.query().is_some()) {
             return Err(bad(
                 "RedisConfig::url takes no options: use the setters, or RedisConfig::parse",
             ));
         }
-        self.connection_url = parsed.to_string();
+        self.connection_urls = parsed.iter().map(ToString::to_string).collect();
         Ok(self)
+    }
+
+    /// Sets [`RedisConfig::cluster`]: the URL's hosts are seed nodes of a Redis
+    /// Cluster.
+    ///
+    /// ```
+    /// use mqrpc::RedisConfig;
+    ///
+    /// let config = RedisConfig::default()
+    ///     .url("redis://10.0.0.1:7000,10.0.0.2:7000,10.0.0.3:7000")?
+    ///     .cluster(true);
+    /// assert_eq!(config, RedisConfig::parse(
+    ///     "redis://10.0.0.1:7000,10.0.0.2:7000,10.0.0.3:7000?cluster=true",
+    /// )?);
+    /// # Ok::<(), mqrpc::Error>(())
+    /// ```
+    pub fn cluster(mut self, cluster: bool) -> Self {
+        self.cluster = cluster;
+        self
     }
 
     /// Sets [`RedisConfig::prefix`].
@@ -284,6 +374,12 @@ impl RedisConfig {
     /// alive key.
     pub(crate) fn validate(&self) -> Result<()> {
         let invalid = |what: &str| Err(Error::InvalidConfig(format!("Redis: {what}")));
+        if self.connection_urls.len() > 1 && !self.cluster {
+            return invalid(&several_hosts_without_cluster());
+        }
+        if let Err(what) = self.check_cluster_db() {
+            return invalid(what);
+        }
         if self.prefix.is_empty() || self.exchange.is_empty() {
             return invalid("prefix and exchange must not be empty");
         }
@@ -305,17 +401,40 @@ impl RedisConfig {
         self.tls_files.validate()
     }
 
-    /// The URL redis-rs connects to: `rediss://` when TLS files are named, since they
-    /// ask for TLS whatever the scheme said.
-    pub(crate) fn client_url(&self) -> Result<Cow<'_, str>> {
-        if !self.tls_files.any() || !self.connection_url.starts_with("redis://") {
-            return Ok(Cow::Borrowed(&self.connection_url));
+    /// A cluster has database 0 only: a URL naming another is a mistake.
+    fn check_cluster_db(&self) -> std::result::Result<(), &'static str> {
+        let other_db = |url: &String| {
+            url::Url::parse(url)
+                .is_ok_and(|url| !matches!(url.path().trim_start_matches('/'), "" | "0"))
+        };
+        if self.cluster && self.connection_urls.iter().any(other_db) {
+            return Err("a Redis Cluster has database 0 only: remove the /db from the URL");
         }
-        let mut url = url::Url::parse(&self.connection_url)
-            .map_err(|_| bad("the server address is not a URL"))?;
-        url.set_scheme("rediss")
-            .map_err(|()| bad("cannot switch to rediss://"))?;
-        Ok(Cow::Owned(url.to_string()))
+        Ok(())
+    }
+
+    /// The URLs redis-rs connects to (one host, or a cluster's seeds), with
+    /// credentials.
+    pub(crate) fn connection_urls(&self) -> &[String] {
+        &self.connection_urls
+    }
+
+    /// The URLs redis-rs connects to: `rediss://` when TLS files are named, since
+    /// they ask for TLS whatever the scheme said.
+    pub(crate) fn client_urls(&self) -> Result<Vec<String>> {
+        self.connection_urls
+            .iter()
+            .map(|connection_url| {
+                if !self.tls_files.any() || !connection_url.starts_with("redis://") {
+                    return Ok(connection_url.clone());
+                }
+                let mut url = url::Url::parse(connection_url)
+                    .map_err(|_| bad("the server address is not a URL"))?;
+                url.set_scheme("rediss")
+                    .map_err(|()| bad("cannot switch to rediss://"))?;
+                Ok(url.to_string())
+            })
+            .collect()
     }
 
     fn base(&self, exchange: &str, topic: &str) -> String {
@@ -383,7 +502,7 @@ mod tests {
         assert_eq!(c.prefix, "t");
         assert_eq!(c.maxlen, 50);
         assert_eq!(c.block, Duration::from_millis(100));
-        assert_eq!(c.connection_url, "redis://:s3cret@127.0.0.1:6379/2");
+        assert_eq!(c.connection_urls, ["redis://:s3cret@127.0.0.1:6379/2"]);
         assert_eq!(c.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
         assert!(!format!("{c:?}").contains("s3cret"));
     }
@@ -416,7 +535,7 @@ mod tests {
         ] {
             let c = RedisConfig::parse(url).expect(url);
             assert_eq!(c.connect_timeout, expected, "{url}");
-            assert_eq!(c.connection_url, "redis://h", "{url}");
+            assert_eq!(c.connection_urls, ["redis://h"], "{url}");
         }
     }
 
@@ -497,14 +616,61 @@ mod tests {
     #[test]
     fn tls_files_switch_to_rediss_when_connecting() {
         let c = RedisConfig::parse("redis://h:1/?tls_ca_file=/ca.pem").expect("parse");
-        assert_eq!(c.client_url().expect("url"), "rediss://h:1/");
+        assert_eq!(c.client_urls().expect("url"), ["rediss://h:1/"]);
         let mut files = TlsFiles::default();
         files.ca_file = Some("/ca.pem".into());
         let c = RedisConfig::default().tls_files(files);
-        assert_eq!(c.client_url().expect("url"), "rediss://127.0.0.1:6379/");
+        assert_eq!(c.client_urls().expect("url"), ["rediss://127.0.0.1:6379/"]);
         assert_eq!(
-            RedisConfig::default().client_url().expect("url"),
-            "redis://127.0.0.1:6379/"
+            RedisConfig::default().client_urls().expect("url"),
+            ["redis://127.0.0.1:6379/"]
+        );
+    }
+
+    #[test]
+    fn several_hosts_are_cluster_seeds() {
+        let c = RedisConfig::parse("redis://:p,w@a:7000,b:7001,c/?cluster=true&prefix=x")
+            .expect("parse");
+        assert!(c.cluster);
+        assert_eq!(c.prefix, "x");
+        assert_eq!(
+            c.connection_urls,
+            [
+                "redis://:p,w@a:7000/",
+                "redis://:p,w@b:7001/",
+                "redis://:p,w@c/"
+            ]
+        );
+        // One host is a seed too.
+        let one = RedisConfig::parse("rediss://h:7000?cluster=true").expect("parse");
+        assert!(one.cluster);
+        assert_eq!(one.connection_urls, ["rediss://h:7000"]);
+        assert!(!RedisConfig::parse("redis://h").expect("parse").cluster);
+        // Several hosts without cluster=true: say what to add.
+        let err = RedisConfig::parse("redis://:s3cret@a,b").expect_err("no cluster");
+        assert!(matches!(err, Error::InvalidUrl(_)), "{err:?}");
+        assert!(err.to_string().contains("cluster=true"), "{err}");
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+        for url in [
+            "redis://a,,b?cluster=true",
+            "redis://a,b/2?cluster=true",
+            "redis://a?cluster=maybe",
+        ] {
+            let err = RedisConfig::parse(url).expect_err(url);
+            assert!(matches!(err, Error::InvalidUrl(_)), "{url}: {err:?}");
+        }
+        // Built in code: the same, checked when connecting.
+        let built = RedisConfig::default()
+            .url("redis://:p,w@a:7000,b:7001,c/")
+            .expect("url")
+            .prefix("x")
+            .cluster(true);
+        assert_eq!(built, c);
+        assert!(built.validate().is_ok());
+        let unclustered = built.cluster(false);
+        assert!(
+            matches!(unclustered.validate(), Err(Error::InvalidConfig(ref m)) if m.contains("cluster=true")),
+            "{unclustered:?}"
         );
     }
 

@@ -6,12 +6,12 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use redis::Value;
-use redis::aio::ConnectionManager;
 use redis::streams::StreamReadReply;
 use rpc_core::{Delivery, NoAck, Result};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::connection::Connection;
 use crate::publisher::{BODY_FIELD, EXPIRES_FIELD};
 
 /// The time (Unix ms) after which the entry is not worth handling, if it says.
@@ -65,7 +65,7 @@ pub(crate) const READ_COUNT: usize = 256;
 /// before `ids` are deleted first (`XTRIM ... MINID`, in the same round trip): the
 /// reader is their only reader and has them.
 pub(crate) async fn read_after(
-    reader: &mut ConnectionManager,
+    reader: &mut Connection,
     keys: &[String],
     ids: &mut [String],
     block: Duration,

@@ -10,6 +10,14 @@
 //!   multiplexed, auto-reconnecting connection (pipelined). Connecting, and each
 //!   attempt to reconnect, gives up after `connect_timeout` (10 s). Every other retry
 //!   waits from 50 ms, doubling up to 5 s, with jitter.
+//! - Redis Cluster (`redis://h1:p1,h2:p2,h3:p3/?cluster=true`; any host is a seed):
+//!   commands go to the master of their key's slot through redis-rs's cluster client,
+//!   which follows `MOVED`/`ASK` and failovers. Every key of a topic shares its hash
+//!   tag, so the reads, pipelines and scripts of a topic stay in one slot; reply
+//!   streams and alive keys are used alone. Each blocking reader has a cluster
+//!   connection of its own (a read blocked on a shared one would hold every other
+//!   command to its node). Replication is asynchronous: a cast a master acknowledged
+//!   just before it died may be missing on the replica that takes over.
 //! - A server reads no more entries than its byte budget
 //!   ([`rpc_core::ListenOptions::budget`]) has room for; the rest wait in Redis.
 //! - Entries left pending by a dead consumer longer than `claim_idle` are taken
@@ -19,7 +27,12 @@
 //! ```no_run
 //! # async fn demo() -> mqrpc::Result<()> {
 //! let transport = mqrpc::RedisTransport::connect("redis://127.0.0.1:6379/?prefix=app").await?;
-//! # let _ = transport; Ok(()) }
+//! // A Redis Cluster, through any of its nodes:
+//! let cluster = mqrpc::RedisTransport::connect(
+//!     "redis://10.0.0.1:7000,10.0.0.2:7000,10.0.0.3:7000/?cluster=true",
+//! )
+//! .await?;
+//! # let _ = (transport, cluster); Ok(()) }
 //! ```
 
 #![deny(missing_docs)]
@@ -27,6 +40,7 @@
 
 mod commands;
 mod config;
+mod connection;
 mod entry;
 mod error;
 mod publisher;
@@ -38,16 +52,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use rpc_core::{
-    Backoff, Capabilities, Consumer, Error, ListenOptions, Publisher, ReplyQueue, Result, Target,
-    Transport, TransportErrorKind,
+    Backoff, Capabilities, Consumer, ListenOptions, Publisher, ReplyQueue, Result, Target,
+    Transport,
 };
 
 pub use config::RedisConfig;
 pub use rpc_core::options::DEFAULT_CONNECT_TIMEOUT;
 
-use error::{connect_error, kind_description};
+use connection::{Connection, Connector};
 use publisher::RedisPublisher;
 use replies::ReplyConsumer;
 use server::ServerConsumer;
@@ -61,9 +74,10 @@ pub struct RedisTransport {
 
 pub(crate) struct Shared {
     pub(crate) config: RedisConfig,
-    pub(crate) client: redis::Client,
+    /// Makes the connections: to one Redis, or to a Redis Cluster.
+    pub(crate) client: Connector,
     /// Commands that never block: publishes, acks, claims, housekeeping.
-    pub(crate) commands: ConnectionManager,
+    pub(crate) commands: Connection,
     publisher: Arc<RedisPublisher>,
 }
 
@@ -86,7 +100,8 @@ pub(crate) const BACKOFF: Backoff = Backoff::new(Duration::from_millis(50), Dura
 
 impl RedisTransport {
     /// Connects to the Redis of a `redis://` or `rediss://` URL (see
-    /// [`RedisConfig::parse`]).
+    /// [`RedisConfig::parse`]); with `cluster=true`, to the Redis Cluster its hosts
+    /// are seed nodes of.
     pub async fn connect(url: &str) -> Result<Self> {
         Self::with_config(RedisConfig::parse(url)?).await
     }
@@ -94,25 +109,8 @@ impl RedisTransport {
     /// Connects with a configuration, parsed or built (see [`RedisConfig`]).
     pub async fn with_config(config: RedisConfig) -> Result<Self> {
         config.validate()?;
-        let url = config.client_url()?;
-        let url = url.as_ref();
-        let client = if config.tls_files.any() {
-            let pem = config.tls_files.load()?;
-            let certificates = redis::TlsCertificates {
-                client_tls: pem
-                    .identity
-                    .map(|(client_cert, client_key)| redis::ClientTlsConfig {
-                        client_cert,
-                        client_key,
-                    }),
-                root_cert: pem.ca,
-            };
-            redis::Client::build_with_tls(url, certificates)
-        } else {
-            redis::Client::open(url)
-        }
-        .map_err(|e| Error::InvalidUrl(format!("Redis URL: {}", kind_description(&e))))?;
-        let commands = connection_manager(&client, &config, COMMAND_TIMEOUT).await?;
+        let client = Connector::new(&config)?;
+        let commands = client.connect(&config, COMMAND_TIMEOUT).await?;
         let publisher = Arc::new(RedisPublisher::new(commands.clone(), config.clone()));
         Ok(RedisTransport {
             shared: Arc::new(Shared {
@@ -132,75 +130,59 @@ impl RedisTransport {
 
 /// A connection of its own for blocking reads (`XREADGROUP`/`XREAD ... BLOCK`) of up
 /// to `block`: its commands may take that long, and 5 s more, before they are late.
+/// On a cluster too: a read blocked on a shared connection to a node would hold
+/// every other command to that node.
 pub(crate) async fn blocking_connection(
-    client: &redis::Client,
+    client: &Connector,
     config: &RedisConfig,
     block: Duration,
-) -> Result<ConnectionManager> {
-    connection_manager(client, config, block + Duration::from_secs(5)).await
+) -> Result<Connection> {
+    client.connect(config, block + Duration::from_secs(5)).await
 }
 
-/// An auto-reconnecting connection whose commands time out after `response_timeout`.
-/// Connecting it, retries included, takes at most the configured `connect_timeout`,
-/// and so does each attempt of a later reconnection.
-pub(crate) async fn connection_manager(
-    client: &redis::Client,
-    config: &RedisConfig,
-    response_timeout: Duration,
-) -> Result<ConnectionManager> {
-    let manager = ConnectionManagerConfig::new()
-        .set_response_timeout(Some(response_timeout))
-        .set_connection_timeout(Some(config.connect_timeout))
-        // redis-rs reconnects on its own schedule; its waits stop where ours do.
-        .set_max_delay(BACKOFF.max())
-        .set_number_of_retries(3);
-    // redis-rs bounds each attempt, and retries the first connection as it retries a
-    // reconnection: the whole of it must fit in the one timeout the user gave.
-    match tokio::time::timeout(
-        config.connect_timeout,
-        client.get_connection_manager_with_config(manager),
-    )
-    .await
-    {
-        Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(err)) if err.is_timeout() => Err(connect_timed_out(config)),
-        Ok(Err(err)) => Err(connect_error(
-            format!("cannot connect to Redis at {}", address(config)),
-            err,
-        )),
-        Err(_elapsed) => Err(connect_timed_out(config)),
-    }
-}
-
-fn connect_timed_out(config: &RedisConfig) -> Error {
-    Error::transport_msg(
-        TransportErrorKind::Connect,
-        format!(
-            "connecting to Redis at {} timed out after {:?} (TCP connect, TLS and Redis \
-         handshake; URL option connect_timeout)",
-            address(config),
-            config.connect_timeout
-        ),
-    )
-}
-
-/// Where `config` connects, without credentials: `127.0.0.1:6379/`.
+/// Where `config` connects, without credentials: `127.0.0.1:6379/`, or
+/// `h1:7000,h2:7000/` for a cluster's seeds.
 fn address(config: &RedisConfig) -> String {
-    // The connection URL holds the password: print only host, port and db.
-    match url::Url::parse(&config.connection_url) {
-        Ok(url) => format!(
-            "{}:{}{}",
-            url.host_str().unwrap_or("?"),
-            url.port().unwrap_or(6379),
-            url.path()
-        ),
-        Err(_) => "?".to_owned(),
+    // The connection URLs hold the password: print only hosts, ports and db.
+    let mut hosts = Vec::new();
+    let mut path = String::new();
+    for url in config.connection_urls() {
+        match url::Url::parse(url) {
+            Ok(url) => {
+                hosts.push(format!(
+                    "{}:{}",
+                    url.host_str().unwrap_or("?"),
+                    url.port().unwrap_or(6379)
+                ));
+                if path.is_empty() {
+                    url.path().clone_into(&mut path);
+                }
+            }
+            Err(_) => hosts.push("?".to_owned()),
+        }
     }
+    format!("{}{path}", hosts.join(","))
 }
 
-/// Where `config` connects, without credentials: `redis 127.0.0.1:6379/`.
-fn describe(config: &RedisConfig) -> String {
-    format!("redis {}", address(config))
+/// What `config` connects to, for messages: `Redis at 127.0.0.1:6379/` or `Redis
+/// Cluster at h1:7000,h2:7000/`.
+pub(crate) fn server_name(config: &RedisConfig) -> String {
+    let kind = if config.cluster {
+        "Redis Cluster"
+    } else {
+        "Redis"
+    };
+    format!("{kind} at {}", address(config))
+}
+
+/// Where `config` connects, without credentials: `redis 127.0.0.1:6379/`, or
+/// `redis cluster h1:7000,h2:7000/`.
+pub(crate) fn describe(config: &RedisConfig) -> String {
+    if config.cluster {
+        format!("redis cluster {}", address(config))
+    } else {
+        format!("redis {}", address(config))
+    }
 }
 
 #[async_trait]

@@ -7,12 +7,12 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use rpc_core::{Address, Error, Outgoing, Publisher, Result, Retry};
 
 use crate::BACKOFF;
 use crate::config::RedisConfig;
-use crate::error::redis_error;
+use crate::connection::Connection;
+use crate::error::{is_cluster_change, redis_error};
 
 /// Field of an entry holding the encoded message.
 pub(crate) const BODY_FIELD: &str = "b";
@@ -24,7 +24,7 @@ pub(crate) const EXPIRES_FIELD: &str = "x";
 const REPLY_MAXLEN_FLOOR: usize = 100_000;
 
 pub(crate) struct RedisPublisher {
-    conn: ConnectionManager,
+    conn: Connection,
     config: RedisConfig,
     reply_prefix: String,
 }
@@ -36,7 +36,7 @@ pub(crate) fn now_millis() -> u64 {
 }
 
 impl RedisPublisher {
-    pub(crate) fn new(conn: ConnectionManager, config: RedisConfig) -> Self {
+    pub(crate) fn new(conn: Connection, config: RedisConfig) -> Self {
         RedisPublisher {
             reply_prefix: config.reply_prefix(),
             conn,
@@ -136,9 +136,11 @@ impl Publisher for RedisPublisher {
         let sent = Retry::new(BACKOFF)
             .run_notify(
                 |_| self.attempt(address, &message),
-                // Only a refused connection proves the command was not applied; after
-                // any other failure the entry may exist, and a second would run twice.
-                redis::RedisError::is_connection_refusal,
+                // Only a refused connection, or a cluster refusing the command while
+                // it changes (CLUSTERDOWN, TRYAGAIN...), proves the command was not
+                // applied; after any other failure the entry may exist, and a second
+                // would run twice.
+                |err| err.is_connection_refusal() || is_cluster_change(err),
                 |err, _attempt, wait| {
                     tracing::warn!(error = %err, %address, ?wait, "publish failed; retrying after reconnection");
                 },

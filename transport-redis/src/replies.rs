@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use rpc_core::{Consumer, Delivery, Result};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::connection::Connection;
 use crate::entry::{READ_COUNT, ReadOutcome, read_after};
 use crate::error::{is_connection_error, redis_error};
 use crate::{BACKOFF, Shared, blocking_connection};
@@ -26,7 +26,7 @@ pub(crate) struct ReplyConsumer {
 }
 
 /// Creates an empty stream (a group created with `MKSTREAM`, then destroyed) with a TTL.
-async fn create_reply_stream(conn: &mut ConnectionManager, key: &str, ttl: Duration) -> Result<()> {
+async fn create_reply_stream(conn: &mut Connection, key: &str, ttl: Duration) -> Result<()> {
     redis::pipe()
         .atomic()
         .cmd("XGROUP")
@@ -86,7 +86,7 @@ impl ReplyConsumer {
 
 async fn read_replies(
     shared: Arc<Shared>,
-    mut reader: ConnectionManager,
+    mut reader: Connection,
     key: String,
     block: Duration,
     tx: mpsc::Sender<Result<Delivery>>,

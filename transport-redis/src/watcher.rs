@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use redis::streams::StreamId;
 use rpc_core::{Consumer, Delivery, Result, Target};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::commands::{create_group, mark_alive};
+use crate::connection::Connection;
 use crate::entry::{ReadOutcome, read_after};
 use crate::error::{is_missing_group, redis_error};
 use crate::{BACKOFF, Shared, blocking_connection};
@@ -41,9 +41,9 @@ impl MonitorConsumer {
             config.fanout_key(exchange, &target.topic),
         ];
         let pattern = config.server_key(exchange, &target.topic, "*");
-        let servers: Vec<String> = redis::cmd("KEYS")
-            .arg(&pattern)
-            .query_async(&mut conn)
+        // On a cluster, where the topic's keys live: they share its hash tag.
+        let servers: Vec<String> = conn
+            .query_at(&keys[0], redis::cmd("KEYS").arg(&pattern))
             .await
             .map_err(|e| redis_error("listing server streams", e))?;
         keys.extend(servers);
@@ -126,7 +126,7 @@ impl MonitorConsumer {
 
 /// Refreshes a watcher's alive key three times per `ttl` until the watcher stops.
 async fn keep_watcher_alive(
-    mut conn: ConnectionManager,
+    mut conn: Connection,
     key: String,
     ttl: Duration,
     stop: CancellationToken,
@@ -146,8 +146,8 @@ async fn keep_watcher_alive(
 
 /// A watcher's reading task.
 struct Watch {
-    reader: ConnectionManager,
-    commands: ConnectionManager,
+    reader: Connection,
+    commands: Connection,
     /// The streams read, and the last id read in each.
     keys: Vec<String>,
     ids: Vec<String>,
@@ -256,12 +256,7 @@ impl Consumer for MonitorConsumer {
 
 /// Removes a watcher's keep-groups, so servers delete settled entries again, and
 /// its alive key.
-async fn drop_watch_groups(
-    mut conn: ConnectionManager,
-    kept: Vec<String>,
-    group: String,
-    alive: String,
-) {
+async fn drop_watch_groups(mut conn: Connection, kept: Vec<String>, group: String, alive: String) {
     if let Err(err) = redis::cmd("DEL")
         .arg(&alive)
         .query_async::<()>(&mut conn)

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::Serving;
 use super::work::Work;
 use crate::auth::{AuthFailure, request_refusal};
-use crate::logs::Escaped;
+use crate::logs::{Escaped, Throttle};
 use crate::timing::MAX_TIMEOUT;
 use crate::transport::{Acker, Address};
 use crate::wire::{self, Answer, Request};
@@ -121,7 +121,7 @@ pub(super) fn accept(
         }
     };
     if let Some(unique_id) = &request.unique_id
-        && !seen.insert(unique_id)
+        && !seen.insert(unique_id, received)
     {
         tracing::info!(unique_id = %Escaped(unique_id), method = %Escaped(&request.method),
             "dropping duplicate request");
@@ -146,51 +146,108 @@ pub(super) fn accept(
     })
 }
 
-/// The last `capacity` ids seen, to drop redelivered duplicates.
+/// The ids seen within the duplicate window (at most `max` of them), to drop
+/// redelivered copies.
 pub(super) struct RecentIds {
-    order: VecDeque<Arc<str>>,
+    order: VecDeque<(Instant, Arc<str>)>,
     ids: HashSet<Arc<str>, foldhash::fast::RandomState>,
-    capacity: usize,
+    window: Duration,
+    max: usize,
+    shortened: Throttle,
 }
 
 impl RecentIds {
-    pub(super) fn new(capacity: usize) -> Self {
+    pub(super) fn new(window: Duration, max: usize) -> Self {
         RecentIds {
-            order: VecDeque::with_capacity(capacity),
-            ids: HashSet::with_capacity_and_hasher(capacity, Default::default()),
-            capacity,
+            order: VecDeque::new(),
+            ids: HashSet::default(),
+            window,
+            max,
+            shortened: Throttle::default(),
         }
     }
 
-    /// Records `id`; false when it was already there.
-    pub(super) fn insert(&mut self, id: &str) -> bool {
+    /// Records `id`, seen at `now`; false when it was seen within the window.
+    pub(super) fn insert(&mut self, id: &str, now: Instant) -> bool {
+        while let Some((seen_at, _)) = self.order.front()
+            && now.saturating_duration_since(*seen_at) > self.window
+        {
+            self.forget_oldest();
+        }
         if self.ids.contains(id) {
             return false;
         }
-        if self.order.len() == self.capacity
-            && let Some(oldest) = self.order.pop_front()
+        if self.max == 0 {
+            return true;
+        }
+        if self.order.len() >= self.max
+            && let Some((seen_at, _)) = self.forget_oldest()
+            && let Some(suppressed) = self.shortened.hit()
         {
-            self.ids.remove(&oldest);
+            let kept = now.saturating_duration_since(seen_at);
+            tracing::warn!(kept = ?kept, window = ?self.window, max_ids = self.max, suppressed,
+                "duplicate window cut short by its id limit: a copy redelivered later than \
+                 this would run again (see ServerBuilder::max_duplicate_ids)");
         }
         let id: Arc<str> = Arc::from(id);
-        self.order.push_back(id.clone());
+        self.order.push_back((now, id.clone()));
         self.ids.insert(id);
         true
+    }
+
+    fn forget_oldest(&mut self) -> Option<(Instant, Arc<str>)> {
+        let oldest = self.order.pop_front()?;
+        self.ids.remove(&oldest.1);
+        Some(oldest)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
     use super::RecentIds;
 
     #[test]
-    fn recent_ids_forget_the_oldest() {
-        let mut ids = RecentIds::new(2);
-        assert!(ids.insert("a"));
-        assert!(!ids.insert("a"));
-        assert!(ids.insert("b"));
-        assert!(ids.insert("c"));
-        assert!(ids.insert("a"), "a fell out of the window");
-        assert!(!ids.insert("c"));
+    fn recent_ids_forget_the_oldest_past_the_limit() {
+        let now = Instant::now();
+        let mut ids = RecentIds::new(Duration::from_secs(60), 2);
+        assert!(ids.insert("a", now));
+        assert!(!ids.insert("a", now));
+        assert!(ids.insert("b", now));
+        assert!(ids.insert("c", now));
+        assert!(ids.insert("a", now), "a fell out of the window");
+        assert!(!ids.insert("c", now));
+    }
+
+    #[test]
+    fn recent_ids_are_kept_for_the_window_by_time() {
+        let start = Instant::now();
+        let mut ids = RecentIds::new(Duration::from_secs(60), 100_000);
+        // Many more ids than the old fixed count of 1024, all within the window.
+        for n in 0..5_000 {
+            assert!(ids.insert(&n.to_string(), start + Duration::from_millis(n)));
+        }
+        let later = start + Duration::from_secs(59);
+        assert!(
+            !ids.insert("0", later),
+            "the first id is still within the window"
+        );
+        let past = start + Duration::from_secs(61);
+        assert!(ids.insert("0", past), "the first id left the window");
+        assert!(
+            !ids.insert("4999", past),
+            "a later id is still within the window"
+        );
+    }
+
+    #[test]
+    fn no_ids_kept_when_the_limit_is_zero() {
+        let now = Instant::now();
+        let mut ids = RecentIds::new(Duration::from_secs(60), 0);
+        assert!(ids.insert("a", now));
+        assert!(ids.insert("a", now));
     }
 }

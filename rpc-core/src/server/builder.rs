@@ -8,8 +8,12 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use super::accept::RecentIds;
 use super::serve::serve;
-use super::{AckMode, DEFAULT_CONCURRENCY, DEFAULT_GRACE_PERIOD, Replier, Server, Serving};
+use super::{
+    AckMode, DEFAULT_CONCURRENCY, DEFAULT_DUPLICATE_WINDOW, DEFAULT_GRACE_PERIOD,
+    DEFAULT_MAX_DUPLICATE_IDS, Replier, Server, Serving,
+};
 use crate::auth::MessageAuth;
 use crate::budget::{ByteBudget, DEFAULT_MAX_PENDING_BYTES};
 use crate::dispatcher::Dispatcher;
@@ -32,6 +36,8 @@ pub struct ServerBuilder {
     concurrency: usize,
     ack_mode: AckMode,
     grace_period: Duration,
+    duplicate_window: Duration,
+    max_duplicate_ids: usize,
     max_message_size: Option<usize>,
     max_pending_bytes: usize,
     auth: Option<MessageAuth>,
@@ -46,6 +52,8 @@ impl fmt::Debug for ServerBuilder {
             .field("concurrency", &self.concurrency)
             .field("ack_mode", &self.ack_mode)
             .field("grace_period", &self.grace_period)
+            .field("duplicate_window", &self.duplicate_window)
+            .field("max_duplicate_ids", &self.max_duplicate_ids)
             .field("max_message_size", &self.max_message_size)
             .field("max_pending_bytes", &self.max_pending_bytes)
             .field("auth", &self.auth)
@@ -63,6 +71,8 @@ impl ServerBuilder {
             concurrency: DEFAULT_CONCURRENCY,
             ack_mode: AckMode::default(),
             grace_period: DEFAULT_GRACE_PERIOD,
+            duplicate_window: DEFAULT_DUPLICATE_WINDOW,
+            max_duplicate_ids: DEFAULT_MAX_DUPLICATE_IDS,
             max_message_size: None,
             max_pending_bytes: DEFAULT_MAX_PENDING_BYTES,
             auth: None,
@@ -93,6 +103,26 @@ impl ServerBuilder {
     /// How long [`Server::shutdown`] waits for in-flight handlers (default 30 s).
     pub fn grace_period(mut self, grace: Duration) -> Self {
         self.grace_period = grace;
+        self
+    }
+
+    /// How long the server remembers each request's `_unique_id`, to drop a copy
+    /// the broker delivers again, e.g. after a lost acknowledgement (default
+    /// [`DEFAULT_DUPLICATE_WINDOW`], 2 min). Make it longer than the time the
+    /// broker waits before it redelivers (JetStream's `ack_wait`, Redis's
+    /// `claim_idle`): a copy that arrives later runs again. At most
+    /// [`ServerBuilder::max_duplicate_ids`] ids are kept; past it the window is
+    /// shorter, with a rate-limited warning.
+    pub fn duplicate_window(mut self, window: Duration) -> Self {
+        self.duplicate_window = window;
+        self
+    }
+
+    /// At most this many ids are kept for the [`ServerBuilder::duplicate_window`]
+    /// (default [`DEFAULT_MAX_DUPLICATE_IDS`], 65,536, a few MiB; 0 turns
+    /// duplicate suppression off).
+    pub fn max_duplicate_ids(mut self, max: usize) -> Self {
+        self.max_duplicate_ids = max;
         self
     }
 
@@ -158,6 +188,7 @@ impl ServerBuilder {
             serving,
             self.concurrency,
             self.grace_period,
+            RecentIds::new(self.duplicate_window, self.max_duplicate_ids),
             token.clone(),
         ));
         tracing::debug!(target = %self.target, "server started");

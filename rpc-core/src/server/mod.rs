@@ -36,6 +36,13 @@ pub use shutdown::{SERVER_SHUTDOWN_CLASS, SERVER_SHUTDOWN_MODULE};
 pub const DEFAULT_CONCURRENCY: usize = 64;
 /// How long `shutdown()` lets in-flight handlers run unless told otherwise.
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
+/// How long a server remembers a request's `_unique_id` to drop a redelivered
+/// copy, unless told otherwise: four times JetStream's default `ack_wait` (30 s),
+/// the longest a broker here waits before it redelivers.
+pub const DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// At most this many ids are remembered for the duplicate window unless told
+/// otherwise (a few MiB); past it the oldest go first and the window is shorter.
+pub const DEFAULT_MAX_DUPLICATE_IDS: usize = 65_536;
 
 /// When a server acknowledges a request to the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -16,14 +16,12 @@ use super::shutdown::tell_abandoned_callers;
 use crate::budget::ByteBudget;
 use crate::transport::{Consumer, Delivery};
 
-/// How many recent `_unique_id`s a server remembers to drop duplicates.
-const DEDUP_WINDOW: usize = 1024;
-
 pub(super) async fn serve(
     mut consumer: Box<dyn Consumer>,
     serving: Serving,
     concurrency: usize,
     grace_period: Duration,
+    mut seen: RecentIds,
     token: CancellationToken,
 ) {
     // Handlers run as futures of this task, not as tasks of their own: a request
@@ -31,7 +29,6 @@ pub(super) async fn serve(
     // it. They still run concurrently; CPU-heavy handlers should move their work to
     // `spawn_blocking` (as in any async server).
     let mut running = FuturesUnordered::new();
-    let mut seen = RecentIds::new(DEDUP_WINDOW);
     // The bytes of the requests handed to `running`: the part of the budget this
     // loop can free by waiting. What a consumer has read ahead and not handed out
     // is in memory already and counts in `serving.budget`; waiting for it would

@@ -255,7 +255,7 @@ pub mod faults {
 
         let (server_refused, server_other) = server_kill.split();
         let (client_refused, client_other) = client_kill.split();
-        eprintln!(
+        crate::faults::figures(format!(
             "SUMMARY nats core: kill server's node: {} calls, {} failed ({server_refused} \
              refused at once with no responders, last {:?} after the kill; {} other), ok again \
              after {:?}; kill client's node: {} calls, {} failed ({client_refused} no responders, \
@@ -270,7 +270,7 @@ pub mod faults {
             client_kill.failed.last().map(|f| f.0),
             client_other.len(),
             client_kill.recovered,
-        );
+        ));
         for (fault, counts, other) in [
             ("server's node", &server_kill, &server_other),
             ("client's node", &client_kill, &client_other),
@@ -421,7 +421,7 @@ pub mod faults {
             *reasons.entry(err.clone()).or_default() += 1;
         }
         eprintln!("failed casts by message: {reasons:#?}");
-        eprintln!(
+        crate::faults::figures(format!(
             "SUMMARY nats jetstream R3: leader n{leader} killed ({new_leader} leads after); \
              casts {} acknowledged, {} failed (from {first_fail:?} to {last_fail:?} after the kill), \
              {} acknowledged lost, {duplicates} duplicates executed, {handled_unacked} failed casts \
@@ -429,7 +429,7 @@ pub mod faults {
             acked.len(),
             failures.len(),
             lost.len(),
-        );
+        ));
         assert!(lost.is_empty(), "acknowledged casts lost: {lost:?}");
         if let Some(last) = last_fail {
             assert!(
@@ -561,10 +561,10 @@ pub mod faults {
             .await
             .expect_err("a cast to an offline stream fails")
             .to_string();
-        eprintln!(
+        crate::faults::figures(format!(
             "SUMMARY nats jetstream offline stream (R1, n{leader} killed): connect took \
              {connect_took:?}, a cast failed after {cast_took:?}: {text}"
-        );
+        ));
         assert!(text.contains("no leader"), "the cause is said: {text}");
         assert!(old.contains("no leader"), "the cause is said: {old}");
         assert!(

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use redis::streams::StreamAutoClaimReply;
 use rpc_core::{ByteBudget, Delivery, Error, Result};
 use tokio::sync::mpsc;
@@ -15,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 use super::settle::{InFlight, Settle, delivery, lock};
 use super::{GROUP, MAX_BATCH, ServerKeys};
 use crate::Shared;
-use crate::commands::{DROP_FANOUT_GROUP, DROP_IDLE_CONSUMER, TRIM_SETTLED};
+use crate::commands::{DROP_FANOUT_GROUP, DROP_IDLE_CONSUMER, TRIM_SETTLED, mark_alive};
+use crate::connection::Connection;
 use crate::entry::entry_size;
 use crate::error::redis_error;
 use crate::watcher::WATCHER_GROUP_PREFIX;
@@ -146,7 +146,7 @@ impl Housekeeping {
 
     /// Deletes the entries of `key` that every group has read and settled (see
     /// `TRIM_SETTLED`).
-    async fn trim(&self, conn: &mut ConnectionManager, key: &str) -> Result<()> {
+    async fn trim(&self, conn: &mut Connection, key: &str) -> Result<()> {
         let trimmed: i64 = TRIM_SETTLED
             .key(key)
             .invoke_async(conn)
@@ -164,7 +164,18 @@ impl Housekeeping {
 
     /// Resets the idle time of the entries this instance holds, so other servers see
     /// them as taken, however long their handlers run; and says this instance lives.
-    async fn keep_alive(&self, conn: &mut ConnectionManager) -> Result<()> {
+    ///
+    /// Two round trips: the claims go to the topic's slot, the alive key (named after
+    /// the instance alone, so servers of every version find it) to its own, and a
+    /// pipeline must stay within one slot on a cluster.
+    async fn keep_alive(&self, conn: &mut Connection) -> Result<()> {
+        let alive = mark_alive(
+            conn,
+            &self.shared.config.alive_key(&self.keys.instance),
+            self.shared.config.prune_idle,
+        )
+        .await
+        .map_err(|e| redis_error("marking the server alive", e));
         let held: Vec<(String, String)> = lock(&self.in_flight).iter().cloned().collect();
         let mut pipe = redis::pipe();
         for key in [&self.keys.topic, &self.keys.server] {
@@ -184,20 +195,17 @@ impl Housekeeping {
                     .ignore();
             }
         }
-        pipe.cmd("SET")
-            .arg(self.shared.config.alive_key(&self.keys.instance))
-            .arg(1)
-            .arg("PX")
-            .arg(u64::try_from(self.shared.config.prune_idle.as_millis()).unwrap_or(u64::MAX))
-            .ignore();
-        pipe.query_async::<()>(conn)
-            .await
-            .map_err(|e| redis_error("refreshing held entries", e))
+        if !pipe.is_empty() {
+            pipe.query_async::<()>(conn)
+                .await
+                .map_err(|e| redis_error("refreshing held entries", e))?;
+        }
+        alive
     }
 
     /// Removes fanout groups whose consumers have all been idle past `prune_idle`, and
     /// shared-group consumers idle that long with nothing pending.
-    async fn prune(&self, conn: &mut ConnectionManager) -> Result<()> {
+    async fn prune(&self, conn: &mut Connection) -> Result<()> {
         let limit = u128::from(
             u64::try_from(self.shared.config.prune_idle.as_millis()).unwrap_or(u64::MAX),
         );
@@ -259,7 +267,7 @@ impl Housekeeping {
     }
 
     /// Whether the server or watcher `name` has refreshed its alive key lately.
-    async fn is_alive(&self, conn: &mut ConnectionManager, name: &str) -> Result<bool> {
+    async fn is_alive(&self, conn: &mut Connection, name: &str) -> Result<bool> {
         redis::cmd("EXISTS")
             .arg(self.shared.config.alive_key(name))
             .query_async(conn)
@@ -269,7 +277,7 @@ impl Housekeeping {
 
     /// Removes the keep-groups of watchers whose alive key has expired: they died
     /// without removing them, and each makes servers keep settled entries.
-    async fn prune_watchers(&self, conn: &mut ConnectionManager) -> Result<()> {
+    async fn prune_watchers(&self, conn: &mut Connection) -> Result<()> {
         for key in [&self.keys.topic, &self.keys.server] {
             let groups: redis::streams::StreamInfoGroupsReply = redis::cmd("XINFO")
                 .arg("GROUPS")

@@ -14,13 +14,13 @@ use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use rpc_core::{Consumer, Delivery, ListenOptions, Result, Target};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::commands::{DROP_FANOUT_GROUP, DROP_IDLE_CONSUMER, create_group, mark_alive};
+use crate::connection::Connection;
 use crate::error::redis_error;
 use crate::{Shared, blocking_connection};
 use housekeeping::Housekeeping;
@@ -47,7 +47,7 @@ impl ServerKeys {
     /// Creates the groups (the shared one from the start of the streams, so messages
     /// sent before any server listened are handled; the fanout one at `$`) and sets
     /// the streams' TTLs.
-    async fn declare(&self, conn: &mut ConnectionManager, ttl: Duration) -> Result<()> {
+    async fn declare(&self, conn: &mut Connection, ttl: Duration) -> Result<()> {
         create_group(conn, &self.topic, GROUP, "0", ttl).await?;
         create_group(conn, &self.server, GROUP, "0", ttl).await?;
         create_group(conn, &self.fanout, &self.instance, "$", ttl).await?;
@@ -55,7 +55,7 @@ impl ServerKeys {
     }
 
     /// Sets the streams' TTLs again, as a live server does while it listens.
-    async fn refresh(&self, conn: &mut ConnectionManager, ttl: Duration) -> Result<()> {
+    async fn refresh(&self, conn: &mut Connection, ttl: Duration) -> Result<()> {
         let mut pipe = redis::pipe();
         for key in [&self.topic, &self.server, &self.fanout] {
             pipe.cmd("EXPIRE")

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use redis::streams::StreamReadReply;
 use rpc_core::{ByteBudget, Delivery, Result};
 use tokio::sync::mpsc;
@@ -15,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::pace::{Pace, RELAX_AFTER};
 use super::settle::{Settle, delivery};
 use super::{MAX_BATCH, ServerKeys, give_back};
+use crate::connection::Connection;
 use crate::entry::entry_size;
 use crate::error::{is_connection_error, is_missing_group};
 use crate::{BACKOFF, Shared};
@@ -32,7 +32,7 @@ const UNBLOCK_RETRY: Duration = Duration::from_millis(20);
 pub(super) struct Reader {
     pub(super) settle: Settle,
     pub(super) shared: Arc<Shared>,
-    pub(super) conn: ConnectionManager,
+    pub(super) conn: Connection,
     pub(super) group: String,
     pub(super) consumer: String,
     pub(super) streams: Vec<String>,
@@ -130,7 +130,16 @@ impl Reader {
                 return;
             };
             match read {
-                Ok(None) => pace.idle(),
+                Ok(None) => {
+                    pace.idle();
+                    if self.shared.config.cluster && self.client_id != ClientId::Refused {
+                        // A cluster client may have moved the read to a new master
+                        // after a failover without failing it: that connection has
+                        // another id. Asked again while idle, the only time a stop
+                        // waits on a blocked read.
+                        self.client_id = ClientId::Unknown;
+                    }
+                }
                 Ok(Some(reply)) => {
                     attempt = 0;
                     if self.hand_over(reply, count, &mut pace).await {
@@ -175,9 +184,10 @@ impl Reader {
     /// Asks Redis for this reader's connection id, and checks that this user may
     /// unblock it (`CLIENT UNBLOCK` of a connection that is not blocked answers 0).
     async fn identify(&mut self) -> ClientId {
-        let id: redis::RedisResult<i64> = redis::cmd("CLIENT")
-            .arg("ID")
-            .query_async(&mut self.conn)
+        // On a cluster, the node the read goes to: the one owning the streams' slot.
+        let id: redis::RedisResult<i64> = self
+            .conn
+            .query_at(&self.streams[0], redis::cmd("CLIENT").arg("ID"))
             .await;
         let id = match id {
             Ok(id) => id,
@@ -188,10 +198,11 @@ impl Reader {
             }
         };
         let mut commands = self.shared.commands.clone();
-        let probe: redis::RedisResult<i64> = redis::cmd("CLIENT")
-            .arg("UNBLOCK")
-            .arg(id)
-            .query_async(&mut commands)
+        let probe: redis::RedisResult<i64> = commands
+            .query_at(
+                &self.streams[0],
+                redis::cmd("CLIENT").arg("UNBLOCK").arg(id),
+            )
             .await;
         match probe {
             Ok(_) => ClientId::Known(id),
@@ -228,10 +239,11 @@ impl Reader {
         match self.client_id {
             ClientId::Known(id) => loop {
                 let mut commands = self.shared.commands.clone();
+                let stream = self.streams[0].clone();
                 let nudge = async move {
                     let mut unblock = redis::cmd("CLIENT");
                     unblock.arg("UNBLOCK").arg(id);
-                    let unblock = unblock.query_async::<i64>(&mut commands);
+                    let unblock = commands.query_at::<i64>(&stream, &unblock);
                     let _ = tokio::time::timeout(Duration::from_secs(1), unblock).await;
                     // Answered 0 when the read has not reached Redis yet: again.
                     tokio::time::sleep(UNBLOCK_RETRY).await;

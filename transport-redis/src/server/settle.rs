@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::aio::ConnectionManager;
 use redis::streams::StreamId;
 use rpc_core::{Acker, Charge, Delivery, Result};
 use tokio::sync::mpsc;
@@ -16,6 +15,7 @@ use tokio::sync::mpsc;
 use super::GROUP;
 use crate::Shared;
 use crate::commands::{DELETE_SETTLED, SETTLE_SHARED};
+use crate::connection::Connection;
 use crate::entry::{expiry, take_field};
 use crate::error::redis_error;
 use crate::publisher::{BODY_FIELD, now_millis};
@@ -120,7 +120,7 @@ pub(super) async fn delivery(
 
 /// Settles one stream entry.
 struct RedisAcker {
-    conn: ConnectionManager,
+    conn: Connection,
     key: String,
     group: String,
     id: String,
