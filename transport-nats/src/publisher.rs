@@ -47,6 +47,13 @@ pub(crate) struct NatsPublisher {
 /// its stream exists: short, so the cause reaches the caller before its deadline.
 const STREAM_LOOKUP_LIMIT: Duration = Duration::from_secs(2);
 
+/// How often a cast that created its stream is published again while the new
+/// stream does not answer yet.
+const AFTER_CREATE_TRIES: u32 = 5;
+/// The pause before the first of those retries, growing by as much each time (1.5 s
+/// in all at most).
+const AFTER_CREATE_PAUSE: Duration = Duration::from_millis(100);
+
 /// How many reply subjects a publisher keeps before it starts afresh.
 const REPLY_SUBJECTS: usize = 1024;
 
@@ -134,7 +141,8 @@ impl NatsPublisher {
                 "{address}: only casts to a topic or server go through JetStream"
             )));
         };
-        let mut created = false;
+        // Publishes since this cast created the stream.
+        let mut since_created: Option<u32> = None;
         loop {
             let ack = js
                 .publish(js_subject.clone(), body.clone())
@@ -147,7 +155,18 @@ impl NatsPublisher {
                 }
                 Err(err) => err,
             };
-            if err.kind() != jetstream::context::PublishErrorKind::StreamNotFound || created {
+            let no_stream = err.kind() == jetstream::context::PublishErrorKind::StreamNotFound;
+            if let Some(tries) = since_created.as_mut() {
+                // A stream just created may take a moment to subscribe its subject
+                // (a replicated one elects its leader first): a few short pauses.
+                if !no_stream || *tries >= AFTER_CREATE_TRIES {
+                    return Err(because(&not_stored, err));
+                }
+                *tries += 1;
+                tokio::time::sleep(AFTER_CREATE_PAUSE * *tries).await;
+                continue;
+            }
+            if !no_stream {
                 return Err(because(&not_stored, err));
             }
             let no_leader = |found: &str, err| {
@@ -174,7 +193,7 @@ impl NatsPublisher {
                     if e.kind() == jetstream::context::GetStreamByNameErrorKind::NotFound =>
                 {
                     crate::jetstream::ensure_stream(js, &self.config, exchange).await?;
-                    created = true;
+                    since_created = Some(0);
                 }
                 Ok(Err(e)) => {
                     return Err(crate::jetstream::unanswered(
