@@ -77,6 +77,11 @@ pub struct NatsConfig {
     pub ack_wait: Duration,
     /// How long JetStream keeps casts nobody took (`max_age`, default 24 h).
     pub max_age: Duration,
+    /// How many copies of the casts stream a JetStream cluster keeps (`replicas`,
+    /// 1 to 5, default 1; the stream's consumers follow it). Used when mqrpc creates
+    /// the stream; an existing stream with fewer is raised to this many, one with
+    /// more is left as it is (mqrpc never lowers it).
+    pub replicas: usize,
     /// How long one attempt to connect to a server may take (`connect_timeout`,
     /// default [`DEFAULT_CONNECT_TIMEOUT`], 10 s): the TCP connect, TLS and the NATS
     /// handshake. It bounds the first connect (at most this long per server listed)
@@ -93,12 +98,15 @@ pub struct NatsConfig {
     pub tls_files: TlsFiles,
 }
 
+/// The most replicas a JetStream stream can have (nats-server's limit).
+pub(crate) const MAX_REPLICAS: usize = 5;
+
 /// The server of a URL without one, and of [`NatsConfig::default`].
 const DEFAULT_SERVER: &str = "127.0.0.1:4222";
 
 /// The options a NATS URL takes, for the error about an unknown one.
 const KNOWN_OPTIONS: &str = "prefix, exchange, token, creds, tls, jetstream, ack_wait, max_age, \
-     connect_timeout, subscription_capacity, max_message_size";
+     replicas, connect_timeout, subscription_capacity, max_message_size";
 
 impl Default for NatsConfig {
     fn default() -> Self {
@@ -111,6 +119,7 @@ impl Default for NatsConfig {
             jetstream: false,
             ack_wait: Duration::from_secs(30),
             max_age: Duration::from_secs(24 * 3600),
+            replicas: 1,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             subscription_capacity: 65_536,
             max_message_size: None,
@@ -124,8 +133,8 @@ impl NatsConfig {
     /// or the same with `tls://`.
     ///
     /// Options: `prefix`, `exchange`, `token`, `creds` (path of a credentials file),
-    /// `tls`, `jetstream` (casts through JetStream), `ack_wait` and `max_age`
-    /// (JetStream mode), `connect_timeout`, `subscription_capacity`,
+    /// `tls`, `jetstream` (casts through JetStream), `ack_wait`, `max_age` and
+    /// `replicas` (JetStream mode), `connect_timeout`, `subscription_capacity`,
     /// `max_message_size` (bytes), and the TLS files (`tls_ca_file`, `tls_cert_file`,
     /// `tls_key_file`). Durations take `500ms`, `2s`, `1m` or plain seconds
     /// (`1.5`).
@@ -171,6 +180,12 @@ impl NatsConfig {
                 "jetstream" => config.jetstream = option.flag()?,
                 "ack_wait" => config.ack_wait = option.duration()?,
                 "max_age" => config.max_age = option.duration()?,
+                "replicas" => {
+                    config.replicas = option.positive()?;
+                    if config.replicas > MAX_REPLICAS {
+                        return Err(option.invalid(format!("must be 1 to {MAX_REPLICAS}")));
+                    }
+                }
                 "connect_timeout" => config.connect_timeout = option.duration()?,
                 "subscription_capacity" => config.subscription_capacity = option.positive()?,
                 "max_message_size" => config.max_message_size = Some(option.positive()?),
@@ -249,6 +264,9 @@ impl NatsConfig {
                 return invalid(&format!("{name} {value:?} is not a valid subject prefix"));
             }
         }
+        if !(1..=MAX_REPLICAS).contains(&self.replicas) {
+            return invalid(&format!("replicas must be 1 to {MAX_REPLICAS}"));
+        }
         if self.subscription_capacity == 0 || self.max_message_size == Some(0) {
             return invalid("subscription_capacity and max_message_size must be positive");
         }
@@ -309,6 +327,12 @@ impl NatsConfig {
     /// Sets [`NatsConfig::max_age`].
     pub fn max_age(mut self, max_age: Duration) -> Self {
         self.max_age = max_age;
+        self
+    }
+
+    /// Sets [`NatsConfig::replicas`] (1 to 5, checked by [`NatsConfig::validate`]).
+    pub fn replicas(mut self, replicas: usize) -> Self {
+        self.replicas = replicas;
         self
     }
 
@@ -436,17 +460,36 @@ mod tests {
             .jetstream(true)
             .ack_wait(Duration::from_secs(5))
             .max_age(Duration::from_secs(60))
+            .replicas(3)
             .connect_timeout(Duration::from_millis(2500))
             .subscription_capacity(128)
             .max_message_size(4096);
         let parsed = NatsConfig::parse(
             "tls://t0ken@h1:4223,h2?prefix=p&exchange=e&jetstream=1&ack_wait=5s&max_age=1m\
-             &connect_timeout=2500ms&subscription_capacity=128&max_message_size=4096",
+             &replicas=3&connect_timeout=2500ms&subscription_capacity=128&max_message_size=4096",
         )
         .expect("parse");
         assert_eq!(built, parsed);
         built.validate().expect("valid");
         assert_eq!(built.max_message_size(None).max_message_size, None);
+    }
+
+    #[test]
+    fn replicas_are_one_to_five() {
+        assert_eq!(NatsConfig::parse("nats://h").expect("parse").replicas, 1);
+        let c = NatsConfig::parse("nats://h?replicas=3").expect("parse");
+        assert_eq!(c.replicas, 3);
+        for bad in ["0", "6", "-1", "x", ""] {
+            let url = format!("nats://h?replicas={bad}");
+            let err = NatsConfig::parse(&url).expect_err(&url);
+            assert!(matches!(err, Error::InvalidUrl(_)), "{err:?}");
+            assert!(err.to_string().contains("replicas"), "{err}");
+        }
+        for bad in [0, 6] {
+            let err = NatsConfig::default().replicas(bad).validate();
+            assert!(matches!(err, Err(Error::InvalidConfig(_))), "{err:?}");
+        }
+        NatsConfig::default().replicas(5).validate().expect("valid");
     }
 
     #[test]

@@ -15,34 +15,210 @@ use crate::config::NatsConfig;
 use crate::error::boxed_nats_error;
 use crate::{Deliveries, nats_error};
 
-/// Creates (or finds) the work-queue stream holding an exchange's casts.
+/// The subject filter of an exchange's stream: every JetStream subject of its topics
+/// and servers (`<prefix>.js.<exchange>.>`, escaped).
+pub(crate) fn stream_subject(config: &NatsConfig, exchange: &str) -> String {
+    config
+        .jetstream_subject(&rpc_core::Address::Topic {
+            exchange: exchange.to_owned(),
+            topic: "x".to_owned(),
+        })
+        .and_then(|s| s.rsplit_once('.').map(|(base, _)| format!("{base}.>")))
+        .unwrap_or_default()
+}
+
+/// The work-queue stream holding an exchange's casts, made to match what mqrpc owns
+/// of it without touching the rest.
+///
+/// - Missing: created with the exchange's subject, `max_age` and
+///   [`NatsConfig::replicas`] copies.
+/// - Existing: its current configuration is read, and only what mqrpc owns changes on
+///   top of it: its subject is listed, its `max_age` is the configured one, and its
+///   replicas are raised to `replicas` when it has fewer, never lowered (an operator's
+///   R3 stream stays R3 whatever a client asks). Nothing is sent when nothing changes.
+///
+/// Every request is bounded by the JetStream context's timeout
+/// ([`JETSTREAM_API_TIMEOUT`]); a stream that exists but has no leader does not
+/// answer, and that is said in the error.
 pub(crate) async fn ensure_stream(
     js: &jetstream::Context,
     config: &NatsConfig,
     exchange: &str,
 ) -> Result<jetstream::stream::Stream> {
     let name = config.jetstream_stream(exchange);
-    let subject = config
-        .jetstream_subject(&rpc_core::Address::Topic {
-            exchange: exchange.to_owned(),
-            topic: "x".to_owned(),
-        })
-        .and_then(|s| s.rsplit_once('.').map(|(base, _)| format!("{base}.>")))
-        .unwrap_or_default();
-    // Create, or bring an existing stream's subjects and limits up to date.
-    js.create_or_update_stream(jetstream::stream::Config {
-        name: name.clone(),
-        subjects: vec![subject],
-        retention: jetstream::stream::RetentionPolicy::WorkQueue,
-        max_age: config.max_age,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| nats_error(&format!("creating JetStream stream {name}"), e))?;
+    let subject = stream_subject(config, exchange);
+    // Twice at most: a stream another process created between our look-up and our
+    // create is then updated like any existing one.
+    for _ in 0..2 {
+        match js.get_stream(&name).await {
+            Ok(stream) => return update_owned(js, stream, &subject, config).await,
+            Err(err) if stream_not_found(&err) => {}
+            Err(err) => return Err(unanswered(&name, "reading the JetStream stream", err)),
+        }
+        let created = js
+            .create_stream(jetstream::stream::Config {
+                name: name.clone(),
+                subjects: vec![subject.clone()],
+                retention: jetstream::stream::RetentionPolicy::WorkQueue,
+                max_age: config.max_age,
+                num_replicas: config.replicas,
+                ..Default::default()
+            })
+            .await;
+        match created {
+            Ok(stream) => {
+                tracing::info!(stream = %name, replicas = config.replicas, "created the JetStream stream");
+                return Ok(stream);
+            }
+            Err(err) if name_taken(&err) => continue,
+            Err(err) => return Err(unanswered(&name, "creating the JetStream stream", err)),
+        }
+    }
+    Err(Error::transport_msg(
+        TransportErrorKind::Other,
+        format!("JetStream stream {name} exists, but could not be read or created"),
+    ))
+}
+
+/// Brings what mqrpc owns of an existing stream up to date (see [`ensure_stream`]).
+async fn update_owned(
+    js: &jetstream::Context,
+    stream: jetstream::stream::Stream,
+    subject: &str,
+    config: &NatsConfig,
+) -> Result<jetstream::stream::Stream> {
+    let current = &stream.cached_info().config;
+    let Some(wanted) = owned_changes(current, subject, config) else {
+        return Ok(stream);
+    };
+    let name = wanted.name.clone();
+    tracing::info!(
+        stream = %name,
+        replicas = wanted.num_replicas,
+        was = current.num_replicas,
+        max_age = ?wanted.max_age,
+        "updating the JetStream stream"
+    );
+    update_raw(js, &name, &wanted).await?;
     js.get_stream(&name)
         .await
-        .map_err(|e| nats_error(&format!("opening JetStream stream {name}"), e))
+        .map_err(|e| unanswered(&name, "reading the JetStream stream", e))
 }
+
+/// Sends the stream's configuration back with only the fields mqrpc owns replaced
+/// (`subjects`, `max_age`, `num_replicas`), on the JSON the server answered, not
+/// async-nats's typed copy of it: a setting that async-nats does not know (one of a
+/// newer server) is kept as it is instead of being dropped.
+async fn update_raw(
+    js: &jetstream::Context,
+    name: &str,
+    wanted: &jetstream::stream::Config,
+) -> Result<()> {
+    let reading = "reading the JetStream stream";
+    let info: serde_json::Value = js
+        .request(format!("STREAM.INFO.{name}"), &serde_json::json!({}))
+        .await
+        .map_err(|e| unanswered(name, reading, e))?;
+    api_answer(name, reading, &info)?;
+    let mut config = info.get("config").cloned().unwrap_or_default();
+    let Some(fields) = config.as_object_mut() else {
+        return Err(Error::transport_msg(
+            TransportErrorKind::Other,
+            format!("{reading} {name}: the answer has no configuration"),
+        ));
+    };
+    fields.insert("subjects".to_owned(), serde_json::json!(wanted.subjects));
+    let max_age = u64::try_from(wanted.max_age.as_nanos()).unwrap_or(u64::MAX);
+    fields.insert("max_age".to_owned(), serde_json::json!(max_age));
+    fields.insert(
+        "num_replicas".to_owned(),
+        serde_json::json!(wanted.num_replicas),
+    );
+    let updating = "updating the JetStream stream";
+    let answer: serde_json::Value = js
+        .request(format!("STREAM.UPDATE.{name}"), &config)
+        .await
+        .map_err(|e| unanswered(name, updating, e))?;
+    api_answer(name, updating, &answer)
+}
+
+/// The error a JetStream API answer carries, if any.
+fn api_answer(name: &str, what: &str, answer: &serde_json::Value) -> Result<()> {
+    let Some(error) = answer.get("error") else {
+        return Ok(());
+    };
+    let text = error.to_string();
+    Err(
+        match serde_json::from_value::<jetstream::Error>(error.clone()) {
+            Ok(api) => {
+                let kind = crate::error::kind_of(&api);
+                Error::transport(kind, format!("{what} {name}: {api}"), api)
+            }
+            Err(_) => {
+                Error::transport_msg(TransportErrorKind::Other, format!("{what} {name}: {text}"))
+            }
+        },
+    )
+}
+
+/// The configuration `current` should have: the same, but with `subject` listed, the
+/// configured `max_age`, and at least the configured replicas. `None` when it has
+/// them already.
+pub(crate) fn owned_changes(
+    current: &jetstream::stream::Config,
+    subject: &str,
+    config: &NatsConfig,
+) -> Option<jetstream::stream::Config> {
+    let mut wanted = current.clone();
+    if !wanted.subjects.iter().any(|s| s == subject) {
+        wanted.subjects.push(subject.to_owned());
+    }
+    wanted.max_age = config.max_age;
+    // Raised only (0, as some servers report a single copy, counts as 1).
+    if config.replicas > current.num_replicas.max(1) {
+        wanted.num_replicas = config.replicas;
+    }
+    (wanted != *current).then_some(wanted)
+}
+
+/// Whether a stream look-up failed because there is no such stream.
+fn stream_not_found(err: &async_nats::jetstream::context::GetStreamError) -> bool {
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    matches!(err.kind(), GetStreamErrorKind::JetStream(api)
+        if api.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
+
+/// Whether a create failed because another process created the stream meanwhile.
+fn name_taken(err: &async_nats::jetstream::context::CreateStreamError) -> bool {
+    use async_nats::jetstream::context::CreateStreamErrorKind;
+    matches!(err.kind(), CreateStreamErrorKind::JetStream(api)
+        if api.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST)
+}
+
+/// An error about stream `name` that says its cause in its message (the CLI prints
+/// only that), and that a request nobody answered in time most likely means the
+/// stream (or the JetStream meta group) has no leader.
+pub(crate) fn unanswered(
+    name: &str,
+    what: &str,
+    err: impl std::error::Error + Send + Sync + 'static,
+) -> Error {
+    let kind = crate::error::kind_of(&err);
+    let why = if kind == TransportErrorKind::Timeout {
+        format!(
+            "no answer within {JETSTREAM_API_TIMEOUT:?}: the stream or the JetStream cluster              has no leader (a node down, or an election under way)"
+        )
+    } else {
+        err.to_string()
+    };
+    Error::transport(kind, format!("{what} {name}: {why}"), err)
+}
+
+/// How long a JetStream API request (stream and consumer set-up) or a cast's store
+/// acknowledgement may take. async-nats would wait 10 s for API requests, longer than
+/// a caller's usual deadline for a cast, and then the cause would be lost in the
+/// caller's own timeout.
+pub(crate) const JETSTREAM_API_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The casts a server of `target` takes: one pull loop for the topic's JetStream
 /// subject and one for its server's, each on a durable consumer shared by every
@@ -384,5 +560,69 @@ impl Acker for JetStreamAcker {
         };
         (self.message.ack_with(kind).await)
             .map_err(|e| boxed_nats_error(format!("JetStream reject failed: {e}"), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use async_nats::jetstream::stream::Config;
+
+    use super::owned_changes;
+    use crate::NatsConfig;
+
+    fn stream(replicas: usize, subjects: &[&str], max_age: Duration) -> Config {
+        Config {
+            name: "s".to_owned(),
+            subjects: subjects.iter().map(|s| (*s).to_owned()).collect(),
+            num_replicas: replicas,
+            max_age,
+            // A setting mqrpc does not own.
+            max_messages: 77,
+            ..Default::default()
+        }
+    }
+
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+
+    #[test]
+    fn a_stream_that_has_what_mqrpc_owns_is_not_updated() {
+        let config = NatsConfig::default();
+        assert_eq!(
+            owned_changes(&stream(1, &["a.>"], DAY), "a.>", &config),
+            None
+        );
+        // More replicas than asked for: left as they are.
+        assert_eq!(
+            owned_changes(&stream(3, &["a.>"], DAY), "a.>", &config),
+            None
+        );
+        // Some servers say 0 for a single copy.
+        assert_eq!(
+            owned_changes(&stream(0, &["a.>"], DAY), "a.>", &config),
+            None
+        );
+    }
+
+    #[test]
+    fn replicas_are_raised_never_lowered() {
+        let three = NatsConfig::default().replicas(3);
+        let raised = owned_changes(&stream(1, &["a.>"], DAY), "a.>", &three).expect("raised");
+        assert_eq!(raised.num_replicas, 3);
+        assert_eq!(raised.max_messages, 77, "the rest is kept");
+        let five = stream(5, &["a.>"], DAY);
+        assert_eq!(owned_changes(&five, "a.>", &three), None);
+    }
+
+    #[test]
+    fn the_subject_and_max_age_are_brought_up_to_date() {
+        let config = NatsConfig::default().max_age(Duration::from_secs(60));
+        let changed =
+            owned_changes(&stream(3, &["other.>"], DAY), "a.>", &config).expect("changed");
+        assert_eq!(changed.subjects, ["other.>", "a.>"]);
+        assert_eq!(changed.max_age, Duration::from_secs(60));
+        assert_eq!(changed.num_replicas, 3);
+        assert_eq!(changed.max_messages, 77);
     }
 }

@@ -10,9 +10,18 @@
 //! - Core NATS is at-most-once and keeps nothing for absent servers. With
 //!   `jetstream=true`, casts to a topic or server go through a JetStream work-queue
 //!   stream instead: kept while no server runs, delivered again until a server acks.
+//!   The stream is made by the first cast that finds none, and set up by each server
+//!   that listens: created with `replicas` copies (default 1; 3 on a JetStream
+//!   cluster keeps casts through the loss of a node), and on an existing stream only
+//!   its subject and `max_age` are set and its replicas raised, never lowered;
+//!   anything else an operator set is kept. `connect` sends no JetStream request, so
+//!   it never waits on a stream without a leader; a cast to such a stream fails at
+//!   once, saying so.
 //! - Reconnection is async-nats' own: it reconnects and re-subscribes by itself.
 //!   `connect_timeout` (URL option, `2s` or plain seconds, default 10 s) bounds each
-//!   attempt.
+//!   attempt. On a cluster, list several servers in the URL (`nats://h1,h2,h3`);
+//!   async-nats also learns the others from the server it reaches, unless the
+//!   servers run with `--no_advertise`.
 //! - A server holds no more request bytes than its budget
 //!   ([`rpc_core::ListenOptions::budget`]): its core NATS subscriptions are drained
 //!   as messages arrive, and a request that does not fit is dropped at once and
@@ -214,9 +223,13 @@ impl NatsTransport {
                 return Err(Error::transport_msg(TransportErrorKind::Connect, timed_out));
             }
         };
-        let jetstream = config
-            .jetstream
-            .then(|| async_nats::jetstream::new(client.clone()));
+        // API requests and store acknowledgements bounded well inside a cast's usual
+        // deadline, so a stream without a leader is reported as such.
+        let jetstream = config.jetstream.then(|| {
+            async_nats::jetstream::ContextBuilder::new()
+                .timeout(jetstream::JETSTREAM_API_TIMEOUT)
+                .build(client.clone())
+        });
         let publisher = Arc::new(NatsPublisher::new(
             client.clone(),
             config.clone(),
@@ -230,10 +243,9 @@ impl NatsTransport {
             dropped: AtomicU64::new(0),
             publisher,
         });
-        if let Some(js) = &shared.jetstream {
-            jetstream::ensure_stream(js, &shared.config, &shared.config.exchange).await?;
-            shared.publisher.streams_ready(&shared.config.exchange);
-        }
+        // No JetStream request here: the stream is created by the first cast that
+        // finds none, and set up by each server that listens (`jetstream::pulls`), so
+        // connecting never waits on a stream that has no leader.
         Ok(NatsTransport { shared })
     }
 

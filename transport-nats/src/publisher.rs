@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use async_trait::async_trait;
 use futures::StreamExt;
-use rpc_core::{Address, Error, Outgoing, Publisher, Result};
+use rpc_core::{Address, Error, Outgoing, Publisher, Result, TransportErrorKind};
 
 use crate::batch::Requests;
 use crate::config::NatsConfig;
@@ -25,9 +25,10 @@ pub(crate) struct NatsPublisher {
     client: async_nats::Client,
     config: NatsConfig,
     jetstream: Option<jetstream::Context>,
+    /// Exchanges whose JetStream stream stored a cast of this publisher: it exists,
+    /// so "no responders" means it has no leader.
+    stored: Mutex<HashSet<String>>,
     reply_prefix: String,
-    /// Exchanges whose JetStream stream is known to exist.
-    streams: Mutex<HashSet<String>>,
     /// The subject of the last address published to: a client mostly sends to one
     /// target, and working a subject out formats several strings.
     last_subject: Mutex<Option<(Address, async_nats::Subject)>>,
@@ -41,6 +42,17 @@ pub(crate) struct NatsPublisher {
     /// Call requests waiting to be handed to async-nats together (see `batch.rs`).
     requests: Arc<Requests>,
 }
+
+/// How long a cast that no stream took waits for the JetStream API to say whether
+/// its stream exists: short, so the cause reaches the caller before its deadline.
+const STREAM_LOOKUP_LIMIT: Duration = Duration::from_secs(2);
+
+/// How often a cast that created its stream is published again while the new
+/// stream does not answer yet.
+const AFTER_CREATE_TRIES: u32 = 5;
+/// The pause before the first of those retries, growing by as much each time (1.5 s
+/// in all at most).
+const AFTER_CREATE_PAUSE: Duration = Duration::from_millis(100);
 
 /// How many reply subjects a publisher keeps before it starts afresh.
 const REPLY_SUBJECTS: usize = 1024;
@@ -99,41 +111,22 @@ impl NatsPublisher {
             client,
             config,
             jetstream,
-            streams: Mutex::new(HashSet::new()),
+            stored: Mutex::default(),
             last_subject: Mutex::new(None),
             routes: Arc::default(),
             gone_watch: tokio::sync::OnceCell::new(),
         }
     }
 
-    /// Records that the stream of `exchange` exists.
-    pub(crate) fn streams_ready(&self, exchange: &str) {
-        self.streams
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(exchange.to_owned());
-    }
-
-    /// Creates the stream of `exchange` on its first cast.
-    async fn ensure_stream(&self, js: &jetstream::Context, address: &Address) -> Result<()> {
-        let exchange = match address {
-            Address::Topic { exchange, .. } | Address::Server { exchange, .. } => exchange,
-            _ => return Ok(()),
-        };
-        let known = self
-            .streams
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(exchange);
-        if !known {
-            crate::jetstream::ensure_stream(js, &self.config, exchange).await?;
-            self.streams_ready(exchange);
-        }
-        Ok(())
-    }
-
     /// A cast in JetStream mode: published to the exchange's stream, and done once
     /// the stream stored it.
+    ///
+    /// Nothing is asked of JetStream before: when no stream takes the subject ("no
+    /// responders"), the meta leader is asked whether the exchange's stream exists.
+    /// If it does not, it is created ([`crate::jetstream::ensure_stream`]) and the
+    /// cast published again; if it does, it has no leader (its nodes are down, or it
+    /// is electing one) and the cast fails saying so. So `connect` never waits on a
+    /// stream, and a cast fails at once, with its cause, while its stream is offline.
     async fn store_cast(
         &self,
         js: &jetstream::Context,
@@ -142,15 +135,100 @@ impl NatsPublisher {
         body: bytes::Bytes,
     ) -> Result<()> {
         NatsConfig::check_subject(&js_subject, address)?;
-        self.ensure_stream(js, address).await?;
-        let ack = js
-            .publish(js_subject, body)
-            .await
-            .map_err(|e| nats_error(&format!("publishing to JetStream for {address}"), e))?;
-        ack.await.map_err(|e| {
-            nats_error(&format!("JetStream did not store the cast to {address}"), e)
-        })?;
-        Ok(())
+        let not_stored = format!("JetStream did not store the cast to {address}");
+        let (Address::Topic { exchange, .. } | Address::Server { exchange, .. }) = address else {
+            return Err(Error::InvalidTarget(format!(
+                "{address}: only casts to a topic or server go through JetStream"
+            )));
+        };
+        // Publishes since this cast created the stream.
+        let mut since_created: Option<u32> = None;
+        loop {
+            let ack = js
+                .publish(js_subject.clone(), body.clone())
+                .await
+                .map_err(|e| nats_error(&format!("publishing to JetStream for {address}"), e))?;
+            let err = match ack.await {
+                Ok(_) => {
+                    self.stored_once(exchange);
+                    return Ok(());
+                }
+                Err(err) => err,
+            };
+            let no_stream = err.kind() == jetstream::context::PublishErrorKind::StreamNotFound;
+            if let Some(tries) = since_created.as_mut() {
+                // A stream just created may take a moment to subscribe its subject
+                // (a replicated one elects its leader first): a few short pauses.
+                if !no_stream || *tries >= AFTER_CREATE_TRIES {
+                    return Err(because(&not_stored, err));
+                }
+                *tries += 1;
+                tokio::time::sleep(AFTER_CREATE_PAUSE * *tries).await;
+                continue;
+            }
+            if !no_stream {
+                return Err(because(&not_stored, err));
+            }
+            let no_leader = |found: &str, err| {
+                Error::transport(
+                    TransportErrorKind::Other,
+                    format!(
+                        "{not_stored}: stream {found} has no leader (its nodes are down, or it is \
+                         electing one): no responders on {js_subject}"
+                    ),
+                    err,
+                )
+            };
+            let name = self.config.jetstream_stream(exchange);
+            if self.has_stored(exchange) {
+                // It took casts before: it exists, without a leader for now.
+                return Err(no_leader(&name, err));
+            }
+            // Is there a stream at all? The meta leader knows; it may itself be
+            // electing, so the question is bounded well inside a cast's deadline.
+            let filter = crate::jetstream::stream_subject(&self.config, exchange);
+            match tokio::time::timeout(STREAM_LOOKUP_LIMIT, js.stream_by_subject(filter)).await {
+                Ok(Ok(found)) => return Err(no_leader(&found, err)),
+                Ok(Err(e))
+                    if e.kind() == jetstream::context::GetStreamByNameErrorKind::NotFound =>
+                {
+                    crate::jetstream::ensure_stream(js, &self.config, exchange).await?;
+                    since_created = Some(0);
+                }
+                Ok(Err(e)) => {
+                    return Err(crate::jetstream::unanswered(
+                        &name,
+                        &format!("{not_stored}: no responders, and looking up the stream"),
+                        e,
+                    ));
+                }
+                Err(_) => {
+                    return Err(Error::transport(
+                        TransportErrorKind::Timeout,
+                        format!(
+                            "{not_stored}: no stream answered on {js_subject}, and the JetStream \
+                             API did not answer within {STREAM_LOOKUP_LIMIT:?} whether stream \
+                             {name} exists: the cluster has no leader for it or for JetStream \
+                             (nodes down, or an election under way)"
+                        ),
+                        err,
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Records that a cast to `exchange` was stored: its stream exists.
+    fn stored_once(&self, exchange: &str) {
+        let mut stored = self.stored.lock().unwrap_or_else(|e| e.into_inner());
+        if !stored.contains(exchange) {
+            stored.insert(exchange.to_owned());
+        }
+    }
+
+    /// Whether a cast to `exchange` was stored before.
+    fn has_stored(&self, exchange: &str) -> bool {
+        (self.stored.lock().unwrap_or_else(|e| e.into_inner())).contains(exchange)
     }
 
     /// A plain cast: published, and done once a round trip shows the server has it.
@@ -288,6 +366,12 @@ impl NatsPublisher {
 /// `NatsTransport`), and the inbox comes from the network.
 fn valid_inbox(inbox: &str) -> bool {
     !inbox.is_empty() && crate::subjects::protocol_safe(inbox)
+}
+
+/// A transport error whose message says `what` failed and why (the CLI prints only
+/// the message), with async-nats's error kept as its source.
+fn because(what: &str, err: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::transport(crate::error::kind_of(&err), format!("{what}: {err}"), err)
 }
 
 fn publish_error(

@@ -19,7 +19,7 @@
 //! A cluster test whose cluster is not up fails (it says how to bring it up),
 //! unless `MQRPC_ALLOW_SKIP=1`.
 
-// Each kind's module uses a part; a build with one backend leaves the rest unused.
+// A build with one backend's feature leaves parts unused.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -29,8 +29,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::suite::Backend;
 
-// One module per kind, added with its cluster (`#[cfg(feature = "nats")] mod nats;`,
-// `redis`, `rabbitmq` behind `amqp`).
+#[cfg(feature = "nats")]
+mod nats;
 #[cfg(feature = "amqp")]
 mod rabbitmq;
 #[cfg(feature = "redis")]
