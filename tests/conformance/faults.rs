@@ -106,7 +106,9 @@ struct Scene {
 /// (`target/tmp`), so a run's figures outlive the run's output.
 pub fn figures(line: String) {
     use std::io::Write;
-    let _ = std::io::stderr().lock().write_all(format!("{line}\n").as_bytes());
+    let _ = std::io::stderr()
+        .lock()
+        .write_all(format!("{line}\n").as_bytes());
     let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("reliability-figures.txt");
     if let Ok(mut file) = std::fs::OpenOptions::new()
         .create(true)
