@@ -317,7 +317,7 @@ mod one_slot {
 
     #[test]
     fn every_pipeline_keeps_to_one_slot() {
-        let config = RedisConfig::parse("redis://127.0.0.1:17000/?cluster=true").unwrap();
+        let config = RedisConfig::parse("redis://127.0.0.1:17000/?cluster=true").expect("URL");
         let ttl = Duration::from_secs(60);
         for (exchange, topic, server) in [
             ("openstack", "compute", "host-1"),

@@ -267,10 +267,13 @@ impl Reader {
     ///
     /// A stop does not abandon a read in flight: Redis may have answered it already,
     /// and with `NOACK` what it took exists nowhere else. The stop wakes it instead
-    /// (`CLIENT UNBLOCK`, from the commands connection: Redis then answers the read
-    /// as if its block ran out, taking nothing), and the entries of a read answered
-    /// before are given back. So stopping an idle server costs two round trips, not
-    /// the rest of a block.
+    /// (`CLIENT UNBLOCK`, from the commands connection, on a cluster to the node the
+    /// reader's id is of: Redis then answers the read as if its block ran out, taking
+    /// nothing), and the entries of a read answered before are given back. So
+    /// stopping an idle server costs two round trips, not the rest of a block. A read
+    /// that cannot be woken (its id unknown, or the cluster client moved it to
+    /// another node) is waited for when it is `NOACK`, and abandoned otherwise (what
+    /// it took stays pending, for another server to claim).
     async fn read(
         &mut self,
         cmd: &redis::Cmd,
