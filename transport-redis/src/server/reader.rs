@@ -132,7 +132,12 @@ impl Reader {
             // COUNT is per stream: the shared group's read may bring it from both.
             let count = pace.count(room, self.budget.available() / self.streams.len().max(1));
             if self.client_id == ClientId::Unknown {
-                self.client_id = self.identify(None).await;
+                // Abandoning the question is harmless: a stop need not wait for it.
+                let stop = self.stop.clone();
+                self.client_id = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    id = self.identify(None) => id,
+                };
             }
             let block = match self.client_id {
                 // A NOACK read cannot be abandoned (what it returns would be lost), so
@@ -170,7 +175,11 @@ impl Reader {
                         // only time a stop waits on a blocked read: one round trip,
                         // and the probe only when the answer changed.
                         let known = std::mem::replace(&mut self.client_id, ClientId::Unknown);
-                        self.client_id = self.identify(Some(known)).await;
+                        let stop = self.stop.clone();
+                        self.client_id = tokio::select! {
+                            _ = stop.cancelled() => return,
+                            id = self.identify(Some(known)) => id,
+                        };
                     }
                 }
                 Ok(Some(reply)) => {
