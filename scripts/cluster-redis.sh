@@ -15,6 +15,8 @@
 #   stop N/cont N SIGSTOP / SIGCONT node N
 #   slot-master KEY   host:port of the master that owns KEY's slot now
 #   status        CLUSTER NODES as a live node sees it
+#   unique-ids KEY    the _unique_id of each message in stream KEY, one per line
+#   at KEY COMMAND... run a command on the master of KEY's slot
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -59,6 +61,9 @@ start_node() {
     local n=$1 port dir
     port="$(port_of "$n")"
     dir="$(node_dir "$n")"
+    # Another server on the port would answer the PING below in this node's stead.
+    port_taken "$port" && die "port $port is taken (another Redis?)"
+    port_taken $((port + 10000)) && die "cluster bus port $((port + 10000)) is taken"
     mkdir -p "$dir"
     redis-server --bind "$HOST" --port "$port" \
         --cluster-enabled yes --cluster-config-file "$dir/nodes.conf" \
@@ -68,7 +73,12 @@ start_node() {
         --daemonize yes --pidfile "$(pid_file "$n")" --logfile "$dir/redis.log" >/dev/null
     local i
     for i in $(seq 1 100); do
-        [[ "$(ask "$n" PING || true)" == PONG ]] && return 0
+        if [[ "$(ask "$n" PING || true)" == PONG ]]; then
+            # The PONG must come from the server just started: its pid file names a
+            # live redis-server on this port.
+            live_pid "$n" >/dev/null || die "node $n (port $port) answered, but its pid file names no live redis-server; see $dir/redis.log"
+            return 0
+        fi
         sleep 0.05
     done
     die "node $n (port $port) did not answer PING; see $dir/redis.log"
@@ -127,12 +137,15 @@ cmd_up() {
     done
     rm -rf "$DIR"
     mkdir -p "$DIR"
+    # From here a failure leaves nothing running behind it.
+    trap 'echo "cluster-redis: up failed; tearing the nodes down" >&2; cmd_down' EXIT
     for n in $(seq 1 $COUNT); do start_node "$n"; done
     local addresses=()
     for n in $(seq 1 $COUNT); do addresses+=("$HOST:$(port_of "$n")"); done
     redis-cli --cluster create "${addresses[@]}" --cluster-replicas 1 --cluster-yes \
         >"$DIR/create.log" 2>&1 || { cat "$DIR/create.log" >&2; die "cluster create failed"; }
     wait_until 30 "cluster_state:ok and 3 replicas on every node" all_ready
+    trap - EXIT
 }
 
 cmd_down() {
@@ -232,6 +245,24 @@ cmd_slot_master() {
         END { if (!found) exit 1 }' || die "no live master owns slot $slot"
 }
 
+# The ids (`_unique_id`) of the messages in stream KEY, one per line, in stream
+# order: the same id twice is a message written twice.
+cmd_unique_ids() {
+    [[ -n "${1:-}" ]] || die "usage: unique-ids KEY"
+    local master
+    master="$(cmd_slot_master "$1")"
+    timeout 60 "${CLI[@]}" -p "${master##*:}" --raw XRANGE "$1" - + \
+        | grep -aoE '_unique_id[^0-9a-f]{1,12}[0-9a-f]+' | sed -E 's/.*[^0-9a-f]//' || true
+}
+
+# Runs a command on the master of KEY's slot: at KEY COMMAND ARGS...
+cmd_at() {
+    [[ -n "${1:-}" && -n "${2:-}" ]] || die "usage: at KEY COMMAND [ARGS...]"
+    local master
+    master="$(cmd_slot_master "$1")"; shift
+    timeout 10 "${CLI[@]}" -p "${master##*:}" "$@"
+}
+
 case "${1:-}" in
     up) cmd_up ;;
     down) cmd_down ;;
@@ -242,5 +273,7 @@ case "${1:-}" in
     cont) cmd_signal CONT "${2:-}" ;;
     slot-master) cmd_slot_master "${2:-}" ;;
     status) any_nodes ;;
-    *) die "usage: $0 up|down|nodes|kill N|start N|stop N|cont N|slot-master KEY|status" ;;
+    unique-ids) cmd_unique_ids "${2:-}" ;;
+    at) shift; cmd_at "$@" ;;
+    *) die "usage: $0 up|down|nodes|kill N|start N|stop N|cont N|slot-master KEY|status|unique-ids KEY|at KEY COMMAND..." ;;
 esac

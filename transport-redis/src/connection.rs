@@ -76,6 +76,31 @@ impl Connection {
     }
 }
 
+impl Connection {
+    /// Runs `cmd` on the cluster node at `host`:`port` (a name the cluster client
+    /// knows it by: an address from the cluster's slot map); on one Redis, as any
+    /// command. Fails (`ErrorKind::Client`) when the cluster client has no
+    /// connection to that node.
+    pub(crate) async fn query_node<T: FromRedisValue>(
+        &mut self,
+        host: &str,
+        port: u16,
+        cmd: &Cmd,
+    ) -> RedisResult<T> {
+        match self {
+            Connection::Single(conn) => cmd.query_async(conn).await,
+            Connection::Cluster(conn) => {
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.to_owned(),
+                    port,
+                });
+                let value = conn.route_command(cmd.clone(), route).await?;
+                Ok(redis::from_redis_value(value)?)
+            }
+        }
+    }
+}
+
 /// What connections are made from: a redis-rs client for one Redis, or the seed
 /// nodes (and TLS files) of a Redis Cluster, from which a cluster client is built for
 /// each connection (its response timeout is the client's, and blocking readers need

@@ -60,19 +60,14 @@ pub(crate) enum ReadOutcome {
 /// How many entries `XREAD` takes at once.
 pub(crate) const READ_COUNT: usize = 256;
 
-/// One blocking `XREAD` of `keys` after `ids`, handing every entry over as a
-/// delivery with nothing to settle and advancing `ids`. With `trim`, the entries
-/// before `ids` are deleted first (`XTRIM ... MINID`, in the same round trip): the
-/// reader is their only reader and has them.
-pub(crate) async fn read_after(
-    reader: &mut Connection,
+/// The pipeline [`read_after`] runs: the `XTRIM`s, with `trim`, then the `XREAD`.
+/// `keys` are one topic's (or one reply stream): one slot.
+pub(crate) fn read_after_pipe(
     keys: &[String],
-    ids: &mut [String],
+    ids: &[String],
     block: Duration,
     trim: bool,
-    tx: &mpsc::Sender<Result<Delivery>>,
-    stop: &CancellationToken,
-) -> ReadOutcome {
+) -> redis::Pipeline {
     let mut pipe = redis::pipe();
     if trim {
         for (key, id) in keys.iter().zip(ids.iter()) {
@@ -86,7 +81,24 @@ pub(crate) async fn read_after(
         .arg(u64::try_from(block.as_millis().max(1)).unwrap_or(u64::MAX))
         .arg("STREAMS")
         .arg(keys)
-        .arg(&*ids);
+        .arg(ids);
+    pipe
+}
+
+/// One blocking `XREAD` of `keys` after `ids`, handing every entry over as a
+/// delivery with nothing to settle and advancing `ids`. With `trim`, the entries
+/// before `ids` are deleted first (`XTRIM ... MINID`, in the same round trip): the
+/// reader is their only reader and has them.
+pub(crate) async fn read_after(
+    reader: &mut Connection,
+    keys: &[String],
+    ids: &mut [String],
+    block: Duration,
+    trim: bool,
+    tx: &mpsc::Sender<Result<Delivery>>,
+    stop: &CancellationToken,
+) -> ReadOutcome {
+    let pipe = read_after_pipe(keys, ids, block, trim);
     let read: redis::RedisResult<(Option<StreamReadReply>,)> = tokio::select! {
         _ = stop.cancelled() => return ReadOutcome::Stopped,
         read = pipe.query_async(reader) => read,

@@ -4,22 +4,37 @@
 use redis::{ErrorKind, RedisError, ServerErrorKind};
 use rpc_core::{Error, TransportErrorKind};
 
+use crate::connection::Connection;
+
 /// How a redis-rs error counts: a refused TCP connection is `Connect`, an I/O
-/// timeout `Timeout`, any other I/O failure (a reset, an EOF) and a cluster in
-/// the middle of a change (`CLUSTERDOWN`, `TRYAGAIN`, `MASTERDOWN`, and `MOVED` or
-/// `ASK` left over after redis-rs's retries) `Disconnected`, a failed login or a
-/// command the user's ACL forbids `Refused`, the rest `Other`.
+/// timeout `Timeout`, any other I/O failure (a reset, an EOF), a cluster in the
+/// middle of a change (`CLUSTERDOWN`, `TRYAGAIN`, `MASTERDOWN`) and a cluster client
+/// left without a connection to the node it needs `Disconnected`; a failed login, a
+/// command the user's ACL forbids, and a command the cluster will not take however
+/// often it is sent `Refused` (not retryable): `CROSSSLOT` (a bug), `MOVED` and `ASK`
+/// (the cluster client follows them, so one that reaches mqrpc comes from a cluster
+/// node used without cluster mode); the rest `Other`.
 pub(crate) fn error_kind(err: &RedisError) -> TransportErrorKind {
     // Order matters: redis-rs counts a refusal as a dropped connection too.
     if err.is_connection_refusal() {
         TransportErrorKind::Connect
     } else if err.is_timeout() {
         TransportErrorKind::Timeout
-    } else if err.is_connection_dropped() || err.is_io_error() || is_cluster_change(err) {
+    } else if err.is_connection_dropped()
+        || err.is_io_error()
+        || is_cluster_change(err)
+        || err.kind() == ErrorKind::ClusterConnectionNotFound
+    {
         TransportErrorKind::Disconnected
     } else if matches!(
         err.kind(),
-        ErrorKind::AuthenticationFailed | ErrorKind::Server(ServerErrorKind::NoPerm)
+        ErrorKind::AuthenticationFailed
+            | ErrorKind::Server(
+                ServerErrorKind::NoPerm
+                    | ServerErrorKind::Moved
+                    | ServerErrorKind::Ask
+                    | ServerErrorKind::CrossSlot
+            )
     ) || matches!(err.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
     {
         TransportErrorKind::Refused
@@ -29,10 +44,24 @@ pub(crate) fn error_kind(err: &RedisError) -> TransportErrorKind {
 }
 
 /// Whether Redis refused a command because its cluster is changing (a failover, a
-/// slot moving): `CLUSTERDOWN`, `TRYAGAIN`, `MASTERDOWN`, `MOVED`, `ASK`. The command
-/// was not applied, and may be sent again once the cluster has settled.
+/// slot moving): `CLUSTERDOWN`, `TRYAGAIN`, `MASTERDOWN`. The command was not
+/// applied, and may be sent again once the cluster has settled.
 pub(crate) fn is_cluster_change(err: &RedisError) -> bool {
-    err.is_cluster_error() || err.kind() == ErrorKind::Server(ServerErrorKind::MasterDown)
+    matches!(
+        err.kind(),
+        ErrorKind::Server(
+            ServerErrorKind::ClusterDown | ServerErrorKind::TryAgain | ServerErrorKind::MasterDown
+        )
+    )
+}
+
+/// Whether `err` proves the command reached no Redis, so that sending it again
+/// cannot apply it twice: a refused connection, a cluster refusing it while it
+/// changes, or a cluster client that had no connection to send it on.
+pub(crate) fn was_not_sent(err: &RedisError) -> bool {
+    err.is_connection_refusal()
+        || is_cluster_change(err)
+        || err.kind() == ErrorKind::ClusterConnectionNotFound
 }
 
 /// A transport error saying `what` failed, of the kind [`error_kind`] gives, with
@@ -40,24 +69,36 @@ pub(crate) fn is_cluster_change(err: &RedisError) -> bool {
 /// (`… (Redis CLUSTERDOWN)`), and for the cluster's codes its detail too (`MOVED
 /// 8561 10.0.0.2:7001`), since a caller may print the message without its source.
 pub(crate) fn redis_error(what: &str, err: RedisError) -> Error {
-    Error::transport(error_kind(&err), describe(what, &err), err)
+    Error::transport(error_kind(&err), describe(what, &err, ""), err)
 }
 
-/// `what`, and the Redis error code of `err` if it has one.
-fn describe(what: &str, err: &RedisError) -> String {
+/// [`redis_error`] for a command run on `conn`: on one Redis (no cluster mode), a
+/// `MOVED` or `ASK` means the URL names a cluster node, and the message says what
+/// is missing. The cluster client follows redirections itself: no hint there.
+pub(crate) fn command_error(conn: &Connection, what: &str, err: RedisError) -> Error {
+    let hint = match (conn, err.kind()) {
+        (
+            Connection::Single(_),
+            ErrorKind::Server(ServerErrorKind::Moved | ServerErrorKind::Ask),
+        ) => "; a Redis Cluster needs cluster=true in the URL",
+        _ => "",
+    };
+    Error::transport(error_kind(&err), describe(what, &err, hint), err)
+}
+
+/// `what`, and the Redis error code of `err` if it has one, followed by `hint`.
+fn describe(what: &str, err: &RedisError, hint: &str) -> String {
     let Some(code) = err.code() else {
         return what.to_owned();
     };
     // Other errors' details may quote a command's arguments: only the code.
-    let cluster =
-        is_cluster_change(err) || err.kind() == ErrorKind::Server(ServerErrorKind::CrossSlot);
-    // The cluster client follows redirections: one that reaches the caller most
-    // likely comes from a cluster node reached without cluster mode.
-    let hint = if matches!(code, "MOVED" | "ASK") {
-        "; a Redis Cluster needs cluster=true in the URL"
-    } else {
-        ""
-    };
+    let cluster = is_cluster_change(err)
+        || matches!(
+            err.kind(),
+            ErrorKind::Server(
+                ServerErrorKind::CrossSlot | ServerErrorKind::Moved | ServerErrorKind::Ask
+            )
+        );
     match err.detail() {
         Some(detail) if cluster && !detail.is_empty() => {
             format!("{what} (Redis {code} {detail}{hint})")
@@ -73,7 +114,7 @@ pub(crate) fn connect_error(what: String, err: RedisError) -> Error {
         TransportErrorKind::Refused => TransportErrorKind::Refused,
         _ => TransportErrorKind::Connect,
     };
-    Error::transport(kind, describe(&what, &err), err)
+    Error::transport(kind, describe(&what, &err, ""), err)
 }
 
 /// Whether an error means the connection is gone (worth retrying after reconnecting)
@@ -85,6 +126,17 @@ pub(crate) fn is_connection_error(err: &RedisError) -> bool {
             | TransportErrorKind::Disconnected
             | TransportErrorKind::Timeout
     )
+}
+
+/// Whether Redis refused a command for good: an ACL forbids it (`NOPERM`), or this
+/// Redis does not know it (`ERR unknown command` or `unknown subcommand`).
+pub(crate) fn is_forbidden_or_unknown(err: &RedisError) -> bool {
+    err.kind() == ErrorKind::Server(ServerErrorKind::NoPerm)
+        || err.code() == Some("NOPERM")
+        || (err.code() == Some("ERR")
+            && err
+                .detail()
+                .is_some_and(|detail| detail.to_ascii_lowercase().contains("unknown")))
 }
 
 /// Whether Redis answered that a consumer group (or its stream) does not exist.
@@ -124,19 +176,33 @@ mod tests {
         assert_eq!(error_kind(&other), TransportErrorKind::Other);
         assert!(is_connection_error(&io(Io::ConnectionReset)));
         assert!(!is_connection_error(&noperm));
-        // A cluster changing is worth retrying; a cross-slot command is a bug.
+        // A cluster changing is worth retrying, and so is a cluster client without
+        // a connection to the node; a cross-slot command is a bug, and a redirection
+        // the cluster client did not follow comes back however often it is sent.
         for kind in [
             ServerErrorKind::ClusterDown,
             ServerErrorKind::TryAgain,
             ServerErrorKind::MasterDown,
-            ServerErrorKind::Moved,
         ] {
             let err: RedisError = (ErrorKind::Server(kind), "cluster").into();
             assert_eq!(error_kind(&err), TransportErrorKind::Disconnected, "{err}");
             assert!(is_connection_error(&err));
+            assert!(was_not_sent(&err));
         }
-        let cross: RedisError = (ErrorKind::Server(ServerErrorKind::CrossSlot), "x").into();
-        assert_eq!(error_kind(&cross), TransportErrorKind::Other);
+        let lost: RedisError =
+            (ErrorKind::ClusterConnectionNotFound, "No connections found").into();
+        assert_eq!(error_kind(&lost), TransportErrorKind::Disconnected);
+        assert!(was_not_sent(&lost));
+        for kind in [
+            ServerErrorKind::Moved,
+            ServerErrorKind::Ask,
+            ServerErrorKind::CrossSlot,
+        ] {
+            let err: RedisError = (ErrorKind::Server(kind), "x").into();
+            assert_eq!(error_kind(&err), TransportErrorKind::Refused, "{err}");
+            assert!(!was_not_sent(&err));
+            assert!(!redis_error("x", err).is_retryable());
+        }
     }
 
     #[test]
@@ -158,6 +224,16 @@ mod tests {
             "Received crossed slots in pipeline",
         )
             .into();
+        let moved: RedisError = (
+            ErrorKind::Server(ServerErrorKind::Moved),
+            "moved",
+            "8561 127.0.0.1:17001".to_owned(),
+        )
+            .into();
+        assert_eq!(
+            redis_error("x", moved).to_string(),
+            "transport error: x (Redis MOVED 8561 127.0.0.1:17001)"
+        );
         assert!(
             redis_error("x", cross)
                 .to_string()

@@ -4,7 +4,7 @@
 //! stream mqrpc creates carries a time-to-live. Replies use `NOMKSTREAM` only: a reply to a stream
 //! that no longer exists is undeliverable, never a new key.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use rpc_core::{Address, Error, Outgoing, Publisher, Result, Retry};
@@ -12,16 +12,63 @@ use rpc_core::{Address, Error, Outgoing, Publisher, Result, Retry};
 use crate::BACKOFF;
 use crate::config::RedisConfig;
 use crate::connection::Connection;
-use crate::error::{is_cluster_change, redis_error};
+use crate::error::{command_error, is_cluster_change, was_not_sent};
 
 /// Field of an entry holding the encoded message.
 pub(crate) const BODY_FIELD: &str = "b";
 /// Field of an entry holding the time (Unix ms) after which it is not worth handling.
 pub(crate) const EXPIRES_FIELD: &str = "x";
 
+/// How many attempts a publish makes while a Redis Cluster refuses it as changing
+/// (`CLUSTERDOWN`, `TRYAGAIN`, `MASTERDOWN`): with [`BACKOFF`] about 30 s of waits,
+/// twice what a failover takes with Redis's default `cluster-node-timeout`. A
+/// cluster down for longer fails the publish with its own error rather than the
+/// caller's timeout.
+const CLUSTER_CHANGE_ATTEMPTS: u32 = 12;
+
 /// The least a reply stream is capped at, whatever `maxlen` says (it is sized for
 /// topic backlogs): 100 000 replies unread at once.
 const REPLY_MAXLEN_FLOOR: usize = 100_000;
+
+/// `XADD` of `message` to `key`, capped at about `maxlen`; without `create`, only
+/// to a stream that exists (`NOMKSTREAM`).
+fn xadd_cmd(
+    key: &str,
+    create: bool,
+    maxlen: usize,
+    message: &Outgoing,
+    expires: Option<u64>,
+) -> redis::Cmd {
+    let mut xadd = redis::cmd("XADD");
+    xadd.arg(key);
+    if !create {
+        xadd.arg("NOMKSTREAM");
+    }
+    xadd.arg("MAXLEN")
+        .arg("~")
+        .arg(maxlen)
+        .arg("*")
+        .arg(BODY_FIELD)
+        .arg(message.body.as_ref());
+    if let Some(expires) = expires {
+        xadd.arg(EXPIRES_FIELD).arg(expires);
+    }
+    xadd
+}
+
+/// The transaction that makes `key` with its first entry (`xadd`) and its TTL.
+pub(crate) fn create_stream_pipe(xadd: redis::Cmd, key: &str, ttl: Duration) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.atomic()
+        .add_command(xadd)
+        .ignore()
+        .cmd("EXPIRE")
+        .arg(key)
+        .arg(ttl.as_secs().max(1))
+        .arg("NX")
+        .ignore();
+    pipe
+}
 
 pub(crate) struct RedisPublisher {
     conn: Connection,
@@ -65,39 +112,17 @@ impl RedisPublisher {
                 let expires = message.time_to_live.map(|ttl| {
                     now_millis().saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
                 });
-                let xadd = |create: bool| {
-                    let mut xadd = redis::cmd("XADD");
-                    xadd.arg(&key);
-                    if !create {
-                        xadd.arg("NOMKSTREAM");
-                    }
-                    xadd.arg("MAXLEN")
-                        .arg("~")
-                        .arg(self.config.maxlen)
-                        .arg("*")
-                        .arg(BODY_FIELD)
-                        .arg(message.body.as_ref());
-                    if let Some(expires) = expires {
-                        xadd.arg(EXPIRES_FIELD).arg(expires);
-                    }
-                    xadd
-                };
+                let xadd =
+                    |create: bool| xadd_cmd(&key, create, self.config.maxlen, message, expires);
                 // The stream nearly always exists (its servers' group made it): one
                 // command. Only when it does not is it made here, with its TTL.
                 let id: Option<String> = xadd(false).query_async(&mut conn).await?;
                 if id.is_none() {
                     // Atomic: a connection lost between the two must not leave a
                     // stream this send made without its TTL.
-                    let mut pipe = redis::pipe();
-                    pipe.atomic()
-                        .add_command(xadd(true))
-                        .ignore()
-                        .cmd("EXPIRE")
-                        .arg(&key)
-                        .arg(self.config.stream_ttl.as_secs().max(1))
-                        .arg("NX")
-                        .ignore();
-                    pipe.query_async::<()>(&mut conn).await?;
+                    create_stream_pipe(xadd(true), &key, self.config.stream_ttl)
+                        .query_async::<()>(&mut conn)
+                        .await?;
                 }
                 Ok(true)
             }
@@ -133,14 +158,27 @@ impl RedisPublisher {
 impl Publisher for RedisPublisher {
     async fn send(&self, address: &Address, message: Outgoing) -> Result<()> {
         Error::check_size(message.body.len(), self.config.max_message_size)?;
+        let mut cluster_changes = 0u32;
         let sent = Retry::new(BACKOFF)
             .run_notify(
                 |_| self.attempt(address, &message),
-                // Only a refused connection, or a cluster refusing the command while
-                // it changes (CLUSTERDOWN, TRYAGAIN...), proves the command was not
-                // applied; after any other failure the entry may exist, and a second
-                // would run twice.
-                |err| err.is_connection_refusal() || is_cluster_change(err),
+                // Only an error proving the command reached no Redis (a refused
+                // connection, a cluster refusing it while it changes, a cluster
+                // client without a connection to its node) is retried here: after any
+                // other failure the entry may exist, and a second would run twice.
+                // This holds for what mqrpc sends again, in both modes. On a cluster,
+                // redis-rs's client also sends a command again by itself after its
+                // connection dropped (a master dying): an entry the dying master had
+                // applied, and passed to its replica, is then written a second time
+                // by the promoted replica. Servers drop a duplicate only within one
+                // instance; in cluster mode a failover can deliver a cast twice.
+                |err| {
+                    if is_cluster_change(err) {
+                        cluster_changes += 1;
+                        return cluster_changes < CLUSTER_CHANGE_ATTEMPTS;
+                    }
+                    was_not_sent(err)
+                },
                 |err, _attempt, wait| {
                     tracing::warn!(error = %err, %address, ?wait, "publish failed; retrying after reconnection");
                 },
@@ -152,7 +190,11 @@ impl Publisher for RedisPublisher {
                 address: address.to_string(),
             }),
             Ok(false) => Ok(()),
-            Err(err) => Err(redis_error(&format!("publishing to {address}"), err)),
+            Err(err) => Err(command_error(
+                &self.conn,
+                &format!("publishing to {address}"),
+                err,
+            )),
         }
     }
 }

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::connection::Connection;
 use crate::entry::{READ_COUNT, ReadOutcome, read_after};
-use crate::error::{is_connection_error, redis_error};
+use crate::error::{command_error, is_connection_error};
 use crate::{BACKOFF, Shared, blocking_connection};
 
 /// A client's reply stream.
@@ -27,8 +27,16 @@ pub(crate) struct ReplyConsumer {
 
 /// Creates an empty stream (a group created with `MKSTREAM`, then destroyed) with a TTL.
 async fn create_reply_stream(conn: &mut Connection, key: &str, ttl: Duration) -> Result<()> {
-    redis::pipe()
-        .atomic()
+    create_reply_stream_pipe(key, ttl)
+        .query_async::<()>(conn)
+        .await
+        .map_err(|e| command_error(conn, "creating the reply stream", e))
+}
+
+/// The transaction [`create_reply_stream`] runs, on `key` alone.
+pub(crate) fn create_reply_stream_pipe(key: &str, ttl: Duration) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.atomic()
         .cmd("XGROUP")
         .arg("CREATE")
         .arg(key)
@@ -44,10 +52,8 @@ async fn create_reply_stream(conn: &mut Connection, key: &str, ttl: Duration) ->
         .cmd("EXPIRE")
         .arg(key)
         .arg(ttl.as_secs().max(1))
-        .ignore()
-        .query_async::<()>(conn)
-        .await
-        .map_err(|e| redis_error("creating the reply stream", e))
+        .ignore();
+    pipe
 }
 
 impl ReplyConsumer {

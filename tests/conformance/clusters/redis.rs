@@ -11,14 +11,18 @@
 //!   one read cycle without restarting the server. Casts acknowledged and handled are
 //!   counted: replication is asynchronous, so a cast a master acknowledged just
 //!   before it died may be missing on the promoted replica (counted, printed, not
-//!   required to be zero).
+//!   required to be zero). Messages written twice are counted too, in the stream
+//!   itself (a group of the test's own keeps every entry): redis-rs's cluster client
+//!   sends a command again after its connection dropped, so an `XADD` the dying
+//!   master applied (and replicated) may be applied again by the promoted replica;
+//!   a server drops a duplicate only within one instance.
 
 use super::Cluster;
 
 /// Options of every URL here: short claims and reads, so a failover is recovered
 /// from quickly, and a prefix of their own.
 const OPTIONS: &str = "cluster=true&prefix=mqrpc-cluster&claim_idle_ms=1000&stream_ttl=300\
-&block_ms=2000&reply_ttl=30";
+&block_ms=2000&reply_ttl=30&maxlen=1000000";
 
 /// The URL of a transport seeded through `node` (`host:port`).
 fn url(node: &str) -> String {
@@ -74,6 +78,50 @@ pub mod suite {
             "{text}"
         );
     }
+
+    /// A cast through a URL without `cluster=true`, to a node that does not own the
+    /// topic's slot, fails at once with an error naming `MOVED` (not retryable):
+    /// it is not sent again until the client's timeout, which would hide the cause.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_cluster_mode_a_cast_fails_naming_moved() {
+        let Some(cluster) = Cluster::get("redis") else {
+            return;
+        };
+        let topic = format!("plain_cast_{}", &mqrpc::wire::new_id()[..10]);
+        let config = RedisConfig::parse(&url(&cluster.nodes[0])).expect("URL");
+        let master = cluster.ctl(&["slot-master", &config.topic_key(&config.exchange, &topic)]);
+        let other = other_master(&cluster, &master);
+        let transport = mqrpc::connect(&format!("redis://{other}/?prefix=mqrpc-cluster"))
+            .await
+            .expect("one node answers");
+        // A timeout far longer than the test may take: the cast must fail by itself.
+        let client = mqrpc::Client::new(transport, Target::new(&topic))
+            .timeout(std::time::Duration::from_secs(600));
+        let started = std::time::Instant::now();
+        let err = client
+            .cast(
+                &mqrpc::Context::new(),
+                "record",
+                serde_json::json!({"id": 1}),
+            )
+            .await
+            .expect_err("the topic's slot is on another node");
+        let text = err.to_string();
+        eprintln!(
+            "plain-URL cast failed after {:?}: {text}",
+            started.elapsed()
+        );
+        assert!(
+            !err.is_retryable(),
+            "a redirection is not retryable: {text}"
+        );
+        assert!(
+            text.contains("(Redis MOVED ")
+                && text.contains(&master)
+                && text.contains("cluster=true"),
+            "{text}"
+        );
+    }
 }
 
 mod faults {
@@ -92,6 +140,17 @@ mod faults {
     /// (`cluster-node-timeout` 5 s, then the election: about 9 s measured) plus a read
     /// cycle, with room for a loaded machine.
     const RECOVERY_BOUND: Duration = Duration::from_secs(30);
+
+    /// The longest the calls may take to work again once a replica owns the slot:
+    /// a read blocked on the dead master (`block_ms` 2 s) timing out (its response
+    /// timeout is the block and 5 s), the reader's backoff (at most 5 s), and a
+    /// margin for a loaded machine.
+    const AFTER_FAILOVER_BOUND: Duration = Duration::from_secs(15);
+
+    /// The test's own group on the topic stream: while a stream has a group other
+    /// than the servers', settled entries stay (as for a watcher), so the stream
+    /// shows every message written, duplicates included.
+    const KEEPER_GROUP: &str = "fault-test-keeper";
 
     /// What the traffic saw.
     #[derive(Default)]
@@ -189,8 +248,50 @@ mod faults {
     /// Kill -9 of the master of the topic's slot during calls and casts: calls work
     /// again after the failover, without restarting the server; acknowledged casts
     /// lost are counted.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn kill_the_topic_masters_node() {
+    ///
+    /// The library's warnings and errors are captured (on every thread of the
+    /// test's runtime): none may name `CROSSSLOT`, which a server only logs.
+    #[test]
+    fn kill_the_topic_masters_node() {
+        let log = crate::redaction::Captured::default();
+        let make = log.clone();
+        let subscribe = move || {
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(make.clone())
+                .with_max_level(tracing::Level::WARN)
+                .with_ansi(false)
+                .finish();
+            // Kept for the thread's life: the runtime's threads end with the test.
+            std::mem::forget(tracing::subscriber::set_default(subscriber));
+        };
+        subscribe();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .on_thread_start(subscribe)
+            .build()
+            .expect("runtime");
+        runtime.block_on(kill_the_topic_masters_node_async());
+        drop(runtime);
+        let logged = log.text();
+        let crossslot: Vec<&str> = logged
+            .lines()
+            .filter(|line| line.contains("CROSSSLOT"))
+            .collect();
+        eprintln!(
+            "{} lines of warnings and errors logged during the fault test; the first:",
+            logged.lines().count()
+        );
+        for line in logged.lines().take(10) {
+            eprintln!("  {}", line.chars().take(300).collect::<String>());
+        }
+        assert!(
+            crossslot.is_empty(),
+            "a command spanned slots: {crossslot:?}"
+        );
+    }
+
+    async fn kill_the_topic_masters_node_async() {
         let Some(cluster) = Cluster::get("redis") else {
             return;
         };
@@ -211,6 +312,7 @@ mod faults {
         .start()
         .await
         .expect("server starts on the cluster");
+        cluster.ctl(&["at", &key, "XGROUP", "CREATE", &key, KEEPER_GROUP, "0"]);
         // The client's seed list names the master that is about to die, too.
         let client = Client::new(
             mqrpc::connect(&url(&format!("{seed},{master}")))
@@ -268,14 +370,33 @@ mod faults {
             task.await.expect("traffic task");
         }
 
-        // Every call after the recovery works, on the server that never restarted.
+        // Calls after the recovery work, on the server that never restarted: 20 in
+        // a row, one failure allowed (a loaded machine), with a generous timeout.
+        let mut after_failed = Vec::new();
         for _ in 0..20 {
-            let sum: i64 = client
-                .call(&Context::new(), "add", json!({"a": 20, "b": 22}))
+            match client
+                .clone()
+                .timeout(Duration::from_secs(15))
+                .call::<_, i64>(&Context::new(), "add", json!({"a": 20, "b": 22}))
                 .await
-                .expect("a call after the failover");
-            assert_eq!(sum, 42);
+            {
+                Ok(sum) => assert_eq!(sum, 42),
+                Err(err) => after_failed.push(err.to_string()),
+            }
         }
+        assert!(
+            after_failed.len() <= 1,
+            "calls after the failover failed: {after_failed:?}"
+        );
+
+        // Messages written twice, in the stream (calls' requests and casts).
+        let ids = cluster.ctl(&["unique-ids", &key]);
+        let mut per_id = std::collections::HashMap::<&str, usize>::new();
+        for id in ids.lines().filter(|l| !l.is_empty()) {
+            *per_id.entry(id).or_default() += 1;
+        }
+        let stream_entries: usize = per_id.values().sum();
+        let stream_duplicates: usize = per_id.values().map(|n| n - 1).sum();
 
         // Casts: what Redis acknowledged against what the server handled.
         let acked = seen.acked.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -300,6 +421,7 @@ mod faults {
         figures(format!(
             "FIGURES redis-cluster kill_slot_master calls_ok={} calls_failed={} \
              casts_acked={} casts_failed={} casts_lost={lost} casts_duplicated={duplicated} \
+             stream_entries={stream_entries} stream_duplicates={stream_duplicates} \
              failover_s={:.1} calls_again_s={:.1} killed={master} new_master={new_master}",
             seen.calls_ok.load(Ordering::Relaxed),
             seen.calls_failed.load(Ordering::Relaxed),
@@ -310,10 +432,18 @@ mod faults {
         ));
         // A cast failed by the library is reported, never silently dropped: the
         // counts above say how many; a message never names MOVED left unfollowed.
+        // (That no pipeline spans slots is checked by transport-redis's unit test
+        // `every_pipeline_keeps_to_one_slot`: a server only logs what Redis refuses.)
         assert!(
             !errors.keys().any(|e| e.contains("CROSSSLOT")),
             "a command spanned slots: {errors:?}"
         );
+        assert!(
+            recovered.saturating_sub(failover) < AFTER_FAILOVER_BOUND,
+            "calls worked again {:?} after the failover (bound {AFTER_FAILOVER_BOUND:?})",
+            recovered.saturating_sub(failover)
+        );
+        assert!(stream_entries > 0, "the stream kept the messages: {ids:?}");
 
         server.shutdown().await.expect("shutdown");
         drop(restart);

@@ -14,11 +14,36 @@ use tokio_util::sync::CancellationToken;
 use super::settle::{InFlight, Settle, delivery, lock};
 use super::{GROUP, MAX_BATCH, ServerKeys};
 use crate::Shared;
-use crate::commands::{DROP_FANOUT_GROUP, DROP_IDLE_CONSUMER, TRIM_SETTLED, mark_alive};
+use crate::commands::{DROP_FANOUT_GROUP, DROP_IDLE_CONSUMER, TRIM_SETTLED, mark_alive_cmd};
 use crate::connection::Connection;
 use crate::entry::entry_size;
 use crate::error::redis_error;
 use crate::watcher::WATCHER_GROUP_PREFIX;
+
+/// The pipeline that resets the idle time of the `held` entries (stream key, entry
+/// id) of the instance `keys` name: an `XCLAIM ... JUSTID` per stream holding some.
+/// Every key is one of the topic's: one slot.
+pub(super) fn claim_held(keys: &ServerKeys, held: &[(String, String)]) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    for key in [&keys.topic, &keys.server] {
+        let ids: Vec<&String> = held
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, id)| id)
+            .collect();
+        if !ids.is_empty() {
+            pipe.cmd("XCLAIM")
+                .arg(key)
+                .arg(GROUP)
+                .arg(&keys.instance)
+                .arg(0)
+                .arg(&ids)
+                .arg("JUSTID")
+                .ignore();
+        }
+    }
+    pipe
+}
 
 /// Claims abandoned entries, deletes settled ones, refreshes TTLs and prunes dead
 /// servers' and watchers' groups.
@@ -148,8 +173,7 @@ impl Housekeeping {
     /// `TRIM_SETTLED`).
     async fn trim(&self, conn: &mut Connection, key: &str) -> Result<()> {
         let trimmed: i64 = TRIM_SETTLED
-            .key(key)
-            .invoke_async(conn)
+            .run(conn, key, Vec::<String>::new())
             .await
             .map_err(|e| redis_error("deleting settled entries", e))?;
         if trimmed > 0 {
@@ -165,38 +189,28 @@ impl Housekeeping {
     /// Resets the idle time of the entries this instance holds, so other servers see
     /// them as taken, however long their handlers run; and says this instance lives.
     ///
-    /// Two round trips: the claims go to the topic's slot, the alive key (named after
-    /// the instance alone, so servers of every version find it) to its own, and a
-    /// pipeline must stay within one slot on a cluster.
+    /// One round trip on one Redis. On a cluster two: the claims go to the topic's
+    /// slot, the alive key (named after the instance alone, so servers of every
+    /// version find it) to its own, and a pipeline must stay within one slot.
     async fn keep_alive(&self, conn: &mut Connection) -> Result<()> {
-        let alive = mark_alive(
-            conn,
-            &self.shared.config.alive_key(&self.keys.instance),
-            self.shared.config.prune_idle,
-        )
-        .await
-        .map_err(|e| redis_error("marking the server alive", e));
         let held: Vec<(String, String)> = lock(&self.in_flight).iter().cloned().collect();
-        let mut pipe = redis::pipe();
-        for key in [&self.keys.topic, &self.keys.server] {
-            let ids: Vec<&String> = held
-                .iter()
-                .filter(|(k, _)| k == key)
-                .map(|(_, id)| id)
-                .collect();
-            if !ids.is_empty() {
-                pipe.cmd("XCLAIM")
-                    .arg(key)
-                    .arg(GROUP)
-                    .arg(&self.keys.instance)
-                    .arg(0)
-                    .arg(&ids)
-                    .arg("JUSTID")
-                    .ignore();
-            }
+        let config = &self.shared.config;
+        let alive = mark_alive_cmd(&config.alive_key(&self.keys.instance), config.prune_idle);
+        let mut claims = claim_held(&self.keys, &held);
+        if !config.cluster {
+            claims.add_command(alive).ignore();
+            return claims
+                .query_async::<()>(conn)
+                .await
+                .map_err(|e| redis_error("refreshing held entries", e));
         }
-        if !pipe.is_empty() {
-            pipe.query_async::<()>(conn)
+        let alive = alive
+            .query_async::<()>(conn)
+            .await
+            .map_err(|e| redis_error("marking the server alive", e));
+        if !claims.is_empty() {
+            claims
+                .query_async::<()>(conn)
                 .await
                 .map_err(|e| redis_error("refreshing held entries", e))?;
         }
@@ -232,10 +246,8 @@ impl Housekeeping {
                 .map_err(|e| redis_error("XINFO CONSUMERS", e))?;
             if group.consumers == 0 || consumers.consumers.iter().all(|c| c.idle as u128 > limit) {
                 tracing::info!(group = %group.name, "removing the fanout group of a server that is gone");
-                redis::Script::new(DROP_FANOUT_GROUP)
-                    .key(&self.keys.fanout)
-                    .arg(&group.name)
-                    .invoke_async::<i64>(conn)
+                DROP_FANOUT_GROUP
+                    .run::<i64>(conn, &self.keys.fanout, &group.name)
                     .await
                     .map_err(|e| redis_error("removing a fanout group", e))?;
             }
@@ -253,11 +265,8 @@ impl Housekeeping {
                     && consumer.pending == 0
                     && consumer.idle as u128 > limit
                 {
-                    redis::Script::new(DROP_IDLE_CONSUMER)
-                        .key(key)
-                        .arg(GROUP)
-                        .arg(&consumer.name)
-                        .invoke_async::<i64>(conn)
+                    DROP_IDLE_CONSUMER
+                        .run::<i64>(conn, key, (GROUP, &consumer.name))
                         .await
                         .map_err(|e| redis_error("removing an idle consumer", e))?;
                 }

@@ -56,6 +56,14 @@ impl ServerKeys {
 
     /// Sets the streams' TTLs again, as a live server does while it listens.
     async fn refresh(&self, conn: &mut Connection, ttl: Duration) -> Result<()> {
+        self.refresh_pipe(ttl)
+            .query_async::<()>(conn)
+            .await
+            .map_err(|e| redis_error("refreshing stream TTLs", e))
+    }
+
+    /// The pipeline [`ServerKeys::refresh`] runs: one `EXPIRE` per stream (one slot).
+    fn refresh_pipe(&self, ttl: Duration) -> redis::Pipeline {
         let mut pipe = redis::pipe();
         for key in [&self.topic, &self.server, &self.fanout] {
             pipe.cmd("EXPIRE")
@@ -63,9 +71,7 @@ impl ServerKeys {
                 .arg(ttl.as_secs().max(1))
                 .ignore();
         }
-        pipe.query_async::<()>(conn)
-            .await
-            .map_err(|e| redis_error("refreshing stream TTLs", e))
+        pipe
     }
 }
 
@@ -183,18 +189,13 @@ async fn leave(shared: &Shared, keys: &ServerKeys) -> Result<()> {
         .query_async::<()>(&mut conn)
         .await
         .map_err(|e| redis_error("DEL", e))?;
-    redis::Script::new(DROP_FANOUT_GROUP)
-        .key(&keys.fanout)
-        .arg(&keys.instance)
-        .invoke_async::<i64>(&mut conn)
+    DROP_FANOUT_GROUP
+        .run::<i64>(&mut conn, &keys.fanout, &keys.instance)
         .await
         .map_err(|e| redis_error("leaving the fanout", e))?;
     for key in [&keys.topic, &keys.server] {
-        redis::Script::new(DROP_IDLE_CONSUMER)
-            .key(key)
-            .arg(GROUP)
-            .arg(&keys.instance)
-            .invoke_async::<i64>(&mut conn)
+        DROP_IDLE_CONSUMER
+            .run::<i64>(&mut conn, key, (GROUP, &keys.instance))
             .await
             .map_err(|e| redis_error("leaving the group", e))?;
     }
@@ -259,5 +260,97 @@ async fn give_back(on_read: bool, delivery: Delivery) {
         if let Err(err) = acker.reject(true).await {
             tracing::warn!(error = %err, "could not put back a request read before stopping");
         }
+    }
+}
+
+/// On a Redis Cluster a pipeline (or transaction) must keep to one slot: Redis
+/// refuses one that does not (`CROSSSLOT`), and the fault tests cannot see it (a
+/// server only logs it). These build every pipeline the crate sends, as the code
+/// does, and check that its keys hash to one slot.
+#[cfg(test)]
+mod one_slot {
+    use std::time::Duration;
+
+    use redis::cluster_routing::Slot;
+
+    use super::{ServerKeys, housekeeping::claim_held};
+    use crate::config::RedisConfig;
+
+    /// The keys of `cmd`, for the commands the crate pipelines.
+    fn keys(cmd: &redis::Cmd) -> Vec<Vec<u8>> {
+        let args: Vec<Vec<u8>> = cmd
+            .args_iter()
+            .map(|arg| match arg {
+                redis::Arg::Simple(bytes) => bytes.to_vec(),
+                _ => Vec::new(),
+            })
+            .collect();
+        let name = String::from_utf8_lossy(&args[0]).to_uppercase();
+        match name.as_str() {
+            "XREAD" | "XREADGROUP" => {
+                let streams = args
+                    .iter()
+                    .position(|a| a.eq_ignore_ascii_case(b"STREAMS"))
+                    .expect("STREAMS");
+                let rest = &args[streams + 1..];
+                rest[..rest.len() / 2].to_vec()
+            }
+            "XGROUP" => vec![args[2].clone()],
+            "XCLAIM" | "XTRIM" | "EXPIRE" | "SET" | "XADD" => vec![args[1].clone()],
+            other => panic!("keys of {other} unknown to this test"),
+        }
+    }
+
+    /// Panics unless every key of `pipe` hashes to one slot; returns how many keys.
+    fn assert_one_slot(what: &str, pipe: &redis::Pipeline) -> usize {
+        let keys: Vec<Vec<u8>> = pipe.cmd_iter().flat_map(keys).collect();
+        let slots: Vec<Slot> = keys.iter().map(Slot::for_key).collect();
+        assert!(
+            slots.windows(2).all(|w| w[0] == w[1]),
+            "{what}: keys in several slots: {:?}",
+            keys.iter()
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .collect::<Vec<_>>()
+        );
+        keys.len()
+    }
+
+    #[test]
+    fn every_pipeline_keeps_to_one_slot() {
+        let config = RedisConfig::parse("redis://127.0.0.1:17000/?cluster=true").expect("URL");
+        let ttl = Duration::from_secs(60);
+        for (exchange, topic, server) in [
+            ("openstack", "compute", "host-1"),
+            ("a{b}", "t:{x}", "s}{"),
+            ("", "", ""),
+        ] {
+            let keys = ServerKeys {
+                topic: config.topic_key(exchange, topic),
+                server: config.server_key(exchange, topic, server),
+                fanout: config.fanout_key(exchange, topic),
+                instance: format!("{server}:0123456789ab"),
+            };
+            assert_eq!(assert_one_slot("refresh", &keys.refresh_pipe(ttl)), 3);
+            let held = vec![
+                (keys.topic.clone(), "1-0".to_owned()),
+                (keys.server.clone(), "2-0".to_owned()),
+            ];
+            assert_eq!(assert_one_slot("keep_alive", &claim_held(&keys, &held)), 2);
+            let streams = [keys.topic.clone(), keys.server.clone(), keys.fanout.clone()];
+            let ids = ["0-0".to_owned(), "0-0".to_owned(), "0-0".to_owned()];
+            let read = crate::entry::read_after_pipe(&streams, &ids, ttl, true);
+            assert_eq!(assert_one_slot("read_after", &read), 6);
+            for key in &streams {
+                let mut xadd = redis::cmd("XADD");
+                xadd.arg(key).arg("*").arg("b").arg("x");
+                let create = crate::publisher::create_stream_pipe(xadd, key, ttl);
+                assert_eq!(assert_one_slot("publish (create)", &create), 2);
+            }
+        }
+        let reply = format!("{}abc", config.reply_prefix());
+        let pipe = crate::replies::create_reply_stream_pipe(&reply, ttl);
+        assert_eq!(assert_one_slot("create_reply_stream", &pipe), 3);
+        let read = crate::entry::read_after_pipe(&[reply], &["0-0".to_owned()], ttl, true);
+        assert_eq!(assert_one_slot("read_after (reply)", &read), 2);
     }
 }

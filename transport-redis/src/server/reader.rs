@@ -16,7 +16,7 @@ use super::settle::{Settle, delivery};
 use super::{MAX_BATCH, ServerKeys, give_back};
 use crate::connection::Connection;
 use crate::entry::entry_size;
-use crate::error::{is_connection_error, is_missing_group};
+use crate::error::{is_connection_error, is_forbidden_or_unknown, is_missing_group};
 use crate::{BACKOFF, Shared};
 
 /// The longest a `NOACK` read blocks when Redis does not let this user wake it
@@ -27,6 +27,34 @@ const ON_READ_BLOCK: Duration = Duration::from_millis(500);
 /// How long a stopping reader waits for its read to end after asking Redis to wake
 /// it, before asking again (the read may not have reached Redis yet).
 const UNBLOCK_RETRY: Duration = Duration::from_millis(20);
+
+/// Sends `CLIENT UNBLOCK` for `id` from the `commands` connection, on a cluster to
+/// the node the id is of; how many connections it woke (0 or 1).
+async fn unblock(commands: &Connection, id: &ClientId) -> redis::RedisResult<i64> {
+    let ClientId::Known(id, node) = id else {
+        return Ok(0);
+    };
+    let mut commands = commands.clone();
+    let mut cmd = redis::cmd("CLIENT");
+    cmd.arg("UNBLOCK").arg(*id);
+    match node {
+        Some((host, port)) => commands.query_node(host, *port, &cmd).await,
+        // One Redis: the key is not looked at.
+        None => commands.query_at("", &cmd).await,
+    }
+}
+
+/// The id and the node (`laddr`: host and port) of a `CLIENT INFO` reply.
+fn parse_client_info(info: &str) -> Option<(i64, (String, u16))> {
+    let field = |name: &str| {
+        info.split_ascii_whitespace()
+            .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+    };
+    let id = field("id")?.parse().ok()?;
+    let (host, port) = field("laddr")?.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Some((id, (host.to_owned(), port.parse().ok()?)))
+}
 
 /// One blocking `XREADGROUP` loop.
 pub(super) struct Reader {
@@ -50,12 +78,15 @@ pub(super) struct Reader {
 }
 
 /// A reading connection's id (`CLIENT ID`), which `CLIENT UNBLOCK` takes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum ClientId {
     /// Not asked yet, or the connection was lost since (a new one has a new id).
     Unknown,
-    /// The id, and this user may unblock it.
-    Known(i64),
+    /// The id, and this user may unblock it. On a cluster, with the node (host and
+    /// port, as the cluster client names it) that the connection is to: ids are
+    /// per node, and `CLIENT UNBLOCK` must go to that one, not to whichever node
+    /// owns the slot when the stop comes (after a failover, another).
+    Known(i64, Option<(String, u16)>),
     /// Redis refused `CLIENT ID` or `CLIENT UNBLOCK` (an ACL): a stop waits for the
     /// read to end by itself, so `NOACK` reads block for at most `ON_READ_BLOCK`.
     Refused,
@@ -101,7 +132,12 @@ impl Reader {
             // COUNT is per stream: the shared group's read may bring it from both.
             let count = pace.count(room, self.budget.available() / self.streams.len().max(1));
             if self.client_id == ClientId::Unknown {
-                self.client_id = self.identify().await;
+                // Abandoning the question is harmless: a stop need not wait for it.
+                let stop = self.stop.clone();
+                self.client_id = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    id = self.identify(None) => id,
+                };
             }
             let block = match self.client_id {
                 // A NOACK read cannot be abandoned (what it returns would be lost), so
@@ -132,12 +168,18 @@ impl Reader {
             match read {
                 Ok(None) => {
                     pace.idle();
-                    if self.shared.config.cluster && self.client_id != ClientId::Refused {
+                    if let ClientId::Known(_, Some(_)) = self.client_id {
                         // A cluster client may have moved the read to a new master
                         // after a failover without failing it: that connection has
-                        // another id. Asked again while idle, the only time a stop
-                        // waits on a blocked read.
-                        self.client_id = ClientId::Unknown;
+                        // another id, on another node. Asked again while idle, the
+                        // only time a stop waits on a blocked read: one round trip,
+                        // and the probe only when the answer changed.
+                        let known = std::mem::replace(&mut self.client_id, ClientId::Unknown);
+                        let stop = self.stop.clone();
+                        self.client_id = tokio::select! {
+                            _ = stop.cancelled() => return,
+                            id = self.identify(Some(known)) => id,
+                        };
                     }
                 }
                 Ok(Some(reply)) => {
@@ -181,36 +223,51 @@ impl Reader {
         }
     }
 
-    /// Asks Redis for this reader's connection id, and checks that this user may
-    /// unblock it (`CLIENT UNBLOCK` of a connection that is not blocked answers 0).
-    async fn identify(&mut self) -> ClientId {
+    /// Asks Redis for this reader's connection id (on a cluster, and the node it is
+    /// to), and checks that this user may unblock it (`CLIENT UNBLOCK` of a
+    /// connection that is not blocked answers 0) unless it is `known` already.
+    async fn identify(&mut self, known: Option<ClientId>) -> ClientId {
         // On a cluster, the node the read goes to: the one owning the streams' slot.
-        let id: redis::RedisResult<i64> = self
-            .conn
-            .query_at(&self.streams[0], redis::cmd("CLIENT").arg("ID"))
-            .await;
-        let id = match id {
-            Ok(id) => id,
-            Err(err) if is_connection_error(&err) => return ClientId::Unknown,
-            Err(err) => {
+        let found = if self.shared.config.cluster {
+            self.conn
+                .query_at::<String>(&self.streams[0], redis::cmd("CLIENT").arg("INFO"))
+                .await
+                .and_then(|info| {
+                    parse_client_info(&info).ok_or_else(|| {
+                        (redis::ErrorKind::Client, "unexpected CLIENT INFO reply").into()
+                    })
+                })
+                .map(|(id, node)| (id, Some(node)))
+        } else {
+            self.conn
+                .query_at::<i64>(&self.streams[0], redis::cmd("CLIENT").arg("ID"))
+                .await
+                .map(|id| (id, None))
+        };
+        let (id, node) = match found {
+            Ok(found) => found,
+            Err(err) if is_forbidden_or_unknown(&err) => {
                 tracing::debug!(error = %err, "CLIENT ID refused; a stop waits for the blocked read");
                 return ClientId::Refused;
             }
+            // Lost connections, a cluster changing...: asked again next time.
+            Err(_) => return ClientId::Unknown,
         };
-        let mut commands = self.shared.commands.clone();
-        let probe: redis::RedisResult<i64> = commands
-            .query_at(
-                &self.streams[0],
-                redis::cmd("CLIENT").arg("UNBLOCK").arg(id),
-            )
-            .await;
+        let found = ClientId::Known(id, node);
+        if known.as_ref() == Some(&found) {
+            return found;
+        }
+        let probe = unblock(&self.shared.commands, &found).await;
         match probe {
-            Ok(_) => ClientId::Known(id),
-            Err(err) if is_connection_error(&err) => ClientId::Unknown,
-            Err(err) => {
+            Ok(_) => found,
+            Err(err) if is_forbidden_or_unknown(&err) => {
                 tracing::debug!(error = %err, "CLIENT UNBLOCK refused; a stop waits for the blocked read");
                 ClientId::Refused
             }
+            // A lost connection, or the commands connection does not know that node
+            // (yet): a failover it has not seen, or a node announcing another
+            // address than it listens on. Asked again next time.
+            Err(_) => ClientId::Unknown,
         }
     }
 
@@ -219,15 +276,19 @@ impl Reader {
     ///
     /// A stop does not abandon a read in flight: Redis may have answered it already,
     /// and with `NOACK` what it took exists nowhere else. The stop wakes it instead
-    /// (`CLIENT UNBLOCK`, from the commands connection: Redis then answers the read
-    /// as if its block ran out, taking nothing), and the entries of a read answered
-    /// before are given back. So stopping an idle server costs two round trips, not
-    /// the rest of a block.
+    /// (`CLIENT UNBLOCK`, from the commands connection, on a cluster to the node the
+    /// reader's id is of: Redis then answers the read as if its block ran out, taking
+    /// nothing), and the entries of a read answered before are given back. So
+    /// stopping an idle server costs two round trips, not the rest of a block. A read
+    /// that cannot be woken (its id unknown, or the cluster client moved it to
+    /// another node) is waited for when it is `NOACK`, and abandoned otherwise (what
+    /// it took stays pending, for another server to claim).
     async fn read(
         &mut self,
         cmd: &redis::Cmd,
         block: Duration,
     ) -> Option<redis::RedisResult<Option<StreamReadReply>>> {
+        let on_read = matches!(self.settle, Settle::OnRead(_));
         let read = cmd.query_async::<Option<StreamReadReply>>(&mut self.conn);
         tokio::pin!(read);
         tokio::select! {
@@ -236,14 +297,12 @@ impl Reader {
             _ = self.stop.cancelled() => {}
         }
         let give_up = tokio::time::Instant::now() + block + Duration::from_secs(1);
-        match self.client_id {
-            ClientId::Known(id) => loop {
-                let mut commands = self.shared.commands.clone();
-                let stream = self.streams[0].clone();
-                let nudge = async move {
-                    let mut unblock = redis::cmd("CLIENT");
-                    unblock.arg("UNBLOCK").arg(id);
-                    let unblock = commands.query_at::<i64>(&stream, &unblock);
+        if let ClientId::Known(..) = self.client_id {
+            let id = self.client_id.clone();
+            let commands = self.shared.commands.clone();
+            loop {
+                let nudge = async {
+                    let unblock = unblock(&commands, &id);
                     let _ = tokio::time::timeout(Duration::from_secs(1), unblock).await;
                     // Answered 0 when the read has not reached Redis yet: again.
                     tokio::time::sleep(UNBLOCK_RETRY).await;
@@ -254,15 +313,19 @@ impl Reader {
                     () = nudge => {}
                 }
                 if tokio::time::Instant::now() >= give_up {
-                    return None;
+                    break;
                 }
-            },
-            // What a NOACK read returns exists nowhere else: wait for it.
-            _ if matches!(self.settle, Settle::OnRead(_)) => {
-                tokio::time::timeout_at(give_up, read).await.ok()
             }
+        }
+        if on_read {
+            // What a NOACK read returns exists nowhere else: wait for it, however
+            // long (the connection's response timeout bounds it). A read that woke
+            // has ended by now; one that did not (its connection was moved to
+            // another node by the cluster client) ends with its block.
+            Some(read.await)
+        } else {
             // What it took stays pending, for another server to claim.
-            _ => None,
+            None
         }
     }
 
@@ -314,5 +377,23 @@ impl Reader {
             shared.store(pace.largest(), Ordering::Relaxed);
         }
         stopping
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn client_info_gives_the_id_and_the_node() {
+        let info = "id=42 addr=127.0.0.1:50212 laddr=127.0.0.1:17001 fd=9 name= age=3\n";
+        assert_eq!(
+            super::parse_client_info(info),
+            Some((42, ("127.0.0.1".to_owned(), 17001)))
+        );
+        let v6 = "id=7 addr=[::1]:5000 laddr=[::1]:17002 fd=9";
+        assert_eq!(
+            super::parse_client_info(v6),
+            Some((7, ("::1".to_owned(), 17002)))
+        );
+        assert_eq!(super::parse_client_info("id=7 fd=9"), None);
     }
 }

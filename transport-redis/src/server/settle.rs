@@ -58,12 +58,7 @@ pub(super) async fn delete_settled(
         }
         for (key, ids) in batch.drain() {
             for chunk in ids.chunks(DELETE_CHUNK) {
-                if let Err(err) = DELETE_SETTLED
-                    .key(&key)
-                    .arg(chunk)
-                    .invoke_async::<i64>(&mut conn)
-                    .await
-                {
+                if let Err(err) = DELETE_SETTLED.run::<i64>(&mut conn, &key, chunk).await {
                     // The stream's MAXLEN trims what could not be deleted.
                     tracing::debug!(error = %err, stream = %key, "deleting handled entries failed");
                 }
@@ -144,10 +139,7 @@ impl RedisAcker {
             // A topic or server stream is read by one group: a settled entry is of no
             // more use, unless a watcher (`monitor`) registered a group to keep them.
             SETTLE_SHARED
-                .key(&self.key)
-                .arg(&self.group)
-                .arg(&self.id)
-                .invoke_async::<i64>(&mut self.conn)
+                .run::<i64>(&mut self.conn, &self.key, (&self.group, &self.id))
                 .await
                 .map(drop)
         } else {
