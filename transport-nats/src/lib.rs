@@ -13,8 +13,9 @@
 //!   The stream is made by the first cast that finds none, and set up by each server
 //!   that listens: created with `replicas` copies (default 1; 3 on a JetStream
 //!   cluster keeps casts through the loss of a node), and on an existing stream only
-//!   its subject and `max_age` are set and its replicas raised, never lowered;
-//!   anything else an operator set is kept. `connect` sends no JetStream request, so
+//!   its subject is added, its `max_age` set when the client sets one, and its
+//!   replicas raised, never lowered (a raise the cluster refuses is logged and the
+//!   stream used as it is); anything else an operator set is kept. `connect` sends no JetStream request, so
 //!   it never waits on a stream without a leader; a cast to such a stream fails at
 //!   once, saying so.
 //! - Reconnection is async-nats' own: it reconnects and re-subscribes by itself.
@@ -66,7 +67,7 @@ use rpc_core::{
     TransportErrorKind,
 };
 
-pub use config::{Auth, NatsConfig};
+pub use config::{Auth, DEFAULT_MAX_AGE, NatsConfig};
 pub use rpc_core::options::DEFAULT_CONNECT_TIMEOUT;
 pub use subjects::{MAX_JETSTREAM_NAME, MAX_SUBJECT_BYTES};
 
