@@ -49,6 +49,18 @@ alive() {
     [ -n "$state" ] && [ "$state" != Z ]
 }
 
+# ours N PID: PID is node N's nats-server (its command line names nats-server and
+# the node's own store dir), not a process that reused the PID of a stale pid file
+# (the shared nats-server, say).
+ours() {
+    local cmdline
+    cmdline="$(tr '\0' ' ' <"/proc/$2/cmdline" 2>/dev/null)" || return 1
+    case "$cmdline" in
+    *nats-server*"$DIR/store/n$1 "*) return 0 ;;
+    *) return 1 ;;
+    esac
+}
+
 # pid_of N: the PID of node N, if it runs.
 pid_of() {
     local f
@@ -56,8 +68,18 @@ pid_of() {
     [ -f "$f" ] || return 1
     local pid
     pid="$(cat "$f")"
+    case "$pid" in '' | *[!0-9]*) return 1 ;; esac
     alive "$pid" || return 1
+    ours "$1" "$pid" || return 1
     echo "$pid"
+}
+
+# The tools this script runs.
+need_tools() {
+    local tool
+    for tool in nats-server python3 curl; do
+        command -v "$tool" >/dev/null 2>&1 || die "$tool not found on PATH"
+    done
 }
 
 # monitor N PATH: the JSON the monitor endpoint PATH of node N answers.
@@ -118,9 +140,24 @@ cmd_up() {
     done
     rm -rf "$DIR"
     mkdir -p "$DIR"
+    # A node that does not come up: take the others down again (logs kept).
+    trap 'up_failed' EXIT
     for n in "${NODES[@]}"; do launch "$n"; done
     wait_ready "${NODES[@]}"
+    trap - EXIT
     echo "nats cluster up: $(cmd_nodes | paste -sd, -)" >&2
+}
+
+# The EXIT trap of a failed `up`: kill the nodes started, keep the logs.
+up_failed() {
+    local rc=$? n pid
+    [ "$rc" -ne 0 ] || return 0
+    for n in "${NODES[@]}"; do
+        if pid="$(pid_of "$n")"; then kill -9 "$pid" 2>/dev/null || true; fi
+        rm -f "$(pidfile "$n")"
+    done
+    echo "cluster-nats.sh: up failed; nodes stopped, logs in $DIR" >&2
+    exit "$rc"
 }
 
 cmd_down() {
@@ -182,6 +219,10 @@ sys.exit(1)' "$jsz" "$name" && return 0
     done
     return 0
 }
+
+case "${1:-}" in
+up | start | stream-leader) need_tools ;;
+esac
 
 case "${1:-}" in
 up) cmd_up ;;
