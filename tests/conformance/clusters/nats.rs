@@ -511,6 +511,62 @@ pub mod faults {
         server.shutdown().await.expect("shutdown");
     }
 
+    /// A server asking for 3 replicas of an R1 stream while a node is down: whether
+    /// the cluster refuses the raise, takes it, or does not answer in time, the
+    /// server listens all the same, on the stream as it is (a failed update is
+    /// logged), and casts are served.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn jetstream_a_raise_with_a_node_down_still_serves() {
+        let Some(cluster) = super::cluster() else {
+            return;
+        };
+        let mut nodes = Restart {
+            cluster: &cluster,
+            killed: Vec::new(),
+        };
+        let prefix = unique("mqrpc-cl-raise");
+        let topic = unique("cl_raise");
+        let options = format!("prefix={prefix}&jetstream=true&max_age=600");
+        let url = format!("nats://{}?{options}", all_nodes(&cluster));
+        let client = Client::new(
+            Arc::new(NatsTransport::connect(&url).await.expect("client")),
+            Target::new(&topic),
+        )
+        .timeout(Duration::from_secs(10));
+        client
+            .cast(&Context::new(), "record", json!({"id": 1}))
+            .await
+            .expect("the first cast creates the stream");
+        let stream = mqrpc::NatsConfig::parse(&url)
+            .expect("URL")
+            .jetstream_stream("openstack");
+        let leader = stream_leader(&cluster, &stream).await;
+        let down = leader % 3 + 1;
+        nodes.kill(down);
+        let alive: Vec<&str> = (1..=3)
+            .filter(|n| *n != down)
+            .map(|n| cluster.nodes[n - 1].as_str())
+            .collect();
+        let url = format!("nats://{}?{options}&replicas=3", alive.join(","));
+        let recorder = Recorder::new();
+        let started = Instant::now();
+        let server = server(&url, &topic, &recorder).await;
+        let listen_took = started.elapsed();
+        recorder.wait_for(1, Duration::from_secs(30)).await;
+        client
+            .cast(&Context::new(), "record", json!({"id": 2}))
+            .await
+            .expect("a cast after the raise");
+        recorder.wait_for(2, Duration::from_secs(30)).await;
+        let replicas = stream_info(&cluster, &stream).await.config.num_replicas;
+        crate::faults::figures(format!(
+            "SUMMARY nats jetstream raise R1->R3 with n{down} down: the server listened after \
+             {listen_took:?}, the stream has {replicas} replicas, casts served"
+        ));
+        server.shutdown().await.expect("shutdown");
+        nodes.start(down);
+    }
+
     /// JetStream, its stream offline (R1, its node killed): `connect` returns
     /// within the caller's deadline, and a cast fails within its deadline saying the
     /// stream has no leader.
