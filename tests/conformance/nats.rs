@@ -296,6 +296,61 @@ mod faults {
         js.delete_stream(&name).await.expect("clean up");
     }
 
+    /// `replicas=3` on a single server: creating the stream is refused (`Refused`,
+    /// not retried); an existing R1 stream is used as it is, the raise the server
+    /// refuses only logged.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn jetstream_replicas_a_single_server_cannot_have() {
+        let Some(_) = super::jetstream::backend().await else {
+            return;
+        };
+        let (url, config, js) = own_stream("jsr3").await;
+        let name = config.jetstream_stream(&config.exchange);
+        let r3 = Client::new(
+            Arc::new(
+                NatsTransport::connect(&format!("{url}&replicas=3"))
+                    .await
+                    .expect("client"),
+            ),
+            Target::new("r3"),
+        )
+        .timeout(Duration::from_secs(10));
+        let err = r3
+            .cast(&Context::new(), "record", json!({"id": 1}))
+            .await
+            .expect_err("no 3 replicas on one server");
+        eprintln!("{err}");
+        assert_eq!(
+            err.kind(),
+            mqrpc::ErrorKind::Transport(mqrpc::TransportErrorKind::Refused),
+            "{err:?}"
+        );
+        let client = Client::new(
+            Arc::new(NatsTransport::connect(&url).await.expect("client")),
+            Target::new("r3"),
+        );
+        client
+            .cast(&Context::new(), "record", json!({"id": 2}))
+            .await
+            .expect("R1 made");
+        let recorder = Recorder::new();
+        let server = Server::builder(
+            Arc::new(
+                NatsTransport::connect(&format!("{url}&replicas=3"))
+                    .await
+                    .expect("server"),
+            ),
+            Target::new("r3").server("s1"),
+        )
+        .endpoint(service::endpoint("s1", &recorder))
+        .start()
+        .await
+        .expect("the server listens on the R1 stream");
+        recorder.wait_for(1, Duration::from_secs(20)).await;
+        server.shutdown().await.expect("shutdown");
+        js.delete_stream(&name).await.expect("clean up");
+    }
+
     /// A stream deleted under a running client (by an operator) is made again by the
     /// client's casts: at most one cast fails meanwhile (saying the stream has no
     /// leader), and the next ones are stored.
