@@ -105,13 +105,14 @@ launch() {
     disown
 }
 
-# node_ready N: node N has its 2 routes, is healthy and sees a meta leader.
+# node_ready N [HEALTHZ]: node N has its 2 routes, is healthy (/healthz, or the
+# HEALTHZ path given) and sees a meta leader.
 node_ready() {
     local n="$1" routez jsz
     routez="$(monitor "$n" /routez)" || return 1
     python3 -c 'import json,sys; sys.exit(0 if json.loads(sys.argv[1])["num_routes"] >= 2 else 1)' \
         "$routez" || return 1
-    monitor "$n" /healthz >/dev/null || return 1
+    monitor "$n" "${2:-/healthz}" >/dev/null || return 1
     jsz="$(monitor "$n" /jsz)" || return 1
     python3 -c 'import json,sys
 d = json.loads(sys.argv[1])
@@ -192,7 +193,23 @@ cmd_start() {
     check_node "$1"
     pid_of "$1" >/dev/null && die "node $1 already runs"
     launch "$1"
-    wait_ready "$1"
+    # Rejoined: routes, JetStream up, a meta leader. The full /healthz also wants
+    # every stream and consumer replica current, and a replica of an idle consumer
+    # (nats-server 2.9) stays behind until the consumer is used again: waited for a
+    # while, not required.
+    local deadline=$((SECONDS + READY_WAIT))
+    until node_ready "$1" "/healthz?js-server-only=true"; do
+        [ "$SECONDS" -lt "$deadline" ] || die "node $1 not ready after ${READY_WAIT}s (log: $DIR/n$1.log)"
+        sleep 0.1
+    done
+    deadline=$((SECONDS + 10))
+    until monitor "$1" /healthz >/dev/null; do
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            echo "cluster-nats.sh: node $1 rejoined; some replicas not current yet: $(curl -sS --max-time 1 "http://$HOST:$(monitor_port "$1")/healthz" 2>&1 | head -c 300)" >&2
+            break
+        fi
+        sleep 0.2
+    done
 }
 
 cmd_signal() {
