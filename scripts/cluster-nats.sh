@@ -28,7 +28,7 @@ BASE="${MQRPC_CLUSTER_DIR:-$ROOT/target/clusters}"
 DIR="$BASE/nats"
 CLUSTER_NAME=mqrpc-test
 NODES=(1 2 3)
-READY_WAIT=30
+READY_WAIT="${MQRPC_CLUSTER_READY_WAIT:-30}"
 
 die() { printf 'cluster-nats.sh: error: %s\n' "$*" >&2; exit 1; }
 client_port() { echo $((14221 + $1)); }
