@@ -28,7 +28,7 @@ BASE="${MQRPC_CLUSTER_DIR:-$ROOT/target/clusters}"
 DIR="$BASE/nats"
 CLUSTER_NAME=mqrpc-test
 NODES=(1 2 3)
-READY_WAIT=30
+READY_WAIT="${MQRPC_CLUSTER_READY_WAIT:-30}"
 
 die() { printf 'cluster-nats.sh: error: %s\n' "$*" >&2; exit 1; }
 client_port() { echo $((14221 + $1)); }
@@ -49,6 +49,18 @@ alive() {
     [ -n "$state" ] && [ "$state" != Z ]
 }
 
+# ours N PID: PID is node N's nats-server (its command line names nats-server and
+# the node's own store dir), not a process that reused the PID of a stale pid file
+# (the shared nats-server, say).
+ours() {
+    local cmdline
+    cmdline="$(tr '\0' ' ' <"/proc/$2/cmdline" 2>/dev/null)" || return 1
+    case "$cmdline" in
+    *nats-server*"$DIR/store/n$1 "*) return 0 ;;
+    *) return 1 ;;
+    esac
+}
+
 # pid_of N: the PID of node N, if it runs.
 pid_of() {
     local f
@@ -56,8 +68,18 @@ pid_of() {
     [ -f "$f" ] || return 1
     local pid
     pid="$(cat "$f")"
+    case "$pid" in '' | *[!0-9]*) return 1 ;; esac
     alive "$pid" || return 1
+    ours "$1" "$pid" || return 1
     echo "$pid"
+}
+
+# The tools this script runs.
+need_tools() {
+    local tool
+    for tool in nats-server python3 curl; do
+        command -v "$tool" >/dev/null 2>&1 || die "$tool not found on PATH"
+    done
 }
 
 # monitor N PATH: the JSON the monitor endpoint PATH of node N answers.
@@ -83,13 +105,14 @@ launch() {
     disown
 }
 
-# node_ready N: node N has its 2 routes, is healthy and sees a meta leader.
+# node_ready N [HEALTHZ]: node N has its 2 routes, is healthy (/healthz, or the
+# HEALTHZ path given) and sees a meta leader.
 node_ready() {
     local n="$1" routez jsz
     routez="$(monitor "$n" /routez)" || return 1
     python3 -c 'import json,sys; sys.exit(0 if json.loads(sys.argv[1])["num_routes"] >= 2 else 1)' \
         "$routez" || return 1
-    monitor "$n" /healthz >/dev/null || return 1
+    monitor "$n" "${2:-/healthz}" >/dev/null || return 1
     jsz="$(monitor "$n" /jsz)" || return 1
     python3 -c 'import json,sys
 d = json.loads(sys.argv[1])
@@ -118,9 +141,24 @@ cmd_up() {
     done
     rm -rf "$DIR"
     mkdir -p "$DIR"
+    # A node that does not come up: take the others down again (logs kept).
+    trap 'up_failed' EXIT
     for n in "${NODES[@]}"; do launch "$n"; done
     wait_ready "${NODES[@]}"
+    trap - EXIT
     echo "nats cluster up: $(cmd_nodes | paste -sd, -)" >&2
+}
+
+# The EXIT trap of a failed `up`: kill the nodes started, keep the logs.
+up_failed() {
+    local rc=$? n pid
+    [ "$rc" -ne 0 ] || return 0
+    for n in "${NODES[@]}"; do
+        if pid="$(pid_of "$n")"; then kill -9 "$pid" 2>/dev/null || true; fi
+        rm -f "$(pidfile "$n")"
+    done
+    echo "cluster-nats.sh: up failed; nodes stopped, logs in $DIR" >&2
+    exit "$rc"
 }
 
 cmd_down() {
@@ -155,7 +193,23 @@ cmd_start() {
     check_node "$1"
     pid_of "$1" >/dev/null && die "node $1 already runs"
     launch "$1"
-    wait_ready "$1"
+    # Rejoined: routes, JetStream up, a meta leader. The full /healthz also wants
+    # every stream and consumer replica current, and a replica of an idle consumer
+    # (nats-server 2.9) stays behind until the consumer is used again: waited for a
+    # while, not required.
+    local deadline=$((SECONDS + READY_WAIT))
+    until node_ready "$1" "/healthz?js-server-only=true"; do
+        [ "$SECONDS" -lt "$deadline" ] || die "node $1 not ready after ${READY_WAIT}s (log: $DIR/n$1.log)"
+        sleep 0.1
+    done
+    deadline=$((SECONDS + 10))
+    until monitor "$1" /healthz >/dev/null; do
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            echo "cluster-nats.sh: node $1 rejoined; some replicas not current yet: $(curl -sS --max-time 1 "http://$HOST:$(monitor_port "$1")/healthz" 2>&1 | head -c 300)" >&2
+            break
+        fi
+        sleep 0.2
+    done
 }
 
 cmd_signal() {
@@ -182,6 +236,10 @@ sys.exit(1)' "$jsz" "$name" && return 0
     done
     return 0
 }
+
+case "${1:-}" in
+up | start | stream-leader) need_tools ;;
+esac
 
 case "${1:-}" in
 up) cmd_up ;;

@@ -243,6 +243,150 @@ mod faults {
         );
         server.shutdown().await.expect("shutdown");
     }
+
+    /// A JetStream URL with a prefix of its own (so a stream of its own on the shared
+    /// NATS), its config, and the JetStream API of a plain connection.
+    async fn own_stream(what: &str) -> (String, NatsConfig, async_nats::jetstream::Context) {
+        let prefix = format!("mqrpc-test-{what}-{}", &mqrpc::wire::new_id()[..10]);
+        let url = super::with_options(&format!("prefix={prefix}&jetstream=true&max_age=600"));
+        let config = NatsConfig::parse(&url).expect("NATS URL");
+        let nats = async_nats::connect(config.servers[0].as_str())
+            .await
+            .expect("a plain NATS connection");
+        (url, config, async_nats::jetstream::new(nats))
+    }
+
+    /// Casts stored in the stream `name` (no server takes them here).
+    async fn stored(js: &async_nats::jetstream::Context, name: &str) -> u64 {
+        let mut stream = js.get_stream(name).await.expect("the stream");
+        stream.info().await.expect("stream info").state.messages
+    }
+
+    /// Many first casts at once from one client, before any stream exists: one stream
+    /// is made, and every cast is stored.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn jetstream_concurrent_first_casts_make_one_stream_and_are_all_stored() {
+        let Some(_) = super::jetstream::backend().await else {
+            return;
+        };
+        let (url, config, js) = own_stream("jsfirst").await;
+        let client = Client::new(
+            Arc::new(NatsTransport::connect(&url).await.expect("client")),
+            Target::new("first"),
+        )
+        .timeout(Duration::from_secs(10));
+        let ctx = Context::new();
+        let casts = (0..24).map(|id| client.cast(&ctx, "record", json!({"id": id})));
+        let results = futures::future::join_all(casts).await;
+        let failed: Vec<String> = results
+            .iter()
+            .filter_map(|r| r.as_ref().err().map(ToString::to_string))
+            .collect();
+        assert!(failed.is_empty(), "first casts failed: {failed:?}");
+        let name = config.jetstream_stream(&config.exchange);
+        let names: serde_json::Value = js
+            .request(
+                "STREAM.NAMES",
+                &json!({ "subject": format!("{}.>", config.prefix) }),
+            )
+            .await
+            .expect("stream names");
+        assert_eq!(names["streams"], json!([name]), "one stream: {names}");
+        assert_eq!(stored(&js, &name).await, 24, "every cast stored");
+        js.delete_stream(&name).await.expect("clean up");
+    }
+
+    /// `replicas=3` on a single server: creating the stream is refused (`Refused`,
+    /// not retried); an existing R1 stream is used as it is, the raise the server
+    /// refuses only logged.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn jetstream_replicas_a_single_server_cannot_have() {
+        let Some(_) = super::jetstream::backend().await else {
+            return;
+        };
+        let (url, config, js) = own_stream("jsr3").await;
+        let name = config.jetstream_stream(&config.exchange);
+        let r3 = Client::new(
+            Arc::new(
+                NatsTransport::connect(&format!("{url}&replicas=3"))
+                    .await
+                    .expect("client"),
+            ),
+            Target::new("r3"),
+        )
+        .timeout(Duration::from_secs(10));
+        let err = r3
+            .cast(&Context::new(), "record", json!({"id": 1}))
+            .await
+            .expect_err("no 3 replicas on one server");
+        eprintln!("{err}");
+        assert_eq!(
+            err.kind(),
+            mqrpc::ErrorKind::Transport(mqrpc::TransportErrorKind::Refused),
+            "{err:?}"
+        );
+        let client = Client::new(
+            Arc::new(NatsTransport::connect(&url).await.expect("client")),
+            Target::new("r3"),
+        );
+        client
+            .cast(&Context::new(), "record", json!({"id": 2}))
+            .await
+            .expect("R1 made");
+        let recorder = Recorder::new();
+        let server = Server::builder(
+            Arc::new(
+                NatsTransport::connect(&format!("{url}&replicas=3"))
+                    .await
+                    .expect("server"),
+            ),
+            Target::new("r3").server("s1"),
+        )
+        .endpoint(service::endpoint("s1", &recorder))
+        .start()
+        .await
+        .expect("the server listens on the R1 stream");
+        recorder.wait_for(1, Duration::from_secs(20)).await;
+        server.shutdown().await.expect("shutdown");
+        js.delete_stream(&name).await.expect("clean up");
+    }
+
+    /// A stream deleted under a running client (by an operator) is made again by the
+    /// client's casts: at most one cast fails meanwhile (saying the stream has no
+    /// leader), and the next ones are stored.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn jetstream_client_makes_a_deleted_stream_again() {
+        let Some(_) = super::jetstream::backend().await else {
+            return;
+        };
+        let (url, config, js) = own_stream("jsdeleted").await;
+        let client = Client::new(
+            Arc::new(NatsTransport::connect(&url).await.expect("client")),
+            Target::new("deleted"),
+        )
+        .timeout(Duration::from_secs(10));
+        let ctx = Context::new();
+        client
+            .cast(&ctx, "record", json!({"id": 1}))
+            .await
+            .expect("the first cast makes the stream");
+        let name = config.jetstream_stream(&config.exchange);
+        js.delete_stream(&name)
+            .await
+            .expect("an operator deletes it");
+        let mut failures = Vec::new();
+        let mut ok = 0;
+        for id in 2..6 {
+            match client.cast(&ctx, "record", json!({"id": id})).await {
+                Ok(()) => ok += 1,
+                Err(err) => failures.push(err.to_string()),
+            }
+        }
+        eprintln!("casts after the deletion: {ok} stored, failed: {failures:?}");
+        assert!(failures.len() <= 1, "casts keep failing: {failures:?}");
+        assert_eq!(stored(&js, &name).await, ok, "the stream is back with them");
+        js.delete_stream(&name).await.expect("clean up");
+    }
 }
 
 /// Issue #7 on NATS: cuts, a black hole, latency and load on core NATS, confirmed
@@ -313,6 +457,46 @@ mod reliability {
     /// JetStream mode across a restart of a nats-server of the test's own, with file
     /// storage: casts sent after the restart are delivered again without restarting
     /// mqrpc's server (its pulls and durable consumers come back by themselves).
+    /// `jetstream=true` against a nats-server without JetStream: a cast fails at
+    /// once, `Refused` (not retried), saying JetStream is not enabled.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nats_jetstream_not_enabled_is_refused_saying_so() {
+        use std::time::{Duration, Instant};
+
+        use mqrpc::{Client, Context, NatsTransport, Target};
+
+        let Some(broker) = OwnBroker::start("nats-server", |port| {
+            ["-a", "127.0.0.1", "-p", &port.to_string()]
+                .map(str::to_owned)
+                .to_vec()
+        })
+        .await
+        else {
+            return;
+        };
+        let url = format!("nats://127.0.0.1:{}?jetstream=true", broker.port);
+        let client = Client::new(
+            Arc::new(NatsTransport::connect(&url).await.expect("connect")),
+            Target::new("nojs"),
+        )
+        .timeout(Duration::from_secs(10));
+        let started = Instant::now();
+        let err = client
+            .cast(&Context::new(), "record", serde_json::json!({}))
+            .await
+            .expect_err("no JetStream to store the cast");
+        let took = started.elapsed();
+        let text = err.to_string();
+        eprintln!("after {took:?}: {text}");
+        assert!(text.contains("JetStream is not enabled"), "{text}");
+        assert_eq!(
+            err.kind(),
+            mqrpc::ErrorKind::Transport(mqrpc::TransportErrorKind::Refused),
+            "{err:?}"
+        );
+        assert!(!err.is_retryable(), "{err:?}");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn nats_jetstream_casts_flow_again_after_a_broker_restart() {
         use std::time::{Duration, Instant};

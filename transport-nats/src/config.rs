@@ -75,8 +75,11 @@ pub struct NatsConfig {
     /// How long JetStream waits for a server's ack before delivering a cast again
     /// (`ack_wait`, default 30 s).
     pub ack_wait: Duration,
-    /// How long JetStream keeps casts nobody took (`max_age`, default 24 h).
-    pub max_age: Duration,
+    /// How long JetStream keeps casts nobody took (`max_age`). `None` (the default):
+    /// a stream mqrpc creates keeps them [`DEFAULT_MAX_AGE`] (24 h), and an existing
+    /// stream keeps its own `max_age`. Set (URL option or [`NatsConfig::max_age`]):
+    /// mqrpc also sets it on an existing stream, overriding an operator's retention.
+    pub max_age: Option<Duration>,
     /// How many copies of the casts stream a JetStream cluster keeps (`replicas`,
     /// 1 to 5, default 1; the stream's consumers follow it). Used when mqrpc creates
     /// the stream; an existing stream with fewer is raised to this many, one with
@@ -101,6 +104,10 @@ pub struct NatsConfig {
 /// The most replicas a JetStream stream can have (nats-server's limit).
 pub(crate) const MAX_REPLICAS: usize = 5;
 
+/// How long a stream mqrpc creates keeps casts nobody took, unless
+/// [`NatsConfig::max_age`] says otherwise: 24 h.
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
 /// The server of a URL without one, and of [`NatsConfig::default`].
 const DEFAULT_SERVER: &str = "127.0.0.1:4222";
 
@@ -118,7 +125,7 @@ impl Default for NatsConfig {
             exchange: rpc_core::DEFAULT_EXCHANGE.to_owned(),
             jetstream: false,
             ack_wait: Duration::from_secs(30),
-            max_age: Duration::from_secs(24 * 3600),
+            max_age: None,
             replicas: 1,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             subscription_capacity: 65_536,
@@ -179,7 +186,7 @@ impl NatsConfig {
                 "tls" => tls = option.flag()?,
                 "jetstream" => config.jetstream = option.flag()?,
                 "ack_wait" => config.ack_wait = option.duration()?,
-                "max_age" => config.max_age = option.duration()?,
+                "max_age" => config.max_age = Some(option.duration()?),
                 "replicas" => {
                     config.replicas = option.positive()?;
                     if config.replicas > MAX_REPLICAS {
@@ -272,7 +279,7 @@ impl NatsConfig {
         }
         for (name, duration) in [
             ("ack_wait", self.ack_wait),
-            ("max_age", self.max_age),
+            ("max_age", self.max_age.unwrap_or(DEFAULT_MAX_AGE)),
             ("connect_timeout", self.connect_timeout),
         ] {
             if duration.is_zero() {
@@ -324,9 +331,10 @@ impl NatsConfig {
         self
     }
 
-    /// Sets [`NatsConfig::max_age`].
+    /// Sets [`NatsConfig::max_age`]: the stream's `max_age`, on creation and on an
+    /// existing stream alike.
     pub fn max_age(mut self, max_age: Duration) -> Self {
-        self.max_age = max_age;
+        self.max_age = Some(max_age);
         self
     }
 
@@ -426,11 +434,16 @@ mod tests {
         let c = NatsConfig::parse("nats://h?ack_wait=500ms&max_age=2h&connect_timeout=1.5s")
             .expect("parse");
         assert_eq!(c.ack_wait, Duration::from_millis(500));
-        assert_eq!(c.max_age, Duration::from_secs(7200));
+        assert_eq!(c.max_age, Some(Duration::from_secs(7200)));
         assert_eq!(c.connect_timeout, Duration::from_millis(1500));
         let c = NatsConfig::parse("nats://h?ack_wait=45&max_age=0.5").expect("parse");
         assert_eq!(c.ack_wait, Duration::from_secs(45));
-        assert_eq!(c.max_age, Duration::from_millis(500));
+        assert_eq!(c.max_age, Some(Duration::from_millis(500)));
+        assert_eq!(
+            NatsConfig::default().max_age,
+            None,
+            "unset: the stream's own is kept"
+        );
     }
 
     #[test]

@@ -35,8 +35,8 @@ pub(crate) fn boxed_nats_error(what: String, err: async_nats::Error) -> Error {
 /// - a closed client: async-nats reports a publish, subscribe, request or flush on a
 ///   client whose connection task has ended as a failed send (`Disconnected`);
 /// - a request or JetStream acknowledgement that got no answer in time: `Timeout`;
-/// - a JetStream resource that exists with other settings, or JetStream not enabled
-///   for the account: `Refused`;
+/// - a JetStream resource that exists with other settings, JetStream not enabled
+///   for the account, more replicas than the cluster has (or has up): `Refused`;
 /// - the rest (an invalid subject, a parse failure, ...): `Other`.
 pub(crate) fn kind_of(err: &(dyn StdError + 'static)) -> TransportErrorKind {
     let mut next = Some(err);
@@ -160,7 +160,10 @@ fn api_kind(err: &jetstream::Error) -> TransportErrorKind {
         | C::CONSUMER_CREATE_FILTER_SUBJECT_MISMATCH
         | C::CONSUMER_CREATE_DURABLE_AND_NAME_MISMATCH
         | C::JETSTREAM_NOT_ENABLED
-        | C::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT => TransportErrorKind::Refused,
+        | C::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT
+        // More replicas than the cluster has nodes (up): asking again will not help.
+        | C::STREAM_REPLICAS_NOT_SUPPORTED
+        | C::INSUFFICIENT_RESOURCES => TransportErrorKind::Refused,
         _ => TransportErrorKind::Other,
     }
 }

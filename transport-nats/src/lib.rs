@@ -13,10 +13,12 @@
 //!   The stream is made by the first cast that finds none, and set up by each server
 //!   that listens: created with `replicas` copies (default 1; 3 on a JetStream
 //!   cluster keeps casts through the loss of a node), and on an existing stream only
-//!   its subject and `max_age` are set and its replicas raised, never lowered;
-//!   anything else an operator set is kept. `connect` sends no JetStream request, so
-//!   it never waits on a stream without a leader; a cast to such a stream fails at
-//!   once, saying so.
+//!   its subject is added, its `max_age` set when the client sets one, and its
+//!   replicas raised, never lowered (a raise the cluster refuses is logged and the
+//!   stream used as it is); anything else an operator set is kept. `connect` sends no JetStream request, so
+//!   it never waits on a stream without a leader; a cast to such a stream fails
+//!   within about 2 s (at once right after casts were stored), saying so. Without
+//!   JetStream on the server, casts and servers fail `Refused`, saying so.
 //! - Reconnection is async-nats' own: it reconnects and re-subscribes by itself.
 //!   `connect_timeout` (URL option, `2s` or plain seconds, default 10 s) bounds each
 //!   attempt. On a cluster, list several servers in the URL (`nats://h1,h2,h3`);
@@ -66,7 +68,7 @@ use rpc_core::{
     TransportErrorKind,
 };
 
-pub use config::{Auth, NatsConfig};
+pub use config::{Auth, DEFAULT_MAX_AGE, NatsConfig};
 pub use rpc_core::options::DEFAULT_CONNECT_TIMEOUT;
 pub use subjects::{MAX_JETSTREAM_NAME, MAX_SUBJECT_BYTES};
 

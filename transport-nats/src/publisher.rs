@@ -3,7 +3,8 @@
 //! the server has the message (or, in JetStream mode, once the stream stored it);
 //! replies are published plainly.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,9 +26,11 @@ pub(crate) struct NatsPublisher {
     client: async_nats::Client,
     config: NatsConfig,
     jetstream: Option<jetstream::Context>,
-    /// Exchanges whose JetStream stream stored a cast of this publisher: it exists,
-    /// so "no responders" means it has no leader.
-    stored: Mutex<HashSet<String>>,
+    /// What this publisher knows of the stream of its configured exchange (most
+    /// casts go there: no lock, no hash for them) ...
+    home_stream: Arc<StreamState>,
+    /// ... and of other exchanges' streams.
+    other_streams: Mutex<HashMap<String, Arc<StreamState>>>,
     reply_prefix: String,
     /// The subject of the last address published to: a client mostly sends to one
     /// target, and working a subject out formats several strings.
@@ -46,13 +49,63 @@ pub(crate) struct NatsPublisher {
 /// How long a cast that no stream took waits for the JetStream API to say whether
 /// its stream exists: short, so the cause reaches the caller before its deadline.
 const STREAM_LOOKUP_LIMIT: Duration = Duration::from_secs(2);
+/// How long such a cast may then take to create the stream (or bring it up to
+/// date), all requests included.
+const ENSURE_LIMIT: Duration = Duration::from_millis(2500);
 
-/// How often a cast that created its stream is published again while the new
-/// stream does not answer yet.
-const AFTER_CREATE_TRIES: u32 = 5;
+/// How often a cast whose stream was just created or found is published again while
+/// the stream does not take it yet.
+const AFTER_SETUP_TRIES: u32 = 5;
 /// The pause before the first of those retries, growing by as much each time (1.5 s
 /// in all at most).
-const AFTER_CREATE_PAUSE: Duration = Duration::from_millis(100);
+const AFTER_SETUP_PAUSE: Duration = Duration::from_millis(100);
+
+/// What a publisher knows of one exchange's JetStream stream.
+#[derive(Default)]
+struct StreamState {
+    /// A cast was stored since the last "no responders": the stream exists, so the
+    /// next "no responders" means it has no leader.
+    stored: AtomicBool,
+    /// Held by the cast looking the stream up (or creating it); the casts that
+    /// need it meanwhile wait, then publish again.
+    setup: tokio::sync::Mutex<()>,
+    /// Look-ups done: a cast that waited sees it changed.
+    setups: AtomicU64,
+}
+
+/// Why a cast's look-up or creation of its stream failed.
+enum SetupError {
+    /// A request failed: its error.
+    Failed(Error),
+    /// The JetStream API did not answer in time: what that means.
+    Timeout(String),
+}
+
+impl SetupError {
+    /// The cast's error: `not_stored`, then why; `err` (the "no responders" to the
+    /// cast) kept as its source when the set-up's own error has none to give.
+    fn with_cause_of(self, not_stored: &str, err: jetstream::context::PublishError) -> Error {
+        match self {
+            SetupError::Failed(e) => match e {
+                Error::Transport {
+                    kind,
+                    message,
+                    source,
+                } => Error::Transport {
+                    kind,
+                    message: format!("{not_stored}: no responders, and {message}"),
+                    source,
+                },
+                other => other,
+            },
+            SetupError::Timeout(why) => Error::transport(
+                TransportErrorKind::Timeout,
+                format!("{not_stored}: {why}"),
+                err,
+            ),
+        }
+    }
+}
 
 /// How many reply subjects a publisher keeps before it starts afresh.
 const REPLY_SUBJECTS: usize = 1024;
@@ -111,7 +164,8 @@ impl NatsPublisher {
             client,
             config,
             jetstream,
-            stored: Mutex::default(),
+            home_stream: Arc::default(),
+            other_streams: Mutex::default(),
             last_subject: Mutex::new(None),
             routes: Arc::default(),
             gone_watch: tokio::sync::OnceCell::new(),
@@ -122,11 +176,15 @@ impl NatsPublisher {
     /// the stream stored it.
     ///
     /// Nothing is asked of JetStream before: when no stream takes the subject ("no
-    /// responders"), the meta leader is asked whether the exchange's stream exists.
-    /// If it does not, it is created ([`crate::jetstream::ensure_stream`]) and the
-    /// cast published again; if it does, it has no leader (its nodes are down, or it
-    /// is electing one) and the cast fails saying so. So `connect` never waits on a
-    /// stream, and a cast fails at once, with its cause, while its stream is offline.
+    /// responders"), the meta leader is asked whether the exchange's stream exists,
+    /// once for all the casts to that exchange waiting at that moment. If it does
+    /// not, it is created ([`crate::jetstream::ensure_stream`]); either way the cast
+    /// is published again a few times over a second or so (a stream just created
+    /// subscribes its subject once it has a leader). A stream that still takes
+    /// nothing has no leader (its nodes are down, or it is electing one) and the
+    /// cast fails saying so; right after casts were stored, it fails so at once,
+    /// and the next cast asks again. So `connect` never waits on a stream, and a
+    /// cast fails soon, with its cause, while its stream is offline.
     async fn store_cast(
         &self,
         js: &jetstream::Context,
@@ -135,100 +193,143 @@ impl NatsPublisher {
         body: bytes::Bytes,
     ) -> Result<()> {
         NatsConfig::check_subject(&js_subject, address)?;
-        let not_stored = format!("JetStream did not store the cast to {address}");
         let (Address::Topic { exchange, .. } | Address::Server { exchange, .. }) = address else {
             return Err(Error::InvalidTarget(format!(
                 "{address}: only casts to a topic or server go through JetStream"
             )));
         };
-        // Publishes since this cast created the stream.
-        let mut since_created: Option<u32> = None;
+        let subject = async_nats::Subject::from(js_subject);
+        let not_stored = || format!("JetStream did not store the cast to {address}");
+        let state = self.stream_state(exchange);
+        // Publishes since the stream was looked up or created.
+        let mut since_setup: Option<u32> = None;
+        // Whether the look-up found it (rather than created it).
+        let mut found = false;
         loop {
             let ack = js
-                .publish(js_subject.clone(), body.clone())
+                .publish(subject.clone(), body.clone())
                 .await
                 .map_err(|e| nats_error(&format!("publishing to JetStream for {address}"), e))?;
             let err = match ack.await {
                 Ok(_) => {
-                    self.stored_once(exchange);
+                    if !state.stored.load(Ordering::Relaxed) {
+                        state.stored.store(true, Ordering::Relaxed);
+                    }
                     return Ok(());
                 }
                 Err(err) => err,
             };
             let no_stream = err.kind() == jetstream::context::PublishErrorKind::StreamNotFound;
-            if let Some(tries) = since_created.as_mut() {
-                // A stream just created may take a moment to subscribe its subject
-                // (a replicated one elects its leader first): a few short pauses.
-                if !no_stream || *tries >= AFTER_CREATE_TRIES {
-                    return Err(because(&not_stored, err));
-                }
-                *tries += 1;
-                tokio::time::sleep(AFTER_CREATE_PAUSE * *tries).await;
-                continue;
-            }
             if !no_stream {
-                return Err(because(&not_stored, err));
+                return Err(because(&not_stored(), err));
             }
-            let no_leader = |found: &str, err| {
+            let name = self.config.jetstream_stream(exchange);
+            let no_leader = |err| {
                 Error::transport(
                     TransportErrorKind::Other,
                     format!(
-                        "{not_stored}: stream {found} has no leader (its nodes are down, or it is \
-                         electing one): no responders on {js_subject}"
+                        "{}: stream {name} has no leader (its nodes are down, or it is \
+                         electing one): no responders on {subject}",
+                        not_stored()
                     ),
                     err,
                 )
             };
-            let name = self.config.jetstream_stream(exchange);
-            if self.has_stored(exchange) {
-                // It took casts before: it exists, without a leader for now.
-                return Err(no_leader(&name, err));
+            if let Some(tries) = since_setup.as_mut() {
+                // A stream just created (or found) may take a moment to subscribe its
+                // subject (a replicated one elects its leader first): a few short
+                // pauses.
+                if *tries >= AFTER_SETUP_TRIES {
+                    return Err(if found {
+                        no_leader(err)
+                    } else {
+                        because(&not_stored(), err)
+                    });
+                }
+                *tries += 1;
+                tokio::time::sleep(AFTER_SETUP_PAUSE * *tries).await;
+                continue;
             }
-            // Is there a stream at all? The meta leader knows; it may itself be
-            // electing, so the question is bounded well inside a cast's deadline.
-            let filter = crate::jetstream::stream_subject(&self.config, exchange);
-            match tokio::time::timeout(STREAM_LOOKUP_LIMIT, js.stream_by_subject(filter)).await {
-                Ok(Ok(found)) => return Err(no_leader(&found, err)),
-                Ok(Err(e))
-                    if e.kind() == jetstream::context::GetStreamByNameErrorKind::NotFound =>
-                {
-                    crate::jetstream::ensure_stream(js, &self.config, exchange).await?;
-                    since_created = Some(0);
-                }
-                Ok(Err(e)) => {
-                    return Err(crate::jetstream::unanswered(
-                        &name,
-                        &format!("{not_stored}: no responders, and looking up the stream"),
-                        e,
-                    ));
-                }
-                Err(_) => {
-                    return Err(Error::transport(
-                        TransportErrorKind::Timeout,
-                        format!(
-                            "{not_stored}: no stream answered on {js_subject}, and the JetStream \
-                             API did not answer within {STREAM_LOOKUP_LIMIT:?} whether stream \
-                             {name} exists: the cluster has no leader for it or for JetStream \
-                             (nodes down, or an election under way)"
-                        ),
-                        err,
-                    ));
-                }
+            // It took casts a moment ago: it exists, without a leader for now. Said at
+            // once, and only once: the next cast looks it up again (an operator may
+            // have deleted it).
+            if state.stored.swap(false, Ordering::Relaxed) {
+                return Err(no_leader(err));
             }
+            // One look-up (and create) at a time per exchange: casts that waited for
+            // another's just publish again.
+            let seen = state.setups.load(Ordering::Acquire);
+            let _setup = state.setup.lock().await;
+            if state.setups.load(Ordering::Acquire) == seen {
+                let looked_up = self.look_up_or_create(js, exchange, &name, &subject).await;
+                state.setups.fetch_add(1, Ordering::Release);
+                found = looked_up.map_err(|e| e.with_cause_of(&not_stored(), err))?;
+            } else {
+                found = true;
+            }
+            since_setup = Some(0);
         }
     }
 
-    /// Records that a cast to `exchange` was stored: its stream exists.
-    fn stored_once(&self, exchange: &str) {
-        let mut stored = self.stored.lock().unwrap_or_else(|e| e.into_inner());
-        if !stored.contains(exchange) {
-            stored.insert(exchange.to_owned());
+    /// Whether stream `name` of `exchange` (or another stream taking its subjects)
+    /// exists; created when it does not (`false`). Bounded well inside a cast's
+    /// deadline: the meta leader may itself be electing.
+    async fn look_up_or_create(
+        &self,
+        js: &jetstream::Context,
+        exchange: &str,
+        name: &str,
+        subject: &async_nats::Subject,
+    ) -> std::result::Result<bool, SetupError> {
+        let filter = crate::jetstream::stream_subject(&self.config, exchange);
+        let looking = "looking up the stream";
+        let question = serde_json::json!({ "subject": filter });
+        let lookup =
+            crate::jetstream::api_request(js, name, looking, "STREAM.NAMES".to_owned(), &question);
+        let answer = match tokio::time::timeout(STREAM_LOOKUP_LIMIT, lookup).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => return Err(SetupError::Failed(e)),
+            Err(_) => {
+                return Err(SetupError::Timeout(format!(
+                    "no stream answered on {subject}, and the JetStream API did not answer \
+                     within {STREAM_LOOKUP_LIMIT:?} whether stream {name} exists: the cluster \
+                     has no leader for it or for JetStream (nodes down, or an election under \
+                     way)"
+                )));
+            }
+        };
+        crate::jetstream::api_answer(name, looking, &answer).map_err(SetupError::Failed)?;
+        let exists = answer
+            .get("streams")
+            .and_then(|s| s.as_array())
+            .is_some_and(|s| !s.is_empty());
+        if exists {
+            return Ok(true);
+        }
+        let ensure = crate::jetstream::ensure_stream(js, &self.config, exchange);
+        match tokio::time::timeout(ENSURE_LIMIT, ensure).await {
+            Ok(Ok(_)) => Ok(false),
+            Ok(Err(e)) => Err(SetupError::Failed(e)),
+            Err(_) => Err(SetupError::Timeout(format!(
+                "no stream answered on {subject}, and creating stream {name} took longer than \
+                 {ENSURE_LIMIT:?}: the cluster has no leader for JetStream (nodes down, or an \
+                 election under way)"
+            ))),
         }
     }
 
-    /// Whether a cast to `exchange` was stored before.
-    fn has_stored(&self, exchange: &str) -> bool {
-        (self.stored.lock().unwrap_or_else(|e| e.into_inner())).contains(exchange)
+    /// What this publisher knows of `exchange`'s stream.
+    fn stream_state(&self, exchange: &str) -> Arc<StreamState> {
+        if exchange == self.config.exchange {
+            return self.home_stream.clone();
+        }
+        let mut others = self.other_streams.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(state) = others.get(exchange) {
+            return state.clone();
+        }
+        let state = Arc::<StreamState>::default();
+        others.insert(exchange.to_owned(), state.clone());
+        state
     }
 
     /// A plain cast: published, and done once a round trip shows the server has it.
