@@ -56,6 +56,7 @@ mod monitor;
 mod publisher;
 mod reply;
 mod server;
+mod stream;
 mod subjects;
 
 use std::sync::Arc;
@@ -229,7 +230,7 @@ impl NatsTransport {
         // deadline, so a stream without a leader is reported as such.
         let jetstream = config.jetstream.then(|| {
             async_nats::jetstream::ContextBuilder::new()
-                .timeout(jetstream::JETSTREAM_API_TIMEOUT)
+                .timeout(crate::stream::JETSTREAM_API_TIMEOUT)
                 .build(client.clone())
         });
         let publisher = Arc::new(NatsPublisher::new(

@@ -178,7 +178,7 @@ impl NatsPublisher {
     /// Nothing is asked of JetStream before: when no stream takes the subject ("no
     /// responders"), the meta leader is asked whether the exchange's stream exists,
     /// once for all the casts to that exchange waiting at that moment. If it does
-    /// not, it is created ([`crate::jetstream::ensure_stream`]); either way the cast
+    /// not, it is created ([`crate::stream::ensure_stream`]); either way the cast
     /// is published again a few times over a second or so (a stream just created
     /// subscribes its subject once it has a leader). A stream that still takes
     /// nothing has no leader (its nodes are down, or it is electing one) and the
@@ -281,11 +281,11 @@ impl NatsPublisher {
         name: &str,
         subject: &async_nats::Subject,
     ) -> std::result::Result<bool, SetupError> {
-        let filter = crate::jetstream::stream_subject(&self.config, exchange);
+        let filter = crate::stream::stream_subject(&self.config, exchange);
         let looking = "looking up the stream";
         let question = serde_json::json!({ "subject": filter });
         let lookup =
-            crate::jetstream::api_request(js, name, looking, "STREAM.NAMES".to_owned(), &question);
+            crate::stream::api_request(js, name, looking, "STREAM.NAMES".to_owned(), &question);
         let answer = match tokio::time::timeout(STREAM_LOOKUP_LIMIT, lookup).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) => return Err(SetupError::Failed(e)),
@@ -298,7 +298,7 @@ impl NatsPublisher {
                 )));
             }
         };
-        crate::jetstream::api_answer(name, looking, &answer).map_err(SetupError::Failed)?;
+        crate::stream::api_answer(name, looking, &answer).map_err(SetupError::Failed)?;
         let exists = answer
             .get("streams")
             .and_then(|s| s.as_array())
@@ -306,7 +306,7 @@ impl NatsPublisher {
         if exists {
             return Ok(true);
         }
-        let ensure = crate::jetstream::ensure_stream(js, &self.config, exchange);
+        let ensure = crate::stream::ensure_stream(js, &self.config, exchange);
         match tokio::time::timeout(ENSURE_LIMIT, ensure).await {
             Ok(Ok(_)) => Ok(false),
             Ok(Err(e)) => Err(SetupError::Failed(e)),
