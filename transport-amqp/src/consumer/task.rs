@@ -248,7 +248,7 @@ impl ConsumerTask {
                 self.step(
                     "declaring exchange",
                     &fanout,
-                    topology::declare_fanout_exchange(channel, topic),
+                    topology::declare_fanout_exchange(channel, config, topic),
                 )
                 .await?;
                 self.step(
@@ -289,7 +289,7 @@ impl ConsumerTask {
                 self.step(
                     "declaring exchange",
                     &fanout,
-                    topology::declare_fanout_exchange(channel, topic),
+                    topology::declare_fanout_exchange(channel, config, topic),
                 )
                 .await?;
                 self.step(
