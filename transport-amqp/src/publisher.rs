@@ -314,7 +314,10 @@ impl AmqpPublisher {
         // Dropping this holder may close it at once, if no publish holds it any more.
         *current = None;
         drop(current);
-        tracing::debug!(channel, "a publish was nacked; publishing on a fresh channel");
+        tracing::debug!(
+            channel,
+            "a publish was nacked; publishing on a fresh channel"
+        );
     }
 
     /// Declares the exchange a publish needs, once per channel.
@@ -335,7 +338,9 @@ impl AmqpPublisher {
             return Ok(());
         }
         match fanout_topic {
-            Some(topic) => topology::declare_fanout_exchange(&pc.channel, &self.link.config, topic).await?,
+            Some(topic) => {
+                topology::declare_fanout_exchange(&pc.channel, &self.link.config, topic).await?
+            }
             None => topology::declare_topic_exchange(&pc.channel, &self.link.config, &name).await?,
         }
         pc.declared
@@ -345,13 +350,15 @@ impl AmqpPublisher {
         Ok(())
     }
 
-    /// One try at publishing `message`. Its `expiration` is what is left of its time
-    /// to live, counted from `deadline` (none left: [`Failure::Expired`]).
+    /// One try at publishing `message`. The first carries its whole time to live as
+    /// `expiration` (a call's timeout, as oslo sends it), a later one what is left of
+    /// it, counted to `deadline` (none left: [`Failure::Expired`]).
     async fn attempt(
         &self,
         address: &Address,
         message: &Outgoing,
         deadline: Option<tokio::time::Instant>,
+        first: bool,
     ) -> std::result::Result<(), Failure> {
         let left = deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
         if left.is_some_and(|left| left.as_millis() == 0) {
@@ -398,7 +405,12 @@ impl AmqpPublisher {
             }
             // What is left of the time to live: a message tried again (after a nack or
             // a reconnection) expires when the first try's would have.
-            if let Some(ttl) = left.or(message.time_to_live) {
+            let ttl = if first {
+                message.time_to_live
+            } else {
+                left.or(message.time_to_live)
+            };
+            if let Some(ttl) = ttl {
                 properties = properties.with_expiration(ttl.as_millis().max(1).to_string().into());
             }
             // A request to a topic or a server that no queue takes is an error at once
@@ -638,6 +650,7 @@ impl Publisher for AmqpPublisher {
         }
         let message = &message;
         let retried_on_new_channel = &AtomicBool::new(false);
+        let tried = &AtomicBool::new(false);
         let nacks = &AtomicU32::new(0);
         let started = Instant::now();
         // A call's request is worth nothing past its time to live (its timeout).
@@ -648,12 +661,13 @@ impl Publisher for AmqpPublisher {
         // channel, and again shortly after a nack, a few times (servers drop the
         // duplicates a nack may leave, by `_unique_id`).
         let publish_once = || async move {
-            let outcome = match self.attempt(address, message, deadline).await {
+            let first = !tried.swap(true, Ordering::Relaxed);
+            let outcome = match self.attempt(address, message, deadline, first).await {
                 Err(Failure::ChannelClosed(err))
                     if !retried_on_new_channel.swap(true, Ordering::Relaxed) =>
                 {
                     tracing::debug!(error = %err, %address, "channel closed by the broker; retrying once");
-                    self.attempt(address, message, deadline).await
+                    self.attempt(address, message, deadline, false).await
                 }
                 outcome => outcome,
             };
