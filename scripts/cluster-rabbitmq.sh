@@ -13,7 +13,8 @@
 #   bash scripts/cluster-rabbitmq.sh heal          # restart the app of nodes that see a partition
 #   bash scripts/cluster-rabbitmq.sh ctl N ARGS... # rabbitmqctl -n rN@localhost ARGS
 #
-# Nodes r1..r3@localhost, AMQP 5701-5703, Erlang distribution 25701-25703, the
+# Nodes r1..r3@localhost, AMQP 5701-5703, Erlang distribution 25701-25703 (moved by
+# MQRPC_RABBITMQ_AMQP_BASE=5700, MQRPC_RABBITMQ_DIST_BASE=25700, MQRPC_RABBITMQ_NODE_PREFIX=r), the
 # package's own scripts (not the /usr/sbin wrappers, which su to the rabbitmq user and
 # its cookie) run with HOME holding the cluster's own .erlang.cookie, and with the
 # cluster's own rabbitmq-env.conf and rabbitmq.conf (no plugins). net_ticktime is 10 s
@@ -32,11 +33,17 @@ RMQ_BIN=${RABBITMQ_BIN:-/usr/lib/rabbitmq/bin}
 NODES=3
 TICKTIME=${MQRPC_RABBITMQ_NET_TICKTIME:-10}
 # A node name (r2@localhost) or an Erlang pid on it (<r2@localhost.1.2.3>).
-NODE_RE='^<?r([0-9])@'
+# A second cluster beside this one (another checkout's run) needs other ports and
+# other node names (epmd knows each name once per host): these move both.
+AMQP_BASE=${MQRPC_RABBITMQ_AMQP_BASE:-5700}
+DIST_BASE=${MQRPC_RABBITMQ_DIST_BASE:-25700}
+PREFIX=${MQRPC_RABBITMQ_NODE_PREFIX:-r}
+[[ $PREFIX =~ ^[a-z]+$ ]] || { echo "cluster-rabbitmq: MQRPC_RABBITMQ_NODE_PREFIX: letters only" >&2; exit 1; }
+NODE_RE="^<?${PREFIX}([0-9])@"
 
-amqp_port() { echo $((5700 + $1)); }
-dist_port() { echo $((25700 + $1)); }
-node_name() { echo "r$1@localhost"; }
+amqp_port() { echo $((AMQP_BASE + $1)); }
+dist_port() { echo $((DIST_BASE + $1)); }
+node_name() { echo "$PREFIX$1@localhost"; }
 pid_file() { echo "$DIR/r$1/pid"; }
 
 log() { echo "cluster-rabbitmq: $*" >&2; }
@@ -282,7 +289,7 @@ cmd_connection_node() {
         node_live "$n" >/dev/null || continue
         # The name a client gives its connection is in its client properties.
         out=$(ctl "$n" list_connections --quiet --no-table-headers pid client_properties 2>/dev/null) || continue
-        out=$(grep -F "\"$name\"" <<<"$out" | grep -o '^<r[0-9]@' | head -1) || true
+        out=$(grep -F "\"$name\"" <<<"$out" | grep -o "^<$PREFIX[0-9]@" | head -1) || true
         if [[ $out =~ $NODE_RE ]]; then
             echo "${BASH_REMATCH[1]}"
             return 0
