@@ -192,7 +192,7 @@ cmd_up() {
     local n started=$SECONDS
     for n in $(seq 1 $NODES); do
         if node_pid "$n" >/dev/null; then
-            refuse "node r$n already runs (pid $(node_pid "$n")); run down first"
+            refuse "node $(node_name "$n") already runs (pid $(node_pid "$n")); run down first"
         fi
         for port in "$(amqp_port "$n")" "$(dist_port "$n")"; do
             port_taken "$port" && refuse "port $port is taken"
