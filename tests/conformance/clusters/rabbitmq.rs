@@ -642,6 +642,65 @@ pub mod faults {
         rig.finish().await;
     }
 
+    /// Two servers of a topic (on r1 and r2) share one recorder while casts flow and
+    /// the node of the topic queue's quorum leader (r3) is killed: no confirmed cast is
+    /// lost; a cast nacked and sent again may run on both servers (nack retries are
+    /// at-least-once across servers), so duplicates are counted, not forbidden.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_servers_leader_kill_counts_duplicates() {
+        let Some(cluster) = Cluster::get("rabbitmq") else {
+            return;
+        };
+        let log_from = log_len();
+        // The queues on r3 (leader), s1 on r1 (the rig), the client on r1.
+        let rig = Rig::new(&cluster, "twoservers", 3, 1, 1).await;
+        let second_side = transport(&cluster, 2, "").await;
+        let second = Server::builder(
+            Arc::new(second_side.clone()),
+            Target::new(&rig.topic).server("s2"),
+        )
+        .endpoint(service::endpoint("s2", &rig.recorder))
+        .start()
+        .await
+        .expect("second server");
+        let traffic = Traffic::start(&rig.client, Duration::from_millis(10));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let leader = ctl(&cluster, &["quorum-leader", &rig.topic]).await;
+        ctl(&cluster, &["kill", &leader]).await;
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        ctl(&cluster, &["start", &leader]).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (calls, casts) = traffic.finish().await;
+        // Counted here, not by `judge_casts`, which forbids duplicates.
+        let handled = loop {
+            let before = rig.recorder.settled(Duration::from_millis(500)).await.len();
+            let records = rig.recorder.settled(Duration::from_secs(2)).await;
+            if records.len() == before {
+                break Recorder::per_id(&records);
+            }
+        };
+        let lost: Vec<u64> = (casts.confirmed.iter())
+            .filter(|id| !handled.contains_key(id))
+            .copied()
+            .collect();
+        let duplicates: usize = handled.values().map(|n| n.saturating_sub(1)).sum();
+        let nacks = logged(log_from, "the broker nacked a publish; trying again").len();
+        let failed_calls = calls.iter().filter(|c| c.error.is_some()).count();
+        crate::faults::figures(format!(
+            "FIGURES rabbitmq-cluster two_servers_leader_kill leader=r{leader} calls={} \
+             calls_failed={failed_calls} casts_confirmed={} casts_failed={} casts_lost={} \
+             casts_duplicated={duplicates} nack_retries={nacks}",
+            calls.len(),
+            casts.confirmed.len(),
+            casts.failed.len(),
+            lost.len(),
+        ));
+        assert!(lost.is_empty(), "confirmed casts never handled: {lost:?}");
+        second.shutdown().await.expect("second server stops");
+        second_side.close().await;
+        rig.finish().await;
+    }
+
     /// Kill 2 of the 3 nodes: calls fail while the majority is gone; once both are
     /// back, calls and casts work again without restarting anything of mqrpc's.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
