@@ -532,8 +532,11 @@ pub mod faults {
             });
             let killed_at = Instant::now();
             ctl(&cluster, &["kill", &victim.to_string()]).await;
+            // The node is dead once the script returned: calls sent from then on are
+            // sent after the kill (earlier ones may have been answered before it).
+            let dead_at = Instant::now();
             let recovered = traffic
-                .ok_again_after(killed_at, Duration::from_secs(30))
+                .ok_again_after(dead_at, Duration::from_secs(30))
                 .await
                 .unwrap_or_else(|| {
                     dump_log(log_from);
@@ -792,8 +795,9 @@ pub mod faults {
         assert_ne!(server, client, "server and client on different nodes");
         let traffic = Traffic::start(&rig.client, Duration::from_millis(50));
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let frozen_at = Instant::now();
         ctl(&cluster, &["stop", &server.to_string()]).await;
+        // Once the script returned (calls sent before could still be answered).
+        let frozen_at = Instant::now();
         // heartbeat 2 s (lost after about 2 heartbeats) + net_ticktime 10 s (a node
         // is declared down after 10 to 12.5 s) + a margin for a loaded machine.
         let bound = Duration::from_secs(2 * 2 + 10 + 8);
