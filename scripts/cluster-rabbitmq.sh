@@ -13,12 +13,17 @@
 #   bash scripts/cluster-rabbitmq.sh heal          # restart the app of nodes that see a partition
 #   bash scripts/cluster-rabbitmq.sh ctl N ARGS... # rabbitmqctl -n rN@localhost ARGS
 #
-# Nodes r1..r3@localhost, AMQP 5701-5703, Erlang distribution 25701-25703, the
+# Nodes r1..r3@localhost, AMQP 5701-5703, Erlang distribution 25701-25703 (moved by
+# MQRPC_RABBITMQ_AMQP_BASE=5700, MQRPC_RABBITMQ_DIST_BASE=25700, MQRPC_RABBITMQ_NODE_PREFIX=r), the
 # package's own scripts (not the /usr/sbin wrappers, which su to the rabbitmq user and
 # its cookie) run with HOME holding the cluster's own .erlang.cookie, and with the
 # cluster's own rabbitmq-env.conf and rabbitmq.conf (no plugins). net_ticktime is 10 s
 # so that a frozen node is declared down quickly; pause_minority on partitions.
 # State: ${MQRPC_CLUSTER_DIR:-target/clusters}/rabbitmq.
+# `up` exits with 3 when it refuses to start (a node already runs, a port is taken):
+# it started nothing, so do not run `down` then. A failure after those checks stops
+# what it started. Not cleaned up by `down`: the epmd (port 4369) the first node
+# starts if none runs stays behind (it may be shared with other Erlang nodes).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -28,17 +33,32 @@ RMQ_BIN=${RABBITMQ_BIN:-/usr/lib/rabbitmq/bin}
 NODES=3
 TICKTIME=${MQRPC_RABBITMQ_NET_TICKTIME:-10}
 # A node name (r2@localhost) or an Erlang pid on it (<r2@localhost.1.2.3>).
-NODE_RE='^<?r([0-9])@'
+# A second cluster beside this one (another checkout's run) needs other ports and
+# other node names (epmd knows each name once per host): these move both.
+AMQP_BASE=${MQRPC_RABBITMQ_AMQP_BASE:-5700}
+DIST_BASE=${MQRPC_RABBITMQ_DIST_BASE:-25700}
+PREFIX=${MQRPC_RABBITMQ_NODE_PREFIX:-r}
+[[ $PREFIX =~ ^[a-z]+$ ]] || { echo "cluster-rabbitmq: MQRPC_RABBITMQ_NODE_PREFIX: letters only" >&2; exit 1; }
+NODE_RE="^<?${PREFIX}([0-9])@"
 
-amqp_port() { echo $((5700 + $1)); }
-dist_port() { echo $((25700 + $1)); }
-node_name() { echo "r$1@localhost"; }
+amqp_port() { echo $((AMQP_BASE + $1)); }
+dist_port() { echo $((DIST_BASE + $1)); }
+node_name() { echo "$PREFIX$1@localhost"; }
 pid_file() { echo "$DIR/r$1/pid"; }
 
 log() { echo "cluster-rabbitmq: $*" >&2; }
 die() {
     log "$*"
     exit 1
+}
+
+# Exit status of `up` when it refuses to start (a node of this state directory already
+# runs, or a port is taken, say by another run's cluster): it started nothing, so the
+# caller must not run `down` (which would stop a cluster that is not its own).
+REFUSED=3
+refuse() {
+    log "$*"
+    exit $REFUSED
 }
 
 # The environment every command of this cluster runs with: never the system cookie,
@@ -50,7 +70,11 @@ cluster_env() {
     # The CLI's own distribution must tick as often as the nodes, or a slow command
     # would be cut off by a node with a low net_ticktime.
     export RABBITMQ_CTL_ERL_ARGS="-kernel net_ticktime $TICKTIME"
+    # No conf.d from /etc (rabbitmq.conf.d): an empty directory of the cluster's own.
+    export RABBITMQ_CONFIG_FILES=$DIR/conf.d
     unset RABBITMQ_NODENAME RABBITMQ_CONFIG_FILE RABBITMQ_MNESIA_BASE RABBITMQ_LOG_BASE
+    # Flags from the caller's environment would reach every node and CLI command.
+    unset ERL_FLAGS ERL_AFLAGS ERL_ZFLAGS
 }
 
 ctl() {
@@ -64,7 +88,7 @@ port_taken() {
 }
 
 write_files() {
-    mkdir -p "$DIR/home"
+    mkdir -p "$DIR/home" "$DIR/conf.d"
     if [ ! -f "$DIR/home/.erlang.cookie" ]; then
         head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' | tr a-f A-F >"$DIR/home/.erlang.cookie"
         chmod 400 "$DIR/home/.erlang.cookie"
@@ -168,13 +192,16 @@ cmd_up() {
     local n started=$SECONDS
     for n in $(seq 1 $NODES); do
         if node_pid "$n" >/dev/null; then
-            die "node r$n already runs (pid $(node_pid "$n")); run down first"
+            refuse "node $(node_name "$n") already runs (pid $(node_pid "$n")); run down first"
         fi
         for port in "$(amqp_port "$n")" "$(dist_port "$n")"; do
-            port_taken "$port" && die "port $port is taken"
+            port_taken "$port" && refuse "port $port is taken"
         done
     done
     rm -rf "$DIR"
+    # From here on a failure stops the nodes started so far (their logs stay for
+    # reading until the next up or down).
+    trap 'log "up failed; stopping the nodes it started"; stop_nodes' EXIT
     write_files
     for n in $(seq 1 $NODES); do start_node "$n"; done
     for n in $(seq 1 $NODES); do wait_node "$n"; done
@@ -186,10 +213,17 @@ cmd_up() {
         } >>"$DIR/r$n/log/ctl.out" 2>&1 || die "r$n could not join r1 (see $DIR/r$n/log/ctl.out)"
     done
     wait_clustered 1
+    trap - EXIT
     log "up in $((SECONDS - started)) s: $(cmd_nodes | tr '\n' ' ')"
 }
 
 cmd_down() {
+    stop_nodes
+    rm -rf "$DIR"
+}
+
+# Kills every node of this state directory (by the PID its pid file names, checked).
+stop_nodes() {
     local n pid pids=()
     for n in $(seq 1 $NODES); do
         if pid=$(node_pid "$n"); then
@@ -202,7 +236,6 @@ cmd_down() {
     for pid in "${pids[@]}"; do
         while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
     done
-    rm -rf "$DIR"
 }
 
 cmd_nodes() {
@@ -256,7 +289,7 @@ cmd_connection_node() {
         node_live "$n" >/dev/null || continue
         # The name a client gives its connection is in its client properties.
         out=$(ctl "$n" list_connections --quiet --no-table-headers pid client_properties 2>/dev/null) || continue
-        out=$(grep -F "\"$name\"" <<<"$out" | grep -o '^<r[0-9]@' | head -1) || true
+        out=$(grep -F "\"$name\"" <<<"$out" | grep -o "^<$PREFIX[0-9]@" | head -1) || true
         if [[ $out =~ $NODE_RE ]]; then
             echo "${BASH_REMATCH[1]}"
             return 0

@@ -747,6 +747,36 @@ mod hardening {
         budget_bounds_a_busy_server(AckMode::AfterHandling).await;
     }
 
+    /// A client's reply queue is deleted when it is closed (not left to expire after
+    /// `transient_ttl`; a quorum one is a Raft group while it lives).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn amqp_reply_queue_is_deleted_on_close() {
+        use mqrpc::Transport;
+        let Some(_) = super::backend().await else {
+            return;
+        };
+        let transport = mqrpc::AmqpTransport::connect(&super::suite_url())
+            .await
+            .expect("RabbitMQ");
+        let mut queue = transport.reply_queue().await.expect("reply queue");
+        let (_connection, channel) = raw_channel().await;
+        assert_eq!(waiting(&channel, &queue.address).await, 0);
+        queue.consumer.close().await.expect("close");
+        let gone = channel
+            .queue_declare(
+                queue.address.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        let err = gone.expect_err("the reply queue is gone");
+        assert!(err.to_string().contains("NOT_FOUND"), "{err}");
+        transport.close().await;
+    }
+
     /// The `expiration` a request carries (oslo.messaging and mqrpc set it on calls
     /// to the call's timeout) is its time to live on delivery.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

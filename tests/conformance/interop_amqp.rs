@@ -534,3 +534,88 @@ async fn amqp_interop_python_peers_read_what_mqrpc_compresses() {
         }
     }
 }
+
+/// With `transient_quorum=true` on both sides (oslo's `rabbit_transient_quorum_queue`),
+/// an oslo server and an mqrpc server share a topic: both declare its fanout exchange
+/// alike (durable, as oslo declares it; a `durable` mismatch is a 406 that closes the
+/// channel), calls reach either through quorum reply queues, and a fanout cast from
+/// either side reaches both servers. On a topic of its own, so the shared vhost keeps
+/// no other declaration of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_interop_transient_quorum_fanout_with_oslo() {
+    let Some(_) = crate::amqp::backend().await else {
+        return;
+    };
+    let Some(python) = python() else { return };
+    let topic = format!("interop_tq_{}", &mqrpc::wire::new_id()[..12]);
+    let base = crate::amqp::url();
+    let joiner = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{joiner}transient_quorum=true");
+
+    // The oslo server first: its fanout exchange exists when mqrpc declares it.
+    let mut py = python_server_with(&python, &topic, "py1", &["--transient-quorum"]).await;
+    let (server, recorder) = rust_server_on(&url, &topic).await;
+    let transport = mqrpc::connect(&url).await.expect("RabbitMQ");
+    let client = Client::new(transport, Target::new(&topic)).timeout(Duration::from_secs(20));
+    let ctx = Context::new();
+    for name in ["py1", "rs1"] {
+        let who: String = client
+            .prepare()
+            .server(name)
+            .call(&ctx, "whoami", json!({}))
+            .await
+            .unwrap_or_else(|e| panic!("a call to {name}: {e}"));
+        assert_eq!(who, name);
+    }
+    // mqrpc's publisher declares the fanout exchange too, on its own channel.
+    client
+        .prepare()
+        .fanout(true)
+        .cast(&ctx, "record", json!({"id": 1}))
+        .await
+        .expect("fanout cast from mqrpc");
+
+    let oslo = oslo_url();
+    let mut py_client = Peer::spawn(
+        &python,
+        &[
+            "client",
+            "--url",
+            &oslo,
+            "--topic",
+            &topic,
+            "--transient-quorum",
+        ],
+    );
+    let requests = [
+        json!({"id": 1, "method": "whoami", "server": "rs1", "timeout": 20}),
+        json!({"id": 2, "method": "whoami", "server": "py1", "timeout": 20}),
+        json!({"id": 3, "method": "record", "args": {"id": 2}, "cast": true, "fanout": true}),
+    ];
+    for request in &requests {
+        py_client.send(request).await;
+        let answer = py_client.next(Duration::from_secs(60)).await;
+        assert!(answer.get("error").is_none(), "{request}: {answer}");
+        if request["method"] == "whoami" {
+            assert_eq!(answer["ok"], request["server"], "{answer}");
+        }
+    }
+    // Each fanout reached both servers.
+    let mut python_ids = Vec::new();
+    while python_ids.len() < 2 {
+        let line = py.next(Duration::from_secs(20)).await;
+        if line["event"] == "record" {
+            python_ids.push(line["id"].as_i64().expect("record id"));
+        }
+    }
+    python_ids.sort();
+    assert_eq!(python_ids, vec![1, 2], "the oslo server got both fanouts");
+    recorder.wait_for(2, Duration::from_secs(20)).await;
+    let mut rust_ids = recorder.settled_ids(Duration::from_millis(300)).await;
+    rust_ids.sort();
+    assert_eq!(rust_ids, vec![1, 2], "the mqrpc server got both fanouts");
+
+    py_client.finish().await;
+    py.finish().await;
+    server.shutdown().await.expect("shutdown");
+}

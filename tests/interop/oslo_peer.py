@@ -86,9 +86,13 @@ def _json_default(value):
     return repr(value)
 
 
-def make_transport(url, compression=None):
+def make_transport(url, compression=None, transient_quorum=False):
     cfg.CONF([], project="mqrpc-interop")
     transport = oslo_messaging.get_rpc_transport(cfg.CONF, url=url)
+    if transient_quorum:
+        # Read when the driver's connections are made, as kombu_compression below.
+        cfg.CONF.set_override("rabbit_transient_quorum_queue", True,
+                              group="oslo_messaging_rabbit")
     if compression:
         # The rabbit driver registered its options above and reads this one when it
         # opens a connection, which it has not done yet.
@@ -137,7 +141,8 @@ class InteropEndpoint:
 
 
 def run_server(args):
-    transport = make_transport(args.url, args.compression)
+    transport = make_transport(args.url, args.compression,
+                               args.transient_quorum)
     target = oslo_messaging.Target(topic=args.topic, server=args.server,
                                    exchange=args.exchange or None)
     server = oslo_messaging.get_rpc_server(
@@ -212,7 +217,8 @@ def handle_request(transport, args, req):
 
 
 def run_client(args):
-    transport = make_transport(args.url, args.compression)
+    transport = make_transport(args.url, args.compression,
+                               args.transient_quorum)
     try:
         for line in sys.stdin:
             line = line.strip()
@@ -256,6 +262,8 @@ def parse_args(argv):
                      help="target exchange (default: control_exchange 'openstack')")
     srv.add_argument("--compression", default=None,
                      help="kombu_compression for what it sends (gzip, bzip2)")
+    srv.add_argument("--transient-quorum", action="store_true",
+                     help="rabbit_transient_quorum_queue = true")
     srv.add_argument("--ignore-stdin", action="store_true",
                      help="do not stop at stdin EOF (stop on SIGTERM/SIGINT only)")
 
@@ -265,6 +273,8 @@ def parse_args(argv):
     cli.add_argument("--exchange", default=None)
     cli.add_argument("--compression", default=None,
                      help="kombu_compression for what it sends (gzip, bzip2)")
+    cli.add_argument("--transient-quorum", action="store_true",
+                     help="rabbit_transient_quorum_queue = true")
 
     return parser.parse_args(argv)
 

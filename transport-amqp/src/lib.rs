@@ -20,6 +20,12 @@
 //!   queue, binding and consumer is declared again.
 //! - Every connection attempt (TCP, TLS, AMQP handshake) is bounded by the URL's
 //!   `connect_timeout` (default 10 s).
+//! - A publish the broker nacks (a quorum queue electing a leader, a full queue with
+//!   `reject-publish`) is tried again a few times within its time to live, each try
+//!   expiring when the first would have. This is at-least-once, not exactly-once: a
+//!   nacked message may still have been enqueued, and its new copy may be taken by
+//!   another server of the topic, which then runs the cast or call a second time
+//!   (a server drops only the copies it has seen itself, by `_unique_id`).
 //!
 //! lapin logs every message the broker returns at WARN with its whole body as
 //! decimal bytes (target `lapin::returned_messages`, whatever the application does

@@ -7,6 +7,12 @@
 //! the connection is not sent again (it may or may not have been delivered); any
 //! other refusal by the broker is returned as it is.
 //!
+//! A nack retry is at-least-once, not exactly-once, across the servers of a topic: a
+//! nacked message may still have reached a queue (RabbitMQ nacks a message when any
+//! queue it was routed to failed it), and its new copy may be taken by a different
+//! server of the topic, which has not seen its `_unique_id`: a cast or a call may then
+//! run twice, on two servers. Each server drops the copies it has seen itself.
+//!
 //! Requests to a topic or a server and every reply are published `mandatory`: a
 //! message the broker cannot route comes back (`basic.return`) and its publish fails,
 //! a request with [`Error::NoResponders`] (no queue is bound there, so no server has
@@ -37,6 +43,29 @@ struct PublishChannel {
     connection: Arc<lapin::Connection>,
     generation: usize,
     declared: Arc<Mutex<HashSet<String>>>,
+    /// When it was opened: a young channel is not retired on a nack (see
+    /// [`RETIRE_MIN_AGE`]).
+    opened: Instant,
+    /// Set when a nack retired it: it closes when its last user lets go of it.
+    retired: AtomicBool,
+}
+
+impl Drop for PublishChannel {
+    /// Closes a retired channel once nothing uses it any more: every publish on it
+    /// holds it (an abandoned one through its [`Confirm`]) until its confirm resolves,
+    /// so no confirm is lost to the close.
+    fn drop(&mut self) {
+        if !self.retired.load(Ordering::Relaxed) || !self.channel.status().connected() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let channel = self.channel.clone();
+            runtime.spawn(async move {
+                let _ =
+                    tokio::time::timeout(RETIRE_LIMIT, channel.close(200, "retired".into())).await;
+            });
+        }
+    }
 }
 
 pub(crate) struct AmqpPublisher {
@@ -180,10 +209,18 @@ enum Failure {
     /// queue electing a leader, a queue process that failed, a full queue with
     /// `reject-publish`). Worth a few more tries, shortly after.
     Nacked(Error),
+    /// The message's time to live ran out before an attempt could start.
+    Expired(Error),
 }
 
-/// How long a retired publish channel waits for its last confirms before it closes.
+/// How long the close of a retired publish channel may wait for the broker.
 const RETIRE_LIMIT: Duration = Duration::from_secs(30);
+
+/// How long a publish channel lives at least before a nack retires it: at most one
+/// new channel a second per publisher, so a queue that nacks everything (full, with
+/// `reject-publish`) does not make every publish, unrelated ones included, open a
+/// channel of its own. Nacked publishes on a young channel are tried on it again.
+const RETIRE_MIN_AGE: Duration = Duration::from_secs(1);
 
 /// How many times in all a nacked publish is tried (the first included), while the
 /// caller's deadline (and the message's time to live) allows.
@@ -239,6 +276,8 @@ impl AmqpPublisher {
             connection: connected.connection.clone(),
             generation: connected.generation,
             declared: Arc::new(Mutex::new(HashSet::new())),
+            opened: Instant::now(),
+            retired: AtomicBool::new(false),
         });
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(fresh.clone());
         Ok(fresh)
@@ -257,31 +296,28 @@ impl AmqpPublisher {
     /// a fresh one. RabbitMQ 3.10 was seen to nack every publish of a channel to a
     /// quorum queue for as long as that channel lived after the queue's leader was
     /// killed (30 s and more, while a new channel's publishes went through at once):
-    /// the channel's view of the queue's leader is stale. Publishes still waiting on
-    /// the old channel keep it until their confirms arrive; it is closed then (or
-    /// after [`RETIRE_LIMIT`]).
+    /// the channel's view of the queue's leader is stale. A channel younger than
+    /// [`RETIRE_MIN_AGE`] is kept (its nacked publishes are tried on it again).
+    /// Publishes still waiting on the old channel keep it until their confirms
+    /// arrive; it is closed when the last of them lets go of it.
     fn retire(&self, nacked: &PublishChannel) {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(live) = current
-            .as_ref()
-            .filter(|c| c.channel.id() == nacked.channel.id() && c.generation == nacked.generation)
-        else {
+        let Some(live) = current.as_ref().filter(|c| {
+            c.channel.id() == nacked.channel.id()
+                && c.generation == nacked.generation
+                && c.opened.elapsed() >= RETIRE_MIN_AGE
+        }) else {
             return;
         };
-        let channel = live.channel.clone();
+        live.retired.store(true, Ordering::Relaxed);
+        let channel = live.channel.id();
+        // Dropping this holder may close it at once, if no publish holds it any more.
         *current = None;
         drop(current);
         tracing::debug!(
-            channel = channel.id(),
+            channel,
             "a publish was nacked; publishing on a fresh channel"
         );
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                let _ = tokio::time::timeout(RETIRE_LIMIT, channel.wait_for_confirms()).await;
-                let _ =
-                    tokio::time::timeout(RETIRE_LIMIT, channel.close(200, "retired".into())).await;
-            });
-        }
     }
 
     /// Declares the exchange a publish needs, once per channel.
@@ -302,7 +338,9 @@ impl AmqpPublisher {
             return Ok(());
         }
         match fanout_topic {
-            Some(topic) => topology::declare_fanout_exchange(&pc.channel, topic).await?,
+            Some(topic) => {
+                topology::declare_fanout_exchange(&pc.channel, &self.link.config, topic).await?
+            }
             None => topology::declare_topic_exchange(&pc.channel, &self.link.config, &name).await?,
         }
         pc.declared
@@ -312,12 +350,27 @@ impl AmqpPublisher {
         Ok(())
     }
 
+    /// One try at publishing `message`. The first carries its whole time to live as
+    /// `expiration` (a call's timeout, as oslo sends it), a later one what is left of
+    /// it, counted to `deadline` (none left: [`Failure::Expired`]).
     async fn attempt(
         &self,
         address: &Address,
         message: &Outgoing,
+        deadline: Option<tokio::time::Instant>,
+        first: bool,
     ) -> std::result::Result<(), Failure> {
-        let pc = self.channel().await.map_err(Failure::Connection)?;
+        let left = deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
+        if left.is_some_and(|left| left.as_millis() == 0) {
+            return Err(Failure::Expired(Error::transport_msg(
+                TransportErrorKind::Timeout,
+                format!(
+                    "the message to {address} expired (its time to live ran out) before the \
+                     broker took it"
+                ),
+            )));
+        }
+        let pc: Arc<PublishChannel> = self.channel().await.map_err(Failure::Connection)?;
         // With the connection still up, the broker refused this publish (and may have
         // closed the channel); with it down, the publish is worth retrying.
         let classify = |err: Error| {
@@ -350,7 +403,14 @@ impl AmqpPublisher {
                 );
                 properties = properties.with_headers(headers);
             }
-            if let Some(ttl) = message.time_to_live {
+            // What is left of the time to live: a message tried again (after a nack or
+            // a reconnection) expires when the first try's would have.
+            let ttl = if first {
+                message.time_to_live
+            } else {
+                left.or(message.time_to_live)
+            };
+            if let Some(ttl) = ttl {
                 properties = properties.with_expiration(ttl.as_millis().max(1).to_string().into());
             }
             // A request to a topic or a server that no queue takes is an error at once
@@ -372,7 +432,10 @@ impl AmqpPublisher {
                 )
                 .await
                 .map_err(|e| lapin_error("publishing", e))?;
-            let mut confirm = Confirm(Some(confirm));
+            let mut confirm = Confirm {
+                confirm: Some(confirm),
+                channel: pc.clone(),
+            };
             let confirmation = match confirm.wait().await {
                 Ok(confirmation) => confirmation,
                 // The message left; whether the broker routed it is unknown. Sending it
@@ -475,26 +538,33 @@ impl AmqpPublisher {
 /// came first). lapin keeps every confirm dropped unresolved in a list that only
 /// `wait_for_confirms` empties, and under steady publishing that call waits in vain
 /// (it resolves only when the newest confirm is the one acked), so the list would
-/// grow for as long as the load lasts. A dropped one is awaited on a task instead.
-struct Confirm(Option<PublisherConfirm>);
+/// grow for as long as the load lasts. A dropped one is awaited on a task instead,
+/// which keeps its channel (a retired one closes only when no confirm is pending).
+struct Confirm {
+    confirm: Option<PublisherConfirm>,
+    channel: Arc<PublishChannel>,
+}
 
 impl Confirm {
     async fn wait(&mut self) -> lapin::Result<Confirmation> {
-        let Some(confirm) = self.0.as_mut() else {
+        let Some(confirm) = self.confirm.as_mut() else {
             return Ok(Confirmation::NotRequested);
         };
         let confirmation = confirm.await;
-        self.0 = None;
+        self.confirm = None;
         confirmation
     }
 }
 
 impl Drop for Confirm {
     fn drop(&mut self) {
-        if let (Some(confirm), Ok(runtime)) = (self.0.take(), tokio::runtime::Handle::try_current())
+        if let (Some(confirm), Ok(runtime)) =
+            (self.confirm.take(), tokio::runtime::Handle::try_current())
         {
+            let channel = self.channel.clone();
             runtime.spawn(async move {
                 let _ = confirm.await;
+                drop(channel);
             });
         }
     }
@@ -580,6 +650,7 @@ impl Publisher for AmqpPublisher {
         }
         let message = &message;
         let retried_on_new_channel = &AtomicBool::new(false);
+        let tried = &AtomicBool::new(false);
         let nacks = &AtomicU32::new(0);
         let started = Instant::now();
         // A call's request is worth nothing past its time to live (its timeout).
@@ -590,12 +661,13 @@ impl Publisher for AmqpPublisher {
         // channel, and again shortly after a nack, a few times (servers drop the
         // duplicates a nack may leave, by `_unique_id`).
         let publish_once = || async move {
-            let outcome = match self.attempt(address, message).await {
+            let first = !tried.swap(true, Ordering::Relaxed);
+            let outcome = match self.attempt(address, message, deadline, first).await {
                 Err(Failure::ChannelClosed(err))
                     if !retried_on_new_channel.swap(true, Ordering::Relaxed) =>
                 {
                     tracing::debug!(error = %err, %address, "channel closed by the broker; retrying once");
-                    self.attempt(address, message).await
+                    self.attempt(address, message, deadline, false).await
                 }
                 outcome => outcome,
             };
@@ -645,7 +717,13 @@ impl Publisher for AmqpPublisher {
             Failure::Nacked(_) => {
                 nack_error(address, nacks.load(Ordering::Relaxed), started.elapsed())
             }
-            Failure::Connection(err) | Failure::Refused(err) | Failure::ChannelClosed(err) => err,
+            Failure::Expired(_) if nacks.load(Ordering::Relaxed) > 0 => {
+                nack_error(address, nacks.load(Ordering::Relaxed), started.elapsed())
+            }
+            Failure::Connection(err)
+            | Failure::Refused(err)
+            | Failure::ChannelClosed(err)
+            | Failure::Expired(err) => err,
         })
     }
 }

@@ -7,7 +7,7 @@
 //! | control exchange | `openstack` (or the URL's `exchange`) | topic |
 //! | topic queue | `<topic>` | bound with key `<topic>` |
 //! | server queue | `<topic>.<server>` | bound with key `<topic>.<server>` |
-//! | fanout exchange | `<topic>_fanout` | fanout, auto-delete |
+//! | fanout exchange | `<topic>_fanout` | fanout, auto-delete (durable with `transient_quorum`) |
 //! | fanout queue | `<topic>_fanout_<uuid>` | one per server, `x-expires` |
 //! | reply queue | `reply_<uuid>` | reached through the default exchange, `x-expires` |
 //!
@@ -69,8 +69,15 @@ pub(crate) async fn declare_topic_exchange(
         .map_err(|e| lapin_error(&format!("declaring exchange {exchange}"), e))
 }
 
-/// Declares a topic's fanout exchange (auto-delete, as oslo declares it).
-pub(crate) async fn declare_fanout_exchange(channel: &Channel, topic: &str) -> Result<()> {
+/// Declares a topic's fanout exchange as oslo declares it: auto-delete, and durable
+/// with `transient_quorum` (oslo's `rabbit_transient_quorum_queue`), so both sides
+/// declare it alike (RabbitMQ refuses an inequivalent `durable` with 406
+/// PRECONDITION_FAILED).
+pub(crate) async fn declare_fanout_exchange(
+    channel: &Channel,
+    config: &AmqpConfig,
+    topic: &str,
+) -> Result<()> {
     let name = fanout_exchange(topic);
     channel
         .exchange_declare(
@@ -78,6 +85,7 @@ pub(crate) async fn declare_fanout_exchange(channel: &Channel, topic: &str) -> R
             ExchangeKind::Fanout,
             ExchangeDeclareOptions {
                 auto_delete: true,
+                durable: config.transient_quorum,
                 ..ExchangeDeclareOptions::default()
             },
             FieldTable::default(),

@@ -12,8 +12,10 @@
 
 /// The options every cluster test adds: quorum queues everywhere, fast detection of
 /// a lost node (heartbeat 2 s), fast reconnection, and short re-subscription steps.
+/// Transient (reply, fanout) queues left by a test expire after 30 s: each is a
+/// 3-member Raft group while it lives.
 const OPTIONS: &str = "quorum=true&transient_quorum=true&heartbeat=2&max_backoff=0.5\
-    &resubscribe_timeout=3s&topic_ttl=300&transient_ttl=120";
+    &resubscribe_timeout=3s&topic_ttl=300&transient_ttl=30";
 
 pub mod suite {
     use crate::clusters::Cluster;
@@ -169,6 +171,33 @@ pub mod faults {
 
     fn log_len() -> usize {
         log().map_or(0, |log| log.text().len())
+    }
+
+    /// When a log line (after `from`) containing every one of `needles` first shows,
+    /// polled every 20 ms for up to `limit`; `None` without a captured log or line.
+    fn watch_log(
+        from: usize,
+        needles: &'static [&'static str],
+        limit: Duration,
+    ) -> JoinHandle<Option<Instant>> {
+        tokio::spawn(async move {
+            log()?;
+            let until = Instant::now() + limit;
+            while Instant::now() < until {
+                let seen = log().is_some_and(|log| {
+                    let text = log.text();
+                    text.get(from..)
+                        .unwrap_or_default()
+                        .lines()
+                        .any(|line| needles.iter().all(|n| line.contains(n)))
+                });
+                if seen {
+                    return Some(Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            None
+        })
     }
 
     /// One call of the traffic: when it was sent, when it ended, and how.
@@ -492,10 +521,22 @@ pub mod faults {
                 "rabbitmq kill of the {role}'s node r{victim} (server r{server}, leader \
                  r{leader}, client r{client})"
             );
+            // The server's consumer subscribing again on another node (only the
+            // server's kill makes it re-subscribe).
+            let resubscribed = (role == "server").then(|| {
+                watch_log(
+                    log_len(),
+                    &["re-subscribed after reconnection", "Server {"],
+                    Duration::from_secs(30),
+                )
+            });
             let killed_at = Instant::now();
             ctl(&cluster, &["kill", &victim.to_string()]).await;
+            // The node is dead once the script returned: calls sent from then on are
+            // sent after the kill (earlier ones may have been answered before it).
+            let dead_at = Instant::now();
             let recovered = traffic
-                .ok_again_after(killed_at, Duration::from_secs(30))
+                .ok_again_after(dead_at, Duration::from_secs(30))
                 .await
                 .unwrap_or_else(|| {
                     dump_log(log_from);
@@ -508,6 +549,10 @@ pub mod faults {
                     }
                     panic!("calls never worked again after the kill of r{victim}")
                 });
+            let resubscribed = match resubscribed {
+                Some(watch) => watch.await.expect("log watch").map(|at| at - killed_at),
+                None => None,
+            };
             tokio::time::sleep(Duration::from_secs(2)).await;
             ctl(&cluster, &["start", &victim.to_string()]).await;
             tokio::time::sleep(Duration::from_secs(2)).await;
@@ -521,21 +566,40 @@ pub mod faults {
             summary.push(format!(
                 "kill {role} (r{victim}; server r{server}, leader r{leader}, client r{client}): \
                  calls {} failed {} {counts:?}, first call sent after the kill answered after \
-                 {recovered:.2?}, longest time without an answered call {gap:.2?}",
+                 {recovered:.2?}, longest time without an answered call {gap:.2?}{}",
                 calls.len(),
-                failed.len()
+                failed.len(),
+                resubscribed.map_or(String::new(), |at| format!(
+                    ", server consuming again {at:.2?} after the kill"
+                ))
             ));
             crate::faults::figures(format!(
                 "FIGURES rabbitmq-cluster kill_{role} node=r{victim} calls={} calls_failed={} \
-                 nack={} unconfirmed={} timeout={} first_ok_ms={} longest_gap_ms={}",
+                 nack={} unconfirmed={} timeout={} first_ok_ms={} longest_gap_ms={}{}",
                 calls.len(),
                 failed.len(),
                 counts.get("nack").unwrap_or(&0),
                 counts.get("unconfirmed").unwrap_or(&0),
                 counts.get("timeout").unwrap_or(&0),
                 recovered.as_millis(),
-                gap.as_millis()
+                gap.as_millis(),
+                resubscribed.map_or(String::new(), |at| format!(
+                    " server_resubscribed_ms={}",
+                    at.as_millis()
+                ))
             ));
+            if role == "server" && log().is_some() {
+                // The issue asks for about 2 s; generous for a loaded 2-core machine,
+                // the figure is printed.
+                let at = resubscribed.unwrap_or_else(|| {
+                    dump_log(log_from);
+                    panic!("the server never logged its re-subscription after the kill")
+                });
+                assert!(
+                    at < Duration::from_secs(10),
+                    "the server took {at:?} to consume again after its node was killed"
+                );
+            }
             assert!(
                 failed.len() <= 1,
                 "{} calls failed across the kill of the {role}'s node: {failed:?}",
@@ -581,6 +645,65 @@ pub mod faults {
         rig.finish().await;
     }
 
+    /// Two servers of a topic (on r1 and r2) share one recorder while casts flow and
+    /// the node of the topic queue's quorum leader (r3) is killed: no confirmed cast is
+    /// lost; a cast nacked and sent again may run on both servers (nack retries are
+    /// at-least-once across servers), so duplicates are counted, not forbidden.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_servers_leader_kill_counts_duplicates() {
+        let Some(cluster) = Cluster::get("rabbitmq") else {
+            return;
+        };
+        let log_from = log_len();
+        // The queues on r3 (leader), s1 on r1 (the rig), the client on r1.
+        let rig = Rig::new(&cluster, "twoservers", 3, 1, 1).await;
+        let second_side = transport(&cluster, 2, "").await;
+        let second = Server::builder(
+            Arc::new(second_side.clone()),
+            Target::new(&rig.topic).server("s2"),
+        )
+        .endpoint(service::endpoint("s2", &rig.recorder))
+        .start()
+        .await
+        .expect("second server");
+        let traffic = Traffic::start(&rig.client, Duration::from_millis(10));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let leader = ctl(&cluster, &["quorum-leader", &rig.topic]).await;
+        ctl(&cluster, &["kill", &leader]).await;
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        ctl(&cluster, &["start", &leader]).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (calls, casts) = traffic.finish().await;
+        // Counted here, not by `judge_casts`, which forbids duplicates.
+        let handled = loop {
+            let before = rig.recorder.settled(Duration::from_millis(500)).await.len();
+            let records = rig.recorder.settled(Duration::from_secs(2)).await;
+            if records.len() == before {
+                break Recorder::per_id(&records);
+            }
+        };
+        let lost: Vec<u64> = (casts.confirmed.iter())
+            .filter(|id| !handled.contains_key(id))
+            .copied()
+            .collect();
+        let duplicates: usize = handled.values().map(|n| n.saturating_sub(1)).sum();
+        let nacks = logged(log_from, "the broker nacked a publish; trying again").len();
+        let failed_calls = calls.iter().filter(|c| c.error.is_some()).count();
+        crate::faults::figures(format!(
+            "FIGURES rabbitmq-cluster two_servers_leader_kill leader=r{leader} calls={} \
+             calls_failed={failed_calls} casts_confirmed={} casts_failed={} casts_lost={} \
+             casts_duplicated={duplicates} nack_retries={nacks}",
+            calls.len(),
+            casts.confirmed.len(),
+            casts.failed.len(),
+            lost.len(),
+        ));
+        assert!(lost.is_empty(), "confirmed casts never handled: {lost:?}");
+        second.shutdown().await.expect("second server stops");
+        second_side.close().await;
+        rig.finish().await;
+    }
+
     /// Kill 2 of the 3 nodes: calls fail while the majority is gone; once both are
     /// back, calls and casts work again without restarting anything of mqrpc's.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -589,7 +712,9 @@ pub mod faults {
             return;
         };
         let rig = Rig::new(&cluster, "majority", 1, 1, 2).await;
-        let traffic = Traffic::start(&rig.client, Duration::from_millis(50));
+        // Calls give up after 2 s, so several end while both nodes are down.
+        let short = rig.client.clone().timeout(Duration::from_secs(2));
+        let traffic = Traffic::start(&short, Duration::from_millis(50));
         tokio::time::sleep(Duration::from_secs(1)).await;
         let lost_at = Instant::now();
         ctl(&cluster, &["kill", "2"]).await;
@@ -608,13 +733,13 @@ pub mod faults {
             .await
             .expect("calls work again once the majority is back");
         tokio::time::sleep(Duration::from_secs(2)).await;
-        // Calls sent while both nodes were down (after the second kill, before they
-        // were started again).
+        // Calls sent and ended while both nodes were down (after the second kill,
+        // before they were started again).
         let down_from = lost_at + Duration::from_secs(4);
         let during: Vec<CallRecord> = traffic
             .calls_since(down_from)
             .into_iter()
-            .filter(|c| c.sent < starting_at)
+            .filter(|c| c.ended < starting_at)
             .collect();
         let failed_during = during.iter().filter(|c| c.error.is_some()).count();
         let calls = traffic.calls_since(lost_at);
@@ -670,12 +795,16 @@ pub mod faults {
         assert_ne!(server, client, "server and client on different nodes");
         let traffic = Traffic::start(&rig.client, Duration::from_millis(50));
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let frozen_at = Instant::now();
         ctl(&cluster, &["stop", &server.to_string()]).await;
+        // Once the script returned (calls sent before could still be answered).
+        let frozen_at = Instant::now();
         // heartbeat 2 s (lost after about 2 heartbeats) + net_ticktime 10 s (a node
         // is declared down after 10 to 12.5 s) + a margin for a loaded machine.
-        let bound = Duration::from_secs(2 * 2 + 10 + 16);
-        let recovered = traffic.ok_again_after(frozen_at, bound).await;
+        let bound = Duration::from_secs(2 * 2 + 10 + 8);
+        // Waits past the bound, so a late recovery is measured, not cut off.
+        let recovered = traffic
+            .ok_again_after(frozen_at, bound + Duration::from_secs(20))
+            .await;
         let calls = traffic.calls_since(frozen_at);
         ctl(&cluster, &["cont", &server.to_string()]).await;
         let resumed_after = frozen_at.elapsed();
@@ -704,10 +833,27 @@ pub mod faults {
             "rabbitmq frozen node: {} re-subscription steps logged as stuck",
             stuck.len()
         );
+        crate::faults::figures(format!(
+            "FIGURES rabbitmq-cluster frozen_server first_ok_ms={} stuck_steps={}",
+            recovered.map_or(-1, |r| i64::try_from(r.as_millis()).unwrap_or(i64::MAX)),
+            stuck.len()
+        ));
+        if log().is_some() {
+            // The server's declarations wait on the frozen node (the quorum leader)
+            // until the cluster declares it down: a step is cut off and logged.
+            assert!(
+                !stuck.is_empty(),
+                "no re-subscription step was logged as stuck while the node was frozen"
+            );
+        }
         let recovered = recovered.unwrap_or_else(|| {
+            dump_log(log_from);
             panic!("the server did not serve again within {bound:?} of its node freezing")
         });
-        assert!(recovered < bound);
+        assert!(
+            recovered < bound,
+            "the server served again {recovered:?} after its node froze (bound {bound:?})"
+        );
         rig.finish().await;
     }
 

@@ -91,7 +91,7 @@ impl ConsumerTask {
             let first = ready.is_some();
             let retry = Retry::new(self.link.backoff());
             let subscribing = retry.run_notify(
-                |_| self.open(),
+                |_| self.open_until_unstuck(),
                 |err| (!first || is_stuck(err)) && !matches!(err, Error::Closed),
                 |err, _, wait| {
                     tracing::warn!(error = %err, ?wait, "re-subscribing failed; will retry");
@@ -174,6 +174,19 @@ impl ConsumerTask {
         }
     }
 
+    /// Subscribes, trying again at once (no backoff) after a step that was stuck: it
+    /// already waited `resubscribe_timeout`, and the broker is slow, not refusing. Each
+    /// stuck step is logged at WARN by [`ConsumerTask::step`]; other failures are the
+    /// caller's to retry with backoff.
+    async fn open_until_unstuck(&self) -> Result<Session> {
+        loop {
+            match self.open().await {
+                Err(err) if is_stuck(&err) && !self.closed.is_cancelled() => continue,
+                outcome => return outcome,
+            }
+        }
+    }
+
     async fn open(&self) -> Result<Session> {
         let connected = self.link.connection().await?;
         let channel = self
@@ -194,6 +207,10 @@ impl ConsumerTask {
             Err(err) => {
                 // A step that timed out left the channel open, waiting on the broker:
                 // close it without waiting (the broker may not answer for a while).
+                // The close also ends a `basic.consume` the broker answers late: the
+                // broker handles the channel's methods in order, so a consumer it
+                // creates after the timeout is cancelled with the channel, and cannot
+                // take (no-ack: lose) a reply or monitor delivery nobody reads.
                 if channel.status().connected() {
                     tokio::spawn(async move {
                         let close = channel.close(200, "subscription abandoned".into());
@@ -248,7 +265,7 @@ impl ConsumerTask {
                 self.step(
                     "declaring exchange",
                     &fanout,
-                    topology::declare_fanout_exchange(channel, topic),
+                    topology::declare_fanout_exchange(channel, config, topic),
                 )
                 .await?;
                 self.step(
@@ -289,7 +306,7 @@ impl ConsumerTask {
                 self.step(
                     "declaring exchange",
                     &fanout,
-                    topology::declare_fanout_exchange(channel, topic),
+                    topology::declare_fanout_exchange(channel, config, topic),
                 )
                 .await?;
                 self.step(
@@ -347,7 +364,7 @@ impl ConsumerTask {
 
     /// Stops consuming but keeps the channel open, so deliveries already handed out
     /// can still be acked; closes it (deleting a server's fanout queue, as oslo does on
-    /// a graceful close) when the consumer is dropped.
+    /// a graceful close, and a client's reply queue) when the consumer is dropped.
     async fn finish(self, session: Option<(Arc<Channel>, Vec<String>)>) {
         let Some((channel, tags)) = session else {
             return;
@@ -363,16 +380,26 @@ impl ConsumerTask {
         // No fresh subscription follows: a `recv` after `stop` ends.
         drop(self.sessions);
         self.closed.cancelled().await;
-        if let Subscription::Server { fanout_queue, .. } = &self.subscription
-            && let Ok(name) = short(fanout_queue)
+        // A reply queue is this consumer's alone (a random name) and nobody reads it
+        // once it is dropped: deleting it now frees the broker at once instead of
+        // after `transient_ttl`, which matters most for a quorum reply queue (a Raft
+        // group on several nodes). A reply still on its way is returned to its server
+        // (a missing reply queue, as after the expiry).
+        let own_queue = match &self.subscription {
+            Subscription::Server { fanout_queue, .. } => Some(("fanout", fanout_queue)),
+            Subscription::Reply { queue } => Some(("reply", queue)),
+            Subscription::Monitor { .. } => None,
+        };
+        if let Some((what, queue)) = own_queue
+            && let Ok(name) = short(queue)
         {
             let delete = channel.queue_delete(name, QueueDeleteOptions::default());
             match tokio::time::timeout(CLEANUP_LIMIT, delete).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(err)) => {
-                    tracing::debug!(error = %err, "could not delete the fanout queue")
+                    tracing::debug!(error = %err, what, "could not delete the queue")
                 }
-                Err(_) => tracing::debug!("fanout queue deletion unanswered"),
+                Err(_) => tracing::debug!(what, "queue deletion unanswered"),
             }
         }
         let close = channel.close(200, "consumer closed".into());
