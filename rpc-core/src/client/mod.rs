@@ -265,8 +265,10 @@ impl Client {
                 // publish still fails the call when it comes first. Until the publish
                 // is done only the deadline applies: the call monitor's clock starts
                 // once the request is out.
+                // Kept for a resend after "no responders" (a refcount, no copy).
+                let resend = outgoing.clone();
+                let msg_id = pending.msg_id.clone();
                 let mut first = {
-                    let msg_id = pending.msg_id.clone();
                     let publish = std::pin::pin!(self.publish_call(outgoing, None, &msg_id));
                     let early = std::pin::pin!(pending.recv_reply());
                     match futures::future::select(publish, early).await {
@@ -274,17 +276,30 @@ impl Client {
                         // dropping it.
                         Either::Left((Ok(()), _waiting)) => None,
                         Either::Left((Err(err), _)) => return Err(err),
-                        Either::Right((reply, _unconfirmed)) => Some(reply?),
+                        Either::Right((reply, _unconfirmed)) => Some(reply),
                     }
                 };
                 published = true;
                 pending.monitor_from_now();
                 let mut last = Value::Null;
+                let mut resends = 0;
                 loop {
                     let reply = match first.take() {
                         Some(reply) => reply,
-                        None => pending.wait_reply().await?,
+                        None => pending.wait_reply().await,
                     };
+                    if matches!(reply, Err(Error::NoResponders { .. }))
+                        && let Some(pause) = no_responders_pause(resends, &pending)
+                    {
+                        // Nothing received the request, so sending it again cannot
+                        // run it twice.
+                        resends += 1;
+                        tracing::debug!(resends, "no responders; sending the request again");
+                        tokio::time::sleep(pause).await;
+                        self.publish_call(resend.clone(), None, &msg_id).await?;
+                        continue;
+                    }
+                    let reply = reply?;
                     if let Some(failure) = reply.failure {
                         return Err(failure_error(failure));
                     }
@@ -521,6 +536,22 @@ impl Client {
 
 /// A request to `target` through `client`'s broker timed out after waiting since
 /// `started` for `kind`.
+/// How long a call waits before it sends its request again after "no responders"
+/// (NATS: nothing subscribed where the request went), or `None` to fail with
+/// [`Error::NoResponders`]. A server whose connection moved to another cluster node
+/// subscribes again within tens of milliseconds; the call rides over that, and a
+/// topic nobody serves still fails within about 0.4 s.
+fn no_responders_pause(resends: u32, call: &PendingCall) -> Option<Duration> {
+    const PAUSES: [Duration; 4] = [
+        Duration::from_millis(25),
+        Duration::from_millis(50),
+        Duration::from_millis(100),
+        Duration::from_millis(200),
+    ];
+    let pause = *PAUSES.get(usize::try_from(resends).ok()?)?;
+    (Instant::now() + pause < call.deadline).then_some(pause)
+}
+
 fn timeout_error(
     target: &Target,
     client: &ClientShared,

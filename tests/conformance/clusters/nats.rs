@@ -288,12 +288,15 @@ pub mod faults {
             ("server's node", &server_kill, &server_other),
             ("client's node", &client_kill, &client_other),
         ] {
-            // At most one call lost in flight. Calls sent while the server's
-            // subscription moves to another node fail at once with "no responders"
-            // (retryable): they are counted, and must all fall in that moment.
+            // At most one failed call per kill: one lost in flight. A call sent
+            // while the server's subscription moves to another node gets "no
+            // responders" and is sent again (the client's resends span ~0.4 s), so
+            // it is answered once the server has subscribed again.
             assert!(
-                other.len() <= 1,
-                "{fault}: more than one call lost: {other:?}"
+                counts.failed.len() <= 1,
+                "{fault}: more than one failed call ({} with no responders): {:?}",
+                counts.failed.len() - other.len(),
+                counts.failed
             );
             for failure in &counts.failed {
                 assert!(
