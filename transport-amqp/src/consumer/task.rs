@@ -222,6 +222,31 @@ impl ConsumerTask {
         }
     }
 
+    /// Declares the topic exchange `exchange` and the fanout exchange of `topic`,
+    /// each a step of its own; returns the fanout exchange's name.
+    async fn declare_exchanges(
+        &self,
+        channel: &Channel,
+        exchange: &str,
+        topic: &str,
+    ) -> Result<String> {
+        let config = &self.link.config;
+        self.step(
+            "declaring exchange",
+            exchange,
+            topology::declare_topic_exchange(channel, config, exchange),
+        )
+        .await?;
+        let fanout = topology::fanout_exchange(topic);
+        self.step(
+            "declaring exchange",
+            &fanout,
+            topology::declare_fanout_exchange(channel, config, topic),
+        )
+        .await?;
+        Ok(fanout)
+    }
+
     /// Declares and binds what the subscription needs on `channel` and consumes its
     /// queues, each step bounded by [`ConsumerTask::step`].
     async fn subscribe(&self, channel: &Channel) -> Result<(Merged<Deliveries>, Vec<String>)> {
@@ -247,13 +272,7 @@ impl ConsumerTask {
                 })
                 .await?;
                 let direct = topology::server_queue(topic, server);
-                let fanout = topology::fanout_exchange(topic);
-                self.step(
-                    "declaring exchange",
-                    exchange,
-                    topology::declare_topic_exchange(channel, config, exchange),
-                )
-                .await?;
+                let fanout = self.declare_exchanges(channel, exchange, topic).await?;
                 for queue in [topic, &direct] {
                     self.step(
                         "declaring and binding queue",
@@ -262,12 +281,6 @@ impl ConsumerTask {
                     )
                     .await?;
                 }
-                self.step(
-                    "declaring exchange",
-                    &fanout,
-                    topology::declare_fanout_exchange(channel, config, topic),
-                )
-                .await?;
                 self.step(
                     "declaring queue",
                     fanout_queue,
@@ -296,19 +309,7 @@ impl ConsumerTask {
                 topic,
                 queue,
             } => {
-                self.step(
-                    "declaring exchange",
-                    exchange,
-                    topology::declare_topic_exchange(channel, config, exchange),
-                )
-                .await?;
-                let fanout = topology::fanout_exchange(topic);
-                self.step(
-                    "declaring exchange",
-                    &fanout,
-                    topology::declare_fanout_exchange(channel, config, topic),
-                )
-                .await?;
+                let fanout = self.declare_exchanges(channel, exchange, topic).await?;
                 self.step(
                     "declaring queue",
                     queue,
