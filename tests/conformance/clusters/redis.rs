@@ -38,6 +38,8 @@ fn other_master(cluster: &Cluster, master: &str) -> String {
 }
 
 pub mod suite {
+    use std::sync::Arc;
+
     use mqrpc::{RedisConfig, Server, Target};
 
     use super::{Cluster, other_master, url};
@@ -51,6 +53,21 @@ pub mod suite {
 
     conformance_suite!(backend);
 
+    /// The master that owns `topic`'s slot, and a transport without `cluster=true`
+    /// to another master, which does not own it.
+    async fn plain_transport_off_the_slot(
+        cluster: &Cluster,
+        topic: &str,
+    ) -> (String, Arc<dyn mqrpc::Transport>) {
+        let config = RedisConfig::parse(&url(&cluster.nodes[0])).expect("URL");
+        let master = cluster.ctl(&["slot-master", &config.topic_key(&config.exchange, topic)]);
+        let other = other_master(cluster, &master);
+        let transport = mqrpc::connect(&format!("redis://{other}/?prefix=mqrpc-cluster"))
+            .await
+            .expect("one node answers");
+        (master, transport)
+    }
+
     /// A URL without `cluster=true` talks to its one node: what that node does not
     /// own fails, and the error names Redis's `MOVED`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,12 +76,7 @@ pub mod suite {
             return;
         };
         let topic = format!("plain_{}", &mqrpc::wire::new_id()[..10]);
-        let config = RedisConfig::parse(&url(&cluster.nodes[0])).expect("URL");
-        let master = cluster.ctl(&["slot-master", &config.topic_key(&config.exchange, &topic)]);
-        let other = other_master(&cluster, &master);
-        let transport = mqrpc::connect(&format!("redis://{other}/?prefix=mqrpc-cluster"))
-            .await
-            .expect("one node answers");
+        let (master, transport) = plain_transport_off_the_slot(&cluster, &topic).await;
         let err = Server::builder(transport, Target::new(&topic).server("s1"))
             .endpoint(service::endpoint("s1", &Recorder::new()))
             .start()
@@ -88,12 +100,7 @@ pub mod suite {
             return;
         };
         let topic = format!("plain_cast_{}", &mqrpc::wire::new_id()[..10]);
-        let config = RedisConfig::parse(&url(&cluster.nodes[0])).expect("URL");
-        let master = cluster.ctl(&["slot-master", &config.topic_key(&config.exchange, &topic)]);
-        let other = other_master(&cluster, &master);
-        let transport = mqrpc::connect(&format!("redis://{other}/?prefix=mqrpc-cluster"))
-            .await
-            .expect("one node answers");
+        let (master, transport) = plain_transport_off_the_slot(&cluster, &topic).await;
         // A timeout far longer than the test may take: the cast must fail by itself.
         let client = mqrpc::Client::new(transport, Target::new(&topic))
             .timeout(std::time::Duration::from_secs(600));
