@@ -34,9 +34,14 @@
 //! calculator`): multicall, casts, a fanout, a directed call, a typed error decoded on
 //! the caller's side, versions.
 //!
+//! # Typed services
+//! [`service`] (feature `macros`, on by default) declares an interface once as a
+//! trait and generates a typed client and the server's [`Endpoint`]; the hand-written
+//! `Endpoint` and [`Client`] above are the layer it builds on.
+//!
 //! # Features
 //! One Cargo feature per backend: `memory` (default), `amqp`, `redis`, `nats`, and
-//! `full` for all of them.
+//! `full` for all of them; `macros` (default) for [`service`].
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
@@ -54,6 +59,51 @@ pub use rpc_core::{
     Server, ServerBuilder, Target, TimeoutKind, TlsFiles, TlsPem, Transport, TransportErrorKind,
     Version,
 };
+
+#[cfg(feature = "macros")]
+pub use mqrpc_macros::service;
+
+/// What `#[mqrpc::service]` expands to uses these; not an API of its own.
+#[cfg(feature = "macros")]
+#[doc(hidden)]
+pub mod __private {
+    pub use async_stream;
+    pub use futures::StreamExt;
+    pub use serde;
+
+    /// A type a service method takes as an argument.
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` cannot be an argument of a service method",
+        label = "arguments travel as JSON: this type must implement serde's `Serialize` and `Deserialize`",
+        note = "an argument is an owned value, `Send` and `'static`"
+    )]
+    pub trait Argument: serde::Serialize + serde::de::DeserializeOwned + Send + 'static {}
+    impl<T: serde::Serialize + serde::de::DeserializeOwned + Send + 'static> Argument for T {}
+
+    /// A type a service method returns (or streams).
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` cannot be the result of a service method",
+        label = "results travel as JSON: this type must implement serde's `Serialize` and `Deserialize`",
+        note = "a result is an owned value, `Send` and `'static`"
+    )]
+    pub trait Reply: serde::Serialize + serde::de::DeserializeOwned + Send + 'static {}
+    impl<T: serde::Serialize + serde::de::DeserializeOwned + Send + 'static> Reply for T {}
+
+    /// A service method's error type.
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` cannot be the error of a service method",
+        label = "errors travel as remote failures: implement `Serialize` and `Display` (or use `mqrpc::RemoteError`)"
+    )]
+    pub trait Failure: rpc_core::IntoRemoteError + Send + 'static {}
+    impl<T: rpc_core::IntoRemoteError + Send + 'static> Failure for T {}
+
+    /// Checks an argument type where the trait names it.
+    pub fn argument<T: Argument>() {}
+    /// Checks a result type where the trait names it.
+    pub fn result<T: Reply>() {}
+    /// Checks an error type where the trait names it.
+    pub fn error<T: Failure>() {}
+}
 
 /// For backend authors: the traits a transport implements to move bytes and acks
 /// (`rpc_core::transport`), the byte budget consumers honour, the URL option reader and

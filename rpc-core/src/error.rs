@@ -243,6 +243,14 @@ impl Error {
             _ => None,
         }
     }
+
+    /// The typed error a Rust handler returned, decoded back into its type `E`
+    /// ([`RemoteError::decode`]); `None` when this is not a remote failure or it
+    /// carries no `E`. A typed service's client returns its methods' errors this way:
+    /// `err.decode_remote::<CalcError>()`.
+    pub fn decode_remote<E: DeserializeOwned>(&self) -> Option<E> {
+        self.as_remote()?.decode()
+    }
 }
 
 /// The kinds of [`Error`], small enough to match on ([`Error::kind`]).

@@ -232,13 +232,30 @@ impl Client {
         A: Serialize,
         R: DeserializeOwned,
     {
+        self.call_at(ctx, method, None, args).await
+    }
+
+    /// [`Client::call`] asking for `version` unless this client's target names one: a
+    /// typed client's method (`#[mqrpc::service]`) asks for the version that added it.
+    #[doc(hidden)]
+    pub async fn call_at<A, R>(
+        &self,
+        ctx: &Context,
+        method: &str,
+        version: Option<Version>,
+        args: A,
+    ) -> Result<R>
+    where
+        A: Serialize,
+        R: DeserializeOwned,
+    {
         self.check_callable()?;
         let kwargs = &encode_args(args)?;
         match &self.retry {
-            None => self.call_once(ctx, method, kwargs).await,
+            None => self.call_once(ctx, method, version, kwargs).await,
             Some(policy) => {
                 policy
-                    .run(method, |_| self.call_once(ctx, method, kwargs))
+                    .run(method, |_| self.call_once(ctx, method, version, kwargs))
                     .await
             }
         }
@@ -248,12 +265,13 @@ impl Client {
         &self,
         ctx: &Context,
         method: &str,
+        version: Option<Version>,
         kwargs: &EncodedArgs,
     ) -> Result<R> {
         let span = tracing::debug_span!("rpc.call", msg_id = tracing::field::Empty,
             topic = %self.target, method);
         async {
-            let (mut pending, outgoing) = self.prepare_call(ctx, method, kwargs).await?;
+            let (mut pending, outgoing) = self.prepare_call(ctx, method, version, kwargs).await?;
             // One timer for the whole call, publish included: the parts below wait
             // without timers of their own (a timer registered and cancelled per wait
             // was a measurable share of a call on a fast bus).
@@ -339,12 +357,28 @@ impl Client {
         A: Serialize,
         R: DeserializeOwned + Send + 'static,
     {
+        self.multicall_at(ctx, method, None, args).await
+    }
+
+    /// [`Client::multicall`] asking for `version` unless this client's target names one.
+    #[doc(hidden)]
+    pub async fn multicall_at<A, R>(
+        &self,
+        ctx: &Context,
+        method: &str,
+        version: Option<Version>,
+        args: A,
+    ) -> Result<ReplyStream<R>>
+    where
+        A: Serialize,
+        R: DeserializeOwned + Send + 'static,
+    {
         self.check_callable()?;
         let span = tracing::debug_span!("rpc.multicall", msg_id = tracing::field::Empty,
             topic = %self.target, method);
         let pending = async {
             let args = encode_args(args)?;
-            let (mut pending, outgoing) = self.prepare_call(ctx, method, &args).await?;
+            let (mut pending, outgoing) = self.prepare_call(ctx, method, version, &args).await?;
             self.publish_call(outgoing, Some(pending.deadline), &pending.msg_id)
                 .await?;
             pending.monitor_from_now();
@@ -358,12 +392,24 @@ impl Client {
     /// Sends `method` without waiting for any result; returns once the transport has
     /// accepted the message. With [`Client::fanout`] every server of the topic gets it.
     pub async fn cast<A: Serialize>(&self, ctx: &Context, method: &str, args: A) -> Result<()> {
+        self.cast_at(ctx, method, None, args).await
+    }
+
+    /// [`Client::cast`] asking for `version` unless this client's target names one.
+    #[doc(hidden)]
+    pub async fn cast_at<A: Serialize>(
+        &self,
+        ctx: &Context,
+        method: &str,
+        version: Option<Version>,
+        args: A,
+    ) -> Result<()> {
         self.target.require_topic()?;
         let span = tracing::debug_span!("rpc.cast", topic = %self.target, method);
         async {
             let deadline = Instant::now() + self.timeout;
             let args = encode_args(args)?;
-            let body = self.encode(&self.head(ctx, method), &args)?;
+            let body = self.encode(&self.head(ctx, method, version), &args)?;
             let address = &self.address;
             tracing::debug!(size = body.len(), %address, "sending cast");
             self.publish(address, Outgoing::new(body), Some(deadline), "")
@@ -395,11 +441,16 @@ impl Client {
 
     /// A request without its arguments, borrowing the target and `ctx`:
     /// [`Client::encode`] writes the arguments from the text the caller's arguments
-    /// were encoded to once.
-    fn head<'a>(&'a self, ctx: &'a Context, method: &'a str) -> Head<'a> {
+    /// were encoded to once. The target's version, when it names one, wins over the
+    /// method's own `version`.
+    fn head<'a>(&'a self, ctx: &'a Context, method: &'a str, version: Option<Version>) -> Head<'a> {
         Head {
             namespace: self.target.namespace.as_deref(),
-            version: self.target.version.map(|v| Cow::Owned(v.to_string())),
+            version: self
+                .target
+                .version
+                .or(version)
+                .map(|v| Cow::Owned(v.to_string())),
             ..Head::new(method, ctx)
         }
     }
@@ -421,6 +472,7 @@ impl Client {
         &self,
         ctx: &Context,
         method: &str,
+        version: Option<Version>,
         args: &EncodedArgs,
     ) -> Result<(PendingCall, Outgoing)> {
         let started = Instant::now();
@@ -445,7 +497,7 @@ impl Client {
             reply_to: Some(router.address()),
             call_monitor: self.call_monitor.map(|d| d.as_secs_f64()),
             expires_in: Some(self.timeout.as_secs_f64()),
-            ..self.head(ctx, method)
+            ..self.head(ctx, method, version)
         };
         let body = self.encode(&head, args)?;
         let outgoing = Outgoing {
