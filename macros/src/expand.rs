@@ -35,7 +35,6 @@ fn version_tokens(krate: &syn::Path, version: Version) -> TokenStream {
 /// future (so a server can run it on any thread), streams become `Send`, the macro's
 /// attributes go, `Send + Sync + 'static` is required, and `endpoint` is added.
 fn rewrite_trait(service: &Service, item: &mut ItemTrait) {
-    let krate = &service.options.krate;
     item.supertraits
         .push(syn::parse_quote!(::core::marker::Send));
     item.supertraits
@@ -73,7 +72,6 @@ fn rewrite_trait(service: &Service, item: &mut ItemTrait) {
     }
     let endpoint = endpoint_fn(service);
     item.items.push(syn::parse_quote!(#endpoint));
-    let _ = krate;
 }
 
 fn is_send(bound: &TypeParamBound) -> bool {

@@ -220,6 +220,24 @@ impl Service {
     }
 }
 
+/// Names the generated client or trait already use for themselves.
+const RESERVED: &[&str] = &[
+    "new",
+    "from_client",
+    "client",
+    "prepare",
+    "server",
+    "fanout",
+    "topic",
+    "exchange",
+    "version",
+    "timeout",
+    "call_monitor",
+    "retry",
+    "close",
+    "endpoint",
+];
+
 /// What `#[mqrpc(...)]` on a method says.
 #[derive(Default)]
 struct MethodOptions {
@@ -433,7 +451,18 @@ fn read_method(function: &TraitItemFn, service: &Options, errors: &mut Errors) -
         }
     };
 
-    let wire = options.name.unwrap_or_else(|| unraw(&sig.ident));
+    let rust_name = unraw(&sig.ident);
+    if RESERVED.contains(&rust_name.as_str()) {
+        errors_here.push(
+            sig.ident.span(),
+            format!(
+                "`{rust_name}` is taken by the generated client or endpoint: give the Rust \
+                 method another name and keep `{rust_name}` on the wire with \
+                 `#[mqrpc(name = \"{rust_name}\")]`"
+            ),
+        );
+    }
+    let wire = options.name.unwrap_or(rust_name);
     if wire.starts_with('_') {
         errors_here.push(
             sig.ident.span(),
