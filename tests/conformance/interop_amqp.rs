@@ -15,7 +15,7 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use crate::service::{self, Recorder};
 
 /// oslo.messaging's URL for the broker the Rust side uses.
-fn oslo_url() -> String {
+pub(crate) fn oslo_url() -> String {
     let config = mqrpc::AmqpConfig::parse(&crate::amqp::url()).expect("AMQP URL");
     let host = &config.hosts[0];
     let vhost = if config.vhost == "/" {
@@ -31,7 +31,7 @@ fn oslo_url() -> String {
 
 /// The Python interpreter with oslo.messaging. When it is missing: a failure, or
 /// `None` after a recorded skip under `MQRPC_ALLOW_SKIP=1`.
-fn python() -> Option<PathBuf> {
+pub(crate) fn python() -> Option<PathBuf> {
     let path = match std::env::var_os("MQRPC_OSLO_PYTHON") {
         Some(path) => PathBuf::from(path),
         None => {
@@ -62,14 +62,14 @@ fn peer_script() -> PathBuf {
 }
 
 /// A running Python process speaking JSON lines.
-struct Peer {
+pub(crate) struct Peer {
     child: Child,
     stdin: Option<ChildStdin>,
     lines: Lines<BufReader<ChildStdout>>,
 }
 
 impl Peer {
-    fn spawn(python: &PathBuf, args: &[&str]) -> Peer {
+    pub(crate) fn spawn(python: &PathBuf, args: &[&str]) -> Peer {
         let mut child = Command::new(python)
             .arg(peer_script())
             .args(args)
@@ -89,7 +89,7 @@ impl Peer {
     }
 
     /// The next JSON line, within `limit`.
-    async fn next(&mut self, limit: Duration) -> Value {
+    pub(crate) async fn next(&mut self, limit: Duration) -> Value {
         let line = tokio::time::timeout(limit, self.lines.next_line())
             .await
             .expect("the Python peer answered in time")
@@ -99,7 +99,7 @@ impl Peer {
             .unwrap_or_else(|e| panic!("not JSON from the peer: {line:?}: {e}"))
     }
 
-    async fn send(&mut self, request: &Value) {
+    pub(crate) async fn send(&mut self, request: &Value) {
         let stdin = self.stdin.as_mut().expect("stdin open");
         let mut line = request.to_string();
         line.push('\n');
@@ -111,7 +111,7 @@ impl Peer {
     }
 
     /// Closes stdin (the peer's signal to stop) and checks it exits cleanly.
-    async fn finish(mut self) {
+    pub(crate) async fn finish(mut self) {
         drop(self.stdin.take());
         let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
             .await
@@ -125,7 +125,12 @@ async fn python_server(python: &PathBuf, topic: &str, server: &str) -> Peer {
     python_server_with(python, topic, server, &[]).await
 }
 
-async fn python_server_with(python: &PathBuf, topic: &str, server: &str, extra: &[&str]) -> Peer {
+pub(crate) async fn python_server_with(
+    python: &PathBuf,
+    topic: &str,
+    server: &str,
+    extra: &[&str],
+) -> Peer {
     let url = oslo_url();
     let mut args = vec![
         "server", "--url", &url, "--topic", topic, "--server", server,

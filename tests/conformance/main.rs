@@ -31,6 +31,8 @@ mod memory;
 mod amqp;
 #[cfg(feature = "amqp")]
 mod interop_amqp;
+#[cfg(feature = "amqp")]
+mod interop_typed;
 
 #[cfg(feature = "redis")]
 mod redis;

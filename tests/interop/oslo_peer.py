@@ -8,9 +8,9 @@ library and oslo.messaging (>= 18.2; see scripts/oslo-venv.sh).
 Subcommands
 -----------
 
-``server --url URL --topic T --server S [--exchange E]``
-    An RPC server on Target(topic=T, server=S, exchange=E) with one endpoint
-    (version 1.3, null namespace) offering:
+``server --url URL --topic T --server S [--exchange E] [--endpoint E]``
+    An RPC server on Target(topic=T, server=S, exchange=E) with one endpoint.
+    The default (``--endpoint interop``): version 1.3, null namespace, offering:
 
     ========================== ============================================
     echo(payload)              returns payload
@@ -25,11 +25,26 @@ Subcommands
                                oslo's default access policy
     ========================== ============================================
 
+    ``--endpoint calc``: namespace "calc", version 1.1 (the peer of the typed
+    services of ``#[mqrpc::service]``), offering:
+
+    ========================== ============================================
+    add(a, b)                  returns a + b
+    bump(by)                   (a cast) adds by to this server's total and
+                               prints {"event": "bump", "server": S,
+                               "by": by, "total": <new total>}
+    total()                    returns this server's total
+    whoami()                   returns S
+    subtract(**kwargs)         returns kwargs["from"] - kwargs["subtrahend"]
+                               ("from" cannot be a Python parameter name)
+    fail(message)              raises ValueError(message)
+    ========================== ============================================
+
     Prints ``{"event": "ready"}`` once the server is consuming. Stops
     gracefully (stop + wait) on SIGTERM/SIGINT or when stdin reaches EOF
     (unless --ignore-stdin), then prints ``{"event": "stopped"}`` and exits 0.
 
-``client --url URL --topic T [--exchange E]``
+``client --url URL --topic T [--exchange E] [--allow-exmod M ...]``
     Reads one JSON request per stdin line, handles them one at a time in
     order, and writes one JSON line per request to stdout::
 
@@ -41,7 +56,12 @@ Subcommands
     Every key but ``id`` and ``method`` is optional; null means "not set".
     Answers are ``{"id": 1, "ok": <result>}`` (casts: ``"ok": null``) or
     ``{"id": 1, "error": {"type", "module", "message", "mro",
-    "is_value_error"}}``. Exits 0 at EOF.
+    "is_value_error", "exc_type", "value", "version", "method"}}``; the last
+    four are the attributes of that name (RemoteError's exc_type and value,
+    UnsupportedVersion's version and method), null when absent. Each
+    ``--allow-exmod`` adds a module to the transport's allowed_remote_exmods:
+    oslo rebuilds remote exceptions of those modules as their own class
+    instead of a RemoteError. Exits 0 at EOF.
 
 stdout carries only these JSON lines; logging goes to stderr at WARNING.
 """
@@ -86,9 +106,11 @@ def _json_default(value):
     return repr(value)
 
 
-def make_transport(url, compression=None, transient_quorum=False):
+def make_transport(url, compression=None, transient_quorum=False,
+                   allowed_remote_exmods=None):
     cfg.CONF([], project="mqrpc-interop")
-    transport = oslo_messaging.get_rpc_transport(cfg.CONF, url=url)
+    transport = oslo_messaging.get_rpc_transport(
+        cfg.CONF, url=url, allowed_remote_exmods=allowed_remote_exmods)
     if transient_quorum:
         # Read when the driver's connections are made, as kombu_compression below.
         cfg.CONF.set_override("rabbit_transient_quorum_queue", True,
@@ -140,14 +162,51 @@ class InteropEndpoint:
         return "private"
 
 
+class CalcEndpoint:
+    """The Python side of a typed service: namespace "calc", version 1.1."""
+
+    target = oslo_messaging.Target(namespace="calc", version="1.1")
+
+    def __init__(self, server_name):
+        self.server_name = server_name
+        self._lock = threading.Lock()
+        self._total = 0
+
+    def add(self, ctxt, a, b):
+        return a + b
+
+    def bump(self, ctxt, by):
+        with self._lock:
+            self._total += by
+            total = self._total
+        emit({"event": "bump", "server": self.server_name, "by": by,
+              "total": total})
+
+    def total(self, ctxt):
+        with self._lock:
+            return self._total
+
+    def whoami(self, ctxt):
+        return self.server_name
+
+    def subtract(self, ctxt, **kwargs):
+        return kwargs["from"] - kwargs["subtrahend"]
+
+    def fail(self, ctxt, message):
+        raise ValueError(message)
+
+
+_ENDPOINTS = {"interop": InteropEndpoint, "calc": CalcEndpoint}
+
+
 def run_server(args):
     transport = make_transport(args.url, args.compression,
                                args.transient_quorum)
     target = oslo_messaging.Target(topic=args.topic, server=args.server,
                                    exchange=args.exchange or None)
+    endpoint = _ENDPOINTS[args.endpoint](args.server)
     server = oslo_messaging.get_rpc_server(
-        transport, target, [InteropEndpoint(args.server)],
-        executor="threading")
+        transport, target, [endpoint], executor="threading")
 
     stop = threading.Event()
 
@@ -199,6 +258,10 @@ def error_dict(exc):
         "message": str(exc),
         "mro": [c.__name__ for c in cls.__mro__],
         "is_value_error": isinstance(exc, ValueError),
+        "exc_type": getattr(exc, "exc_type", None),
+        "value": getattr(exc, "value", None),
+        "version": getattr(exc, "version", None),
+        "method": getattr(exc, "method", None),
     }
 
 
@@ -218,7 +281,7 @@ def handle_request(transport, args, req):
 
 def run_client(args):
     transport = make_transport(args.url, args.compression,
-                               args.transient_quorum)
+                               args.transient_quorum, args.allow_exmod)
     try:
         for line in sys.stdin:
             line = line.strip()
@@ -264,6 +327,9 @@ def parse_args(argv):
                      help="kombu_compression for what it sends (gzip, bzip2)")
     srv.add_argument("--transient-quorum", action="store_true",
                      help="rabbit_transient_quorum_queue = true")
+    srv.add_argument("--endpoint", choices=sorted(_ENDPOINTS),
+                     default="interop",
+                     help="the endpoint to serve (default: interop)")
     srv.add_argument("--ignore-stdin", action="store_true",
                      help="do not stop at stdin EOF (stop on SIGTERM/SIGINT only)")
 
@@ -275,6 +341,9 @@ def parse_args(argv):
                      help="kombu_compression for what it sends (gzip, bzip2)")
     cli.add_argument("--transient-quorum", action="store_true",
                      help="rabbit_transient_quorum_queue = true")
+    cli.add_argument("--allow-exmod", action="append", default=[],
+                     help="a module whose remote exceptions oslo rebuilds "
+                          "(allowed_remote_exmods); repeatable")
 
     return parser.parse_args(argv)
 
