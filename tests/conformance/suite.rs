@@ -20,6 +20,8 @@ use crate::service::{self, Recorder, ServiceError};
 
 mod hardening;
 pub use hardening::*;
+mod typed_service;
+pub use typed_service::*;
 
 type ConnectFuture = Pin<Box<dyn Future<Output = Arc<dyn Transport>> + Send>>;
 
@@ -1464,6 +1466,14 @@ macro_rules! conformance_suite {
             multicall_stream_stops_at_the_callers_deadline,
             grace_period_end_fails_unfinished_calls_at_once,
             long_and_non_ascii_topics_are_served,
+            typed_service_call_returns_typed_results,
+            typed_service_cast_runs_on_the_server,
+            typed_service_stream_yields_items_in_order_then_ends,
+            typed_service_error_decodes_to_the_method_type,
+            typed_service_version_is_refused_by_older_servers,
+            typed_service_directed_call_reaches_only_its_server,
+            typed_service_fanout_cast_reaches_every_server_once,
+            typed_service_speaks_the_hand_written_wire,
         );
     };
     (@cases $backend:path; $($case:ident),* $(,)?) => {
