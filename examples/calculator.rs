@@ -1,9 +1,12 @@
-//! A calculator service and its client in one process, on the in-process bus:
-//! `call`, `multicall`, `cast`, a fanout cast to two servers, a call directed at one
-//! server, a typed remote error and a version mismatch.
+//! A calculator service and its client in one process, on the in-process bus. The
+//! interface is declared once, as a trait with `#[mqrpc::service]`: the servers
+//! implement it and the client calls it through the generated `CalculatorClient`.
+//! It shows `call`, `multicall` (a stream), `cast`, a fanout cast to two servers, a
+//! call directed at one server, a typed remote error, and versions: a method added in
+//! 1.1 refused by a server still at 1.0, and a request for 2.0 refused by all.
 //!
 //! Run with `cargo run --example calculator` (add `RUST_LOG=debug` to see the
-//! library's logs). Swap `memory://` for a broker URL once its backend exists.
+//! library's logs). `examples/typed_service.rs` is the short version, on any backend.
 
 use std::fmt;
 use std::future::Future;
@@ -11,36 +14,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::StreamExt;
-use mqrpc::{
-    Client, Context, Endpoint, Error, NoArgs, RemoteError, Server, Target, Transport, Version,
-};
+use futures::{Stream, StreamExt};
+use mqrpc::{Context, Endpoint, Error, Server, Target, Transport, Version};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 const TOPIC: &str = "calculator";
-/// The interface version both servers implement.
-const IMPLEMENTED: Version = Version::new(1, 1);
 /// How long the client waits for a cast's effect before giving up.
 const SETTLE: Duration = Duration::from_secs(5);
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
-/// Keyword arguments of `add` and `divide`, shared by both sides.
-#[derive(Debug, Serialize, Deserialize)]
-struct Pair {
-    a: i64,
-    b: i64,
-}
-
-/// Keyword arguments of `count`.
-#[derive(Debug, Serialize, Deserialize)]
-struct Count {
-    n: u64,
-}
-
-/// The calculator's own error; it travels in the failure's `kwargs["error"]` and
-/// the client decodes it back into this enum.
+/// The calculator's own error: it travels in the failure's `kwargs["error"]` and the
+/// client decodes it back into this enum with `Error::decode_remote`.
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 enum CalcError {
     DivideByZero,
@@ -56,6 +42,34 @@ impl fmt::Display for CalcError {
     }
 }
 
+/// The calculator interface, version 1.1. A method without `since` is 1.0's, and its
+/// client asks servers for 1.0; `power` came with 1.1, so its client asks for 1.1.
+#[mqrpc::service(version = "1.1")]
+trait Calculator {
+    /// `a + b`.
+    async fn add(&self, ctx: &Context, a: i64, b: i64) -> Result<i64, CalcError>;
+    /// `a / b`, rounded towards zero.
+    async fn divide(&self, ctx: &Context, a: i64, b: i64) -> Result<i64, CalcError>;
+    /// `base` to the power `exp`.
+    #[mqrpc(since = "1.1")]
+    async fn power(&self, ctx: &Context, base: i64, exp: u32) -> Result<i64, CalcError>;
+    /// `0, 1, ..., n - 1`, one reply each.
+    #[mqrpc(stream)]
+    fn count(&self, ctx: &Context, n: u64) -> impl Stream<Item = u64>;
+    /// Counts a bump in the state every server shares; nobody waits for it.
+    #[mqrpc(cast)]
+    async fn bump(&self, ctx: &Context);
+    /// The bumps counted by all servers.
+    async fn bumps(&self, ctx: &Context) -> u64;
+    /// Counts a ping on the server that receives it (sent as a fanout cast).
+    #[mqrpc(cast)]
+    async fn ping(&self, ctx: &Context);
+    /// The pings this server received.
+    async fn pings(&self, ctx: &Context) -> u64;
+    /// This server's name.
+    async fn whoami(&self, ctx: &Context) -> String;
+}
+
 /// State every server shares, as a database behind a service would be.
 #[derive(Default)]
 struct Shared {
@@ -64,61 +78,55 @@ struct Shared {
     changed: Notify,
 }
 
-/// State of one server process.
-struct Local {
+/// One server: its own state, and the shared state. Methods borrow it through `&self`;
+/// the macro keeps the `Arc` around it.
+struct Calc {
     name: String,
     pings: AtomicU64,
+    shared: Arc<Shared>,
 }
 
-/// The calculator interface, served by every server of the topic.
-fn calculator(shared: Arc<Shared>, local: Arc<Local>) -> Endpoint {
-    let bump_state = shared.clone();
-    let bumps_state = shared.clone();
-    let ping_shared = shared;
-    let ping_local = local.clone();
-    let pings_local = local.clone();
-    Endpoint::new()
-        .version(IMPLEMENTED)
-        .method("add", |_ctx: Context, args: Pair| async move {
-            args.a.checked_add(args.b).ok_or(CalcError::Overflow)
-        })
-        .method("divide", |_ctx: Context, args: Pair| async move {
-            if args.b == 0 {
-                return Err(CalcError::DivideByZero);
-            }
-            args.a.checked_div(args.b).ok_or(CalcError::Overflow)
-        })
-        .stream_method("count", |_ctx: Context, args: Count| {
-            futures::stream::iter((0..args.n).map(Ok::<_, RemoteError>))
-        })
-        .method("bump", move |_ctx: Context, _args: NoArgs| {
-            let shared = bump_state.clone();
-            async move {
-                let bumps = shared.bumps.fetch_add(1, Ordering::SeqCst) + 1;
-                shared.changed.notify_waiters();
-                Ok::<_, RemoteError>(bumps)
-            }
-        })
-        .method("bumps", move |_ctx: Context, _args: NoArgs| {
-            let shared = bumps_state.clone();
-            async move { Ok::<_, RemoteError>(shared.bumps.load(Ordering::SeqCst)) }
-        })
-        .method("ping", move |_ctx: Context, _args: NoArgs| {
-            let (shared, local) = (ping_shared.clone(), ping_local.clone());
-            async move {
-                let pings = local.pings.fetch_add(1, Ordering::SeqCst) + 1;
-                shared.changed.notify_waiters();
-                Ok::<_, RemoteError>(pings)
-            }
-        })
-        .method("pings", move |_ctx: Context, _args: NoArgs| {
-            let local = pings_local.clone();
-            async move { Ok::<_, RemoteError>(local.pings.load(Ordering::SeqCst)) }
-        })
-        .method("whoami", move |_ctx: Context, _args: NoArgs| {
-            let local = local.clone();
-            async move { Ok::<_, RemoteError>(local.name.clone()) }
-        })
+impl Calculator for Calc {
+    async fn add(&self, _ctx: &Context, a: i64, b: i64) -> Result<i64, CalcError> {
+        a.checked_add(b).ok_or(CalcError::Overflow)
+    }
+
+    async fn divide(&self, _ctx: &Context, a: i64, b: i64) -> Result<i64, CalcError> {
+        if b == 0 {
+            return Err(CalcError::DivideByZero);
+        }
+        a.checked_div(b).ok_or(CalcError::Overflow)
+    }
+
+    async fn power(&self, _ctx: &Context, base: i64, exp: u32) -> Result<i64, CalcError> {
+        base.checked_pow(exp).ok_or(CalcError::Overflow)
+    }
+
+    fn count(&self, _ctx: &Context, n: u64) -> impl Stream<Item = u64> {
+        futures::stream::iter(0..n)
+    }
+
+    async fn bump(&self, _ctx: &Context) {
+        self.shared.bumps.fetch_add(1, Ordering::SeqCst);
+        self.shared.changed.notify_waiters();
+    }
+
+    async fn bumps(&self, _ctx: &Context) -> u64 {
+        self.shared.bumps.load(Ordering::SeqCst)
+    }
+
+    async fn ping(&self, _ctx: &Context) {
+        self.pings.fetch_add(1, Ordering::SeqCst);
+        self.shared.changed.notify_waiters();
+    }
+
+    async fn pings(&self, _ctx: &Context) -> u64 {
+        self.pings.load(Ordering::SeqCst)
+    }
+
+    async fn whoami(&self, _ctx: &Context) -> String {
+        self.name.clone()
+    }
 }
 
 async fn start_server(
@@ -126,14 +134,33 @@ async fn start_server(
     shared: Arc<Shared>,
     name: &str,
 ) -> BoxResult<Server> {
-    let local = Arc::new(Local {
+    let calc = Calc {
         name: name.to_owned(),
         pings: AtomicU64::new(0),
-    });
+        shared,
+    };
     Ok(Server::builder(transport, Target::new(TOPIC).server(name))
-        .endpoint(calculator(shared, local))
+        .endpoint(Calculator::endpoint(Arc::new(calc)))
         .start()
         .await?)
+}
+
+/// Keyword arguments of the old server's `add`.
+#[derive(Deserialize)]
+struct Pair {
+    a: i64,
+    b: i64,
+}
+
+/// A server not yet upgraded: interface 1.0, so no `power`. It is written with the
+/// layer under the macro, a hand-written `Endpoint`; the typed client talks to it all
+/// the same, since both send the same requests.
+fn calculator_1_0() -> Endpoint {
+    Endpoint::new()
+        .version(Version::new(1, 0))
+        .method("add", |_ctx: Context, args: Pair| async move {
+            args.a.checked_add(args.b).ok_or(CalcError::Overflow)
+        })
 }
 
 /// Waits until `done` (which asks the servers over RPC) holds, waking on `changed`
@@ -171,95 +198,93 @@ async fn main() -> BoxResult<()> {
     let server_a = start_server(transport.clone(), shared.clone(), "server-a").await?;
     let server_b = start_server(transport.clone(), shared.clone(), "server-b").await?;
 
-    let client = Client::new(transport, Target::new(TOPIC)).timeout(Duration::from_secs(5));
+    let client = CalculatorClient::new(transport.clone(), Target::new(TOPIC))
+        .timeout(Duration::from_secs(5));
     let ctx = Context::new().with("request_id", "req-calculator-1");
 
     // call: one server of the topic answers.
-    let sum: i64 = client.call(&ctx, "add", Pair { a: 2, b: 3 }).await?;
-    println!("call add(2, 3) = {sum}");
+    println!("call add(2, 3) = {}", client.add(&ctx, 2, 3).await?);
 
     // multicall: one reply per streamed item, then the end of the stream.
-    let items: Vec<mqrpc::Result<u64>> = client
-        .multicall(&ctx, "count", Count { n: 5 })
-        .await?
-        .collect()
-        .await;
+    let items: Vec<mqrpc::Result<u64>> = client.count(&ctx, 5).await?.collect().await;
     let items = items.into_iter().collect::<mqrpc::Result<Vec<u64>>>()?;
     println!("multicall count(5) = {items:?}");
 
     // cast: fire and forget; the effect is visible once a server handled it.
     const BUMPS: u64 = 3;
     for _ in 0..BUMPS {
-        client.cast(&ctx, "bump", NoArgs {}).await?;
+        client.bump(&ctx).await?;
     }
     wait_until(&shared.changed, || {
         let (client, ctx) = (&client, &ctx);
-        async move {
-            let bumps: u64 = client.call(ctx, "bumps", NoArgs {}).await?;
-            Ok(bumps >= BUMPS)
-        }
+        async move { Ok(client.bumps(ctx).await? >= BUMPS) }
     })
     .await?;
-    let bumps: u64 = client.call(&ctx, "bumps", NoArgs {}).await?;
-    println!("cast bump x{BUMPS}, then call bumps() = {bumps}");
+    println!(
+        "cast bump() x{BUMPS}, then call bumps() = {}",
+        client.bumps(&ctx).await?
+    );
 
     // fanout cast: every server of the topic gets a copy.
-    client
-        .prepare()
-        .fanout(true)
-        .cast(&ctx, "ping", NoArgs {})
-        .await?;
+    client.prepare().fanout(true).ping(&ctx).await?;
     let pings_of = |server: &'static str| {
         let (client, ctx) = (&client, &ctx);
-        async move {
-            client
-                .prepare()
-                .server(server)
-                .call::<_, u64>(ctx, "pings", NoArgs {})
-                .await
-        }
+        async move { client.prepare().server(server).pings(ctx).await }
     };
     wait_until(&shared.changed, || async {
         Ok(pings_of("server-a").await? >= 1 && pings_of("server-b").await? >= 1)
     })
     .await?;
     println!(
-        "fanout cast ping: server-a counted {}, server-b counted {}",
+        "fanout cast ping(): server-a counted {}, server-b counted {}",
         pings_of("server-a").await?,
         pings_of("server-b").await?
     );
 
     // directed call: only the named server's own queue gets it.
-    let name: String = client
-        .prepare()
-        .server("server-b")
-        .call(&ctx, "whoami", NoArgs {})
-        .await?;
+    let name = client.prepare().server("server-b").whoami(&ctx).await?;
     println!("directed call whoami() on server-b = {name}");
 
-    // remote error: the handler's error enum comes back as the same enum.
-    match client
-        .call::<_, i64>(&ctx, "divide", Pair { a: 1, b: 0 })
-        .await
-    {
+    // typed error: the handler's error enum comes back as the same enum.
+    match client.divide(&ctx, 1, 0).await {
         Ok(quotient) => return Err(format!("divide(1, 0) returned {quotient}").into()),
-        Err(err) => match err.as_remote().and_then(|r| r.decode::<CalcError>()) {
+        Err(err) => match err.decode_remote::<CalcError>() {
             Some(calc) => println!("call divide(1, 0) = Err(CalcError::{calc:?}) [{err}]"),
             None => return Err(err.into()),
         },
     }
 
-    // version mismatch: the servers implement 1.1, so 1.0 and 1.1 work and 2.0 does not.
-    let sum: i64 = client
-        .prepare()
-        .version(Version::new(1, 0))
-        .call(&ctx, "add", Pair { a: 1, b: 1 })
+    // versions: `power` asks for 1.1, which the 1.1 servers serve.
+    println!(
+        "call power(2, 10) at 1.1 = {}",
+        client.power(&ctx, 2, 10).await?
+    );
+
+    // A server still at 1.0 joins the topic, as in a rolling upgrade. It serves 1.0's
+    // `add`, but refuses `power`, whose request asks for 1.1.
+    let server_old = Server::builder(transport, Target::new(TOPIC).server("server-old"))
+        .endpoint(calculator_1_0())
+        .start()
         .await?;
-    println!("call add(1, 1) at version 1.0 = {sum}");
+    let old = client.prepare().server("server-old");
+    println!(
+        "directed call add(1, 1) on server-old (1.0) = {}",
+        old.add(&ctx, 1, 1).await?
+    );
+    match old.power(&ctx, 2, 10).await {
+        Err(Error::UnsupportedVersion { version, method }) => {
+            println!(
+                "directed call {method}(2, 10) on server-old asks for {version} = Err(UnsupportedVersion)"
+            );
+        }
+        other => return Err(format!("expected UnsupportedVersion, got {other:?}").into()),
+    }
+
+    // `version` overrides what every request asks for: no 1.x server serves 2.0.
     match client
         .prepare()
         .version(Version::new(2, 0))
-        .call::<_, i64>(&ctx, "add", Pair { a: 1, b: 1 })
+        .add(&ctx, 1, 1)
         .await
     {
         Err(Error::UnsupportedVersion { version, method }) => {
@@ -268,6 +293,7 @@ async fn main() -> BoxResult<()> {
         other => return Err(format!("expected UnsupportedVersion, got {other:?}").into()),
     }
 
+    server_old.shutdown().await?;
     server_a.shutdown().await?;
     server_b.shutdown().await?;
     println!("servers shut down");

@@ -30,14 +30,14 @@
 //! # Ok(()) }
 //! ```
 //!
-//! `examples/calculator.rs` in the repository shows the rest (`cargo run --example
-//! calculator`): multicall, casts, a fanout, a directed call, a typed error decoded on
-//! the caller's side, versions.
-//!
 //! # Typed services
 //! [`service`] (feature `macros`, on by default) declares an interface once as a
 //! trait and generates a typed client and the server's [`Endpoint`]; the hand-written
 //! `Endpoint` and [`Client`] above are the layer it builds on.
+//!
+//! `examples/calculator.rs` in the repository shows the rest with a typed service
+//! (`cargo run --example calculator`): multicall, casts, a fanout, a directed call, a
+//! typed error decoded on the caller's side, versions.
 //!
 //! # Features
 //! One Cargo feature per backend: `memory` (default), `amqp`, `redis`, `nats`, and
@@ -104,6 +104,11 @@ pub mod __private {
     /// Checks an error type where the trait names it.
     pub fn error<T: Failure>() {}
 }
+
+// README.md's Rust code blocks run as doc tests, so its Quick start cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
 
 /// For backend authors: the traits a transport implements to move bytes and acks
 /// (`rpc_core::transport`), the byte budget consumers honour, the URL option reader and
