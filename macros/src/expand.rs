@@ -219,48 +219,20 @@ fn client(service: &Service) -> TokenStream {
             }
         }
     };
+    let text = quote!(impl ::core::convert::Into<::std::string::String>);
+    let duration = quote!(::core::option::Option<::core::time::Duration>);
     let setters = [
-        setter(
-            "server",
-            quote!(impl ::core::convert::Into<::std::string::String>),
-            "Sends to one named server of the topic (`Client::server`).",
-        ),
-        setter(
-            "fanout",
-            quote!(bool),
-            "Sends casts to every server of the topic (`Client::fanout`); calls refuse a fanout target.",
-        ),
-        setter(
-            "topic",
-            quote!(impl ::core::convert::Into<::std::string::String>),
-            "Sets the topic (`Client::topic`).",
-        ),
-        setter(
-            "exchange",
-            quote!(impl ::core::convert::Into<::std::string::String>),
-            "Sets the exchange (`Client::exchange`).",
-        ),
-        setter(
-            "version",
-            quote!(#krate::Version),
-            "Asks for this version in every request, instead of the version that added each method (`Client::version`).",
-        ),
-        setter(
-            "timeout",
-            quote!(::core::time::Duration),
-            "Sets the overall deadline of a call, and of a cast's publish (`Client::timeout`).",
-        ),
-        setter(
-            "call_monitor",
-            quote!(::core::option::Option<::core::time::Duration>),
-            "Asks the server for heartbeats (`Client::call_monitor`).",
-        ),
-        setter(
-            "retry",
-            quote!(::core::option::Option<#krate::RetryPolicy>),
-            "Retries calls after a timeout or a transport error (`Client::retry`); for idempotent methods only.",
-        ),
-    ];
+        ("server", text.clone(), "Sends to one named server of the topic (`Client::server`)."),
+        ("fanout", quote!(bool), "Sends casts to every server of the topic (`Client::fanout`); calls refuse a fanout target."),
+        ("topic", text.clone(), "Sets the topic (`Client::topic`)."),
+        ("exchange", text, "Sets the exchange (`Client::exchange`)."),
+        ("version", quote!(#krate::Version), "Asks for this version in every request, instead of the version that added each method (`Client::version`)."),
+        ("version_cap", quote!(::core::option::Option<#krate::Version>), "Refuses, before sending, requests for versions above this cap with `Error::VersionCap` (`Client::version_cap`, oslo's `version_cap`): a method added after the cap fails without reaching a server."),
+        ("timeout", quote!(::core::time::Duration), "Sets the overall deadline of a call, and of a cast's publish (`Client::timeout`)."),
+        ("call_monitor", duration, "Asks the server for heartbeats (`Client::call_monitor`)."),
+        ("retry", quote!(::core::option::Option<#krate::RetryPolicy>), "Retries calls after a timeout or a transport error (`Client::retry`); for idempotent methods only."),
+    ]
+    .map(|(fn_name, arg, doc)| setter(fn_name, arg, doc));
     quote! {
         #[doc = #doc]
         #[derive(::core::clone::Clone, ::core::fmt::Debug)]
@@ -301,6 +273,12 @@ fn client(service: &Service) -> TokenStream {
             }
 
             #(#setters)*
+
+            /// Whether a request for `version` passes the version cap
+            /// (`Client::can_send_version`).
+            pub fn can_send_version(&self, version: #krate::Version) -> bool {
+                self.client.can_send_version(version)
+            }
 
             /// Releases the client's reply queue (`Client::close`).
             pub async fn close(&self) {

@@ -231,6 +231,8 @@ const RESERVED: &[&str] = &[
     "topic",
     "exchange",
     "version",
+    "version_cap",
+    "can_send_version",
     "timeout",
     "call_monitor",
     "retry",

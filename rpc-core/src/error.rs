@@ -74,6 +74,17 @@ pub enum Error {
         /// The method asked for.
         method: String,
     },
+    /// The request asks for a version above the client's version cap
+    /// ([`crate::Client::version_cap`]); it was not sent.
+    #[error("method {method} needs version {version}, above this client's version cap {cap}")]
+    VersionCap {
+        /// The version the request would have asked for.
+        version: String,
+        /// The client's cap.
+        cap: String,
+        /// The method asked for.
+        method: String,
+    },
     /// The target cannot be used for this operation (no topic, `call` on a fanout, ...).
     #[error("invalid target: {0}")]
     InvalidTarget(String),
@@ -194,7 +205,9 @@ impl Error {
         match self {
             Error::Timeout { .. } => ErrorKind::Timeout,
             Error::Remote(_) => ErrorKind::Remote,
-            Error::NoSuchMethod { .. } | Error::UnsupportedVersion { .. } => ErrorKind::NotServed,
+            Error::NoSuchMethod { .. }
+            | Error::UnsupportedVersion { .. }
+            | Error::VersionCap { .. } => ErrorKind::NotServed,
             Error::NoResponders { .. } | Error::Undeliverable { .. } => ErrorKind::NoResponders,
             Error::Authentication(_) => ErrorKind::Authentication,
             Error::Transport { kind, .. } => ErrorKind::Transport(*kind),

@@ -61,6 +61,7 @@ pub struct Client {
     timeout: Duration,
     call_monitor: Option<Duration>,
     retry: Option<RetryPolicy>,
+    version_cap: Option<Version>,
 }
 
 struct ClientShared {
@@ -108,6 +109,7 @@ impl Client {
             timeout: DEFAULT_TIMEOUT,
             call_monitor: None,
             retry: None,
+            version_cap: None,
         }
     }
 
@@ -190,6 +192,23 @@ impl Client {
         self
     }
 
+    /// Refuses, before sending, any request whose version this `cap` cannot serve
+    /// (another major, or a higher minor), with [`Error::VersionCap`]: oslo's
+    /// `version_cap`. During a rolling upgrade a client capped at the oldest
+    /// server's version never sends what some servers would refuse, and
+    /// [`Client::can_send_version`] tells it which calls to make instead. A request
+    /// that names no version asks for 1.0.
+    pub fn version_cap(mut self, cap: Option<Version>) -> Self {
+        self.version_cap = cap;
+        self
+    }
+
+    /// Whether a request for `version` passes the [`Client::version_cap`] (always,
+    /// without a cap).
+    pub fn can_send_version(&self, version: Version) -> bool {
+        self.version_cap.is_none_or(|cap| cap.serves(&version))
+    }
+
     /// The target requests go to.
     pub fn target(&self) -> &Target {
         &self.target
@@ -250,6 +269,7 @@ impl Client {
         R: DeserializeOwned,
     {
         self.check_callable()?;
+        self.check_cap(method, version)?;
         let kwargs = &encode_args(args)?;
         match &self.retry {
             None => self.call_once(ctx, method, version, kwargs).await,
@@ -374,6 +394,7 @@ impl Client {
         R: DeserializeOwned + Send + 'static,
     {
         self.check_callable()?;
+        self.check_cap(method, version)?;
         let span = tracing::debug_span!("rpc.multicall", msg_id = tracing::field::Empty,
             topic = %self.target, method);
         let pending = async {
@@ -405,6 +426,7 @@ impl Client {
         args: A,
     ) -> Result<()> {
         self.target.require_topic()?;
+        self.check_cap(method, version)?;
         let span = tracing::debug_span!("rpc.cast", topic = %self.target, method);
         async {
             let deadline = Instant::now() + self.timeout;
@@ -427,6 +449,22 @@ impl Client {
         if let Some(router) = self.shared.replies.get() {
             router.close().await;
         }
+    }
+
+    /// [`Error::VersionCap`] when the version a request would ask for is above the cap.
+    fn check_cap(&self, method: &str, version: Option<Version>) -> Result<()> {
+        let Some(cap) = self.version_cap else {
+            return Ok(());
+        };
+        let asked = self.target.version.or(version).unwrap_or_default();
+        if cap.serves(&asked) {
+            return Ok(());
+        }
+        Err(Error::VersionCap {
+            version: asked.to_string(),
+            cap: cap.to_string(),
+            method: method.to_owned(),
+        })
     }
 
     fn check_callable(&self) -> Result<()> {

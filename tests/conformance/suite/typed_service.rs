@@ -425,6 +425,19 @@ pub async fn typed_service_version_is_refused_by_older_servers(backend: Backend)
         "{err:?}"
     );
     assert_eq!(client.add(&ctx(), 1, 1).await.expect("still serving"), 2);
+    // Capped at the older server's version, the client refuses `mul` itself (oslo's
+    // `version_cap`) and still sends what the cap allows.
+    let capped = client.prepare().version_cap(Some(Version::new(1, 1)));
+    assert!(capped.can_send_version(Version::new(1, 1)));
+    assert!(!capped.can_send_version(Version::new(1, 2)));
+    let err = capped.mul(&ctx(), 4, 5).await.expect_err("above the cap");
+    assert!(
+        matches!(&err, Error::VersionCap { version, cap, method }
+            if version == "1.2" && cap == "1.1" && method == "mul"),
+        "{err:?}"
+    );
+    assert_eq!(err.kind(), mqrpc::ErrorKind::NotServed);
+    assert_eq!(capped.add(&ctx(), 2, 2).await.expect("within the cap"), 4);
     older.shutdown().await;
 
     // A server at 1.3 serves `mul`, and the older client; 2.0 is refused.
