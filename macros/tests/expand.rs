@@ -58,7 +58,9 @@ impl Words for Impl {
 }
 
 /// Keyword arguments for the untyped client.
-fn kwargs<const N: usize>(pairs: [(&'static str, &'static str); N]) -> BTreeMap<&'static str, &'static str> {
+fn kwargs<const N: usize>(
+    pairs: [(&'static str, &'static str); N],
+) -> BTreeMap<&'static str, &'static str> {
     pairs.into_iter().collect()
 }
 
@@ -77,11 +79,30 @@ async fn typed_client_calls_every_kind_of_method() {
     let (transport, server) = serve().await;
     let client = WordsApi::new(transport, Target::new("words"));
     let ctx = Context::new();
-    assert!(client.r#match(&ctx, "a".into(), "a".into()).await.expect("match"));
-    assert!(!client.r#match(&ctx, "a".into(), "b".into()).await.expect("match"));
-    assert_eq!(client.concat(&ctx, "ab".into(), "cd".into()).await.expect("join"), "abcd");
+    assert!(
+        client
+            .r#match(&ctx, "a".into(), "a".into())
+            .await
+            .expect("match")
+    );
+    assert!(
+        !client
+            .r#match(&ctx, "a".into(), "b".into())
+            .await
+            .expect("match")
+    );
+    assert_eq!(
+        client
+            .concat(&ctx, "ab".into(), "cd".into())
+            .await
+            .expect("join"),
+        "abcd"
+    );
     assert_eq!(client.ping(&ctx).await.expect("ping"), "pong");
-    assert_eq!(client.greeting(&ctx, "bob".into()).await.expect("greeting"), "hello, bob");
+    assert_eq!(
+        client.greeting(&ctx, "bob".into()).await.expect("greeting"),
+        "hello, bob"
+    );
     client.forget(&ctx, "x".into()).await.expect("cast");
     assert_eq!(WordsApi::NAMESPACE, Some("words"));
     assert_eq!(WordsApi::VERSION, mqrpc::Version::new(1, 1));
