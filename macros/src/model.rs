@@ -298,6 +298,9 @@ fn read_method(function: &TraitItemFn, service: &Options, errors: &mut Errors) -
     let sig = &function.sig;
     let mut errors_here = Errors::default();
     let options = method_options(&function.attrs, &mut errors_here);
+    // `cast` and `stream` together are already an error: checking the signature
+    // against either kind would only add a misleading second one.
+    let kinds_conflict = options.cast && options.stream;
     let kind = if options.cast {
         Kind::Cast
     } else if options.stream {
@@ -410,7 +413,7 @@ fn read_method(function: &TraitItemFn, service: &Options, errors: &mut Errors) -
     };
     let (ok, error) = match kind {
         Kind::Call | Kind::Cast => {
-            if sig.asyncness.is_none() {
+            if sig.asyncness.is_none() && !kinds_conflict {
                 errors_here.push(
                     sig.fn_token.span,
                     if kind == Kind::Cast {
