@@ -1,10 +1,10 @@
 //! What the macro writes: the trait with `Send` futures and an `endpoint` function,
 //! a typed client, and compile-time checks of every argument and result type.
 
-use proc_macro2::TokenStream;
+use proc_macro2::{Group, Span, TokenStream, TokenTree};
 use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
-use syn::{FnArg, ItemTrait, LitStr, ReturnType, TraitItem, Type, TypeParamBound};
+use syn::{FnArg, Ident, ItemTrait, LitStr, ReturnType, TraitItem, Type, TypeParamBound};
 
 use crate::model::{Kind, Method, Service, Version, is_ours};
 
@@ -12,10 +12,13 @@ pub fn expand(service: &Service, mut item: ItemTrait) -> TokenStream {
     rewrite_trait(service, &mut item);
     let client = client(service);
     let checks = checks(service);
+    // The checks come first: their errors, which say what an argument, result or
+    // error type must implement, are then reported before those the same type raises
+    // in the generated code.
     quote! {
+        #checks
         #item
         #client
-        #checks
     }
 }
 
@@ -94,10 +97,19 @@ fn endpoint_fn(service: &Service) -> TokenStream {
     let methods = service.methods.iter().map(|method| {
         let ident = &method.ident;
         let wire = &method.wire;
+        // `.method(..)` requires the result to serialize and the error to become a
+        // remote failure: a type that does not points at the method.
+        let register_fn = |name: &str| Ident::new(name, ident.span());
+        let (method_fn, stream_fn) = (register_fn("method"), register_fn("stream_method"));
+        let derive = respan(
+            quote!(#[derive(#private::serde::Deserialize)] #[serde(crate = #serde_path)]),
+            ident.span(),
+        );
         let fields = method.args.iter().map(|arg| {
             let (ident, ty, wire) = (&arg.ident, &arg.ty, &arg.wire);
-            quote!(#[serde(rename = #wire)] #ident: #ty)
+            quote_spanned!(ty.span()=> #[serde(rename = #wire)] #ident: #ty)
         });
+        let args_struct = quote_spanned!(ident.span()=> struct Args { #(#fields),* });
         let values = method.args.iter().map(|arg| {
             let ident = &arg.ident;
             quote!(args.#ident)
@@ -111,7 +123,7 @@ fn endpoint_fn(service: &Service) -> TokenStream {
                     quote!(::core::result::Result::<_, #krate::RemoteError>::Ok(item))
                 };
                 quote! {
-                    endpoint.stream_method(#wire, move |ctx: #krate::Context, args: Args| {
+                    endpoint.#stream_fn(#wire, move |ctx: #krate::Context, args: Args| {
                         let this = ::std::sync::Arc::clone(&this);
                         #private::async_stream::stream! {
                             let items = #invoke;
@@ -126,13 +138,13 @@ fn endpoint_fn(service: &Service) -> TokenStream {
                 }
             }
             (_, Some(_)) => quote! {
-                endpoint.method(#wire, move |ctx: #krate::Context, args: Args| {
+                endpoint.#method_fn(#wire, move |ctx: #krate::Context, args: Args| {
                     let this = ::std::sync::Arc::clone(&this);
                     async move { #invoke.await }
                 })
             },
             (_, None) => quote! {
-                endpoint.method(#wire, move |ctx: #krate::Context, args: Args| {
+                endpoint.#method_fn(#wire, move |ctx: #krate::Context, args: Args| {
                     let this = ::std::sync::Arc::clone(&this);
                     async move {
                         ::core::result::Result::<_, #krate::RemoteError>::Ok(#invoke.await)
@@ -142,9 +154,8 @@ fn endpoint_fn(service: &Service) -> TokenStream {
         };
         quote! {
             let endpoint = {
-                #[derive(#private::serde::Deserialize)]
-                #[serde(crate = #serde_path)]
-                struct Args { #(#fields),* }
+                #derive
+                #args_struct
                 let this = ::std::sync::Arc::clone(&this);
                 #register
             };
@@ -307,14 +318,23 @@ fn client_method(
     });
     let fields = method.args.iter().map(|arg| {
         let (ident, ty, wire) = (&arg.ident, &arg.ty, &arg.wire);
-        quote!(#[serde(rename = #wire)] #ident: #ty)
+        quote_spanned!(ty.span()=> #[serde(rename = #wire)] #ident: #ty)
     });
     let names = method.args.iter().map(|arg| &arg.ident);
     let ok = &method.ok;
+    let derive = respan(
+        quote!(#[derive(#private::serde::Serialize)] #[serde(crate = #serde_path)]),
+        ident.span(),
+    );
+    let args_struct = quote_spanned!(ident.span()=> struct Args { #(#fields),* });
+    // `call_at` and `multicall_at` require the result to deserialize: a type that
+    // does not points at the result type.
+    let ok_span = ok.span();
+    let call_at = Ident::new("call_at", ok_span);
+    let multicall_at = Ident::new("multicall_at", ok_span);
     let args = quote! {
-        #[derive(#private::serde::Serialize)]
-        #[serde(crate = #serde_path)]
-        struct Args { #(#fields),* }
+        #derive
+        #args_struct
         let args = Args { #(#names),* };
     };
     let version = quote!(::core::option::Option::Some(#since));
@@ -323,7 +343,7 @@ fn client_method(
             #(#docs)*
             pub async fn #ident(&self, ctx: &#krate::Context, #(#params),*) -> #krate::Result<#ok> {
                 #args
-                self.client.call_at(ctx, #wire, #version, args).await
+                self.client.#call_at(ctx, #wire, #version, args).await
             }
         },
         Kind::Cast => quote! {
@@ -341,7 +361,7 @@ fn client_method(
                 #(#params),*
             ) -> #krate::Result<#krate::ReplyStream<#ok>> {
                 #args
-                self.client.multicall_at(ctx, #wire, #version, args).await
+                self.client.#multicall_at(ctx, #wire, #version, args).await
             }
         },
     }
@@ -372,6 +392,26 @@ fn checks(service: &Service) -> TokenStream {
             #(#checks)*
         };
     }
+}
+
+/// `tokens` with every span set to `span`. The code serde's derives and mqrpc's
+/// generic functions generate for a method is spanned at the method's own tokens, so
+/// that a type error they raise points at the offending method, not at the
+/// `#[mqrpc::service]` line.
+fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+    tokens
+        .into_iter()
+        .map(|mut tree| {
+            if let TokenTree::Group(group) = &tree {
+                let mut respanned = Group::new(group.delimiter(), respan(group.stream(), span));
+                respanned.set_span(span);
+                tree = TokenTree::Group(respanned);
+            } else {
+                tree.set_span(span);
+            }
+            tree
+        })
+        .collect()
 }
 
 fn is_unit(ty: &Type) -> bool {

@@ -4,7 +4,6 @@
 
 use proc_macro2::Span;
 use syn::parse::Parser;
-use syn::spanned::Spanned;
 use syn::{
     Attribute, FnArg, GenericArgument, Ident, ItemTrait, LitStr, Pat, Path, PathArguments,
     ReturnType, TraitItem, TraitItemFn, Type, TypeParamBound, Visibility,
@@ -154,6 +153,12 @@ impl Errors {
         self.add(syn::Error::new(span, message));
     }
 
+    /// An error underlining all of `tokens`, not just their first token: without
+    /// nightly, a proc macro's `Span::join` gives only the first token's span.
+    pub fn push_spanned(&mut self, tokens: impl quote::ToTokens, message: impl std::fmt::Display) {
+        self.add(syn::Error::new_spanned(tokens, message));
+    }
+
     pub fn add(&mut self, error: syn::Error) {
         match &mut self.0 {
             Some(all) => all.combine(error),
@@ -172,8 +177,8 @@ impl Service {
     pub fn read(options: Options, item: &ItemTrait) -> syn::Result<Self> {
         let mut errors = Errors::default();
         if !item.generics.params.is_empty() || item.generics.where_clause.is_some() {
-            errors.push(
-                item.generics.span(),
+            errors.push_spanned(
+                &item.generics,
                 "a service trait cannot be generic: its client and endpoint need concrete types",
             );
         }
@@ -191,8 +196,8 @@ impl Service {
                         methods.push(method);
                     }
                 }
-                other => errors.push(
-                    other.span(),
+                other => errors.push_spanned(
+                    other,
                     "a service trait holds methods only (each one an RPC method)",
                 ),
             }
@@ -280,11 +285,9 @@ fn method_options(attrs: &[Attribute], errors: &mut Errors) -> MethodOptions {
         }
     }
     if options.cast && options.stream {
-        errors.push(
-            attrs
-                .iter()
-                .find(|a| is_ours(a))
-                .map_or_else(Span::call_site, Spanned::span),
+        let ours = attrs.iter().filter(|a| is_ours(a));
+        errors.push_spanned(
+            quote::quote!(#(#ours)*),
             "a method is either `cast` or `stream`, not both",
         );
     }
@@ -315,6 +318,9 @@ fn read_method(function: &TraitItemFn, service: &Options, errors: &mut Errors) -
     let sig = &function.sig;
     let mut errors_here = Errors::default();
     let options = method_options(&function.attrs, &mut errors_here);
+    // `cast` and `stream` together are already an error: checking the signature
+    // against either kind would only add a misleading second one.
+    let kinds_conflict = options.cast && options.stream;
     let kind = if options.cast {
         Kind::Cast
     } else if options.stream {
@@ -324,8 +330,8 @@ fn read_method(function: &TraitItemFn, service: &Options, errors: &mut Errors) -
     };
 
     if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
-        errors_here.push(
-            sig.generics.span(),
+        errors_here.push_spanned(
+            &sig.generics,
             "a service method cannot be generic: its arguments and result travel as JSON, \
              so each needs one concrete type",
         );
@@ -337,37 +343,46 @@ fn read_method(function: &TraitItemFn, service: &Options, errors: &mut Errors) -
         errors_here.push(token.span, "a service method cannot be `unsafe`");
     }
     if let Some(abi) = &sig.abi {
-        errors_here.push(abi.span(), "a service method cannot name an ABI");
+        errors_here.push_spanned(abi, "a service method cannot name an ABI");
     }
     if let Some(variadic) = &sig.variadic {
-        errors_here.push(variadic.span(), "a service method cannot be variadic");
+        errors_here.push_spanned(variadic, "a service method cannot be variadic");
     }
 
     let mut inputs = sig.inputs.iter();
     match inputs.next() {
         Some(FnArg::Receiver(receiver)) => {
             if receiver.reference.is_none() || receiver.colon_token.is_some() {
-                errors_here.push(
-                    receiver.span(),
+                errors_here.push_spanned(
+                    receiver,
                     "a service method takes `&self`: calls run concurrently on one shared service",
                 );
             } else if receiver.mutability.is_some() {
-                errors_here.push(
-                    receiver.span(),
+                errors_here.push_spanned(
+                    receiver,
                     "a service method takes `&self`, not `&mut self`: calls run concurrently, \
                      so state they change needs interior mutability (a Mutex, an atomic)",
                 );
             }
         }
-        _ => errors_here.push(
-            sig.ident.span(),
+        Some(first) => errors_here.push_spanned(
+            first,
+            "a service method takes `&self` first, then `ctx: &Context`",
+        ),
+        None => errors_here.push(
+            sig.paren_token.span.join(),
             "a service method takes `&self` first, then `ctx: &Context`",
         ),
     }
     match inputs.next() {
         Some(FnArg::Typed(ctx)) if is_context_ref(&ctx.ty) => {}
-        other => errors_here.push(
-            other.map_or_else(|| sig.paren_token.span.join(), Spanned::span),
+        Some(other) => errors_here.push_spanned(
+            other,
+            "a service method takes the request context after `&self`: `ctx: &Context` \
+             (its own arguments follow)",
+        ),
+        None => errors_here.push(
+            sig.paren_token.span.join(),
             "a service method takes the request context after `&self`: `ctx: &Context`",
         ),
     }
@@ -378,21 +393,21 @@ fn read_method(function: &TraitItemFn, service: &Options, errors: &mut Errors) -
         let ident = match &*typed.pat {
             Pat::Ident(pat) if pat.by_ref.is_none() && pat.subpat.is_none() => pat.ident.clone(),
             other => {
-                errors_here.push(
-                    other.span(),
+                errors_here.push_spanned(
+                    other,
                     "an argument needs a plain name: it is the keyword argument on the wire",
                 );
                 continue;
             }
         };
         match &*typed.ty {
-            Type::Reference(reference) => errors_here.push(
-                reference.span(),
+            Type::Reference(reference) => errors_here.push_spanned(
+                reference,
                 "an argument is an owned value decoded from the request: \
                  use `String` for `&str`, `Vec<T>` for `&[T]`",
             ),
-            Type::ImplTrait(bound) => errors_here.push(
-                bound.span(),
+            Type::ImplTrait(bound) => errors_here.push_spanned(
+                bound,
                 "a service method cannot be generic: its arguments travel as JSON, \
                  so each needs one concrete type",
             ),
@@ -418,7 +433,7 @@ fn read_method(function: &TraitItemFn, service: &Options, errors: &mut Errors) -
     };
     let (ok, error) = match kind {
         Kind::Call | Kind::Cast => {
-            if sig.asyncness.is_none() {
+            if sig.asyncness.is_none() && !kinds_conflict {
                 errors_here.push(
                     sig.fn_token.span,
                     if kind == Kind::Cast {
@@ -442,8 +457,8 @@ fn read_method(function: &TraitItemFn, service: &Options, errors: &mut Errors) -
             match stream_item(&output) {
                 Some(item) => split_result(&item),
                 None => {
-                    errors_here.push(
-                        output.span(),
+                    errors_here.push_spanned(
+                        &output,
                         "a `#[mqrpc(stream)]` method returns `impl Stream<Item = Result<T, E>>` \
                          (or `impl Stream<Item = T>`)",
                     );

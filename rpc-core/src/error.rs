@@ -565,6 +565,10 @@ impl std::error::Error for RemoteError {}
 ///
 /// Implemented for [`RemoteError`] itself (sent as it is) and for every type that is
 /// `Serialize + Display` (sent with [`RemoteError::from_typed`]).
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be sent back as a remote failure",
+    label = "a handler's error must implement serde's `Serialize` and `Display`, or be a `RemoteError`"
+)]
 pub trait IntoRemoteError {
     /// The failure to send.
     fn into_remote_error(self) -> RemoteError;

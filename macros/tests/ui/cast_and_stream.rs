@@ -1,0 +1,11 @@
+use futures::Stream;
+use mqrpc::Context;
+
+#[mqrpc::service]
+trait Counter {
+    #[mqrpc(cast)]
+    #[mqrpc(stream)]
+    fn count(&self, ctx: &Context, n: u32) -> impl Stream<Item = u32>;
+}
+
+fn main() {}

@@ -1,0 +1,6 @@
+#[mqrpc::service]
+trait Calc {
+    async fn ping(&self) -> u64;
+}
+
+fn main() {}
