@@ -54,10 +54,10 @@ pub use rpc_core::{
     AckMode, AuthFailure, Backoff, BoxError, Client, CodecError, Context, DEFAULT_CONCURRENCY,
     DEFAULT_DUPLICATE_WINDOW, DEFAULT_EXCHANGE, DEFAULT_FRESHNESS, DEFAULT_GRACE_PERIOD,
     DEFAULT_MAX_DUPLICATE_IDS, DEFAULT_MAX_PENDING_BYTES, DEFAULT_TIMEOUT, Endpoint, Error,
-    ErrorKind, IntoRemoteError, Jitter, MAX_TIMEOUT, MIN_CALL_MONITOR, MIN_KEY_LEN, MessageAuth,
-    NoArgs, ParseVersionError, Rejections, RemoteError, ReplyStream, Result, Retry, RetryPolicy,
-    Server, ServerBuilder, Target, TimeoutKind, TlsFiles, TlsPem, Transport, TransportErrorKind,
-    Version,
+    ErrorKind, Health, HealthProbe, HealthState, IntoRemoteError, Jitter, MAX_TIMEOUT,
+    MIN_CALL_MONITOR, MIN_KEY_LEN, MessageAuth, NoArgs, ParseVersionError, Rejections, RemoteError,
+    ReplyStream, Result, Retry, RetryPolicy, Server, ServerBuilder, Target, TimeoutKind, TlsFiles,
+    TlsPem, Transport, TransportErrorKind, Version,
 };
 
 #[cfg(feature = "macros")]

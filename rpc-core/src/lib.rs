@@ -25,6 +25,7 @@ mod error;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
+mod health;
 pub mod logs;
 #[cfg(test)]
 mod module_graph;
@@ -50,6 +51,7 @@ pub use error::{
     BoxError, CodecError, ERROR_KWARG, Error, ErrorKind, IntoRemoteError, RemoteError, Result,
     TimeoutKind, TransportErrorKind,
 };
+pub use health::{Health, HealthProbe, HealthState};
 pub use server::{
     AckMode, DEFAULT_CONCURRENCY, DEFAULT_DUPLICATE_WINDOW, DEFAULT_GRACE_PERIOD,
     DEFAULT_MAX_DUPLICATE_IDS, SERVER_SHUTDOWN_CLASS, SERVER_SHUTDOWN_MODULE, Server,

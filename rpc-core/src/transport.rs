@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use crate::budget::{ByteBudget, Charge};
 use crate::error::Result;
+pub use crate::health::{ConnectionStatus, ConsumerStatus};
 use crate::target::Target;
 
 /// Where a message is sent.
@@ -192,6 +193,12 @@ pub struct ListenOptions {
     /// broker keeps messages they wait there. Default: a budget of
     /// [`crate::DEFAULT_MAX_PENDING_BYTES`] of its own.
     pub budget: ByteBudget,
+    /// Where the consumer reports its connections, shared with the server, whose
+    /// health it makes ([`crate::Health`]): a consumer takes a
+    /// [`ConsumerStatus::connection`] for each connection it reads from and says
+    /// when one is lost and when it is restored, subscriptions included. A consumer
+    /// whose connection cannot be lost reports nothing. Default: a status of its own.
+    pub status: ConsumerStatus,
 }
 
 impl ListenOptions {
@@ -201,7 +208,14 @@ impl ListenOptions {
             prefetch,
             settle_on_receipt: false,
             budget: ByteBudget::default(),
+            status: ConsumerStatus::new(),
         }
+    }
+
+    /// Shares `status` with the consumer (see [`ListenOptions::status`]).
+    pub fn status(mut self, status: ConsumerStatus) -> Self {
+        self.status = status;
+        self
     }
 
     /// Shares `budget` with the consumer (see [`ListenOptions::budget`]).

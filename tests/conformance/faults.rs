@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mqrpc::{AckMode, Client, Context, Endpoint, Error, RemoteError, Server, Target, Transport};
+use mqrpc::{
+    AckMode, Client, Context, Endpoint, Error, HealthState, RemoteError, Server, Target, Transport,
+};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -338,6 +340,73 @@ pub async fn black_hole(rig: &Rig) {
         released.elapsed().max(recovered).as_millis()
     ));
     server.shutdown().await.expect("shutdown");
+}
+
+/// How long a fault test waits for the server's health to reach a state (a bound
+/// against a hang, not a timing assertion).
+const HEALTH_LIMIT: Duration = Duration::from_secs(60);
+
+/// The server's health follows a cut: consuming; reconnecting while the broker
+/// cannot be reached (the proxy cut every connection and holds new ones silent),
+/// with one reconnection counted; consuming again once it can; calls work; stopped
+/// after the shutdown.
+pub async fn health_follows_a_cut(rig: &Rig) {
+    let Scene {
+        topic: _,
+        recorder: _,
+        server,
+        client,
+    } = rig
+        .scene("health", AckMode::BeforeDispatch, Duration::from_secs(5))
+        .await;
+    let probe = server.health_probe();
+    let before = server.health();
+    assert_eq!(
+        before.state,
+        HealthState::Consuming,
+        "{}: {before:?}",
+        rig.name
+    );
+    assert!(before.since_last_delivery.is_some(), "{before:?}");
+    assert_eq!(before.reconnections, 0, "{before:?}");
+
+    // New connections are accepted and hear nothing: the server cannot get back
+    // until the black hole ends, however fast it retries.
+    rig.proxy.black_hole(true);
+    rig.proxy.cut();
+    let cut_off = tokio::time::timeout(
+        HEALTH_LIMIT,
+        probe.wait_for(|h| h.state != HealthState::Consuming),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{}: the server never saw the cut", rig.name));
+    assert_eq!(
+        cut_off.state,
+        HealthState::Reconnecting,
+        "{}: {cut_off:?}",
+        rig.name
+    );
+    assert_eq!(cut_off.reconnections, 1, "{}: {cut_off:?}", rig.name);
+    assert!(!cut_off.state.is_consuming());
+
+    rig.proxy.black_hole(false);
+    let back = tokio::time::timeout(
+        HEALTH_LIMIT,
+        probe.wait_for(|h| h.state != HealthState::Reconnecting),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{}: the server never reconnected", rig.name));
+    assert_eq!(back.state, HealthState::Consuming, "{}: {back:?}", rig.name);
+    assert!(back.reconnections >= 1, "{back:?}");
+    figures(format!(
+        "FIGURES {} health reconnecting_then_consuming reconnections={}",
+        rig.name, back.reconnections
+    ));
+    crate::suite::calls_work_again(&client, Instant::now(), rig.name, 20).await;
+    assert_eq!(server.health().state, HealthState::Consuming);
+
+    server.shutdown().await.expect("shutdown");
+    assert_eq!(probe.health().state, HealthState::Stopped);
 }
 
 /// Adds latency on the link: calls still work, and a call whose timeout is shorter

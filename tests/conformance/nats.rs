@@ -430,6 +430,14 @@ mod reliability {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nats_health_is_reconnecting_while_cut_off_then_consuming() {
+        let Some(rig) = rig("nats", "prefix=mqrpc-test").await else {
+            return;
+        };
+        faults::health_follows_a_cut(&rig).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn nats_added_latency() {
         let Some(rig) = rig("nats", "prefix=mqrpc-test").await else {
             return;

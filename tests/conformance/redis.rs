@@ -579,6 +579,12 @@ mod reliability {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_health_is_reconnecting_while_cut_off_then_consuming() {
+        let Some(rig) = rig().await else { return };
+        faults::health_follows_a_cut(&rig).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn redis_added_latency() {
         let Some(rig) = rig().await else { return };
         faults::added_latency(&rig).await;

@@ -20,6 +20,8 @@ use crate::service::{self, Recorder, ServiceError};
 
 mod hardening;
 pub use hardening::*;
+mod health;
+pub use health::*;
 mod typed_service;
 pub use typed_service::*;
 
@@ -1474,6 +1476,9 @@ macro_rules! conformance_suite {
             typed_service_directed_call_reaches_only_its_server,
             typed_service_fanout_cast_reaches_every_server_once,
             typed_service_speaks_the_hand_written_wire,
+            health_is_consuming_while_serving_and_stopped_after_shutdown,
+            health_is_stopping_while_the_grace_period_runs,
+            a_dropped_server_reports_stopped,
         );
     };
     (@cases $backend:path; $($case:ident),* $(,)?) => {

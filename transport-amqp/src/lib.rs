@@ -170,6 +170,7 @@ impl Transport for AmqpTransport {
             subscription,
             options.settle_on_receipt,
             Some(options.budget.clone()),
+            Some(options.status.connection()),
         )
         .await?;
         Ok(Box::new(consumer))
@@ -181,7 +182,8 @@ impl Transport for AmqpTransport {
             topic: target.topic.clone(),
             queue: format!("mqrpc-listen-{}", rpc_core::wire::new_id()),
         };
-        let consumer = AmqpConsumer::start(self.link.clone(), subscription, false, None).await?;
+        let consumer =
+            AmqpConsumer::start(self.link.clone(), subscription, false, None, None).await?;
         Ok(Box::new(consumer))
     }
 
@@ -190,7 +192,8 @@ impl Transport for AmqpTransport {
         let subscription = Subscription::Reply {
             queue: queue.clone(),
         };
-        let consumer = AmqpConsumer::start(self.link.clone(), subscription, false, None).await?;
+        let consumer =
+            AmqpConsumer::start(self.link.clone(), subscription, false, None, None).await?;
         Ok(ReplyQueue::new(queue, consumer))
     }
 }

@@ -90,6 +90,9 @@ pub(crate) struct Shared {
     pub(crate) jetstream: Option<async_nats::jetstream::Context>,
     /// Slow-consumer events the client reported (messages it dropped).
     pub(crate) slow_consumers: Arc<AtomicU64>,
+    /// Whether the client is connected, as its events say: async-nats reconnects
+    /// and subscribes again by itself, so servers learn of it only here.
+    pub(crate) connected: tokio::sync::watch::Sender<bool>,
     /// Core NATS requests this transport's servers dropped because they did not fit
     /// in the server's byte budget or queue.
     pub(crate) dropped: AtomicU64,
@@ -143,6 +146,8 @@ impl NatsTransport {
         config.validate()?;
         let slow_consumers = Arc::new(AtomicU64::new(0));
         let counter = slow_consumers.clone();
+        let connected = tokio::sync::watch::Sender::new(true);
+        let reported = connected.clone();
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("mqrpc:{}", std::process::id()))
             .subscription_capacity(config.subscription_capacity)
@@ -155,6 +160,12 @@ impl NatsTransport {
             .require_tls(config.tls)
             .event_callback(move |event| {
                 let counter = counter.clone();
+                let reported = reported.clone();
+                // `Connected` comes once the connection is up again; async-nats
+                // sends its subscriptions right after, before anything else.
+                let set = move |up: bool| {
+                    reported.send_if_modified(|was| std::mem::replace(was, up) != up);
+                };
                 async move {
                     match event {
                         async_nats::Event::SlowConsumer(sid) => {
@@ -165,9 +176,13 @@ impl NatsTransport {
                             );
                         }
                         async_nats::Event::Disconnected => {
+                            set(false);
                             tracing::warn!("disconnected from NATS; reconnecting")
                         }
-                        async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                        async_nats::Event::Connected => {
+                            set(true);
+                            tracing::info!("connected to NATS")
+                        }
                         other => tracing::debug!(event = %other, "NATS event"),
                     }
                 }
@@ -243,6 +258,7 @@ impl NatsTransport {
             client,
             jetstream,
             slow_consumers,
+            connected,
             dropped: AtomicU64::new(0),
             publisher,
         });

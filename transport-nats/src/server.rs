@@ -9,9 +9,9 @@ use std::task::Poll;
 use async_trait::async_trait;
 use futures::StreamExt;
 use rpc_core::logs::{DEFAULT_WARN_INTERVAL, Throttle};
-use rpc_core::transport::Merged;
+use rpc_core::transport::{ConnectionStatus, Merged};
 use rpc_core::{ByteBudget, Consumer, Delivery, Error, ListenOptions, NoAck, Result, Target};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::NatsConfig;
 use crate::{Deliveries, Shared, jetstream, nats_error};
@@ -113,18 +113,38 @@ impl DropReport {
 /// so that none waits in async-nats' per-subscription buffer: a message that fits in
 /// the budget is charged and queued for the server (at most `capacity` of them), any
 /// other is dropped at once and counted.
+///
+/// It also reports the client's connection to the server's health: async-nats
+/// reconnects and subscribes again by itself, so the transport's `connected` flag,
+/// set from the client's events, is all a server learns of it.
 async fn drain(
     mut subscriptions: Merged<async_nats::Subscriber>,
     budget: ByteBudget,
     queue: mpsc::Sender<Delivery>,
     mut stop: oneshot::Receiver<()>,
     mut report: DropReport,
+    mut connected: watch::Receiver<bool>,
+    connection: ConnectionStatus,
 ) {
+    let mut watching = true;
+    let report_connection = |up: bool| {
+        if up {
+            connection.restored();
+        } else {
+            connection.lost();
+        }
+    };
+    report_connection(*connected.borrow_and_update());
     loop {
         let due = report.due();
         tokio::select! {
             biased;
             _ = &mut stop => break,
+            changed = connected.changed(), if watching => match changed {
+                Ok(()) => report_connection(*connected.borrow_and_update()),
+                // The transport is gone; its subscriptions end too.
+                Err(_) => watching = false,
+            },
             _ = async { tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)).await },
                 if due.is_some() =>
             {
@@ -195,7 +215,15 @@ impl ServerConsumer {
         let (queue, core) = mpsc::channel(config.subscription_capacity);
         let (stop, stopped) = oneshot::channel();
         let report = DropReport::new(target.topic.clone(), budget.limit(), shared.clone());
-        let task = tokio::spawn(drain(subscriptions, budget, queue, stopped, report));
+        let task = tokio::spawn(drain(
+            subscriptions,
+            budget,
+            queue,
+            stopped,
+            report,
+            shared.connected.subscribe(),
+            options.status.connection(),
+        ));
         let slow_seen = shared.slow_consumers.load(Ordering::Relaxed);
         Ok(ServerConsumer {
             core: Some(core),

@@ -19,6 +19,7 @@ use crate::budget::{ByteBudget, DEFAULT_MAX_PENDING_BYTES};
 use crate::dispatcher::Dispatcher;
 use crate::endpoint::Endpoint;
 use crate::error::Result;
+use crate::health::ConsumerStatus;
 use crate::logs::Throttle;
 use crate::target::Target;
 use crate::transport::{ListenOptions, Transport};
@@ -158,9 +159,11 @@ impl ServerBuilder {
     pub async fn start(self) -> Result<Server> {
         self.target.validate_for_listen()?;
         let budget = ByteBudget::new(self.max_pending_bytes);
+        let status = ConsumerStatus::new();
         let options = ListenOptions::new(self.concurrency)
             .settle_on_receipt(self.ack_mode == AckMode::BeforeDispatch)
-            .budget(budget.clone());
+            .budget(budget.clone())
+            .status(status.clone());
         let publisher = self.transport.publisher().await?;
         let consumer = self.transport.listen(&self.target, &options).await?;
         let max_message_size = self.transport.capabilities().max_message_size;
@@ -183,8 +186,10 @@ impl ServerBuilder {
             rejections: Arc::new(Throttle::default()),
             abandoned: Arc::default(),
         };
+        let health = status.probe();
         let task = tokio::spawn(serve(
             consumer,
+            status,
             serving,
             self.concurrency,
             self.grace_period,
@@ -196,6 +201,7 @@ impl ServerBuilder {
             target: self.target,
             token,
             task: Some(task),
+            health,
         })
     }
 }

@@ -24,6 +24,7 @@ use crate::auth::MessageAuth;
 use crate::budget::ByteBudget;
 use crate::dispatcher::Dispatcher;
 use crate::error::{Error, Result, TransportErrorKind};
+use crate::health::{Health, HealthProbe};
 use crate::logs::Throttle;
 use crate::target::Target;
 use crate::transport::{Address, Transport};
@@ -64,6 +65,7 @@ pub struct Server {
     target: Target,
     token: CancellationToken,
     task: Option<JoinHandle<()>>,
+    health: HealthProbe,
 }
 
 impl Server {
@@ -97,6 +99,40 @@ impl Server {
     /// The target this server listens on.
     pub fn target(&self) -> &Target {
         &self.target
+    }
+
+    /// Whether the server is consuming, reconnecting (its consumer lost a connection
+    /// to the broker and is getting it back) or stopped, and how long since it last
+    /// took a delivery. See [`Health`]; for a handle that outlives the server, or
+    /// to wait for a state, [`Server::health_probe`].
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> mqrpc::Result<()> {
+    /// use mqrpc::{HealthState, Server, Target};
+    ///
+    /// let transport = mqrpc::connect("memory://").await?;
+    /// let server = Server::builder(transport, Target::new("compute").server("host-1"))
+    ///     .start()
+    ///     .await?;
+    /// let health = server.health();
+    /// assert_eq!(health.state, HealthState::Consuming);
+    /// assert_eq!(health.since_last_delivery, None);
+    /// let probe = server.health_probe();
+    /// server.shutdown().await?;
+    /// assert_eq!(probe.health().state, HealthState::Stopped);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn health(&self) -> Health {
+        self.health.health()
+    }
+
+    /// A handle on this server's health that can be cloned, moved to another task
+    /// (a health endpoint) and kept after the server is shut down or dropped, when
+    /// it reports [`crate::HealthState::Stopped`].
+    pub fn health_probe(&self) -> HealthProbe {
+        self.health.clone()
     }
 
     /// Stops consuming, lets in-flight handlers finish (within the grace period; the

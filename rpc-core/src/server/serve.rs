@@ -14,16 +14,20 @@ use super::Serving;
 use super::accept::{Accepted, RecentIds, accept};
 use super::shutdown::tell_abandoned_callers;
 use crate::budget::ByteBudget;
+use crate::health::ConsumerStatus;
 use crate::transport::{Consumer, Delivery};
 
 pub(super) async fn serve(
     mut consumer: Box<dyn Consumer>,
+    status: ConsumerStatus,
     serving: Serving,
     concurrency: usize,
     grace_period: Duration,
     mut seen: RecentIds,
     token: CancellationToken,
 ) {
+    // However this task ends, the server's health says it stopped.
+    let _stopped = status.stopped_on_drop();
     // Handlers run as futures of this task, not as tasks of their own: a request
     // then costs no spawn and no cross-thread wake-up between taking it and handling
     // it. They still run concurrently; CPU-heavy handlers should move their work to
@@ -88,7 +92,10 @@ pub(super) async fn serve(
         };
         drop(receiving);
         match next {
-            Some(Ok(delivery)) => running.push(start(delivery)),
+            Some(Ok(delivery)) => {
+                status.delivered();
+                running.push(start(delivery));
+            }
             Some(Err(err)) => {
                 tracing::warn!(error = %err, topic = %serving.topic, "consumer reported an error");
             }
@@ -98,6 +105,7 @@ pub(super) async fn serve(
             }
         }
     }
+    status.stopping();
     if let Err(err) = consumer.stop().await {
         tracing::warn!(error = %err, "could not stop consuming cleanly");
     }

@@ -2,7 +2,9 @@
 //! client's reply queue, and a watcher's queue. `recv` reads lapin's delivery streams itself (a stream's
 //! `next` is cancel-safe), so a delivery costs no task hand-off of mqrpc's; a task
 //! per consumer subscribes, hands each fresh subscription over, and when one is
-//! lost reconnects and declares and subscribes everything again (`task.rs`).
+//! lost reconnects and declares and subscribes everything again (`task.rs`). For a
+//! server it reports the loss and the new subscription to the server's health
+//! (`ListenOptions::status`): reconnecting from the one to the other.
 //!
 //! A server that acks on receipt (`ListenOptions::settle_on_receipt`, the default
 //! `AckMode::BeforeDispatch`) has its deliveries acked in batches: `recv` takes every
@@ -36,7 +38,7 @@ use async_trait::async_trait;
 use futures::{FutureExt, StreamExt};
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use lapin::{BasicProperties, Channel};
-use rpc_core::transport::Merged;
+use rpc_core::transport::{ConnectionStatus, Merged};
 use rpc_core::{Acker, ByteBudget, Consumer, Delivery, Error, NoAck, Result, TransportErrorKind};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -117,6 +119,7 @@ impl AmqpConsumer {
         subscription: Subscription,
         settle_on_receipt: bool,
         budget: Option<ByteBudget>,
+        connection: Option<ConnectionStatus>,
     ) -> Result<Self> {
         let (sessions_tx, sessions) = mpsc::unbounded_channel();
         let (lost, lost_rx) = mpsc::unbounded_channel();
@@ -143,6 +146,7 @@ impl AmqpConsumer {
             stop: stop.clone(),
             closed: closed.clone(),
             prefetch,
+            connection,
         };
         let task = tokio::spawn(task.run(ready_tx));
         // If this future is dropped before the subscription is ready, the guard stops

@@ -15,7 +15,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use rpc_core::backoff::Retry;
-use rpc_core::transport::Merged;
+use rpc_core::transport::{ConnectionStatus, Merged};
 use rpc_core::{Error, Result, TransportErrorKind};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -80,6 +80,8 @@ pub(super) struct ConsumerTask {
     pub(super) closed: CancellationToken,
     /// The prefetch of a server's next subscription (set by the consumer).
     pub(super) prefetch: Arc<AtomicU16>,
+    /// Where a server's consumer reports a lost subscription and its return.
+    pub(super) connection: Option<ConnectionStatus>,
 }
 
 impl ConsumerTask {
@@ -134,13 +136,24 @@ impl ConsumerTask {
                 // The consumer is gone.
                 return self.finish(Some((channel, tags))).await;
             }
+            if let Some(connection) = &self.connection {
+                connection.restored();
+            }
             tokio::select! {
                 biased;
                 _ = self.closed.cancelled() => return self.finish(Some((channel, tags))).await,
                 _ = self.stop.cancelled() => return self.finish(Some((channel, tags))).await,
                 lost = self.lost.recv() => match lost {
                     None => return self.finish(Some((channel, tags))).await,
-                    Some(None) => {}
+                    // Lost (the channel or connection failed, or the broker cancelled
+                    // a consumer): the server is reconnecting until the next
+                    // subscription is handed over.
+                    Some(None) => {
+                        if let Some(connection) = &self.connection {
+                            connection.lost();
+                        }
+                    }
+                    // Replaced for a new prefetch: still consuming.
                     Some(Some(retired)) => retire(retired).await,
                 }
             }

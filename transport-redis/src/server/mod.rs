@@ -143,6 +143,7 @@ impl ServerConsumer {
             budget: options.budget.clone(),
             client_id: ClientId::Unknown,
             largest: (group == GROUP).then(|| largest.clone()),
+            connection: options.status.connection(),
         };
         let tasks = vec![
             tokio::spawn(

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use redis::streams::StreamReadReply;
+use rpc_core::transport::ConnectionStatus;
 use rpc_core::{ByteBudget, Delivery, Result};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -75,6 +76,9 @@ pub(super) struct Reader {
     /// Where the shared group's reader says how large its entries are lately, for
     /// the claims of housekeeping; `None` for the fanout reader.
     pub(super) largest: Option<Arc<AtomicUsize>>,
+    /// Where this reader's connection is reported lost when a read fails, and
+    /// restored when Redis answers on it again (the server's health).
+    pub(super) connection: ConnectionStatus,
 }
 
 /// A reading connection's id (`CLIENT ID`), which `CLIENT UNBLOCK` takes.
@@ -165,6 +169,9 @@ impl Reader {
             let Some(read) = self.read(&cmd, block).await else {
                 return;
             };
+            if read.is_ok() {
+                self.connection.restored();
+            }
             match read {
                 Ok(None) => {
                     pace.idle();
@@ -189,6 +196,8 @@ impl Reader {
                     }
                 }
                 Err(err) if is_missing_group(&err) => {
+                    // Redis answered on this connection: it is back.
+                    self.connection.restored();
                     // The streams vanished (a Redis restart, or expiry): declare again.
                     tracing::warn!(streams = ?self.streams, "consumer group missing; creating it again");
                     let mut conn = self.shared.commands.clone();
@@ -203,6 +212,9 @@ impl Reader {
                     }
                 }
                 Err(err) => {
+                    // Read again after a backoff, on a connection redis-rs makes
+                    // anew if this one is gone: not consuming until Redis answers.
+                    self.connection.lost();
                     if self.client_id != ClientId::Refused {
                         // Perhaps a new connection next time, with an id of its own.
                         self.client_id = ClientId::Unknown;
@@ -245,8 +257,14 @@ impl Reader {
                 .map(|id| (id, None))
         };
         let (id, node) = match found {
-            Ok(found) => found,
+            Ok(found) => {
+                // Redis answered on the reading connection: after a loss, the first
+                // sign that it is back, without waiting out a blocking read.
+                self.connection.restored();
+                found
+            }
             Err(err) if is_forbidden_or_unknown(&err) => {
+                self.connection.restored();
                 tracing::debug!(error = %err, "CLIENT ID refused; a stop waits for the blocked read");
                 return ClientId::Refused;
             }
