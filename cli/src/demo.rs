@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::ServeArgs;
+use crate::health::HealthEndpoint;
 
 #[derive(Deserialize)]
 struct Echo {
@@ -136,6 +137,12 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
             crate::IN_PROCESS
         );
     }
+    // Listening before connecting: a bad address fails at once, and a probe hears
+    // "starting" while the broker is reached.
+    let health = match args.health_addr {
+        Some(addr) => Some(HealthEndpoint::bind(addr, &args.topic, &server_name).await?),
+        None => None,
+    };
     // One catcher for the whole run: one made per wait would miss a signal that
     // came between two waits.
     let mut signals = crate::StopSignals::new();
@@ -162,10 +169,14 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
         "mqrpc: serving topic {} as server {} (Ctrl-C stops)",
         args.topic, server_name
     );
-    println!(
-        "{}",
-        serde_json::json!({"event": "ready", "topic": args.topic, "server": server_name})
-    );
+    let mut ready =
+        serde_json::json!({"event": "ready", "topic": args.topic, "server": server_name});
+    if let Some(health) = &health {
+        health.serve(server.health_probe());
+        eprintln!("mqrpc: health at http://{}/health", health.addr());
+        ready["health_addr"] = health.addr().to_string().into();
+    }
+    println!("{ready}");
     signals.next().await;
     eprintln!(
         "mqrpc: stopping: the requests in progress finish first (Ctrl-C again exits at once)"

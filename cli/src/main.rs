@@ -4,6 +4,7 @@
 
 mod bench;
 mod demo;
+mod health;
 #[cfg(test)]
 mod skips;
 
@@ -167,6 +168,11 @@ pub(crate) struct ServeArgs {
     /// (`1048576`) or with a unit (`64MiB`, `512KiB`, `1GiB`, `100MB`, `64kB`).
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     pub(crate) max_pending_bytes: usize,
+    /// Serve the server's health over HTTP on this address (`127.0.0.1:8080`; port 0
+    /// picks one, named in the ready line): `GET /health` answers 200 while it is
+    /// consuming, 503 while starting, reconnecting or stopping, with a JSON body.
+    #[arg(long, value_name = "IP:PORT")]
+    pub(crate) health_addr: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub(crate) auth: AuthArgs,
 }

@@ -696,3 +696,125 @@ fn no_log_level_shows_the_amqp_password() {
         }
     }
 }
+
+/// `GET /health` from the health endpoint at `addr`: the status code and the body,
+/// or `None` when nothing listens there any more.
+fn get_health(addr: &str) -> Option<(u16, serde_json::Value)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: probe\r\n\r\n")
+        .expect("send the request");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("the answer");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("a status line: {head}"));
+    let body = serde_json::from_str(body).unwrap_or_else(|e| panic!("JSON ({e}): {body}"));
+    Some((status, body))
+}
+
+/// Asks the health endpoint until `until` holds for its answer (at most 20 s).
+fn health_until(
+    addr: &str,
+    what: &str,
+    until: impl Fn(u16, &serde_json::Value) -> bool,
+) -> (u16, serde_json::Value) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let answer = get_health(addr).unwrap_or_else(|| panic!("{what}: nothing listens"));
+        if until(answer.0, &answer.1) {
+            return answer;
+        }
+        assert!(Instant::now() < deadline, "{what}: last answer {answer:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `serve --health-addr` answers 200 with the state while it consumes, notes the
+/// delivery of a call, answers 503 `stopping` while a SIGTERM lets that call finish,
+/// and listens no more once it has exited.
+#[test]
+fn serve_reports_its_health_over_http() {
+    if !nats_available() {
+        return;
+    }
+    let url = nats_url();
+    let topic = &format!("cli_health_{}", std::process::id());
+    let mut child = Command::new(MQRPC)
+        .args(["serve", "--url", &url, "--topic", topic, "--server", "s1"])
+        .args(["--health-addr", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start mqrpc serve");
+    let mut ready = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut ready)
+        .expect("read the ready line");
+    let mut serving = Serving(child);
+    let ready: serde_json::Value = serde_json::from_str(&ready).expect("a JSON ready line");
+    let addr = ready["health_addr"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the ready line names the health address: {ready}"))
+        .to_owned();
+
+    let (status, body) = get_health(&addr).expect("the endpoint listens");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "consuming", "{body}");
+    assert_eq!(body["since_last_delivery_ms"], serde_json::Value::Null);
+    assert_eq!(body["reconnections"], 0, "{body}");
+    assert_eq!(body["topic"], topic.as_str());
+    assert_eq!(body["server"], "s1");
+
+    let slow = Command::new(MQRPC)
+        .args(["call", "--url", &url, "--topic", topic, "--timeout", "60"])
+        .args(["sleep", r#"{"seconds": 5}"#])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start a slow call");
+    // The server took the call: its handler runs for 5 s from now.
+    health_until(&addr, "the call's delivery", |_, body| {
+        body["since_last_delivery_ms"].is_u64()
+    });
+    signal(serving.0.id(), "TERM");
+    let (status, body) = health_until(&addr, "stopping", |status, _| status != 200);
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["state"], "stopping", "{body}");
+
+    let called = slow.wait_with_output().expect("the slow call ends");
+    assert!(
+        called.status.success(),
+        "the call in progress finished: {}",
+        String::from_utf8_lossy(&called.stderr)
+    );
+    let status = exit_within(&mut serving.0, Duration::from_secs(30)).expect("serve exits");
+    assert!(status.success(), "{status}");
+    assert_eq!(get_health(&addr), None, "nothing listens after the exit");
+}
+
+/// `--health-addr` takes an IP address and a port, and refuses anything else before
+/// starting.
+#[test]
+fn serve_refuses_a_bad_health_addr() {
+    for bad in ["8080", "localhost", "127.0.0.1", "127.0.0.1:99999"] {
+        let (code, _, err) = mqrpc(&[
+            "serve",
+            "--url",
+            "memory://never",
+            "--topic",
+            "t",
+            "--health-addr",
+            bad,
+        ]);
+        assert_eq!(code, 2, "{bad}: {err}");
+        assert!(err.contains("--health-addr"), "{bad}: {err}");
+    }
+}
