@@ -18,6 +18,8 @@ use serde_json::{Value, json};
 
 use crate::service::{self, Recorder, ServiceError};
 
+mod discovery;
+pub use discovery::*;
 mod hardening;
 pub use hardening::*;
 mod typed_service;
@@ -1474,6 +1476,10 @@ macro_rules! conformance_suite {
             typed_service_directed_call_reaches_only_its_server,
             typed_service_fanout_cast_reaches_every_server_once,
             typed_service_speaks_the_hand_written_wire,
+            discovery_finds_every_server_with_its_details,
+            discovery_works_with_message_signing,
+            undiscoverable_server_does_not_answer,
+            oslo_ping_is_answered_when_turned_on,
         );
     };
     (@cases $backend:path; $($case:ident),* $(,)?) => {
