@@ -53,11 +53,12 @@ use std::sync::Arc;
 pub use rpc_core::{
     AckMode, AuthFailure, Backoff, BoxError, Client, CodecError, Context, DEFAULT_CONCURRENCY,
     DEFAULT_DUPLICATE_WINDOW, DEFAULT_EXCHANGE, DEFAULT_FRESHNESS, DEFAULT_GRACE_PERIOD,
-    DEFAULT_MAX_DUPLICATE_IDS, DEFAULT_MAX_PENDING_BYTES, DEFAULT_TIMEOUT, Endpoint, Error,
-    ErrorKind, Health, HealthProbe, HealthState, IntoRemoteError, Jitter, MAX_TIMEOUT,
-    MIN_CALL_MONITOR, MIN_KEY_LEN, MessageAuth, NoArgs, ParseVersionError, Rejections, RemoteError,
-    ReplyStream, Result, Retry, RetryPolicy, Server, ServerBuilder, Target, TimeoutKind, TlsFiles,
-    TlsPem, Transport, TransportErrorKind, Version,
+    DEFAULT_MAX_DUPLICATE_IDS, DEFAULT_MAX_PENDING_BYTES, DEFAULT_TIMEOUT, Discovered,
+    DiscoveryStream, DiscoveryWait, Endpoint, EndpointStatus, Error, ErrorKind, Health,
+    HealthProbe, HealthState, IntoRemoteError, Jitter, MAX_TIMEOUT, MIN_CALL_MONITOR, MIN_KEY_LEN,
+    MessageAuth, NoArgs, ParseVersionError, Rejections, RemoteError, ReplyStream, Result, Retry,
+    RetryPolicy, Server, ServerBuilder, ServerStatus, Target, TimeoutKind, TlsFiles, TlsPem,
+    Transport, TransportErrorKind, Version,
 };
 
 #[cfg(feature = "macros")]
@@ -120,13 +121,15 @@ pub mod transport {
     pub use rpc_core::{ByteBudget, Charge};
 }
 
-/// oslo.messaging's message format 2.0 (`rpc_core::wire`), and the class and module
-/// names of the failures mqrpc itself sends.
+/// oslo.messaging's message format 2.0 (`rpc_core::wire`), the class and module
+/// names of the failures mqrpc itself sends, and the names of the control requests
+/// every server answers.
 pub mod wire {
     pub use rpc_core::wire::*;
     pub use rpc_core::{
-        AUTH_FAILURE_CLASS, AUTH_FAILURE_MODULE, ERROR_KWARG, SERVER_SHUTDOWN_CLASS,
-        SERVER_SHUTDOWN_MODULE,
+        AUTH_FAILURE_CLASS, AUTH_FAILURE_MODULE, CONTROL_NAMESPACE, CONTROL_VERSION, ERROR_KWARG,
+        OSLO_PING_ANSWER, OSLO_PING_METHOD, SERVER_SHUTDOWN_CLASS, SERVER_SHUTDOWN_MODULE,
+        STATUS_METHOD,
     };
 }
 

@@ -157,7 +157,9 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     let mut builder = Server::builder(transport, Target::new(&args.topic).server(&server_name))
         .endpoint(endpoint(Arc::new(AtomicU64::new(0))))
         .concurrency(args.concurrency)
-        .max_pending_bytes(args.max_pending_bytes);
+        .max_pending_bytes(args.max_pending_bytes)
+        .discoverable(!args.no_discovery)
+        .oslo_ping(args.rpc_ping);
     if let Some(auth) = args.auth.message_auth()? {
         builder = builder.message_auth(auth);
     }

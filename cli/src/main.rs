@@ -1,9 +1,10 @@
-//! `mqrpc`: call, cast, listen to and serve mqrpc topics on any backend, and measure
-//! them (`mqrpc bench`). The URL picks the backend: `memory://`, `amqp://`,
+//! `mqrpc`: call, cast, listen to and serve mqrpc topics on any backend, ask a topic
+//! who serves it (`mqrpc ping`, `mqrpc status`), and measure them (`mqrpc bench`). The URL picks the backend: `memory://`, `amqp://`,
 //! `rabbit://`, `redis://`, `nats://`.
 
 mod bench;
 mod demo;
+mod discover;
 mod health;
 #[cfg(test)]
 mod skips;
@@ -47,6 +48,12 @@ enum Command {
     Serve(ServeArgs),
     /// Measure latency and throughput (with --raw, beside the broker's bare client).
     Bench(bench::BenchArgs),
+    /// Ask TOPIC who serves it: each server's name, host, process id and round trip
+    /// (exit status 1 when none answers).
+    Ping(discover::DiscoverArgs),
+    /// Ask TOPIC's servers for their status: host, process, versions, uptime, load
+    /// and endpoints (exit status 1 when none answers).
+    Status(discover::DiscoverArgs),
 }
 
 /// Message authentication (HMAC-SHA256), for peers that require signed messages.
@@ -175,6 +182,14 @@ pub(crate) struct ServeArgs {
     pub(crate) health_addr: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub(crate) auth: AuthArgs,
+    /// Do not answer `mqrpc ping` and `mqrpc status` (the control requests of
+    /// namespace mqrpc.control): askers do not learn this server is there.
+    #[arg(long)]
+    pub(crate) no_discovery: bool,
+    /// Answer oslo.messaging's `oslo_rpc_server_ping` with "pong", as a Python
+    /// server with rpc_ping_enabled does.
+    #[arg(long)]
+    pub(crate) rpc_ping: bool,
 }
 
 /// A duration given as seconds (`30`, `0.5`, as oslo.messaging's options take them)
@@ -303,6 +318,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Listen(args) => listen(args).await.map(|()| ExitCode::SUCCESS),
         Command::Serve(args) => demo::serve(args).await.map(|()| ExitCode::SUCCESS),
         Command::Bench(args) => bench::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Ping(args) => discover::run(args, discover::Report::Ping).await,
+        Command::Status(args) => discover::run(args, discover::Report::Status).await,
     }
 }
 

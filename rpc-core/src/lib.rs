@@ -18,6 +18,7 @@ pub mod backoff;
 mod budget;
 mod client;
 mod context;
+mod control;
 mod dispatch_failure;
 mod dispatcher;
 mod endpoint;
@@ -44,8 +45,12 @@ pub use auth::{
 };
 pub use backoff::{Backoff, Jitter, Retry};
 pub use budget::{ByteBudget, Charge, DEFAULT_MAX_PENDING_BYTES};
-pub use client::{Client, ReplyStream, RetryPolicy};
+pub use client::{Client, Discovered, DiscoveryStream, DiscoveryWait, ReplyStream, RetryPolicy};
 pub use context::Context;
+pub use control::{
+    CONTROL_NAMESPACE, CONTROL_VERSION, EndpointStatus, OSLO_PING_ANSWER, OSLO_PING_METHOD,
+    STATUS_METHOD, ServerStatus,
+};
 pub use endpoint::{Endpoint, NoArgs};
 pub use error::{
     BoxError, CodecError, ERROR_KWARG, Error, ErrorKind, IntoRemoteError, RemoteError, Result,

@@ -32,6 +32,8 @@ mod amqp;
 #[cfg(feature = "amqp")]
 mod interop_amqp;
 #[cfg(feature = "amqp")]
+mod interop_discovery;
+#[cfg(feature = "amqp")]
 mod interop_typed;
 
 #[cfg(feature = "redis")]

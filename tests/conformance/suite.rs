@@ -18,6 +18,8 @@ use serde_json::{Value, json};
 
 use crate::service::{self, Recorder, ServiceError};
 
+mod discovery;
+pub use discovery::*;
 mod hardening;
 pub use hardening::*;
 mod health;
@@ -1479,6 +1481,10 @@ macro_rules! conformance_suite {
             health_is_consuming_while_serving_and_stopped_after_shutdown,
             health_is_stopping_while_the_grace_period_runs,
             a_dropped_server_reports_stopped,
+            discovery_finds_every_server_with_its_details,
+            discovery_works_with_message_signing,
+            undiscoverable_server_does_not_answer,
+            oslo_ping_is_answered_when_turned_on,
         );
     };
     (@cases $backend:path; $($case:ident),* $(,)?) => {

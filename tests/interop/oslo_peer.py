@@ -40,6 +40,9 @@ Subcommands
     fail(message)              raises ValueError(message)
     ========================== ============================================
 
+    ``--rpc-ping`` sets oslo.messaging's ``rpc_ping_enabled``, so the server
+    also answers ``oslo_rpc_server_ping`` with "pong".
+
     Prints ``{"event": "ready"}`` once the server is consuming. Stops
     gracefully (stop + wait) on SIGTERM/SIGINT or when stdin reaches EOF
     (unless --ignore-stdin), then prints ``{"event": "stopped"}`` and exits 0.
@@ -202,6 +205,12 @@ _ENDPOINTS = {"interop": InteropEndpoint, "calc": CalcEndpoint}
 def run_server(args):
     transport = make_transport(args.url, args.compression,
                                args.transient_quorum)
+    if args.rpc_ping:
+        # Registered by the dispatcher when it is made, which is too late to
+        # override it; registering the same options twice is allowed.
+        from oslo_messaging.rpc import dispatcher as rpc_dispatcher
+        cfg.CONF.register_opts(rpc_dispatcher._dispatcher_opts)
+        cfg.CONF.set_override("rpc_ping_enabled", True)
     target = oslo_messaging.Target(topic=args.topic, server=args.server,
                                    exchange=args.exchange or None)
     endpoint = _ENDPOINTS[args.endpoint](args.server)
@@ -330,6 +339,8 @@ def parse_args(argv):
     srv.add_argument("--endpoint", choices=sorted(_ENDPOINTS),
                      default="interop",
                      help="the endpoint to serve (default: interop)")
+    srv.add_argument("--rpc-ping", action="store_true",
+                     help="rpc_ping_enabled = true (answer oslo_rpc_server_ping)")
     srv.add_argument("--ignore-stdin", action="store_true",
                      help="do not stop at stdin EOF (stop on SIGTERM/SIGINT only)")
 

@@ -4,6 +4,7 @@
 
 mod args;
 mod call;
+mod discover;
 mod retry;
 
 use std::borrow::Cow;
@@ -31,6 +32,7 @@ use crate::wire::{self, Head};
 use args::{EncodedArgs, encode_args};
 pub use call::ReplyStream;
 use call::{PendingCall, decode_result, failure_error};
+pub use discover::{Discovered, DiscoveryStream, DiscoveryWait};
 pub use retry::RetryPolicy;
 
 /// Calls methods on servers of a topic.

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use super::Serving;
 use super::work::Work;
 use crate::auth::{AuthFailure, request_refusal};
+use crate::control::CONTROL_NAMESPACE;
 use crate::logs::{Escaped, Throttle};
 use crate::timing::MAX_TIMEOUT;
 use crate::transport::{Acker, Address};
@@ -120,6 +121,12 @@ pub(super) fn accept(
             return Settle::reject(acker);
         }
     };
+    if !serving.discoverable && request.namespace.as_deref() == Some(CONTROL_NAMESPACE) {
+        // Not answered at all: a failure reply would tell the asker this server is there.
+        tracing::debug!(method = %Escaped(&request.method),
+            "dropping a control request: this server is not discoverable");
+        return Accepted::Settle(Settle { acker, ack: true });
+    }
     if let Some(unique_id) = &request.unique_id
         && !seen.insert(unique_id, received)
     {

@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -16,9 +16,10 @@ use super::{
 };
 use crate::auth::MessageAuth;
 use crate::budget::{ByteBudget, DEFAULT_MAX_PENDING_BYTES};
+use crate::control::{self, CONTROL_NAMESPACE, OSLO_PING_METHOD, ServingStats, StatusSource};
 use crate::dispatcher::Dispatcher;
 use crate::endpoint::Endpoint;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::health::ConsumerStatus;
 use crate::logs::Throttle;
 use crate::target::Target;
@@ -42,6 +43,8 @@ pub struct ServerBuilder {
     max_message_size: Option<usize>,
     max_pending_bytes: usize,
     auth: Option<MessageAuth>,
+    discoverable: bool,
+    oslo_ping: bool,
 }
 
 impl fmt::Debug for ServerBuilder {
@@ -58,6 +61,8 @@ impl fmt::Debug for ServerBuilder {
             .field("max_message_size", &self.max_message_size)
             .field("max_pending_bytes", &self.max_pending_bytes)
             .field("auth", &self.auth)
+            .field("discoverable", &self.discoverable)
+            .field("oslo_ping", &self.oslo_ping)
             .finish()
     }
 }
@@ -77,6 +82,8 @@ impl ServerBuilder {
             max_message_size: None,
             max_pending_bytes: DEFAULT_MAX_PENDING_BYTES,
             auth: None,
+            discoverable: true,
+            oslo_ping: false,
         }
     }
 }
@@ -154,10 +161,84 @@ impl ServerBuilder {
         self
     }
 
+    /// Whether the server answers the control requests of the reserved namespace
+    /// [`crate::CONTROL_NAMESPACE`] (default true): [`crate::Client::discover`] and
+    /// `mqrpc ping`/`mqrpc status` then list it, with its host, process id,
+    /// endpoints, uptime and load. With `false` it drops them unanswered, so askers
+    /// do not learn it is there.
+    pub fn discoverable(mut self, yes: bool) -> Self {
+        self.discoverable = yes;
+        self
+    }
+
+    /// Whether the server answers oslo.messaging's ping, as a Python server with
+    /// `rpc_ping_enabled = True` does (default false, as in oslo.messaging): a call
+    /// of [`crate::OSLO_PING_METHOD`] in the null namespace at version 1.0, with any
+    /// keyword arguments, returns `"pong"`. Its endpoint comes after the ones added
+    /// with [`ServerBuilder::endpoint`], as oslo appends its `PingEndpoint`; when one
+    /// of those in the null namespace has a method of that name already, the ping
+    /// endpoint is left out with a warning, as in oslo.messaging.
+    pub fn oslo_ping(mut self, yes: bool) -> Self {
+        self.oslo_ping = yes;
+        self
+    }
+
+    /// The endpoints to dispatch to: the control endpoint first (when the server is
+    /// discoverable), the application's, then oslo's ping endpoint (when on).
+    fn dispatch_endpoints(
+        &mut self,
+        stats: &Arc<ServingStats>,
+        concurrency: usize,
+    ) -> Result<Vec<Endpoint>> {
+        if let Some(reserved) = (self.endpoints.iter())
+            .find(|endpoint| endpoint.namespace.as_deref() == Some(CONTROL_NAMESPACE))
+        {
+            return Err(Error::InvalidConfig(format!(
+                "namespace {CONTROL_NAMESPACE} is reserved for the control requests every \
+                 server answers; an endpoint cannot use it ({reserved:?})"
+            )));
+        }
+        let mut endpoints = std::mem::take(&mut self.endpoints);
+        let mut oslo_ping = self.oslo_ping;
+        if oslo_ping
+            && endpoints.iter().any(|endpoint| {
+                endpoint.namespace.is_none() && endpoint.has_method(OSLO_PING_METHOD)
+            })
+        {
+            tracing::warn!(
+                "oslo_ping is on but an endpoint has a method {OSLO_PING_METHOD} already; \
+                 not adding the ping endpoint"
+            );
+            oslo_ping = false;
+        }
+        if oslo_ping {
+            endpoints.push(control::oslo_ping_endpoint());
+        }
+        if self.discoverable {
+            let source = StatusSource {
+                server: self.target.server.clone().unwrap_or_default(),
+                topic: self.target.topic.clone(),
+                exchange: (self.target)
+                    .exchange_or(self.transport.default_exchange())
+                    .to_owned(),
+                backend: self.transport.name(),
+                endpoints: control::describe(&endpoints),
+                concurrency,
+                oslo_ping,
+                started: Instant::now(),
+                stats: stats.clone(),
+            };
+            endpoints.insert(0, control::control_endpoint(source));
+        }
+        Ok(endpoints)
+    }
+
     /// Subscribes to the topic, `topic.server` and the fanout, and starts serving.
     /// When this returns, messages sent to the target reach this server.
-    pub async fn start(self) -> Result<Server> {
+    pub async fn start(mut self) -> Result<Server> {
         self.target.validate_for_listen()?;
+        let stats = Arc::new(ServingStats::default());
+        let endpoints = self.dispatch_endpoints(&stats, self.concurrency)?;
         let budget = ByteBudget::new(self.max_pending_bytes);
         let status = ConsumerStatus::new();
         let options = ListenOptions::new(self.concurrency)
@@ -170,7 +251,7 @@ impl ServerBuilder {
         let max_request = self.max_message_size.or(max_message_size);
         let token = CancellationToken::new();
         let serving = Serving {
-            dispatcher: Arc::new(Dispatcher::new(self.endpoints)),
+            dispatcher: Arc::new(Dispatcher::new(endpoints)),
             replier: Replier {
                 publisher,
                 max_message_size,
@@ -185,6 +266,8 @@ impl ServerBuilder {
             budget,
             rejections: Arc::new(Throttle::default()),
             abandoned: Arc::default(),
+            stats,
+            discoverable: self.discoverable,
         };
         let health = status.probe();
         let task = tokio::spawn(serve(

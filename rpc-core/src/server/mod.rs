@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::MessageAuth;
 use crate::budget::ByteBudget;
+use crate::control::ServingStats;
 use crate::dispatcher::Dispatcher;
 use crate::error::{Error, Result, TransportErrorKind};
 use crate::health::{Health, HealthProbe};
@@ -173,4 +174,8 @@ struct Serving {
     rejections: Arc<Throttle>,
     /// Calls whose handlers were dropped unfinished; their callers are told.
     abandoned: Arc<Mutex<Vec<(String, Address)>>>,
+    /// Requests handled and in flight, for the control request `status`.
+    stats: Arc<ServingStats>,
+    /// Whether control requests are answered; when not, they are dropped unanswered.
+    discoverable: bool,
 }

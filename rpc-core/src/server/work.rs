@@ -13,6 +13,7 @@ use tracing::Instrument;
 
 use super::shutdown::Unfinished;
 use super::{AckMode, Replier, Serving};
+use crate::control::{CONTROL_NAMESPACE, InFlight};
 use crate::endpoint::{Invocation, panic_failure};
 use crate::error::RemoteError;
 use crate::logs::Escaped;
@@ -54,6 +55,9 @@ impl Work {
         // A request still held by the broker goes to another server if this one stops
         // before it is handled; one already taken from the broker does not.
         let redelivered_if_dropped = acker.is_some();
+        // The counts a status reports: the application's requests, not the asking.
+        let in_flight = (request.namespace.as_deref() != Some(CONTROL_NAMESPACE))
+            .then(|| InFlight::start(&serving.stats));
         let span = tracing::debug_span!("rpc.dispatch",
             msg_id = %Escaped(request.msg_id.as_deref().unwrap_or("")),
             topic = %Escaped(&serving.topic), method = %Escaped(&request.method));
@@ -83,6 +87,7 @@ impl Work {
                         replier: &serving.replier,
                         msg_id: &msg_id,
                         reply_to: &reply_to,
+                        in_flight: in_flight.as_ref(),
                     };
                     let mut unfinished = Unfinished {
                         abandoned: &serving.abandoned,
@@ -100,6 +105,7 @@ impl Work {
                     run_cast(invocation).await;
                 }
             }
+            drop(in_flight);
             if let Some(acker) = acker
                 && let Err(err) = acker.ack().await
             {
@@ -150,6 +156,8 @@ struct Call<'a> {
     msg_id: &'a str,
     /// An [`Address::Reply`].
     reply_to: &'a Address,
+    /// Counted as handled when the final reply leaves.
+    in_flight: Option<&'a InFlight<'a>>,
 }
 
 impl Call<'_> {
@@ -263,6 +271,11 @@ impl Call<'_> {
 
     /// Sends a reply; a reply that cannot be delivered is logged and dropped.
     async fn reply(&self, answer: Answer) -> bool {
+        if answer.is_final()
+            && let Some(in_flight) = self.in_flight
+        {
+            in_flight.finish();
+        }
         match self.replier.send(self.reply_to, self.msg_id, &answer).await {
             Ok(()) => true,
             Err(err) => {

@@ -199,6 +199,11 @@ impl Answer {
         }
     }
 
+    /// Whether this is the last answer to its request.
+    pub(crate) fn is_final(&self) -> bool {
+        self.ending
+    }
+
     fn into_reply(self, msg_id: &str) -> Reply {
         Reply {
             result: self.result,
