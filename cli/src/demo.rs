@@ -136,6 +136,10 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
             crate::IN_PROCESS
         );
     }
+    // Before the server exists: its metrics are registered with this recorder.
+    if let Some(addr) = args.metrics_addr {
+        crate::metrics::export(addr)?;
+    }
     // One catcher for the whole run: one made per wait would miss a signal that
     // came between two waits.
     let mut signals = crate::StopSignals::new();

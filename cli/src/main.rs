@@ -4,6 +4,7 @@
 
 mod bench;
 mod demo;
+mod metrics;
 #[cfg(test)]
 mod skips;
 
@@ -167,6 +168,10 @@ pub(crate) struct ServeArgs {
     /// (`1048576`) or with a unit (`64MiB`, `512KiB`, `1GiB`, `100MB`, `64kB`).
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     pub(crate) max_pending_bytes: usize,
+    /// Serve the server's metrics in Prometheus's text format on this address
+    /// (`127.0.0.1:9464`: http://127.0.0.1:9464/metrics).
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub(crate) auth: AuthArgs,
 }

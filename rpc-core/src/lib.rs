@@ -26,6 +26,7 @@ mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod logs;
+pub mod metrics;
 #[cfg(test)]
 mod module_graph;
 pub mod options;

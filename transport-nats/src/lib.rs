@@ -60,7 +60,7 @@ mod stream;
 mod subjects;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -143,6 +143,9 @@ impl NatsTransport {
         config.validate()?;
         let slow_consumers = Arc::new(AtomicU64::new(0));
         let counter = slow_consumers.clone();
+        // async-nats says `Connected` on the first connection too: a reconnection is
+        // a `Connected` after a `Disconnected`.
+        let lost = Arc::new(AtomicBool::new(false));
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("mqrpc:{}", std::process::id()))
             .subscription_capacity(config.subscription_capacity)
@@ -155,6 +158,7 @@ impl NatsTransport {
             .require_tls(config.tls)
             .event_callback(move |event| {
                 let counter = counter.clone();
+                let lost = lost.clone();
                 async move {
                     match event {
                         async_nats::Event::SlowConsumer(sid) => {
@@ -165,9 +169,15 @@ impl NatsTransport {
                             );
                         }
                         async_nats::Event::Disconnected => {
+                            lost.store(true, Ordering::Relaxed);
                             tracing::warn!("disconnected from NATS; reconnecting")
                         }
-                        async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                        async_nats::Event::Connected => {
+                            if lost.swap(false, Ordering::Relaxed) {
+                                rpc_core::metrics::reconnected("nats");
+                            }
+                            tracing::info!("connected to NATS")
+                        }
                         other => tracing::debug!(event = %other, "NATS event"),
                     }
                 }

@@ -20,6 +20,7 @@ use crate::dispatcher::Dispatcher;
 use crate::endpoint::Endpoint;
 use crate::error::Result;
 use crate::logs::Throttle;
+use crate::metrics::ServerMetrics;
 use crate::target::Target;
 use crate::transport::{ListenOptions, Transport};
 
@@ -166,6 +167,12 @@ impl ServerBuilder {
         let max_message_size = self.transport.capabilities().max_message_size;
         let max_request = self.max_message_size.or(max_message_size);
         let token = CancellationToken::new();
+        let metrics = ServerMetrics::new(
+            &self.target.topic,
+            (self.endpoints.iter())
+                .flat_map(|endpoint| endpoint.methods.keys().map(String::as_str)),
+            budget.clone(),
+        );
         let serving = Serving {
             dispatcher: Arc::new(Dispatcher::new(self.endpoints)),
             replier: Replier {
@@ -182,6 +189,7 @@ impl ServerBuilder {
             budget,
             rejections: Arc::new(Throttle::default()),
             abandoned: Arc::default(),
+            metrics,
         };
         let task = tokio::spawn(serve(
             consumer,

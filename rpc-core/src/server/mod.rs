@@ -25,6 +25,7 @@ use crate::budget::ByteBudget;
 use crate::dispatcher::Dispatcher;
 use crate::error::{Error, Result, TransportErrorKind};
 use crate::logs::Throttle;
+use crate::metrics::ServerMetrics;
 use crate::target::Target;
 use crate::transport::{Address, Transport};
 pub use builder::ServerBuilder;
@@ -137,4 +138,6 @@ struct Serving {
     rejections: Arc<Throttle>,
     /// Calls whose handlers were dropped unfinished; their callers are told.
     abandoned: Arc<Mutex<Vec<(String, Address)>>>,
+    /// The server's metric handles (nothing without the `metrics` feature).
+    metrics: ServerMetrics,
 }
