@@ -536,14 +536,15 @@ mod live {
         }
     }
 
-    /// A server's metrics for its topic. Clones share the handles.
+    /// A server's metrics for its topic. Clones share the handles (one `Arc`: the
+    /// server clones it per request).
     #[derive(Clone)]
     pub(crate) struct ServerMetrics {
         inner: Arc<ServerInner>,
-        budget: ByteBudget,
     }
 
     struct ServerInner {
+        budget: ByteBudget,
         topic: SharedString,
         /// The methods some endpoint has; every other name is [`OTHER_METHOD`].
         methods: HashMap<Box<str>, ServerMethod, foldhash::fast::RandomState>,
@@ -584,6 +585,7 @@ mod live {
                 .collect();
             ServerMetrics {
                 inner: Arc::new(ServerInner {
+                    budget,
                     topic: SharedString::from(topic.to_owned()),
                     methods,
                     other: ServerMethod::new(OTHER_METHOD),
@@ -592,7 +594,6 @@ mod live {
                     active: OnceLock::new(),
                     bytes_held: OnceLock::new(),
                 }),
-                budget,
             }
         }
 
@@ -640,7 +641,7 @@ mod live {
             self.inner
                 .bytes_held
                 .get_or_init(|| ::metrics::gauge!(SERVER_BYTES_HELD, LABEL_TOPIC => self.topic()))
-                .set(self.budget.held() as f64);
+                .set(self.inner.budget.held() as f64);
         }
 
         /// A delivery was taken (its bytes charged): it is active until the guard
@@ -765,5 +766,77 @@ mod off {
 
     impl HandlerTimer<'_> {
         pub(crate) fn finish(self, _handled: Handled) {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{Error, RemoteError, TimeoutKind, TransportErrorKind};
+
+    fn timeout(kind: TimeoutKind) -> Error {
+        Error::Timeout {
+            msg_id: "m".into(),
+            topic: "t".into(),
+            broker: "b".into(),
+            waited: std::time::Duration::ZERO,
+            kind,
+        }
+    }
+
+    #[test]
+    fn every_error_has_a_bounded_outcome() {
+        let cases = [
+            (Ok(()), "ok"),
+            (
+                Err(Error::Remote(Box::new(RemoteError::new("ValueError", "x")))),
+                "remote",
+            ),
+            (
+                Err(Error::NoSuchMethod { method: "m".into() }),
+                "no_such_method",
+            ),
+            (Err(timeout(TimeoutKind::Reply)), "timeout_reply"),
+            (
+                Err(timeout(TimeoutKind::CallMonitor)),
+                "timeout_call_monitor",
+            ),
+            (Err(timeout(TimeoutKind::Publish)), "timeout_publish"),
+            (
+                Err(Error::transport_msg(TransportErrorKind::Refused, "no")),
+                "transport",
+            ),
+            (
+                Err(Error::NoResponders {
+                    address: "a".into(),
+                }),
+                "no_responders",
+            ),
+            (Err(Error::Closed), "closed"),
+            (Err(Error::InvalidUrl("u".into())), "other"),
+        ];
+        for (result, label) in cases {
+            assert_eq!(Outcome::of(&result).as_str(), label, "{result:?}");
+        }
+    }
+
+    #[test]
+    fn rejections_of_authentication_name_the_failure_not_the_key() {
+        use crate::AuthFailure;
+        assert_eq!(
+            RejectReason::of_auth(&AuthFailure::Unsigned).as_str(),
+            "unsigned"
+        );
+        assert_eq!(
+            RejectReason::of_auth(&AuthFailure::Stale(5)).as_str(),
+            "stale"
+        );
+        assert_eq!(
+            RejectReason::of_auth(&AuthFailure::Replayed).as_str(),
+            "replayed"
+        );
+        // The key id comes from the network: it never becomes a label value.
+        let unknown = AuthFailure::UnknownKey("attacker-chosen".into());
+        assert_eq!(RejectReason::of_auth(&unknown).as_str(), "forged");
     }
 }
