@@ -41,7 +41,8 @@
 //!
 //! # Features
 //! One Cargo feature per backend: `memory` (default), `amqp`, `redis`, `nats`, and
-//! `full` for all of them; `macros` (default) for [`service`].
+//! `full` for all of them; `macros` (default) for [`service`]; `metrics` (off by
+//! default) records [`metrics`] through the `metrics` facade crate.
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
@@ -131,6 +132,14 @@ pub mod wire {
         OSLO_PING_ANSWER, OSLO_PING_METHOD, SERVER_SHUTDOWN_CLASS, SERVER_SHUTDOWN_MODULE,
         STATUS_METHOD,
     };
+}
+
+/// Metrics of clients, servers and transports (`rpc_core::metrics`): their names,
+/// labels and label values, and [`metrics::describe`]. They are recorded only with
+/// the Cargo feature `metrics`, through the `metrics` facade crate, into whatever
+/// recorder the application installs (before it creates clients and servers).
+pub mod metrics {
+    pub use rpc_core::metrics::*;
 }
 
 #[cfg(feature = "memory")]

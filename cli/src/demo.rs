@@ -137,6 +137,10 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
             crate::IN_PROCESS
         );
     }
+    // Before the server exists: its metrics are registered with this recorder.
+    if let Some(addr) = args.metrics_addr {
+        crate::metrics::export(addr)?;
+    }
     // Listening before connecting: a bad address fails at once, and a probe hears
     // "starting" while the broker is reached.
     let health = match args.health_addr {

@@ -6,6 +6,7 @@ mod bench;
 mod demo;
 mod discover;
 mod health;
+mod metrics;
 #[cfg(test)]
 mod skips;
 
@@ -180,6 +181,10 @@ pub(crate) struct ServeArgs {
     /// consuming, 503 while starting, reconnecting or stopping, with a JSON body.
     #[arg(long, value_name = "IP:PORT")]
     pub(crate) health_addr: Option<std::net::SocketAddr>,
+    /// Serve the server's metrics in Prometheus's text format on this address
+    /// (`127.0.0.1:9464`: http://127.0.0.1:9464/metrics).
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub(crate) auth: AuthArgs,
     /// Do not answer `mqrpc ping` and `mqrpc status` (the control requests of

@@ -72,6 +72,127 @@ fn serve_as(url: &str, topic: &str, server: &str, extra: &[&str]) -> Serving {
     serving
 }
 
+/// An address on loopback that nothing listens on now.
+fn free_local_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().expect("its address").to_string()
+}
+
+/// The text of `GET /metrics` at `addr`.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("the metrics listener answers");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(
+        head.starts_with("HTTP/1.") && head.contains(" 200 "),
+        "{head}"
+    );
+    body.to_owned()
+}
+
+/// The value of the series `name` whose labels include every one of `labels`
+/// (`key="value"`), if the scrape has it.
+fn series(scraped: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    scraped
+        .lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .find(|line| labels.iter().all(|label| line.contains(label)))
+        .and_then(|line| line.rsplit(' ').next())
+        .map(|value| value.parse().expect("a number"))
+}
+
+/// `serve --metrics-addr` serves Prometheus's text format; the calls and casts made
+/// meanwhile (separate processes) move its counters, by method and outcome, and a
+/// method the server does not have counts as `_other`.
+#[test]
+fn serve_exports_metrics_that_count_the_calls() {
+    if !nats_available() {
+        return;
+    }
+    let url = nats_url();
+    let topic = format!("cli_metrics_{}", std::process::id());
+    let addr = free_local_addr();
+    let serving = serve(&url, &topic, &["--metrics-addr", &addr]);
+    let topic_label = format!("topic=\"{topic}\"");
+    let handled = |scraped: &str, method: &str, outcome: &str| {
+        let method = format!("method=\"{method}\"");
+        let outcome = format!("outcome=\"{outcome}\"");
+        series(
+            scraped,
+            "rpc_server_call_duration_seconds_count",
+            &[&topic_label, &method, &outcome],
+        )
+        .unwrap_or(0.0)
+    };
+    let before = scrape(&addr);
+    assert_eq!(handled(&before, "add", "ok"), 0.0, "{before}");
+
+    let common = [
+        "--url",
+        url.as_str(),
+        "--topic",
+        topic.as_str(),
+        "--timeout",
+        "10s",
+    ];
+    let run = |command: &str, method: &str, args: &str| {
+        let mut all = vec![command];
+        all.extend_from_slice(&common);
+        all.extend_from_slice(&[method, args]);
+        mqrpc(&all).0
+    };
+    for _ in 0..3 {
+        assert_eq!(run("call", "add", r#"{"a": 1, "b": 2}"#), 0);
+    }
+    assert_eq!(run("call", "fail", r#"{"message": "boom"}"#), 1);
+    assert_eq!(run("call", "no_such_thing", "{}"), 1);
+    for _ in 0..2 {
+        assert_eq!(run("cast", "bump", "{}"), 0);
+    }
+    let after = scrape(&addr);
+    assert_eq!(handled(&after, "add", "ok"), 3.0, "{after}");
+    assert_eq!(handled(&after, "fail", "error"), 1.0, "{after}");
+    assert_eq!(handled(&after, "_other", "no_such_method"), 1.0, "{after}");
+    assert!(!after.contains("no_such_thing"), "{after}");
+    assert!(
+        after.contains("# TYPE rpc_server_call_duration_seconds histogram"),
+        "{after}"
+    );
+    assert!(
+        series(
+            &after,
+            "rpc_server_call_duration_seconds_bucket",
+            &[&topic_label]
+        )
+        .is_some(),
+        "{after}"
+    );
+    assert!(
+        series(&after, "mqrpc_server_held_bytes", &[&topic_label]).is_some(),
+        "{after}"
+    );
+    // Casts are handled after their senders exit, in their own time.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let scraped = scrape(&addr);
+        if handled(&scraped, "bump", "ok") == 2.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the casts were not counted: {scraped}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(serving);
+}
+
 /// `serve`, then every client command and a listener, each as its own process.
 #[test]
 fn serve_and_call_as_processes_on_nats() {

@@ -14,7 +14,6 @@ use serde_json::{Map, Value};
 use crate::context::Context;
 use crate::dispatch_failure::DispatchFailure;
 use crate::endpoint::{Endpoint, Invocation};
-use crate::error::RemoteError;
 use crate::target::Version;
 
 /// Chooses and starts the method a request names.
@@ -28,7 +27,8 @@ impl Dispatcher {
         Dispatcher { endpoints }
     }
 
-    /// Starts `method`; an [`Invocation::Failed`] says why it cannot run.
+    /// Starts `method`; an [`Invocation::NotServed`] or [`Invocation::Failed`] says
+    /// why it cannot run.
     pub(crate) fn dispatch(
         &self,
         namespace: Option<&str>,
@@ -41,7 +41,7 @@ impl Dispatcher {
             None => Version::DEFAULT,
             Some(text) => match text.parse::<Version>() {
                 Ok(version) => version,
-                Err(_) => return Invocation::Failed(unsupported_version(text, method)),
+                Err(_) => return Invocation::NotServed(unsupported_version(text, method)),
             },
         };
         let mut compatible = false;
@@ -56,7 +56,7 @@ impl Dispatcher {
             }
             compatible = true;
         }
-        Invocation::Failed(if compatible {
+        Invocation::NotServed(if compatible {
             no_such_method(method)
         } else {
             unsupported_version(version.unwrap_or(&Version::DEFAULT.to_string()), method)
@@ -64,21 +64,19 @@ impl Dispatcher {
     }
 }
 
-/// The failure oslo.messaging sends for a method the endpoint does not have.
-fn no_such_method(method: &str) -> RemoteError {
+/// A method the endpoint does not have.
+fn no_such_method(method: &str) -> DispatchFailure {
     DispatchFailure::NoSuchMethod {
         method: method.to_owned(),
     }
-    .to_remote()
 }
 
-/// The failure oslo.messaging sends when no endpoint serves the version.
-fn unsupported_version(version: &str, method: &str) -> RemoteError {
+/// No endpoint serves the version.
+fn unsupported_version(version: &str, method: &str) -> DispatchFailure {
     DispatchFailure::UnsupportedVersion {
         version: version.to_owned(),
         method: method.to_owned(),
     }
-    .to_remote()
 }
 
 #[cfg(test)]
@@ -109,6 +107,7 @@ mod tests {
         match d.dispatch(ns, v, m, Context::new(), Map::new()) {
             Invocation::Unary(future) => future.await,
             Invocation::Failed(failure) => Err(failure),
+            Invocation::NotServed(failure) => Err(failure.to_remote()),
             Invocation::Stream(_) => panic!("unexpected stream"),
         }
     }

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::context::Context;
+use crate::dispatch_failure::DispatchFailure;
 use crate::error::{IntoRemoteError, RemoteError};
 use crate::target::Version;
 
@@ -32,6 +33,8 @@ pub(crate) enum Invocation {
     Stream(BoxStream<'static, Result<Value, RemoteError>>),
     /// The method could not start (bad arguments, or it panicked while starting).
     Failed(RemoteError),
+    /// No endpoint serves the method or version asked for.
+    NotServed(DispatchFailure),
 }
 
 type Method = Arc<dyn Fn(Context, Map<String, Value>) -> Invocation + Send + Sync>;

@@ -225,6 +225,7 @@ pub fn dispatch(data: &[u8]) {
     futures::executor::block_on(async {
         match invocation {
             Invocation::Failed(failure) => send(Reply::failure(&msg_id, failure)),
+            Invocation::NotServed(failure) => send(Reply::failure(&msg_id, failure.to_remote())),
             Invocation::Unary(future) => match future.await {
                 Ok(value) => send(Reply::result(&msg_id, value)),
                 Err(failure) => send(Reply::failure(&msg_id, failure)),

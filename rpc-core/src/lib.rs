@@ -28,6 +28,7 @@ mod error;
 pub mod fuzzing;
 mod health;
 pub mod logs;
+pub mod metrics;
 #[cfg(test)]
 mod module_graph;
 pub mod options;

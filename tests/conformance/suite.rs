@@ -26,6 +26,10 @@ mod health;
 pub use health::*;
 mod typed_service;
 pub use typed_service::*;
+#[cfg(feature = "metrics")]
+mod metrics;
+#[cfg(feature = "metrics")]
+pub use metrics::*;
 
 type ConnectFuture = Pin<Box<dyn Future<Output = Arc<dyn Transport>> + Send>>;
 
@@ -1486,6 +1490,20 @@ macro_rules! conformance_suite {
             undiscoverable_server_does_not_answer,
             oslo_ping_is_answered_when_turned_on,
         );
+        conformance_suite!(@metrics $backend;
+            metrics_count_a_known_sequence_of_calls,
+        );
+    };
+    // Cases of the `metrics` feature (of the `mqrpc` package these tests belong to).
+    (@metrics $backend:path; $($case:ident),* $(,)?) => {
+        $(
+            #[cfg(feature = "metrics")]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let Some(backend) = $backend().await else { return };
+                $crate::suite::stressed(stringify!($case), backend, $crate::suite::$case).await;
+            }
+        )*
     };
     (@cases $backend:path; $($case:ident),* $(,)?) => {
         $(

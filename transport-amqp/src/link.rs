@@ -169,6 +169,7 @@ impl Link {
             _ = self.closed.cancelled() => return Err(Error::Closed),
             connected = reconnect => connected?,
         };
+        rpc_core::metrics::reconnected("amqp");
         *current = Some(connected.clone());
         Ok(connected)
     }

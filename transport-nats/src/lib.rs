@@ -162,9 +162,11 @@ impl NatsTransport {
                 let counter = counter.clone();
                 let reported = reported.clone();
                 // `Connected` comes once the connection is up again; async-nats
-                // sends its subscriptions right after, before anything else.
+                // sends its subscriptions right after, before anything else. It says
+                // `Connected` on the first connection too, which changes nothing:
+                // a reconnection is a `Connected` after a `Disconnected`.
                 let set = move |up: bool| {
-                    reported.send_if_modified(|was| std::mem::replace(was, up) != up);
+                    reported.send_if_modified(|was| std::mem::replace(was, up) != up)
                 };
                 async move {
                     match event {
@@ -180,7 +182,9 @@ impl NatsTransport {
                             tracing::warn!("disconnected from NATS; reconnecting")
                         }
                         async_nats::Event::Connected => {
-                            set(true);
+                            if set(true) {
+                                rpc_core::metrics::reconnected("nats");
+                            }
                             tracing::info!("connected to NATS")
                         }
                         other => tracing::debug!(event = %other, "NATS event"),

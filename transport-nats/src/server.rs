@@ -9,6 +9,7 @@ use std::task::Poll;
 use async_trait::async_trait;
 use futures::StreamExt;
 use rpc_core::logs::{DEFAULT_WARN_INTERVAL, Throttle};
+use rpc_core::metrics::{RejectReason, RejectionCounter};
 use rpc_core::transport::{ConnectionStatus, Merged};
 use rpc_core::{ByteBudget, Consumer, Delivery, Error, ListenOptions, NoAck, Result, Target};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -54,11 +55,16 @@ struct DropReport {
     queue_full: u64,
     throttle: Throttle,
     shared: Arc<Shared>,
+    /// The drops as metrics (`mqrpc.server.rejected`), by cause.
+    metrics: [RejectionCounter; 2],
 }
 
 impl DropReport {
     fn new(topic: String, limit: usize, shared: Arc<Shared>) -> Self {
+        let metrics = [RejectReason::OverBudget, RejectReason::QueueFull]
+            .map(|reason| RejectionCounter::new(&topic, reason));
         DropReport {
+            metrics,
             topic,
             limit,
             over_budget: 0,
@@ -70,6 +76,7 @@ impl DropReport {
 
     fn dropped(&mut self, over_budget: bool) {
         self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+        self.metrics[usize::from(!over_budget)].increment();
         if over_budget {
             self.over_budget += 1;
         } else {

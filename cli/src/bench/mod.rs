@@ -55,6 +55,10 @@ pub(crate) struct BenchArgs {
     /// Directory for the JSON and SVG files.
     #[arg(long, default_value = "target/bench")]
     pub(crate) out: PathBuf,
+    /// Serve the metrics of the run's clients and servers in Prometheus's text
+    /// format on this address (`127.0.0.1:9464`); measures their cost too.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
 }
 
 const SMALL: usize = 100;
@@ -405,6 +409,9 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
             &format!("memory://bench-{}", std::process::id()),
             1,
         );
+    }
+    if let Some(addr) = args.metrics_addr {
+        crate::metrics::export(addr)?;
     }
     let probe = mqrpc::connect(&args.url).await.context("connecting")?;
     let backend = probe.name().to_owned();

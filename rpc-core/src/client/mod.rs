@@ -24,6 +24,7 @@ use tracing::Instrument;
 use crate::auth::MessageAuth;
 use crate::context::Context;
 use crate::error::{Error, Result, TimeoutKind};
+use crate::metrics::ClientMetrics;
 use crate::reply::ReplyRouter;
 use crate::target::{Target, Version};
 use crate::timing::{DEFAULT_TIMEOUT, MAX_TIMEOUT, MIN_CALL_MONITOR};
@@ -64,6 +65,8 @@ pub struct Client {
     call_monitor: Option<Duration>,
     retry: Option<RetryPolicy>,
     version_cap: Option<Version>,
+    /// The handles of the target's topic (nothing without the `metrics` feature).
+    metrics: ClientMetrics,
 }
 
 struct ClientShared {
@@ -96,6 +99,7 @@ impl Client {
         let exchange = transport.default_exchange().to_owned();
         let broker = transport.describe();
         let address = Arc::new(Address::for_target(&target, &exchange));
+        let metrics = ClientMetrics::for_topic(&target.topic);
         Client {
             shared: Arc::new(ClientShared {
                 broker,
@@ -112,6 +116,7 @@ impl Client {
             call_monitor: None,
             retry: None,
             version_cap: None,
+            metrics,
         }
     }
 
@@ -273,14 +278,17 @@ impl Client {
         self.check_callable()?;
         self.check_cap(method, version)?;
         let kwargs = &encode_args(args)?;
-        match &self.retry {
+        let timer = self.metrics.call(method);
+        let called = match &self.retry {
             None => self.call_once(ctx, method, version, kwargs).await,
             Some(policy) => {
                 policy
                     .run(method, |_| self.call_once(ctx, method, version, kwargs))
                     .await
             }
-        }
+        };
+        timer.finish(&called);
+        called
     }
 
     async fn call_once<R: DeserializeOwned>(
@@ -430,7 +438,7 @@ impl Client {
         self.target.require_topic()?;
         self.check_cap(method, version)?;
         let span = tracing::debug_span!("rpc.cast", topic = %self.target, method);
-        async {
+        let sent = async {
             let deadline = Instant::now() + self.timeout;
             let args = encode_args(args)?;
             let body = self.encode(&self.head(ctx, method, version), &args)?;
@@ -440,7 +448,9 @@ impl Client {
                 .await
         }
         .instrument(span)
-        .await
+        .await;
+        self.metrics.cast_sent(method, &sent);
+        sent
     }
 
     /// Releases the client's reply queue at the broker (a reply stream, a queue).
@@ -618,6 +628,7 @@ impl Client {
     fn retarget(mut self, change: impl FnOnce(&mut Target)) -> Self {
         change(Arc::make_mut(&mut self.target));
         self.address = Arc::new(Address::for_target(&self.target, &self.shared.exchange));
+        self.metrics.follow(&self.target.topic);
         self
     }
 

@@ -14,6 +14,7 @@ use super::work::Work;
 use crate::auth::{AuthFailure, request_refusal};
 use crate::control::CONTROL_NAMESPACE;
 use crate::logs::{Escaped, Throttle};
+use crate::metrics::RejectReason;
 use crate::timing::MAX_TIMEOUT;
 use crate::transport::{Acker, Address};
 use crate::wire::{self, Answer, Request};
@@ -63,6 +64,7 @@ pub(super) fn accept(
     let received = Instant::now();
     if let Some(limit) = serving.max_request.filter(|limit| body.len() > *limit) {
         // Dropped for good and never parsed: its size alone is reason enough.
+        serving.metrics.rejected(RejectReason::TooLarge);
         if let Some(suppressed) = serving.rejections.hit() {
             tracing::warn!(size = body.len(), limit, topic = %Escaped(&serving.topic),
                 suppressed, "rejecting a request above the message size limit");
@@ -74,6 +76,7 @@ pub(super) fn accept(
         .as_ref()
         .and_then(|auth| auth.open(&body).err())
     {
+        serving.metrics.rejected(RejectReason::of_auth(&failure));
         if let Some(suppressed) = serving.rejections.hit() {
             tracing::warn!(reason = %failure, size = body.len(), topic = %Escaped(&serving.topic),
                 suppressed, "rejecting a request that fails authentication");
@@ -112,6 +115,7 @@ pub(super) fn accept(
         Ok(request) => request,
         Err(err) => {
             // A poison message is dropped for good, never retried.
+            serving.metrics.rejected(RejectReason::Malformed);
             if let Some(suppressed) = serving.rejections.hit() {
                 tracing::warn!(size = body.len(), error = %Escaped(&err.to_string()),
                     topic = %Escaped(&serving.topic), suppressed, "rejecting malformed message");
@@ -130,6 +134,7 @@ pub(super) fn accept(
     if let Some(unique_id) = &request.unique_id
         && !seen.insert(unique_id, received)
     {
+        serving.metrics.rejected(RejectReason::Duplicate);
         tracing::info!(unique_id = %Escaped(unique_id), method = %Escaped(&request.method),
             "dropping duplicate request");
         return Accepted::Settle(Settle { acker, ack: true });

@@ -22,6 +22,7 @@ use crate::endpoint::Endpoint;
 use crate::error::{Error, Result};
 use crate::health::ConsumerStatus;
 use crate::logs::Throttle;
+use crate::metrics::ServerMetrics;
 use crate::target::Target;
 use crate::transport::{ListenOptions, Transport};
 
@@ -250,6 +251,12 @@ impl ServerBuilder {
         let max_message_size = self.transport.capabilities().max_message_size;
         let max_request = self.max_message_size.or(max_message_size);
         let token = CancellationToken::new();
+        let metrics = ServerMetrics::new(
+            &self.target.topic,
+            (self.endpoints.iter())
+                .flat_map(|endpoint| endpoint.methods.keys().map(String::as_str)),
+            budget.clone(),
+        );
         let serving = Serving {
             dispatcher: Arc::new(Dispatcher::new(endpoints)),
             replier: Replier {
@@ -268,6 +275,7 @@ impl ServerBuilder {
             abandoned: Arc::default(),
             stats,
             discoverable: self.discoverable,
+            metrics,
         };
         let health = status.probe();
         let task = tokio::spawn(serve(

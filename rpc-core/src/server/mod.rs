@@ -27,6 +27,7 @@ use crate::dispatcher::Dispatcher;
 use crate::error::{Error, Result, TransportErrorKind};
 use crate::health::{Health, HealthProbe};
 use crate::logs::Throttle;
+use crate::metrics::ServerMetrics;
 use crate::target::Target;
 use crate::transport::{Address, Transport};
 pub use builder::ServerBuilder;
@@ -178,4 +179,6 @@ struct Serving {
     stats: Arc<ServingStats>,
     /// Whether control requests are answered; when not, they are dropped unanswered.
     discoverable: bool,
+    /// The server's metric handles (nothing without the `metrics` feature).
+    metrics: ServerMetrics,
 }

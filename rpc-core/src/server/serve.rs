@@ -15,6 +15,7 @@ use super::accept::{Accepted, RecentIds, accept};
 use super::shutdown::tell_abandoned_callers;
 use crate::budget::ByteBudget;
 use crate::health::ConsumerStatus;
+use crate::metrics::SlotLimit;
 use crate::transport::{Consumer, Delivery};
 
 pub(super) async fn serve(
@@ -45,7 +46,12 @@ pub(super) async fn serve(
         // its bytes (or the arguments decoded from them) live.
         let charge = (delivery.take_charge())
             .unwrap_or_else(|| serving.budget.charge(delivery.body().len()));
-        let charge = (charge, working.charge(delivery.body().len()));
+        // The metrics' guard last: it reads the bytes held once the charges are gone.
+        let charge = (
+            charge,
+            working.charge(delivery.body().len()),
+            serving.metrics.request_started(),
+        );
         let ttl = delivery.time_to_live();
         let (body, acker) = delivery.into_parts();
         match accept(body, acker, ttl, &serving, &mut seen) {
@@ -73,6 +79,11 @@ pub(super) async fn serve(
         // the broker and not in this process.
         // Likewise when the requests held use up the byte budget: a handler that
         // finishes gives its bytes back.
+        if running.len() >= concurrency {
+            serving.metrics.slot_wait(SlotLimit::Concurrency);
+        } else if !running.is_empty() && working.is_exhausted() {
+            serving.metrics.slot_wait(SlotLimit::Bytes);
+        }
         while running.len() >= concurrency || (!running.is_empty() && working.is_exhausted()) {
             tokio::select! {
                 biased;

@@ -17,6 +17,7 @@ use crate::control::{CONTROL_NAMESPACE, InFlight};
 use crate::endpoint::{Invocation, panic_failure};
 use crate::error::RemoteError;
 use crate::logs::Escaped;
+use crate::metrics::Handled;
 use crate::timing::MIN_CALL_MONITOR;
 use crate::transport::{Acker, Address};
 use crate::wire::{Answer, Request};
@@ -73,6 +74,7 @@ impl Work {
                 call_monitor,
                 ..
             } = request;
+            let timer = serving.metrics.handling(&method);
             let invocation = serving.dispatcher.dispatch(
                 namespace.as_deref(),
                 version.as_deref(),
@@ -95,14 +97,15 @@ impl Work {
                         reply_to: &reply_to,
                         armed: !redelivered_if_dropped,
                     };
-                    call.answer(invocation, call_monitor, deadline).await;
+                    let handled = call.answer(invocation, call_monitor, deadline).await;
                     unfinished.armed = false;
+                    timer.finish(handled);
                 }
                 (msg_id, _) => {
                     if msg_id.is_some() {
                         tracing::warn!("call without a reply address (_reply_q); no reply sent");
                     }
-                    run_cast(invocation).await;
+                    timer.finish(run_cast(invocation).await);
                 }
             }
             drop(in_flight);
@@ -117,37 +120,41 @@ impl Work {
     }
 }
 
-async fn run_cast(invocation: Invocation) {
-    let failure = match invocation {
-        Invocation::Failed(failure) => Some(failure),
+async fn run_cast(invocation: Invocation) -> Handled {
+    let (handled, failure) = match invocation {
+        Invocation::Failed(failure) => (Handled::Error, Some(failure)),
+        Invocation::NotServed(failure) => {
+            (Handled::not_served(&failure), Some(failure.to_remote()))
+        }
         Invocation::Unary(future) => match AssertUnwindSafe(future).catch_unwind().await {
-            Ok(Ok(_)) => None,
-            Ok(Err(failure)) => Some(failure),
-            Err(panic) => Some(panic_failure(&*panic)),
+            Ok(Ok(_)) => (Handled::Ok, None),
+            Ok(Err(failure)) => (Handled::Error, Some(failure)),
+            Err(panic) => (Handled::Panic, Some(panic_failure(&*panic))),
         },
         Invocation::Stream(stream) => {
             let mut stream = AssertUnwindSafe(stream).catch_unwind();
-            let mut failure = None;
+            let mut ended = (Handled::Ok, None);
             while let Some(item) = stream.next().await {
                 match item {
                     Ok(Ok(_)) => {}
                     Ok(Err(f)) => {
-                        failure = Some(f);
+                        ended = (Handled::Error, Some(f));
                         break;
                     }
                     Err(panic) => {
-                        failure = Some(panic_failure(&*panic));
+                        ended = (Handled::Panic, Some(panic_failure(&*panic)));
                         break;
                     }
                 }
             }
-            failure
+            ended
         }
     };
     if let Some(failure) = failure {
         tracing::warn!(class = %Escaped(&failure.class), message = %Escaped(&failure.message),
             "cast failed");
     }
+    handled
 }
 
 /// Answers one call.
@@ -169,19 +176,25 @@ impl Call<'_> {
         invocation: Invocation,
         call_monitor: Option<f64>,
         deadline: Option<Instant>,
-    ) {
+    ) -> Handled {
         let answering = self.answer_until_done(invocation, call_monitor);
         match deadline {
-            Some(deadline) => {
-                if tokio::time::timeout_at(deadline, answering).await.is_err() {
+            Some(deadline) => match tokio::time::timeout_at(deadline, answering).await {
+                Ok(handled) => handled,
+                Err(_) => {
                     tracing::debug!("the caller's deadline passed; the call's work stops");
+                    Handled::Deadline
                 }
-            }
+            },
             None => answering.await,
         }
     }
 
-    async fn answer_until_done(&self, invocation: Invocation, call_monitor: Option<f64>) {
+    async fn answer_until_done(
+        &self,
+        invocation: Invocation,
+        call_monitor: Option<f64>,
+    ) -> Handled {
         let work = self.reply_all(invocation);
         let interval = call_monitor
             .filter(|t| *t >= MIN_CALL_MONITOR.as_secs_f64())
@@ -196,11 +209,11 @@ impl Call<'_> {
                 Box::pin(async move {
                     let mut work = std::pin::pin!(work);
                     tokio::select! {
-                        _ = &mut work => {}
+                        handled = &mut work => handled,
                         _ = self.heartbeats(interval) => work.await,
                     }
                 })
-                .await;
+                .await
             }
             None => work.await,
         }
@@ -222,28 +235,37 @@ impl Call<'_> {
         }
     }
 
-    async fn reply_all(&self, invocation: Invocation) {
+    async fn reply_all(&self, invocation: Invocation) -> Handled {
         match invocation {
             Invocation::Failed(failure) => {
                 self.reply(Answer::failure(failure)).await;
+                Handled::Error
+            }
+            Invocation::NotServed(failure) => {
+                self.reply(Answer::failure(failure.to_remote())).await;
+                Handled::not_served(&failure)
             }
             Invocation::Unary(future) => {
-                let reply = match AssertUnwindSafe(future).catch_unwind().await {
-                    Ok(Ok(value)) => Answer::result(value),
-                    Ok(Err(failure)) => Answer::failure(failure),
+                let (reply, handled) = match AssertUnwindSafe(future).catch_unwind().await {
+                    Ok(Ok(value)) => (Answer::result(value), Handled::Ok),
+                    Ok(Err(failure)) => (Answer::failure(failure), Handled::Error),
                     Err(panic) => {
                         tracing::error!("handler panicked; sending the failure to the caller");
-                        Answer::failure(panic_failure(&*panic))
+                        (Answer::failure(panic_failure(&*panic)), Handled::Panic)
                     }
                 };
                 self.reply(reply).await;
+                handled
             }
             // Boxed, like the heartbeats above: streams are the rarer kind.
             Invocation::Stream(stream) => Box::pin(self.reply_stream(stream)).await,
         }
     }
 
-    async fn reply_stream(&self, stream: BoxStream<'static, Result<Value, RemoteError>>) {
+    async fn reply_stream(
+        &self,
+        stream: BoxStream<'static, Result<Value, RemoteError>>,
+    ) -> Handled {
         let mut stream = AssertUnwindSafe(stream).catch_unwind();
         while let Some(item) = stream.next().await {
             match item {
@@ -251,22 +273,24 @@ impl Call<'_> {
                     tracing::warn!("streamed item is null (reads as a heartbeat); skipped");
                 }
                 Ok(Ok(value)) => {
+                    // The caller is gone: the handler did nothing wrong.
                     if !self.reply(Answer::item(value)).await {
-                        return;
+                        return Handled::Ok;
                     }
                 }
                 Ok(Err(failure)) => {
                     self.reply(Answer::failure(failure)).await;
-                    return;
+                    return Handled::Error;
                 }
                 Err(panic) => {
                     tracing::error!("streaming handler panicked; sending the failure");
                     self.reply(Answer::failure(panic_failure(&*panic))).await;
-                    return;
+                    return Handled::Panic;
                 }
             }
         }
         self.reply(Answer::end()).await;
+        Handled::Ok
     }
 
     /// Sends a reply; a reply that cannot be delivered is logged and dropped.

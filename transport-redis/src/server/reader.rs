@@ -106,6 +106,9 @@ impl Reader {
         let on_read = self.on_read();
         let mut pace = Pace::new(MAX_BATCH);
         let mut attempt = 0u32;
+        // Whether the last read failed for want of a connection: the next read that
+        // works is on a new one (redis-rs reconnects on its own).
+        let mut lost = false;
         loop {
             if self.stop.is_cancelled() {
                 return;
@@ -171,6 +174,10 @@ impl Reader {
             };
             if read.is_ok() {
                 self.connection.restored();
+                if lost {
+                    lost = false;
+                    rpc_core::metrics::reconnected("redis");
+                }
             }
             match read {
                 Ok(None) => {
@@ -222,6 +229,7 @@ impl Reader {
                     let wait = BACKOFF.delay(attempt);
                     attempt = attempt.saturating_add(1);
                     if is_connection_error(&err) {
+                        lost = true;
                         tracing::warn!(error = %err, ?wait, "reading from Redis failed; retrying");
                     } else {
                         tracing::error!(error = %err, ?wait, "XREADGROUP refused; retrying");
