@@ -253,8 +253,8 @@ impl ServerBuilder {
         let token = CancellationToken::new();
         let metrics = ServerMetrics::new(
             &self.target.topic,
-            (self.endpoints.iter())
-                .flat_map(|endpoint| endpoint.methods.keys().map(String::as_str)),
+            // The dispatch list: the application's endpoints and the built-in ones.
+            (endpoints.iter()).flat_map(|endpoint| endpoint.methods.keys().map(String::as_str)),
             budget.clone(),
         );
         let serving = Serving {
