@@ -56,15 +56,7 @@ pub(crate) enum Report {
 pub(crate) async fn run(args: DiscoverArgs, report: Report) -> Result<ExitCode> {
     let started = tokio::time::Instant::now();
     anyhow::ensure!(!in_process(&args.url), "{IN_PROCESS}");
-    let transport = tokio::time::timeout(args.timeout, mqrpc::connect(&args.url))
-        .await
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "connecting: no answer within {} (--timeout)",
-                humantime::format_duration(args.timeout)
-            )
-        })?
-        .context("connecting")?;
+    let transport = crate::connect_within(&args.url, args.timeout).await?;
     let mut target = Target::new(&args.topic);
     target.server.clone_from(&args.server);
     let mut client = Client::new(transport, target);

@@ -407,15 +407,7 @@ async fn prepare(args: &CallArgs) -> Result<(Client, Context, serde_json::Map<St
     anyhow::ensure!(!in_process(&args.url), "{IN_PROCESS}");
     let kwargs = parse_object(&args.args, "ARGS")?;
     let ctx = Context::from(parse_object(&args.context, "--context")?);
-    let transport = tokio::time::timeout(args.timeout, mqrpc::connect(&args.url))
-        .await
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "connecting: no answer within {} (--timeout)",
-                humantime::format_duration(args.timeout)
-            )
-        })?
-        .context("connecting")?;
+    let transport = connect_within(&args.url, args.timeout).await?;
     let left = args
         .timeout
         .saturating_sub(started.elapsed())
@@ -524,6 +516,20 @@ fn chain(err: &(dyn std::error::Error + 'static)) -> String {
         line.push_str(&text);
     }
     line
+}
+
+/// Connects to `url`, failing after `timeout` (the command's `--timeout`, which
+/// bounds connecting too).
+pub(crate) async fn connect_within(url: &str, timeout: Duration) -> Result<Arc<dyn Transport>> {
+    tokio::time::timeout(timeout, mqrpc::connect(url))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "connecting: no answer within {} (--timeout)",
+                humantime::format_duration(timeout)
+            )
+        })?
+        .context("connecting")
 }
 
 #[cfg(test)]
