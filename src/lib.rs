@@ -42,7 +42,9 @@
 //! # Features
 //! One Cargo feature per backend: `memory` (default), `amqp`, `redis`, `nats`, and
 //! `full` for all of them; `macros` (default) for [`service`]; `metrics` (off by
-//! default) records [`metrics`] through the `metrics` facade crate.
+//! default) records [`metrics`] through the `metrics` facade crate; `otel` (off by
+//! default) makes the request spans OpenTelemetry spans linked across the broker
+//! ([`trace`]).
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
@@ -140,6 +142,18 @@ pub mod wire {
 /// recorder the application installs (before it creates clients and servers).
 pub mod metrics {
     pub use rpc_core::metrics::*;
+}
+
+/// Tracing of requests (`rpc_core::trace`). Every call, multicall and cast has a
+/// client span, and every request handled a server span, on every backend. With the
+/// Cargo feature `otel` they are OpenTelemetry spans (semantic conventions for
+/// messaging and RPC, at level INFO): the client writes the W3C trace context of its
+/// span into the request's context under [`trace::TRACEPARENT`] and
+/// [`trace::TRACESTATE`], where the oslo.messaging instrumentation for Python writes
+/// it, and the server's span becomes the child of the caller's. Spans are exported
+/// only through a `tracing-opentelemetry` layer the application installs.
+pub mod trace {
+    pub use rpc_core::trace::{TRACEPARENT, TRACESTATE};
 }
 
 #[cfg(feature = "memory")]

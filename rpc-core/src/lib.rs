@@ -37,6 +37,7 @@ mod server;
 mod target;
 mod timing;
 mod tls;
+pub mod trace;
 pub mod transport;
 pub mod wire;
 

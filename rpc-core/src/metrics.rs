@@ -129,10 +129,15 @@ impl Outcome {
 
     /// The outcome of a call or cast that ended with `result`.
     pub fn of<T>(result: &crate::Result<T>) -> Outcome {
+        match result {
+            Ok(_) => Outcome::Ok,
+            Err(err) => Outcome::of_error(err),
+        }
+    }
+
+    /// The outcome of a call or cast that failed with `err`.
+    pub fn of_error(err: &crate::Error) -> Outcome {
         use crate::error::{Error, TimeoutKind};
-        let Err(err) = result else {
-            return Outcome::Ok;
-        };
         match err {
             Error::Remote(_) => Outcome::Remote,
             Error::NoSuchMethod { .. } => Outcome::NoSuchMethod,

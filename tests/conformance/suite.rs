@@ -30,6 +30,10 @@ pub use typed_service::*;
 mod metrics;
 #[cfg(feature = "metrics")]
 pub use metrics::*;
+#[cfg(feature = "otel")]
+mod traces;
+#[cfg(feature = "otel")]
+pub use traces::*;
 
 type ConnectFuture = Pin<Box<dyn Future<Output = Arc<dyn Transport>> + Send>>;
 
@@ -1493,6 +1497,22 @@ macro_rules! conformance_suite {
         conformance_suite!(@metrics $backend;
             metrics_count_a_known_sequence_of_calls,
         );
+        conformance_suite!(@otel $backend;
+            tracing_links_client_and_server_spans,
+            tracing_marks_a_remote_error_on_both_spans,
+        );
+    };
+    // Cases of the `otel` feature: on the current thread, whose default subscriber
+    // holds the case's span exporter, and not stressed (copies would share it).
+    (@otel $backend:path; $($case:ident),* $(,)?) => {
+        $(
+            #[cfg(feature = "otel")]
+            #[tokio::test(flavor = "current_thread")]
+            async fn $case() {
+                let Some(backend) = $backend().await else { return };
+                $crate::suite::bounded(stringify!($case), $crate::suite::$case(backend)).await;
+            }
+        )*
     };
     // Cases of the `metrics` feature (of the `mqrpc` package these tests belong to).
     (@metrics $backend:path; $($case:ident),* $(,)?) => {

@@ -20,6 +20,7 @@ use crate::context::Context;
 use crate::control::{CONTROL_NAMESPACE, CONTROL_VERSION, STATUS_METHOD, ServerStatus};
 use crate::error::{Error, Result};
 use crate::timing::MAX_TIMEOUT;
+use crate::trace::Operation;
 
 /// How long [`Client::discover`] gathers answers by default.
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(5);
@@ -160,8 +161,7 @@ impl Client {
         if asking.target.server.is_none() {
             asking = asking.fanout(true);
         }
-        let span = tracing::debug_span!("rpc.discover", msg_id = tracing::field::Empty,
-            topic = %asking.target);
+        let span = asking.span(Operation::Discover, STATUS_METHOD);
         let (pending, sent) = async {
             let ctx = Context::new();
             let args = EncodedArgs(b"{}".to_vec());

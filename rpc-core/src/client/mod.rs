@@ -28,6 +28,7 @@ use crate::metrics::ClientMetrics;
 use crate::reply::ReplyRouter;
 use crate::target::{Target, Version};
 use crate::timing::{DEFAULT_TIMEOUT, MAX_TIMEOUT, MIN_CALL_MONITOR};
+use crate::trace::{self, ClientRequest, Operation, TraceHeaders};
 use crate::transport::{Address, CallHint, Outgoing, Publisher, Transport};
 use crate::wire::{self, Head};
 use args::{EncodedArgs, encode_args};
@@ -298,9 +299,8 @@ impl Client {
         version: Option<Version>,
         kwargs: &EncodedArgs,
     ) -> Result<R> {
-        let span = tracing::debug_span!("rpc.call", msg_id = tracing::field::Empty,
-            topic = %self.target, method);
-        async {
+        let span = self.span(Operation::Call, method);
+        let called = async {
             let (mut pending, outgoing) = self.prepare_call(ctx, method, version, kwargs).await?;
             // One timer for the whole call, publish included: the parts below wait
             // without timers of their own (a timer registered and cancelled per wait
@@ -368,8 +368,10 @@ impl Client {
                 }))
             })
         }
-        .instrument(span)
-        .await
+        .instrument(span.clone())
+        .await;
+        trace::record_result(&span, &called);
+        called
     }
 
     /// Calls `method` and streams every result the server sends, in order, until the
@@ -405,8 +407,7 @@ impl Client {
     {
         self.check_callable()?;
         self.check_cap(method, version)?;
-        let span = tracing::debug_span!("rpc.multicall", msg_id = tracing::field::Empty,
-            topic = %self.target, method);
+        let span = self.span(Operation::Multicall, method);
         let pending = async {
             let args = encode_args(args)?;
             let (mut pending, outgoing) = self.prepare_call(ctx, method, version, &args).await?;
@@ -415,9 +416,10 @@ impl Client {
             pending.monitor_from_now();
             Ok::<_, Error>(pending)
         }
-        .instrument(span)
-        .await?;
-        Ok(ReplyStream::new(pending))
+        .instrument(span.clone())
+        .await;
+        trace::record_result(&span, &pending);
+        Ok(ReplyStream::new(pending?))
     }
 
     /// Sends `method` without waiting for any result; returns once the transport has
@@ -437,18 +439,20 @@ impl Client {
     ) -> Result<()> {
         self.target.require_topic()?;
         self.check_cap(method, version)?;
-        let span = tracing::debug_span!("rpc.cast", topic = %self.target, method);
+        let span = self.span(Operation::Cast, method);
         let sent = async {
             let deadline = Instant::now() + self.timeout;
             let args = encode_args(args)?;
-            let body = self.encode(&self.head(ctx, method, version), &args)?;
+            let trace = TraceHeaders::current();
+            let body = self.encode(&self.head(ctx, method, version, &trace), &args)?;
             let address = &self.address;
             tracing::debug!(size = body.len(), %address, "sending cast");
             self.publish(address, Outgoing::new(body), Some(deadline), "")
                 .await
         }
-        .instrument(span)
+        .instrument(span.clone())
         .await;
+        trace::record_result(&span, &sent);
         self.metrics.cast_sent(method, &sent);
         sent
     }
@@ -479,6 +483,20 @@ impl Client {
         })
     }
 
+    /// The span of one request of `operation` to this client's target.
+    fn span(&self, operation: Operation, method: &str) -> tracing::Span {
+        let target = &*self.target;
+        trace::client_span(&ClientRequest {
+            operation,
+            backend: self.shared.transport.name(),
+            topic: &target.topic,
+            server: target.server.as_deref(),
+            fanout: target.fanout,
+            namespace: target.namespace.as_deref(),
+            method,
+        })
+    }
+
     fn check_callable(&self) -> Result<()> {
         self.target.require_topic()?;
         if self.target.fanout {
@@ -493,8 +511,15 @@ impl Client {
     /// [`Client::encode`] writes the arguments from the text the caller's arguments
     /// were encoded to once. The target's version, when it names one, wins over the
     /// method's own `version`.
-    fn head<'a>(&'a self, ctx: &'a Context, method: &'a str, version: Option<Version>) -> Head<'a> {
+    fn head<'a>(
+        &'a self,
+        ctx: &'a Context,
+        method: &'a str,
+        version: Option<Version>,
+        trace: &'a TraceHeaders,
+    ) -> Head<'a> {
         Head {
+            trace: Some(trace),
             namespace: self.target.namespace.as_deref(),
             version: self
                 .target
@@ -539,15 +564,16 @@ impl Client {
         };
         // One copy of the id, shared by the waiter, the call and the transport's hint.
         let msg_id: Arc<str> = wire::fresh_id(&mut [0; wire::ID_LEN]).into();
-        tracing::Span::current().record("msg_id", &*msg_id);
+        trace::record_message_id(&msg_id);
         // The waiter exists before the request leaves, so no reply can be missed.
         let waiter = router.register(&msg_id, &self.target)?;
+        let trace = TraceHeaders::current();
         let head = Head {
             msg_id: Some(&msg_id),
             reply_to: Some(router.address()),
             call_monitor: self.call_monitor.map(|d| d.as_secs_f64()),
             expires_in: Some(self.timeout.as_secs_f64()),
-            ..self.head(ctx, method, version)
+            ..self.head(ctx, method, version, &trace)
         };
         let body = self.encode(&head, args)?;
         let outgoing = Outgoing {

@@ -276,6 +276,7 @@ impl ServerBuilder {
             stats,
             discoverable: self.discoverable,
             metrics,
+            backend: self.transport.name(),
         };
         let health = status.probe();
         let task = tokio::spawn(serve(

@@ -181,4 +181,6 @@ struct Serving {
     discoverable: bool,
     /// The server's metric handles (nothing without the `metrics` feature).
     metrics: ServerMetrics,
+    /// The transport's name, for the spans.
+    backend: &'static str,
 }

@@ -9,7 +9,7 @@ use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use serde_json::Value;
 use tokio::time::Instant;
-use tracing::Instrument;
+use tracing::{Instrument, Span};
 
 use super::shutdown::Unfinished;
 use super::{AckMode, Replier, Serving};
@@ -19,6 +19,7 @@ use crate::error::RemoteError;
 use crate::logs::Escaped;
 use crate::metrics::Handled;
 use crate::timing::MIN_CALL_MONITOR;
+use crate::trace::{self, ServerRequest};
 use crate::transport::{Acker, Address};
 use crate::wire::{Answer, Request};
 
@@ -59,9 +60,15 @@ impl Work {
         // The counts a status reports: the application's requests, not the asking.
         let in_flight = (request.namespace.as_deref() != Some(CONTROL_NAMESPACE))
             .then(|| InFlight::start(&serving.stats));
-        let span = tracing::debug_span!("rpc.dispatch",
-            msg_id = %Escaped(request.msg_id.as_deref().unwrap_or("")),
-            topic = %Escaped(&serving.topic), method = %Escaped(&request.method));
+        let span = trace::server_span(&ServerRequest {
+            backend: serving.backend,
+            topic: &serving.topic,
+            namespace: request.namespace.as_deref(),
+            method: &request.method,
+            message_id: request.msg_id.as_deref().or(request.unique_id.as_deref()),
+            call: request.msg_id.is_some(),
+            context: &request.context,
+        });
         async {
             let Request {
                 method,
@@ -99,13 +106,16 @@ impl Work {
                     };
                     let handled = call.answer(invocation, call_monitor, deadline).await;
                     unfinished.armed = false;
+                    trace::record_handled(&Span::current(), handled);
                     timer.finish(handled);
                 }
                 (msg_id, _) => {
                     if msg_id.is_some() {
                         tracing::warn!("call without a reply address (_reply_q); no reply sent");
                     }
-                    timer.finish(run_cast(invocation).await);
+                    let handled = run_cast(invocation).await;
+                    trace::record_handled(&Span::current(), handled);
+                    timer.finish(handled);
                 }
             }
             drop(in_flight);

@@ -25,6 +25,7 @@ pub fn encode_request(req: &Request) -> Result<Vec<u8>, CodecError> {
         call_monitor: req.call_monitor,
         unique_id: req.unique_id.as_deref(),
         expires_in: req.expires_in,
+        trace: None,
     };
     encode_request_with(&head, Args::Map(&req.args))
 }
@@ -69,9 +70,17 @@ pub(crate) fn encode_request_with(head: &Head<'_>, args: Args<'_>) -> Result<Vec
         out.serde(&expires_in)?;
     }
     unique_id_member(&mut out, head.unique_id)?;
+    let trace = head.trace.filter(|trace| !trace.is_empty());
     for (key, value) in head.context.iter() {
+        if trace.is_some_and(|trace| trace.replaces(key)) {
+            continue;
+        }
         out.key(CONTEXT_PREFIX, key)?;
         out.value(value)?;
+    }
+    for (key, value) in trace.into_iter().flat_map(|trace| trace.pairs()) {
+        out.key(CONTEXT_PREFIX, key)?;
+        out.string(value)?;
     }
     Ok(out.finish())
 }

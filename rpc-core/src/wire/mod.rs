@@ -228,6 +228,8 @@ pub(crate) struct Head<'a> {
     /// `None` writes a fresh one.
     pub(crate) unique_id: Option<&'a str>,
     pub(crate) expires_in: Option<f64>,
+    /// Trace context written as context members, in place of the context's own.
+    pub(crate) trace: Option<&'a crate::trace::TraceHeaders>,
 }
 
 impl<'a> Head<'a> {
@@ -244,6 +246,7 @@ impl<'a> Head<'a> {
             call_monitor: None,
             unique_id: None,
             expires_in: None,
+            trace: None,
         }
     }
 }
