@@ -305,3 +305,53 @@ mod otel {
         }
     }
 }
+
+#[cfg(all(test, feature = "otel"))]
+mod tests {
+    use serde_json::Map;
+
+    use super::*;
+    use crate::wire::{self, Args, Head};
+
+    fn sent(ctx: &Context, trace: &TraceHeaders) -> Context {
+        let head = Head {
+            trace: Some(trace),
+            ..Head::new("m", ctx)
+        };
+        let body = wire::encode_request_with(&head, Args::Map(&Map::new())).expect("encodes");
+        wire::decode_request(&body).expect("decodes").context
+    }
+
+    #[test]
+    fn the_current_spans_context_replaces_the_applications_own() {
+        let ctx = Context::new()
+            .with(TRACEPARENT, "00-stale")
+            .with("user", "u");
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let trace = TraceHeaders {
+            pairs: vec![(TRACEPARENT.to_owned(), parent.to_owned())],
+        };
+        let received = sent(&ctx, &trace);
+        assert_eq!(received.get_as::<String>(TRACEPARENT).as_deref(), Some(parent));
+        assert_eq!(received.get_as::<String>("user").as_deref(), Some("u"));
+        assert_eq!(received.len(), 2);
+    }
+
+    #[test]
+    fn without_a_layer_nothing_is_written() {
+        let trace = TraceHeaders::current();
+        assert!(trace.is_empty());
+        let ctx = Context::new().with(TRACEPARENT, "kept").with("user", "u");
+        assert_eq!(sent(&ctx, &trace), ctx);
+    }
+
+    #[test]
+    fn empty_values_are_left_out() {
+        use opentelemetry::propagation::Injector;
+        let mut trace = TraceHeaders::default();
+        trace.set(TRACESTATE, String::new());
+        trace.set(TRACEPARENT, "00-x".to_owned());
+        assert!(!trace.replaces(TRACESTATE));
+        assert!(trace.replaces(TRACEPARENT));
+    }
+}
