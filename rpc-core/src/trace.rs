@@ -22,7 +22,6 @@ use tracing::Span;
 
 use crate::context::Context;
 use crate::logs::Escaped;
-use crate::metrics::{Handled, Outcome};
 
 /// The context key of the W3C `traceparent`.
 pub const TRACEPARENT: &str = "traceparent";
@@ -137,19 +136,9 @@ pub(crate) fn record_message_id(msg_id: &str) {
     Span::current().record("messaging.message.id", msg_id);
 }
 
-/// Marks `span` failed when `result` is an error: `error.type` is the remote
-/// exception's class for a remote failure and the outcome label otherwise.
-pub(crate) fn record_result<T>(span: &Span, result: &crate::Result<T>) {
-    let Err(err) = result else {
-        return;
-    };
-    if span.is_disabled() {
-        return;
-    }
-    match err {
-        crate::Error::Remote(remote) => span.record("error.type", remote.class.as_str()),
-        other => span.record("error.type", Outcome::of_error(other).as_str()),
-    };
+/// Marks `span` failed, with `error_type` as its `error.type`.
+pub(crate) fn record_error(span: &Span, error_type: &str) {
+    span.record("error.type", error_type);
     span.record("otel.status_code", "error");
 }
 
@@ -194,15 +183,6 @@ pub(crate) fn server_span(request: &ServerRequest<'_>) -> Span {
     span
 }
 
-/// Marks `span` failed unless the request was handled without a failure.
-pub(crate) fn record_handled(span: &Span, handled: Handled) {
-    if matches!(handled, Handled::Ok) || span.is_disabled() {
-        return;
-    }
-    span.record("error.type", handled.as_str());
-    span.record("otel.status_code", "error");
-}
-
 /// The trace context to write into a request: that of the current span.
 #[derive(Debug, Default)]
 pub(crate) struct TraceHeaders {
@@ -241,6 +221,17 @@ impl TraceHeaders {
     /// Whether the context's own key `key` gives way to a value written here.
     pub(crate) fn replaces(&self, key: &str) -> bool {
         self.pairs().any(|(k, _)| k == key)
+    }
+
+    /// Headers holding `pairs`, as a test writes them.
+    #[cfg(all(test, feature = "otel"))]
+    pub(crate) fn from_pairs(pairs: &[(&str, &str)]) -> Self {
+        use opentelemetry::propagation::Injector;
+        let mut headers = TraceHeaders::default();
+        for (key, value) in pairs {
+            headers.set(key, (*value).to_owned());
+        }
+        headers
     }
 
     /// Whether there is nothing to write.
@@ -303,55 +294,5 @@ mod otel {
             // Without an OpenTelemetry layer there is nothing to link.
             let _ = span.set_parent(parent);
         }
-    }
-}
-
-#[cfg(all(test, feature = "otel"))]
-mod tests {
-    use serde_json::Map;
-
-    use super::*;
-    use crate::wire::{self, Args, Head};
-
-    fn sent(ctx: &Context, trace: &TraceHeaders) -> Context {
-        let head = Head {
-            trace: Some(trace),
-            ..Head::new("m", ctx)
-        };
-        let body = wire::encode_request_with(&head, Args::Map(&Map::new())).expect("encodes");
-        wire::decode_request(&body).expect("decodes").context
-    }
-
-    #[test]
-    fn the_current_spans_context_replaces_the_applications_own() {
-        let ctx = Context::new()
-            .with(TRACEPARENT, "00-stale")
-            .with("user", "u");
-        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        let trace = TraceHeaders {
-            pairs: vec![(TRACEPARENT.to_owned(), parent.to_owned())],
-        };
-        let received = sent(&ctx, &trace);
-        assert_eq!(received.get_as::<String>(TRACEPARENT).as_deref(), Some(parent));
-        assert_eq!(received.get_as::<String>("user").as_deref(), Some("u"));
-        assert_eq!(received.len(), 2);
-    }
-
-    #[test]
-    fn without_a_layer_nothing_is_written() {
-        let trace = TraceHeaders::current();
-        assert!(trace.is_empty());
-        let ctx = Context::new().with(TRACEPARENT, "kept").with("user", "u");
-        assert_eq!(sent(&ctx, &trace), ctx);
-    }
-
-    #[test]
-    fn empty_values_are_left_out() {
-        use opentelemetry::propagation::Injector;
-        let mut trace = TraceHeaders::default();
-        trace.set(TRACESTATE, String::new());
-        trace.set(TRACEPARENT, "00-x".to_owned());
-        assert!(!trace.replaces(TRACESTATE));
-        assert!(trace.replaces(TRACEPARENT));
     }
 }

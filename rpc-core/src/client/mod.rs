@@ -24,7 +24,7 @@ use tracing::Instrument;
 use crate::auth::MessageAuth;
 use crate::context::Context;
 use crate::error::{Error, Result, TimeoutKind};
-use crate::metrics::ClientMetrics;
+use crate::metrics::{ClientMetrics, Outcome};
 use crate::reply::ReplyRouter;
 use crate::target::{Target, Version};
 use crate::timing::{DEFAULT_TIMEOUT, MAX_TIMEOUT, MIN_CALL_MONITOR};
@@ -370,7 +370,7 @@ impl Client {
         }
         .instrument(span.clone())
         .await;
-        trace::record_result(&span, &called);
+        record_failure(&span, &called);
         called
     }
 
@@ -418,7 +418,7 @@ impl Client {
         }
         .instrument(span.clone())
         .await;
-        trace::record_result(&span, &pending);
+        record_failure(&span, &pending);
         Ok(ReplyStream::new(pending?))
     }
 
@@ -452,7 +452,7 @@ impl Client {
         }
         .instrument(span.clone())
         .await;
-        trace::record_result(&span, &sent);
+        record_failure(&span, &sent);
         self.metrics.cast_sent(method, &sent);
         sent
     }
@@ -694,5 +694,15 @@ fn timeout_error(
         broker: client.broker.clone(),
         waited: started.elapsed(),
         kind,
+    }
+}
+
+/// Marks a client span failed when `result` is an error: its `error.type` is the
+/// remote exception's class for a remote failure, the metrics' outcome otherwise.
+fn record_failure<T>(span: &tracing::Span, result: &Result<T>) {
+    match result {
+        Err(Error::Remote(remote)) => trace::record_error(span, &remote.class),
+        Err(other) => trace::record_error(span, Outcome::of_error(other).as_str()),
+        Ok(_) => {}
     }
 }

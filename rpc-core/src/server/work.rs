@@ -106,7 +106,7 @@ impl Work {
                     };
                     let handled = call.answer(invocation, call_monitor, deadline).await;
                     unfinished.armed = false;
-                    trace::record_handled(&Span::current(), handled);
+                    record_handled(handled);
                     timer.finish(handled);
                 }
                 (msg_id, _) => {
@@ -114,7 +114,7 @@ impl Work {
                         tracing::warn!("call without a reply address (_reply_q); no reply sent");
                     }
                     let handled = run_cast(invocation).await;
-                    trace::record_handled(&Span::current(), handled);
+                    record_handled(handled);
                     timer.finish(handled);
                 }
             }
@@ -326,5 +326,12 @@ impl Call<'_> {
                 false
             }
         }
+    }
+}
+
+/// Marks the current (server) span failed unless the request was handled well.
+fn record_handled(handled: Handled) {
+    if !matches!(handled, Handled::Ok) {
+        trace::record_error(&Span::current(), handled.as_str());
     }
 }

@@ -511,3 +511,51 @@ fn each_key_is_found_at_its_position() {
         }
     }
 }
+
+/// The trace context of the current span (feature `otel`), written as context
+/// members.
+#[cfg(feature = "otel")]
+mod trace_context {
+    use serde_json::Map;
+
+    use super::super::{Args, Head, decode_request, encode_request_with};
+    use crate::context::Context;
+    use crate::trace::{TRACEPARENT, TRACESTATE, TraceHeaders};
+
+    fn sent(ctx: &Context, trace: &TraceHeaders) -> Context {
+        let head = Head {
+            trace: Some(trace),
+            ..Head::new("m", ctx)
+        };
+        let body = encode_request_with(&head, Args::Map(&Map::new())).expect("encodes");
+        decode_request(&body).expect("decodes").context
+    }
+
+    #[test]
+    fn the_current_spans_context_replaces_the_applications_own() {
+        let ctx = Context::new()
+            .with(TRACEPARENT, "00-stale")
+            .with("user", "u");
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let trace = TraceHeaders::from_pairs(&[(TRACEPARENT, parent), (TRACESTATE, "")]);
+        let received = sent(&ctx, &trace);
+        assert_eq!(
+            received.get_as::<String>(TRACEPARENT).as_deref(),
+            Some(parent)
+        );
+        assert_eq!(received.get_as::<String>("user").as_deref(), Some("u"));
+        assert_eq!(
+            received.len(),
+            2,
+            "an empty tracestate is left out: {received:?}"
+        );
+    }
+
+    #[test]
+    fn without_a_layer_nothing_is_written() {
+        let trace = TraceHeaders::current();
+        assert!(trace.is_empty());
+        let ctx = Context::new().with(TRACEPARENT, "kept").with("user", "u");
+        assert_eq!(sent(&ctx, &trace), ctx);
+    }
+}
