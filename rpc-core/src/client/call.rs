@@ -17,6 +17,7 @@ use super::{ClientShared, timeout_error};
 use crate::auth::refused_by_server;
 use crate::dispatch_failure::DispatchFailure;
 use crate::error::{CodecError, Error, RemoteError, Result, TimeoutKind};
+use crate::metrics::CallTimer;
 use crate::reply::{PendingReplies, Replies};
 use crate::target::Target;
 use crate::wire::Reply;
@@ -156,21 +157,32 @@ pub struct ReplyStream<R> {
 }
 
 impl<R: DeserializeOwned + Send + 'static> ReplyStream<R> {
-    pub(super) fn new(pending: PendingCall) -> Self {
-        let stream = futures::stream::unfold(Some(pending), |state| async move {
-            let mut pending = state?;
+    /// The stream of a multicall sent; `timer` ends with the stream (or counts the
+    /// multicall as cancelled if the stream is dropped before its end).
+    pub(super) fn new(pending: PendingCall, timer: CallTimer) -> Self {
+        let stream = futures::stream::unfold(Some((pending, timer)), |state| async move {
+            let (mut pending, timer) = state?;
+            let last = |timer: CallTimer, item: Result<R>| {
+                timer.finish(&item);
+                Some((item, None))
+            };
             loop {
                 let reply = match pending.next_reply().await {
                     Ok(reply) => reply,
-                    Err(err) => return Some((Err(err), None)),
+                    Err(err) => return last(timer, Err(err)),
                 };
                 if let Some(failure) = reply.failure {
-                    return Some((Err(failure_error(failure)), None));
+                    return last(timer, Err(failure_error(failure)));
                 }
                 match (reply.result.is_null(), reply.ending) {
-                    (true, true) => return None,
-                    (false, true) => return Some((decode_result(reply.result), None)),
-                    (false, false) => return Some((decode_result(reply.result), Some(pending))),
+                    (true, true) => {
+                        timer.finish(&Ok(()));
+                        return None;
+                    }
+                    (false, true) => return last(timer, decode_result(reply.result)),
+                    (false, false) => {
+                        return Some((decode_result(reply.result), Some((pending, timer))));
+                    }
                     (true, false) => continue,
                 }
             }

@@ -408,6 +408,7 @@ impl Client {
         self.check_callable()?;
         self.check_cap(method, version)?;
         let span = self.span(Operation::Multicall, method);
+        let timer = self.metrics.call(method);
         let pending = async {
             let args = encode_args(args)?;
             let (mut pending, outgoing) = self.prepare_call(ctx, method, version, &args).await?;
@@ -419,7 +420,14 @@ impl Client {
         .instrument(span.clone())
         .await;
         record_failure(&span, &pending);
-        Ok(ReplyStream::new(pending?))
+        match pending {
+            Ok(pending) => Ok(ReplyStream::new(pending, timer)),
+            Err(err) => {
+                let failed = Err(err);
+                timer.finish(&failed);
+                failed
+            }
+        }
     }
 
     /// Sends `method` without waiting for any result; returns once the transport has

@@ -131,19 +131,19 @@ impl ClientMetrics {
             .clone()
     }
 
-    /// A call of `method` starts: it counts as in flight until the timer ends.
-    pub(crate) fn call<'a>(&'a self, method: &'a str) -> CallTimer<'a> {
+    /// A call (or multicall) of `method` starts: it counts as in flight until the
+    /// timer ends.
+    pub(crate) fn call(&self, method: &str) -> CallTimer {
         self.in_flight().increment(1);
         CallTimer {
-            metrics: self,
-            method,
+            metrics: self.clone(),
+            method: self.method(method),
             started: Instant::now(),
             done: false,
         }
     }
 
-    fn record_call(&self, method: &str, outcome: Outcome, seconds: f64) {
-        let entry = self.method(method);
+    fn record_call(&self, entry: &ClientMethod, outcome: Outcome, seconds: f64) {
         entry.calls[outcome as usize]
             .get_or_init(|| {
                 ::metrics::histogram!(CLIENT_CALL_DURATION,
@@ -169,15 +169,16 @@ impl ClientMetrics {
     }
 }
 
-/// One call being timed; dropped unfinished, it counts as cancelled.
-pub(crate) struct CallTimer<'a> {
-    metrics: &'a ClientMetrics,
-    method: &'a str,
+/// One call being timed; dropped unfinished, it counts as cancelled. It owns its
+/// handles, so a multicall's stream carries it until the stream ends.
+pub(crate) struct CallTimer {
+    metrics: ClientMetrics,
+    method: Arc<ClientMethod>,
     started: Instant,
     done: bool,
 }
 
-impl CallTimer<'_> {
+impl CallTimer {
     /// The call ended with `result`.
     pub(crate) fn finish<T>(mut self, result: &crate::Result<T>) {
         self.end(Outcome::of(result));
@@ -187,11 +188,11 @@ impl CallTimer<'_> {
         self.done = true;
         let seconds = self.started.elapsed().as_secs_f64();
         self.metrics.in_flight().decrement(1);
-        self.metrics.record_call(self.method, outcome, seconds);
+        self.metrics.record_call(&self.method, outcome, seconds);
     }
 }
 
-impl Drop for CallTimer<'_> {
+impl Drop for CallTimer {
     fn drop(&mut self) {
         if !self.done {
             self.end(Outcome::Cancelled);

@@ -336,9 +336,9 @@ impl std::fmt::Debug for RejectionCounter {
 }
 
 #[cfg(feature = "metrics")]
-pub(crate) use live::{ClientMetrics, ServerMetrics};
+pub(crate) use live::{CallTimer, ClientMetrics, ServerMetrics};
 #[cfg(not(feature = "metrics"))]
-pub(crate) use off::{ClientMetrics, ServerMetrics};
+pub(crate) use off::{CallTimer, ClientMetrics, ServerMetrics};
 
 /// The real thing: cached handles per topic, method and outcome.
 #[cfg(feature = "metrics")]

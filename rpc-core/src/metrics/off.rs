@@ -13,16 +13,16 @@ impl ClientMetrics {
 
     pub(crate) fn follow(&mut self, _topic: &str) {}
 
-    pub(crate) fn call<'a>(&'a self, _method: &'a str) -> CallTimer<'a> {
-        CallTimer(std::marker::PhantomData)
+    pub(crate) fn call(&self, _method: &str) -> CallTimer {
+        CallTimer
     }
 
     pub(crate) fn cast_sent(&self, _method: &str, _result: &crate::Result<()>) {}
 }
 
-pub(crate) struct CallTimer<'a>(std::marker::PhantomData<&'a ()>);
+pub(crate) struct CallTimer;
 
-impl CallTimer<'_> {
+impl CallTimer {
     pub(crate) fn finish<T>(self, _result: &crate::Result<T>) {}
 }
 

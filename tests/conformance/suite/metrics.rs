@@ -13,6 +13,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use ::metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+use futures::StreamExt;
 use metrics_util::registry::{AtomicStorage, Registry};
 use mqrpc::metrics as names;
 use mqrpc::transport::{Address, Outgoing};
@@ -198,6 +199,28 @@ pub async fn metrics_count_a_known_sequence_of_calls(backend: Backend) {
         ),
         "{late:?}"
     );
+    // Multicalls count as calls until their stream ends: one read to its end, one
+    // that fails, one dropped before its end (cancelled).
+    let items: Vec<u64> = client
+        .multicall::<_, u64>(&ctx(), "count", json!({"n": 3}))
+        .await
+        .expect("multicall")
+        .map(|item| item.expect("item"))
+        .collect()
+        .await;
+    assert_eq!(items, vec![0, 1, 2]);
+    let mut failing = client
+        .multicall::<_, u64>(&ctx(), "count_then_fail", json!({"n": 1}))
+        .await
+        .expect("multicall");
+    assert_eq!(failing.next().await.map(|item| item.ok()), Some(Some(0)));
+    assert!(matches!(failing.next().await, Some(Err(Error::Remote(_)))));
+    let mut dropped = client
+        .multicall::<_, u64>(&ctx(), "count", json!({"n": 2}))
+        .await
+        .expect("multicall");
+    assert_eq!(dropped.next().await.map(|item| item.ok()), Some(Some(0)));
+    drop(dropped);
     for id in [1, 2] {
         client
             .cast(&ctx(), "record", json!({ "id": id }))
@@ -250,6 +273,13 @@ pub async fn metrics_count_a_known_sequence_of_calls(backend: Backend) {
         "a call that waited out {timeout:?} lasted {}s",
         timed_out[0]
     );
+    assert_eq!(client_calls("count", "ok").len(), 1, "{seen:#?}");
+    assert_eq!(client_calls("count", "cancelled").len(), 1, "{seen:#?}");
+    assert_eq!(
+        client_calls("count_then_fail", "remote").len(),
+        1,
+        "{seen:#?}"
+    );
     assert_eq!(
         seen.counter(names::CLIENT_CASTS, &pairs(&call("record", "ok"))),
         2,
@@ -275,6 +305,10 @@ pub async fn metrics_count_a_known_sequence_of_calls(backend: Backend) {
     );
     assert_eq!(handled("sleep", "deadline"), 1, "{seen:#?}");
     assert_eq!(handled("record", "ok"), 3, "{seen:#?}");
+    assert_eq!(handled("count_then_fail", "error"), 1, "{seen:#?}");
+    // Both `count` streams were sent to their end (the dropped one's replies went
+    // unread).
+    assert_eq!(handled("count", "ok"), 2, "{seen:#?}");
     assert_eq!(
         seen.counter(
             names::SERVER_REJECTED,
@@ -292,7 +326,15 @@ pub async fn metrics_count_a_known_sequence_of_calls(backend: Backend) {
 
     // Bounded labels: the client names its own methods; the server names only its
     // endpoints' methods, never a message id.
-    let client_methods = ["add", "fail", "does_not_exist", "sleep", "record"];
+    let client_methods = [
+        "add",
+        "fail",
+        "does_not_exist",
+        "sleep",
+        "record",
+        "count",
+        "count_then_fail",
+    ];
     for (label, value) in seen.label_values() {
         match label.as_str() {
             names::LABEL_METHOD => assert!(
