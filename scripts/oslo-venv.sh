@@ -7,9 +7,13 @@
 # oslo.messaging >= 18.2 is required: versions 14.8 to 18.1 add a 0.5 s
 # polling delay to every RPC call.
 #
+# The tracing interop tests (oslo_peer.py --trace) also need OpenTelemetry:
+# opentelemetry-instrumentation-oslo-messaging 0.13.x and the SDK, pinned below
+# (the instrumentation itself leaves its opentelemetry-* versions open).
+#
 # Idempotent: if the venv already imports oslo_messaging at a version >= 18.2
-# nothing is installed; the version is printed either way. The last line of
-# output is always
+# and the OpenTelemetry packages at the pinned versions, nothing is installed;
+# the version is printed either way. The last line of output is always
 #
 #   oslo venv: <venv>/bin/python (oslo.messaging X.Y.Z)
 #
@@ -22,6 +26,16 @@ VENV="${MQRPC_OSLO_VENV:-$HOME/.cache/mqrpc/oslo-venv}"
 PYTHON="${PYTHON:-python3}"
 MIN_VERSION="18.2"
 REQUIREMENT="oslo.messaging>=${MIN_VERSION}"
+# The instrumentation's 0.13.x line with the SDK and instrumentation base of one
+# release (opentelemetry-sdk 1.45.2 goes with the 0.66b2 contrib packages).
+OTEL_INSTRUMENTATION_VERSION="0.13.1"
+OTEL_SDK_VERSION="1.45.2"
+OTEL_CONTRIB_VERSION="0.66b2"
+OTEL_REQUIREMENTS=(
+    "opentelemetry-instrumentation-oslo-messaging~=${OTEL_INSTRUMENTATION_VERSION}"
+    "opentelemetry-sdk==${OTEL_SDK_VERSION}"
+    "opentelemetry-instrumentation==${OTEL_CONTRIB_VERSION}"
+)
 
 log() { printf 'oslo-venv.sh: %s\n' "$*" >&2; }
 die() { printf 'oslo-venv.sh: error: %s\n' "$*" >&2; exit 1; }
@@ -39,6 +53,31 @@ installed_version() {
 import importlib.metadata
 import oslo_messaging  # noqa: F401  (must really import, not just be listed)
 print(importlib.metadata.version("oslo.messaging"))
+EOF
+}
+
+# otel_ok: true if the venv imports the OpenTelemetry SDK and the oslo.messaging
+# instrumentation at the pinned versions.
+otel_ok() {
+    [ -x "$VENV/bin/python" ] || return 1
+    "$VENV/bin/python" - "$OTEL_INSTRUMENTATION_VERSION" "$OTEL_SDK_VERSION" \
+        >/dev/null 2>&1 <<'EOF'
+import importlib.metadata
+import sys
+import warnings
+
+warnings.simplefilter("ignore")
+import opentelemetry.sdk.trace  # noqa: F401,E402
+from opentelemetry.instrumentation.oslo_messaging import (  # noqa: F401,E402
+    OsloMessagingInstrumentor,
+)
+
+instrumentation = importlib.metadata.version(
+    "opentelemetry-instrumentation-oslo-messaging")
+sdk = importlib.metadata.version("opentelemetry-sdk")
+wanted_instrumentation, wanted_sdk = sys.argv[1], sys.argv[2]
+same_minor = instrumentation.split(".")[:2] == wanted_instrumentation.split(".")[:2]
+sys.exit(0 if same_minor and sdk == wanted_sdk else 1)
 EOF
 }
 
@@ -68,7 +107,8 @@ report() {
 command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found"
 
 # Fast path: already set up.
-if version="$(installed_version)" && [ -n "$version" ] && version_ok "$version"; then
+if version="$(installed_version)" && [ -n "$version" ] && version_ok "$version" \
+    && otel_ok; then
     report "$version"
     exit 0
 fi
@@ -106,9 +146,10 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 
-log "installing $REQUIREMENT"
-"$VENV/bin/python" -m pip install --quiet --upgrade "$REQUIREMENT"
+log "installing $REQUIREMENT ${OTEL_REQUIREMENTS[*]}"
+"$VENV/bin/python" -m pip install --quiet --upgrade "$REQUIREMENT" "${OTEL_REQUIREMENTS[@]}"
 
 version="$(installed_version)" || die "oslo_messaging does not import after installation"
 version_ok "$version" || die "installed oslo.messaging $version is older than $MIN_VERSION"
+otel_ok || die "the OpenTelemetry packages (${OTEL_REQUIREMENTS[*]}) do not import after installation"
 report "$version"

@@ -143,7 +143,7 @@ pub(crate) async fn python_server_with(
 }
 
 /// An mqrpc server `rs1` of the test endpoint on `topic`, and its recorder.
-async fn rust_server(topic: &str) -> (Server, Arc<Recorder>) {
+pub(crate) async fn rust_server(topic: &str) -> (Server, Arc<Recorder>) {
     rust_server_on(&crate::amqp::url(), topic).await
 }
 

@@ -3,12 +3,14 @@
 
 Runs a real oslo.messaging RPC server or client (rabbit driver) so that the
 Rust side can be tested against it on one RabbitMQ. Needs only the standard
-library and oslo.messaging (>= 18.2; see scripts/oslo-venv.sh).
+library and oslo.messaging (>= 18.2; see scripts/oslo-venv.sh); ``--trace``
+also needs opentelemetry-sdk and opentelemetry-instrumentation-oslo-messaging,
+which that script installs too.
 
 Subcommands
 -----------
 
-``server --url URL --topic T --server S [--exchange E] [--endpoint E]``
+``server --url URL --topic T --server S [--exchange E] [--endpoint E] [--trace]``
     An RPC server on Target(topic=T, server=S, exchange=E) with one endpoint.
     The default (``--endpoint interop``): version 1.3, null namespace, offering:
 
@@ -47,7 +49,7 @@ Subcommands
     gracefully (stop + wait) on SIGTERM/SIGINT or when stdin reaches EOF
     (unless --ignore-stdin), then prints ``{"event": "stopped"}`` and exits 0.
 
-``client --url URL --topic T [--exchange E] [--allow-exmod M ...]``
+``client --url URL --topic T [--exchange E] [--allow-exmod M ...] [--trace]``
     Reads one JSON request per stdin line, handles them one at a time in
     order, and writes one JSON line per request to stdout::
 
@@ -65,6 +67,26 @@ Subcommands
     ``--allow-exmod`` adds a module to the transport's allowed_remote_exmods:
     oslo rebuilds remote exceptions of those modules as their own class
     instead of a RemoteError. Exits 0 at EOF.
+
+``--trace`` (both subcommands)
+    Installs an opentelemetry-sdk tracer provider and instruments
+    oslo.messaging with ``OsloMessagingInstrumentor`` (PyPI package
+    opentelemetry-instrumentation-oslo-messaging): every request sent gets a
+    PRODUCER span "<[namespace.]method> send" whose W3C trace context goes into
+    the request's context (on the wire ``_context_traceparent``, and
+    ``_context_tracestate`` / ``_context_baggage`` when not empty), and every
+    request dispatched gets a CONSUMER span "<[namespace.]method> receive"
+    whose parent is the one that context names. Each span, when it ends, is
+    printed as one more JSON line::
+
+        {"event": "span", "name": "add send", "kind": "producer",
+         "trace_id": <32 hex digits>, "span_id": <16 hex digits>,
+         "parent_span_id": <16 hex digits> | null,
+         "attributes": {"messaging.operation": "call", ...}}
+
+    The client prints the spans of a request before its answer (a span ends
+    before the answer is written); the server prints a call's span before it
+    replies.
 
 stdout carries only these JSON lines; logging goes to stderr at WARNING.
 """
@@ -124,6 +146,51 @@ def make_transport(url, compression=None, transient_quorum=False,
         cfg.CONF.set_override("kombu_compression", compression,
                               group="oslo_messaging_rabbit")
     return transport
+
+
+# --------------------------------------------------------------------------
+# tracing (--trace)
+# --------------------------------------------------------------------------
+
+
+def install_tracing():
+    """Print every finished span as a JSON line and instrument oslo.messaging.
+
+    Imported here, not at the top, so that a peer run without --trace needs
+    nothing but oslo.messaging; with --trace a missing package is an
+    ImportError, the peer exits before "ready", and the test fails.
+    """
+    from opentelemetry import trace
+    from opentelemetry.instrumentation.oslo_messaging import (
+        OsloMessagingInstrumentor,
+    )
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        SimpleSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+
+    class JsonLineExporter(SpanExporter):
+        def export(self, spans):
+            for span in spans:
+                parent = span.parent
+                emit({
+                    "event": "span",
+                    "name": span.name,
+                    "kind": span.kind.name.lower(),
+                    "trace_id": format(span.context.trace_id, "032x"),
+                    "span_id": format(span.context.span_id, "016x"),
+                    "parent_span_id": (format(parent.span_id, "016x")
+                                       if parent is not None else None),
+                    "attributes": dict(span.attributes or {}),
+                })
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(JsonLineExporter()))
+    trace.set_tracer_provider(provider)
+    OsloMessagingInstrumentor().instrument(tracer_provider=provider)
 
 
 # --------------------------------------------------------------------------
@@ -336,6 +403,9 @@ def parse_args(argv):
                      help="kombu_compression for what it sends (gzip, bzip2)")
     srv.add_argument("--transient-quorum", action="store_true",
                      help="rabbit_transient_quorum_queue = true")
+    srv.add_argument("--trace", action="store_true",
+                     help="instrument oslo.messaging with OpenTelemetry and "
+                          "print each finished span as a JSON line")
     srv.add_argument("--endpoint", choices=sorted(_ENDPOINTS),
                      default="interop",
                      help="the endpoint to serve (default: interop)")
@@ -352,6 +422,9 @@ def parse_args(argv):
                      help="kombu_compression for what it sends (gzip, bzip2)")
     cli.add_argument("--transient-quorum", action="store_true",
                      help="rabbit_transient_quorum_queue = true")
+    cli.add_argument("--trace", action="store_true",
+                     help="instrument oslo.messaging with OpenTelemetry and "
+                          "print each finished span as a JSON line")
     cli.add_argument("--allow-exmod", action="append", default=[],
                      help="a module whose remote exceptions oslo rebuilds "
                           "(allowed_remote_exmods); repeatable")
@@ -364,6 +437,8 @@ def main(argv=None):
     logging.basicConfig(
         stream=sys.stderr, level=logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.trace:
+        install_tracing()
     if args.command == "server":
         return run_server(args)
     return run_client(args)

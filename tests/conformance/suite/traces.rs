@@ -23,8 +23,8 @@ use tracing_subscriber::layer::SubscriberExt;
 
 use super::{ARRIVAL, Backend, Fixture, SETTLE, ctx};
 
-/// The spans of one case.
-struct Traced {
+/// The spans of one case (and of the tracing interop tests with Python).
+pub(crate) struct Traced {
     exporter: InMemorySpanExporter,
     provider: SdkTracerProvider,
     _default: DefaultGuard,
@@ -32,7 +32,7 @@ struct Traced {
 
 impl Traced {
     /// Installs the layer as this thread's default subscriber.
-    fn install() -> Self {
+    pub(crate) fn install() -> Self {
         let exporter = InMemorySpanExporter::default();
         let provider = SdkTracerProvider::builder()
             .with_simple_exporter(exporter.clone())
@@ -75,7 +75,7 @@ impl Traced {
     }
 
     /// The one span named `name`.
-    async fn one(&self, name: &str) -> SpanData {
+    pub(crate) async fn one(&self, name: &str) -> SpanData {
         let mut named = self.wait_for(name, 1).await;
         assert_eq!(
             named.len(),
