@@ -144,6 +144,14 @@ pub mod metrics {
     pub use rpc_core::metrics::*;
 }
 
+/// Notifications, as oslo.messaging's: a [`notify::Notifier`] sends events to
+/// `<topic>.<priority>`, a [`notify::NotificationListener`] hands them to the
+/// endpoints that handle their priority and pass their filter, alone or as a member
+/// of a pool.
+pub mod notify {
+    pub use rpc_core::notify::*;
+}
+
 /// Tracing of requests (`rpc_core::trace`). Every call, multicall and cast has a
 /// client span, and every request handled a server span, on every backend. With the
 /// Cargo feature `otel` they are OpenTelemetry spans (semantic conventions for

@@ -31,6 +31,7 @@ pub mod logs;
 pub mod metrics;
 #[cfg(test)]
 mod module_graph;
+pub mod notify;
 pub mod options;
 mod reply;
 mod server;
@@ -68,6 +69,6 @@ pub use target::{DEFAULT_EXCHANGE, ParseVersionError, Target, Version};
 pub use timing::{DEFAULT_TIMEOUT, MAX_TIMEOUT, MIN_CALL_MONITOR};
 pub use tls::{TlsFiles, TlsPem};
 pub use transport::{
-    Acker, Address, CallHint, Capabilities, Consumer, Delivery, ListenOptions, NoAck, Outgoing,
-    Publisher, ReplyConsumer, ReplyEvent, ReplyQueue, Transport,
+    Acker, Address, CallHint, Capabilities, Consumer, Delivery, ListenOptions, NoAck,
+    NotificationSource, Outgoing, Publisher, ReplyConsumer, ReplyEvent, ReplyQueue, Transport,
 };

@@ -45,6 +45,15 @@ pub enum Address {
     },
     /// A client's private reply queue, by the address its transport gave it.
     Reply(String),
+    /// The notifications of one routing key, `<topic>.<priority>`
+    /// (`notifications.info`), in an exchange: every pool of listeners of the key
+    /// gets a copy, kept until a member of the pool takes it.
+    Notification {
+        /// Exchange (scope) of the notifications.
+        exchange: String,
+        /// `<topic>.<priority>`.
+        key: String,
+    },
 }
 
 impl Address {
@@ -78,6 +87,9 @@ impl fmt::Display for Address {
             } => write!(f, "{exchange}/{topic}.{server}"),
             Address::Fanout { exchange, topic } => write!(f, "{exchange}/{topic}_fanout"),
             Address::Reply(queue) => write!(f, "reply queue {queue}"),
+            Address::Notification { exchange, key } => {
+                write!(f, "{exchange}/{key} (notifications)")
+            }
         }
     }
 }
@@ -136,6 +148,9 @@ pub struct Capabilities {
     pub redelivers_unacked: bool,
     /// The largest encoded message the transport carries, if it has a limit.
     pub max_message_size: Option<usize>,
+    /// Notifications are sent and listened to
+    /// ([`Transport::listen_notifications`], [`Address::Notification`]).
+    pub notifications: bool,
 }
 
 impl Default for Capabilities {
@@ -145,6 +160,7 @@ impl Default for Capabilities {
             reports_no_responders: false,
             redelivers_unacked: true,
             max_message_size: None,
+            notifications: false,
         }
     }
 }
@@ -171,6 +187,12 @@ impl Capabilities {
     /// Sets `max_message_size`.
     pub fn max_message_size(mut self, value: Option<usize>) -> Self {
         self.max_message_size = value;
+        self
+    }
+
+    /// Sets `notifications`.
+    pub fn notifications(mut self, value: bool) -> Self {
+        self.notifications = value;
         self
     }
 }
@@ -231,6 +253,35 @@ impl ListenOptions {
     }
 }
 
+/// What a notification listener takes: the notifications of some addresses, as a
+/// member of a pool or of the default group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NotificationSource {
+    /// The [`Address::Notification`]s to take notifications from.
+    pub addresses: Vec<Address>,
+    /// The pool: the listeners of one pool share its copy of each notification.
+    /// `None` is the default group, whose copy the broker keeps from the first send,
+    /// even before any listener (on AMQP the queue named after the key, which the
+    /// notifier declares). A pool's copies are kept from when the pool first listens.
+    pub pool: Option<String>,
+}
+
+impl NotificationSource {
+    /// The notifications of `addresses`, for `pool` (`None`: the default group).
+    pub fn new(addresses: Vec<Address>, pool: Option<String>) -> Self {
+        NotificationSource { addresses, pool }
+    }
+
+    /// The exchange and key of each address (addresses of other kinds are left out).
+    pub fn routes(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.addresses.iter().filter_map(|address| match address {
+            Address::Notification { exchange, key } => Some((exchange.as_str(), key.as_str())),
+            _ => None,
+        })
+    }
+}
+
 /// A connection to a broker (or to the in-process bus).
 #[async_trait]
 pub trait Transport: Send + Sync + fmt::Debug + 'static {
@@ -261,6 +312,23 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
 
     /// Creates a private reply queue for one client.
     async fn reply_queue(&self) -> Result<ReplyQueue>;
+
+    /// Subscribes to notifications ([`NotificationSource`]); each delivery is acked
+    /// once handled or rejected (with `requeue` to be delivered again). A send to an
+    /// [`Address::Notification`] must keep a copy for the default group (and for
+    /// every pool that has listened) until one of its listeners takes it. Backends
+    /// without notifications keep this default, which says so.
+    async fn listen_notifications(
+        &self,
+        source: &NotificationSource,
+        options: &ListenOptions,
+    ) -> Result<Box<dyn Consumer>> {
+        let _ = (source, options);
+        Err(crate::error::Error::Unsupported(format!(
+            "the {} backend has no notifications",
+            self.name()
+        )))
+    }
 
     /// Watches a topic without taking part: a copy of what is sent to the topic, to
     /// its servers and to its fanout from now on, while servers still get every

@@ -26,6 +26,8 @@ mod health;
 pub use health::*;
 mod typed_service;
 pub use typed_service::*;
+mod notifications;
+pub use notifications::*;
 #[cfg(feature = "metrics")]
 mod metrics;
 #[cfg(feature = "metrics")]
@@ -60,6 +62,11 @@ impl Backend {
     pub async fn transport(&self) -> Arc<dyn Transport> {
         (self.connect)().await
     }
+}
+
+/// [`skip`], for the cases a macro arm skips.
+pub fn skip_case(backend: &Backend, case: &str, why: &str) {
+    skip(backend, case, why);
 }
 
 /// Says loudly that a case does not apply to a backend, and why.
@@ -1494,6 +1501,15 @@ macro_rules! conformance_suite {
             undiscoverable_server_does_not_answer,
             oslo_ping_is_answered_when_turned_on,
         );
+        conformance_suite!(@notifications $backend;
+            notification_reaches_a_listener_with_all_it_was_sent_with,
+            a_listener_takes_only_the_priorities_it_handles,
+            every_pool_gets_each_notification_and_a_pool_shares_them,
+            filters_pick_the_notifications_an_endpoint_wants,
+            requeued_notification_comes_back_until_handled,
+            notifications_sent_before_any_listener_are_kept,
+            malformed_notification_is_rejected_and_the_listener_keeps_running,
+        );
         conformance_suite!(@metrics $backend;
             metrics_count_a_known_sequence_of_calls,
         );
@@ -1511,6 +1527,20 @@ macro_rules! conformance_suite {
             async fn $case() {
                 let Some(backend) = $backend().await else { return };
                 $crate::suite::bounded(stringify!($case), $crate::suite::$case(backend)).await;
+            }
+        )*
+    };
+    // Cases of notifications: skipped, loudly, on a backend without them.
+    (@notifications $backend:path; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let Some(backend) = $backend().await else { return };
+                if !backend.transport().await.capabilities().notifications {
+                    $crate::suite::skip_case(&backend, stringify!($case), "the backend has no notifications yet");
+                    return;
+                }
+                $crate::suite::stressed(stringify!($case), backend, $crate::suite::$case).await;
             }
         )*
     };

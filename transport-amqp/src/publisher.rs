@@ -323,9 +323,9 @@ impl AmqpPublisher {
     /// Declares the exchange a publish needs, once per channel.
     async fn ensure_exchange(&self, pc: &PublishChannel, address: &Address) -> Result<()> {
         let (name, fanout_topic) = match address {
-            Address::Topic { exchange, .. } | Address::Server { exchange, .. } => {
-                (exchange.clone(), None)
-            }
+            Address::Topic { exchange, .. }
+            | Address::Server { exchange, .. }
+            | Address::Notification { exchange, .. } => (exchange.clone(), None),
             Address::Fanout { topic, .. } => (topology::fanout_exchange(topic), Some(topic)),
             Address::Reply(_) => return Ok(()),
         };
@@ -627,12 +627,18 @@ fn route(address: &Address) -> (String, String) {
         } => (exchange.clone(), topology::server_queue(topic, server)),
         Address::Fanout { topic, .. } => (topology::fanout_exchange(topic), String::new()),
         Address::Reply(queue) => (String::new(), queue.clone()),
+        Address::Notification { exchange, key } => (exchange.clone(), key.clone()),
     }
 }
 
 #[async_trait]
 impl Publisher for AmqpPublisher {
     async fn send(&self, address: &Address, mut message: Outgoing) -> Result<()> {
+        if let Address::Notification { .. } = address {
+            return Err(Error::Unsupported(
+                "notifications are not available on this backend yet".to_owned(),
+            ));
+        }
         if let Address::Reply(queue) = address
             && !self.link.config.reply_queues.allows(queue)
         {

@@ -36,8 +36,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use dashmap::DashMap;
 use rpc_core::{
-    Acker, Address, Capabilities, Consumer, Delivery, Error, ListenOptions, NoAck, Outgoing,
-    Publisher, ReplyQueue, Result, Target, Transport,
+    Acker, Address, Capabilities, Consumer, Delivery, Error, ListenOptions, NoAck,
+    NotificationSource, Outgoing, Publisher, ReplyQueue, Result, Target, Transport,
 };
 
 mod config;
@@ -150,12 +150,16 @@ fn capabilities(max_message_size: usize) -> Capabilities {
         .reports_no_responders(false)
         .redelivers_unacked(true)
         .max_message_size(Some(max_message_size))
+        .notifications(true)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum QueueKey {
     Topic(String, String),
     Server(String, String, String),
+    /// A notification queue of an exchange: the default group's, named after its
+    /// routing key, or a pool's, named after the pool (as on RabbitMQ).
+    Notification(String, String),
 }
 
 /// Both ends of a queue; the bus keeps them so messages outlive their consumers.
@@ -188,6 +192,8 @@ struct Bus {
     /// Watchers of a topic (`monitor`), who get a copy of everything sent to it.
     taps: DashMap<(String, String), Arc<FanoutGroup>>,
     replies: DashMap<String, Sender<Bytes>>,
+    /// The notification queues bound to each routing key of an exchange.
+    bindings: DashMap<(String, String), Arc<RwLock<Vec<String>>>>,
     next_id: AtomicU64,
     rejected: AtomicU64,
 }
@@ -202,6 +208,7 @@ impl Bus {
             fanouts: DashMap::new(),
             taps: DashMap::new(),
             replies: DashMap::new(),
+            bindings: DashMap::new(),
             next_id: AtomicU64::new(1),
             rejected: AtomicU64::new(0),
         }
@@ -219,6 +226,22 @@ impl Bus {
                 Queue { tx, rx }
             })
             .clone()
+    }
+
+    /// Binds the notification queue `name` of `exchange` to `key` (once) and
+    /// returns the queue.
+    fn bind_notifications(&self, exchange: &str, key: &str, name: &str) -> Queue {
+        let queue = self.queue(QueueKey::Notification(exchange.to_owned(), name.to_owned()));
+        let bound = self
+            .bindings
+            .entry((exchange.to_owned(), key.to_owned()))
+            .or_default()
+            .clone();
+        let mut names = bound.write().unwrap_or_else(|e| e.into_inner());
+        if !names.iter().any(|n| n == name) {
+            names.push(name.to_owned());
+        }
+        queue
     }
 
     fn fanout_group(&self, exchange: &str, topic: &str) -> Arc<FanoutGroup> {
@@ -312,6 +335,25 @@ impl Transport for MemoryTransport {
     async fn reply_queue(&self) -> Result<ReplyQueue> {
         let (address, consumer) = self.open_reply_queue();
         Ok(ReplyQueue::new(address, consumer))
+    }
+
+    async fn listen_notifications(
+        &self,
+        source: &NotificationSource,
+        _options: &ListenOptions,
+    ) -> Result<Box<dyn Consumer>> {
+        let mut queues: Vec<(String, String, Queue)> = Vec::new();
+        for (exchange, key) in source.routes() {
+            let name = source.pool.as_deref().unwrap_or(key);
+            let queue = self.bus.bind_notifications(exchange, key, name);
+            if !queues.iter().any(|(e, n, _)| e == exchange && n == name) {
+                queues.push((exchange.to_owned(), name.to_owned(), queue));
+            }
+        }
+        Ok(Box::new(NotificationConsumer {
+            queues: queues.into_iter().map(|(_, _, queue)| queue).collect(),
+            bus: self.bus.clone(),
+        }))
     }
 }
 
@@ -437,6 +479,28 @@ impl Publisher for MemoryPublisher {
                 }
                 return Ok(());
             }
+            Address::Notification { exchange, key } => {
+                // The default group's queue exists from the first send, as the
+                // oslo notifier declares it: nothing is lost before a listener.
+                self.bus.bind_notifications(exchange, key, key);
+                let names = self
+                    .bus
+                    .bindings
+                    .get(&(exchange.clone(), key.clone()))
+                    .map(|bound| bound.read().unwrap_or_else(|e| e.into_inner()).clone())
+                    .unwrap_or_default();
+                for name in names {
+                    let queue = self
+                        .bus
+                        .queue(QueueKey::Notification(exchange.clone(), name));
+                    queue.tx.send(message.body.clone()).await.map_err(|_| {
+                        Error::Undeliverable {
+                            address: address.to_string(),
+                        }
+                    })?;
+                }
+                return Ok(());
+            }
             Address::Reply(queue) => {
                 let tx = self.bus.replies.get(queue).map(|tx| tx.value().clone());
                 match tx {
@@ -519,6 +583,41 @@ impl Consumer for ServerConsumer {
     async fn stop(&mut self) -> Result<()> {
         // Messages not taken yet stay in the shared queues for other servers.
         self.sources = None;
+        Ok(())
+    }
+}
+
+/// A notification listener's queues: the default group's of each key, or its pool's.
+struct NotificationConsumer {
+    queues: Vec<Queue>,
+    bus: Arc<Bus>,
+}
+
+#[async_trait]
+impl Consumer for NotificationConsumer {
+    async fn recv(&mut self) -> Option<Result<Delivery>> {
+        if self.queues.is_empty() {
+            return None;
+        }
+        // Each `recv` future is cancel-safe: a message leaves its queue only when the
+        // future completes.
+        let waiting = self.queues.iter().map(|queue| Box::pin(queue.rx.recv()));
+        let (received, index, _) = futures::future::select_all(waiting).await;
+        let body = received.ok()?;
+        let queue = &self.queues[index];
+        Some(Ok(Delivery::new(
+            body.clone(),
+            Box::new(MemoryAcker {
+                body: Some(body),
+                requeue_to: queue.tx.clone(),
+                bus: self.bus.clone(),
+            }),
+        )))
+    }
+
+    async fn stop(&mut self) -> Result<()> {
+        // Messages not taken stay in the queues for the other listeners.
+        self.queues.clear();
         Ok(())
     }
 }

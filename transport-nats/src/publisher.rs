@@ -453,6 +453,11 @@ impl NatsPublisher {
             } => c.server_subject(exchange, topic, server),
             Address::Fanout { exchange, topic } => c.fanout_subject(exchange, topic),
             Address::Reply(_) => return Ok(None),
+            Address::Notification { .. } => {
+                return Err(Error::Unsupported(
+                    "notifications are not available on this backend yet".to_owned(),
+                ));
+            }
         };
         NatsConfig::check_subject(&subject, address)?;
         let subject = async_nats::Subject::from(subject);

@@ -101,7 +101,7 @@ impl RedisPublisher {
                 server,
             } => Some(c.server_key(exchange, topic, server)),
             Address::Fanout { exchange, topic } => Some(c.fanout_key(exchange, topic)),
-            Address::Reply(_) => None,
+            Address::Reply(_) | Address::Notification { .. } => None,
         }
     }
 
@@ -157,6 +157,11 @@ impl RedisPublisher {
 #[async_trait]
 impl Publisher for RedisPublisher {
     async fn send(&self, address: &Address, message: Outgoing) -> Result<()> {
+        if let Address::Notification { .. } = address {
+            return Err(Error::Unsupported(
+                "notifications are not available on this backend yet".to_owned(),
+            ));
+        }
         Error::check_size(message.body.len(), self.config.max_message_size)?;
         let mut cluster_changes = 0u32;
         let sent = Retry::new(BACKOFF)

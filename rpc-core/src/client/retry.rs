@@ -51,7 +51,7 @@ impl RetryPolicy {
     /// Runs `attempt` until it succeeds, fails with an error that is not
     /// retryable, or the attempts run out; returns the last outcome. `method` names
     /// the call in the log.
-    pub(super) async fn run<T, F, Fut>(&self, method: &str, attempt: F) -> Result<T>
+    pub(crate) async fn run<T, F, Fut>(&self, method: &str, attempt: F) -> Result<T>
     where
         F: FnMut(u32) -> Fut,
         Fut: Future<Output = Result<T>>,

@@ -4,7 +4,9 @@
 use serde_json::{Map, Value};
 
 use super::members::read_members;
-use super::{Keys, REPLY, REQUEST, ROUTED_REPLY, Reply, Request};
+use super::{
+    Keys, NOTIFICATION, NotificationMessage, REPLY, REQUEST, ROUTED_REPLY, Reply, Request,
+};
 use crate::context::Context;
 use crate::error::{CodecError, RemoteError};
 
@@ -77,6 +79,38 @@ pub fn decode_request(body: &[u8]) -> Result<Request, CodecError> {
         call_monitor,
         unique_id,
         expires_in,
+    })
+}
+
+/// Decodes a notification body (enveloped 2.0, as the `messagingv2` driver sends
+/// it, or bare, as the `messaging` driver does). `event_type` and `priority` are
+/// required; an absent `publisher_id`, `message_id` or `timestamp` reads as empty
+/// and an absent payload as null.
+pub fn decode_notification(body: &[u8]) -> Result<NotificationMessage, CodecError> {
+    let keys = NOTIFICATION.names;
+    let mut read = read_members(body, &NOTIFICATION)?;
+    let mut string = |index: usize| take_string(read.take(index), keys[index]);
+    let message_id = string(0)?.unwrap_or_default();
+    let publisher_id = string(1)?.unwrap_or_default();
+    let event_type = string(2)?.ok_or_else(|| CodecError::new("notification has no event_type"))?;
+    let priority = string(3)?.ok_or_else(|| CodecError::new("notification has no priority"))?;
+    let payload = read.take(4).unwrap_or(Value::Null);
+    let timestamp = match read.take(5) {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(text)) => text,
+        // A number or another JSON value: kept as its JSON text.
+        Some(other) => other.to_string(),
+    };
+    let unique_id = take_string(read.take(6), keys[6])?;
+    Ok(NotificationMessage {
+        message_id,
+        publisher_id,
+        event_type,
+        priority,
+        payload,
+        timestamp,
+        context: Context::from(read.context),
+        unique_id,
     })
 }
 

@@ -9,7 +9,9 @@ use serde::Serialize;
 use serde_json::ser::{CharEscape, Formatter};
 use serde_json::{Map, Value};
 
-use super::{Answer, Args, CONTEXT_PREFIX, Head, ID_LEN, Reply, Request, fresh_id};
+use super::{
+    Answer, Args, CONTEXT_PREFIX, Head, ID_LEN, NotificationMessage, Reply, Request, fresh_id,
+};
 use crate::error::{CodecError, RemoteError};
 
 /// Encodes a request into an enveloped body. The members are written in the order
@@ -81,6 +83,31 @@ pub(crate) fn encode_request_with(head: &Head<'_>, args: Args<'_>) -> Result<Vec
     for (key, value) in trace.into_iter().flat_map(|trace| trace.pairs()) {
         out.key(CONTEXT_PREFIX, key)?;
         out.string(value)?;
+    }
+    Ok(out.finish())
+}
+
+/// Encodes a notification into an enveloped body, its members in the order
+/// oslo.messaging's `messagingv2` driver writes them; `unique_id: None` writes a
+/// fresh one.
+pub fn encode_notification(message: &NotificationMessage) -> Result<Vec<u8>, CodecError> {
+    let mut out = Writer::new();
+    out.member(br#"\"message_id\":"#);
+    out.string(&message.message_id)?;
+    out.member(br#"\"publisher_id\":"#);
+    out.string(&message.publisher_id)?;
+    out.member(br#"\"event_type\":"#);
+    out.string(&message.event_type)?;
+    out.member(br#"\"priority\":"#);
+    out.string(&message.priority)?;
+    out.member(br#"\"payload\":"#);
+    out.value(&message.payload)?;
+    out.member(br#"\"timestamp\":"#);
+    out.string(&message.timestamp)?;
+    unique_id_member(&mut out, message.unique_id.as_deref())?;
+    for (key, value) in message.context.iter() {
+        out.key(CONTEXT_PREFIX, key)?;
+        out.value(value)?;
     }
     Ok(out.finish())
 }

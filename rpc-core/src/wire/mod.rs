@@ -25,8 +25,8 @@ mod members;
 #[cfg(test)]
 mod tests;
 
-pub use decode::{decode_reply, decode_request};
-pub use encode::{encode_reply, encode_request};
+pub use decode::{decode_notification, decode_reply, decode_request};
+pub use encode::{encode_notification, encode_reply, encode_request};
 
 pub(crate) use decode::decode_routed_reply;
 pub(crate) use encode::{encode_answer, encode_request_with, escaped};
@@ -299,6 +299,55 @@ pub(crate) const REQUEST: Keys = Keys {
             "_timeout" => 6,
             "_unique_id" => 7,
             "_expires_in" => 8,
+            _ => return None,
+        })
+    },
+    context: true,
+};
+
+/// A notification as oslo.messaging's `messagingv2` driver sends it: the members
+/// of its message dictionary, its `_unique_id` and its flattened context.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NotificationMessage {
+    /// `message_id`: a uuid4 with dashes.
+    pub message_id: String,
+    /// `publisher_id`: who sent it (`compute.host1`).
+    pub publisher_id: String,
+    /// `event_type`: what happened (`compute.instance.create.end`).
+    pub event_type: String,
+    /// `priority`, upper-case on the wire (`INFO`, `WARN`, `SAMPLE`, ...).
+    pub priority: String,
+    /// `payload`: any JSON value.
+    pub payload: Value,
+    /// `timestamp`: UTC as Python's `str(datetime)` writes it
+    /// (`2026-12-06 16:41:45.766957`, without the fraction when it is zero).
+    pub timestamp: String,
+    /// The sender's context (`_context_*` members).
+    pub context: Context,
+    /// De-duplication id (`_unique_id`).
+    pub unique_id: Option<String>,
+}
+
+/// The members a notification is read from, and its context.
+pub(crate) const NOTIFICATION: Keys = Keys {
+    names: &[
+        "message_id",
+        "publisher_id",
+        "event_type",
+        "priority",
+        "payload",
+        "timestamp",
+        "_unique_id",
+    ],
+    position: |key| {
+        Some(match key {
+            "message_id" => 0,
+            "publisher_id" => 1,
+            "event_type" => 2,
+            "priority" => 3,
+            "payload" => 4,
+            "timestamp" => 5,
+            "_unique_id" => 6,
             _ => return None,
         })
     },
