@@ -128,6 +128,11 @@ impl Notifier {
         event_type: &str,
         payload: P,
     ) -> Result<()> {
+        if self.topics.is_empty() {
+            return Err(Error::InvalidTarget(
+                "a notifier needs at least one topic".to_owned(),
+            ));
+        }
         let payload = serde_json::to_value(payload)
             .map_err(|e| Error::InvalidArguments(format!("payload does not encode: {e}")))?;
         let message = NotificationMessage {

@@ -559,3 +559,51 @@ mod trace_context {
         assert_eq!(sent(&ctx, &trace), ctx);
     }
 }
+
+/// A notification as oslo's `messagingv2` driver writes it reads back whole, and
+/// the members come in the driver's order.
+#[test]
+fn notifications_round_trip_in_oslos_member_order() {
+    use super::{NotificationMessage, decode_notification, encode_notification};
+    let message = NotificationMessage {
+        message_id: "6c3a0b5e-1d2f-4a8b-9c0d-1e2f3a4b5c6d".into(),
+        publisher_id: "compute.host1".into(),
+        event_type: "compute.instance.create.end".into(),
+        priority: "INFO".into(),
+        payload: serde_json::json!({"id": 7, "nested": {"a": [1, "x"]}}),
+        timestamp: "2026-12-06 16:41:45.766957".into(),
+        context: crate::context::Context::new().with("user", "alice"),
+        unique_id: Some("0123456789abcdef0123456789abcdef".into()),
+    };
+    let body = encode_notification(&message).expect("encodes");
+    assert_eq!(decode_notification(&body).expect("decodes"), message);
+    let envelope: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    let inner = envelope["oslo.message"].as_str().expect("inner");
+    let order = [
+        "message_id",
+        "publisher_id",
+        "event_type",
+        "priority",
+        "payload",
+        "timestamp",
+        "_unique_id",
+        "_context_user",
+    ];
+    let positions: Vec<usize> = order
+        .iter()
+        .map(|key| inner.find(&format!("\"{key}\"")).expect(key))
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{inner}");
+    // The unenveloped form of oslo's `messaging` driver reads too.
+    let bare = br#"{"event_type": "e", "priority": "warn", "payload": null, "_context_a": 1}"#;
+    let read = decode_notification(bare).expect("bare");
+    assert_eq!(
+        (read.event_type.as_str(), read.priority.as_str()),
+        ("e", "warn")
+    );
+    assert_eq!(read.context.get("a"), Some(&serde_json::json!(1)));
+    assert!(
+        decode_notification(br#"{"priority": "INFO"}"#).is_err(),
+        "no event_type"
+    );
+}
