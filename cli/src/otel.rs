@@ -15,8 +15,8 @@
 //!
 //! The exporter is OTLP over HTTP, `http/protobuf` unless
 //! `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` or `OTEL_EXPORTER_OTLP_PROTOCOL` says
-//! `http/json`; `grpc` is not built in (a warning, nothing exported), nor is TLS
-//! (plain `http://` endpoints only). The exporter itself reads the endpoint
+//! `http/json`; `grpc` is not built in, nor is TLS (an `https://` endpoint): a
+//! warning, and nothing is exported. The exporter itself reads the endpoint
 //! (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` as is, or `OTEL_EXPORTER_OTLP_ENDPOINT` +
 //! `/v1/traces`), `..._HEADERS` and `..._TIMEOUT`; the batch processor reads
 //! `OTEL_BSP_*`; the resource reads `OTEL_RESOURCE_ATTRIBUTES` and
@@ -60,10 +60,12 @@ fn decide(var: impl Fn(&str) -> Option<String>) -> Decision {
         return Decision::Off;
     }
     let endpoint = var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        .or_else(|| var("OTEL_EXPORTER_OTLP_ENDPOINT"))
-        .is_some();
+        .map(|url| ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", url))
+        .or_else(|| {
+            var("OTEL_EXPORTER_OTLP_ENDPOINT").map(|url| ("OTEL_EXPORTER_OTLP_ENDPOINT", url))
+        });
     match var("OTEL_TRACES_EXPORTER") {
-        None if !endpoint => return Decision::Off,
+        None if endpoint.is_none() => return Decision::Off,
         None => {}
         Some(exporters) => {
             let exporters: Vec<String> = exporters
@@ -81,6 +83,16 @@ fn decide(var: impl Fn(&str) -> Option<String>) -> Decision {
                 ));
             }
         }
+    }
+    if let Some((name, url)) = &endpoint
+        && url
+            .trim()
+            .get(..8)
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
+    {
+        return Decision::Unsupported(format!(
+            "{name}={url}: this mqrpc exports traces without TLS (http:// only)"
+        ));
     }
     let (name, protocol) = match var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") {
         Some(protocol) => ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", protocol),
@@ -255,5 +267,12 @@ mod tests {
             panic!("zipkin was accepted");
         };
         assert!(why.contains("OTEL_TRACES_EXPORTER=zipkin"), "{why}");
+        let Decision::Unsupported(why) = decide_with(&[(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "HTTPS://collector:4318/v1/traces",
+        )]) else {
+            panic!("TLS was accepted");
+        };
+        assert!(why.contains("without TLS"), "{why}");
     }
 }
