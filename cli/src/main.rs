@@ -7,6 +7,8 @@ mod demo;
 mod discover;
 mod health;
 mod metrics;
+#[cfg(feature = "otel")]
+mod otel;
 #[cfg(test)]
 mod skips;
 
@@ -473,30 +475,61 @@ fn shown(metadata: &tracing::Metadata<'_>) -> bool {
     *metadata.level() != tracing::Level::TRACE && !returned_message
 }
 
-/// Logs on stderr, filtered by `MQRPC_LOG` (default `warn`) and then by [`shown`].
-fn init_logging() {
+/// What the process does before it exits: sends the spans it still holds.
+#[derive(Default)]
+struct Telemetry {
+    #[cfg(feature = "otel")]
+    traces: Option<otel::Exporting>,
+}
+
+impl Telemetry {
+    async fn finish(self) {
+        #[cfg(feature = "otel")]
+        if let Some(traces) = self.traces {
+            traces.shutdown().await;
+        }
+    }
+}
+
+/// Logs on stderr, filtered by `MQRPC_LOG` (default `warn`) and then by [`shown`];
+/// with the feature `otel`, traces too when the `OTEL_*` variables ask for them
+/// (see `otel.rs`), under a filter of their own.
+fn init_telemetry() -> Telemetry {
     use tracing_subscriber::filter::{EnvFilter, FilterExt, filter_fn};
     use tracing_subscriber::prelude::*;
 
     let wanted = EnvFilter::try_from_env("MQRPC_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
-    let layer = tracing_subscriber::fmt::layer()
+    let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         // Colours only on a terminal, not in a log file or a pipe.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_filter(wanted.and(filter_fn(shown)));
-    tracing_subscriber::registry().with(layer).init();
+    let registry = tracing_subscriber::registry().with(logs);
+    #[cfg(feature = "otel")]
+    {
+        let (layer, traces) = otel::layer().unzip();
+        registry.with(layer).init();
+        Telemetry { traces }
+    }
+    #[cfg(not(feature = "otel"))]
+    {
+        registry.init();
+        Telemetry::default()
+    }
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    init_logging();
-    match run(Cli::parse()).await {
+    let telemetry = init_telemetry();
+    let code = match run(Cli::parse()).await {
         Ok(code) => code,
         Err(err) => {
             eprintln!("mqrpc: {}", chain(err.as_ref()));
             ExitCode::from(2)
         }
-    }
+    };
+    telemetry.finish().await;
+    code
 }
 
 /// An error and its causes on one line, `: `-separated, leaving out a cause whose

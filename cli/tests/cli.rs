@@ -79,6 +79,7 @@ fn free_local_addr() -> String {
 }
 
 /// The text of `GET /metrics` at `addr`.
+#[cfg(feature = "metrics")]
 fn scrape(addr: &str) -> String {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).expect("the metrics listener answers");
@@ -98,6 +99,7 @@ fn scrape(addr: &str) -> String {
 
 /// The value of the series `name` whose labels include every one of `labels`
 /// (`key="value"`), if the scrape has it.
+#[cfg(feature = "metrics")]
 fn series(scraped: &str, name: &str, labels: &[&str]) -> Option<f64> {
     scraped
         .lines()
@@ -110,6 +112,7 @@ fn series(scraped: &str, name: &str, labels: &[&str]) -> Option<f64> {
 /// `serve --metrics-addr` serves Prometheus's text format; the calls and casts made
 /// meanwhile (separate processes) move its counters, by method and outcome, and a
 /// method the server does not have counts as `_other`.
+#[cfg(feature = "metrics")]
 #[test]
 fn serve_exports_metrics_that_count_the_calls() {
     if !nats_available() {
@@ -191,6 +194,26 @@ fn serve_exports_metrics_that_count_the_calls() {
         std::thread::sleep(Duration::from_millis(50));
     }
     drop(serving);
+}
+
+/// Built without the feature `metrics`, `--metrics-addr` fails at once, saying why,
+/// instead of serving without the metrics asked for.
+#[cfg(not(feature = "metrics"))]
+#[test]
+fn metrics_addr_needs_the_feature() {
+    let addr = free_local_addr();
+    // Refused before connecting: no broker is needed.
+    let (status, _, stderr) = mqrpc(&[
+        "serve",
+        "--url",
+        "nats://127.0.0.1:1",
+        "--topic",
+        "t",
+        "--metrics-addr",
+        &addr,
+    ]);
+    assert_eq!(status, 2, "{stderr}");
+    assert!(stderr.contains("built without metrics"), "{stderr}");
 }
 
 /// `serve`, then every client command and a listener, each as its own process.
