@@ -55,6 +55,8 @@ def figures(side):
                     (32, "calls/s, 32 competing servers")):
         rows[name] = point(side.get("servers"), n)
     rows["casts/s, sent and handled"] = side.get("casts_per_s")
+    rows["notifications/s sent"] = side.get("notifications_sent_per_s")
+    rows["notifications/s handled"] = side.get("notifications_handled_per_s")
     rows["resident bytes per call in flight (10 000 waiting)"] = side.get(
         "bytes_per_in_flight_call")
     return rows

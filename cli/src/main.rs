@@ -7,6 +7,7 @@ mod demo;
 mod discover;
 mod health;
 mod metrics;
+mod notify;
 #[cfg(feature = "otel")]
 mod otel;
 #[cfg(test)]
@@ -45,8 +46,11 @@ enum Command {
     /// Call METHOD and print each streamed result on its own line (multicall).
     Multicall(CallArgs),
     /// Print the messages passing on a topic, one JSON line each, without taking them
-    /// from its servers.
+    /// from its servers; with --notifications, take and print its notifications.
     Listen(ListenArgs),
+    /// Send one notification (oslo.messaging's messagingv2 format) to
+    /// `<topic>.<priority>`; prints nothing on success.
+    Notify(notify::NotifyArgs),
     /// Run a demo server (version 1.3): echo, add, sleep, fail, count, bump, bumps.
     Serve(ServeArgs),
     /// Measure latency and throughput (with --raw, beside the broker's bare client).
@@ -150,12 +154,14 @@ struct ListenArgs {
     /// Broker URL (on memory://, a bus inside this process, nothing passes).
     #[arg(long, env = "MQRPC_URL")]
     url: String,
-    /// Topic.
-    #[arg(long)]
-    topic: String,
+    /// Topic (with --notifications, default `notifications`).
+    #[arg(long, required_unless_present = "notifications")]
+    topic: Option<String>,
     /// Stop after this many messages.
     #[arg(long)]
     count: Option<u64>,
+    #[command(flatten)]
+    notifications: notify::NotificationArgs,
 }
 
 /// What to serve.
@@ -201,7 +207,7 @@ pub(crate) struct ServeArgs {
 
 /// A duration given as seconds (`30`, `0.5`, as oslo.messaging's options take them)
 /// or with a unit (`30s`, `500ms`).
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     match text.trim().parse::<f64>() {
         Ok(seconds) => Duration::try_from_secs_f64(seconds)
             .map_err(|_| format!("{text:?} is not a duration in seconds")),
@@ -241,7 +247,7 @@ fn parse_size(text: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("{text:?} is not a size between 1 byte and {}", usize::MAX))
 }
 
-fn parse_object(text: &str, what: &str) -> Result<serde_json::Map<String, Value>> {
+pub(crate) fn parse_object(text: &str, what: &str) -> Result<serde_json::Map<String, Value>> {
     match serde_json::from_str::<Value>(text).with_context(|| format!("{what} is not JSON"))? {
         Value::Object(map) => Ok(map),
         other => bail!("{what} must be a JSON object, not {other}"),
@@ -323,6 +329,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Listen(args) => listen(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Notify(args) => notify::notify(args).await.map(|()| ExitCode::SUCCESS),
         Command::Serve(args) => demo::serve(args).await.map(|()| ExitCode::SUCCESS),
         Command::Bench(args) => bench::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Ping(args) => discover::run(args, discover::Report::Ping).await,
@@ -348,6 +355,16 @@ fn describe(body: &[u8]) -> Value {
 }
 
 async fn listen(args: ListenArgs) -> Result<()> {
+    if args.notifications.notifications {
+        return notify::listen(
+            &args.url,
+            args.topic.as_deref(),
+            args.count,
+            args.notifications,
+        )
+        .await;
+    }
+    let topic = args.topic.context("--topic is required")?;
     if in_process(&args.url) {
         eprintln!("mqrpc: warning: {IN_PROCESS}; nothing can pass on this topic");
     }
@@ -357,12 +374,12 @@ async fn listen(args: ListenArgs) -> Result<()> {
         () = &mut stop => return Ok(()),
         transport = mqrpc::connect(&args.url) => transport.context("connecting")?,
     };
-    let target = Target::new(&args.topic);
+    let target = Target::new(&topic);
     let mut tap = tokio::select! {
         () = &mut stop => return Ok(()),
         tap = transport.monitor(&target) => tap.context("watching the topic")?,
     };
-    eprintln!("mqrpc: listening on topic {} (Ctrl-C stops)", args.topic);
+    eprintln!("mqrpc: listening on topic {topic} (Ctrl-C stops)");
     let mut seen = 0u64;
     loop {
         let next = tokio::select! {

@@ -12,64 +12,15 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::broker_available;
-
-const MQRPC: &str = env!("CARGO_BIN_EXE_mqrpc");
-
-fn nats_url() -> String {
-    std::env::var("MQRPC_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
-}
-
-fn amqp_url() -> String {
-    std::env::var("MQRPC_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/".to_owned())
-}
+use common::{MQRPC, Serving, amqp_url, broker_available, mqrpc, nats_url, serve_as};
 
 fn nats_available() -> bool {
     broker_available("cli on nats", &nats_url())
 }
 
-fn mqrpc(args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(MQRPC).args(args).output().expect("run mqrpc");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
-struct Serving(Child);
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `mqrpc serve` as server `s1` of `topic`, once it says it is ready.
 fn serve(url: &str, topic: &str, extra: &[&str]) -> Serving {
     serve_as(url, topic, "s1", extra)
-}
-
-/// `mqrpc serve` as `server` of `topic`, once it says it is ready.
-fn serve_as(url: &str, topic: &str, server: &str, extra: &[&str]) -> Serving {
-    let mut child = Command::new(MQRPC)
-        .args(["serve", "--url", url, "--topic", topic, "--server", server])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start mqrpc serve");
-    let stdout = child.stdout.take().expect("stdout");
-    let serving = Serving(child);
-    let mut ready = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut ready)
-        .expect("read the ready line");
-    assert!(ready.contains("\"ready\""), "{ready:?}");
-    assert!(ready.contains(&format!("\"{server}\"")), "{ready:?}");
-    serving
 }
 
 /// An address on loopback that nothing listens on now.

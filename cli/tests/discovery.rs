@@ -3,56 +3,10 @@
 //! JSON; a server started with `--no-discovery` stays out; `--rpc-ping` answers
 //! oslo's ping; nobody there is exit status 1.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-
 mod common;
 
-use common::broker_available;
+use common::{broker_available, mqrpc, nats_url, serve_as};
 use serde_json::{Value, json};
-
-const MQRPC: &str = env!("CARGO_BIN_EXE_mqrpc");
-
-fn nats_url() -> String {
-    std::env::var("MQRPC_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
-}
-
-fn mqrpc(args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(MQRPC).args(args).output().expect("run mqrpc");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
-struct Serving(Child);
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `mqrpc serve` as `server` of `topic`, once it says it is ready.
-fn serve_as(url: &str, topic: &str, server: &str, extra: &[&str]) -> Serving {
-    let mut child = Command::new(MQRPC)
-        .args(["serve", "--url", url, "--topic", topic, "--server", server])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start mqrpc serve");
-    let stdout = child.stdout.take().expect("stdout");
-    let serving = Serving(child);
-    let mut ready = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut ready)
-        .expect("read the ready line");
-    assert!(ready.contains("\"ready\""), "{ready:?}");
-    serving
-}
 
 /// The demo server's methods (`mqrpc serve`), as a status lists them.
 const DEMO_METHODS: [&str; 7] = ["add", "bump", "bumps", "count", "echo", "fail", "sleep"];

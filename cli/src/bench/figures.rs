@@ -29,6 +29,12 @@ pub(crate) struct Figures {
     pub(crate) payloads: Vec<Rate>,
     pub(crate) servers: Vec<Rate>,
     pub(crate) casts_per_s: Option<f64>,
+    /// Notifications sent per second by 64 senders, until the broker had them all.
+    #[serde(default)]
+    pub(crate) notifications_sent_per_s: Option<f64>,
+    /// Notifications handled per second, from the first send to the last handled.
+    #[serde(default)]
+    pub(crate) notifications_handled_per_s: Option<f64>,
     /// Resident memory per call in flight, measured with 10 000 calls waiting.
     #[serde(default)]
     pub(crate) bytes_per_in_flight_call: Option<f64>,

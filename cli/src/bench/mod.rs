@@ -316,6 +316,74 @@ async fn casts(url: &str, quick: bool) -> Result<f64> {
     Ok(rate)
 }
 
+/// Notifications sent by 64 senders to one listener (concurrency 64): how many per
+/// second the senders got the broker to take, and how many per second the listener
+/// handled. `None` on a backend without notifications.
+async fn notifications(url: &str, quick: bool) -> Result<Option<(f64, f64)>> {
+    use mqrpc::notify::{NotificationEndpoint, NotificationListener, NotificationResult, Notifier};
+    let transport = mqrpc::connect(url).await.context("connecting")?;
+    if !transport.capabilities().notifications {
+        return Ok(None);
+    }
+    let topic = new_topic();
+    let total: u64 = if quick { 500 } else { 20_000 };
+    let handled = Arc::new(AtomicUsize::new(0));
+    let all_handled = Arc::new(tokio::sync::Notify::new());
+    let endpoint = {
+        let (handled, all_handled) = (handled.clone(), all_handled.clone());
+        NotificationEndpoint::new().on(mqrpc::notify::Priority::Info, move |_| {
+            if handled.fetch_add(1, Ordering::Relaxed) as u64 + 1 == total {
+                all_handled.notify_one();
+            }
+            async { NotificationResult::Handled }
+        })
+    };
+    let listener = NotificationListener::builder(
+        mqrpc::connect(url).await.context("connecting")?,
+        [Target::new(&topic)],
+    )
+    .endpoint(endpoint)
+    .start()
+    .await
+    .context("starting the notification listener")?;
+    let notifier = Notifier::new(transport, "bench").topics([topic.as_str()]);
+    let started = Instant::now();
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..64 {
+        let (notifier, next) = (notifier.clone(), next.clone());
+        workers.spawn(async move {
+            while (next.fetch_add(1, Ordering::Relaxed) as u64) < total {
+                notifier
+                    .info(&Context::new(), "bench.event", SMALL_PAYLOAD)
+                    .await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+    while let Some(done) = workers.join_next().await {
+        done.context("sender")??;
+    }
+    let sent = total as f64 / started.elapsed().as_secs_f64();
+    if (handled.load(Ordering::Relaxed) as u64) < total
+        && tokio::time::timeout(Duration::from_secs(120), all_handled.notified())
+            .await
+            .is_err()
+    {
+        bail!(
+            "only {} of {total} notifications handled after two minutes",
+            handled.load(Ordering::Relaxed)
+        );
+    }
+    let handled_rate = total as f64 / started.elapsed().as_secs_f64();
+    listener.shutdown().await.context("stopping the listener")?;
+    Ok(Some((sent, handled_rate)))
+}
+
+/// A notification's payload in the bench: about 100 bytes, as the calls'.
+const SMALL_PAYLOAD: &str =
+    "0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567";
+
 /// Resident set size of this process, from /proc (Linux).
 fn resident_bytes() -> Option<f64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
@@ -535,6 +603,11 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
     }
     progress.set_message("casts");
     mqrpc.casts_per_s = Some(casts(&args.url, args.quick).await?);
+    progress.set_message("notifications");
+    if let Some((sent, handled)) = notifications(&args.url, args.quick).await? {
+        mqrpc.notifications_sent_per_s = Some(sent);
+        mqrpc.notifications_handled_per_s = Some(handled);
+    }
     progress.inc(1);
 
     let left = std::mem::take(

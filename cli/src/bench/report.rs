@@ -144,6 +144,16 @@ pub(crate) fn markdown(run: &Run) -> String {
             "| casts/s (sent and handled), concurrency 64 | {casts:.0} | - | - | - |"
         );
     }
+    if let (Some(sent), Some(handled)) = (
+        run.mqrpc.notifications_sent_per_s,
+        run.mqrpc.notifications_handled_per_s,
+    ) {
+        let _ = writeln!(
+            out,
+            "| notifications/s sent, 64 senders | {sent:.0} | - | - | - |\n\
+             | notifications/s handled (from the first sent to the last handled) | {handled:.0} | - | - | - |"
+        );
+    }
     if let Some(bytes) = run.mqrpc.bytes_per_in_flight_call {
         let _ = writeln!(
             out,
