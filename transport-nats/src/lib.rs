@@ -19,6 +19,17 @@
 //!   it never waits on a stream without a leader; a cast to such a stream fails
 //!   within about 2 s (at once right after casts were stored), saying so. Without
 //!   JetStream on the server, casts and servers fail `Refused`, saying so.
+//! - Notifications always go through JetStream, in both modes: an exchange's go to
+//!   its stream `<prefix>_<exchange>_notifications` (subjects
+//!   `<prefix>.js._notify.<exchange>.<topic>.<priority>`, limits retention, kept
+//!   `max_age`), made by the first notifier or listener that finds none. Each route
+//!   has a durable pull consumer for the default group, made by its first listener
+//!   and delivering from the stream's start (so notifications sent before any
+//!   listener are kept), and one per pool, made when the pool first listens and
+//!   delivering from then on; the listeners of a group share its consumer. Acked
+//!   once handled; a requeue is a NAK (delivered again at once), a drop a TERM; a
+//!   listener gone without settling leaves them to be delivered again after
+//!   `ack_wait`. Without JetStream on the server, they fail `Refused`, saying so.
 //! - Reconnection is async-nats' own: it reconnects and re-subscribes by itself.
 //!   `connect_timeout` (URL option, `2s` or plain seconds, default 10 s) bounds each
 //!   attempt. On a cluster, list several servers in the URL (`nats://h1,h2,h3`);
