@@ -505,6 +505,56 @@ mod reliability {
         assert!(!err.is_retryable(), "{err:?}");
     }
 
+    /// Notifications always go through JetStream, core mode too: without JetStream
+    /// on the server, a notifier's send and a listener's start fail at once,
+    /// `Refused`, saying notifications need it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nats_notifications_without_jetstream_are_refused_saying_so() {
+        use mqrpc::notify::{NotificationEndpoint, NotificationListener, Notifier};
+        use mqrpc::{Context, NatsTransport, Target};
+
+        let Some(broker) = OwnBroker::start("nats-server", |port| {
+            ["-a", "127.0.0.1", "-p", &port.to_string()]
+                .map(str::to_owned)
+                .to_vec()
+        })
+        .await
+        else {
+            return;
+        };
+        let url = format!("nats://127.0.0.1:{}", broker.port);
+        let transport: Arc<dyn mqrpc::Transport> =
+            Arc::new(NatsTransport::connect(&url).await.expect("connect"));
+        let refused = |err: mqrpc::Error| {
+            let text = err.to_string();
+            assert!(text.contains("notifications need JetStream"), "{text}");
+            assert!(
+                !text.contains("jetstream=true"),
+                "no way out for them: {text}"
+            );
+            assert_eq!(
+                err.kind(),
+                mqrpc::ErrorKind::Transport(mqrpc::TransportErrorKind::Refused),
+                "{err:?}"
+            );
+        };
+        let err = Notifier::new(transport.clone(), "compute.host1")
+            .topics(["nojs"])
+            .info(&Context::new(), "x", serde_json::json!(1))
+            .await
+            .expect_err("no JetStream to keep the notification");
+        refused(err);
+        let err = NotificationListener::builder(transport, [Target::new("nojs")])
+            .endpoint(
+                NotificationEndpoint::new()
+                    .on_every(|_| async { mqrpc::notify::NotificationResult::Handled }),
+            )
+            .start()
+            .await
+            .expect_err("no JetStream to listen through");
+        refused(err);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn nats_jetstream_casts_flow_again_after_a_broker_restart() {
         use std::time::{Duration, Instant};

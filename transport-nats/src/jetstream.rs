@@ -1,6 +1,6 @@
-//! JetStream mode: the pull loop through which a server takes casts no faster than
-//! its byte budget allows, and the acker that settles each cast (the stream itself:
-//! `stream.rs`).
+//! JetStream: the pull loop through which a server takes casts (JetStream mode) and
+//! a listener takes notifications (always) no faster than its byte budget allows,
+//! and the acker that settles each message (the streams themselves: `stream.rs`).
 
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use rpc_core::{Acker, ByteBudget, Delivery, Error, Result, Target, TransportErro
 
 use crate::config::{DEFAULT_MAX_AGE, NatsConfig};
 use crate::error::boxed_nats_error;
-use crate::stream::ensure_stream;
+use crate::stream::{StreamKind, ensure_stream};
 use crate::{Deliveries, nats_error};
 
 /// The casts a server of `target` takes: one pull loop for the topic's JetStream
@@ -27,10 +27,9 @@ pub(crate) async fn pulls(
     prefetch: usize,
     budget: &ByteBudget,
 ) -> Result<Merged<Deliveries>> {
-    let client = js.client();
     let server = target.server.clone().unwrap_or_default();
     let mut pulls = Merged::new();
-    let stream = ensure_stream(js, config, exchange).await?;
+    let stream = ensure_stream(js, config, StreamKind::Casts, exchange).await?;
     for address in [
         rpc_core::Address::Topic {
             exchange: exchange.to_owned(),
@@ -47,43 +46,151 @@ pub(crate) async fn pulls(
         };
         NatsConfig::check_subject(&subject, target)?;
         let durable = config.jetstream_durable(&subject);
-        let inbox = async_nats::Subject::from(client.new_inbox());
-        let subscriber = client
-            .subscribe(inbox.clone())
-            .await
-            .map_err(|e| nats_error("subscribing", e))?;
-        let mut source = PullSource {
-            js: js.clone(),
-            nats: config.clone(),
-            exchange: exchange.to_owned(),
-            failures: 0,
-            stream: stream.clone(),
-            config: jetstream::consumer::pull::Config {
-                durable_name: Some(durable),
-                filter_subject: subject,
-                ack_wait: config.ack_wait,
-                // The consumer is shared by every server of the subject and
-                // removed once none has pulled for a while.
-                inactive_threshold: config
-                    .max_age
-                    .unwrap_or(DEFAULT_MAX_AGE)
-                    .max(Duration::from_secs(3600)),
-                ..Default::default()
-            },
-            // Small batches: a busy server must not sit on casts other servers
-            // could take (they would be redelivered after ack_wait).
-            batch: prefetch.clamp(1, 4),
-            budget: budget.clone(),
-            consumer: None,
-            inbox,
-            subscriber,
-            pending: None,
-            need: 0,
+        let consumer = jetstream::consumer::pull::Config {
+            durable_name: Some(durable),
+            filter_subject: subject,
+            ack_wait: config.ack_wait,
+            // The consumer is shared by every server of the subject and
+            // removed once none has pulled for a while.
+            inactive_threshold: inactive_threshold(config),
+            ..Default::default()
         };
-        source.consumer = Some(source.consumer().await?);
-        pulls.push(pulled(source));
+        let place = (StreamKind::Casts, exchange);
+        pulls.push(pull(js, config, place, &stream, consumer, prefetch, budget).await?);
     }
     Ok(pulls)
+}
+
+/// The notifications a listener takes ([`rpc_core::NotificationSource`]): for each of
+/// its routes (exchange and `<topic>.<priority>`), a pull loop on the durable consumer
+/// of the route's subject that the listener's group shares, pulled no faster than
+/// `budget` has room.
+///
+/// The default group's consumer (`pool` `None`) is made with
+/// [`jetstream::consumer::DeliverPolicy::All`]: it takes every notification of its
+/// subject the stream holds, those sent before any listener included. A pool's is made
+/// with `New` when the pool first listens: it takes what is sent from then on. Both
+/// go once no listener has pulled for `max_age` (1 h at least), so a consumer made
+/// again finds only notifications nobody took (the stream keeps them `max_age`).
+pub(crate) async fn notification_pulls(
+    js: &jetstream::Context,
+    config: &NatsConfig,
+    source: &rpc_core::NotificationSource,
+    prefetch: usize,
+    budget: &ByteBudget,
+) -> Result<Merged<Deliveries>> {
+    let mut pulls = Merged::new();
+    let mut streams: Vec<(String, jetstream::stream::Stream<()>)> = Vec::new();
+    let mut subjects: Vec<String> = Vec::new();
+    for (exchange, key) in source.routes() {
+        let subject = config.notification_subject(exchange, key);
+        let address = rpc_core::Address::Notification {
+            exchange: exchange.to_owned(),
+            key: key.to_owned(),
+        };
+        NatsConfig::check_subject(&subject, &address)?;
+        // One pull per subject: a route listed twice is taken once.
+        if subjects.contains(&subject) {
+            continue;
+        }
+        subjects.push(subject.clone());
+        let stream = match streams.iter().find(|(e, _)| e == exchange) {
+            Some((_, stream)) => stream.clone(),
+            None => {
+                let stream = ensure_stream(js, config, StreamKind::Notifications, exchange)
+                    .await
+                    .map_err(needs_jetstream)?;
+                streams.push((exchange.to_owned(), stream.clone()));
+                stream
+            }
+        };
+        let durable = config.notification_durable(&subject, source.pool.as_deref());
+        let deliver_policy = if source.pool.is_some() {
+            jetstream::consumer::DeliverPolicy::New
+        } else {
+            jetstream::consumer::DeliverPolicy::All
+        };
+        let consumer = jetstream::consumer::pull::Config {
+            durable_name: Some(durable),
+            filter_subject: subject,
+            deliver_policy,
+            ack_wait: config.ack_wait,
+            inactive_threshold: inactive_threshold(config),
+            ..Default::default()
+        };
+        let place = (StreamKind::Notifications, exchange);
+        let pulled = pull(js, config, place, &stream, consumer, prefetch, budget).await;
+        pulls.push(pulled.map_err(needs_jetstream)?);
+    }
+    Ok(pulls)
+}
+
+/// The error saying JetStream is off ([`crate::stream::not_enabled`]) said for
+/// notifications, which always go through JetStream: connecting without
+/// `jetstream=true` is no way out for them. Other errors are kept as they are.
+pub(crate) fn needs_jetstream(err: Error) -> Error {
+    match err {
+        Error::Transport {
+            kind: TransportErrorKind::Refused,
+            message,
+            source,
+        } if message.contains(crate::stream::NOT_ENABLED) => Error::Transport {
+            kind: TransportErrorKind::Refused,
+            message: "notifications need JetStream, which is not enabled on this NATS server \
+                      (or for this account): no responders on $JS.API; start nats-server \
+                      with -js"
+                .to_owned(),
+            source,
+        },
+        other => other,
+    }
+}
+
+/// How long a durable consumer nobody pulls from is kept: `max_age` (1 h at least).
+fn inactive_threshold(config: &NatsConfig) -> Duration {
+    config
+        .max_age
+        .unwrap_or(DEFAULT_MAX_AGE)
+        .max(Duration::from_secs(3600))
+}
+
+/// A pull loop on the durable consumer `consumer` (created when missing) of the
+/// stream of `place` (its kind and exchange).
+async fn pull(
+    js: &jetstream::Context,
+    config: &NatsConfig,
+    (kind, exchange): (StreamKind, &str),
+    stream: &jetstream::stream::Stream<()>,
+    consumer: jetstream::consumer::pull::Config,
+    prefetch: usize,
+    budget: &ByteBudget,
+) -> Result<Deliveries> {
+    let client = js.client();
+    let inbox = async_nats::Subject::from(client.new_inbox());
+    let subscriber = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| nats_error("subscribing", e))?;
+    let mut source = PullSource {
+        js: js.clone(),
+        nats: config.clone(),
+        kind,
+        exchange: exchange.to_owned(),
+        failures: 0,
+        stream: stream.clone(),
+        config: consumer,
+        // Small batches: a busy consumer must not sit on messages others sharing
+        // the durable could take (they would be redelivered after ack_wait).
+        batch: prefetch.clamp(1, 4),
+        budget: budget.clone(),
+        consumer: None,
+        inbox,
+        subscriber,
+        pending: None,
+        need: 0,
+    };
+    source.consumer = Some(source.consumer().await?);
+    Ok(pulled(source))
 }
 
 /// How long one pull request waits on the server. Short, so a request the server
@@ -117,6 +224,8 @@ struct PendingPull {
 struct PullSource {
     js: jetstream::Context,
     nats: NatsConfig,
+    /// What the stream holds, and of which exchange.
+    kind: StreamKind,
     exchange: String,
     stream: jetstream::stream::Stream<()>,
     config: jetstream::consumer::pull::Config,
@@ -148,7 +257,8 @@ impl PullSource {
         let consumer = match created {
             Ok(consumer) => consumer,
             Err(_) => {
-                self.stream = ensure_stream(&self.js, &self.nats, &self.exchange).await?;
+                self.stream =
+                    ensure_stream(&self.js, &self.nats, self.kind, &self.exchange).await?;
                 self.stream
                     .get_or_create_consumer(&durable, self.config.clone())
                     .await

@@ -19,6 +19,17 @@
 //!   it never waits on a stream without a leader; a cast to such a stream fails
 //!   within about 2 s (at once right after casts were stored), saying so. Without
 //!   JetStream on the server, casts and servers fail `Refused`, saying so.
+//! - Notifications always go through JetStream, in both modes: an exchange's go to
+//!   its stream `<prefix>_<exchange>_notifications` (subjects
+//!   `<prefix>.js._notify.<exchange>.<topic>.<priority>`, limits retention, kept
+//!   `max_age`), made by the first notifier or listener that finds none. Each route
+//!   has a durable pull consumer for the default group, made by its first listener
+//!   and delivering from the stream's start (so notifications sent before any
+//!   listener are kept), and one per pool, made when the pool first listens and
+//!   delivering from then on; the listeners of a group share its consumer. Acked
+//!   once handled; a requeue is a NAK (delivered again at once), a drop a TERM; a
+//!   listener gone without settling leaves them to be delivered again after
+//!   `ack_wait`. Without JetStream on the server, they fail `Refused`, saying so.
 //! - Reconnection is async-nats' own: it reconnects and re-subscribes by itself.
 //!   `connect_timeout` (URL option, `2s` or plain seconds, default 10 s) bounds each
 //!   attempt. On a cluster, list several servers in the URL (`nats://h1,h2,h3`);
@@ -53,6 +64,7 @@ mod config;
 mod error;
 mod jetstream;
 mod monitor;
+mod notify;
 mod publisher;
 mod reply;
 mod server;
@@ -65,8 +77,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rpc_core::{
-    Capabilities, Consumer, Error, ListenOptions, Publisher, ReplyQueue, Result, Target, Transport,
-    TransportErrorKind,
+    Capabilities, Consumer, Error, ListenOptions, NotificationSource, Publisher, ReplyQueue,
+    Result, Target, Transport, TransportErrorKind,
 };
 
 pub use config::{Auth, DEFAULT_MAX_AGE, NatsConfig};
@@ -88,6 +100,8 @@ pub(crate) struct Shared {
     pub(crate) config: NatsConfig,
     pub(crate) client: async_nats::Client,
     pub(crate) jetstream: Option<async_nats::jetstream::Context>,
+    /// The JetStream context of notifications, which always go through JetStream.
+    pub(crate) notify_js: async_nats::jetstream::Context,
     /// Slow-consumer events the client reported (messages it dropped).
     pub(crate) slow_consumers: Arc<AtomicU64>,
     /// Whether the client is connected, as its events say: async-nats reconnects
@@ -247,20 +261,21 @@ impl NatsTransport {
         };
         // API requests and store acknowledgements bounded well inside a cast's usual
         // deadline, so a stream without a leader is reported as such.
-        let jetstream = config.jetstream.then(|| {
-            async_nats::jetstream::ContextBuilder::new()
-                .timeout(crate::stream::JETSTREAM_API_TIMEOUT)
-                .build(client.clone())
-        });
+        let any_js = async_nats::jetstream::ContextBuilder::new()
+            .timeout(crate::stream::JETSTREAM_API_TIMEOUT)
+            .build(client.clone());
+        let jetstream = config.jetstream.then(|| any_js.clone());
         let publisher = Arc::new(NatsPublisher::new(
             client.clone(),
             config.clone(),
             jetstream.clone(),
+            any_js.clone(),
         ));
         let shared = Arc::new(Shared {
             config,
             client,
             jetstream,
+            notify_js: any_js,
             slow_consumers,
             connected,
             dropped: AtomicU64::new(0),
@@ -320,6 +335,7 @@ impl Transport for NatsTransport {
             .reports_no_responders(true)
             .redelivers_unacked(jetstream)
             .max_message_size(Some(self.max_message_size()))
+            .notifications(true)
     }
 
     fn default_exchange(&self) -> &str {
@@ -337,6 +353,16 @@ impl Transport for NatsTransport {
     async fn listen(&self, target: &Target, options: &ListenOptions) -> Result<Box<dyn Consumer>> {
         target.validate_for_listen()?;
         let consumer = ServerConsumer::start(self.shared.clone(), target, options).await?;
+        Ok(Box::new(consumer))
+    }
+
+    async fn listen_notifications(
+        &self,
+        source: &NotificationSource,
+        options: &ListenOptions,
+    ) -> Result<Box<dyn Consumer>> {
+        let consumer =
+            notify::NotificationConsumer::start(self.shared.clone(), source, options).await?;
         Ok(Box::new(consumer))
     }
 

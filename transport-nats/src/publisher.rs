@@ -16,6 +16,7 @@ use rpc_core::{Address, Error, Outgoing, Publisher, Result, TransportErrorKind};
 use crate::batch::Requests;
 use crate::config::NatsConfig;
 use crate::nats_error;
+use crate::stream::StreamKind;
 
 /// Suffix of a client's reply address under its inbox.
 pub(crate) const REPLY_TOKEN: &str = "r";
@@ -26,11 +27,13 @@ pub(crate) struct NatsPublisher {
     client: async_nats::Client,
     config: NatsConfig,
     jetstream: Option<jetstream::Context>,
-    /// What this publisher knows of the stream of its configured exchange (most
-    /// casts go there: no lock, no hash for them) ...
+    /// The JetStream context notifications go through (in both modes).
+    notify_js: jetstream::Context,
+    /// What this publisher knows of the casts stream of its configured exchange
+    /// (most casts go there: no lock, no hash for them) ...
     home_stream: Arc<StreamState>,
-    /// ... and of other exchanges' streams.
-    other_streams: Mutex<HashMap<String, Arc<StreamState>>>,
+    /// ... and of other streams (other exchanges', notifications').
+    other_streams: Mutex<HashMap<(StreamKind, String), Arc<StreamState>>>,
     reply_prefix: String,
     /// The subject of the last address published to: a client mostly sends to one
     /// target, and working a subject out formats several strings.
@@ -157,6 +160,7 @@ impl NatsPublisher {
         client: async_nats::Client,
         config: NatsConfig,
         jetstream: Option<jetstream::Context>,
+        notify_js: jetstream::Context,
     ) -> Self {
         NatsPublisher {
             reply_prefix: config.reply_prefix(),
@@ -164,6 +168,7 @@ impl NatsPublisher {
             client,
             config,
             jetstream,
+            notify_js,
             home_stream: Arc::default(),
             other_streams: Mutex::default(),
             last_subject: Mutex::new(None),
@@ -172,8 +177,8 @@ impl NatsPublisher {
         }
     }
 
-    /// A cast in JetStream mode: published to the exchange's stream, and done once
-    /// the stream stored it.
+    /// A cast in JetStream mode, or a notification: published to the exchange's
+    /// stream of `kind`, and done once the stream stored it.
     ///
     /// Nothing is asked of JetStream before: when no stream takes the subject ("no
     /// responders"), the meta leader is asked whether the exchange's stream exists,
@@ -185,22 +190,31 @@ impl NatsPublisher {
     /// cast fails saying so; right after casts were stored, it fails so at once,
     /// and the next cast asks again. So `connect` never waits on a stream, and a
     /// cast fails soon, with its cause, while its stream is offline.
-    async fn store_cast(
+    async fn store(
         &self,
         js: &jetstream::Context,
         js_subject: String,
         address: &Address,
+        kind: StreamKind,
         body: bytes::Bytes,
     ) -> Result<()> {
         NatsConfig::check_subject(&js_subject, address)?;
-        let (Address::Topic { exchange, .. } | Address::Server { exchange, .. }) = address else {
+        let (Address::Topic { exchange, .. }
+        | Address::Server { exchange, .. }
+        | Address::Notification { exchange, .. }) = address
+        else {
             return Err(Error::InvalidTarget(format!(
-                "{address}: only casts to a topic or server go through JetStream"
+                "{address}: only casts to a topic or server and notifications go through \
+                 JetStream"
             )));
         };
         let subject = async_nats::Subject::from(js_subject);
-        let not_stored = || format!("JetStream did not store the cast to {address}");
-        let state = self.stream_state(exchange);
+        let what = match kind {
+            StreamKind::Casts => "cast",
+            StreamKind::Notifications => "notification",
+        };
+        let not_stored = || format!("JetStream did not store the {what} to {address}");
+        let state = self.stream_state(kind, exchange);
         // Publishes since the stream was looked up or created.
         let mut since_setup: Option<u32> = None;
         // Whether the look-up found it (rather than created it).
@@ -223,7 +237,7 @@ impl NatsPublisher {
             if !no_stream {
                 return Err(because(&not_stored(), err));
             }
-            let name = self.config.jetstream_stream(exchange);
+            let name = kind.name(&self.config, exchange);
             let no_leader = |err| {
                 Error::transport(
                     TransportErrorKind::Other,
@@ -261,7 +275,7 @@ impl NatsPublisher {
             let seen = state.setups.load(Ordering::Acquire);
             let _setup = state.setup.lock().await;
             if state.setups.load(Ordering::Acquire) == seen {
-                let looked_up = self.look_up_or_create(js, exchange, &name, &subject).await;
+                let looked_up = (self.look_up_or_create(js, kind, exchange, &name, &subject)).await;
                 state.setups.fetch_add(1, Ordering::Release);
                 found = looked_up.map_err(|e| e.with_cause_of(&not_stored(), err))?;
             } else {
@@ -277,11 +291,12 @@ impl NatsPublisher {
     async fn look_up_or_create(
         &self,
         js: &jetstream::Context,
+        kind: StreamKind,
         exchange: &str,
         name: &str,
         subject: &async_nats::Subject,
     ) -> std::result::Result<bool, SetupError> {
-        let filter = crate::stream::stream_subject(&self.config, exchange);
+        let filter = kind.subject(&self.config, exchange);
         let looking = "looking up the stream";
         let question = serde_json::json!({ "subject": filter });
         let lookup =
@@ -306,7 +321,7 @@ impl NatsPublisher {
         if exists {
             return Ok(true);
         }
-        let ensure = crate::stream::ensure_stream(js, &self.config, exchange);
+        let ensure = crate::stream::ensure_stream(js, &self.config, kind, exchange);
         match tokio::time::timeout(ENSURE_LIMIT, ensure).await {
             Ok(Ok(_)) => Ok(false),
             Ok(Err(e)) => Err(SetupError::Failed(e)),
@@ -318,17 +333,18 @@ impl NatsPublisher {
         }
     }
 
-    /// What this publisher knows of `exchange`'s stream.
-    fn stream_state(&self, exchange: &str) -> Arc<StreamState> {
-        if exchange == self.config.exchange {
+    /// What this publisher knows of `exchange`'s stream of `kind`.
+    fn stream_state(&self, kind: StreamKind, exchange: &str) -> Arc<StreamState> {
+        if kind == StreamKind::Casts && exchange == self.config.exchange {
             return self.home_stream.clone();
         }
         let mut others = self.other_streams.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(state) = others.get(exchange) {
+        let key = (kind, exchange.to_owned());
+        if let Some(state) = others.get(&key) {
             return state.clone();
         }
         let state = Arc::<StreamState>::default();
-        others.insert(exchange.to_owned(), state.clone());
+        others.insert(key, state.clone());
         state
     }
 
@@ -430,8 +446,8 @@ impl NatsPublisher {
         Ok(found)
     }
 
-    /// The subject of a topic, server or fanout address (`None` for a reply), or an
-    /// error when it is too long for NATS.
+    /// The subject of a topic, server or fanout address (`None` for a reply or a
+    /// notification), or an error when it is too long for NATS.
     fn subject(&self, address: &Address) -> Result<Option<async_nats::Subject>> {
         // Replies (a server's every publish) have no subject: no lock for them.
         if matches!(address, Address::Reply(_)) {
@@ -452,12 +468,7 @@ impl NatsPublisher {
                 server,
             } => c.server_subject(exchange, topic, server),
             Address::Fanout { exchange, topic } => c.fanout_subject(exchange, topic),
-            Address::Reply(_) => return Ok(None),
-            Address::Notification { .. } => {
-                return Err(Error::Unsupported(
-                    "notifications are not available on this backend yet".to_owned(),
-                ));
-            }
+            Address::Reply(_) | Address::Notification { .. } => return Ok(None),
         };
         NatsConfig::check_subject(&subject, address)?;
         let subject = async_nats::Subject::from(subject);
@@ -499,6 +510,15 @@ impl Publisher for NatsPublisher {
         let size = message.body.len();
         Error::check_size(size, limit)?;
         let Some(subject) = self.subject(address)? else {
+            if let Address::Notification { exchange, key } = address {
+                // Always through JetStream, which keeps them for listeners to come.
+                let js_subject = self.config.notification_subject(exchange, key);
+                let kind = StreamKind::Notifications;
+                let stored = self.store(&self.notify_js, js_subject, address, kind, message.body);
+                return Box::pin(stored)
+                    .await
+                    .map_err(crate::jetstream::needs_jetstream);
+            }
             // A reply. Requests may name any reply address; only inboxes are written.
             let Address::Reply(inbox) = address else {
                 return Ok(());
@@ -533,7 +553,8 @@ impl Publisher for NatsPublisher {
         if let Some(js) = &self.jetstream
             && let Some(js_subject) = self.config.jetstream_subject(address)
         {
-            return Box::pin(self.store_cast(js, js_subject, address, message.body)).await;
+            let kind = StreamKind::Casts;
+            return Box::pin(self.store(js, js_subject, address, kind, message.body)).await;
         }
         Box::pin(self.cast(subject, address, message.body, limit)).await
     }

@@ -1,7 +1,7 @@
-//! The work-queue stream holding an exchange's casts: creating it, or bringing an
-//! existing one up to what mqrpc owns (its subject, `max_age` when set, replicas
-//! raised, never lowered) without touching the rest, and the JetStream API
-//! requests that do it.
+//! The streams of an exchange (the work queue holding its casts, the stream holding
+//! its notifications): creating one, or bringing an existing one up to what mqrpc
+//! owns (its subject, `max_age` when set, replicas raised, never lowered) without
+//! touching the rest, and the JetStream API requests that do it.
 
 use std::time::Duration;
 
@@ -10,20 +10,53 @@ use rpc_core::{Error, Result, TransportErrorKind};
 
 use crate::config::{DEFAULT_MAX_AGE, NatsConfig};
 
-/// The subject filter of an exchange's stream: every JetStream subject of its topics
-/// and servers (`<prefix>.js.<exchange>.>`, escaped).
-pub(crate) fn stream_subject(config: &NatsConfig, exchange: &str) -> String {
-    config
-        .jetstream_subject(&rpc_core::Address::Topic {
-            exchange: exchange.to_owned(),
-            topic: "x".to_owned(),
-        })
-        .and_then(|s| s.rsplit_once('.').map(|(base, _)| format!("{base}.>")))
-        .unwrap_or_default()
+/// What a stream of an exchange holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum StreamKind {
+    /// Casts to its topics and servers: a work queue (a cast leaves once a server
+    /// acked it).
+    Casts,
+    /// Notifications: kept for `max_age` whoever took them (limits retention), each
+    /// consumer (the default group of a key, or a pool) taking its own copy.
+    Notifications,
 }
 
-/// The work-queue stream holding an exchange's casts, made to match what mqrpc owns
-/// of it without touching the rest.
+impl StreamKind {
+    /// The stream's name.
+    pub(crate) fn name(self, config: &NatsConfig, exchange: &str) -> String {
+        match self {
+            StreamKind::Casts => config.jetstream_stream(exchange),
+            StreamKind::Notifications => config.notification_stream(exchange),
+        }
+    }
+
+    /// The subject filter of the stream: every JetStream subject of the exchange's
+    /// topics and servers (`<prefix>.js.<exchange>.>`, escaped), or of its
+    /// notifications (`<prefix>.js._notify.<exchange>.>`).
+    pub(crate) fn subject(self, config: &NatsConfig, exchange: &str) -> String {
+        match self {
+            StreamKind::Casts => config
+                .jetstream_subject(&rpc_core::Address::Topic {
+                    exchange: exchange.to_owned(),
+                    topic: "x".to_owned(),
+                })
+                .and_then(|s| s.rsplit_once('.').map(|(base, _)| format!("{base}.>")))
+                .unwrap_or_default(),
+            StreamKind::Notifications => config.notification_stream_subject(exchange),
+        }
+    }
+
+    fn retention(self) -> jetstream::stream::RetentionPolicy {
+        match self {
+            StreamKind::Casts => jetstream::stream::RetentionPolicy::WorkQueue,
+            StreamKind::Notifications => jetstream::stream::RetentionPolicy::Limits,
+        }
+    }
+}
+
+/// The stream of `kind` of an exchange (its casts' work queue, or its
+/// notifications' stream), made to match what mqrpc owns of it without touching
+/// the rest.
 ///
 /// - Missing: created with the exchange's subject, `max_age` ([`DEFAULT_MAX_AGE`]
 ///   unless set) and [`NatsConfig::replicas`] copies.
@@ -41,10 +74,11 @@ pub(crate) fn stream_subject(config: &NatsConfig, exchange: &str) -> String {
 pub(crate) async fn ensure_stream(
     js: &jetstream::Context,
     config: &NatsConfig,
+    kind: StreamKind,
     exchange: &str,
 ) -> Result<jetstream::stream::Stream<()>> {
-    let name = config.jetstream_stream(exchange);
-    let subject = stream_subject(config, exchange);
+    let name = kind.name(config, exchange);
+    let subject = kind.subject(config, exchange);
     let handle = || async {
         js.get_stream_no_info(&name).await.map_err(|e| {
             Error::transport(
@@ -82,7 +116,7 @@ pub(crate) async fn ensure_stream(
             .create_stream(jetstream::stream::Config {
                 name: name.clone(),
                 subjects: vec![subject.clone()],
-                retention: jetstream::stream::RetentionPolicy::WorkQueue,
+                retention: kind.retention(),
                 max_age: capped(config.max_age.unwrap_or(DEFAULT_MAX_AGE)),
                 num_replicas: config.replicas,
                 ..Default::default()
@@ -133,11 +167,16 @@ pub(crate) async fn api_request(
 pub(crate) fn not_enabled(err: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::transport(
         TransportErrorKind::Refused,
-        "JetStream is not enabled on this NATS server (or for this account): no responders \
-         on $JS.API; start nats-server with -js, or connect without jetstream=true",
+        format!(
+            "{NOT_ENABLED} on this NATS server (or for this account): no responders on \
+             $JS.API; start nats-server with -js, or connect without jetstream=true"
+        ),
         err,
     )
 }
+
+/// How [`not_enabled`] begins.
+pub(crate) const NOT_ENABLED: &str = "JetStream is not enabled";
 
 /// Brings what mqrpc owns of an existing stream up to date (see [`ensure_stream`]),
 /// from `info`, the server's answer to `STREAM.INFO`. An update that fails is logged

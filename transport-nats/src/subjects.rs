@@ -109,6 +109,59 @@ impl NatsConfig {
         hashed(&head, subject)
     }
 
+    /// The JetStream subject of the notifications of routing key `key`
+    /// (`<topic>.<priority>`) in `exchange`:
+    /// `<prefix>.js._notify.<exchange>.<topic>.<priority>`, each name escaped as in
+    /// [`NatsConfig::jetstream_subject`] (a key without a `.` is one token).
+    /// `_notify` is no escaped name (`name_safe` writes `_` only before two
+    /// uppercase hex digits), so these subjects never meet those of casts, and the
+    /// `js` token keeps them apart from core NATS subjects.
+    pub fn notification_subject(&self, exchange: &str, key: &str) -> String {
+        let key = match key.rsplit_once('.') {
+            Some((topic, priority)) => {
+                format!("{}.{}", notify_token(topic), notify_token(priority))
+            }
+            None => notify_token(key),
+        };
+        format!(
+            "{}.{JETSTREAM_TOKEN}.{NOTIFY_TOKEN}.{}.{key}",
+            self.prefix,
+            notify_token(exchange)
+        )
+    }
+
+    /// The subjects of the stream holding an exchange's notifications
+    /// (`<prefix>.js._notify.<exchange>.>`).
+    pub fn notification_stream_subject(&self, exchange: &str) -> String {
+        format!(
+            "{}.{JETSTREAM_TOKEN}.{NOTIFY_TOKEN}.{}.>",
+            self.prefix,
+            notify_token(exchange)
+        )
+    }
+
+    /// The JetStream stream holding notifications of an exchange.
+    pub fn notification_stream(&self, exchange: &str) -> String {
+        fit_name(format!(
+            "{}_{}_notifications",
+            name_safe(&self.prefix),
+            name_safe(exchange)
+        ))
+    }
+
+    /// The durable consumer through which the default group (`pool` `None`) or a
+    /// pool takes the notifications of a subject (one of
+    /// [`NatsConfig::notification_subject`]). Shared by every listener of that group
+    /// or pool, in any process; distinct for distinct subjects and pools, and from
+    /// the consumers of casts; at most [`MAX_JETSTREAM_NAME`] characters.
+    pub fn notification_durable(&self, subject: &str, pool: Option<&str>) -> String {
+        match pool {
+            None => self.jetstream_durable(subject),
+            // `_pool` is no escaped name either: this is not the subject of any key.
+            Some(pool) => self.jetstream_durable(&format!("{subject}._pool.{}", name_safe(pool))),
+        }
+    }
+
     /// Checks that a subject mqrpc is about to subscribe or publish to fits in a
     /// NATS protocol line: nats-server closes the connection of a client whose line
     /// is longer than its `max_control_line` (4096 bytes by default), which would
@@ -169,6 +222,19 @@ fn hashed(head: &str, full: &str) -> String {
     }
     format!("{head}__{hash}")
 }
+
+/// A name's token in a notification subject: its [`jetstream_token`], or `_` for an
+/// empty name (a subject cannot have an empty token; `name_safe` never writes a
+/// lone `_`).
+fn notify_token(name: &str) -> String {
+    if name.is_empty() {
+        return "_".to_owned();
+    }
+    jetstream_token(name)
+}
+
+/// The token after [`JETSTREAM_TOKEN`] that marks notification subjects.
+const NOTIFY_TOKEN: &str = "_notify";
 
 /// The token after the prefix that marks the subjects of JetStream casts.
 const JETSTREAM_TOKEN: &str = "js";
@@ -286,6 +352,57 @@ mod tests {
             c.jetstream_stream("openstack"),
             "mqrpc-test-js_openstack_casts"
         );
+    }
+
+    #[test]
+    fn notification_names_fit_and_stay_apart() {
+        let c = NatsConfig::parse("nats://h?prefix=p").expect("parse");
+        assert_eq!(
+            c.notification_subject("openstack", "notifications.info"),
+            "p.js._notify.openstack.notifications.info"
+        );
+        assert_eq!(
+            c.notification_subject("x", "a.b.c*"),
+            "p.js._notify.x.a_2Eb.c_2A"
+        );
+        assert_eq!(c.notification_subject("x", "bare"), "p.js._notify.x.bare");
+        assert_eq!(c.notification_subject("", ".info"), "p.js._notify._._.info");
+        assert_eq!(
+            c.notification_stream_subject("openstack"),
+            "p.js._notify.openstack.>"
+        );
+        assert_eq!(
+            c.notification_stream("openstack"),
+            "p_openstack_notifications"
+        );
+        // No casts stream takes notifications, whatever the exchange.
+        for exchange in ["_notify", "_5Fnotify", "notify", "js"] {
+            let casts = super::super::stream::StreamKind::Casts.subject(&c, exchange);
+            assert!(
+                !crate::stream::covers(&casts, &c.notification_subject("x", "t.info")),
+                "{casts}"
+            );
+        }
+        let subject = c.notification_subject("openstack", "t.info");
+        let mut names = std::collections::HashSet::new();
+        let long = "p".repeat(400);
+        for pool in [None, Some("a"), Some("b"), Some(long.as_str())] {
+            let name = c.notification_durable(&subject, pool);
+            assert!(name.len() <= MAX_JETSTREAM_NAME, "{name}");
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
+                "{name}"
+            );
+            assert!(names.insert(name), "two pools share a durable");
+        }
+        let other = c.notification_subject("openstack", "t.error");
+        assert!(names.insert(c.notification_durable(&other, None)));
+        assert!(names.insert(c.notification_durable(&other, Some("a"))));
+        let long_topic = format!("{}.info", "t".repeat(600));
+        let subject = c.notification_subject("openstack", &long_topic);
+        NatsConfig::check_subject(&subject, &"t").expect("fits");
+        assert!(c.notification_durable(&subject, Some("a")).len() <= MAX_JETSTREAM_NAME);
     }
 
     #[test]
