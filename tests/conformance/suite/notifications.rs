@@ -172,17 +172,20 @@ pub async fn a_listener_takes_only_the_priorities_it_handles(backend: Backend) {
 pub async fn every_pool_gets_each_notification_and_a_pool_shares_them(backend: Backend) {
     let topic = unique_topic("notify_pools");
     let mut seen = Seen::new();
-    // Pool "a" with two members, pool "b" with one, and the default group.
+    // Pool "a" with two members, pool "b" with one, and the default group. Pool
+    // names are unique too: on AMQP a pool's queue is named after the pool alone (as
+    // in oslo.messaging), so pools of one name in concurrent runs would share it.
+    let (pool_a, pool_b) = (format!("{topic}_a"), format!("{topic}_b"));
     let a1 = listener(&backend, &topic, |b| {
-        b.pool("a").endpoint(seen.endpoint("a1"))
+        b.pool(&pool_a).endpoint(seen.endpoint("a1"))
     })
     .await;
     let a2 = listener(&backend, &topic, |b| {
-        b.pool("a").endpoint(seen.endpoint("a2"))
+        b.pool(&pool_a).endpoint(seen.endpoint("a2"))
     })
     .await;
     let b1 = listener(&backend, &topic, |b| {
-        b.pool("b").endpoint(seen.endpoint("b1"))
+        b.pool(&pool_b).endpoint(seen.endpoint("b1"))
     })
     .await;
     let d1 = listener(&backend, &topic, |b| b.endpoint(seen.endpoint("d1"))).await;
