@@ -135,6 +135,85 @@ mod faults {
     }
 }
 
+/// A notification listener whose connection is cut subscribes again and gets what
+/// was sent meanwhile (kept in its queue).
+mod notification_faults {
+    use std::time::Duration;
+
+    use mqrpc::notify::{NotificationEndpoint, NotificationListener, NotificationResult, Notifier};
+    use mqrpc::{Context, Target};
+    use serde_json::json;
+    use std::sync::Arc;
+
+    use crate::interop_notifications::Queues;
+    use crate::proxy::TcpProxy;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn amqp_notification_listener_resubscribes_after_the_connection_is_cut() {
+        let Some(_) = super::backend().await else {
+            return;
+        };
+        let mut config = mqrpc::AmqpConfig::parse(&super::url()).expect("AMQP URL");
+        let upstream = format!("{}:{}", config.hosts[0].host, config.hosts[0].port);
+        let upstream = tokio::net::lookup_host(upstream)
+            .await
+            .expect("resolve broker")
+            .next()
+            .expect("an address");
+        let proxy = TcpProxy::start(upstream).await;
+        for host in &mut config.hosts {
+            host.host = "127.0.0.1".to_owned();
+            host.port = proxy.port();
+        }
+        config.heartbeat = 5;
+        config.max_backoff = Duration::from_millis(500);
+        let through = mqrpc::AmqpTransport::with_config(config)
+            .await
+            .expect("connect through proxy");
+
+        let topic = format!("notify_cut_{}", &mqrpc::wire::new_id()[..12]);
+        let _cleanup = Queues::of(&topic, &[]);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let endpoint = NotificationEndpoint::new().on_every(move |n| {
+            let _ = tx.send(n.payload);
+            async { NotificationResult::Handled }
+        });
+        let listener =
+            NotificationListener::builder(Arc::new(through.clone()), [Target::new(&topic)])
+                .endpoint(endpoint)
+                .start()
+                .await
+                .expect("listener");
+        let direct = mqrpc::connect(&super::url()).await.expect("RabbitMQ");
+        let notifier = Notifier::new(direct, "compute.host1").topics([topic.as_str()]);
+        let arrival = Duration::from_secs(30);
+        notifier
+            .info(&Context::new(), "before", json!(1))
+            .await
+            .expect("sent");
+        let got = tokio::time::timeout(arrival, rx.recv())
+            .await
+            .expect("in time");
+        assert_eq!(got, Some(json!(1)));
+
+        proxy.cut();
+        // Sent while the listener is away: its queue keeps it.
+        notifier
+            .info(&Context::new(), "during", json!(2))
+            .await
+            .expect("sent");
+        let got = tokio::time::timeout(arrival, rx.recv())
+            .await
+            .expect("after the cut");
+        assert_eq!(got, Some(json!(2)));
+        assert!(
+            through.connections_opened() >= 2,
+            "the listener reconnected"
+        );
+        listener.shutdown().await.expect("shutdown");
+    }
+}
+
 /// Issue #7 on RabbitMQ: cuts, a black hole, latency, confirmed casts, load.
 mod reliability {
     use std::sync::Arc;

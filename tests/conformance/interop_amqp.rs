@@ -110,6 +110,25 @@ impl Peer {
         stdin.flush().await.expect("flush");
     }
 
+    /// Closes stdin (the peer's signal to stop), reads every line it still prints
+    /// until it exits, and checks it exits cleanly; returns those lines.
+    pub(crate) async fn finish_reading(mut self) -> Vec<Value> {
+        drop(self.stdin.take());
+        let mut rest = Vec::new();
+        let read = async {
+            while let Some(line) = self.lines.next_line().await.expect("read from the peer") {
+                let value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("not JSON from the peer: {line:?}: {e}"));
+                rest.push(value);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), read)
+            .await
+            .expect("the Python peer stopped in time");
+        self.finish().await;
+        rest
+    }
+
     /// Closes stdin (the peer's signal to stop) and checks it exits cleanly.
     pub(crate) async fn finish(mut self) {
         drop(self.stdin.take());

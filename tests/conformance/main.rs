@@ -33,6 +33,8 @@ mod amqp;
 mod interop_amqp;
 #[cfg(feature = "amqp")]
 mod interop_discovery;
+#[cfg(feature = "amqp")]
+mod interop_notifications;
 #[cfg(all(feature = "amqp", feature = "otel"))]
 mod interop_tracing;
 #[cfg(feature = "amqp")]

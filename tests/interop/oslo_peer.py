@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """oslo.messaging peer for the mqrpc interop tests.
 
-Runs a real oslo.messaging RPC server or client (rabbit driver) so that the
-Rust side can be tested against it on one RabbitMQ. Needs only the standard
-library and oslo.messaging (>= 18.2; see scripts/oslo-venv.sh); ``--trace``
-also needs opentelemetry-sdk and opentelemetry-instrumentation-oslo-messaging,
-which that script installs too.
+Runs a real oslo.messaging RPC server or client, notifier or notification
+listener (rabbit driver) so that the Rust side can be tested against it on one
+RabbitMQ. Needs only the standard library and oslo.messaging (>= 18.2; see
+scripts/oslo-venv.sh); ``--trace`` also needs opentelemetry-sdk and
+opentelemetry-instrumentation-oslo-messaging, which that script installs too.
 
 Subcommands
 -----------
@@ -68,7 +68,51 @@ Subcommands
     oslo rebuilds remote exceptions of those modules as their own class
     instead of a RemoteError. Exits 0 at EOF.
 
-``--trace`` (both subcommands)
+``notify --url URL --topic T [--topic T2 ...] --publisher-id P``
+    An ``oslo_messaging.Notifier(transport, driver="messagingv2",
+    topics=[T, ...], publisher_id=P)`` on a notification transport. Reads one
+    JSON notification per stdin line and sends it, one at a time in order::
+
+        {"id": 1, "priority": "info", "event_type": "compute.instance.create",
+         "payload": {...}, "context": {"user": "u", "request_id": "r"},
+         "publisher_id": null}
+
+    ``priority`` is a Notifier method (audit, debug, info, warn, error,
+    critical, sample); ``publisher_id``, when set, goes through
+    ``Notifier.prepare(publisher_id=...)``. ``context`` (optional) becomes an
+    oslo.context ``RequestContext`` (``RequestContext.from_dict``): oslo sends
+    the context's redacted copy and drops a plain dict's. Answers
+    ``{"id": 1, "ok": null}`` once the notifier returned (the rabbit driver
+    waits for the publisher confirm), or ``{"id": 1, "error": {...}}`` as the
+    client does. Exits 0 at EOF.
+
+``listen-notifications --url URL --topic T [--topic T2 ...] [--exchange E]
+[--pool P] [--allow-requeue] --endpoint JSON [--endpoint JSON ...]``
+    ``oslo_messaging.get_notification_listener(transport, targets, endpoints,
+    executor="threading", pool=P, allow_requeue=...)`` with a
+    Target(topic=T, exchange=E) per topic and one endpoint per ``--endpoint``::
+
+        {"name": "errors", "priorities": ["error", "critical"],
+         "filter": {"event_type": "^compute\\.", "publisher_id": "...",
+                    "context": {...}, "payload": {...}, "metadata": {...}},
+         "requeue_once": ["retry.me"]}
+
+    The endpoint has a method for each priority listed; ``filter`` (optional)
+    is its ``filter_rule``, a ``NotificationFilter`` of those keyword
+    arguments; the first time it gets a notification whose event type is in
+    ``requeue_once`` it returns ``NotificationResult.REQUEUE`` (handled
+    afterwards). Each call prints::
+
+        {"event": "notification", "endpoint": "errors", "priority": "error",
+         "ctxt": {...}, "publisher_id": "...", "event_type": "...",
+         "payload": ..., "metadata": {"message_id": "...", "timestamp": "..."},
+         "result": "handled" | "requeue"}
+
+    Prints ``{"event": "ready"}`` once the listener has declared its queues and
+    consumes; stops (stop + wait) at stdin EOF or on SIGTERM/SIGINT, prints
+    ``{"event": "stopped"}`` and exits 0.
+
+``--trace`` (server and client)
     Installs an opentelemetry-sdk tracer provider and instruments
     oslo.messaging with ``OsloMessagingInstrumentor`` (PyPI package
     opentelemetry-instrumentation-oslo-messaging): every request sent gets a
@@ -382,6 +426,132 @@ def run_client(args):
 
 
 # --------------------------------------------------------------------------
+# notifications
+# --------------------------------------------------------------------------
+
+_PRIORITIES = ("audit", "debug", "info", "warn", "error", "critical",
+               "sample")
+
+
+def make_notification_transport(url):
+    cfg.CONF([], project="mqrpc-interop")
+    return oslo_messaging.get_notification_transport(cfg.CONF, url=url)
+
+
+def run_notify(args):
+    from oslo_context import context as oslo_context
+
+    transport = make_notification_transport(args.url)
+    notifier = oslo_messaging.Notifier(transport, driver="messagingv2",
+                                       topics=args.topic,
+                                       publisher_id=args.publisher_id)
+    try:
+        for line in sys.stdin:
+            line = line.strip()
+            if not line:
+                continue
+            req_id = None
+            try:
+                req = json.loads(line)
+                if not isinstance(req, dict):
+                    raise TypeError("notification must be a JSON object")
+                req_id = req.get("id")
+                priority = req["priority"]
+                if priority not in _PRIORITIES:
+                    raise ValueError("unknown priority %r" % priority)
+                sender = notifier
+                if req.get("publisher_id") is not None:
+                    sender = notifier.prepare(publisher_id=req["publisher_id"])
+                ctxt = None
+                if req.get("context") is not None:
+                    ctxt = oslo_context.RequestContext.from_dict(req["context"])
+                getattr(sender, priority)(ctxt, req["event_type"],
+                                          req.get("payload"))
+            except Exception as exc:  # every failure becomes an answer
+                emit({"id": req_id, "error": error_dict(exc)})
+            else:
+                emit({"id": req_id, "ok": None})
+    finally:
+        transport.cleanup()
+    return 0
+
+
+class NotifyEndpoint:
+    """An endpoint with a method per listed priority that prints each call."""
+
+    def __init__(self, spec):
+        self.name = spec["name"]
+        self._requeue_once = set(spec.get("requeue_once") or ())
+        self._requeued = set()
+        self._lock = threading.Lock()
+        if spec.get("filter"):
+            self.filter_rule = oslo_messaging.NotificationFilter(
+                **spec["filter"])
+        for priority in spec["priorities"]:
+            if priority not in _PRIORITIES:
+                raise ValueError("unknown priority %r" % priority)
+            setattr(self, priority, self._handler(priority))
+
+    def _handler(self, priority):
+        def handle(ctxt, publisher_id, event_type, payload, metadata):
+            result = "handled"
+            if event_type in self._requeue_once:
+                with self._lock:
+                    key = metadata.get("message_id")
+                    if key not in self._requeued:
+                        self._requeued.add(key)
+                        result = "requeue"
+            emit({"event": "notification", "endpoint": self.name,
+                  "priority": priority, "ctxt": ctxt,
+                  "publisher_id": publisher_id, "event_type": event_type,
+                  "payload": payload, "metadata": metadata,
+                  "result": result})
+            if result == "requeue":
+                return oslo_messaging.NotificationResult.REQUEUE
+            return oslo_messaging.NotificationResult.HANDLED
+        return handle
+
+
+def run_listen_notifications(args):
+    transport = make_notification_transport(args.url)
+    targets = [oslo_messaging.Target(topic=topic,
+                                     exchange=args.exchange or None)
+               for topic in args.topic]
+    endpoints = [NotifyEndpoint(json.loads(spec)) for spec in args.endpoint]
+    listener = oslo_messaging.get_notification_listener(
+        transport, targets, endpoints, executor="threading",
+        allow_requeue=args.allow_requeue, pool=args.pool)
+
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def watch_stdin():
+        try:
+            for _ in sys.stdin:
+                pass
+        finally:
+            stop.set()
+
+    threading.Thread(target=watch_stdin, name="stdin-watch",
+                     daemon=True).start()
+
+    listener.start()
+    emit({"event": "ready"})
+    while not stop.wait(0.5):
+        pass
+    listener.stop()
+    listener.wait()
+    transport.cleanup()
+    emit({"event": "stopped"})
+    return 0
+
+
+# --------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------
 
@@ -389,7 +559,7 @@ def run_client(args):
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="oslo_peer.py",
-        description="oslo.messaging RPC peer for mqrpc interop tests")
+        description="oslo.messaging peer for mqrpc interop tests")
     sub = parser.add_subparsers(dest="command", required=True)
 
     srv = sub.add_parser("server", help="run an oslo RPC server")
@@ -429,6 +599,27 @@ def parse_args(argv):
                      help="a module whose remote exceptions oslo rebuilds "
                           "(allowed_remote_exmods); repeatable")
 
+    ntf = sub.add_parser("notify",
+                         help="send JSON-line notifications from stdin")
+    ntf.add_argument("--url", required=True)
+    ntf.add_argument("--topic", action="append", required=True,
+                     help="a notification topic; repeatable")
+    ntf.add_argument("--publisher-id", required=True)
+
+    lsn = sub.add_parser("listen-notifications",
+                         help="run an oslo notification listener")
+    lsn.add_argument("--url", required=True)
+    lsn.add_argument("--topic", action="append", required=True,
+                     help="a notification topic; repeatable")
+    lsn.add_argument("--exchange", default=None,
+                     help="targets' exchange (default: control_exchange)")
+    lsn.add_argument("--pool", default=None,
+                     help="listener pool (default: none, the default group)")
+    lsn.add_argument("--allow-requeue", action="store_true")
+    lsn.add_argument("--endpoint", action="append", required=True,
+                     help="an endpoint as JSON (see the module docstring); "
+                          "repeatable")
+
     return parser.parse_args(argv)
 
 
@@ -437,10 +628,14 @@ def main(argv=None):
     logging.basicConfig(
         stream=sys.stderr, level=logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.trace:
+    if getattr(args, "trace", False):
         install_tracing()
     if args.command == "server":
         return run_server(args)
+    if args.command == "notify":
+        return run_notify(args)
+    if args.command == "listen-notifications":
+        return run_listen_notifications(args)
     return run_client(args)
 
 

@@ -15,6 +15,14 @@
 //!   one channel with `basic.qos` bounded by their concurrency limit, and lowered when
 //!   deliveries are big so that what the broker pushes stays near the server's byte
 //!   budget (see `ListenOptions::budget`).
+//! - Notifications follow oslo.messaging's topology: a notifier publishes to the
+//!   control exchange with key `<topic>.<priority>` (persistent, confirmed) after
+//!   declaring the queue named after the key and binding it (once per key and
+//!   channel), so the default group's copy is kept before any listener; a listener
+//!   reads the queue of each of its keys, or with a pool the queue named exactly after
+//!   the pool, bound to every key. Both are durable and quorum as topic queues are,
+//!   with no `x-expires`. Deliveries are acked once handled; a requeue is a
+//!   `basic.reject` with requeue.
 //! - A lost connection is noticed (AMQP heartbeats, socket errors), re-opened with
 //!   capped exponential backoff and jitter across the URL's hosts, and every exchange,
 //!   queue, binding and consumer is declared again.
@@ -60,7 +68,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use rpc_core::{
-    Capabilities, Consumer, ListenOptions, Publisher, ReplyQueue, Result, Target, Transport,
+    Capabilities, Consumer, Error, ListenOptions, NotificationSource, Publisher, ReplyQueue,
+    Result, Target, Transport,
 };
 
 pub use compression::Compression;
@@ -116,6 +125,15 @@ impl AmqpTransport {
         self.link.connections_opened()
     }
 
+    /// The prefetch of a consumer: the URL's `prefetch`, or the consumer's
+    /// concurrency.
+    fn prefetch(&self, options: &ListenOptions) -> u16 {
+        self.link
+            .config
+            .prefetch
+            .unwrap_or_else(|| u16::try_from(options.prefetch.max(1)).unwrap_or(u16::MAX))
+    }
+
     /// Closes the connection. Publishes then fail with `Error::Closed` and consumers
     /// of this transport end (`recv` returns `None`).
     pub async fn close(&self) {
@@ -135,6 +153,7 @@ impl Transport for AmqpTransport {
             .reports_no_responders(true)
             .redelivers_unacked(true)
             .max_message_size(Some(self.link.config.max_message_size))
+            .notifications(true)
     }
 
     fn default_exchange(&self) -> &str {
@@ -153,11 +172,7 @@ impl Transport for AmqpTransport {
 
     async fn listen(&self, target: &Target, options: &ListenOptions) -> Result<Box<dyn Consumer>> {
         target.validate_for_listen()?;
-        let prefetch = self
-            .link
-            .config
-            .prefetch
-            .unwrap_or_else(|| u16::try_from(options.prefetch.max(1)).unwrap_or(u16::MAX));
+        let prefetch = self.prefetch(options);
         let subscription = Subscription::Server {
             exchange: target.exchange_or(self.default_exchange()).to_owned(),
             topic: target.topic.clone(),
@@ -170,6 +185,45 @@ impl Transport for AmqpTransport {
             subscription,
             options.settle_on_receipt,
             Some(options.budget.clone()),
+            Some(options.status.connection()),
+        )
+        .await?;
+        Ok(Box::new(consumer))
+    }
+
+    async fn listen_notifications(
+        &self,
+        source: &NotificationSource,
+        options: &ListenOptions,
+    ) -> Result<Box<dyn Consumer>> {
+        let mut routes: Vec<(String, String)> = Vec::new();
+        for (exchange, key) in source.routes() {
+            let route = (exchange.to_owned(), key.to_owned());
+            if !routes.contains(&route) {
+                routes.push(route);
+            }
+        }
+        if routes.is_empty() {
+            return Err(Error::InvalidArguments(
+                "a notification listener needs at least one notification address".to_owned(),
+            ));
+        }
+        if source.pool.as_deref().is_some_and(str::is_empty) {
+            // An empty queue name asks RabbitMQ for a fresh server-named queue.
+            return Err(Error::InvalidArguments(
+                "a notification pool needs a name".to_owned(),
+            ));
+        }
+        let subscription = Subscription::Notifications {
+            routes,
+            pool: source.pool.clone(),
+            prefetch: self.prefetch(options),
+        };
+        let consumer = AmqpConsumer::start(
+            self.link.clone(),
+            subscription,
+            options.settle_on_receipt,
+            None,
             Some(options.status.connection()),
         )
         .await?;

@@ -19,6 +19,11 @@
 //! ever listened on it) and a reply with [`Error::Undeliverable`] (the caller's reply
 //! queue is gone). Replies go only to reply-queue names the URL allows
 //! ([`crate::ReplyQueues`]).
+//!
+//! A notification goes to its exchange with its `<topic>.<priority>` key, persistent
+//! and not `mandatory`, as oslo.messaging sends it; before the first one of a key on
+//! a channel the publisher declares the queue named after the key and binds it, so
+//! the default group's copy is kept even before any listener.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -350,6 +355,38 @@ impl AmqpPublisher {
         Ok(())
     }
 
+    /// Declares the queue a notification's default group reads (named after its
+    /// routing key, bound to its exchange with that key) once per channel, as
+    /// oslo.messaging's notifier does: the broker then keeps every notification from
+    /// the first, before any listener exists.
+    async fn ensure_notification_queue(
+        &self,
+        pc: &PublishChannel,
+        address: &Address,
+    ) -> Result<()> {
+        let Address::Notification { exchange, key } = address else {
+            return Ok(());
+        };
+        // Exchange names never hold a NUL (an AMQP short string may, but no name
+        // declared here does): the entry cannot be confused with an exchange's.
+        let entry = format!("{exchange}\0{key}");
+        let known = pc
+            .declared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&entry);
+        if known {
+            return Ok(());
+        }
+        topology::declare_notification_queue(&pc.channel, &self.link.config, exchange, key, key)
+            .await?;
+        pc.declared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(entry);
+        Ok(())
+    }
+
     /// One try at publishing `message`. The first carries its whole time to live as
     /// `expiration` (a call's timeout, as oslo sends it), a later one what is left of
     /// it, counted to `deadline` (none left: [`Failure::Expired`]).
@@ -386,15 +423,17 @@ impl AmqpPublisher {
         let mut nacked = false;
         let outcome = async {
             self.ensure_exchange(&pc, address).await?;
+            self.ensure_notification_queue(&pc, address).await?;
             let (exchange, routing_key) = route(address);
+            // Notifications are persistent whatever the queues' durability, as
+            // oslo.messaging (kombu's default) sends them: they may wait long in
+            // their queues.
+            let persistent = self.link.config.durable_queues()
+                || matches!(address, Address::Notification { .. });
             let mut properties = BasicProperties::default()
                 .with_content_type("application/json".into())
                 .with_content_encoding("utf-8".into())
-                .with_delivery_mode(if self.link.config.durable_queues() {
-                    2
-                } else {
-                    1
-                });
+                .with_delivery_mode(if persistent { 2 } else { 1 });
             if let Some(compression) = self.link.config.compression {
                 let mut headers = lapin::types::FieldTable::default();
                 headers.insert(
@@ -634,11 +673,6 @@ fn route(address: &Address) -> (String, String) {
 #[async_trait]
 impl Publisher for AmqpPublisher {
     async fn send(&self, address: &Address, mut message: Outgoing) -> Result<()> {
-        if let Address::Notification { .. } = address {
-            return Err(Error::Unsupported(
-                "notifications are not available on this backend yet".to_owned(),
-            ));
-        }
         if let Address::Reply(queue) = address
             && !self.link.config.reply_queues.allows(queue)
         {

@@ -10,9 +10,13 @@
 //! | fanout exchange | `<topic>_fanout` | fanout, auto-delete (durable with `transient_quorum`) |
 //! | fanout queue | `<topic>_fanout_<uuid>` | one per server, `x-expires` |
 //! | reply queue | `reply_<uuid>` | reached through the default exchange, `x-expires` |
+//! | notification queue | `<topic>.<priority>` | bound with key `<topic>.<priority>`; declared by notifiers too |
+//! | pool queue | `<pool>` | bound with key `<topic>.<priority>` of each of its listeners' routes |
 //!
-//! Topic and server queues are quorum queues with `quorum`, fanout and reply queues
-//! with `transient_quorum` (both durable, as quorum queues must be).
+//! Topic, server and notification queues are quorum queues with `quorum`, fanout and
+//! reply queues with `transient_quorum` (both durable, as quorum queues must be).
+//! Notification queues never get an `x-expires` (as in oslo): they keep what is sent
+//! until a listener takes it.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -121,6 +125,38 @@ pub(crate) async fn declare_shared_queue(
         .await
         .map_err(|e| lapin_error(&format!("declaring queue {name}"), e))?;
     bind(channel, name, exchange, name).await
+}
+
+/// Declares a notification queue (the default group's `<topic>.<priority>`, or a
+/// pool's `<pool>`) as oslo.messaging's notifier and listeners declare it: durable
+/// and quorum as topic queues are, never an `x-expires`; then binds it to `exchange`
+/// with `key`.
+pub(crate) async fn declare_notification_queue(
+    channel: &Channel,
+    config: &AmqpConfig,
+    exchange: &str,
+    queue: &str,
+    key: &str,
+) -> Result<()> {
+    let mut arguments = FieldTable::default();
+    if config.quorum {
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+    }
+    channel
+        .queue_declare(
+            short(queue)?,
+            QueueDeclareOptions {
+                durable: config.durable_queues(),
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await
+        .map_err(|e| lapin_error(&format!("declaring queue {queue}"), e))?;
+    bind(channel, queue, exchange, key).await
 }
 
 /// Declares a transient queue (fanout or reply) with oslo's `x-expires`: classic and

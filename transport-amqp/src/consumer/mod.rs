@@ -1,5 +1,6 @@
 //! Consumers: a server's three queues on one channel with bounded prefetch, a
-//! client's reply queue, and a watcher's queue. `recv` reads lapin's delivery streams itself (a stream's
+//! notification listener's queues (the same way, acked once handled), a client's
+//! reply queue, and a watcher's queue. `recv` reads lapin's delivery streams itself (a stream's
 //! `next` is cancel-safe), so a delivery costs no task hand-off of mqrpc's; a task
 //! per consumer subscribes, hands each fresh subscription over, and when one is
 //! lost reconnects and declares and subscribes everything again (`task.rs`). For a
@@ -59,6 +60,16 @@ pub(crate) enum Subscription {
         topic: String,
         server: String,
         fanout_queue: String,
+        prefetch: u16,
+    },
+    /// A notification listener: the default group's queue of each route (named
+    /// after its `<topic>.<priority>` key), or its pool's one queue (named after the
+    /// pool, bound to every route), acked or rejected once handled.
+    Notifications {
+        /// The exchange and the `<topic>.<priority>` key of each route.
+        routes: Vec<(String, String)>,
+        /// The pool; `None` for the default group.
+        pool: Option<String>,
         prefetch: u16,
     },
     /// A client's reply queue, consumed without acks.
@@ -128,7 +139,8 @@ impl AmqpConsumer {
         let (ready_tx, ready_rx) = oneshot::channel();
         let max_message_size = link.config.max_message_size;
         let max_prefetch = match &subscription {
-            Subscription::Server { prefetch, .. } => (*prefetch).max(1),
+            Subscription::Server { prefetch, .. }
+            | Subscription::Notifications { prefetch, .. } => (*prefetch).max(1),
             _ => 1,
         };
         let prefetch = Arc::new(AtomicU16::new(max_prefetch));

@@ -125,7 +125,10 @@ impl ConsumerTask {
                 stream,
                 tags,
             } = session;
-            let settles = matches!(self.subscription, Subscription::Server { .. });
+            let settles = matches!(
+                self.subscription,
+                Subscription::Server { .. } | Subscription::Notifications { .. }
+            );
             let live = Live {
                 stream,
                 channel: channel.clone(),
@@ -235,6 +238,20 @@ impl ConsumerTask {
         }
     }
 
+    /// Sets the channel's prefetch to the consumer's, per consumer, as oslo.messaging
+    /// sets it: RabbitMQ's channel-wide (`global`) limit coordinates the channel and
+    /// its queues on every message and cost a third of the calls per second here.
+    async fn set_prefetch(&self, channel: &Channel) -> Result<()> {
+        let prefetch = self.prefetch.load(Ordering::Relaxed);
+        self.step("setting prefetch", "", async {
+            channel
+                .basic_qos(prefetch, BasicQosOptions { global: false })
+                .await
+                .map_err(|e| lapin_error("setting prefetch", e))
+        })
+        .await
+    }
+
     /// Declares the topic exchange `exchange` and the fanout exchange of `topic`,
     /// each a step of its own; returns the fanout exchange's name.
     async fn declare_exchanges(
@@ -272,18 +289,7 @@ impl ConsumerTask {
                 fanout_queue,
                 prefetch: _,
             } => {
-                let prefetch = self.prefetch.load(Ordering::Relaxed);
-                self.step("setting prefetch", "", async {
-                    channel
-                        // Per consumer, as oslo.messaging sets it: RabbitMQ's
-                        // channel-wide (`global`) limit coordinates the channel and its
-                        // queues on every message and cost a third of the calls per
-                        // second here.
-                        .basic_qos(prefetch, BasicQosOptions { global: false })
-                        .await
-                        .map_err(|e| lapin_error("setting prefetch", e))
-                })
-                .await?;
+                self.set_prefetch(channel).await?;
                 let direct = topology::server_queue(topic, server);
                 let fanout = self.declare_exchanges(channel, exchange, topic).await?;
                 for queue in [topic, &direct] {
@@ -307,6 +313,50 @@ impl ConsumerTask {
                 )
                 .await?;
                 (vec![topic.clone(), direct, fanout_queue.clone()], false)
+            }
+            Subscription::Notifications {
+                routes,
+                pool,
+                prefetch: _,
+            } => {
+                self.set_prefetch(channel).await?;
+                let mut exchanges: Vec<&str> = Vec::new();
+                for (exchange, _) in routes {
+                    if !exchanges.contains(&exchange.as_str()) {
+                        exchanges.push(exchange);
+                        self.step(
+                            "declaring exchange",
+                            exchange,
+                            topology::declare_topic_exchange(channel, config, exchange),
+                        )
+                        .await?;
+                    }
+                }
+                // The default group reads the queue of each key, which the notifiers
+                // declare too; a pool reads its own queue, bound to every key.
+                let mut queues: Vec<String> = Vec::new();
+                for (exchange, key) in routes {
+                    let queue = pool.as_deref().unwrap_or(key);
+                    if queues.iter().any(|known| known == queue) {
+                        self.step(
+                            "binding queue",
+                            queue,
+                            topology::bind(channel, queue, exchange, key),
+                        )
+                        .await?;
+                    } else {
+                        self.step(
+                            "declaring and binding queue",
+                            queue,
+                            topology::declare_notification_queue(
+                                channel, config, exchange, queue, key,
+                            ),
+                        )
+                        .await?;
+                        queues.push(queue.to_owned());
+                    }
+                }
+                (queues, false)
             }
             Subscription::Reply { queue } => {
                 self.step(
@@ -402,7 +452,8 @@ impl ConsumerTask {
         let own_queue = match &self.subscription {
             Subscription::Server { fanout_queue, .. } => Some(("fanout", fanout_queue)),
             Subscription::Reply { queue } => Some(("reply", queue)),
-            Subscription::Monitor { .. } => None,
+            // Shared queues, kept for the other listeners and for what comes next.
+            Subscription::Notifications { .. } | Subscription::Monitor { .. } => None,
         };
         if let Some((what, queue)) = own_queue
             && let Ok(name) = short(queue)
