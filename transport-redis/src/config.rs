@@ -468,11 +468,9 @@ impl RedisConfig {
     /// alone: `<prefix>:{<exchange>:<key>}:notify`.
     pub fn notification_key(&self, exchange: &str, key: &str) -> String {
         match key.rsplit_once('.') {
-            Some((topic, priority)) => format!(
-                "{}:notify:{}",
-                self.base(exchange, topic),
-                escape(priority)
-            ),
+            Some((topic, priority)) => {
+                format!("{}:notify:{}", self.base(exchange, topic), escape(priority))
+            }
             None => format!("{}:notify", self.base(exchange, key)),
         }
     }
