@@ -476,10 +476,8 @@ async fn housekeeping(
             () = member.claim_now.notified() => true,
         };
         let mut conn = member.shared.commands.clone();
-        if !woken {
-            if let Err(err) = keep_held(&member, &mut conn).await {
-                tracing::debug!(error = %err, "keeping held notifications fresh failed");
-            }
+        if !woken && let Err(err) = keep_held(&member, &mut conn).await {
+            tracing::debug!(error = %err, "keeping held notifications fresh failed");
         }
         for key in &member.streams {
             match claim(&member, &mut conn, key, &tx, &stop).await {
