@@ -186,3 +186,44 @@ pub(crate) fn mark_alive_cmd(key: &str, ttl: Duration) -> redis::Cmd {
         .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
     cmd
 }
+
+/// Adds a notification to its stream (`KEYS[1]`), making the stream first when it
+/// does not exist: with the default group (`ARGV[1]`) at `0`, so that it keeps
+/// every notification from this first one on, and a TTL of `ARGV[2]` seconds. Then
+/// `XADD ... MAXLEN ~ ARGV[3]` of the body `ARGV[4]`. One script: a notifier that
+/// dies between the steps must leave neither a stream without its default group
+/// nor one without a TTL.
+pub(crate) static NOTIFY_CREATE: Lua = lua!(
+    r"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'b', ARGV[4])
+"
+);
+
+/// Declares a notification listener's group on its stream (`KEYS[1]`): the default
+/// group (`ARGV[1]`) at `0` with the stream (`MKSTREAM`), as a notifier would make
+/// them, then the listener's own group (`ARGV[2]`, a pool's; the default group
+/// itself otherwise) at `ARGV[3]`; groups that exist are kept where they are. The
+/// stream's TTL is set to `ARGV[4]` seconds: a listener keeps it alive.
+pub(crate) static DECLARE_NOTIFY: Lua = lua!(
+    r"
+local function create(group, start)
+  local created = redis.pcall('XGROUP', 'CREATE', KEYS[1], group, start, 'MKSTREAM')
+  if type(created) == 'table' and created.err and not string.find(created.err, '^BUSYGROUP') then
+    return created
+  end
+  return nil
+end
+local failed = create(ARGV[1], '0')
+if failed then return failed end
+if ARGV[2] ~= ARGV[1] then
+  failed = create(ARGV[2], ARGV[3])
+  if failed then return failed end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"
+);

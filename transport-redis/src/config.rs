@@ -461,6 +461,20 @@ impl RedisConfig {
         format!("{}:fanout", self.base(exchange, topic))
     }
 
+    /// The notification stream of a routing key `<topic>.<priority>` of an
+    /// exchange: `<prefix>:{<exchange>:<topic>}:notify:<priority>`. It shares the
+    /// topic's hash tag, so the streams of a topic's priorities, which one listener
+    /// reads at once, are in one Redis Cluster slot. A key without a `.` is a topic
+    /// alone: `<prefix>:{<exchange>:<key>}:notify`.
+    pub fn notification_key(&self, exchange: &str, key: &str) -> String {
+        match key.rsplit_once('.') {
+            Some((topic, priority)) => {
+                format!("{}:notify:{}", self.base(exchange, topic), escape(priority))
+            }
+            None => format!("{}:notify", self.base(exchange, key)),
+        }
+    }
+
     /// The key a live server instance refreshes, so its fanout group is not pruned.
     pub fn alive_key(&self, instance: &str) -> String {
         format!("{}:alive:{}", escape(&self.prefix), escape(instance))
@@ -696,5 +710,19 @@ mod tests {
             c.server_key("x", "t", "s:server:u")
         );
         assert_eq!(c.topic_key("x", "{t}"), "mqrpc:{x:%7Bt%7D}:topic");
+        // Notifications: a stream per priority, in the topic's slot.
+        assert_eq!(
+            c.notification_key("openstack", "notifications.info"),
+            "mqrpc:{openstack:notifications}:notify:info"
+        );
+        assert_eq!(
+            c.notification_key("x", "a.b.error"),
+            "mqrpc:{x:a.b}:notify:error"
+        );
+        assert_ne!(c.notification_key("x", "t"), c.notification_key("x", "t."));
+        assert_ne!(
+            c.notification_key("x", "a.b"),
+            c.notification_key("x", "a:b.c")
+        );
     }
 }

@@ -23,6 +23,9 @@
 //! - Entries left pending by a dead consumer longer than `claim_idle` are taken
 //!   over with `XAUTOCLAIM`; entries every group has settled are deleted by the
 //!   servers' housekeeping; streams are capped with an approximate `MAXLEN`.
+//! - Notifications: a stream per routing key `<topic>.<priority>`, in the topic's
+//!   hash tag, read by a consumer group per pool (`default` for listeners without
+//!   one, made with the stream by the first send); see the `notify` module.
 //!
 //! ```no_run
 //! # async fn demo() -> mqrpc::Result<()> {
@@ -43,6 +46,7 @@ mod config;
 mod connection;
 mod entry;
 mod error;
+mod notify;
 mod publisher;
 mod replies;
 mod server;
@@ -53,14 +57,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rpc_core::{
-    Backoff, Capabilities, Consumer, ListenOptions, Publisher, ReplyQueue, Result, Target,
-    Transport,
+    Backoff, Capabilities, Consumer, ListenOptions, NotificationSource, Publisher, ReplyQueue,
+    Result, Target, Transport,
 };
 
 pub use config::RedisConfig;
 pub use rpc_core::options::DEFAULT_CONNECT_TIMEOUT;
 
 use connection::{Connection, Connector};
+use notify::NotificationConsumer;
 use publisher::RedisPublisher;
 use replies::ReplyConsumer;
 use server::ServerConsumer;
@@ -197,6 +202,7 @@ impl Transport for RedisTransport {
             .reports_no_responders(false)
             .redelivers_unacked(true)
             .max_message_size(Some(self.shared.config.max_message_size))
+            .notifications(true)
     }
 
     fn default_exchange(&self) -> &str {
@@ -226,5 +232,15 @@ impl Transport for RedisTransport {
     async fn reply_queue(&self) -> Result<ReplyQueue> {
         let (address, consumer) = ReplyConsumer::start(self.shared.clone()).await?;
         Ok(ReplyQueue::new(address, consumer))
+    }
+
+    async fn listen_notifications(
+        &self,
+        source: &NotificationSource,
+        options: &ListenOptions,
+    ) -> Result<Box<dyn Consumer>> {
+        Ok(Box::new(
+            NotificationConsumer::start(self.shared.clone(), source, options).await?,
+        ))
     }
 }

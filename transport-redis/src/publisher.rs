@@ -2,7 +2,9 @@
 //! stream it is tried with `NOMKSTREAM` first; a stream that does not exist yet is
 //! then made by a second `XADD` with `EXPIRE ... NX` in one `MULTI`/`EXEC`, so every
 //! stream mqrpc creates carries a time-to-live. Replies use `NOMKSTREAM` only: a reply to a stream
-//! that no longer exists is undeliverable, never a new key.
+//! that no longer exists is undeliverable, never a new key. A notification's stream
+//! is made by its first send, together with its default consumer group (see
+//! `crate::notify`).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -10,6 +12,7 @@ use async_trait::async_trait;
 use rpc_core::{Address, Error, Outgoing, Publisher, Result, Retry};
 
 use crate::BACKOFF;
+use crate::commands::NOTIFY_CREATE;
 use crate::config::RedisConfig;
 use crate::connection::Connection;
 use crate::error::{command_error, is_cluster_change, was_not_sent};
@@ -105,6 +108,38 @@ impl RedisPublisher {
         }
     }
 
+    /// Adds a notification to the stream of its routing key. The stream nearly
+    /// always exists: one `XADD`. The first send makes it, with the default group
+    /// that keeps every notification until a listener of that group takes it
+    /// (`NOTIFY_CREATE`).
+    async fn notify(
+        &self,
+        exchange: &str,
+        key: &str,
+        message: &Outgoing,
+    ) -> redis::RedisResult<bool> {
+        let mut conn = self.conn.clone();
+        let stream = self.config.notification_key(exchange, key);
+        let id: Option<String> = xadd_cmd(&stream, false, self.config.maxlen, message, None)
+            .query_async(&mut conn)
+            .await?;
+        if id.is_none() {
+            NOTIFY_CREATE
+                .run::<String>(
+                    &mut conn,
+                    &stream,
+                    (
+                        crate::notify::DEFAULT_GROUP,
+                        self.config.stream_ttl.as_secs().max(1),
+                        self.config.maxlen,
+                        message.body.as_ref(),
+                    ),
+                )
+                .await?;
+        }
+        Ok(true)
+    }
+
     async fn attempt(&self, address: &Address, message: &Outgoing) -> redis::RedisResult<bool> {
         let mut conn = self.conn.clone();
         match self.stream_key(address) {
@@ -127,6 +162,9 @@ impl RedisPublisher {
                 Ok(true)
             }
             None => {
+                if let Address::Notification { exchange, key } = address {
+                    return self.notify(exchange, key, message).await;
+                }
                 let Address::Reply(key) = address else {
                     return Ok(false);
                 };
@@ -157,11 +195,6 @@ impl RedisPublisher {
 #[async_trait]
 impl Publisher for RedisPublisher {
     async fn send(&self, address: &Address, message: Outgoing) -> Result<()> {
-        if let Address::Notification { .. } = address {
-            return Err(Error::Unsupported(
-                "notifications are not available on this backend yet".to_owned(),
-            ));
-        }
         Error::check_size(message.body.len(), self.config.max_message_size)?;
         let mut cluster_changes = 0u32;
         let sent = Retry::new(BACKOFF)
