@@ -15,6 +15,14 @@ fn topic(case: &str) -> String {
     format!("cli_{case}_{}", std::process::id())
 }
 
+/// The broker's URL, with the test's queues expiring a minute after their last use
+/// (notification queues are otherwise kept for good, as in oslo).
+fn url() -> String {
+    let url = amqp_url();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}topic_ttl=60")
+}
+
 /// `mqrpc listen --notifications ARGS`, once it says it listens.
 fn listen(url: &str, args: &[&str]) -> (Serving, BufReader<ChildStdout>) {
     let mut child = Command::new(MQRPC)
@@ -50,15 +58,14 @@ fn notify(url: &str, args: &[&str]) {
 
 #[test]
 fn a_notification_sent_by_one_process_is_printed_by_another() {
-    let url = amqp_url();
+    let url = url();
     if !broker_available("cli notifications on amqp", &url) {
         return;
     }
     let topic = topic("notify");
-    let (mut listening, mut out) = listen(
-        &url,
-        &["--topic", &topic, "--pool", "cli-pool", "--count", "2"],
-    );
+    let pool = format!("{topic}_pool");
+    let (mut listening, mut out) =
+        listen(&url, &["--topic", &topic, "--pool", &pool, "--count", "2"]);
     notify(
         &url,
         &[
@@ -92,7 +99,7 @@ fn a_notification_sent_by_one_process_is_printed_by_another() {
 
 #[test]
 fn a_notification_sent_before_the_listener_is_kept_for_it() {
-    let url = amqp_url();
+    let url = url();
     if !broker_available("cli notifications on amqp", &url) {
         return;
     }

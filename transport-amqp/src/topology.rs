@@ -106,31 +106,14 @@ pub(crate) async fn declare_shared_queue(
     exchange: &str,
     name: &str,
 ) -> Result<()> {
-    let mut arguments = expiry(config.topic_ttl);
-    if config.quorum {
-        arguments.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString(LongString::from("quorum")),
-        );
-    }
-    channel
-        .queue_declare(
-            short(name)?,
-            QueueDeclareOptions {
-                durable: config.durable_queues(),
-                ..QueueDeclareOptions::default()
-            },
-            arguments,
-        )
-        .await
-        .map_err(|e| lapin_error(&format!("declaring queue {name}"), e))?;
-    bind(channel, name, exchange, name).await
+    declare_notification_queue(channel, config, exchange, name, name).await
 }
 
-/// Declares a notification queue (the default group's `<topic>.<priority>`, or a
-/// pool's `<pool>`) as oslo.messaging's notifier and listeners declare it: durable
-/// and quorum as topic queues are, never an `x-expires`; then binds it to `exchange`
-/// with `key`.
+/// Declares a queue that outlives its consumers (a topic or server queue; a
+/// notification queue: the default group's `<topic>.<priority>`, or a pool's
+/// `<pool>`) as oslo.messaging declares them: durable and quorum as the
+/// configuration says, and an `x-expires` only when `topic_ttl` asks for one (oslo
+/// never sets it); then binds it to `exchange` with `key`.
 pub(crate) async fn declare_notification_queue(
     channel: &Channel,
     config: &AmqpConfig,
@@ -138,7 +121,7 @@ pub(crate) async fn declare_notification_queue(
     queue: &str,
     key: &str,
 ) -> Result<()> {
-    let mut arguments = FieldTable::default();
+    let mut arguments = expiry(config.topic_ttl);
     if config.quorum {
         arguments.insert(
             "x-queue-type".into(),

@@ -136,8 +136,8 @@ pub struct AmqpConfig {
     pub prefetch: Option<u16>,
     /// `x-expires` of reply and fanout queues; `None` disables it.
     pub transient_ttl: Option<Duration>,
-    /// `x-expires` of topic and server queues; `None` (the default, as in oslo) keeps
-    /// them until deleted.
+    /// `x-expires` of topic, server and notification queues; `None` (the default, as
+    /// in oslo) keeps them until deleted.
     pub topic_ttl: Option<Duration>,
     /// The largest message sent.
     pub max_message_size: usize,

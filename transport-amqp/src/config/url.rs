@@ -32,8 +32,8 @@ impl AmqpConfig {
     /// a re-subscription may wait before it is logged as stuck and retried), `heartbeat`
     /// (`heartbeat_timeout_threshold`; rounded up to whole seconds, 0 disables),
     /// `prefetch` (`rabbit_qos_prefetch_count`), `transient_ttl`
-    /// (`rabbit_transient_queues_ttl`, 0 = none), `topic_ttl` (`x-expires` on topic
-    /// and server queues; not set by default), `ssl` (`tls`), `max_message_size`,
+    /// (`rabbit_transient_queues_ttl`, 0 = none), `topic_ttl` (`x-expires` on topic,
+    /// server and notification queues; not set by default), `ssl` (`tls`), `max_message_size`,
     /// `max_backoff`, `compression` (`kombu_compression`: `gzip` or `bzip2`, for what
     /// this transport sends), `connect_timeout` (default 10 s: one connection
     /// attempt's TCP, TLS and AMQP handshake), `allow_reply_queues` (reply-queue names
