@@ -175,7 +175,7 @@ async fn amqp_interop_tracing_python_client_parents_mqrpc_server_spans() {
     let Some(python) = traced_python() else {
         return;
     };
-    let traced = Traced::install();
+    let traced = Traced::install().await;
     let topic = format!("interop_trace_rs_{}", &mqrpc::wire::new_id()[..12]);
     let (server, recorder) = rust_server(&topic).await;
     let url = oslo_url();
@@ -241,7 +241,7 @@ async fn amqp_interop_tracing_mqrpc_client_parents_python_server_spans() {
     let Some(python) = traced_python() else {
         return;
     };
-    let traced = Traced::install();
+    let traced = Traced::install().await;
     let topic = format!("interop_trace_py_{}", &mqrpc::wire::new_id()[..12]);
     let mut py = python_server_with(&python, &topic, "py1", &["--trace"]).await;
     let transport = mqrpc::connect(&crate::amqp::url()).await.expect("RabbitMQ");

@@ -8,6 +8,12 @@
 //! (running at the same time on threads of their own) send no trace context. These
 //! cases therefore run on a current-thread runtime: every task of the case, servers
 //! included, runs on the thread that sees the layer.
+//!
+//! `tracing` caches at each span's call site whether any subscriber wants it. A call
+//! site first reached by another test while this thread's subscriber was being
+//! registered can keep "nobody" until the cache is rebuilt, so a case first makes
+//! sure its layer sees the request spans (on the memory bus, whose spans are made by
+//! the same call sites as every backend's) and only then starts.
 
 use std::time::Duration;
 
@@ -31,8 +37,9 @@ pub(crate) struct Traced {
 }
 
 impl Traced {
-    /// Installs the layer as this thread's default subscriber.
-    pub(crate) fn install() -> Self {
+    /// Installs the layer as this thread's default subscriber, once it sees the
+    /// spans of a call and of its handling.
+    pub(crate) async fn install() -> Self {
         let exporter = InMemorySpanExporter::default();
         let provider = SdkTracerProvider::builder()
             .with_simple_exporter(exporter.clone())
@@ -40,11 +47,53 @@ impl Traced {
         let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("conformance"));
         let subscriber = tracing_subscriber::registry().with(layer);
         let default = tracing::subscriber::set_default(subscriber);
-        Traced {
+        let traced = Traced {
             exporter,
             provider,
             _default: default,
+        };
+        traced.see_request_spans().await;
+        traced
+    }
+
+    /// Calls on the memory bus until this layer has the call's two spans (rebuilding
+    /// `tracing`'s call-site cache before each try), then forgets them.
+    async fn see_request_spans(&self) {
+        let transport: std::sync::Arc<dyn mqrpc::Transport> =
+            std::sync::Arc::new(mqrpc::MemoryTransport::new());
+        let endpoint = mqrpc::Endpoint::new()
+            .method("warm_up", |_ctx: Context, _args: mqrpc::NoArgs| async {
+                Ok::<_, mqrpc::RemoteError>(())
+            });
+        let server = mqrpc::Server::builder(transport.clone(), mqrpc::Target::new("warm_up"))
+            .endpoint(endpoint)
+            .start()
+            .await
+            .expect("warm-up server");
+        let client = Client::new(transport, mqrpc::Target::new("warm_up"));
+        let mut seen = false;
+        for _ in 0..50 {
+            tracing::callsite::rebuild_interest_cache();
+            let () = client
+                .call(&ctx(), "warm_up", mqrpc::NoArgs {})
+                .await
+                .expect("warm-up call");
+            let names: Vec<String> = self.names();
+            if names.iter().any(|n| n == "warm_up call")
+                && names.iter().any(|n| n == "warm_up process")
+            {
+                seen = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        server.shutdown().await.expect("warm-up server stops");
+        assert!(
+            seen,
+            "the layer never saw the request spans: {:?}",
+            self.names()
+        );
+        self.exporter.reset();
     }
 
     fn finished(&self) -> Vec<SpanData> {
@@ -148,7 +197,7 @@ fn assert_common(span: &SpanData, backend: &Backend, topic: &str, method: &str) 
 }
 
 pub async fn tracing_links_client_and_server_spans(backend: Backend) {
-    let traced = Traced::install();
+    let traced = Traced::install().await;
     let mut fx = Fixture::new(&backend, "tracing");
     fx.start(2).await;
     let client = fx.client().await;
@@ -273,7 +322,7 @@ pub async fn tracing_links_client_and_server_spans(backend: Backend) {
 }
 
 pub async fn tracing_marks_a_remote_error_on_both_spans(backend: Backend) {
-    let traced = Traced::install();
+    let traced = Traced::install().await;
     let mut fx = Fixture::new(&backend, "tracing_error");
     fx.start(1).await;
     let client: Client = fx.client().await;
