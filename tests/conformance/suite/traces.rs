@@ -65,11 +65,14 @@ impl Traced {
             .method("warm_up", |_ctx: Context, _args: mqrpc::NoArgs| async {
                 Ok::<_, mqrpc::RemoteError>(())
             });
-        let server = mqrpc::Server::builder(transport.clone(), mqrpc::Target::new("warm_up"))
-            .endpoint(endpoint)
-            .start()
-            .await
-            .expect("warm-up server");
+        let server = mqrpc::Server::builder(
+            transport.clone(),
+            mqrpc::Target::new("warm_up").server("w1"),
+        )
+        .endpoint(endpoint)
+        .start()
+        .await
+        .expect("warm-up server");
         let client = Client::new(transport, mqrpc::Target::new("warm_up"));
         let mut seen = false;
         for _ in 0..50 {
