@@ -57,6 +57,26 @@ pub(super) struct Housekeeping {
     pub(super) budget: ByteBudget,
     /// The largest entry the shared group's reader read lately (0: none yet).
     pub(super) largest: Arc<AtomicUsize>,
+    /// The most entries one read of the shared group takes, kept here as
+    /// [`share_of_batch`] of the group's consumers.
+    pub(super) share: Arc<AtomicUsize>,
+}
+
+/// How often a server counts the consumers of its topic's shared group.
+const COUNT_CONSUMERS_EVERY: Duration = Duration::from_secs(1);
+
+/// The most entries one read of a shared group takes when `consumers` servers
+/// compete for its entries: an even share of a full batch, one at least.
+///
+/// A read takes what is waiting, up to its `COUNT`, and a reader whose reads come
+/// back full reads more at a time (see `pace.rs`). Among competing servers the one
+/// that comes back first under load would otherwise take whole batches while the
+/// others wait on their blocked reads (measured: the busiest of 50 servers handled
+/// up to 3 times as many calls as the quietest). Entries that arrive while servers
+/// are blocked go to one blocked reader each, in turn, so this cap is what keeps the
+/// load even; one server alone still reads full batches.
+pub(super) fn share_of_batch(consumers: usize) -> usize {
+    (MAX_BATCH / consumers.max(1)).max(1)
 }
 
 impl Housekeeping {
@@ -70,10 +90,18 @@ impl Housekeeping {
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_refresh = tokio::time::Instant::now();
         let mut last_prune = tokio::time::Instant::now();
+        let mut counts = tokio::time::interval(COUNT_CONSUMERS_EVERY);
+        counts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = self.stop.cancelled() => return,
                 _ = ticks.tick() => {}
+                _ = counts.tick() => {
+                    if let Err(err) = self.count_consumers().await {
+                        tracing::debug!(error = %err, "counting the shared group's consumers failed");
+                    }
+                    continue;
+                }
             }
             let mut conn = self.shared.commands.clone();
             if let Err(err) = self.keep_alive(&mut conn).await {
@@ -103,6 +131,24 @@ impl Housekeeping {
                 }
             }
         }
+    }
+
+    /// Sets the share of a batch that one read of the shared group takes from the
+    /// number of consumers of the topic's group (the servers competing for its
+    /// entries, and any that died within `prune_idle`).
+    async fn count_consumers(&self) -> Result<()> {
+        let mut conn = self.shared.commands.clone();
+        let groups: redis::streams::StreamInfoGroupsReply = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&self.keys.topic)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| redis_error("XINFO GROUPS", e))?;
+        if let Some(group) = groups.groups.iter().find(|group| group.name == GROUP) {
+            self.share
+                .store(share_of_batch(group.consumers), Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Takes over entries pending longer than `claim_idle` (their consumer died or

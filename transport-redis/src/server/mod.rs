@@ -121,6 +121,9 @@ impl ServerConsumer {
         let in_flight: InFlight = Arc::default();
         // The largest entry the shared group's reader read lately, for claims.
         let largest = Arc::new(AtomicUsize::new(0));
+        // The most entries one read of the shared group takes: this server's share of
+        // a batch among the group's consumers, kept by housekeeping.
+        let share = Arc::new(AtomicUsize::new(MAX_BATCH));
         let deletes = options.settle_on_receipt.then(|| {
             let (deletes, rx) = mpsc::unbounded_channel();
             tokio::spawn(delete_settled(shared.clone(), rx));
@@ -143,6 +146,7 @@ impl ServerConsumer {
             budget: options.budget.clone(),
             client_id: ClientId::Unknown,
             largest: (group == GROUP).then(|| largest.clone()),
+            share: (group == GROUP).then(|| share.clone()),
             connection: options.status.connection(),
         };
         let tasks = vec![
@@ -164,6 +168,7 @@ impl ServerConsumer {
                     stop: stop.clone(),
                     budget: options.budget.clone(),
                     largest,
+                    share,
                 }
                 .run(),
             ),

@@ -43,6 +43,13 @@ impl Pace {
         }
     }
 
+    /// Takes at most `most` entries at once from now on (at least one): a reader
+    /// that competes with others for one group's entries takes its share.
+    pub(crate) fn limit(&mut self, most: usize) {
+        self.most = most.max(1);
+        self.count = self.count.min(self.most);
+    }
+
     /// The largest entry read lately, in bytes (0 before the first read).
     pub(crate) fn largest(&self) -> usize {
         self.largest
@@ -112,6 +119,29 @@ mod tests {
         // After an idle spell it starts again at one.
         pace.idle();
         assert_eq!(pace.count(64, budget), 1);
+    }
+
+    #[test]
+    fn a_limit_caps_reads_from_then_on() {
+        let mut pace = Pace::new(64);
+        for _ in 0..8 {
+            let count = pace.count(64, 64 * MIB);
+            pace.read(count, count, 300);
+        }
+        assert_eq!(pace.count(64, 64 * MIB), 64);
+        pace.limit(2);
+        assert_eq!(pace.count(64, 64 * MIB), 2);
+        pace.read(2, 2, 300);
+        assert_eq!(
+            pace.count(64, 64 * MIB),
+            2,
+            "full reads do not grow past it"
+        );
+        pace.limit(0);
+        assert_eq!(pace.count(64, 64 * MIB), 1, "one entry at least");
+        pace.limit(64);
+        pace.read(1, 1, 300);
+        assert_eq!(pace.count(64, 64 * MIB), 2, "grows again from where it was");
     }
 
     #[test]

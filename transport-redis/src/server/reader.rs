@@ -76,6 +76,12 @@ pub(super) struct Reader {
     /// Where the shared group's reader says how large its entries are lately, for
     /// the claims of housekeeping; `None` for the fanout reader.
     pub(super) largest: Option<Arc<AtomicUsize>>,
+    /// The most entries a read of the shared group takes, as housekeeping shares a
+    /// batch among the group's consumers (see [`share_of_batch`]); `None` for the
+    /// fanout reader, which has its group to itself.
+    ///
+    /// [`share_of_batch`]: super::housekeeping::share_of_batch
+    pub(super) share: Option<Arc<AtomicUsize>>,
     /// Where this reader's connection is reported lost when a read fails, and
     /// restored when Redis answers on it again (the server's health).
     pub(super) connection: ConnectionStatus,
@@ -135,6 +141,9 @@ impl Reader {
                     }
                 }
                 continue;
+            }
+            if let Some(share) = &self.share {
+                pace.limit(share.load(Ordering::Relaxed));
             }
             // COUNT is per stream: the shared group's read may bring it from both.
             let count = pace.count(room, self.budget.available() / self.streams.len().max(1));
