@@ -8,7 +8,9 @@ Columns: memory, then mqrpc, the bare client and their ratio for NATS, Redis and
 AMQP (the AMQP bare client without publisher confirms). A ratio is mqrpc over raw
 for throughput and for latency alike; where the run had several rounds, the figures
 the targets name also show the lowest and highest ratio of a single round. A figure
-a run did not measure is left empty.
+a run did not measure is left empty. After the table, one line per backend (and per
+placement of the servers, with `--servers-in both`) gives the fairness figure and the
+competing servers' throughput against one server's, mqrpc's and the bare client's.
 """
 
 import json
@@ -119,6 +121,37 @@ def main():
                 print(f"{label} bare client {shape['name']} at concurrency 64: "
                       f"{number(theirs)} calls/s; mqrpc {number(ours)} is "
                       f"{ours / theirs:.2f}× of it.")
+    # Fairness (`--fairness`) and the competing servers' throughput against one
+    # server's, for mqrpc and the bare client with as many consumers; with
+    # `--servers-in both`, for the run with the servers in a child process too.
+    for backend, label in BROKERS:
+        run = runs[backend]
+        for each in [run, run.get("servers_in_child")]:
+            if each and each.get("mqrpc", {}).get("fairness"):
+                print()
+                print(competing(label, each))
+
+
+def competing(label, run):
+    """One line: where the servers ran, their busiest/quietest, and N/1."""
+    where = "in a child process" if run.get("servers_in") == "child" else "in the bench"
+    parts = []
+    for side, name in (("mqrpc", "mqrpc"), ("raw", "bare client")):
+        figures_ = run.get(side) or {}
+        fair = figures_.get("fairness") or {}
+        text = []
+        if fair:
+            ratio_ = fair.get("busiest_to_quietest")
+            text.append(f"busiest/quietest of {fair['servers']} "
+                        + (f"{ratio_:.2f}" if ratio_ else "∞")
+                        + f" ({fair['quietest']}–{fair['busiest']} calls)")
+        one = point(figures_.get("servers"), 1)
+        for p in figures_.get("servers") or []:
+            if p["x"] != 1 and one:
+                text.append(f"{p['x']}/1 servers {p['calls_per_s'] / one:.2f}")
+        if text:
+            parts.append(f"{name} " + ", ".join(text))
+    return f"{label}, servers {where}: " + "; ".join(parts) + "."
 
 
 if __name__ == "__main__":

@@ -78,15 +78,20 @@ fn number(x: f64) -> Value {
 
 /// The demo endpoint: `echo(payload)`, `add(a, b)`, `sleep(seconds)`, `fail(message)`
 /// (a Python `ValueError`), `count(n)` streaming 0..n (`n` at most [`MAX_COUNT`]),
-/// `bump(seconds = 0)` (works `seconds`, then counts) and `bumps()` (the count).
+/// `bump(seconds = 0)` (works `seconds`, then counts), `bumps()` (the count) and
+/// `echoes()` (how many `echo` calls this server handled: `mqrpc bench` asks each
+/// server directly, to tell how evenly competing servers share the calls).
 /// Arguments a method does not take (a `payload` beside `seconds`, say) are read
 /// and ignored.
 pub(crate) fn endpoint(bumps: Arc<AtomicU64>) -> Endpoint {
     let read = bumps.clone();
+    let echoes = Arc::new(AtomicU64::new(0));
+    let echoes_read = echoes.clone();
     Endpoint::new()
         .version(Version::new(1, 3))
-        .method("echo", |_ctx: Context, args: Echo| async move {
-            Ok::<_, RemoteError>(args.payload)
+        .method("echo", move |_ctx: Context, args: Echo| {
+            echoes.fetch_add(1, Ordering::Relaxed);
+            async move { Ok::<_, RemoteError>(args.payload) }
         })
         .method("add", |_ctx: Context, args: Add| async move {
             Ok::<_, RemoteError>(number(args.a + args.b))
@@ -121,6 +126,37 @@ pub(crate) fn endpoint(bumps: Arc<AtomicU64>) -> Endpoint {
             let count = read.load(Ordering::Relaxed);
             async move { Ok::<_, RemoteError>(count) }
         })
+        .method("echoes", move |_ctx: Context, _args: mqrpc::NoArgs| {
+            let count = echoes_read.load(Ordering::Relaxed);
+            async move { Ok::<_, RemoteError>(count) }
+        })
+}
+
+/// Resolves once standard input reaches its end (or fails). Read on a thread of its
+/// own, not the runtime's blocking pool: the runtime would wait for a read still
+/// blocked when the server stops on a signal.
+fn stdin_end() -> tokio::sync::oneshot::Receiver<()> {
+    let (ended, end) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+        let _ = ended.send(());
+    });
+    end
+}
+
+/// One demo server of `args` named `name`, on a connection of its own.
+async fn start(args: &ServeArgs, name: &str) -> Result<Server> {
+    let transport = mqrpc::connect(&args.url).await.context("connecting")?;
+    let mut builder = Server::builder(transport, Target::new(&args.topic).server(name))
+        .endpoint(endpoint(Arc::new(AtomicU64::new(0))))
+        .concurrency(args.concurrency)
+        .max_pending_bytes(args.max_pending_bytes)
+        .discoverable(!args.no_discovery)
+        .oslo_ping(args.rpc_ping);
+    if let Some(auth) = args.auth.message_auth()? {
+        builder = builder.message_auth(auth);
+    }
+    builder.start().await.context("starting the server")
 }
 
 /// `mqrpc serve`. SIGINT or SIGTERM stops it at any time: while it connects or
@@ -128,9 +164,8 @@ pub(crate) fn endpoint(bumps: Arc<AtomicU64>) -> Endpoint {
 /// within the server's grace period). A second signal during that shutdown exits at
 /// once with status 130, abandoning them.
 pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
-    let server_name = args
-        .server
-        .unwrap_or_else(|| format!("mqrpc-{}", std::process::id()));
+    let server_name =
+        (args.server.clone()).unwrap_or_else(|| format!("mqrpc-{}", std::process::id()));
     if crate::in_process(&args.url) {
         eprintln!(
             "mqrpc: warning: {}; no client can call this server",
@@ -150,45 +185,63 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     // One catcher for the whole run: one made per wait would miss a signal that
     // came between two waits.
     let mut signals = crate::StopSignals::new();
+    let stdin_end = args.stop_at_stdin_end.then(stdin_end);
     let stopped_starting = || {
         eprintln!("mqrpc: stopped before serving");
         Ok(())
     };
-    let transport = tokio::select! {
-        () = signals.next() => return stopped_starting(),
-        transport = mqrpc::connect(&args.url) => transport.context("connecting")?,
+    let names: Vec<String> = match args.instances {
+        None => vec![server_name.clone()],
+        Some(n) => (0..n).map(|i| format!("{server_name}-{i}")).collect(),
     };
-    let mut builder = Server::builder(transport, Target::new(&args.topic).server(&server_name))
-        .endpoint(endpoint(Arc::new(AtomicU64::new(0))))
-        .concurrency(args.concurrency)
-        .max_pending_bytes(args.max_pending_bytes)
-        .discoverable(!args.no_discovery)
-        .oslo_ping(args.rpc_ping);
-    if let Some(auth) = args.auth.message_auth()? {
-        builder = builder.message_auth(auth);
-    }
-    let server = tokio::select! {
+    // Each server on a connection of its own, as separate services would be.
+    let starting = futures::future::try_join_all(names.iter().map(|name| start(&args, name)));
+    let servers = tokio::select! {
         () = signals.next() => return stopped_starting(),
-        started = builder.start() => started.context("starting the server")?,
+        started = starting => started?,
     };
-    eprintln!(
-        "mqrpc: serving topic {} as server {} (Ctrl-C stops)",
-        args.topic, server_name
-    );
-    let mut ready =
-        serde_json::json!({"event": "ready", "topic": args.topic, "server": server_name});
-    if let Some(health) = &health {
+    let mut ready = match args.instances {
+        None => {
+            eprintln!(
+                "mqrpc: serving topic {} as server {} (Ctrl-C stops)",
+                args.topic, server_name
+            );
+            serde_json::json!({"event": "ready", "topic": args.topic, "server": server_name})
+        }
+        Some(n) => {
+            eprintln!(
+                "mqrpc: serving topic {} as {n} servers {server_name}-0 to {server_name}-{} \
+                 (Ctrl-C stops)",
+                args.topic,
+                n - 1
+            );
+            serde_json::json!({"event": "ready", "topic": args.topic, "servers": names})
+        }
+    };
+    if let (Some(health), Some(server)) = (&health, servers.first()) {
         health.serve(server.health_probe());
         eprintln!("mqrpc: health at http://{}/health", health.addr());
         ready["health_addr"] = health.addr().to_string().into();
     }
     println!("{ready}");
-    signals.next().await;
+    match stdin_end {
+        Some(end) => {
+            tokio::select! {
+                () = signals.next() => {}
+                _ = end => {}
+            }
+        }
+        None => signals.next().await,
+    }
     eprintln!(
         "mqrpc: stopping: the requests in progress finish first (Ctrl-C again exits at once)"
     );
+    // All at once: on Redis each waits out its blocking read.
+    let stopping = futures::future::join_all(servers.into_iter().map(Server::shutdown));
     tokio::select! {
-        stopped = server.shutdown() => stopped.context("shutting down")?,
+        stopped = stopping => {
+            stopped.into_iter().collect::<Result<Vec<()>, _>>().context("shutting down")?;
+        }
         () = signals.next() => {
             eprintln!("mqrpc: exiting at once; requests in progress are abandoned");
             std::process::exit(crate::EXIT_INTERRUPTED);

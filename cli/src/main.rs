@@ -51,7 +51,8 @@ enum Command {
     /// Send one notification (oslo.messaging's messagingv2 format) to
     /// `<topic>.<priority>`; prints nothing on success.
     Notify(notify::NotifyArgs),
-    /// Run a demo server (version 1.3): echo, add, sleep, fail, count, bump, bumps.
+    /// Run a demo server (version 1.3): echo, add, sleep, fail, count, bump, bumps,
+    /// echoes; with --instances, several.
     Serve(ServeArgs),
     /// Measure latency and throughput (with --raw, beside the broker's bare client).
     Bench(bench::BenchArgs),
@@ -176,6 +177,17 @@ pub(crate) struct ServeArgs {
     /// This server's name (default: `mqrpc-<process id>`).
     #[arg(long)]
     pub(crate) server: Option<String>,
+    /// Run N servers in this process, each on a connection of its own, named
+    /// `<server>-0` to `<server>-<N-1>`: competing consumers of the topic, as N
+    /// separate services would be (`mqrpc bench --servers-in child` runs its servers
+    /// so). The ready line, printed once all serve, names them: `"servers": [...]`.
+    #[arg(
+        long,
+        value_name = "N",
+        conflicts_with = "health_addr",
+        value_parser = clap::value_parser!(u32).range(1..=10_000)
+    )]
+    pub(crate) instances: Option<u32>,
     /// Handlers running at once.
     #[arg(long, default_value_t = mqrpc::DEFAULT_CONCURRENCY)]
     pub(crate) concurrency: usize,
@@ -203,6 +215,11 @@ pub(crate) struct ServeArgs {
     /// server with rpc_ping_enabled does.
     #[arg(long)]
     pub(crate) rpc_ping: bool,
+    /// Also stop (gracefully, as on SIGTERM) when standard input reaches its end: a
+    /// parent holding the other end of a pipe stops the server by closing it, and
+    /// cannot leave it behind when it dies (`mqrpc bench --servers-in child`).
+    #[arg(long)]
+    pub(crate) stop_at_stdin_end: bool,
 }
 
 /// A duration given as seconds (`30`, `0.5`, as oslo.messaging's options take them)

@@ -470,9 +470,164 @@ fn bench_runs_on_the_memory_bus_and_writes_its_files() {
             .as_f64()
             .is_some_and(|r| r > 0.0)
     }));
+    assert_eq!(json["servers_in"], "bench");
+    assert_fairness_adds_up(&json["mqrpc"]["fairness"], 50, "memory");
     let svg = std::fs::read_to_string(out.join("bench-memory.svg")).expect("svg written");
     assert!(svg.contains("<svg"));
     let _ = std::fs::remove_dir_all(out);
+}
+
+/// The calls each server of a fairness figure handled add up to the calls the client
+/// made: every call counted once, by the server that handled it.
+fn assert_fairness_adds_up(fairness: &serde_json::Value, servers: usize, what: &str) {
+    let handled: Vec<u64> = (fairness["handled"].as_array())
+        .unwrap_or_else(|| panic!("{what}: no fairness figure: {fairness}"))
+        .iter()
+        .map(|n| n.as_u64().expect("a count"))
+        .collect();
+    assert_eq!(handled.len(), servers, "{what}: {fairness}");
+    let calls = fairness["calls"].as_u64().expect("calls");
+    assert!(calls >= 200, "{what}: {fairness}");
+    assert_eq!(handled.iter().sum::<u64>(), calls, "{what}: {fairness}");
+    assert_eq!(
+        fairness["busiest"].as_u64(),
+        handled.iter().max().copied(),
+        "{what}"
+    );
+}
+
+/// `--servers-in child`: the servers run in a child `mqrpc serve --instances N`
+/// process; every figure is there, the report says where the servers ran, and the
+/// competing servers' counts (asked of each server in the child) and the bare
+/// consumers' add up to the calls made.
+#[test]
+fn bench_runs_its_servers_in_a_child_process() {
+    if !nats_available() {
+        return;
+    }
+    let out = std::env::temp_dir().join(format!("mqrpc-bench-child-{}", std::process::id()));
+    let (code, stdout, stderr) = mqrpc(&[
+        "bench",
+        "--url",
+        &nats_url(),
+        "--raw",
+        "--quick",
+        "--concurrency",
+        "8",
+        "--payloads",
+        "100",
+        "--servers",
+        "1,3",
+        "--fairness",
+        "5",
+        "--servers-in",
+        "child",
+        "--out",
+        out.to_str().expect("utf-8 path"),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("servers in a child process"), "{stdout}");
+    assert!(
+        stdout.contains("| 3 competing servers / 1 server (calls/s) |"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| busiest / quietest of 5 competing servers"),
+        "{stdout}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("bench-nats.json")).expect("json written"))
+            .expect("json");
+    assert_eq!(json["servers_in"], "child");
+    for side in ["mqrpc", "raw"] {
+        let servers = json[side]["servers"].as_array().expect("servers");
+        assert_eq!(servers.len(), 2, "{side}: {servers:?}");
+        assert!(
+            servers
+                .iter()
+                .all(|r| r["calls_per_s"].as_f64() > Some(0.0))
+        );
+        assert_fairness_adds_up(&json[side]["fairness"], 5, side);
+    }
+    assert!(json["mqrpc"]["throughput"][0]["calls_per_s"].as_f64() > Some(0.0));
+    assert!(json["mqrpc"]["casts_per_s"].as_f64() > Some(0.0));
+    let _ = std::fs::remove_dir_all(out);
+}
+
+/// The memory bus cannot reach another process: `--servers-in child` (or `both`)
+/// says so at once.
+#[test]
+fn bench_refuses_child_servers_on_the_memory_bus() {
+    for placement in ["child", "both"] {
+        let (code, _, stderr) = mqrpc(&[
+            "bench",
+            "--url",
+            "memory://",
+            "--quick",
+            "--servers-in",
+            placement,
+        ]);
+        assert_eq!(code, 2, "{placement}: {stderr}");
+        assert!(
+            stderr.contains("--servers-in bench"),
+            "{placement}: {stderr}"
+        );
+    }
+}
+
+/// `serve --instances 3`: three servers in one process, named `<server>-0`..., each
+/// answering calls directed at it; `echoes()` counts each one's echo calls. With
+/// `--stop-at-stdin-end`, closing its stdin stops it (the way `bench` stops it).
+#[test]
+fn serve_runs_several_instances_in_one_process() {
+    if !nats_available() {
+        return;
+    }
+    let url = nats_url();
+    let topic = format!("cli_instances_{}", std::process::id());
+    let mut child = Command::new(MQRPC)
+        .args(["serve", "--url", &url, "--topic", &topic])
+        .args([
+            "--server",
+            "multi",
+            "--instances",
+            "3",
+            "--stop-at-stdin-end",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start mqrpc serve");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut serving = Serving(child);
+    let mut ready = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut ready)
+        .expect("read the ready line");
+    let ready: serde_json::Value = serde_json::from_str(&ready).expect("a JSON ready line");
+    assert_eq!(
+        ready["servers"],
+        serde_json::json!(["multi-0", "multi-1", "multi-2"])
+    );
+    let call = |server: Option<&str>, method: &str, args: &str| {
+        let mut all = vec!["call", "--url", &url, "--topic", &topic, "--timeout", "10s"];
+        if let Some(server) = server {
+            all.extend(["--server", server]);
+        }
+        all.extend([method, args]);
+        mqrpc(&all)
+    };
+    let (code, out, err) = call(Some("multi-1"), "echo", r#"{"payload": "x"}"#);
+    assert_eq!((code, out.trim()), (0, r#""x""#), "{err}");
+    let echoes: Vec<String> = ["multi-0", "multi-1", "multi-2"]
+        .into_iter()
+        .map(|server| call(Some(server), "echoes", "{}").1.trim().to_owned())
+        .collect();
+    assert_eq!(echoes, ["0", "1", "0"]);
+    drop(serving.0.stdin.take());
+    let stopped = exit_within(&mut serving.0, Duration::from_secs(15));
+    assert!(stopped.is_some_and(|s| s.success()), "{stopped:?}");
 }
 
 /// A loopback listener that accepts connections and never answers, as a broker that

@@ -9,7 +9,9 @@ use common::{broker_available, mqrpc, nats_url, serve_as};
 use serde_json::{Value, json};
 
 /// The demo server's methods (`mqrpc serve`), as a status lists them.
-const DEMO_METHODS: [&str; 7] = ["add", "bump", "bumps", "count", "echo", "fail", "sleep"];
+const DEMO_METHODS: [&str; 8] = [
+    "add", "bump", "bumps", "count", "echo", "echoes", "fail", "sleep",
+];
 
 #[test]
 fn ping_and_status_list_the_servers_of_a_topic_on_nats() {

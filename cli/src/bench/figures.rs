@@ -4,6 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::fairness::Fairness;
+use super::servers::ServersIn;
+
 /// Latency percentiles in microseconds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Latency {
@@ -38,6 +41,9 @@ pub(crate) struct Figures {
     /// Resident memory per call in flight, measured with 10 000 calls waiting.
     #[serde(default)]
     pub(crate) bytes_per_in_flight_call: Option<f64>,
+    /// How evenly `--fairness` competing servers (or bare consumers) shared the calls.
+    #[serde(default)]
+    pub(crate) fairness: Option<Fairness>,
 }
 
 /// The result of one run.
@@ -45,6 +51,9 @@ pub(crate) struct Figures {
 pub(crate) struct Run {
     pub(crate) backend: String,
     pub(crate) quick: bool,
+    /// Where mqrpc's servers ran (the bare clients' always run in the bench).
+    #[serde(default = "in_bench")]
+    pub(crate) servers_in: ServersIn,
     /// How many rounds the latency, throughput and payload figures ran; `mqrpc` and
     /// `raw` hold their medians, `rounds_*` each round's figures.
     #[serde(default = "one")]
@@ -60,6 +69,10 @@ pub(crate) struct Run {
     pub(crate) rounds_mqrpc: Vec<Figures>,
     #[serde(default)]
     pub(crate) rounds_raw: Vec<Figures>,
+    /// With `--servers-in both`: the same figures measured next with the servers in
+    /// a child process (this run's had them in the bench's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) servers_in_child: Option<Box<Run>>,
 }
 
 /// The bare client in another shape, measured at concurrency 64 only.
@@ -75,6 +88,10 @@ pub(crate) struct Shaped {
 
 fn one() -> usize {
     1
+}
+
+fn in_bench() -> ServersIn {
+    ServersIn::Bench
 }
 
 /// The median of `values` (the mean of the middle two for an even count); 0 for none.

@@ -1,12 +1,16 @@
 //! `mqrpc bench`: sequential latency, throughput at several concurrencies, cast
 //! throughput, payload sizes and competing servers for one backend, and with `--raw`
 //! the same request/reply done by the broker's bare client in the same run. Prints a
-//! markdown table and writes JSON and an SVG plot.
+//! markdown table and writes JSON and an SVG plot. The servers run in the bench's
+//! process or in a child one (`--servers-in`, see [`servers`]).
 
 mod caller;
+mod competing;
+mod fairness;
 mod figures;
 mod raw;
 mod report;
+mod servers;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,6 +29,7 @@ use serde_json::json;
 
 use caller::{Caller, Pair};
 use figures::{Figures, Latency, Rate, Run, Shaped, median_figures, median_rate};
+use servers::{Placement, Servers, ServersIn};
 
 /// What to measure.
 #[derive(Args, Debug)]
@@ -44,9 +49,19 @@ pub(crate) struct BenchArgs {
     /// Payload sizes in bytes.
     #[arg(long, value_delimiter = ',', default_value = "100,10240,1048576")]
     pub(crate) payloads: Vec<usize>,
-    /// Numbers of competing servers.
+    /// Numbers of competing servers (with --raw, of the bare client's competing
+    /// consumers too).
     #[arg(long, value_delimiter = ',', default_value = "1,4,32")]
     pub(crate) servers: Vec<usize>,
+    /// Where mqrpc's servers run: `bench`, in this process (one runtime with the
+    /// clients); `child`, in a child `mqrpc serve --instances N` process (not on
+    /// memory://); `both`, every figure once each way, reported side by side.
+    #[arg(long, value_enum, default_value = "bench")]
+    pub(crate) servers_in: Placement,
+    /// Competing servers of the fairness figure: how many calls the busiest and the
+    /// quietest of them handle under steady load (0 skips it).
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    pub(crate) fairness: usize,
     /// Rounds of the figures compared with the bare client; each is reported as its
     /// median over the rounds, mqrpc and raw taking turns at going first [default: 3,
     /// 1 with --quick].
@@ -93,42 +108,13 @@ impl Caller for MqrpcCaller {
     }
 }
 
-/// Servers of the demo endpoint on a topic, each on a connection of its own.
-struct Servers {
-    servers: Vec<Server>,
-}
-
-impl Servers {
-    async fn start(url: &str, topic: &str, n: usize) -> Result<Servers> {
-        let mut servers = Vec::with_capacity(n);
-        for i in 0..n {
-            let transport = mqrpc::connect(url).await.context("connecting a server")?;
-            let name = format!("bench-{i}");
-            leave(topic, &name);
-            let server = Server::builder(transport, Target::new(topic).server(name))
-                .endpoint(crate::demo::endpoint(Arc::default()))
-                .start()
-                .await
-                .context("starting a server")?;
-            servers.push(server);
-        }
-        Ok(Servers { servers })
-    }
-
-    /// Shuts every server down at once: on Redis each waits out its blocking read
-    /// (up to 500 ms), which one after another made 32 servers take 16 s.
-    async fn stop(self) {
-        futures::future::join_all(self.servers.into_iter().map(Server::shutdown)).await;
-    }
-}
-
 /// The topics and server names this run started servers on: their queues (AMQP) and
 /// streams (Redis) outlive the servers, as oslo.messaging's do, and the run deletes
 /// them at its end.
 static LEFT: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
 
 /// Records that a server `server` of `topic` was started.
-fn leave(topic: &str, server: &str) {
+pub(super) fn leave(topic: &str, server: &str) {
     let mut left = LEFT
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -221,6 +207,16 @@ async fn throughput(
     concurrency: usize,
     budget: Budget,
 ) -> Result<Rate> {
+    Ok(timed_throughput(caller, size, concurrency, budget).await?.0)
+}
+
+/// [`throughput`], and how many calls it made.
+async fn timed_throughput(
+    caller: Arc<dyn Caller>,
+    size: usize,
+    concurrency: usize,
+    budget: Budget,
+) -> Result<(Rate, usize)> {
     let body = payload(size);
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
@@ -243,11 +239,12 @@ async fn throughput(
     }
     let elapsed = started.elapsed().as_secs_f64();
     let calls_per_s = total as f64 / elapsed;
-    Ok(Rate {
+    let rate = Rate {
         x: concurrency,
         calls_per_s,
         mean_latency_us: elapsed * concurrency.min(total) as f64 / total as f64 * 1e6,
-    })
+    };
+    Ok((rate, total))
 }
 
 /// Calls per figure: enough to be steady, few enough to end quickly.
@@ -275,9 +272,9 @@ fn calls_for(quick: bool, concurrency: usize, size: usize) -> Budget {
     }
 }
 
-async fn casts(url: &str, quick: bool) -> Result<f64> {
+async fn casts(url: &str, quick: bool, servers_in: ServersIn) -> Result<f64> {
     let topic = new_topic();
-    let servers = Servers::start(url, &topic, 1).await?;
+    let servers = Servers::start_in(servers_in, url, &topic, 1).await?;
     let client = mqrpc_client(url, &topic).await?;
     let total: u64 = if quick { 500 } else { 20_000 };
     let started = Instant::now();
@@ -469,6 +466,9 @@ async fn measure(
 }
 
 pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
+    if crate::in_process(&args.url) && args.servers_in != Placement::Bench {
+        bail!(servers::NO_CHILD_ON_MEMORY);
+    }
     // Every server and client connects on its own; a bare `memory://` would give each
     // a private bus of its own, so the run shares a named one.
     if args.url == "memory://" || args.url.starts_with("memory://?") {
@@ -485,6 +485,61 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
     let backend = probe.name().to_owned();
     let max_message = probe.capabilities().max_message_size;
     drop(probe);
+
+    let mut runs = Vec::new();
+    for (i, &servers_in) in args.servers_in.runs().iter().enumerate() {
+        // Once: it measures this process, whose servers are the same code either way.
+        let memory = i == 0;
+        let measured = one_run(&args, &backend, max_message, servers_in, memory).await;
+        if measured.is_err() {
+            delete_left(&args.url).await;
+        }
+        runs.push(measured?);
+    }
+    delete_left(&args.url).await;
+    let mut runs = runs.into_iter();
+    let Some(mut run) = runs.next() else {
+        bail!("no run");
+    };
+    run.servers_in_child = runs.next().map(Box::new);
+
+    println!("{}", report::markdown(&run));
+    if let Some(child) = &run.servers_in_child {
+        println!("{}", report::markdown(child));
+        println!("{}", report::placements(&run, child));
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let json_path = args.out.join(format!("bench-{}.json", run.backend));
+    std::fs::write(&json_path, serde_json::to_string_pretty(&run)?)
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    let svg_path = args.out.join(format!("bench-{}.svg", run.backend));
+    report::plot(&run, &svg_path)?;
+    eprintln!("wrote {} and {}", json_path.display(), svg_path.display());
+    Ok(())
+}
+
+/// Deletes the queues and streams of the servers started so far.
+async fn delete_left(url: &str) {
+    let left = std::mem::take(
+        &mut *LEFT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    if let Err(err) = raw::delete_left(url, &left).await {
+        eprintln!("could not delete the run's queues or streams: {err:#}");
+    }
+}
+
+/// Every figure once, with mqrpc's servers where `servers_in` says; the memory per
+/// call in flight only if `memory`.
+async fn one_run(
+    args: &BenchArgs,
+    backend: &str,
+    max_message: Option<usize>,
+    servers_in: ServersIn,
+    memory: bool,
+) -> Result<Run> {
     let rounds = match (args.rounds, args.quick) {
         (Some(n), _) => n as usize,
         (None, true) => 1,
@@ -493,7 +548,7 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
     let steps = (1 + args.concurrency.len() + args.payloads.len()) as u64
         * if args.raw { 2 } else { 1 }
         * rounds as u64
-        + args.servers.len() as u64
+        + competing::steps(args)
         + 1;
     let progress = ProgressBar::new(steps);
     progress.set_style(
@@ -504,9 +559,13 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
     // First, while the allocator holds no memory freed by earlier figures (mimalloc
     // keeps freed pages, which would hide the growth).
     progress.set_message("memory per call in flight");
-    let bytes_per_in_flight_call = in_flight_memory(&args.url, args.quick).await?;
+    let bytes_per_in_flight_call = if memory {
+        in_flight_memory(&args.url, args.quick).await?
+    } else {
+        None
+    };
     let topic = new_topic();
-    let servers = Servers::start(&args.url, &topic, 1).await?;
+    let servers = Servers::start_in(servers_in, &args.url, &topic, 1).await?;
     let mqrpc_pair = Pair {
         caller: Arc::new(MqrpcCaller {
             client: mqrpc_client(&args.url, &topic).await?,
@@ -559,7 +618,7 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
         let mut latency = [latency.next(), latency.next()];
         for (side, pair) in sides {
             if let (Some(pair), Some(latency)) = (pair, latency[side].take()) {
-                per_side[side].push(measure(pair, latency, &args, max_message, &progress).await?);
+                per_side[side].push(measure(pair, latency, args, max_message, &progress).await?);
             }
         }
         for ((name, pair), rounds) in shaped.iter().zip(&mut rounds_shaped) {
@@ -575,7 +634,7 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
     servers.stop().await;
     let mut mqrpc = median_figures(&rounds_mqrpc);
     mqrpc.bytes_per_in_flight_call = bytes_per_in_flight_call;
-    let raw = (!rounds_raw.is_empty()).then(|| median_figures(&rounds_raw));
+    let mut raw = (!rounds_raw.is_empty()).then(|| median_figures(&rounds_raw));
     let raw_shaped = (names.into_iter().zip(rounds_shaped))
         .map(|(name, rounds)| {
             let same: Vec<&Rate> = rounds.iter().collect();
@@ -587,22 +646,9 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
         })
         .collect();
 
-    for &n in &args.servers {
-        progress.set_message(format!("{n} competing servers"));
-        let topic = new_topic();
-        let servers = Servers::start(&args.url, &topic, n).await?;
-        let caller: Arc<dyn Caller> = Arc::new(MqrpcCaller {
-            client: mqrpc_client(&args.url, &topic).await?,
-        });
-        throughput(caller.clone(), SMALL, 16, Budget::WARM_UP).await?;
-        let mut rate = throughput(caller, SMALL, 64, calls_for(args.quick, 64, SMALL)).await?;
-        rate.x = n;
-        mqrpc.servers.push(rate);
-        servers.stop().await;
-        progress.inc(1);
-    }
+    competing::measure(args, servers_in, &mut mqrpc, raw.as_mut(), &progress).await?;
     progress.set_message("casts");
-    mqrpc.casts_per_s = Some(casts(&args.url, args.quick).await?);
+    mqrpc.casts_per_s = Some(casts(&args.url, args.quick, servers_in).await?);
     progress.set_message("notifications");
     if let Some((sent, handled)) = notifications(&args.url, args.quick).await? {
         mqrpc.notifications_sent_per_s = Some(sent);
@@ -610,35 +656,17 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
     }
     progress.inc(1);
 
-    let left = std::mem::take(
-        &mut *LEFT
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner),
-    );
-    if let Err(err) = raw::delete_left(&args.url, &left).await {
-        progress.println(format!(
-            "could not delete the run's queues or streams: {err:#}"
-        ));
-    }
     progress.finish_and_clear();
-    let run = Run {
-        backend,
+    Ok(Run {
+        backend: backend.to_owned(),
         quick: args.quick,
+        servers_in,
         rounds,
         mqrpc,
         raw,
         raw_shaped,
         rounds_mqrpc,
         rounds_raw,
-    };
-    println!("{}", report::markdown(&run));
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let json_path = args.out.join(format!("bench-{}.json", run.backend));
-    std::fs::write(&json_path, serde_json::to_string_pretty(&run)?)
-        .with_context(|| format!("writing {}", json_path.display()))?;
-    let svg_path = args.out.join(format!("bench-{}.svg", run.backend));
-    report::plot(&run, &svg_path)?;
-    eprintln!("wrote {} and {}", json_path.display(), svg_path.display());
-    Ok(())
+        servers_in_child: None,
+    })
 }

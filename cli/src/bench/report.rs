@@ -7,6 +7,7 @@ use std::path::Path;
 use anyhow::{Context as _, Result};
 use plotters::prelude::*;
 
+use super::fairness::Fairness;
 use super::figures::{Figures, Latency, Rate, Run, Shaped};
 
 fn ratio(ours: f64, raw: Option<f64>) -> String {
@@ -68,6 +69,7 @@ pub(crate) fn markdown(run: &Run) -> String {
         run.backend,
         if run.quick { " (quick run)" } else { "" }
     );
+    let _ = writeln!(out, "mqrpc's {}.\n", run.servers_in.describe());
     if run.rounds > 1 {
         let _ = writeln!(
             out,
@@ -109,13 +111,7 @@ pub(crate) fn markdown(run: &Run) -> String {
         let rounds = paired(run, |f| rate_at(&f.payloads, rate.x));
         compared(&mut out, &name, rate.calls_per_s, theirs, &spread(rounds));
     }
-    for rate in &run.mqrpc.servers {
-        let _ = writeln!(
-            out,
-            "| calls/s with {} competing servers, concurrency 64 | {:.0} | - | - | - |",
-            rate.x, rate.calls_per_s
-        );
-    }
+    competing_rows(&mut out, &run.mqrpc, raw);
     for Shaped {
         name,
         median: theirs,
@@ -160,6 +156,124 @@ pub(crate) fn markdown(run: &Run) -> String {
             "| resident bytes per call in flight | {bytes:.0} | - | - | - |"
         );
     }
+    out
+}
+
+/// The competing servers' rows: calls/s with N servers (beside the bare client with
+/// N competing consumers), each count's throughput against one server's, and the
+/// fairness figure.
+fn competing_rows(out: &mut String, ours: &Figures, raw: Option<&Figures>) {
+    for rate in &ours.servers {
+        let theirs = raw_rate(raw, |f| &f.servers, rate.x);
+        let name = format!(
+            "calls/s with {} competing servers (raw: consumers), concurrency 64",
+            rate.x
+        );
+        compared(out, &name, rate.calls_per_s, theirs, "-");
+    }
+    let per_one = |figures: &Figures, n: usize| {
+        Some(rate_at(&figures.servers, n)? / rate_at(&figures.servers, 1)?)
+    };
+    for rate in ours.servers.iter().filter(|r| r.x != 1) {
+        let Some(ours) = per_one(ours, rate.x) else {
+            continue;
+        };
+        let theirs = raw
+            .and_then(|raw| per_one(raw, rate.x))
+            .map_or("-".to_owned(), |t| format!("{t:.2}"));
+        let _ = writeln!(
+            out,
+            "| {n} competing servers / 1 server (calls/s) | {ours:.2} | {theirs} | - | - |",
+            n = rate.x
+        );
+    }
+    if let Some(fair) = &ours.fairness {
+        let theirs = raw.and_then(|raw| raw.fairness.as_ref());
+        let cell =
+            |f: Option<&Fairness>, text: fn(&Fairness) -> String| f.map_or("-".to_owned(), text);
+        let n = fair.servers;
+        let _ = writeln!(
+            out,
+            "| busiest / quietest of {n} competing servers (calls handled), concurrency 64 | {} | {} | - | - |\n\
+             | calls handled per server of {n}: fewest / median / most | {} | {} | - | - |\n\
+             | calls/s with {n} competing servers (fairness run: {} calls) | {:.0} | {} | {} | - |",
+            busiest_to_quietest(fair),
+            cell(theirs, busiest_to_quietest),
+            spread_of(fair),
+            cell(theirs, spread_of),
+            fair.calls,
+            fair.calls_per_s,
+            cell(theirs, |f| format!("{:.0}", f.calls_per_s)),
+            ratio(fair.calls_per_s, theirs.map(|f| f.calls_per_s)),
+        );
+    }
+}
+
+/// The fairness ratio as text; `∞` when a server handled nothing.
+fn busiest_to_quietest(fair: &Fairness) -> String {
+    fair.busiest_to_quietest
+        .map_or("∞ (a server handled none)".to_owned(), |r| {
+            format!("{r:.2}")
+        })
+}
+
+/// Fewest / median / most calls handled by one server.
+fn spread_of(fair: &Fairness) -> String {
+    format!("{} / {:.0} / {}", fair.quietest, fair.median, fair.busiest)
+}
+
+/// The main figures of two runs of one backend side by side: servers in the bench's
+/// process, and in a child process.
+pub(crate) fn placements(bench: &Run, child: &Run) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "## {}: mqrpc's servers in the bench's process and in a child process\n",
+        bench.backend
+    );
+    let _ = writeln!(out, "| figure | in the bench | in a child | child/bench |");
+    let _ = writeln!(out, "|---|---|---|---|");
+    let mut row = |name: &str, ours: Option<f64>, theirs: Option<f64>, digits: usize| {
+        if let (Some(a), Some(b)) = (ours, theirs) {
+            let _ = writeln!(
+                out,
+                "| {name} | {a:.digits$} | {b:.digits$} | {} |",
+                ratio(b, Some(a))
+            );
+        }
+    };
+    let (a, b) = (&bench.mqrpc, &child.mqrpc);
+    let p50 = |f: &Figures| f.latency.as_ref().map(|l| l.p50_us);
+    row("latency p50 (µs)", p50(a), p50(b), 0);
+    for rate in &a.throughput {
+        let name = format!("calls/s at concurrency {}", rate.x);
+        row(
+            &name,
+            Some(rate.calls_per_s),
+            rate_at(&b.throughput, rate.x),
+            0,
+        );
+    }
+    for rate in &a.servers {
+        let name = format!("calls/s with {} competing servers, concurrency 64", rate.x);
+        row(
+            &name,
+            Some(rate.calls_per_s),
+            rate_at(&b.servers, rate.x),
+            0,
+        );
+    }
+    let per_one = |f: &Figures, n: usize| Some(rate_at(&f.servers, n)? / rate_at(&f.servers, 1)?);
+    for rate in a.servers.iter().filter(|r| r.x != 1) {
+        let name = format!("{} competing servers / 1 server (calls/s)", rate.x);
+        row(&name, per_one(a, rate.x), per_one(b, rate.x), 2);
+    }
+    let fair = |f: &Figures| f.fairness.as_ref().and_then(|f| f.busiest_to_quietest);
+    if let Some(n) = a.fairness.as_ref().map(|f| f.servers) {
+        let name = format!("busiest / quietest of {n} competing servers");
+        row(&name, fair(a), fair(b), 2);
+    }
+    row("casts/s, concurrency 64", a.casts_per_s, b.casts_per_s, 0);
     out
 }
 

@@ -3,6 +3,7 @@
 //! shapes that add publisher confirms and then oslo.messaging's messages.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context as _, Result};
 use async_trait::async_trait;
@@ -228,7 +229,6 @@ async fn publish_channel(connection: &Connection, confirms: bool, side: &str) ->
 pub(super) async fn pair(url: &str, shape: AmqpShape) -> Result<Pair> {
     let id = Uuid::new_v4().simple().to_string();
     let request_queue = format!("raw-bench-{id}");
-    let reply_queue = format!("raw-bench-{id}-reply");
     let confirms = shape != AmqpShape::Plain;
     let padding = match shape {
         AmqpShape::Oslo(padding) => padding,
@@ -332,8 +332,114 @@ pub(super) async fn pair(url: &str, shape: AmqpShape) -> Result<Pair> {
         tasks: vec![server_task],
         redis_keys: None,
     };
+    let requests_to = RequestsTo {
+        exchange,
+        request_queue,
+    };
+    client_pair(url, &id, shape, requests_to, keep).await
+}
 
-    // The client, on another connection.
+/// Where a client publishes its requests.
+struct RequestsTo {
+    /// The default exchange (empty), or the oslo shape's topic exchange.
+    exchange: String,
+    /// The queue, or the routing key through `exchange`.
+    request_queue: String,
+}
+
+/// The lapin echo pair of the plain shape whose echo server is competing consumers
+/// of one queue, one per counter of `handled`, each on a connection of its own (with
+/// the prefetch of [`pair`]'s server), counting there the requests it handled.
+pub(super) async fn competing_pair(url: &str, handled: &[Arc<AtomicU64>]) -> Result<Pair> {
+    let id = Uuid::new_v4().simple().to_string();
+    let request_queue = format!("raw-bench-{id}");
+    let mut keep = Keep {
+        tasks: Vec::with_capacity(handled.len() + 1),
+        redis_keys: None,
+    };
+    for (i, handled) in handled.iter().enumerate() {
+        let server = connect(url, format!("raw-bench-server-{id}-{i}")).await?;
+        let consume = server
+            .create_channel()
+            .await
+            .context("server: cannot open a channel")?;
+        let publish = publish_channel(&server, false, "server").await?;
+        // Shared by the consumers, so not exclusive; gone with the last of them.
+        let options = QueueDeclareOptions {
+            auto_delete: true,
+            ..QueueDeclareOptions::default()
+        };
+        consume
+            .queue_declare(
+                request_queue.as_str().into(),
+                options,
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("server: cannot declare the queue {request_queue}"))?;
+        consume
+            .basic_qos(AMQP_PREFETCH, BasicQosOptions::default())
+            .await
+            .context("server: cannot set the prefetch count")?;
+        let requests = consume
+            .basic_consume(
+                request_queue.as_str().into(),
+                ShortString::from(""),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("server: cannot consume {request_queue}"))?;
+        let reply = EchoReply {
+            mandatory: false,
+            properties: BasicProperties::default(),
+            shorter_by: 0,
+        };
+        let handled = handled.clone();
+        keep.tasks.push(tokio::spawn(async move {
+            let _server = server;
+            let _consume = consume;
+            let (publish, reply, handled) = (&publish, &reply, &handled);
+            requests
+                .for_each_concurrent(usize::from(AMQP_PREFETCH), |delivery| async move {
+                    match delivery {
+                        Ok(delivery) => {
+                            handled.fetch_add(1, Ordering::Relaxed);
+                            echo(publish, reply, delivery).await;
+                        }
+                        Err(err) => tracing::warn!("raw bench: AMQP echo server stopped: {err}"),
+                    }
+                })
+                .await;
+        }));
+    }
+    let requests_to = RequestsTo {
+        exchange: String::new(),
+        request_queue,
+    };
+    client_pair(url, &id, AmqpShape::Plain, requests_to, keep).await
+}
+
+/// The client side of a pair of `shape`, on a connection of its own, with `keep` (the
+/// echo server side).
+async fn client_pair(
+    url: &str,
+    id: &str,
+    shape: AmqpShape,
+    requests_to: RequestsTo,
+    keep: Keep,
+) -> Result<Pair> {
+    let reply_queue = format!("raw-bench-{id}-reply");
+    let confirms = shape != AmqpShape::Plain;
+    let padding = match shape {
+        AmqpShape::Oslo(padding) => padding,
+        AmqpShape::Plain | AmqpShape::Confirmed => Padding::NONE,
+    };
+    let oslo = matches!(shape, AmqpShape::Oslo(_));
+    let RequestsTo {
+        exchange,
+        request_queue,
+    } = requests_to;
     let client = connect(url, format!("raw-bench-client-{id}")).await?;
     let consume = client
         .create_channel()

@@ -17,6 +17,10 @@
 //! - NATS: core request/reply (`Client::request` against a subscriber that publishes to
 //!   the message's reply subject). A second shape pads requests and replies to the
 //!   length of mqrpc's messages.
+//!
+//! [`competing`] makes the echo server N competing consumers, each on a connection of
+//! its own as mqrpc's servers are: subscribers of one NATS queue group, consumers of
+//! one Redis consumer group, consumers of one (non-exclusive) RabbitMQ queue.
 
 mod amqp;
 mod nats;
@@ -24,6 +28,8 @@ mod redis_streams;
 mod waiters;
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
@@ -49,12 +55,43 @@ pub(crate) async fn pair(url: &str) -> Result<Option<Pair>> {
         "amqp" | "amqps" | "rabbit" => amqp::pair(&amqp::lapin_url(url)?, AmqpShape::Plain)
             .await
             .context("raw RabbitMQ (lapin) echo pair")?,
-        "redis" | "rediss" => redis_streams::pair(strip_query(url))
+        "redis" | "rediss" => redis_streams::pair(strip_query(url), &EchoServers::One)
             .await
             .context("raw Redis streams (redis-rs) echo pair")?,
-        "nats" | "tls" => nats::pair(strip_query(url), Padding::NONE)
+        "nats" | "tls" => nats::pair(strip_query(url), Padding::NONE, &EchoServers::One)
             .await
             .context("raw NATS (async-nats) echo pair")?,
+        "memory" => return Ok(None),
+        other => bail!("no bare client for the scheme {other}://"),
+    };
+    Ok(Some(pair))
+}
+
+/// Who takes a pair's requests.
+pub(super) enum EchoServers<'a> {
+    /// One echo server (the baselines of [`pair`] and [`shaped_pairs`]).
+    One,
+    /// Competing consumers, one per counter, each on a connection of its own; each
+    /// adds the requests it handles to its counter.
+    Competing(&'a [Arc<AtomicU64>]),
+}
+
+/// As [`pair`], with the echo server made of competing consumers, one per counter of
+/// `handled`, each on a connection of its own and counting there the requests it
+/// handled; the plain shape only. `Ok(None)` on `memory://`.
+pub(crate) async fn competing(url: &str, handled: &[Arc<AtomicU64>]) -> Result<Option<Pair>> {
+    let servers = EchoServers::Competing(handled);
+    let n = handled.len();
+    let pair = match scheme(url)?.as_str() {
+        "amqp" | "amqps" | "rabbit" => amqp::competing_pair(&amqp::lapin_url(url)?, handled)
+            .await
+            .with_context(|| format!("raw RabbitMQ (lapin) echo pair, {n} consumers"))?,
+        "redis" | "rediss" => redis_streams::pair(strip_query(url), &servers)
+            .await
+            .with_context(|| format!("raw Redis streams (redis-rs) echo pair, {n} consumers"))?,
+        "nats" | "tls" => nats::pair(strip_query(url), Padding::NONE, &servers)
+            .await
+            .with_context(|| format!("raw NATS (async-nats) echo pair, {n} subscribers"))?,
         "memory" => return Ok(None),
         other => bail!("no bare client for the scheme {other}://"),
     };
@@ -127,7 +164,7 @@ pub(crate) async fn shaped_pairs(url: &str, payload: usize) -> Result<Vec<(&'sta
             }
         }
         "nats" | "tls" => {
-            let pair = nats::pair(strip_query(url), padding).await;
+            let pair = nats::pair(strip_query(url), padding, &EchoServers::One).await;
             let pair = pair.context("raw NATS (async-nats) echo pair with mqrpc's sizes")?;
             pairs.push(("with mqrpc's message sizes", pair));
         }

@@ -3,6 +3,7 @@
 //! a shape whose requests and replies are as long as mqrpc's.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context as _, Result};
 use async_trait::async_trait;
@@ -10,8 +11,47 @@ use bytes::Bytes;
 use futures::StreamExt;
 use uuid::Uuid;
 
-use super::{Keep, Padding, connecting, padded};
+use tokio::task::JoinHandle;
+
+use super::{EchoServers, Keep, Padding, connecting, padded};
 use crate::bench::caller::{Caller, Pair};
+
+/// An echo server on a connection of its own: a subscriber of `subject`, or with
+/// `handled` (where it counts its requests) one of the queue group `echo`.
+async fn echo_server(
+    url: &str,
+    subject: &async_nats::Subject,
+    shorter_by: usize,
+    handled: Option<Arc<AtomicU64>>,
+) -> Result<JoinHandle<()>> {
+    let server = connecting("to NATS", async_nats::connect(url))
+        .await
+        .context("server")?;
+    let subscribed = match handled {
+        None => server.subscribe(subject.clone()).await,
+        Some(_) => server.queue_subscribe(subject.clone(), "echo".into()).await,
+    };
+    let mut requests =
+        subscribed.with_context(|| format!("server: cannot subscribe to {subject}"))?;
+    server
+        .flush()
+        .await
+        .context("server: cannot flush the subscription")?;
+    Ok(tokio::spawn(async move {
+        while let Some(message) = requests.next().await {
+            let Some(reply) = message.reply else { continue };
+            if let Some(handled) = &handled {
+                handled.fetch_add(1, Ordering::Relaxed);
+            }
+            let mut body = message.payload;
+            body.truncate(body.len().saturating_sub(shorter_by));
+            if let Err(err) = server.publish(reply, body).await {
+                tracing::warn!("raw bench: NATS echo server cannot reply: {err}");
+                break;
+            }
+        }
+    }))
+}
 
 /// Core NATS request/reply: `Client::request` on the echo server's subject.
 struct NatsCaller {
@@ -36,36 +76,24 @@ impl Caller for NatsCaller {
     }
 }
 
-/// The NATS echo pair; with `padding`, requests and replies are as long as mqrpc's.
-pub(super) async fn pair(url: &str, padding: Padding) -> Result<Pair> {
+/// The NATS echo pair; with `padding`, requests and replies are as long as mqrpc's;
+/// competing echo servers are subscribers of one queue group.
+pub(super) async fn pair(url: &str, padding: Padding, servers: &EchoServers<'_>) -> Result<Pair> {
     let subject = async_nats::Subject::from(format!("raw-bench.{}", Uuid::new_v4().simple()));
-
-    // The echo server, on its own connection.
-    let server = connecting("to NATS", async_nats::connect(url))
-        .await
-        .context("server")?;
-    let mut requests = server
-        .subscribe(subject.clone())
-        .await
-        .with_context(|| format!("server: cannot subscribe to {subject}"))?;
-    server
-        .flush()
-        .await
-        .context("server: cannot flush the subscription")?;
     let shorter_by = padding.reply_shorter_by();
-    let server_task = tokio::spawn(async move {
-        while let Some(message) = requests.next().await {
-            let Some(reply) = message.reply else { continue };
-            let mut body = message.payload;
-            body.truncate(body.len().saturating_sub(shorter_by));
-            if let Err(err) = server.publish(reply, body).await {
-                tracing::warn!("raw bench: NATS echo server cannot reply: {err}");
-                break;
+    let tasks = match servers {
+        EchoServers::One => vec![echo_server(url, &subject, shorter_by, None).await?],
+        EchoServers::Competing(handled) => {
+            let mut tasks = Vec::with_capacity(handled.len());
+            for handled in *handled {
+                let counted = Some(handled.clone());
+                tasks.push(echo_server(url, &subject, shorter_by, counted).await?);
             }
+            tasks
         }
-    });
+    };
     let keep = Keep {
-        tasks: vec![server_task],
+        tasks,
         redis_keys: None,
     };
 

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
@@ -14,7 +15,7 @@ use redis::streams::StreamReadReply;
 use uuid::Uuid;
 
 use super::waiters::{CloseOnDrop, Waiters};
-use super::{CONNECT_TIMEOUT, Keep, connecting, strip_query};
+use super::{CONNECT_TIMEOUT, EchoServers, Keep, connecting, strip_query};
 use crate::bench::caller::{Caller, Pair};
 
 /// Approximate length the Redis streams are trimmed to.
@@ -127,14 +128,20 @@ fn take_field(map: &mut HashMap<String, redis::Value>, name: &str) -> Option<Vec
     }
 }
 
-/// The echo server: reads the request stream through group `g` and, per batch, pipelines
-/// one `XADD` of each payload to its reply stream and one `XACK` of the batch.
-async fn echo_server(mut conn: ConnectionManager, stream: String) {
+/// The echo server: reads the request stream through group `g` as `consumer` and, per
+/// batch, pipelines one `XADD` of each payload to its reply stream and one `XACK` of the
+/// batch; counts the requests in `handled` if given.
+async fn echo_server(
+    mut conn: ConnectionManager,
+    stream: String,
+    consumer: String,
+    handled: Option<Arc<AtomicU64>>,
+) {
     loop {
         let read = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg("g")
-            .arg("c")
+            .arg(&consumer)
             .arg("COUNT")
             .arg(64)
             .arg("BLOCK")
@@ -178,6 +185,9 @@ async fn echo_server(mut conn: ConnectionManager, stream: String) {
         }
         if ids.is_empty() {
             continue;
+        }
+        if let Some(handled) = &handled {
+            handled.fetch_add(ids.len() as u64, Ordering::Relaxed);
         }
         pipe.cmd("XACK").arg(&stream).arg("g").arg(&ids).ignore();
         if let Err(err) = pipe.query_async::<()>(&mut conn).await {
@@ -223,21 +233,34 @@ async fn reply_reader(mut conn: ConnectionManager, stream: String, waiters: Clos
     }
 }
 
-/// The redis-rs echo pair on the server at `url` (without its query).
-pub(super) async fn pair(url: &str) -> Result<Pair> {
+/// The redis-rs echo pair on the server at `url` (without its query); competing echo
+/// servers are consumers of one consumer group.
+pub(super) async fn pair(url: &str, servers: &EchoServers<'_>) -> Result<Pair> {
     let client = redis::Client::open(url).context("invalid Redis URL")?;
     let id = Uuid::new_v4().simple().to_string();
     // One hash tag: both streams live on the same cluster slot.
     let request_stream = format!("raw-bench:{{{id}}}:req");
     let reply_stream = format!("raw-bench:{{{id}}}:rep");
 
-    // The echo server, on its own connection.
-    let mut server = connect(&client).await.context("server")?;
-    create_stream(&mut server, &request_stream, "g").await?;
+    // Each echo server on its own connection.
+    let consumers: Vec<(String, Option<Arc<AtomicU64>>)> = match servers {
+        EchoServers::One => vec![("c".to_owned(), None)],
+        EchoServers::Competing(handled) => (handled.iter().enumerate())
+            .map(|(i, handled)| (format!("c{i}"), Some(handled.clone())))
+            .collect(),
+    };
     let mut keep = Keep {
-        tasks: vec![tokio::spawn(echo_server(server, request_stream.clone()))],
+        tasks: Vec::with_capacity(consumers.len() + 1),
         redis_keys: None,
     };
+    for (i, (consumer, handled)) in consumers.into_iter().enumerate() {
+        let mut server = connect(&client).await.context("server")?;
+        if i == 0 {
+            create_stream(&mut server, &request_stream, "g").await?;
+        }
+        let stream = request_stream.clone();
+        (keep.tasks).push(tokio::spawn(echo_server(server, stream, consumer, handled)));
+    }
 
     // The client: one connection for requests, one for the blocking reply reads.
     let mut conn = connect(&client).await.context("client")?;
