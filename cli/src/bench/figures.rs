@@ -84,6 +84,9 @@ pub(crate) struct Shaped {
     pub(crate) median: Rate,
     /// Each round's figure.
     pub(crate) rounds: Vec<Rate>,
+    /// Sequential latency over every round's calls, measured in turns with mqrpc's.
+    #[serde(default)]
+    pub(crate) latency: Option<Latency>,
 }
 
 fn one() -> usize {

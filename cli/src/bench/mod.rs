@@ -67,6 +67,11 @@ pub(crate) struct BenchArgs {
     /// 1 with --quick].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=99))]
     pub(crate) rounds: Option<u32>,
+    /// Sequential calls per side and round of the latency figures, whose
+    /// percentiles are taken over every round's calls together [default: 10000, 200
+    /// with --quick].
+    #[arg(long)]
+    pub(crate) latency_calls: Option<u64>,
     /// Directory for the JSON and SVG files.
     #[arg(long, default_value = "target/bench")]
     pub(crate) out: PathBuf,
@@ -130,14 +135,18 @@ async fn mqrpc_client(url: &str, topic: &str) -> Result<Client> {
     Ok(Client::new(transport, Target::new(topic)).timeout(Duration::from_secs(60)))
 }
 
-/// Sequential latency of `sides` (mqrpc, then the bare client if any), `calls` calls
+/// Sequential latency of `sides` (mqrpc, then the bare clients if any), `calls` calls
 /// each, taken in blocks of `BLOCK` calls per side, the order of the sides reversed
 /// every other block (A B, B A, A B...: each side makes twice `BLOCK` calls between
 /// switches, and goes first as often as second), so that both sides see the same
 /// state of the machine and the broker. Measured apart, a few seconds each, the two
 /// drifted: the same binary's p50 ratio moved between 0.7 and 1.5 from one run to the
-/// next.
-async fn latencies(sides: &[Arc<dyn Caller>], size: usize, calls: u64) -> Result<Vec<Latency>> {
+/// next. Gives each side's histogram of latencies in nanoseconds.
+async fn latencies(
+    sides: &[Arc<dyn Caller>],
+    size: usize,
+    calls: u64,
+) -> Result<Vec<Histogram<u64>>> {
     /// Calls per side and block: short enough to interleave finely, long enough that
     /// switching sides does not dominate.
     const BLOCK: u64 = 50;
@@ -170,18 +179,18 @@ async fn latencies(sides: &[Arc<dyn Caller>], size: usize, calls: u64) -> Result
         done += n;
         block += 1;
     }
-    Ok(histograms
-        .iter()
-        .map(|histogram| {
-            let us = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
-            Latency {
-                calls,
-                p50_us: us(0.5),
-                p99_us: us(0.99),
-                p999_us: us(0.999),
-            }
-        })
-        .collect())
+    Ok(histograms)
+}
+
+/// The percentiles of a histogram of latencies in nanoseconds.
+fn latency_of(histogram: &Histogram<u64>) -> Latency {
+    let us = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    Latency {
+        calls: histogram.len(),
+        p50_us: us(0.5),
+        p99_us: us(0.99),
+        p999_us: us(0.999),
+    }
 }
 
 /// How much of a throughput figure to run: at least `calls` calls, and calls go on
@@ -591,10 +600,14 @@ async fn one_run(
     // weighs on both sides alike: mqrpc first in even rounds, raw first in odd ones.
     let mut per_side: [Vec<Figures>; 2] = Default::default();
     let mut rounds_shaped = vec![Vec::new(); shaped.len()];
+    // Every round's latencies of each side (mqrpc, raw, then the shapes) together:
+    // the tail of several rounds' calls is steadier than a median of each round's.
+    let mut pooled: Vec<Histogram<u64>> = Vec::new();
     for round in 0..rounds {
         let callers: Vec<Arc<dyn Caller>> = [Some(&mqrpc_pair), raw_pair.as_ref()]
             .into_iter()
             .flatten()
+            .chain(shaped.iter().map(|(_, pair)| pair))
             .map(|pair| pair.caller.clone())
             .collect();
         let sides_measured = callers.len() as u64;
@@ -605,17 +618,24 @@ async fn one_run(
         }
         // On a runtime worker, like a service's own tasks: `main`'s thread is not one,
         // so measured from there every call would pay two extra cross-thread wake-ups.
-        let calls = if args.quick { 200 } else { 5000 };
-        let mut latency = tokio::spawn(async move { latencies(&callers, SMALL, calls).await })
+        let calls = args.latency_calls.unwrap_or(if args.quick { 200 } else { 10_000 });
+        let histograms = tokio::spawn(async move { latencies(&callers, SMALL, calls).await })
             .await
-            .context("latency task")??
-            .into_iter();
-        progress.inc(sides_measured);
+            .context("latency task")??;
+        progress.inc(sides_measured.min(2));
+        if pooled.is_empty() {
+            pooled = histograms.clone();
+        } else {
+            for (all, this) in pooled.iter_mut().zip(&histograms) {
+                all.add(this).context("pooling latencies")?;
+            }
+        }
+        let mut latency = histograms.iter().map(latency_of);
         let mut sides = [(0, Some(&mqrpc_pair)), (1, raw_pair.as_ref())];
         if round % 2 == 1 {
             sides.reverse();
         }
-        let mut latency = [latency.next(), latency.next()];
+        let mut latency = [latency.next(), raw_pair.as_ref().and_then(|_| latency.next())];
         for (side, pair) in sides {
             if let (Some(pair), Some(latency)) = (pair, latency[side].take()) {
                 per_side[side].push(measure(pair, latency, args, max_message, &progress).await?);
@@ -632,9 +652,14 @@ async fn one_run(
     drop((mqrpc_pair, raw_pair, shaped));
     let [rounds_mqrpc, rounds_raw] = per_side;
     servers.stop().await;
+    let mut pooled = pooled.iter().map(latency_of);
     let mut mqrpc = median_figures(&rounds_mqrpc);
+    mqrpc.latency = pooled.next();
     mqrpc.bytes_per_in_flight_call = bytes_per_in_flight_call;
     let mut raw = (!rounds_raw.is_empty()).then(|| median_figures(&rounds_raw));
+    if let Some(raw) = &mut raw {
+        raw.latency = pooled.next();
+    }
     let raw_shaped = (names.into_iter().zip(rounds_shaped))
         .map(|(name, rounds)| {
             let same: Vec<&Rate> = rounds.iter().collect();
@@ -642,6 +667,7 @@ async fn one_run(
                 name: name.to_owned(),
                 median: median_rate(64, &same),
                 rounds,
+                latency: pooled.next(),
             }
         })
         .collect();

@@ -73,9 +73,10 @@ pub(crate) fn markdown(run: &Run) -> String {
     if run.rounds > 1 {
         let _ = writeln!(
             out,
-            "Medians of {} rounds (mqrpc and raw taking turns at going first); the last \
-             column is the lowest and highest ratio of a single round. Competing servers, \
-             casts and memory ran once.\n",
+            "Latency percentiles over the calls of all {0} rounds together, the other \
+             figures medians of the {0} rounds (mqrpc and raw taking turns at going \
+             first); the last column is the lowest and highest ratio of a single round. \
+             Competing servers, casts and memory ran once.\n",
             run.rounds
         );
     }
@@ -116,8 +117,22 @@ pub(crate) fn markdown(run: &Run) -> String {
         name,
         median: theirs,
         rounds: their_rounds,
+        latency: their_latency,
     } in &run.raw_shaped
     {
+        if let (Some(ours), Some(theirs)) = (&run.mqrpc.latency, their_latency) {
+            for (what, ours, theirs) in [
+                ("p50", ours.p50_us, theirs.p50_us),
+                ("p99", ours.p99_us, theirs.p99_us),
+                ("p99.9", ours.p999_us, theirs.p999_us),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "| latency {what} (µs), raw {name} | {ours:.0} | {theirs:.0} | {} | - |",
+                    ratio(ours, Some(theirs))
+                );
+            }
+        }
         let ours = run.mqrpc.throughput.iter().find(|r| r.x == theirs.x);
         let rounds = (run.rounds_mqrpc.iter().zip(their_rounds))
             .filter_map(|(f, raw)| Some((rate_at(&f.throughput, raw.x)?, raw.calls_per_s)));
