@@ -1,10 +1,12 @@
 //! `mqrpc bench`: sequential latency, throughput at several concurrencies, cast
 //! throughput, payload sizes and competing servers for one backend, and with `--raw`
-//! the same request/reply done by the broker's bare client in the same run. Prints a
+//! the same request/reply done by the broker's bare client in the same run, and with
+//! `--oslo` Python oslo.messaging as client and server against mqrpc. Prints a
 //! markdown table and writes JSON and an SVG plot.
 
 mod caller;
 mod figures;
+mod oslo;
 mod raw;
 mod report;
 
@@ -59,6 +61,15 @@ pub(crate) struct BenchArgs {
     /// format on this address (`127.0.0.1:9464`); measures their cost too.
     #[arg(long, value_name = "ADDR")]
     pub(crate) metrics_addr: Option<std::net::SocketAddr>,
+    /// Also measure Python oslo.messaging's client against a Python server and an
+    /// mqrpc server, and mqrpc's client against both (AMQP only; needs the virtualenv
+    /// of `scripts/oslo-venv.sh`).
+    #[arg(long)]
+    pub(crate) oslo: bool,
+    /// The Python interpreter with oslo.messaging for `--oslo` [default:
+    /// $MQRPC_OSLO_VENV/bin/python, else ~/.cache/mqrpc/oslo-venv/bin/python].
+    #[arg(long, env = "MQRPC_OSLO_PYTHON", value_name = "PATH")]
+    pub(crate) oslo_python: Option<PathBuf>,
 }
 
 const SMALL: usize = 100;
@@ -478,6 +489,8 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
             1,
         );
     }
+    // Checked first: a missing interpreter should not wait for the other figures.
+    let oslo = args.oslo.then(|| oslo::setup(&args)).transpose()?;
     if let Some(addr) = args.metrics_addr {
         crate::metrics::export(addr)?;
     }
@@ -609,6 +622,10 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
         mqrpc.notifications_handled_per_s = Some(handled);
     }
     progress.inc(1);
+    let oslo = match oslo {
+        Some(setup) => Some(oslo::measure(setup, &args, rounds, &progress).await?),
+        None => None,
+    };
 
     let left = std::mem::take(
         &mut *LEFT
@@ -630,6 +647,7 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
         raw_shaped,
         rounds_mqrpc,
         rounds_raw,
+        oslo,
     };
     println!("{}", report::markdown(&run));
     std::fs::create_dir_all(&args.out)
