@@ -11,6 +11,10 @@ the targets name also show the lowest and highest ratio of a single round. A fig
 a run did not measure is left empty. After the table, one line per backend (and per
 placement of the servers, with `--servers-in both`) gives the fairness figure and the
 competing servers' throughput against one server's, mqrpc's and the bare client's.
+
+When the AMQP run was made with `--oslo`, a second table follows: Python
+oslo.messaging's client and server against mqrpc's, and mqrpc's ratios to
+oslo.messaging end to end.
 """
 
 import json
@@ -130,6 +134,7 @@ def main():
             if each and each.get("mqrpc", {}).get("fairness"):
                 print()
                 print(competing(label, each))
+    oslo_table(runs["amqp"].get("oslo"))
 
 
 def competing(label, run):
@@ -152,6 +157,52 @@ def competing(label, run):
         if text:
             parts.append(f"{name} " + ", ".join(text))
     return f"{label}, servers {where}: " + "; ".join(parts) + "."
+
+
+PAIRINGS = [("python_to_python", "Python client → Python server"),
+            ("python_to_mqrpc", "Python client → mqrpc server"),
+            ("mqrpc_to_python", "mqrpc client → Python server"),
+            ("mqrpc_to_mqrpc", "mqrpc client → mqrpc server")]
+
+
+def oslo_table(oslo):
+    """The `--oslo` figures of the AMQP run, if any."""
+    if not oslo:
+        return
+    median = oslo.get("median") or {}
+    concurrencies = [p["concurrency"] for p in median.get("python_to_python") or []]
+    print()
+    print(f"Against Python oslo.messaging {oslo.get('oslo_messaging', '')} "
+          f"(Python {oslo.get('python', '')}), AMQP, 100 B echo calls:")
+    print()
+    header = ["client → server"]
+    for c in concurrencies:
+        header += [f"calls/s, concurrency {c}", f"p50 (µs), concurrency {c}"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+
+    def at(points, c, key):
+        for p in points or []:
+            if p.get("concurrency") == c:
+                return p.get(key)
+        return None
+
+    for key, name in PAIRINGS:
+        cells = [name]
+        for c in concurrencies:
+            cells += [number(at(median.get(key), c, "calls_per_s")),
+                      number(at(median.get(key), c, "p50_us"))]
+        print("| " + " | ".join(cells) + " |")
+    for name, rate, p50 in (
+            ("ratio: mqrpc server, Python clients", "server_calls_per_s", "server_p50"),
+            ("ratio: mqrpc end to end", "end_to_end_calls_per_s", "end_to_end_p50")):
+        cells = [name]
+        for c in concurrencies:
+            ratios = next((r for r in oslo.get("ratios") or []
+                           if r.get("concurrency") == c), {})
+            cells += [f"{ratios[rate]:.2f}" if ratios.get(rate) else "",
+                      f"{ratios[p50]:.2f}" if ratios.get(p50) else ""]
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

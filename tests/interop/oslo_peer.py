@@ -3,7 +3,7 @@
 
 Runs a real oslo.messaging RPC server or client, notifier or notification
 listener (rabbit driver) so that the Rust side can be tested against it on one
-RabbitMQ. Needs only the standard library and oslo.messaging (>= 18.2; see
+RabbitMQ, and measures the oslo RPC client for ``mqrpc bench --oslo``. Needs only the standard library and oslo.messaging (>= 18.2; see
 scripts/oslo-venv.sh); ``--trace`` also needs opentelemetry-sdk and
 opentelemetry-instrumentation-oslo-messaging, which that script installs too.
 
@@ -112,6 +112,24 @@ Subcommands
     consumes; stops (stop + wait) at stdin EOF or on SIGTERM/SIGINT, prints
     ``{"event": "stopped"}`` and exits 0.
 
+``bench --url URL --topic T [--server S] [--exchange E] --calls N
+[--concurrency C[,C2...]] [--payload-size B] [--warmup W] [--min-seconds S]``
+    Measures an oslo.messaging RPC client calling ``echo(payload)`` (a string
+    of B bytes, default 100) on Target(topic=T, server=S, exchange=E): one
+    RPCClient on one transport shared by C threads, as a Python service would
+    share them. W calls (default 50) warm the client up first; then, for each
+    concurrency in turn, the threads make at least N calls between them and go
+    on starting calls until S seconds (default 0) have passed. Each call is
+    timed on its own; every echo must come back whole. Prints one JSON line per
+    concurrency::
+
+        {"event": "bench", "concurrency": 16, "calls": 5000, "seconds": 2.1,
+         "calls_per_s": 2380.9, "p50_us": 6510.2, "p99_us": 9800.0,
+         "p999_us": 12000.1, "oslo_messaging": "18.3.1", "python": "3.12.3"}
+
+    With concurrency 1 the calls are sequential: the percentiles are the
+    sequential latency. A failed call ends the run with an exit status of 1.
+
 ``--trace`` (server and client)
     Installs an opentelemetry-sdk tracer provider and instruments
     oslo.messaging with ``OsloMessagingInstrumentor`` (PyPI package
@@ -138,6 +156,7 @@ stdout carries only these JSON lines; logging goes to stderr at WARNING.
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 import threading
@@ -551,6 +570,106 @@ def run_listen_notifications(args):
     return 0
 
 
+
+# --------------------------------------------------------------------------
+# bench
+# --------------------------------------------------------------------------
+
+
+def _percentile_us(sorted_ns, quantile):
+    """The value at `quantile` of sorted nanoseconds, in microseconds (the
+    smallest value at or above that share of the calls, as hdrhistogram's)."""
+    if not sorted_ns:
+        return 0.0
+    index = min(len(sorted_ns), max(1, math.ceil(quantile * len(sorted_ns))))
+    return sorted_ns[index - 1] / 1000.0
+
+
+def _bench_calls(client, payload, concurrency, calls, min_seconds):
+    """At least `calls` echo calls from `concurrency` threads, and more until
+    `min_seconds` have passed; returns (wall seconds, each call's nanoseconds)."""
+    lock = threading.Lock()
+    started_calls = [0]
+    durations = []
+    failures = []
+    clock = time.perf_counter_ns
+    started = clock()
+    until = started + int(min_seconds * 1e9)
+
+    def worker():
+        mine = []
+        try:
+            while True:
+                with lock:
+                    if started_calls[0] >= calls and clock() >= until:
+                        break
+                    started_calls[0] += 1
+                begun = clock()
+                back = client.call({}, "echo", payload=payload)
+                mine.append(clock() - begun)
+                if back != payload:
+                    raise ValueError("echo returned %d bytes instead of %d"
+                                     % (len(back or ""), len(payload)))
+        except Exception as exc:  # reported by the main thread
+            failures.append(exc)
+        finally:
+            with lock:
+                durations.extend(mine)
+
+    threads = [threading.Thread(target=worker, name="bench-%d" % i,
+                                daemon=True)
+               for i in range(max(1, concurrency))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = (clock() - started) / 1e9
+    if failures:
+        raise failures[0]
+    return seconds, durations
+
+
+def run_bench(args):
+    import importlib.metadata
+    import platform
+
+    transport = make_transport(args.url)
+    target = oslo_messaging.Target(topic=args.topic, server=args.server,
+                                   exchange=args.exchange or None)
+    client = oslo_messaging.get_rpc_client(transport, target,
+                                           timeout=args.timeout)
+    payload = "x" * args.payload_size
+    versions = {
+        "oslo_messaging": importlib.metadata.version("oslo.messaging"),
+        "python": platform.python_version(),
+    }
+    try:
+        concurrencies = [int(c) for c in args.concurrency.split(",") if c]
+        if args.warmup:
+            _bench_calls(client, payload, max(concurrencies), args.warmup, 0)
+        for concurrency in concurrencies:
+            seconds, durations = _bench_calls(client, payload, concurrency,
+                                              args.calls, args.min_seconds)
+            durations.sort()
+            line = {
+                "event": "bench",
+                "concurrency": concurrency,
+                "calls": len(durations),
+                "seconds": seconds,
+                "calls_per_s": len(durations) / seconds if seconds else 0.0,
+                "p50_us": _percentile_us(durations, 0.5),
+                "p99_us": _percentile_us(durations, 0.99),
+                "p999_us": _percentile_us(durations, 0.999),
+            }
+            line.update(versions)
+            emit(line)
+    except Exception as exc:
+        emit({"event": "error", "error": error_dict(exc)})
+        return 1
+    finally:
+        transport.cleanup()
+    return 0
+
 # --------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------
@@ -620,6 +739,26 @@ def parse_args(argv):
                      help="an endpoint as JSON (see the module docstring); "
                           "repeatable")
 
+    bench = sub.add_parser("bench",
+                           help="measure an oslo RPC client calling echo")
+    bench.add_argument("--url", required=True)
+    bench.add_argument("--topic", required=True)
+    bench.add_argument("--server", default=None)
+    bench.add_argument("--exchange", default=None)
+    bench.add_argument("--calls", type=int, required=True,
+                       help="calls per concurrency, at least")
+    bench.add_argument("--concurrency", default="1",
+                       help="threads calling at once; a comma-separated "
+                            "list measures each in turn (default 1)")
+    bench.add_argument("--payload-size", type=int, default=100,
+                       help="bytes of the echoed string (default 100)")
+    bench.add_argument("--warmup", type=int, default=50,
+                       help="calls before the measured ones (default 50)")
+    bench.add_argument("--min-seconds", type=float, default=0.0,
+                       help="go on calling until this long has passed")
+    bench.add_argument("--timeout", type=float, default=60.0,
+                       help="each call's timeout in seconds (default 60)")
+
     return parser.parse_args(argv)
 
 
@@ -636,6 +775,8 @@ def main(argv=None):
         return run_notify(args)
     if args.command == "listen-notifications":
         return run_listen_notifications(args)
+    if args.command == "bench":
+        return run_bench(args)
     return run_client(args)
 
 

@@ -73,6 +73,131 @@ pub(crate) struct Run {
     /// a child process (this run's had them in the bench's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) servers_in_child: Option<Box<Run>>,
+    /// With `--oslo`: Python oslo.messaging and mqrpc as clients and servers of
+    /// each other on the same RabbitMQ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) oslo: Option<Oslo>,
+}
+
+/// One figure of the oslo.messaging comparison at one concurrency: 100 B echo calls,
+/// each timed on its own.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct OsloPoint {
+    pub(crate) concurrency: usize,
+    pub(crate) calls: u64,
+    pub(crate) calls_per_s: f64,
+    pub(crate) p50_us: f64,
+    pub(crate) p99_us: f64,
+    pub(crate) p999_us: f64,
+}
+
+/// The four pairings of client and server, each a point per concurrency.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct OsloFigures {
+    /// oslo.messaging's client calling oslo.messaging's server: the baseline.
+    pub(crate) python_to_python: Vec<OsloPoint>,
+    /// oslo.messaging's client calling an mqrpc server.
+    pub(crate) python_to_mqrpc: Vec<OsloPoint>,
+    /// An mqrpc client calling oslo.messaging's server.
+    pub(crate) mqrpc_to_python: Vec<OsloPoint>,
+    /// An mqrpc client calling an mqrpc server.
+    pub(crate) mqrpc_to_mqrpc: Vec<OsloPoint>,
+}
+
+/// mqrpc's ratios to oslo.messaging at one concurrency (medians' ratios; above 1 is
+/// mqrpc faster for calls/s, slower for p50).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct OsloRatios {
+    pub(crate) concurrency: usize,
+    /// Calls/s of Python clients served by mqrpc over served by Python.
+    pub(crate) server_calls_per_s: Option<f64>,
+    /// p50 of Python clients served by mqrpc over served by Python.
+    pub(crate) server_p50: Option<f64>,
+    /// Calls/s of mqrpc end to end over Python end to end.
+    pub(crate) end_to_end_calls_per_s: Option<f64>,
+    /// p50 of mqrpc end to end over Python end to end.
+    pub(crate) end_to_end_p50: Option<f64>,
+}
+
+/// `--oslo`'s figures: their medians over the rounds, the ratios, each round.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Oslo {
+    /// The oslo.messaging and Python versions measured.
+    pub(crate) oslo_messaging: String,
+    pub(crate) python: String,
+    /// Each figure's median over the rounds (calls/s and each percentile apart).
+    pub(crate) median: OsloFigures,
+    pub(crate) ratios: Vec<OsloRatios>,
+    pub(crate) rounds: Vec<OsloFigures>,
+}
+
+impl OsloFigures {
+    /// The four pairings, named as the report names them.
+    pub(crate) fn pairings(&self) -> [(&'static str, &Vec<OsloPoint>); 4] {
+        [
+            ("Python client → Python server", &self.python_to_python),
+            ("Python client → mqrpc server", &self.python_to_mqrpc),
+            ("mqrpc client → Python server", &self.mqrpc_to_python),
+            ("mqrpc client → mqrpc server", &self.mqrpc_to_mqrpc),
+        ]
+    }
+
+    /// The medians of `rounds`, point by point (paired by concurrency).
+    pub(crate) fn median_of(rounds: &[OsloFigures]) -> OsloFigures {
+        let of = |pick: fn(&OsloFigures) -> &Vec<OsloPoint>| -> Vec<OsloPoint> {
+            let Some(first) = rounds.first() else {
+                return Vec::new();
+            };
+            (pick(first).iter())
+                .map(|point| {
+                    let same: Vec<&OsloPoint> = (rounds.iter())
+                        .filter_map(|f| pick(f).iter().find(|p| p.concurrency == point.concurrency))
+                        .collect();
+                    OsloPoint {
+                        concurrency: point.concurrency,
+                        calls: point.calls,
+                        calls_per_s: median(same.iter().map(|p| p.calls_per_s)),
+                        p50_us: median(same.iter().map(|p| p.p50_us)),
+                        p99_us: median(same.iter().map(|p| p.p99_us)),
+                        p999_us: median(same.iter().map(|p| p.p999_us)),
+                    }
+                })
+                .collect()
+        };
+        OsloFigures {
+            python_to_python: of(|f| &f.python_to_python),
+            python_to_mqrpc: of(|f| &f.python_to_mqrpc),
+            mqrpc_to_python: of(|f| &f.mqrpc_to_python),
+            mqrpc_to_mqrpc: of(|f| &f.mqrpc_to_mqrpc),
+        }
+    }
+
+    /// mqrpc's ratios to oslo.messaging, at each concurrency of the baseline.
+    pub(crate) fn ratios(&self) -> Vec<OsloRatios> {
+        let at =
+            |points: &[OsloPoint], c: usize| points.iter().find(|p| p.concurrency == c).cloned();
+        let over =
+            |ours: Option<f64>, theirs: f64| ours.filter(|_| theirs > 0.0).map(|o| o / theirs);
+        (self.python_to_python.iter())
+            .map(|base| {
+                let server = at(&self.python_to_mqrpc, base.concurrency);
+                let end_to_end = at(&self.mqrpc_to_mqrpc, base.concurrency);
+                OsloRatios {
+                    concurrency: base.concurrency,
+                    server_calls_per_s: over(
+                        server.as_ref().map(|p| p.calls_per_s),
+                        base.calls_per_s,
+                    ),
+                    server_p50: over(server.as_ref().map(|p| p.p50_us), base.p50_us),
+                    end_to_end_calls_per_s: over(
+                        end_to_end.as_ref().map(|p| p.calls_per_s),
+                        base.calls_per_s,
+                    ),
+                    end_to_end_p50: over(end_to_end.as_ref().map(|p| p.p50_us), base.p50_us),
+                }
+            })
+            .collect()
+    }
 }
 
 /// The bare client in another shape, measured at concurrency 64 only.
@@ -152,6 +277,39 @@ pub(super) fn median_figures(rounds: &[Figures]) -> Figures {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn point(concurrency: usize, calls_per_s: f64, p50_us: f64) -> OsloPoint {
+        OsloPoint {
+            concurrency,
+            calls: 100,
+            calls_per_s,
+            p50_us,
+            p99_us: p50_us * 2.0,
+            p999_us: p50_us * 3.0,
+        }
+    }
+
+    #[test]
+    fn oslo_medians_pair_by_concurrency_and_ratios_are_over_python_to_python() {
+        let round = |base: f64| OsloFigures {
+            python_to_python: vec![point(1, base, 2000.0), point(16, base * 4.0, 4000.0)],
+            python_to_mqrpc: vec![point(16, base * 8.0, 2000.0), point(1, base * 2.0, 1000.0)],
+            mqrpc_to_python: vec![point(1, base, 1500.0)],
+            mqrpc_to_mqrpc: vec![point(1, base * 10.0, 200.0)],
+        };
+        let median = OsloFigures::median_of(&[round(100.0), round(300.0), round(200.0)]);
+        assert_eq!(median.python_to_python[1].calls_per_s, 800.0);
+        assert_eq!(median.python_to_mqrpc[0].concurrency, 16);
+        let ratios = median.ratios();
+        assert_eq!(ratios.len(), 2);
+        assert_eq!(ratios[0].server_calls_per_s, Some(2.0));
+        assert_eq!(ratios[0].server_p50, Some(0.5));
+        assert_eq!(ratios[0].end_to_end_calls_per_s, Some(10.0));
+        assert_eq!(ratios[0].end_to_end_p50, Some(0.1));
+        assert_eq!(ratios[1].server_calls_per_s, Some(2.0));
+        // No mqrpc end-to-end point at 16: no ratio, rather than a wrong one.
+        assert_eq!(ratios[1].end_to_end_calls_per_s, None);
+    }
 
     fn rate(x: usize, calls_per_s: f64) -> Rate {
         Rate {

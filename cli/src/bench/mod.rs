@@ -1,6 +1,7 @@
 //! `mqrpc bench`: sequential latency, throughput at several concurrencies, cast
 //! throughput, payload sizes and competing servers for one backend, and with `--raw`
-//! the same request/reply done by the broker's bare client in the same run. Prints a
+//! the same request/reply done by the broker's bare client in the same run, and with
+//! `--oslo` Python oslo.messaging as client and server against mqrpc. Prints a
 //! markdown table and writes JSON and an SVG plot. The servers run in the bench's
 //! process or in a child one (`--servers-in`, see [`servers`]).
 
@@ -8,6 +9,7 @@ mod caller;
 mod competing;
 mod fairness;
 mod figures;
+mod oslo;
 mod raw;
 mod report;
 mod servers;
@@ -79,6 +81,15 @@ pub(crate) struct BenchArgs {
     /// format on this address (`127.0.0.1:9464`); measures their cost too.
     #[arg(long, value_name = "ADDR")]
     pub(crate) metrics_addr: Option<std::net::SocketAddr>,
+    /// Also measure Python oslo.messaging's client against a Python server and an
+    /// mqrpc server, and mqrpc's client against both (AMQP only; needs the virtualenv
+    /// of `scripts/oslo-venv.sh`).
+    #[arg(long)]
+    pub(crate) oslo: bool,
+    /// The Python interpreter with oslo.messaging for `--oslo` [default:
+    /// $MQRPC_OSLO_VENV/bin/python, else ~/.cache/mqrpc/oslo-venv/bin/python].
+    #[arg(long, env = "MQRPC_OSLO_PYTHON", value_name = "PATH")]
+    pub(crate) oslo_python: Option<PathBuf>,
 }
 
 const SMALL: usize = 100;
@@ -487,6 +498,8 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
             1,
         );
     }
+    // Checked first: a missing interpreter should not wait for the other figures.
+    let oslo = args.oslo.then(|| oslo::setup(&args)).transpose()?;
     if let Some(addr) = args.metrics_addr {
         crate::metrics::export(addr)?;
     }
@@ -505,12 +518,25 @@ pub(crate) async fn run(mut args: BenchArgs) -> Result<()> {
         }
         runs.push(measured?);
     }
+    let oslo = match oslo {
+        Some(setup) => {
+            let progress = ProgressBar::new_spinner();
+            let measured = oslo::measure(setup, &args, rounds(&args), &progress).await;
+            progress.finish_and_clear();
+            if measured.is_err() {
+                delete_left(&args.url).await;
+            }
+            Some(measured?)
+        }
+        None => None,
+    };
     delete_left(&args.url).await;
     let mut runs = runs.into_iter();
     let Some(mut run) = runs.next() else {
         bail!("no run");
     };
     run.servers_in_child = runs.next().map(Box::new);
+    run.oslo = oslo;
 
     println!("{}", report::markdown(&run));
     if let Some(child) = &run.servers_in_child {
@@ -549,11 +575,7 @@ async fn one_run(
     servers_in: ServersIn,
     memory: bool,
 ) -> Result<Run> {
-    let rounds = match (args.rounds, args.quick) {
-        (Some(n), _) => n as usize,
-        (None, true) => 1,
-        (None, false) => 3,
-    };
+    let rounds = rounds(args);
     let steps = (1 + args.concurrency.len() + args.payloads.len()) as u64
         * if args.raw { 2 } else { 1 }
         * rounds as u64
@@ -618,7 +640,9 @@ async fn one_run(
         }
         // On a runtime worker, like a service's own tasks: `main`'s thread is not one,
         // so measured from there every call would pay two extra cross-thread wake-ups.
-        let calls = args.latency_calls.unwrap_or(if args.quick { 200 } else { 10_000 });
+        let calls = args
+            .latency_calls
+            .unwrap_or(if args.quick { 200 } else { 10_000 });
         let histograms = tokio::spawn(async move { latencies(&callers, SMALL, calls).await })
             .await
             .context("latency task")??;
@@ -635,7 +659,10 @@ async fn one_run(
         if round % 2 == 1 {
             sides.reverse();
         }
-        let mut latency = [latency.next(), raw_pair.as_ref().and_then(|_| latency.next())];
+        let mut latency = [
+            latency.next(),
+            raw_pair.as_ref().and_then(|_| latency.next()),
+        ];
         for (side, pair) in sides {
             if let (Some(pair), Some(latency)) = (pair, latency[side].take()) {
                 per_side[side].push(measure(pair, latency, args, max_message, &progress).await?);
@@ -694,5 +721,15 @@ async fn one_run(
         rounds_mqrpc,
         rounds_raw,
         servers_in_child: None,
+        oslo: None,
     })
+}
+
+/// Rounds of the figures compared with the bare client (and of `--oslo`'s).
+fn rounds(args: &BenchArgs) -> usize {
+    match (args.rounds, args.quick) {
+        (Some(n), _) => n as usize,
+        (None, true) => 1,
+        (None, false) => 3,
+    }
 }

@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result};
 use plotters::prelude::*;
 
 use super::fairness::Fairness;
-use super::figures::{Figures, Latency, Rate, Run, Shaped};
+use super::figures::{Figures, Latency, Oslo, OsloRatios, Rate, Run, Shaped};
 
 fn ratio(ours: f64, raw: Option<f64>) -> String {
     match raw {
@@ -171,6 +171,9 @@ pub(crate) fn markdown(run: &Run) -> String {
             "| resident bytes per call in flight | {bytes:.0} | - | - | - |"
         );
     }
+    if let Some(oslo) = &run.oslo {
+        oslo_section(&mut out, oslo, run.rounds);
+    }
     out
 }
 
@@ -290,6 +293,73 @@ pub(crate) fn placements(bench: &Run, child: &Run) -> String {
     }
     row("casts/s, concurrency 64", a.casts_per_s, b.casts_per_s, 0);
     out
+}
+
+/// `--oslo`'s section: each pairing's figures, then mqrpc's ratios to oslo.messaging.
+fn oslo_section(out: &mut String, oslo: &Oslo, rounds: usize) {
+    let _ = writeln!(
+        out,
+        "\n### Against Python oslo.messaging {} (Python {})\n\n\
+         100 B echo calls on the same broker, each timed on its own{}; a Python client \
+         is one RPCClient shared by as many threads as the concurrency.\n",
+        oslo.oslo_messaging,
+        oslo.python,
+        if rounds > 1 {
+            format!("; medians of {rounds} rounds (the pairings' order reversed every other round)")
+        } else {
+            String::new()
+        }
+    );
+    let _ = writeln!(
+        out,
+        "| client → server | concurrency | calls/s | p50 (µs) | p99 (µs) |\n|---|---|---|---|---|"
+    );
+    for (name, points) in oslo.median.pairings() {
+        for point in points {
+            let _ = writeln!(
+                out,
+                "| {name} | {} | {:.0} | {:.0} | {:.0} |",
+                point.concurrency, point.calls_per_s, point.p50_us, point.p99_us
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\nmqrpc's figures over Python → Python's: above 1 is faster for calls/s, below 1 \
+         is faster for p50. \"mqrpc server, Python clients\" is Python client → mqrpc \
+         server; \"mqrpc end to end\" is mqrpc client → mqrpc server.\n\n\
+         | mqrpc's ratio to oslo.messaging | concurrency | calls/s | p50 | rounds' calls/s ratios |\n\
+         |---|---|---|---|---|"
+    );
+    let text = |ratio: Option<f64>| ratio.map_or("-".to_owned(), |r| format!("{r:.2}"));
+    let each_round: Vec<_> = oslo.rounds.iter().map(|round| round.ratios()).collect();
+    for (name, server) in [
+        ("mqrpc server, Python clients", true),
+        ("mqrpc end to end", false),
+    ] {
+        let pick = |ratios: &OsloRatios| {
+            if server {
+                (ratios.server_calls_per_s, ratios.server_p50)
+            } else {
+                (ratios.end_to_end_calls_per_s, ratios.end_to_end_p50)
+            }
+        };
+        for ratios in &oslo.ratios {
+            let (rate, p50) = pick(ratios);
+            // Each round's own ratio, as (ratio, 1) pairs for `spread`.
+            let rounds = (each_round.iter())
+                .filter_map(|round| round.iter().find(|r| r.concurrency == ratios.concurrency))
+                .filter_map(|r| Some((pick(r).0?, 1.0)));
+            let _ = writeln!(
+                out,
+                "| {name} | {} | {} | {} | {} |",
+                ratios.concurrency,
+                text(rate),
+                text(p50),
+                spread(rounds)
+            );
+        }
+    }
 }
 
 /// Throughput and mean latency against concurrency, for mqrpc and the raw client.
