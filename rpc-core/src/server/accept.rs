@@ -161,18 +161,45 @@ pub(super) fn accept(
 /// The ids seen within the duplicate window (at most `max` of them), to drop
 /// redelivered copies.
 pub(super) struct RecentIds {
-    order: VecDeque<(Instant, Arc<str>)>,
-    ids: HashSet<Arc<str>, foldhash::fast::RandomState>,
+    order: VecDeque<(Instant, SeenId)>,
+    /// The ids in oslo's form, 32 lower-case hex digits (a uuid4's), as numbers:
+    /// no allocation per id, and a table a busy server keeps in cache.
+    hex: HashSet<u128, foldhash::fast::RandomState>,
+    /// Every other id, as it came.
+    other: HashSet<Arc<str>, foldhash::fast::RandomState>,
     window: Duration,
     max: usize,
     shortened: Throttle,
+}
+
+/// An id as [`RecentIds`] keeps it: exactly, in one of its two sets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SeenId {
+    Hex(u128),
+    Other(Arc<str>),
+}
+
+impl SeenId {
+    /// `id` as a number when it is 32 lower-case hex digits (each such text is
+    /// one number, and no other text is), else as text.
+    fn of(id: &str) -> Self {
+        let bytes = id.as_bytes();
+        if bytes.len() == 32 && bytes.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            // Cannot fail: 32 hex digits fit 128 bits, and there is no sign.
+            if let Ok(number) = u128::from_str_radix(id, 16) {
+                return SeenId::Hex(number);
+            }
+        }
+        SeenId::Other(Arc::from(id))
+    }
 }
 
 impl RecentIds {
     pub(super) fn new(window: Duration, max: usize) -> Self {
         RecentIds {
             order: VecDeque::new(),
-            ids: HashSet::default(),
+            hex: HashSet::default(),
+            other: HashSet::default(),
             window,
             max,
             shortened: Throttle::default(),
@@ -186,14 +213,15 @@ impl RecentIds {
         {
             self.forget_oldest();
         }
-        if self.ids.contains(id) {
+        let id = SeenId::of(id);
+        if self.contains(&id) {
             return false;
         }
         if self.max == 0 {
             return true;
         }
         if self.order.len() >= self.max
-            && let Some((seen_at, _)) = self.forget_oldest()
+            && let Some(seen_at) = self.forget_oldest()
             && let Some(suppressed) = self.shortened.hit()
         {
             let kept = now.saturating_duration_since(seen_at);
@@ -201,16 +229,29 @@ impl RecentIds {
                 "duplicate window cut short by its id limit: a copy redelivered later than \
                  this would run again (see ServerBuilder::max_duplicate_ids)");
         }
-        let id: Arc<str> = Arc::from(id);
-        self.order.push_back((now, id.clone()));
-        self.ids.insert(id);
+        match &id {
+            SeenId::Hex(number) => self.hex.insert(*number),
+            SeenId::Other(text) => self.other.insert(text.clone()),
+        };
+        self.order.push_back((now, id));
         true
     }
 
-    fn forget_oldest(&mut self) -> Option<(Instant, Arc<str>)> {
-        let oldest = self.order.pop_front()?;
-        self.ids.remove(&oldest.1);
-        Some(oldest)
+    fn contains(&self, id: &SeenId) -> bool {
+        match id {
+            SeenId::Hex(number) => self.hex.contains(number),
+            SeenId::Other(text) => self.other.contains(text),
+        }
+    }
+
+    /// Forgets the oldest id; gives when it was seen.
+    fn forget_oldest(&mut self) -> Option<Instant> {
+        let (seen_at, id) = self.order.pop_front()?;
+        match id {
+            SeenId::Hex(number) => self.hex.remove(&number),
+            SeenId::Other(text) => self.other.remove(&text),
+        };
+        Some(seen_at)
     }
 }
 
@@ -253,6 +294,34 @@ mod tests {
             !ids.insert("4999", past),
             "a later id is still within the window"
         );
+    }
+
+    #[test]
+    fn hex_ids_and_other_ids_are_kept_apart_and_exactly() {
+        let now = Instant::now();
+        let mut ids = RecentIds::new(Duration::from_secs(60), 10);
+        let uuid = "0123456789abcdef0123456789abcdef";
+        assert!(ids.insert(uuid, now));
+        assert!(!ids.insert(uuid, now));
+        // Upper case, a sign or another length is another id, not the same number.
+        for other in [
+            "0123456789ABCDEF0123456789ABCDEF",
+            "+123456789abcdef0123456789abcdef",
+            "123456789abcdef0123456789abcdef",
+            "0123456789abcdef0123456789abcdef0",
+        ] {
+            assert!(ids.insert(other, now), "{other} taken for {uuid}");
+            assert!(!ids.insert(other, now), "{other} not remembered");
+        }
+        assert!(!ids.insert(uuid, now));
+        // Past the limit the oldest goes first, hex or not.
+        let mut ids = RecentIds::new(Duration::from_secs(60), 2);
+        let second = "fedcba9876543210fedcba9876543210";
+        assert!(ids.insert(uuid, now));
+        assert!(ids.insert("text", now));
+        assert!(ids.insert(second, now));
+        assert!(ids.insert(uuid, now), "the oldest was forgotten");
+        assert!(!ids.insert(second, now));
     }
 
     #[test]
