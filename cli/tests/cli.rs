@@ -450,7 +450,11 @@ fn bench_runs_on_the_memory_bus_and_writes_its_files() {
     ]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("| calls/s at concurrency 8 |"), "{stdout}");
-    assert!(stdout.contains("Medians of 2 rounds"), "{stdout}");
+    assert!(
+        stdout.contains("Latency percentiles over the calls of all 2 rounds together"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("medians of the 2 rounds"), "{stdout}");
     assert!(stdout.contains("latency p50"), "{stdout}");
     let json: serde_json::Value = serde_json::from_slice(
         &std::fs::read(out.join("bench-memory.json")).expect("json written"),
@@ -463,6 +467,9 @@ fn bench_runs_on_the_memory_bus_and_writes_its_files() {
     );
     // The medians come with each round's own figures.
     assert_eq!(json["rounds"], 2);
+    // Latency is taken over both rounds' calls (200 a round with --quick).
+    assert_eq!(json["mqrpc"]["latency"]["calls"], 400, "{json}");
+    assert_eq!(json["rounds_mqrpc"][0]["latency"]["calls"], 200, "{json}");
     let rounds = json["rounds_mqrpc"].as_array().expect("rounds_mqrpc");
     assert_eq!(rounds.len(), 2);
     assert!(rounds.iter().all(|r| {
