@@ -291,19 +291,7 @@ pub(super) async fn pair(url: &str, shape: AmqpShape) -> Result<Pair> {
     } else {
         String::new()
     };
-    consume
-        .basic_qos(AMQP_PREFETCH, BasicQosOptions::default())
-        .await
-        .context("server: cannot set the prefetch count")?;
-    let requests = consume
-        .basic_consume(
-            request_queue.as_str().into(),
-            ShortString::from(""),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .with_context(|| format!("server: cannot consume {request_queue}"))?;
+    let requests = consume_requests(&consume, &request_queue).await?;
     let reply = EchoReply {
         mandatory: oslo,
         properties: if oslo {
@@ -377,19 +365,7 @@ pub(super) async fn competing_pair(url: &str, handled: &[Arc<AtomicU64>]) -> Res
             )
             .await
             .with_context(|| format!("server: cannot declare the queue {request_queue}"))?;
-        consume
-            .basic_qos(AMQP_PREFETCH, BasicQosOptions::default())
-            .await
-            .context("server: cannot set the prefetch count")?;
-        let requests = consume
-            .basic_consume(
-                request_queue.as_str().into(),
-                ShortString::from(""),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .with_context(|| format!("server: cannot consume {request_queue}"))?;
+        let requests = consume_requests(&consume, &request_queue).await?;
         let reply = EchoReply {
             mandatory: false,
             properties: BasicProperties::default(),
@@ -508,6 +484,23 @@ async fn client_pair(
         caller: Arc::new(caller),
         _keep: Box::new(keep),
     })
+}
+
+/// Consumes `request_queue` on `channel` with the echo servers' prefetch.
+async fn consume_requests(channel: &Channel, request_queue: &str) -> Result<lapin::Consumer> {
+    channel
+        .basic_qos(AMQP_PREFETCH, BasicQosOptions::default())
+        .await
+        .context("server: cannot set the prefetch count")?;
+    channel
+        .basic_consume(
+            request_queue.into(),
+            ShortString::from(""),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("server: cannot consume {request_queue}"))
 }
 
 #[cfg(test)]
