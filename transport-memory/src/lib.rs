@@ -41,6 +41,7 @@ use rpc_core::{
 };
 
 mod config;
+mod notify;
 
 pub use config::{DEFAULT_CAPACITY, DEFAULT_MAX_MESSAGE_SIZE, MemoryConfig};
 
@@ -228,22 +229,6 @@ impl Bus {
             .clone()
     }
 
-    /// Binds the notification queue `name` of `exchange` to `key` (once) and
-    /// returns the queue.
-    fn bind_notifications(&self, exchange: &str, key: &str, name: &str) -> Queue {
-        let queue = self.queue(QueueKey::Notification(exchange.to_owned(), name.to_owned()));
-        let bound = self
-            .bindings
-            .entry((exchange.to_owned(), key.to_owned()))
-            .or_default()
-            .clone();
-        let mut names = bound.write().unwrap_or_else(|e| e.into_inner());
-        if !names.iter().any(|n| n == name) {
-            names.push(name.to_owned());
-        }
-        queue
-    }
-
     fn fanout_group(&self, exchange: &str, topic: &str) -> Arc<FanoutGroup> {
         self.fanouts
             .entry((exchange.to_owned(), topic.to_owned()))
@@ -342,18 +327,7 @@ impl Transport for MemoryTransport {
         source: &NotificationSource,
         _options: &ListenOptions,
     ) -> Result<Box<dyn Consumer>> {
-        let mut queues: Vec<(String, String, Queue)> = Vec::new();
-        for (exchange, key) in source.routes() {
-            let name = source.pool.as_deref().unwrap_or(key);
-            let queue = self.bus.bind_notifications(exchange, key, name);
-            if !queues.iter().any(|(e, n, _)| e == exchange && n == name) {
-                queues.push((exchange.to_owned(), name.to_owned(), queue));
-            }
-        }
-        Ok(Box::new(NotificationConsumer {
-            queues: queues.into_iter().map(|(_, _, queue)| queue).collect(),
-            bus: self.bus.clone(),
-        }))
+        Ok(Box::new(notify::listen(&self.bus, source)))
     }
 }
 
@@ -480,26 +454,7 @@ impl Publisher for MemoryPublisher {
                 return Ok(());
             }
             Address::Notification { exchange, key } => {
-                // The default group's queue exists from the first send, as the
-                // oslo notifier declares it: nothing is lost before a listener.
-                self.bus.bind_notifications(exchange, key, key);
-                let names = self
-                    .bus
-                    .bindings
-                    .get(&(exchange.clone(), key.clone()))
-                    .map(|bound| bound.read().unwrap_or_else(|e| e.into_inner()).clone())
-                    .unwrap_or_default();
-                for name in names {
-                    let queue = self
-                        .bus
-                        .queue(QueueKey::Notification(exchange.clone(), name));
-                    queue.tx.send(message.body.clone()).await.map_err(|_| {
-                        Error::Undeliverable {
-                            address: address.to_string(),
-                        }
-                    })?;
-                }
-                return Ok(());
+                return notify::publish(&self.bus, exchange, key, message.body, address).await;
             }
             Address::Reply(queue) => {
                 let tx = self.bus.replies.get(queue).map(|tx| tx.value().clone());
@@ -583,41 +538,6 @@ impl Consumer for ServerConsumer {
     async fn stop(&mut self) -> Result<()> {
         // Messages not taken yet stay in the shared queues for other servers.
         self.sources = None;
-        Ok(())
-    }
-}
-
-/// A notification listener's queues: the default group's of each key, or its pool's.
-struct NotificationConsumer {
-    queues: Vec<Queue>,
-    bus: Arc<Bus>,
-}
-
-#[async_trait]
-impl Consumer for NotificationConsumer {
-    async fn recv(&mut self) -> Option<Result<Delivery>> {
-        if self.queues.is_empty() {
-            return None;
-        }
-        // Each `recv` future is cancel-safe: a message leaves its queue only when the
-        // future completes.
-        let waiting = self.queues.iter().map(|queue| Box::pin(queue.rx.recv()));
-        let (received, index, _) = futures::future::select_all(waiting).await;
-        let body = received.ok()?;
-        let queue = &self.queues[index];
-        Some(Ok(Delivery::new(
-            body.clone(),
-            Box::new(MemoryAcker {
-                body: Some(body),
-                requeue_to: queue.tx.clone(),
-                bus: self.bus.clone(),
-            }),
-        )))
-    }
-
-    async fn stop(&mut self) -> Result<()> {
-        // Messages not taken stay in the queues for the other listeners.
-        self.queues.clear();
         Ok(())
     }
 }
