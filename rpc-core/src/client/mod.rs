@@ -671,8 +671,6 @@ impl Client {
     }
 }
 
-/// A request to `target` through `client`'s broker timed out after waiting since
-/// `started` for `kind`.
 /// How long a call waits before it sends its request again after "no responders"
 /// (NATS: nothing subscribed where the request went), or `None` to fail with
 /// [`Error::NoResponders`]. A server whose connection moved to another cluster node
@@ -689,6 +687,8 @@ fn no_responders_pause(resends: u32, call: &PendingCall) -> Option<Duration> {
     (Instant::now() + pause < call.deadline).then_some(pause)
 }
 
+/// A request to `target` through `client`'s broker timed out after waiting since
+/// `started` for `kind`.
 fn timeout_error(
     target: &Target,
     client: &ClientShared,
