@@ -332,6 +332,42 @@ class CalcEndpoint:
 _ENDPOINTS = {"interop": InteropEndpoint, "calc": CalcEndpoint}
 
 
+def run_until_stopped(runner, transport, watch_stdin):
+    """Starts `runner` (an RPC server or a notification listener), says ready,
+    and stops it on SIGTERM, SIGINT or, if `watch_stdin`, the end of stdin."""
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    if watch_stdin:
+        def watch():
+            try:
+                for _ in sys.stdin:
+                    pass
+            finally:
+                stop.set()
+
+        threading.Thread(target=watch, name="stdin-watch",
+                         daemon=True).start()
+
+    runner.start()
+    emit({"event": "ready"})
+
+    # Wait with a timeout so that signal handlers always get to run.
+    while not stop.wait(0.5):
+        pass
+
+    runner.stop()
+    runner.wait()
+    transport.cleanup()
+    emit({"event": "stopped"})
+    return 0
+
+
 def run_server(args):
     transport = make_transport(args.url, args.compression,
                                args.transient_quorum)
@@ -347,37 +383,8 @@ def run_server(args):
     server = oslo_messaging.get_rpc_server(
         transport, target, [endpoint], executor="threading")
 
-    stop = threading.Event()
-
-    def on_signal(signum, frame):
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
-    if not args.ignore_stdin:
-        def watch_stdin():
-            try:
-                for _ in sys.stdin:
-                    pass
-            finally:
-                stop.set()
-
-        threading.Thread(target=watch_stdin, name="stdin-watch",
-                         daemon=True).start()
-
-    server.start()
-    emit({"event": "ready"})
-
-    # Wait with a timeout so that signal handlers always get to run.
-    while not stop.wait(0.5):
-        pass
-
-    server.stop()
-    server.wait()
-    transport.cleanup()
-    emit({"event": "stopped"})
-    return 0
+    return run_until_stopped(server, transport,
+                             watch_stdin=not args.ignore_stdin)
 
 
 # --------------------------------------------------------------------------
@@ -541,33 +548,7 @@ def run_listen_notifications(args):
         transport, targets, endpoints, executor="threading",
         allow_requeue=args.allow_requeue, pool=args.pool)
 
-    stop = threading.Event()
-
-    def on_signal(signum, frame):
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
-    def watch_stdin():
-        try:
-            for _ in sys.stdin:
-                pass
-        finally:
-            stop.set()
-
-    threading.Thread(target=watch_stdin, name="stdin-watch",
-                     daemon=True).start()
-
-    listener.start()
-    emit({"event": "ready"})
-    while not stop.wait(0.5):
-        pass
-    listener.stop()
-    listener.wait()
-    transport.cleanup()
-    emit({"event": "stopped"})
-    return 0
+    return run_until_stopped(listener, transport, watch_stdin=True)
 
 
 
