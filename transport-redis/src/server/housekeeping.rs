@@ -72,7 +72,7 @@ const COUNT_CONSUMERS_EVERY: Duration = Duration::from_secs(1);
 /// back full reads more at a time (see `pace.rs`). Among competing servers the one
 /// that comes back first under load would otherwise take whole batches while the
 /// others wait on their blocked reads (measured: the busiest of 50 servers handled
-/// up to 3 times as many calls as the quietest). Entries that arrive while servers
+/// up to 3 times as many casts as the quietest). Entries that arrive while servers
 /// are blocked go to one blocked reader each, in turn, so this cap is what keeps the
 /// load even; one server alone still reads full batches.
 pub(super) fn share_of_batch(consumers: usize) -> usize {
